@@ -1,0 +1,172 @@
+"""GDPO: gradient-driven prompt optimization. The optimizer *proposes*; it never edits a parameter."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from autodiff.errors import LLMError, LLMFatalError
+from autodiff.llm.client import LLM
+from autodiff.llm.types import CallContext, Message
+from autodiff.parameter import Parameter
+from autodiff.prompts import OPTIMIZER_PROMPT, OPTIMIZER_SYSTEM, TEMPLATE_TAGS, fill, template_lines
+from autodiff.records import Proposal
+
+METHODS = ("add", "rephrase", "remove", "add_example", "restructure")
+_BLOCK = re.compile(r"<proposal>(.*?)(?:</proposal>|(?=<proposal>)|$)", re.S | re.I)
+
+
+def _tag(block: str, name: str) -> str | None:
+    m = re.search(rf"<{name}>(.*?)(?:</{name}>|(?=<\w+>)|$)", block, re.S | re.I)
+    return m.group(1).strip() if m else None
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    value: str
+    val_score: float | None
+    step: int
+
+
+@dataclass
+class OptimizerInput:
+    """Everything one optimizer call sees for one parameter."""
+
+    parameter: Parameter
+    peers: Sequence[Parameter]
+    others: Sequence[Parameter]
+    gradients: Sequence[dict]  # {sample_id, call_index, score, text, origin, source_node, path}
+    positives: Sequence[tuple[str, str]] = ()  # (input, prediction) samples that are right
+    history: Sequence[HistoryEntry] = ()
+    failed: Sequence[tuple[str, str]] = ()  # (value, reason) of this step's failed proposals
+    constraints: Sequence[str] = ()
+
+
+def format_gradients(gradients: Sequence[dict], limit_chars: int = 6000) -> str:
+    """Group by sample and call index, lowest scores first, calls of one sample in order."""
+    by_sample: dict[str, list[dict]] = defaultdict(list)
+    for g in gradients:
+        by_sample[g.get("sample_id") or "(no sample)"].append(g)
+    order = sorted(by_sample, key=lambda s: (min((g.get("score") or 0.0) for g in by_sample[s]), s))
+    parts = []
+    for sample in order:
+        items = sorted(by_sample[sample], key=lambda g: (g.get("call_index") or 0))
+        score = min((g.get("score") or 0.0) for g in items)
+        lines = [f'<sample id="{sample}" score="{score:.2f}">']
+        for g in items:
+            who = "human" if g.get("origin") == "human" else f"call {g.get('call_index') or 0}"
+            lines.append(f"- [{who}] {g['text']}")
+        lines.append("</sample>")
+        parts.append("\n".join(lines))
+    text = "\n".join(parts)
+    return text if len(text) <= limit_chars else text[:limit_chars] + "\n[... more feedback cut ...]"
+
+
+def build_prompt(inp: OptimizerInput, n: int) -> str:
+    p = inp.parameter
+    peers = "\n".join(f'<peer name="{q.name}" kind="{q.kind}">\n{q.value}\n</peer>' for q in inp.peers) or "(none)"
+    others = "\n".join(f'<param name="{q.name}" node="{q.node}">\n{q.value}\n</param>' for q in inp.others) or "(none)"
+    positives = "\n".join(f"- input: {i}\n  output: {o}" for i, o in inp.positives) or "(none)"
+    history = "\n".join(
+        f'<entry score="{h.val_score:.3f}" step="{h.step}">\n{h.value}\n</entry>' if h.val_score is not None
+        else f'<entry step="{h.step}">\n{h.value}\n</entry>'
+        for h in inp.history
+    ) or "(none)"
+    failed = "\n".join(f"<tried reason=\"{r}\">\n{v}\n</tried>" for v, r in inp.failed) or "(none)"
+    constraints = "".join(f"Constraint from the user: {c}\n" for c in inp.constraints)
+    return fill(
+        OPTIMIZER_PROMPT, name=p.name, node=p.node or "?", kind=p.kind, role=p.role, value=p.value, peers=peers,
+        others=others, gradients=format_gradients(inp.gradients) or "(none)", positives=positives,
+        history=history, failed=failed, constraints=constraints, n=n,
+    )
+
+
+@dataclass(frozen=True)
+class Parsed:
+    method: str
+    reasoning: str
+    value: str
+
+
+def parse_proposals(text: str) -> tuple[list[Parsed], str | None]:
+    """Proposal blocks of a reply, and the reason if there are none usable."""
+    found = []
+    for block in _BLOCK.findall(text or ""):
+        value = _tag(block, "value")
+        if value is None:
+            continue
+        method = (_tag(block, "method") or "rephrase").strip().lower().replace(" ", "_")
+        found.append(Parsed(method if method in METHODS else "rephrase", _tag(block, "reasoning") or "", value))
+    if found:
+        return found, None
+    if not (text or "").strip():
+        return [], "optimizer reply was empty"
+    return [], "optimizer reply had no <proposal> block with a <value>"
+
+
+@dataclass
+class Optimizer:
+    llm: LLM
+    n_proposals: int = 2
+    max_tokens: int = 1024
+    _template_lines: tuple[str, ...] = field(default_factory=template_lines)
+
+    def propose(self, inp: OptimizerInput, run_id: str | None, step: int) -> list[Proposal]:
+        """One optimizer call; returns proposals (a malformed reply gives one failed proposal)."""
+        prompt = build_prompt(inp, self.n_proposals)
+        ctx = CallContext(run_id=run_id, step=step, phase="propose", node=inp.parameter.node, role="optimizer")
+        now = time.time()
+        try:
+            reply = self.llm.complete(
+                (Message("system", OPTIMIZER_SYSTEM), Message("user", prompt)), ctx, max_tokens=self.max_tokens
+            )
+        except LLMFatalError:
+            raise
+        except LLMError as exc:
+            return [self._failed(inp, step, None, "", f"optimizer call failed: {exc}", now)]
+        parsed, reason = parse_proposals(reply.text)
+        if not parsed:
+            return [self._failed(inp, step, reply.call_id, reply.text, reason or "", now)]
+        return [
+            Proposal(
+                id=uuid.uuid4().hex, step=step, parameter=inp.parameter.name, value=p.value, method=p.method,
+                reasoning=p.reasoning, llm_call_id=reply.call_id, created_at=now,
+            )
+            for p in parsed[: self.n_proposals]
+        ]
+
+    def _failed(self, inp: OptimizerInput, step: int, call_id, raw: str, reason: str, now: float) -> Proposal:
+        return Proposal(
+            id=uuid.uuid4().hex, step=step, parameter=inp.parameter.name, value=(raw or "")[:2000],
+            method="none", reasoning="", llm_call_id=call_id, fate="malformed", reason=reason, created_at=now,
+        )
+
+    def check(self, proposal: Proposal, parameter: Parameter, tried: Sequence[str]) -> str | None:
+        """Why a proposal must be rejected before it costs a validation run, or None."""
+        value = proposal.value.strip()
+        current = parameter.value.strip()
+        if not value:
+            return "empty value"
+        if value == current:
+            return "same as the current value"
+        if value in tried:
+            return "repeats a value that was already tried"
+        lowered = value.lower()
+        for tag in TEMPLATE_TAGS:
+            if tag in lowered:
+                return f"contains the optimizer's own tag {tag}"
+        for line in self._template_lines:
+            if line.lower() in lowered:
+                return "contains the optimizer's own instructions"
+        missing = [s for s in parameter.must_keep if s not in value]
+        if missing:
+            return f"drops what the parameter's role needs: {missing}"
+        if current and len(value) < 0.2 * len(current):
+            return "too short to keep the parameter's role"
+        if current and len(value) > 8 * len(current) + 400:
+            return "far longer than the parameter it replaces"
+        return None

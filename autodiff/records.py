@@ -1,0 +1,124 @@
+"""The nouns a run is made of. Frozen records; the run store persists exactly these."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class LLMCall:
+    id: str
+    run_id: str | None
+    step: int | None
+    phase: str  # forward | backward | propose | validate | test
+    role: str  # forward | backward | optimizer
+    node: str | None
+    sample_id: str | None
+    call_index: int | None
+    model: str
+    messages: tuple[tuple[str, str], ...]
+    response: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    latency_ms: float
+    cached: bool
+    error: str | None
+    created_at: float
+
+
+@dataclass(frozen=True)
+class InputRef:
+    """One input of a node invocation: its name, its text, and the invocation that produced it."""
+
+    name: str
+    text: str
+    source: str | None = None  # invocation id, None for sample fields and constants
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """One call of one node for one sample: a vertex of the unrolled graph."""
+
+    id: str
+    sample_id: str
+    node: str
+    node_type: str  # llm | function | loss
+    call_index: int
+    inputs: tuple[InputRef, ...]
+    output: str
+    parameters: tuple[tuple[str, str], ...] = ()  # (name, value) of the prompt's parameters
+    prompt: str | None = None
+    llm_call_id: str | None = None
+    score: float | None = None  # set on loss invocations
+    error: str | None = None
+    seq: int = 0  # order of execution within the sample
+
+
+@dataclass(frozen=True)
+class Gradient:
+    """Feedback on one target (a parameter, or the output of an upstream invocation)."""
+
+    id: str
+    sample_id: str | None
+    node: str  # node whose backward step wrote it (or where it was handed on)
+    invocation_id: str | None
+    call_index: int | None
+    target_type: str  # parameter | output
+    target: str  # parameter name, or the node whose output it is about
+    target_invocation: str | None
+    score: float | None
+    text: str
+    source_node: str | None  # downstream node the feedback came from
+    path: tuple[str, ...] = ()  # function nodes it passed through, nearest last
+    llm_call_id: str | None = None
+    origin: str = "backward"  # backward | loss | human
+    error: str | None = None
+    created_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class Proposal:
+    id: str
+    step: int
+    parameter: str
+    value: str
+    method: str
+    reasoning: str
+    llm_call_id: str | None = None
+    fate: str = "proposed"
+    reason: str = ""
+    minibatch_score: float | None = None
+    minibatch_baseline: float | None = None
+    val_score: float | None = None
+    val_baseline: float | None = None
+    decided_by: str | None = None
+    created_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One sample scored under one set of parameter values."""
+
+    sample_id: str
+    prediction: str
+    gold: str
+    score: float
+    error: str | None = None
+
+
+@dataclass
+class Trace:
+    """The unrolled graph of one sample's forward pass, in execution order."""
+
+    sample_id: str
+    invocations: list[Invocation] = field(default_factory=list)
+
+    @property
+    def loss(self) -> Invocation | None:
+        losses = [i for i in self.invocations if i.node_type == "loss"]
+        return losses[-1] if losses else None
+
+    @property
+    def score(self) -> float:
+        loss = self.loss
+        return loss.score if loss and loss.score is not None else 0.0

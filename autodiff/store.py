@@ -1,0 +1,481 @@
+"""The run store: SQLite in WAL mode, ordered named migrations, short-lived connections.
+
+The trainer and the dashboard may be different processes; this is where they meet. Every figure
+the dashboard shows is derived from the rows here. API keys never enter it.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+from autodiff.errors import StoreError
+from autodiff.records import Evaluation, Gradient, Invocation, LLMCall, Proposal, Trace
+
+MIGRATIONS: list[tuple[str, str]] = [
+    (
+        "001_initial",
+        """
+        CREATE TABLE runs (
+            id TEXT PRIMARY KEY, task TEXT NOT NULL, config TEXT NOT NULL, status TEXT NOT NULL,
+            error TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL,
+            stop_requested INTEGER NOT NULL DEFAULT 0, pid INTEGER
+        );
+        CREATE TABLE samples (
+            run_id TEXT NOT NULL, split TEXT NOT NULL, position INTEGER NOT NULL, sample_id TEXT NOT NULL,
+            PRIMARY KEY (run_id, split, position)
+        );
+        CREATE TABLE parameters (
+            run_id TEXT NOT NULL, name TEXT NOT NULL, node TEXT, kind TEXT NOT NULL, role TEXT NOT NULL,
+            trainable INTEGER NOT NULL, peers TEXT NOT NULL, position INTEGER NOT NULL,
+            PRIMARY KEY (run_id, name)
+        );
+        CREATE TABLE parameter_versions (
+            run_id TEXT NOT NULL, name TEXT NOT NULL, version INTEGER NOT NULL, step INTEGER NOT NULL,
+            value TEXT NOT NULL, proposal_id TEXT, created_at REAL NOT NULL,
+            PRIMARY KEY (run_id, name, version)
+        );
+        CREATE TABLE steps (
+            run_id TEXT NOT NULL, step INTEGER NOT NULL, status TEXT NOT NULL,
+            started_at REAL NOT NULL, finished_at REAL, val_score REAL, test_score REAL,
+            batch TEXT NOT NULL DEFAULT '[]', failed_samples TEXT NOT NULL DEFAULT '[]',
+            PRIMARY KEY (run_id, step)
+        );
+        CREATE TABLE invocations (
+            id TEXT PRIMARY KEY, run_id TEXT NOT NULL, step INTEGER NOT NULL, sample_id TEXT NOT NULL,
+            seq INTEGER NOT NULL, node TEXT NOT NULL, node_type TEXT NOT NULL, call_index INTEGER NOT NULL,
+            inputs TEXT NOT NULL, output TEXT NOT NULL, parameters TEXT NOT NULL, prompt TEXT,
+            llm_call_id TEXT, score REAL, error TEXT
+        );
+        CREATE INDEX invocations_run_step ON invocations (run_id, step);
+        CREATE TABLE gradients (
+            id TEXT PRIMARY KEY, run_id TEXT NOT NULL, step INTEGER NOT NULL, sample_id TEXT,
+            node TEXT NOT NULL, invocation_id TEXT, call_index INTEGER, target_type TEXT NOT NULL,
+            target TEXT NOT NULL, target_invocation TEXT, score REAL, text TEXT NOT NULL,
+            source_node TEXT, path TEXT NOT NULL, llm_call_id TEXT, origin TEXT NOT NULL,
+            error TEXT, created_at REAL NOT NULL, consumed_step INTEGER
+        );
+        CREATE INDEX gradients_run_step ON gradients (run_id, step);
+        CREATE TABLE llm_calls (
+            id TEXT PRIMARY KEY, run_id TEXT, step INTEGER, phase TEXT NOT NULL, role TEXT NOT NULL,
+            node TEXT, sample_id TEXT, call_index INTEGER, model TEXT NOT NULL, messages TEXT NOT NULL,
+            response TEXT, prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL,
+            latency_ms REAL NOT NULL, cached INTEGER NOT NULL, error TEXT, created_at REAL NOT NULL
+        );
+        CREATE INDEX llm_calls_run_step ON llm_calls (run_id, step);
+        CREATE TABLE proposals (
+            id TEXT PRIMARY KEY, run_id TEXT NOT NULL, step INTEGER NOT NULL, parameter TEXT NOT NULL,
+            value TEXT NOT NULL, method TEXT NOT NULL, reasoning TEXT NOT NULL, llm_call_id TEXT,
+            fate TEXT NOT NULL, reason TEXT NOT NULL, minibatch_score REAL, minibatch_baseline REAL,
+            val_score REAL, val_baseline REAL, decided_by TEXT, created_at REAL NOT NULL,
+            decided_at REAL, decision TEXT, decision_value TEXT, decision_by TEXT
+        );
+        CREATE INDEX proposals_run_step ON proposals (run_id, step);
+        CREATE TABLE evaluations (
+            run_id TEXT NOT NULL, step INTEGER NOT NULL, split TEXT NOT NULL, subject TEXT NOT NULL,
+            sample_id TEXT NOT NULL, prediction TEXT NOT NULL, gold TEXT NOT NULL, score REAL NOT NULL,
+            error TEXT, PRIMARY KEY (run_id, step, split, subject, sample_id)
+        );
+        """,
+    ),
+]
+
+TERMINAL_STATUSES = ("completed", "failed", "stopped")
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+class Store:
+    """A run store at `path`. Open one per process; it opens a short-lived connection per use."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.migrate()
+
+    @contextmanager
+    def connect(self) -> Iterator[sqlite3.Connection]:
+        conn = sqlite3.connect(self.path, timeout=30)
+        conn.row_factory = sqlite3.Row
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            with conn:
+                yield conn
+        finally:
+            conn.close()
+
+    def migrate(self) -> None:
+        with self.connect() as conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied_at REAL)")
+            done = {row[0] for row in conn.execute("SELECT name FROM migrations")}
+            for name, sql in MIGRATIONS:
+                if name in done:
+                    continue
+                for statement in sql.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute("INSERT INTO migrations VALUES (?, ?)", (name, time.time()))
+
+    # --- runs -------------------------------------------------------------------------------
+
+    def create_run(self, run_id: str, task: str, config: dict, splits: dict[str, Sequence[str]]) -> None:
+        now = time.time()
+        with self.connect() as conn:
+            conn.execute(
+                "INSERT INTO runs (id, task, config, status, created_at, updated_at) VALUES (?, ?, ?, 'created', ?, ?)",
+                (run_id, task, _json(config), now, now),
+            )
+            conn.executemany(
+                "INSERT INTO samples VALUES (?, ?, ?, ?)",
+                [(run_id, split, i, sid) for split, ids in splits.items() for i, sid in enumerate(ids)],
+            )
+
+    def set_run_status(self, run_id: str, status: str, error: str | None = None, pid: int | None = None) -> None:
+        with self.connect() as conn:
+            conn.execute(
+                "UPDATE runs SET status = ?, error = ?, updated_at = ?, pid = COALESCE(?, pid) WHERE id = ?",
+                (status, error, time.time(), pid, run_id),
+            )
+
+    def request_stop(self, run_id: str) -> None:
+        self.run(run_id)
+        with self.connect() as conn:
+            conn.execute("UPDATE runs SET stop_requested = 1, updated_at = ? WHERE id = ?", (time.time(), run_id))
+
+    def stop_requested(self, run_id: str) -> bool:
+        with self.connect() as conn:
+            row = conn.execute("SELECT stop_requested FROM runs WHERE id = ?", (run_id,)).fetchone()
+        return bool(row and row[0])
+
+    def clear_stop(self, run_id: str) -> None:
+        with self.connect() as conn:
+            conn.execute("UPDATE runs SET stop_requested = 0 WHERE id = ?", (run_id,))
+
+    def run(self, run_id: str) -> dict:
+        with self.connect() as conn:
+            row = conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"no run with id {run_id!r} in {self.path}")
+        return _run_dict(row)
+
+    def runs(self) -> list[dict]:
+        with self.connect() as conn:
+            rows = conn.execute("SELECT * FROM runs ORDER BY created_at DESC").fetchall()
+        return [_run_dict(r) for r in rows]
+
+    def run_ids_matching(self, prefix: str) -> list[str]:
+        with self.connect() as conn:
+            return [r[0] for r in conn.execute("SELECT id FROM runs WHERE id LIKE ?", (prefix + "%",))]
+
+    def sample_ids(self, run_id: str, split: str) -> list[str]:
+        with self.connect() as conn:
+            rows = conn.execute(
+                "SELECT sample_id FROM samples WHERE run_id = ? AND split = ? ORDER BY position", (run_id, split)
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    # --- parameters -------------------------------------------------------------------------
+
+    def add_parameters(self, run_id: str, parameters: Iterable[dict]) -> None:
+        with self.connect() as conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO parameters VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (run_id, p["name"], p["node"], p["kind"], p["role"], int(p["trainable"]), _json(p["peers"]), i)
+                    for i, p in enumerate(parameters)
+                ],
+            )
+
+    def parameters(self, run_id: str) -> list[dict]:
+        with self.connect() as conn:
+            rows = conn.execute("SELECT * FROM parameters WHERE run_id = ? ORDER BY position", (run_id,)).fetchall()
+        return [dict(r, trainable=bool(r["trainable"]), peers=json.loads(r["peers"])) for r in rows]
+
+    def add_parameter_version(self, run_id: str, name: str, step: int, value: str, proposal_id: str | None) -> int:
+        with self.connect() as conn:
+            row = conn.execute(
+                "SELECT COALESCE(MAX(version), -1) FROM parameter_versions WHERE run_id = ? AND name = ?",
+                (run_id, name),
+            ).fetchone()
+            version = row[0] + 1
+            conn.execute(
+                "INSERT INTO parameter_versions VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (run_id, name, version, step, value, proposal_id, time.time()),
+            )
+        return version
+
+    def parameter_versions(self, run_id: str, name: str | None = None) -> list[dict]:
+        sql = "SELECT * FROM parameter_versions WHERE run_id = ?"
+        args: list[Any] = [run_id]
+        if name is not None:
+            sql += " AND name = ?"
+            args.append(name)
+        with self.connect() as conn:
+            rows = conn.execute(sql + " ORDER BY name, version", args).fetchall()
+        return [dict(r) for r in rows]
+
+    def parameter_values_at(self, run_id: str, step: int) -> dict[str, str]:
+        """The value of every parameter as it stood at the end of `step`."""
+        values: dict[str, str] = {}
+        for row in self.parameter_versions(run_id):
+            if row["step"] <= step:
+                values[row["name"]] = row["value"]
+        return values
+
+    # --- steps ------------------------------------------------------------------------------
+
+    def start_step(self, run_id: str, step: int, batch: Sequence[str]) -> None:
+        with self.connect() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO steps (run_id, step, status, started_at, batch) VALUES (?, ?, 'running', ?, ?)",
+                (run_id, step, time.time(), _json(list(batch))),
+            )
+
+    def finish_step(
+        self, run_id: str, step: int, val_score: float | None, test_score: float | None, failed: Sequence[str]
+    ) -> None:
+        with self.connect() as conn:
+            conn.execute(
+                "UPDATE steps SET status = 'completed', finished_at = ?, val_score = ?, test_score = ?,"
+                " failed_samples = ? WHERE run_id = ? AND step = ?",
+                (time.time(), val_score, test_score, _json(list(failed)), run_id, step),
+            )
+
+    def set_step_test_score(self, run_id: str, step: int, test_score: float) -> None:
+        with self.connect() as conn:
+            conn.execute("UPDATE steps SET test_score = ? WHERE run_id = ? AND step = ?", (test_score, run_id, step))
+
+    def steps(self, run_id: str) -> list[dict]:
+        with self.connect() as conn:
+            rows = conn.execute("SELECT * FROM steps WHERE run_id = ? ORDER BY step", (run_id,)).fetchall()
+        return [dict(r, batch=json.loads(r["batch"]), failed_samples=json.loads(r["failed_samples"])) for r in rows]
+
+    def last_completed_step(self, run_id: str) -> int | None:
+        with self.connect() as conn:
+            row = conn.execute(
+                "SELECT MAX(step) FROM steps WHERE run_id = ? AND status = 'completed'", (run_id,)
+            ).fetchone()
+        return row[0]
+
+    def discard_after(self, run_id: str, step: int) -> None:
+        """Drop the partial records of steps after `step` so a resumed run redoes them cleanly.
+        LLM calls are kept: they were really made, and their replies are in the cache."""
+        with self.connect() as conn:
+            for table in ("steps", "invocations", "gradients", "proposals", "evaluations", "parameter_versions"):
+                conn.execute(f"DELETE FROM {table} WHERE run_id = ? AND step > ?", (run_id, step))
+
+    # --- traces, gradients, calls -----------------------------------------------------------
+
+    def add_traces(self, run_id: str, step: int, traces: Iterable[Trace]) -> None:
+        rows = [
+            (
+                inv.id, run_id, step, inv.sample_id, inv.seq, inv.node, inv.node_type, inv.call_index,
+                _json([[r.name, r.text, r.source] for r in inv.inputs]), inv.output,
+                _json([list(p) for p in inv.parameters]), inv.prompt, inv.llm_call_id, inv.score, inv.error,
+            )
+            for trace in traces
+            for inv in trace.invocations
+        ]
+        with self.connect() as conn:
+            conn.executemany("INSERT OR REPLACE INTO invocations VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+
+    def invocations(self, run_id: str, step: int | None = None) -> list[dict]:
+        sql = "SELECT * FROM invocations WHERE run_id = ?"
+        args: list[Any] = [run_id]
+        if step is not None:
+            sql += " AND step = ?"
+            args.append(step)
+        with self.connect() as conn:
+            rows = conn.execute(sql + " ORDER BY step, sample_id, seq", args).fetchall()
+        return [
+            dict(r, inputs=json.loads(r["inputs"]), parameters=json.loads(r["parameters"])) for r in rows
+        ]
+
+    def add_gradients(self, run_id: str, step: int, gradients: Iterable[Gradient]) -> None:
+        rows = [
+            (
+                g.id, run_id, step, g.sample_id, g.node, g.invocation_id, g.call_index, g.target_type, g.target,
+                g.target_invocation, g.score, g.text, g.source_node, _json(list(g.path)), g.llm_call_id,
+                g.origin, g.error, g.created_at or time.time(), None,
+            )
+            for g in gradients
+        ]
+        with self.connect() as conn:
+            conn.executemany("INSERT OR REPLACE INTO gradients VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+
+    def gradients(self, run_id: str, step: int | None = None) -> list[dict]:
+        sql = "SELECT * FROM gradients WHERE run_id = ?"
+        args: list[Any] = [run_id]
+        if step is not None:
+            sql += " AND step = ?"
+            args.append(step)
+        with self.connect() as conn:
+            rows = conn.execute(sql + " ORDER BY step, created_at, sample_id, call_index", args).fetchall()
+        return [dict(r, path=json.loads(r["path"])) for r in rows]
+
+    def add_human_feedback(
+        self, run_id: str, text: str, *, node: str, target: str, sample_id: str | None = None, author: str = "human"
+    ) -> str:
+        """Feedback a person wrote on a node or parameter (and optionally a sample). It waits, unconsumed,
+        until the next optimizer call for that target reads it."""
+        import uuid
+
+        if not text.strip():
+            raise StoreError("feedback is empty: write what should change")
+        run = self.run(run_id)
+        step = self.last_completed_step(run_id) or 0
+        gid = uuid.uuid4().hex
+        with self.connect() as conn:
+            conn.execute(
+                "INSERT INTO gradients VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (gid, run["id"], step, sample_id, node, None, None, "parameter", target, None, None, text.strip(),
+                 author, "[]", None, "human", None, time.time(), None),
+            )
+        return gid
+
+    def pending_human_feedback(self, run_id: str, targets: Sequence[str]) -> list[dict]:
+        if not targets:
+            return []
+        marks = ",".join("?" * len(targets))
+        with self.connect() as conn:
+            rows = conn.execute(
+                f"SELECT * FROM gradients WHERE run_id = ? AND origin = 'human' AND consumed_step IS NULL"
+                f" AND (target IN ({marks}) OR node IN ({marks})) ORDER BY created_at",
+                [run_id, *targets, *targets],
+            ).fetchall()
+        return [dict(r, path=json.loads(r["path"])) for r in rows]
+
+    def mark_feedback_consumed(self, ids: Sequence[str], step: int) -> None:
+        with self.connect() as conn:
+            conn.executemany("UPDATE gradients SET consumed_step = ? WHERE id = ?", [(step, i) for i in ids])
+
+    def add_calls(self, calls: Iterable[LLMCall]) -> None:
+        rows = [
+            (
+                c.id, c.run_id, c.step, c.phase, c.role, c.node, c.sample_id, c.call_index, c.model,
+                _json([list(m) for m in c.messages]), c.response, c.prompt_tokens, c.completion_tokens,
+                c.latency_ms, int(c.cached), c.error, c.created_at,
+            )
+            for c in calls
+        ]
+        if rows:
+            with self.connect() as conn:
+                conn.executemany("INSERT OR REPLACE INTO llm_calls VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+
+    def call(self, call_id: str) -> dict | None:
+        with self.connect() as conn:
+            row = conn.execute("SELECT * FROM llm_calls WHERE id = ?", (call_id,)).fetchone()
+        return dict(row, messages=json.loads(row["messages"])) if row else None
+
+    def call_summaries(self, run_id: str) -> list[dict]:
+        """Every call of a run without its text: what accounting needs."""
+        with self.connect() as conn:
+            rows = conn.execute(
+                "SELECT id, step, phase, role, node, sample_id, call_index, model, prompt_tokens,"
+                " completion_tokens, latency_ms, cached, error, created_at FROM llm_calls WHERE run_id = ?"
+                " ORDER BY created_at",
+                (run_id,),
+            ).fetchall()
+        return [dict(r) for r in rows]
+
+    # --- proposals and decisions ------------------------------------------------------------
+
+    def add_proposal(self, run_id: str, p: Proposal) -> None:
+        with self.connect() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO proposals (id, run_id, step, parameter, value, method, reasoning, llm_call_id,"
+                " fate, reason, minibatch_score, minibatch_baseline, val_score, val_baseline, decided_by, created_at)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    p.id, run_id, p.step, p.parameter, p.value, p.method, p.reasoning, p.llm_call_id, p.fate,
+                    p.reason, p.minibatch_score, p.minibatch_baseline, p.val_score, p.val_baseline, p.decided_by,
+                    p.created_at or time.time(),
+                ),
+            )
+
+    def update_proposal(self, proposal_id: str, **fields: Any) -> None:
+        allowed = {"fate", "reason", "minibatch_score", "minibatch_baseline", "val_score", "val_baseline",
+                   "decided_by", "decided_at", "value"}
+        bad = set(fields) - allowed
+        if bad:
+            raise StoreError(f"cannot update proposal fields {sorted(bad)}")
+        assignments = ", ".join(f"{k} = ?" for k in fields)
+        with self.connect() as conn:
+            conn.execute(f"UPDATE proposals SET {assignments} WHERE id = ?", [*fields.values(), proposal_id])
+
+    def proposals(self, run_id: str, step: int | None = None, fate: str | None = None) -> list[dict]:
+        sql = "SELECT * FROM proposals WHERE run_id = ?"
+        args: list[Any] = [run_id]
+        if step is not None:
+            sql += " AND step = ?"
+            args.append(step)
+        if fate is not None:
+            sql += " AND fate = ?"
+            args.append(fate)
+        with self.connect() as conn:
+            rows = conn.execute(sql + " ORDER BY step, created_at", args).fetchall()
+        return [dict(r) for r in rows]
+
+    def proposal(self, proposal_id: str) -> dict:
+        with self.connect() as conn:
+            row = conn.execute("SELECT * FROM proposals WHERE id = ?", (proposal_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"no proposal with id {proposal_id!r}")
+        return dict(row)
+
+    def decide(self, proposal_id: str, decision: str, value: str | None = None, by: str = "human") -> None:
+        """Write a person's decision on a pending proposal. The waiting trainer reads it and goes on."""
+        if decision not in ("accept", "reject", "edit"):
+            raise StoreError(f"unknown decision {decision!r}: use accept, reject or edit")
+        if decision == "edit" and not (value and value.strip()):
+            raise StoreError("an edit needs the new, non-empty value")
+        p = self.proposal(proposal_id)
+        if p["fate"] != "pending":
+            raise StoreError(f"proposal {proposal_id} is {p['fate']}, not pending: nothing to decide")
+        with self.connect() as conn:
+            conn.execute(
+                "UPDATE proposals SET decision = ?, decision_value = ?, decision_by = ? WHERE id = ? AND decision IS NULL",
+                (decision, value, by, proposal_id),
+            )
+
+    def decision(self, proposal_id: str) -> tuple[str, str | None, str] | None:
+        with self.connect() as conn:
+            row = conn.execute(
+                "SELECT decision, decision_value, decision_by FROM proposals WHERE id = ?", (proposal_id,)
+            ).fetchone()
+        return (row[0], row[1], row[2]) if row and row[0] else None
+
+    # --- evaluations ------------------------------------------------------------------------
+
+    def add_evaluations(self, run_id: str, step: int, split: str, subject: str, evals: Iterable[Evaluation]) -> None:
+        rows = [(run_id, step, split, subject, e.sample_id, e.prediction, e.gold, e.score, e.error) for e in evals]
+        with self.connect() as conn:
+            conn.executemany("INSERT OR REPLACE INTO evaluations VALUES (?,?,?,?,?,?,?,?,?)", rows)
+
+    def evaluations(self, run_id: str, split: str | None = None, subject: str | None = None) -> list[dict]:
+        sql = "SELECT * FROM evaluations WHERE run_id = ?"
+        args: list[Any] = [run_id]
+        if split:
+            sql += " AND split = ?"
+            args.append(split)
+        if subject:
+            sql += " AND subject = ?"
+            args.append(subject)
+        with self.connect() as conn:
+            rows = conn.execute(sql + " ORDER BY step, sample_id", args).fetchall()
+        return [dict(r) for r in rows]
+
+
+def _run_dict(row: sqlite3.Row) -> dict:
+    d = dict(row)
+    d["config"] = json.loads(d["config"])
+    d["stop_requested"] = bool(d["stop_requested"])
+    return d

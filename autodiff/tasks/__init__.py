@@ -1,0 +1,56 @@
+"""Built-in tasks by name, and user tasks as `path/to/file.py:factory` or `module:factory`."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from pathlib import Path
+from typing import Callable
+
+from autodiff.errors import ConfigError
+from autodiff.pipeline import Task
+
+BUILTIN: dict[str, str] = {
+    "object_counting": "autodiff.tasks.object_counting:load",
+    "trec": "autodiff.tasks.trec:load",
+}
+
+
+def task_names() -> list[str]:
+    return list(BUILTIN)
+
+
+def load_task(name: str) -> Task:
+    target = BUILTIN.get(name, name)
+    if ":" not in target:
+        raise ConfigError(
+            f"unknown task {name!r}; built-in tasks: {', '.join(BUILTIN)}; or give file.py:factory / module:factory"
+        )
+    where, _, attr = target.rpartition(":")
+    factory = getattr(_import(where), attr, None)
+    if not callable(factory):
+        raise ConfigError(f"task {name!r}: {where} has no callable {attr!r}")
+    task = factory()
+    if not isinstance(task, Task):
+        raise ConfigError(f"task {name!r}: {attr}() returned {type(task).__name__}, not an autodiff Task")
+    for split in ("train", "val", "test"):
+        if not task.splits.get(split):
+            raise ConfigError(f"task {name!r} has no {split!r} samples")
+    if name not in BUILTIN:
+        task.name = name
+    return task
+
+
+def _import(where: str):
+    if where.endswith(".py"):
+        path = Path(where)
+        if not path.exists():
+            raise ConfigError(f"task file {where} does not exist")
+        spec = importlib.util.spec_from_file_location(f"autodiff_user_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    try:
+        return importlib.import_module(where)
+    except ImportError as exc:
+        raise ConfigError(f"cannot import task module {where!r}: {exc}") from None

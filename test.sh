@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Command 2: install everything the tests need (first time only) and run the test suite.
+set -euo pipefail
+cd "$(dirname "$0")"
+bash scripts/setup.sh dev
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+  else
+    echo "Browser tests need Debian's chromium: sudo apt-get install chromium chromium-driver" >&2
+  fi
+fi
+exec .venv/bin/python -m pytest "$@"
