@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 from autodiff.config import RunConfig, make_config
@@ -42,6 +44,26 @@ def train(store: Store, **options) -> str:
     extra = {k: options.pop(k) for k in ("cache_path", "providers", "progress", "retry", "use_cache", "run_id")
              if k in options}
     return prepare(make_config(**options), store, **extra).train()
+
+
+def create(store: Store, **options) -> str:
+    """Validate options (task, models, keys) and write the run to the store without starting it."""
+    extra = {k: options.pop(k) for k in ("cache_path", "providers", "run_id") if k in options}
+    return prepare(make_config(**options), store, **extra).register()
+
+
+def start_background(store_path: Path, run_id: str, cache_path: Path | None = None) -> int:
+    """Run (or resume) a stored run in a separate process that outlives the caller (a browser tab
+    closing, a dashboard restart). Its output goes to a log file beside the store. Returns the pid."""
+    log_dir = Path(store_path).parent / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "autodiff.cli", "resume", run_id, "--store", str(store_path), "--quiet"]
+    if cache_path:
+        cmd += ["--cache", str(cache_path)]
+    with open(log_dir / f"{run_id}.log", "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    return proc.pid
 
 
 def resume(store: Store, run_id: str, **extra) -> str:

@@ -136,16 +136,7 @@ class Trainer:
 
     def _begin(self) -> int:
         """Create the run (step 0: initial validation and test), or resume it. Returns the next step."""
-        try:
-            self.store.run(self.run_id)
-            exists = True
-        except StoreError:
-            exists = False
-        if not exists:
-            splits = {name: [s["id"] for s in rows] for name, rows in self.task.splits.items()}
-            splits["val"], splits["test"] = [s["id"] for s in self.val], [s["id"] for s in self.test]
-            self.store.create_run(self.run_id, self.task.name, self.config.model_dump(), splits)
-            self.store.add_parameters(self.run_id, [p.describe() for p in self.params.values()])
+        self.register()
         last = self.store.last_completed_step(self.run_id)
         if last is None:
             self._initial_step()
@@ -164,6 +155,19 @@ class Trainer:
         ]
         self.progress("resumed", {"step": last})
         return last + 1
+
+    def register(self) -> str:
+        """Write the run, its config, sample ids and parameters to the store (once)."""
+        try:
+            self.store.run(self.run_id)
+            return self.run_id
+        except StoreError:
+            pass
+        splits = {name: [s["id"] for s in rows] for name, rows in self.task.splits.items()}
+        splits["val"], splits["test"] = [s["id"] for s in self.val], [s["id"] for s in self.test]
+        self.store.create_run(self.run_id, self.task.name, self.config.model_dump(), splits)
+        self.store.add_parameters(self.run_id, [p.describe() for p in self.params.values()])
+        return self.run_id
 
     def _initial_step(self) -> None:
         self.store.start_step(self.run_id, 0, [])

@@ -1,0 +1,49 @@
+"""A run as one JSON document (schema in the README). Keys never appear: the store has none."""
+
+from __future__ import annotations
+
+from autodiff.metrics import step_figures
+from autodiff.store import Store
+
+
+def export_run(store: Store, run_id: str) -> dict:
+    run = store.run(run_id)
+    figures = {r["step"]: r for r in step_figures(store, run_id)}
+    steps = []
+    for s in store.steps(run_id):
+        f = figures[s["step"]]
+        steps.append({
+            "step": s["step"], "status": s["status"],
+            "parameters": store.parameter_values_at(run_id, s["step"]),
+            "val_score": s["val_score"], "test_score": s["test_score"],
+            "tokens_by_phase": {p: f[f"tokens_{p}"] for p in ("forward", "backward", "propose", "validate", "test")},
+            "failed_samples": s["failed_samples"],
+        })
+    proposals = [
+        {
+            "id": p["id"], "parameter": p["parameter"], "step": p["step"], "value": p["value"],
+            "method": p["method"], "reasoning": p["reasoning"],
+            "scores": {"minibatch": p["minibatch_score"], "minibatch_baseline": p["minibatch_baseline"],
+                       "validation": p["val_score"], "validation_baseline": p["val_baseline"]},
+            "fate": p["fate"], "reason": p["reason"], "decided_by": p["decided_by"],
+            "edited_value": p["decision_value"] if p["decision"] == "edit" else None,
+        }
+        for p in store.proposals(run_id)
+    ]
+    gradients = [
+        {
+            "step": g["step"], "sample": g["sample_id"], "node": g["node"], "target_type": g["target_type"],
+            "target": g["target"], "call_index": g["call_index"], "score": g["score"], "text": g["text"],
+            "source_node": g["source_node"], "path": g["path"], "origin": g["origin"], "error": g["error"],
+            "llm_call_id": g["llm_call_id"],
+        }
+        for g in store.gradients(run_id)
+    ]
+    return {
+        "run": {"id": run["id"], "task": run["task"], "config": run["config"], "status": run["status"],
+                "error": run["error"], "created_at": run["created_at"]},
+        "parameters": store.parameters(run_id),
+        "steps": steps,
+        "proposals": proposals,
+        "gradients": gradients,
+    }
