@@ -1,0 +1,21 @@
+"""The dashboard's frame: navigation and shared chrome. Each page is a short script in pages/."""
+
+import streamlit as st
+
+from dashboard.common import sidebar
+
+st.set_page_config(page_title="autodiff", page_icon=":material/account_tree:", layout="wide")
+
+PAGES = [
+    st.Page("pages/runs.py", title="Runs", icon=":material/list:", default=True),
+    st.Page("pages/graph.py", title="Graph", icon=":material/account_tree:"),
+    st.Page("pages/gradients.py", title="Gradients", icon=":material/feedback:"),
+    st.Page("pages/prompts.py", title="Prompts", icon=":material/difference:"),
+    st.Page("pages/curves.py", title="Curves", icon=":material/show_chart:"),
+    st.Page("pages/review.py", title="Review", icon=":material/rate_review:"),
+    st.Page("pages/compare.py", title="Compare", icon=":material/compare:"),
+]
+
+navigation = st.navigation(PAGES)
+sidebar()
+navigation.run()

@@ -1,0 +1,82 @@
+"""Shared chrome: which store, which run, and safe display of untrusted text."""
+
+from __future__ import annotations
+
+import html
+import re
+import time
+from pathlib import Path
+
+import streamlit as st
+
+from autodiff.runner import default_cache_path, default_store_path
+from autodiff.store import Store
+
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:])")
+
+
+@st.cache_resource
+def get_store(path: str) -> Store:
+    """One Store object per path, shared across sessions; it opens short-lived connections."""
+    return Store(path)
+
+
+def store_path() -> Path:
+    return Path(st.session_state.get("store_path") or default_store_path()).resolve()
+
+
+def cache_path() -> Path:
+    return default_cache_path().resolve()
+
+
+def current_store() -> Store:
+    return get_store(str(store_path()))
+
+
+def esc(text: object) -> str:
+    """Escape for HTML text and attributes."""
+    return html.escape("" if text is None else str(text), quote=True)
+
+
+def md(text: object) -> str:
+    """Escape untrusted text for st.markdown: no HTML, links, images or formatting survive."""
+    return _MD_SPECIAL.sub(r"\\\1", "" if text is None else str(text)).replace("\n", "  \n")
+
+
+def fmt_score(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def fmt_time(ts: float | None) -> str:
+    return "-" if not ts else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def sidebar() -> str | None:
+    """Store and run pickers in the sidebar; the chosen run id lives in session state."""
+    store = current_store()
+    runs = store.runs()
+    with st.sidebar:
+        st.caption(f"Store: `{store_path()}`")
+        if not runs:
+            st.session_state["run_id"] = None
+            return None
+        ids = [r["id"] for r in runs]
+        wanted = st.query_params.get("run") or st.session_state.get("run_id")
+        index = ids.index(wanted) if wanted in ids else 0  # newest first
+        labels = {r["id"]: f"{r['id']} ({r['status']})" for r in runs}
+        run_id = st.selectbox("Run", ids, index=index, format_func=lambda i: labels[i], key="run_picker")
+        st.session_state["run_id"] = run_id
+        return run_id
+
+
+def require_run() -> tuple[Store, str]:
+    """The store and the chosen run, or a note on how to start one (and the page stops)."""
+    store = current_store()
+    run_id = st.session_state.get("run_id")
+    if not run_id:
+        st.info(
+            "No runs in this store yet. Start one on the **Runs** page, or from a shell: "
+            "`autodiff train object_counting`."
+        )
+        st.stop()
+    return store, run_id
