@@ -45,8 +45,11 @@ def parse_feedback(text: str) -> tuple[str, str | None]:
     """(feedback, error). A reply with no usable text is an empty gradient with a reason."""
     match = _FEEDBACK.search(text or "")
     body = (match.group(1) if match else text or "").strip()
+    body = re.sub(r"</?feedback>", "", body, flags=re.I).strip()  # stray tags of a half-formed reply
     if not body:
         return "", "backward reply was empty"
+    if not any(ch.isalnum() for ch in body):
+        return "", f"backward reply had no usable text: {body[:80]!r}"
     if len(body) > MAX_FEEDBACK_CHARS:
         body = body[:MAX_FEEDBACK_CHARS].rstrip() + " [...]"
     return body, None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import inspect
 import re
 import uuid
 from collections import Counter
@@ -111,17 +112,28 @@ class FunctionNode:
 
     def __init__(self, fn: Callable[..., Any], name: str | None = None):
         self.fn = fn
-        self.name = name or fn.__name__
+        self.name = name or getattr(fn, "__name__", type(fn).__name__)
         functools.update_wrapper(self, fn)
+        self._arg_names = _positional_names(fn)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Value:
         rt = current_runtime()
-        names = list(self.fn.__code__.co_varnames[: self.fn.__code__.co_argcount])
+        names = self._arg_names
         refs = [_input_ref(names[i] if i < len(names) else f"arg{i}", a) for i, a in enumerate(args)]
         refs += [_input_ref(k, v) for k, v in kwargs.items()]
         result = self.fn(*[_raw(a) for a in args], **{k: _raw(v) for k, v in kwargs.items()})
         inv = rt.record(node=self.name, node_type="function", inputs=tuple(refs), output=to_text(result))
         return Value(result, inv.id, self.name)
+
+
+def _positional_names(fn: Callable[..., Any]) -> list[str]:
+    """Names of the arguments a call can pass by position (no `self` for a bound method, and
+    partials and callable objects work too)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # some built-ins have no signature
+        return []
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
 def function_node(fn: Callable[..., Any] | None = None, *, name: str | None = None):

@@ -21,7 +21,9 @@ _BLOCK = re.compile(r"<proposal>(.*?)(?:</proposal>|(?=<proposal>)|$)", re.S | r
 
 
 def _tag(block: str, name: str) -> str | None:
-    m = re.search(rf"<{name}>(.*?)(?:</{name}>|(?=<\w+>)|$)", block, re.S | re.I)
+    # An unclosed field ends where the next field of ours opens, not at any <word>: values
+    # often hold placeholders such as 'Answer: <number>'.
+    m = re.search(rf"<{name}>(.*?)(?:</{name}>|(?=<(?:method|reasoning|value)>)|$)", block, re.S | re.I)
     return m.group(1).strip() if m else None
 
 

@@ -66,6 +66,23 @@ def start_background(store_path: Path, run_id: str, cache_path: Path | None = No
     return proc.pid
 
 
+def launch(store: Store, cache_path: Path | None = None, **options) -> str:
+    """Validate and register a run (see `create`), then train it in a background process."""
+    run_id = create(store, cache_path=cache_path, **options)
+    start_background(store.path, run_id, cache_path)
+    return run_id
+
+
+def resume_background(store: Store, run_id: str, cache_path: Path | None = None) -> int:
+    """Resume a stopped or failed run in a background process; it shows as created until it starts."""
+    status = store.run(run_id)["status"]
+    if status in ("completed", "running"):
+        raise ConfigError(f"run {run_id} is {status}; only a stopped or failed run can be resumed")
+    store.clear_stop(run_id)  # a stop asked for before the run got going would end it again at once
+    store.set_run_status(run_id, "created")
+    return start_background(store.path, run_id, cache_path)
+
+
 def resume(store: Store, run_id: str, **extra) -> str:
     run = store.run(run_id)
     if run["status"] == "completed":

@@ -10,7 +10,7 @@ import random
 import secrets
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -113,12 +113,16 @@ class Trainer:
         try:
             start = self._begin()
             self.store.set_run_status(self.run_id, "running", pid=os.getpid())
-            for step in range(start, self.config.steps + 1):
+            # One more check after the last step: a stop during it leaves it incomplete (for a
+            # resume to redo), and the run must then say stopped, not completed.
+            for step in range(start, self.config.steps + 2):
                 if self.store.stop_requested(self.run_id):
+                    self.buffer.flush()
                     self.store.set_run_status(self.run_id, "stopped")
                     self.progress("stopped", {"step": step})
                     return self.run_id
-                self.run_step(step)
+                if step <= self.config.steps:
+                    self.run_step(step)
             self._final_test()
             self.store.set_run_status(self.run_id, "completed")
             self.progress("completed", {"best_val": self.best_val})
@@ -379,21 +383,42 @@ class Trainer:
         self, samples: Sequence[dict], overrides: dict[str, str], *, phase: str, step: int,
         stop_below: float | None = None,
     ) -> list[Evaluation]:
-        """Score samples concurrently in chunks; with `stop_below`, stop once the mean can no longer
-        reach it (the partial list is returned)."""
-        out: list[Evaluation] = []
-        chunk = max(self.config.concurrency, 1)
+        """Score samples concurrently, keeping `concurrency` samples in flight (a sliding window: a
+        slow sample never holds up the ones after it). With `stop_below`, stop once the mean can no
+        longer reach it: samples not yet started are dropped, those running are finished, and the
+        evaluations made are returned, in sample order."""
         total = len(samples)
-        for start in range(0, total, chunk):
-            part = samples[start: start + chunk]
-            out.extend(e for _, e in self.pool.map(lambda s: run_sample(
-                self.task, s, self.roles.forward, run_id=self.run_id, step=step, phase=phase,
-                overrides=overrides), part))
-            if stop_below is not None and total:
-                best_possible = (sum(e.score for e in out) + (total - len(out))) / total
-                if best_possible < stop_below:
-                    break
-        return out
+        upcoming = iter(enumerate(samples))
+        running: dict[Future, int] = {}
+        done: dict[int, Evaluation] = {}
+        score_sum = 0.0
+
+        def start_next() -> None:
+            for i, sample in upcoming:
+                running[self.pool.submit(run_sample, self.task, sample, self.roles.forward, run_id=self.run_id,
+                                         step=step, phase=phase, overrides=overrides)] = i
+                return
+
+        try:
+            for _ in range(max(self.config.concurrency, 1)):
+                start_next()
+            while running:
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    evaluation = done[running.pop(future)] = future.result()[1]
+                    score_sum += evaluation.score
+                if stop_below is not None and total:
+                    best_possible = (score_sum + (total - len(done))) / total
+                    if best_possible < stop_below:
+                        break
+                for _ in finished:
+                    start_next()
+            for future in [f for f in running if not f.cancel()]:
+                done[running.pop(future)] = future.result()[1]
+        finally:
+            for future in running:
+                future.cancel()
+        return [done[i] for i in sorted(done)]
 
     def _history(self, param: Parameter) -> list[HistoryEntry]:
         versions = self.store.parameter_versions(self.run_id, param.name)

@@ -22,35 +22,37 @@ def cache_key(provider: str, model: str, request: Request) -> str:
 
 
 class ResponseCache:
-    """SQLite-backed cache. One connection per thread: lookups sit on the hot path of every call."""
+    """SQLite-backed cache on the hot path of every call. One connection shared by all threads
+    behind a lock: a lookup takes microseconds, while a connection per thread cost milliseconds
+    to open (backward starts fresh threads) and concurrent writers fell into SQLite's sleeping
+    busy handler."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()
-        with self._connect() as conn:
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, text TEXT NOT NULL,"
-                " prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL)"
-            )
-
-    def _connect(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            self._local.conn = conn
-        return conn
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._conn.execute(
+            "CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, text TEXT NOT NULL,"
+            " prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL)"
+        )
 
     def get(self, key: str) -> Completion | None:
-        row = self._connect().execute(
-            "SELECT text, prompt_tokens, completion_tokens FROM responses WHERE key = ?", (key,)
-        ).fetchone()
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT text, prompt_tokens, completion_tokens FROM responses WHERE key = ?", (key,)
+            ).fetchone()
         return Completion(*row) if row else None
 
     def put(self, key: str, completion: Completion) -> None:
-        self._connect().execute(
-            "INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?)",
-            (key, completion.text, completion.prompt_tokens, completion.completion_tokens),
-        )
+        with self._lock:
+            self._conn.execute(
+                "INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?)",
+                (key, completion.text, completion.prompt_tokens, completion.completion_tokens),
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()

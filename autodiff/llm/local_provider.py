@@ -102,19 +102,38 @@ class LocalProvider:
     def _model(self, path: Path) -> _Loaded:
         with self._load_lock:
             if path not in self._models:
-                self._models[path] = _Loaded(self._load(path), threading.Lock())
+                self._models[path] = _Loaded(self.load(path), threading.Lock())
             return self._models[path]
 
-    def _load(self, path: Path) -> Any:
+    def load(self, path: Path) -> Any:
+        """A fresh llama_cpp.Llama for `path` with this provider's options (complete() caches)."""
         from llama_cpp import Llama  # lazy: `import autodiff` must work without llama-cpp
 
         options: dict[str, Any] = {"n_ctx": self.n_ctx, "verbose": False, "seed": self.seed}
+        options.update(build_workarounds())
         if self.n_threads is not None:
             options["n_threads"] = self.n_threads
         try:
             return Llama(model_path=str(path), **options)
         except (RuntimeError, ValueError) as exc:
             raise ConfigError(f"cannot load GGUF model {path}: {exc}") from exc
+
+
+def build_workarounds() -> dict[str, Any]:
+    """Llama options the installed llama.cpp build needs in order not to crash.
+
+    A build compiled for a CPU with AMX (the default native build on Sapphire Rapids and later)
+    repacks quantised weights for AMX kernels that segfault on multi-token batches
+    (ggml-org/llama.cpp#20824) and have given wrong results for Q4_0/Q4_1 (#16315). One token
+    per batch avoids that path at the cost of slow prompt reading; a build made with
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" has no AMX code
+    and runs at full speed.
+    """
+    import llama_cpp  # lazy, as above
+
+    info = llama_cpp.llama_print_system_info()
+    info = info.decode("utf-8", errors="replace") if isinstance(info, bytes) else str(info)
+    return {"n_ubatch": 1} if "AMX_INT8 = 1" in info else {}
 
 
 def resolve_model_path(model: str) -> Path:

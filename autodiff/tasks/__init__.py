@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -13,6 +14,9 @@ from autodiff.pipeline import Task
 BUILTIN: dict[str, str] = {
     "object_counting": "autodiff.tasks.object_counting:load",
     "trec": "autodiff.tasks.trec:load",
+    "rag": "autodiff.tasks.hotpotqa:load_rag",
+    "multihop_rag": "autodiff.tasks.hotpotqa:load_multihop_rag",
+    "agent_rag": "autodiff.tasks.hotpotqa:load_agent_rag",
 }
 
 
@@ -48,6 +52,9 @@ def _import(where: str):
             raise ConfigError(f"task file {where} does not exist")
         spec = importlib.util.spec_from_file_location(f"autodiff_user_{path.stem}", path)
         module = importlib.util.module_from_spec(spec)
+        # Registered before it runs, as an import would: dataclasses (and pickling) look the
+        # module up in sys.modules while the file executes.
+        sys.modules[spec.name] = module
         spec.loader.exec_module(module)
         return module
     try:

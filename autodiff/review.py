@@ -1,0 +1,92 @@
+"""Human review: what a person needs to judge a pending proposal, their decisions, their feedback.
+
+A decision is only written to the store; the trainer waiting on the proposal polls for it and goes
+on (see Trainer.wait_for_decision), so the dashboard and the trainer can be different processes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from autodiff.errors import StoreError
+from autodiff.store import Store
+
+
+@dataclass(frozen=True)
+class PendingReview:
+    proposal: dict
+    current: str  # the parameter's value the proposal would replace
+    peers: tuple[tuple[str, str], ...]  # (name, current value) of the parameter's peers
+    gradients: tuple[dict, ...]  # the feedback the optimizer saw for this parameter at this step
+    decision: tuple[str, str | None, str] | None  # written but not yet applied by the trainer
+
+
+def pending(store: Store, run_id: str) -> list[PendingReview]:
+    """The run's proposals waiting for a person, oldest first, with their context."""
+    proposals = store.proposals(run_id, fate="pending")
+    if not proposals:
+        return []
+    peers_of = {p["name"]: p["peers"] for p in store.parameters(run_id)}
+    all_gradients = store.gradients(run_id)
+    out = []
+    for p in proposals:
+        values = store.parameter_values_at(run_id, p["step"])
+        name = p["parameter"]
+        motivating = tuple(
+            g for g in all_gradients
+            if g["target_type"] == "parameter" and g["target"] == name and g["text"]
+            and (g["consumed_step"] == p["step"] if g["origin"] == "human" else g["step"] == p["step"])
+        )
+        out.append(PendingReview(
+            proposal=p, current=values.get(name, ""),
+            peers=tuple((peer, values.get(peer, "")) for peer in peers_of.get(name, [])),
+            gradients=motivating, decision=store.decision(p["id"]),
+        ))
+    return out
+
+
+def accept(store: Store, proposal_id: str, by: str = "human") -> None:
+    store.decide(proposal_id, "accept", by=by)
+
+
+def reject(store: Store, proposal_id: str, by: str = "human") -> None:
+    store.decide(proposal_id, "reject", by=by)
+
+
+def edit(store: Store, proposal_id: str, value: str, by: str = "human") -> None:
+    """Accept the proposal with `value` in place of what the optimizer wrote."""
+    store.decide(proposal_id, "edit", value=value, by=by)
+
+
+def decisions(store: Store, run_id: str) -> list[dict]:
+    """Proposals a decision was written for, oldest first."""
+    return [p for p in store.proposals(run_id) if p["decision"]]
+
+
+def feedback_targets(store: Store, run_id: str) -> list[str]:
+    """What a person can write feedback on: each node with trainable parameters, then each of them."""
+    params = [p for p in store.parameters(run_id) if p["trainable"]]
+    nodes = list(dict.fromkeys(p["node"] for p in params if p["node"]))
+    return nodes + [p["name"] for p in params]
+
+
+def trained_samples(store: Store, run_id: str) -> list[str]:
+    """Training samples the run has seen, latest step first (failed ones of a step before the rest)."""
+    seen: dict[str, None] = {}
+    for s in reversed(store.steps(run_id)):
+        for sid in [*s["failed_samples"], *s["batch"]]:
+            seen.setdefault(sid, None)
+    return list(seen)
+
+
+def add_feedback(store: Store, run_id: str, text: str, target: str, sample_id: str | None = None) -> list[str]:
+    """Feedback on a parameter, or on a node (then every trainable parameter of it reads it), optionally
+    about one sample. The next optimizer call for each parameter reads it like a gradient."""
+    params = [p for p in store.parameters(run_id) if p["trainable"]]
+    chosen = [p for p in params if p["name"] == target] or [p for p in params if p["node"] == target]
+    if not chosen:
+        raise StoreError(f"run {run_id} has no trainable parameter or node named {target!r}")
+    return [
+        store.add_human_feedback(run_id, text, node=p["node"] or p["name"], target=p["name"], sample_id=sample_id or None)
+        for p in chosen
+    ]

@@ -1,0 +1,62 @@
+"""Regenerate the bundled sample runs with the embedded local model (`autodiff sample-runs`).
+
+The runs are real: the project's own engine on `local:smollm2` for every role. The review-mode
+run is decided by a scripted reviewer (it rejects the first pending proposal and accepts the
+next, alternating), and every decision records that it came from this script, not a person.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from autodiff.runner import train
+from autodiff.store import Store
+
+LOCAL = "local:smollm2"
+REVIEWER = "sample-script reviewer"
+
+SAMPLE_RUNS: list[dict] = [
+    {"task": "object_counting", "steps": 2, "batch_size": 4, "val_limit": 20, "test_limit": 20},
+    {"task": "trec", "steps": 2, "batch_size": 4, "val_limit": 20, "test_limit": 20},
+    {"task": "multihop_rag", "steps": 2, "batch_size": 3, "val_limit": 10, "test_limit": 10, "max_failed": 2},
+    {"task": "object_counting", "steps": 2, "batch_size": 4, "val_limit": 10, "test_limit": 10,
+     "review": "all", "proposals": 1, "seed": 7},
+]
+
+
+def _reviewer(store: Store, stop: threading.Event) -> None:
+    n = 0
+    while not stop.is_set():
+        for run in store.runs():
+            for p in store.proposals(run["id"], fate="pending"):
+                if store.decision(p["id"]) is None:
+                    store.decide(p["id"], "reject" if n % 2 == 0 else "accept", by=REVIEWER)
+                    n += 1
+        time.sleep(0.2)
+
+
+def regenerate(target: Path, quiet: bool = False, runs: list[dict] | None = None) -> list[str]:
+    """Train each sample run into a fresh store, then replace `target` with it."""
+    work = Path(tempfile.mkdtemp(prefix="autodiff-samples-"))
+    store = Store(work / "runs.sqlite")
+    stop = threading.Event()
+    threading.Thread(target=_reviewer, args=(store, stop), daemon=True).start()
+    ids = []
+    try:
+        for options in runs or SAMPLE_RUNS:
+            if not quiet:
+                print(f"training sample run: {options}", flush=True)
+            ids.append(train(store, forward_model=LOCAL, backward_model=LOCAL, optimizer_model=LOCAL,
+                             concurrency=2, review_timeout=600, cache_path=work / "cache.sqlite", **options))
+    finally:
+        stop.set()
+    with store.connect() as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(work / "runs.sqlite", target)
+    shutil.rmtree(work, ignore_errors=True)
+    return ids

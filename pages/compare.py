@@ -1,0 +1,65 @@
+"""Compare: two or more runs side by side: curves, cost, final prompts and test samples that differ."""
+
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+
+from autodiff import compare
+from autodiff.diffs import inline_diff_html
+from autodiff.metrics import run_summary, step_figures
+from dashboard.common import md, require_run
+
+store, run_id = require_run()
+st.title("Compare")
+ids = [r["id"] for r in store.runs()]
+if len(ids) < 2:
+    st.info("Comparing needs at least two runs and this store has one. Start another on the **Runs** page.")
+    st.stop()
+others = [i for i in ids if i != run_id]
+chosen = st.multiselect("Runs", ids, default=[run_id, others[0]], key="compare_runs",
+                        help="The first run is the baseline the others' prompts are diffed against.")
+if len(chosen) < 2:
+    st.info("Pick two or more runs.")
+    st.stop()
+
+summaries = [run_summary(store, r) for r in chosen]
+st.dataframe(
+    [{"run": s["id"], "task": s["task"], "status": s["status"], "forward model": s["forward_model"],
+      "backward model": s["backward_model"], "optimizer model": s["optimizer_model"], "steps": s["steps_done"],
+      "initial validation": s["initial_val"], "best validation": s["best_val"], "initial test": s["initial_test"],
+      "latest test": s["final_test"], "tokens": s["tokens"], "LLM calls": s["calls"],
+      "wall time (s)": round(s["wall_s"], 1)} for s in summaries],
+    hide_index=True,
+)
+
+steps = pd.DataFrame([{**row, "run": r} for r in chosen for row in step_figures(store, r)])
+if not steps.empty:
+    steps["tokens so far"] = steps.groupby("run")["tokens"].cumsum()
+    steps["seconds so far"] = steps.fillna({"wall_s": 0}).groupby("run")["wall_s"].cumsum()
+    scores = steps.melt(["run", "step"], ["val_score", "test_score"], var_name="split", value_name="score")
+    scores["split"] = scores["split"].map({"val_score": "validation", "test_score": "test"})
+    fig = px.line(scores.dropna(subset=["score"]), x="step", y="score", color="run", line_dash="split",
+                  markers=True, title="Scores per step")
+    st.plotly_chart(fig.update_yaxes(range=[0, 1.05]))
+    left, right = st.columns(2)
+    left.plotly_chart(px.line(steps, x="step", y="tokens so far", color="run", markers=True, title="Cumulative tokens"))
+    right.plotly_chart(px.line(steps, x="step", y="seconds so far", color="run", markers=True,
+                               title="Cumulative step time (s)"))
+
+st.subheader("Final prompts")
+st.caption(f"Each run's final value against the baseline {md(chosen[0])}: struck out was removed, green was added.")
+for name, values in compare.final_prompts(store, chosen):
+    st.markdown(f"**{md(name)}**")
+    if all(v == values[0] for v in values):
+        st.caption("The same in every run.")
+        continue
+    for other, value in zip(chosen[1:], values[1:]):
+        st.caption(md(other))
+        st.html(inline_diff_html(values[0] or "", value or ""))
+
+st.subheader("Test samples whose outcome differs")
+differing = compare.differing_samples(store, chosen)
+if differing:
+    st.dataframe(differing, hide_index=True)
+else:
+    st.caption("None: every test sample the runs share scored the same (latest test evaluation of each run).")

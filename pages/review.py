@@ -1,0 +1,92 @@
+"""Review: proposals waiting for a person (accept, reject, or edit then accept), and human feedback."""
+
+import streamlit as st
+
+from autodiff import review
+from autodiff.diffs import word_diff_html
+from autodiff.errors import AutodiffError
+from dashboard.common import fmt_score, md, require_run
+
+store, run_id = require_run()
+run = store.run(run_id)
+st.title("Review")
+st.caption(f"Run {md(run_id)} ({run['status']}), review mode: {run['config'].get('review', 'off')}")
+if run["config"].get("review", "off") == "off":
+    st.info("This run is not in review mode: the trainer accepts or reverts proposals on its own. Start a run "
+            "with review mode *validated* or *all* on the **Runs** page to decide them here.")
+
+
+def act(action, *args) -> None:
+    """Send a decision; the waiting trainer picks it up within a second."""
+    try:
+        action(store, *args)
+    except AutodiffError as exc:
+        st.error(md(exc))
+    else:
+        st.rerun()
+
+
+@st.fragment(run_every=3 if run["status"] in ("created", "running") else None)
+def pending() -> None:
+    items = review.pending(store, run_id)
+    if not items:
+        st.info("No proposals are waiting for review." + (" New ones appear here as the trainer makes them."
+                                                          if run["status"] == "running" else ""))
+    for item in items:
+        p, pid = item.proposal, item.proposal["id"]
+        with st.container(border=True):
+            st.subheader(md(p["parameter"]))
+            st.markdown(f"Step {p['step']} · method **{md(p['method'])}** · mini-batch {fmt_score(p['minibatch_score'])} "
+                        f"vs {fmt_score(p['minibatch_baseline'])} · validation {fmt_score(p['val_score'])} vs best "
+                        f"{fmt_score(p['val_baseline'])}")
+            st.markdown(f"Reasoning: {md(p['reasoning'])}  \nTrainer's note: {md(p['reason'])}")
+            old, new = word_diff_html(item.current, p["value"])
+            left, right = st.columns(2)
+            left.caption("Current value")
+            left.html(old)
+            right.caption("Proposed value")
+            right.html(new)
+            with st.expander(f"Gradients that motivated it ({len(item.gradients)})"):
+                for g in item.gradients:
+                    st.markdown(f"**{md(g['origin'])}** · sample {md(g['sample_id'] or '-')} · call "
+                                f"{g['call_index'] if g['call_index'] is not None else '-'} · score "
+                                f"{fmt_score(g['score'])}  \n{md(g['text'])}")
+            with st.expander(f"Peers ({len(item.peers)})"):
+                for name, value in item.peers:
+                    st.caption(md(name))
+                    st.text(value)
+            if item.decision:
+                st.info(f"Decision sent ({md(item.decision[0])}); waiting for the trainer to apply it.")
+                continue
+            accept_col, reject_col, _ = st.columns([1, 1, 4])
+            if accept_col.button("Accept", key=f"accept-{pid}", type="primary"):
+                act(review.accept, pid)
+            if reject_col.button("Reject", key=f"reject-{pid}"):
+                act(review.reject, pid)
+            edited = st.text_area("Edit the proposed value, then accept it", value=p["value"], key=f"edit-{pid}")
+            if st.button("Accept edited value", key=f"edit-accept-{pid}"):
+                act(review.edit, pid, edited)
+
+
+pending()
+
+decided = review.decisions(store, run_id)
+if decided:
+    st.subheader("Decisions so far")
+    st.dataframe([{"step": p["step"], "parameter": p["parameter"], "decision": p["decision"], "by": p["decision_by"],
+                   "fate": p["fate"], "value": p["decision_value"] or p["value"]} for p in decided], hide_index=True)
+
+st.subheader("Add feedback")
+st.caption("Written like a gradient and marked as human: the next optimizer call for that parameter reads it "
+           "(on a node, every trainable parameter of the node does), so the run must still be going or be resumed.")
+with st.form("feedback", clear_on_submit=True):
+    target = st.selectbox("On node or parameter", review.feedback_targets(store, run_id))
+    sample = st.selectbox("About sample (optional)", ["", *review.trained_samples(store, run_id)],
+                          format_func=lambda s: s or "(no particular sample)")
+    text = st.text_area("Feedback")
+    if st.form_submit_button("Add feedback"):
+        try:
+            review.add_feedback(store, run_id, text, target, sample)
+            st.success("Feedback stored: the next optimizer call for it will read it.")
+        except AutodiffError as exc:
+            st.error(md(exc))

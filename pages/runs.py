@@ -1,0 +1,85 @@
+"""Runs: every run in the store, live progress of the running ones, and a form to start a new one."""
+
+import streamlit as st
+
+from autodiff.config import default_model
+from autodiff.errors import AutodiffError
+from autodiff.metrics import run_summary
+from autodiff.runner import launch, resume_background
+from autodiff.tasks import task_names
+from dashboard.common import cache_path, current_store, fmt_score, fmt_time, md
+
+ACTIVE = ("created", "running")
+ROLES = ("forward", "backward", "optimizer")
+
+store = current_store()
+st.title("Runs")
+if started := st.session_state.pop("started_run", None):
+    st.success(f"Started run {md(started)} in the background: it goes on if you close this tab.")
+
+with st.expander("Start a run", expanded=not store.runs()):
+    with st.form("new_run"):
+        task = st.selectbox("Task", task_names())
+        models = {role: col.text_input(f"{role.capitalize()} model", value=default_model(), key=f"model_{role}",
+                                       help="provider:model, e.g. local:smollm2, openai:gpt-4o-mini")
+                  for role, col in zip(ROLES, st.columns(3))}
+        left, middle, right = st.columns(3)
+        steps = left.number_input("Steps", min_value=1, max_value=1000, value=3)
+        batch_size = middle.number_input("Batch size", min_value=1, max_value=256, value=4)
+        review = right.selectbox("Review mode", ["off", "validated", "all"],
+                                 help="validated: proposals that pass validation wait for a person; "
+                                      "all: every proposal waits")
+        submitted = st.form_submit_button("Start", type="primary")
+if submitted:
+    try:
+        run_id = launch(store, cache_path(), task=task, steps=steps, batch_size=batch_size, review=review,
+                        **{f"{role}_model": models[role].strip() for role in ROLES})
+    except AutodiffError as exc:
+        st.error(md(exc))
+    else:
+        st.session_state["started_run"] = run_id
+        st.rerun()
+
+runs = store.runs()
+if not runs:
+    st.info("No runs in this store yet. Start one with the form above, or from a shell: "
+            "`autodiff train object_counting`.")
+    st.stop()
+
+chosen = next((r for r in runs if r["id"] == st.session_state.get("run_id")), runs[0])
+if chosen["status"] in ("stopped", "failed"):
+    st.button(f"Resume {chosen['id']}", on_click=resume_background, args=(store, chosen["id"], cache_path()),
+              help="Goes on from its last completed step, in the background.")
+
+
+@st.fragment(run_every=3 if any(r["status"] in ACTIVE for r in runs) else None)
+def live() -> None:
+    rows = store.runs()
+    summaries = [run_summary(store, r["id"]) for r in rows]
+    if not any(r["status"] in ACTIVE for r in rows) and any(r["status"] in ACTIVE for r in runs):
+        st.rerun()  # the last live run ended: refresh the whole page, sidebar included
+    for run, s in zip(rows, summaries):
+        if run["status"] not in ACTIVE:
+            continue
+        with st.container(border=True):
+            st.markdown(f"**{md(s['id'])}** is {s['status']}: step {s['steps_done']} of {s['steps_planned']} "
+                        f"done, best validation {fmt_score(s['best_val'])}, {s['tokens']} tokens, "
+                        f"{s['pending']} proposals waiting for review")
+            st.progress(min(s["steps_done"] / (s["steps_planned"] or 1), 1.0))
+            if run["stop_requested"]:
+                st.caption("Stop requested: the run stops at the next step boundary.")
+            else:
+                st.button("Stop", key=f"stop-{run['id']}", on_click=store.request_stop, args=(run["id"],))
+    st.dataframe(
+        [{"run": s["id"], "task": s["task"], "status": s["status"], "forward model": s["forward_model"],
+          "backward model": s["backward_model"], "optimizer model": s["optimizer_model"],
+          "steps": f"{s['steps_done']} / {s['steps_planned']}", "best validation": s["best_val"],
+          "latest test": s["final_test"], "tokens": s["tokens"], "wall time (s)": round(s["wall_s"], 1),
+          "review": s["review"], "started": fmt_time(s["created_at"]), "error": s["error"]} for s in summaries],
+        hide_index=True,
+        column_config={"best validation": st.column_config.NumberColumn(format="%.3f"),
+                       "latest test": st.column_config.NumberColumn(format="%.3f")},
+    )
+
+
+live()

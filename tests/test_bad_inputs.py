@@ -1,0 +1,105 @@
+"""Bad input gets one clear error naming the problem, and nothing already stored is lost."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from autodiff import runner
+from autodiff.config import make_config
+from autodiff.errors import ConfigError, DataError
+from autodiff.llm.registry import make_provider, provider_of
+from autodiff.store import Store
+from autodiff.tasks import load_task
+from autodiff.tasks.data import read_jsonl
+from conftest import FAST_RETRY, TOY_DEFAULTS, TOY_TASK
+
+
+@pytest.fixture
+def existing(run_toy, store: Store) -> dict:
+    """A store that already holds a finished run, to check bad input leaves it alone."""
+    run = run_toy(run_id="kept")
+    assert run.record["status"] == "completed"
+    return {"runs": store.runs(), "steps": store.steps("kept"), "calls": len(store.call_summaries("kept"))}
+
+
+def _assert_untouched(store: Store, existing: dict) -> None:
+    assert store.runs() == existing["runs"]
+    assert store.steps("kept") == existing["steps"]
+    assert len(store.call_summaries("kept")) == existing["calls"]
+
+
+def _train(store: Store, tmp_path: Path, **options) -> str:
+    return runner.train(store, **{**TOY_DEFAULTS, **options}, cache_path=tmp_path / "cache.sqlite",
+                        retry=FAST_RETRY)
+
+
+def test_unknown_task_is_named(store: Store, tmp_path: Path, existing: dict) -> None:
+    with pytest.raises(ConfigError, match="unknown task 'no_such_task'.*object_counting"):
+        load_task("no_such_task")
+    with pytest.raises(ConfigError, match="no_such_task"):
+        _train(store, tmp_path, task="no_such_task")
+    with pytest.raises(ConfigError, match="missing.py does not exist"):
+        _train(store, tmp_path, task=str(tmp_path / "missing.py") + ":load")
+    with pytest.raises(ConfigError, match="has no callable 'nothing_here'"):
+        _train(store, tmp_path, task=TOY_TASK.rsplit(":", 1)[0] + ":nothing_here")
+    _assert_untouched(store, existing)
+
+
+def test_malformed_dataset_line_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"question": "q1", "answer": "1"}\n\n{"question": "q2", "answer": \n', encoding="utf-8")
+    with pytest.raises(DataError, match=rf"{path}:3: not valid JSON"):
+        read_jsonl(path, required=("question", "answer"))
+    path.write_text('{"question": "q1"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=rf"{path}:1: missing field\(s\) \['answer'\]"):
+        read_jsonl(path, required=("question", "answer"))
+    path.write_text('["q1", "1"]\n', encoding="utf-8")
+    with pytest.raises(DataError, match=rf"{path}:1: expected a JSON object"):
+        read_jsonl(path, required=("question",))
+    with pytest.raises(DataError, match="does not exist"):
+        read_jsonl(tmp_path / "absent.jsonl", required=())
+
+
+@pytest.mark.parametrize("model, variable", [("openai:gpt-4o-mini", "OPENAI_API_KEY"),
+                                             ("anthropic:claude-sonnet-4-5", "ANTHROPIC_API_KEY")])
+def test_missing_api_key_is_named_before_anything_is_stored(store: Store, tmp_path: Path, existing: dict,
+                                                            model: str, variable: str) -> None:
+    # conftest removed every key and base URL from the environment.
+    for role in ("forward_model", "backward_model", "optimizer_model"):
+        with pytest.raises(ConfigError, match=variable):
+            _train(store, tmp_path, **{role: model})
+    _assert_untouched(store, existing)
+
+
+@pytest.mark.parametrize("option, value", [("steps", 0), ("tau", 2), ("batch_size", -1), ("concurrency", 0),
+                                           ("min_gain", -0.1), ("review", "sometimes"), ("colour", "red")])
+def test_out_of_range_option_is_named(store: Store, tmp_path: Path, existing: dict, option: str, value) -> None:
+    with pytest.raises(ConfigError, match=rf"invalid run configuration: {option}:"):
+        make_config(task="toy", **{option: value})
+    with pytest.raises(ConfigError, match=option):
+        _train(store, tmp_path, **{option: value})
+    _assert_untouched(store, existing)
+
+
+@pytest.mark.parametrize("spec, message", [("foo:bar", "unknown provider 'foo'"), ("gpt-4o", "provider:model"),
+                                           ("openai:", "provider:model")])
+def test_unknown_provider_is_refused(store: Store, tmp_path: Path, existing: dict, spec: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _train(store, tmp_path, forward_model=spec)
+    with pytest.raises(ConfigError, match=message):
+        provider_of(spec)
+    with pytest.raises(ConfigError, match="unknown provider 'foo'"):
+        make_provider("foo")
+    _assert_untouched(store, existing)
+
+
+def test_resuming_a_finished_or_unknown_run_is_refused(store: Store, existing: dict) -> None:
+    with pytest.raises(ConfigError, match="already completed"):
+        runner.resume(store, "kept")
+    from autodiff.errors import StoreError
+
+    with pytest.raises(StoreError, match="no run with id 'ghost'"):
+        runner.resume(store, "ghost")
+    _assert_untouched(store, existing)

@@ -1,0 +1,251 @@
+"""The pipeline graph (autodiff.graphview) and the Graph, Gradients and Prompts pages.
+
+Stores come from real engine runs on scripted fakes: tests.fake_runs.filled_store for object
+counting, and a multi-hop pipeline below (query generator called twice around a retriever, then
+de-duplication and an answer generator) for repeated calls and function nodes.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from autodiff import graphview as gv
+from autodiff.evals import exact_match
+from autodiff.graph import LLMNode, Loss, Value, function_node
+from autodiff.llm.fake import FakeProvider
+from autodiff.llm.types import Request
+from autodiff.parameter import Parameter
+from autodiff.pipeline import Pipeline, Task
+from autodiff.prompts import BACKWARD_SYSTEM, OPTIMIZER_SYSTEM
+from autodiff.runner import train
+from autodiff.store import Store
+from tests.fake_runs import HOSTILE, filled_store
+
+PAGES = Path(__file__).resolve().parent.parent / "pages"
+MULTIHOP_TASK = f"{Path(__file__).resolve()}:multihop_task"
+QUERY_INSTRUCTION = "Write one search query for the next hop of the question."
+ANSWER_INSTRUCTION = "Answer the question from the passages."
+BETTER_ANSWER = "Answer the question from the passages with the city name only. CITY"
+
+
+# --- a multi-hop pipeline: query_generator#0 -> retrieve#0 -> query_generator#1 -> retrieve#1 ---
+
+def _retrieve(query: str) -> list[str]:
+    return [f"Passage for {query}", "A shared passage"]
+
+
+def _dedupe(first: list[str], second: list[str]) -> list[str]:
+    return list(dict.fromkeys([*first, *second]))
+
+
+class MultiHop(Pipeline):
+    def __init__(self) -> None:
+        self.query = Parameter("query_generator.instruction", QUERY_INSTRUCTION, role="How to write each query.")
+        self.answer = Parameter("answer_generator.instruction", ANSWER_INSTRUCTION, role="How to answer.")
+        self.query_generator = LLMNode("query_generator", [self.query])
+        self.answer_generator = LLMNode("answer_generator", [self.answer])
+        self.retrieve = function_node(_retrieve, name="retrieve")
+        self.dedupe = function_node(_dedupe, name="dedupe")
+
+    def forward(self, sample: dict) -> Value:
+        first = self.retrieve(self.query_generator(question=sample["question"]))
+        second = self.retrieve(self.query_generator(question=sample["question"], context=first))
+        return self.answer_generator(question=sample["question"], context=self.dedupe(first, second))
+
+
+def multihop_task() -> Task:
+    def samples(split: str, n: int) -> list[dict]:
+        return [{"id": f"{split}-{i}", "question": f"Where was person {i} born?", "answer": "Paris"}
+                for i in range(n)]
+
+    return Task("multihop", MultiHop(), Loss(exact_match, "exact_match"),
+                {"train": samples("train", 4), "val": samples("val", 3), "test": samples("test", 2)}, tau=1.0)
+
+
+def multihop_responder(request: Request) -> str:
+    system = request.messages[0].content if len(request.messages) > 1 else ""
+    text = request.messages[-1].content
+    if system == OPTIMIZER_SYSTEM:
+        value = BETTER_ANSWER if "`answer_generator.instruction`" in text else QUERY_INSTRUCTION + " Name the entity."
+        return f"<proposal><method>rephrase</method><reasoning>be precise</reasoning><value>{value}</value></proposal>"
+    if system == BACKWARD_SYSTEM:
+        return f"<feedback>Look for the birthplace. {HOSTILE}</feedback>"
+    if text.startswith(QUERY_INSTRUCTION):
+        return "query two" if "Context:" in text else "query one"
+    return "Paris" if "CITY" in text else "I do not know"
+
+
+def multihop_run(store: Store, cache: Path) -> str:
+    return train(
+        store, task=MULTIHOP_TASK, forward_model="fake:forward", backward_model="fake:backward",
+        optimizer_model="fake:optimizer", steps=1, batch_size=2, proposals=1, cache_path=cache,
+        providers={"fake": FakeProvider(multihop_responder)},
+    )
+
+
+@pytest.fixture(scope="module")
+def counting(tmp_path_factory: pytest.TempPathFactory) -> tuple[Store, list[str]]:
+    return filled_store(tmp_path_factory.mktemp("counting"))
+
+
+@pytest.fixture(scope="module")
+def multihop(tmp_path_factory: pytest.TempPathFactory) -> tuple[Store, str]:
+    path = tmp_path_factory.mktemp("multihop")
+    store = Store(path / "runs.sqlite")
+    return store, multihop_run(store, path / "cache.sqlite")
+
+
+# --- the graph model ---------------------------------------------------------------------------
+
+def test_object_counting_graph(counting):
+    store, (run_id, _) = counting
+    g = gv.build_graph(store.invocations(run_id, 1), store.gradients(run_id, 1), store.parameters(run_id))
+    params = ["counter.instruction", "counter.output_format", "counter.examples"]
+    assert sorted(g.nodes) == sorted(["node:counter", "node:integer_match", *(f"param:{p}" for p in params)])
+    assert [g.nodes[v]["kind"] for v in ("node:counter", "node:integer_match")] == ["llm", "loss"]
+    assert sorted(g.edges) == sorted([("node:counter", "node:integer_match"),
+                                      *((f"param:{p}", "node:counter") for p in params)])
+    edge = g.edges["node:counter", "node:integer_match"]
+    assert edge["calls"] == [(0, 0)] and gv.edge_label(edge) == ""
+    assert edge["samples"] == 4
+    failed = store.steps(run_id)[1]["failed_samples"]
+    assert g.nodes["node:integer_match"]["failed_samples"] == len(failed) > 0
+    assert g.nodes["node:counter"]["failing"] == len(failed)  # one loss gradient per failed sample
+    assert all(g.nodes[f"param:{p}"]["failing"] == len(failed) for p in params)
+    assert gv.node_names(g) == ["counter", "integer_match"]
+
+
+def test_repeated_calls_are_labelled_with_call_indices(multihop):
+    store, run_id = multihop
+    g = gv.build_graph(store.invocations(run_id, 1), store.gradients(run_id, 1), store.parameters(run_id))
+    assert gv.node_names(g) == ["query_generator", "retrieve", "dedupe", "answer_generator", "exact_match"]
+    kinds = {d["name"]: d["kind"] for _v, d in g.nodes(data=True)}
+    assert kinds["retrieve"] == kinds["dedupe"] == "function" and kinds["exact_match"] == "loss"
+    assert g.nodes["node:query_generator"]["calls"] == [0, 1]
+    label = {(g.nodes[u]["name"], g.nodes[v]["name"]): gv.edge_label(d) for u, v, d in g.edges(data=True)}
+    assert label[("query_generator", "retrieve")] == "0→0, 1→1"
+    assert label[("retrieve", "query_generator")] == "0→1"
+    assert label[("retrieve", "dedupe")] == "0→0, 1→0"
+    assert label[("dedupe", "answer_generator")] == ""  # neither end repeats
+    assert ("param:query_generator.instruction", "node:query_generator") in g.edges
+    # feedback on the answer passed through dedupe and retrieve back to the query generator
+    assert g.nodes["node:query_generator"]["failing"] > 0 and g.nodes["node:retrieve"]["failing"] > 0
+    passed = [x for x in store.gradients(run_id, 1) if x["target"] == "query_generator" and x["path"]]
+    assert passed and "retrieve" in passed[0]["path"]
+    page = gv.render_html(g, selected="query_generator")
+    assert '"label": "0\\u21920, 1\\u21921"' in page and '"label": "0\\u21921"' in page
+    assert gv.external_resources(page) == []
+
+
+def test_selections(multihop):
+    store, run_id = multihop
+    gradients, parameters = store.gradients(run_id), store.parameters(run_id)
+    qg = gv.node_gradients(gradients, "query_generator", parameters)
+    assert {x["target"] for x in qg} == {"query_generator", "query_generator.instruction"}
+    calls = gv.call_indices(store.invocations(run_id))
+    second = gv.filter_gradients(gradients, targets=["query_generator"], call_index=1, calls=calls)
+    assert second and all(calls[x["target_invocation"]] == 1 for x in second) and len(second) < len(qg)
+    # dedupe#0 hands feedback to both retrieve calls: the filter goes by the call it is about
+    handed = [x for x in gradients if x["node"] == "dedupe"]
+    assert sorted(gv.target_call(x, calls) for x in handed) == [0, 0, 1, 1]
+    assert {x["call_index"] for x in handed} == {0}
+    assert gv.filter_gradients(gradients, score=(0.5, 1.0)) == []  # every traced sample failed
+    times = [x["created_at"] for x in gv.filter_gradients(gradients)]
+    assert times == sorted(times)
+    rows = gv.call_rows(store.invocations(run_id, 1), "query_generator")
+    assert sorted(r["call"] for r in rows) == [0, 0, 1, 1]
+    assert any("context ← retrieve#0" in r["inputs"] for r in rows)
+
+
+# --- pages -----------------------------------------------------------------------------------
+
+def open_page(name: str, store: Store, monkeypatch: pytest.MonkeyPatch, run_id: str | None = None) -> AppTest:
+    monkeypatch.setenv("AUTODIFF_STORE", str(store.path))
+    at = AppTest.from_file(str(PAGES / name), default_timeout=60)
+    if run_id:
+        at.session_state["run_id"] = run_id  # what the frame's sidebar picker sets
+    at.run()
+    assert not at.exception
+    return at
+
+
+@pytest.mark.parametrize("page", ["graph.py", "gradients.py", "prompts.py"])
+def test_empty_store_says_how_to_start(page, tmp_path, monkeypatch):
+    at = open_page(page, Store(tmp_path / "empty.sqlite"), monkeypatch)
+    assert "No runs" in at.info[0].value and "autodiff train" in at.info[0].value
+
+
+def test_graph_page_shows_the_chosen_node(multihop, monkeypatch):
+    store, run_id = multihop
+    at = open_page("graph.py", store, monkeypatch, run_id)
+    [frame] = [e for e in at.main.children.values() if e.type == "iframe"]
+    assert "new vis.Network" in frame.proto.srcdoc and gv.external_resources(frame.proto.srcdoc) == []
+    at.selectbox(key="graph_node").select("query_generator").run()
+    assert not at.exception
+    params, calls, grads = (df.value for df in at.dataframe)
+    assert list(params["parameter"]) == ["query_generator.instruction"]
+    assert sorted(calls["call"]) == [0, 0, 1, 1]
+    assert set(grads["target"]) == {"query_generator", "query_generator.instruction"}
+    at.selectbox(key="graph_node").select("dedupe").run()
+    assert any("nothing to train" in c.value for c in at.caption)
+    assert len(at.dataframe[0].value) == 2  # its two calls
+
+
+def test_gradient_filters_narrow_the_list(multihop, monkeypatch):
+    store, run_id = multihop
+    at = open_page("gradients.py", store, monkeypatch, run_id)
+
+    def shown() -> int:
+        return int(re.search(r"(\d+) of (\d+) gradients", at.caption[0].value)[1])
+
+    total = shown()
+    assert total == len(store.gradients(run_id))
+    at.selectbox(key="grad_target").select("node:query_generator").run()
+    on_query = shown()
+    assert 0 < on_query < total
+    at.selectbox(key="grad_call").select(1).run()
+    assert 0 < shown() < on_query
+    headers = [m.value for m in at.markdown if m.value.startswith("**Step")]
+    assert headers and all("call 1**" in h for h in headers)
+    at.selectbox(key="grad_sample").select("train-0").run()
+    assert all("sample train\\-0" in m.value for m in at.markdown if m.value.startswith("**Step"))
+    at.slider(key="grad_score").set_range(0.5, 1.0).run()
+    assert shown() == 0
+    assert not at.exception
+
+
+def test_gradient_shows_its_backward_call(multihop, monkeypatch):
+    store, run_id = multihop
+    at = open_page("gradients.py", store, monkeypatch, run_id)
+    assert any(e.label == "Backward call that wrote it" for e in at.expander)
+    assert any(c.value == BACKWARD_SYSTEM for c in at.code)  # the prompt it was sent
+    assert any(c.value.startswith("<feedback>Look for the birthplace") for c in at.code)  # and the reply
+    assert any("answer_generator (via dedupe → retrieve)" in m.value.replace("\\", "") for m in at.markdown)
+
+
+def test_prompts_page_shows_a_diff_and_why(counting, monkeypatch):
+    store, (run_id, _) = counting
+    at = open_page("prompts.py", store, monkeypatch, run_id)
+    at.selectbox(key="prompt_param").select("counter.instruction").run()
+    assert not at.exception
+    diff = [m.value for m in at.markdown if "<del" in m.value or "<ins" in m.value]
+    assert len(diff) == 2
+    assert any("Reasoning" in m.value for m in at.markdown)
+    assert any("Peers at step" in m.value for m in at.markdown)
+    peers = [c.value for c in at.code]
+    assert store.parameter_values_at(run_id, 1)["counter.output_format"] in peers
+    versions = at.dataframe[0].value
+    assert list(versions["version"]) == [0, 1]
+
+
+def test_prompts_page_multi_node(multihop, monkeypatch):
+    store, run_id = multihop
+    at = open_page("prompts.py", store, monkeypatch, run_id)
+    assert at.selectbox(key="prompt_param").options == ["query_generator.instruction", "answer_generator.instruction"]
+    at.selectbox(key="prompt_param").select("answer_generator.instruction").run()
+    assert not at.exception
+    assert any("None: this parameter is its node's whole prompt." in c.value for c in at.caption)

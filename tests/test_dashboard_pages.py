@@ -1,0 +1,321 @@
+"""AppTest tests of the Runs, Curves, Review and Compare pages, against stores filled by real engine
+runs on the scripted fake LLM (whose feedback and proposals carry hostile HTML)."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from autodiff import compare, runner
+from autodiff.store import Store
+from tests.fake_runs import fake_run, filled_store
+
+APP = "../app.py"
+MY_PAGES = ("pages/runs.py", "pages/curves.py", "pages/review.py", "pages/compare.py")
+# Elements whose text Streamlit renders as markdown or HTML: untrusted text must arrive escaped.
+RENDERED = ("markdown", "caption", "title", "header", "subheader", "info", "success", "warning", "error",
+            "html", "toast")
+HOSTILE_HTML = re.compile(r"<\s*(script|img)", re.I)
+HOSTILE_MARKDOWN = re.compile(r"(?<!\\)<\s*(script|img)", re.I)
+FAKE_MODELS = dict(forward_model="fake:forward", backward_model="fake:backward", optimizer_model="fake:optimizer")
+
+
+@pytest.fixture(scope="module")
+def filled(tmp_path_factory) -> tuple[Store, list[str]]:
+    """An auto run, a review run (a person rejected and accepted), and a newest run whose every
+    validated proposal was rejected, so its test outcomes differ from the others'."""
+    path = tmp_path_factory.mktemp("filled")
+    store, ids = filled_store(path)
+    ids.append(fake_run(store, path / "cache.sqlite", steps=1, review="validated", seed=2,
+                        decide=lambda store, proposal: ("reject", None)))
+    return store, ids
+
+
+def open_page(store_path: Path, page: str, run_id: str | None = None) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=30)
+    at.session_state["store_path"] = str(store_path)
+    if run_id:
+        at.query_params["run"] = run_id
+    at.run()
+    if page != "pages/runs.py":
+        at.switch_page(page).run()
+    return at
+
+
+def walk(block):
+    for child in block.children.values():
+        yield child
+        if hasattr(child, "children"):
+            yield from walk(child)
+
+
+def assert_clean(at: AppTest) -> None:
+    """No exception shown, and no hostile tag reaches a markdown or HTML element unescaped
+    (in markdown a backslash before '<' makes it literal text)."""
+    assert not at.exception, [e.value for e in at.exception]
+    for node in walk(at._tree):
+        kind = getattr(node, "type", None)
+        if kind in RENDERED:
+            pattern = HOSTILE_HTML if kind == "html" else HOSTILE_MARKDOWN
+            assert not pattern.search(node.value), node.value
+
+
+def wait_for(predicate, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting")
+
+
+def button(at: AppTest, label: str):
+    return next(b for b in at.button if b.label == label)
+
+
+# --- every page, empty and filled -------------------------------------------------------------
+
+@pytest.mark.parametrize("page", MY_PAGES)
+def test_empty_store_says_so(tmp_path: Path, page: str) -> None:
+    at = open_page(tmp_path / "runs.sqlite", page)
+    assert_clean(at)
+    assert any("No runs in this store yet" in i.value and "autodiff train" in i.value for i in at.info)
+
+
+@pytest.mark.parametrize("page", MY_PAGES)
+def test_filled_store_pages_draw_safely(filled, page: str) -> None:
+    store, ids = filled
+    for run_id in ids:
+        at = open_page(store.path, page, run_id)
+        assert_clean(at)
+        assert at.session_state["run_id"] == run_id
+
+
+def test_frame_opens_on_the_newest_run(filled) -> None:
+    store, ids = filled
+    at = open_page(store.path, "pages/curves.py")
+    assert at.session_state["run_id"] == ids[-1] == store.runs()[0]["id"]
+
+
+# --- runs ---------------------------------------------------------------------------------------
+
+def test_runs_table(filled) -> None:
+    store, ids = filled
+    at = open_page(store.path, "pages/runs.py")
+    table = at.dataframe[0].value
+    assert list(table["run"]) == [r["id"] for r in store.runs()]
+    assert set(table["status"]) == {"completed"}
+    assert set(table["forward model"]) == {"fake:forward"}
+    for column in ("task", "backward model", "optimizer model", "steps", "best validation", "latest test",
+                   "tokens", "wall time (s)"):
+        assert column in table.columns
+    assert table["best validation"].max() == pytest.approx(0.75)
+    assert not [b for b in at.button if b.label == "Stop"]  # nothing is running
+
+
+def test_start_form_defaults_to_the_local_model_and_shows_config_errors(tmp_path: Path) -> None:
+    at = open_page(tmp_path / "runs.sqlite", "pages/runs.py")
+    assert [at.text_input(key=f"model_{r}").value for r in ("forward", "backward", "optimizer")] == ["local:smollm2"] * 3
+    at.text_input(key="model_forward").input("openai:gpt-4o-mini")
+    button(at, "Start").click().run()
+    assert_clean(at)
+    assert any("no OpenAI API key" in e.value for e in at.error)
+    assert Store(tmp_path / "runs.sqlite").runs() == []
+
+
+def test_start_form_runs_in_the_background(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AUTODIFF_CACHE", str(tmp_path / "cache.sqlite"))
+    at = open_page(tmp_path / "runs.sqlite", "pages/runs.py")
+    for role in ("forward", "backward", "optimizer"):
+        at.text_input(key=f"model_{role}").input(f"fake:{role}")
+    at.number_input[0].set_value(1)
+    button(at, "Start").click().run()
+    assert_clean(at)
+    assert any("Started run" in s.value for s in at.success)
+    store = Store(tmp_path / "runs.sqlite")
+    [run] = store.runs()
+    assert run["config"]["forward_model"] == "fake:forward" and run["config"]["steps"] == 1
+    wait_for(lambda: store.run(run["id"])["status"] in ("completed", "failed"), timeout=120)
+    assert store.run(run["id"])["status"] == "completed", store.run(run["id"])["error"]
+    assert store.run(run["id"])["pid"] not in (None, 0)
+
+
+def test_stop_and_resume_buttons(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AUTODIFF_CACHE", str(tmp_path / "cache.sqlite"))
+    store = Store(tmp_path / "runs.sqlite")
+    run_id = runner.create(store, task="object_counting", steps=1, batch_size=2, cache_path=tmp_path / "cache.sqlite",
+                           **FAKE_MODELS)
+    store.set_run_status(run_id, "running")  # as a trainer in another process would
+    at = open_page(store.path, "pages/runs.py")
+    assert any(run_id.replace("-", "\\-") in m.value for m in at.markdown)  # the live panel
+    button(at, "Stop").click().run()
+    assert_clean(at)
+    assert store.stop_requested(run_id)
+    assert any("Stop requested" in c.value for c in at.caption)
+
+    store.set_run_status(run_id, "stopped")  # as the trainer does on seeing the request
+    at.run()
+    button(at, f"Resume {run_id}").click().run()
+    assert_clean(at)
+    wait_for(lambda: store.run(run_id)["status"] == "completed", timeout=120)
+
+
+# --- curves -------------------------------------------------------------------------------------
+
+def test_curves_draws_every_chart(filled) -> None:
+    store, ids = filled
+    at = open_page(store.path, "pages/curves.py", ids[0])
+    assert_clean(at)
+    assert len(at.get("plotly_chart")) == 7  # score, tokens x2, time x2, proposals, backward
+
+
+def test_pages_draw_a_step_in_progress(tmp_path: Path) -> None:
+    store = Store(tmp_path / "runs.sqlite")
+    done = fake_run(store, tmp_path / "cache.sqlite", steps=1)
+    live = fake_run(store, tmp_path / "cache.sqlite", steps=1)
+    store.discard_after(live, 0)
+    store.start_step(live, 1, ["oc-001"])  # as the trainer does when a step begins: no scores yet
+    store.set_run_status(live, "running")
+    for page in MY_PAGES:
+        at = open_page(store.path, page, live)
+        assert_clean(at)
+    assert compare.final_test(store, live)[0] == 0 < compare.final_test(store, done)[0]
+
+
+# --- review -------------------------------------------------------------------------------------
+
+def start_review_run(tmp_path: Path, review: str) -> tuple[Store, threading.Thread, list[BaseException]]:
+    """A trainer thread in review mode with nobody deciding: it waits on the dashboard."""
+    store = Store(tmp_path / "runs.sqlite")
+    errors: list[BaseException] = []
+
+    def train() -> None:
+        try:
+            fake_run(store, tmp_path / "cache.sqlite", steps=2, review=review)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            errors.append(exc)
+
+    thread = threading.Thread(target=train, daemon=True)
+    thread.start()
+    return store, thread, errors
+
+
+def next_pending(store: Store, seen: list[str]) -> dict:
+    def find():
+        return next((p for r in store.runs() for p in store.proposals(r["id"], fate="pending")
+                     if p["id"] not in seen), None)
+    return wait_for(find)
+
+
+def test_review_buttons_unblock_a_waiting_trainer(tmp_path: Path) -> None:
+    store, thread, errors = start_review_run(tmp_path, "validated")
+    first = next_pending(store, [])
+    at = open_page(store.path, "pages/review.py")
+    assert_clean(at)
+    assert any("&lt;script&gt;" in h.value for h in at.get("html"))  # the proposed value, escaped
+    assert any("\\<script\\>" in m.value for m in at.markdown)  # the motivating gradients, escaped
+
+    at.button(key=f"reject-{first['id']}").click().run()
+    assert_clean(at)
+    assert store.proposal(first["id"])["decision"] == "reject"
+    second = next_pending(store, [first["id"]])
+    at.run()
+    at.button(key=f"accept-{second['id']}").click().run()
+    assert_clean(at)
+
+    thread.join(timeout=30)
+    assert not thread.is_alive() and not errors, errors
+    rejected, accepted = store.proposal(first["id"]), store.proposal(second["id"])
+    assert (rejected["fate"], rejected["decided_by"]) == ("rejected", "human")
+    assert (accepted["fate"], accepted["decided_by"]) == ("accepted", "human")
+    run_id = accepted["run_id"]
+    assert store.run(run_id)["status"] == "completed"
+    assert store.parameter_values_at(run_id, 2)[accepted["parameter"]] == accepted["value"]
+    at.run()
+    assert_clean(at)
+    assert any("No proposals are waiting" in i.value for i in at.info)
+    assert list(at.dataframe[0].value["decision"]) == ["reject", "accept"]
+
+
+def test_review_edit_then_accept(tmp_path: Path) -> None:
+    store, thread, errors = start_review_run(tmp_path, "all")
+    first = next_pending(store, [])
+    at = open_page(store.path, "pages/review.py")
+    edited = "Count every item one by one; number words like 'two' count as that many."
+    at.text_area(key=f"edit-{first['id']}").input(edited)
+    at.button(key=f"edit-accept-{first['id']}").click().run()
+    assert_clean(at)
+    wait_for(lambda: store.proposal(first["id"])["fate"] == "accepted")
+    run_id = first["run_id"]
+    assert store.parameter_versions(run_id, first["parameter"])[-1]["value"] == edited
+    store.request_stop(run_id)  # the rest stay undecided: stopping rejects them and ends the run
+    thread.join(timeout=30)
+    assert not thread.is_alive() and not errors, errors
+    assert store.run(run_id)["status"] == "stopped"
+
+
+def test_review_feedback_form(tmp_path: Path) -> None:
+    store, ids = filled_store(tmp_path)
+    at = open_page(store.path, "pages/review.py", ids[1])
+    assert_clean(at)
+    assert any("No proposals are waiting" in i.value for i in at.info)
+    assert at.selectbox[-2].options[0] == "counter"  # the node first, then its parameters
+    at.selectbox[-2].select("counter")
+    at.selectbox[-1].select(at.selectbox[-1].options[1])
+    at.text_area[-1].input("Number words <b>count</b> too.")
+    button(at, "Add feedback").click().run()
+    assert_clean(at)
+    assert any("Feedback stored" in s.value for s in at.success)
+    params = [p["name"] for p in store.parameters(ids[1])]
+    rows = store.pending_human_feedback(ids[1], params)
+    assert sorted(r["target"] for r in rows) == sorted(params)
+    assert {r["sample_id"] for r in rows} == {at.selectbox[-1].options[1]}
+
+    button(at, "Add feedback").click().run()  # empty text
+    assert any("feedback is empty" in e.value for e in at.error)
+
+
+# --- compare ------------------------------------------------------------------------------------
+
+def test_compare_runs(filled) -> None:
+    store, ids = filled
+    at = open_page(store.path, "pages/compare.py", ids[0])
+    assert_clean(at)
+    assert at.multiselect(key="compare_runs").value == [ids[0], ids[2]]
+    assert len(at.get("plotly_chart")) == 3
+    assert any("&lt;script&gt;" in h.value for h in at.get("html"))  # a final prompt diffed, escaped
+    differing = at.dataframe[-1].value
+    assert len(differing) == len(compare.differing_samples(store, [ids[0], ids[2]])) > 0
+    for _, row in differing.iterrows():
+        assert row[f"{ids[0]} score"] != row[f"{ids[2]} score"]
+        assert row[f"{ids[2]} prediction"]
+
+    at.multiselect(key="compare_runs").set_value([ids[0], ids[1], ids[2]]).run()
+    assert_clean(at)
+    at.multiselect(key="compare_runs").set_value([ids[0]]).run()
+    assert any("Pick two or more runs" in i.value for i in at.info)
+
+
+def test_compare_needs_two_runs(tmp_path: Path) -> None:
+    store = Store(tmp_path / "runs.sqlite")
+    fake_run(store, tmp_path / "cache.sqlite", steps=1)
+    at = open_page(store.path, "pages/compare.py")
+    assert_clean(at)
+    assert any("at least two runs" in i.value for i in at.info)
+
+
+def test_differing_samples_uses_the_latest_test_evaluation(filled) -> None:
+    store, ids = filled
+    step, latest = compare.final_test(store, ids[0])
+    assert step == store.last_completed_step(ids[0])
+    rows = compare.differing_samples(store, [ids[0], ids[2]])
+    _, rejected_all = compare.final_test(store, ids[2])
+    for row in rows:
+        assert row[f"{ids[0]} prediction"] == latest[row["sample"]]["prediction"]
+        assert row[f"{ids[2]} score"] == rejected_all[row["sample"]]["score"]
+    assert compare.differing_samples(store, [ids[0], ids[0]]) == []

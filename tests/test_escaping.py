@@ -1,0 +1,204 @@
+"""Untrusted text (from an LLM or a dataset) stays inert everywhere the Graph, Gradients and
+Prompts pages put it: the pyvis HTML (HTML text, HTML titles, JSON inside a <script> block) and
+markdown. The graph page also loads nothing from outside."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from autodiff import graphview as gv
+from autodiff.diffs import inline_diff_html, word_diff_html
+from autodiff.records import Gradient, InputRef, Invocation, LLMCall, Proposal, Trace
+from autodiff.store import Store
+from tests.fake_runs import HOSTILE, filled_store
+
+PAGES = Path(__file__).resolve().parent.parent / "pages"
+CLOSER = "</script><script>alert('closed')</script>"
+RAW = ("<script>alert", "<img src=x", "<script>", "</script>")
+HOSTILE_MARKERS = ("<script>alert", "<img src=x", "alert('closed')</script>")
+
+
+def raw_hits(text: str) -> list[str]:
+    return [r for r in RAW if r in text]
+
+
+def unescaped(text: str) -> list[str]:
+    """Hostile markers present raw. In markdown a backslash before "<" makes it a literal
+    character, so "\\<img src=x" is escaped; in HTML only "&lt;" is."""
+    return [m for m in HOSTILE_MARKERS if re.search(r"(?<!\\)" + re.escape(m), text)]
+
+
+def hostile_store(tmp_path: Path) -> tuple[Store, str]:
+    """One hand-written run where every text a model or dataset could write is hostile."""
+    store = Store(tmp_path / "runs.sqlite")
+    run = "hostile"
+    sample = f"s{HOSTILE}"
+    store.create_run(run, "object_counting", {"task": "object_counting"}, {"train": [sample]})
+    store.add_parameters(run, [
+        {"name": "counter.instruction", "node": "counter", "kind": "instruction", "role": HOSTILE,
+         "trainable": True, "peers": ["counter.examples"]},
+        {"name": "counter.examples", "node": "counter", "kind": "examples", "role": "Examples.",
+         "trainable": True, "peers": ["counter.instruction"]},
+    ])
+    store.start_step(run, 0, [])
+    store.add_parameter_version(run, "counter.instruction", 0, "Count the items.", None)
+    store.add_parameter_version(run, "counter.examples", 0, f"Example {HOSTILE}", None)
+    store.finish_step(run, 0, 0.0, None, [])
+    store.start_step(run, 1, [sample])
+    params = (("counter.instruction", f"Count the items. {CLOSER}"), ("counter.examples", f"Example {HOSTILE}"))
+    llm = Invocation("i1", sample, "counter", "llm", 0, (InputRef(f"question{HOSTILE}", HOSTILE),), HOSTILE,
+                     params, prompt=HOSTILE, llm_call_id="c0", seq=0)
+    tool = Invocation("i2", sample, "tidy", "function", 0, (InputRef("text", HOSTILE, "i1"),), CLOSER, seq=1)
+    again = Invocation("i3", sample, "counter", "llm", 1, (InputRef("question", CLOSER, "i2"),), HOSTILE,
+                       params, prompt=HOSTILE, seq=2)
+    loss = Invocation("i4", sample, "exact_match", "loss", 0, (InputRef("prediction", HOSTILE, "i3"),
+                      InputRef("gold", HOSTILE)), "0.000", score=0.0, seq=3)
+    store.add_traces(run, 1, [Trace(sample, [llm, tool, again, loss])])
+    now = time.time()
+    store.add_calls([LLMCall("c1", run, 1, "backward", "backward", "counter", sample, 1, f"fake:{HOSTILE}",
+                             (("system", HOSTILE), ("user", CLOSER)), HOSTILE, 5, 5, 1.0, False, None, now)])
+    store.add_gradients(run, 1, [
+        Gradient("g1", sample, "exact_match", "i4", 0, "output", "counter", "i3", 0.0, HOSTILE, "exact_match",
+                 (), "c1", "loss", None, now),
+        Gradient("g2", sample, "counter", "i3", 1, "parameter", "counter.instruction", None, 0.0, CLOSER,
+                 "counter", (), "c1", "backward", HOSTILE, now + 1),
+        Gradient("g3", sample, "tidy", "i2", 0, "output", "counter", "i1", 0.0, HOSTILE, f"counter{HOSTILE}",
+                 (f"tidy{HOSTILE}",), "c1", "backward", None, now + 2),
+    ])
+    store.add_proposal(run, Proposal("p1", 1, "counter.instruction", f"Count the items. {CLOSER}",
+                                     f"add{HOSTILE}", HOSTILE, "c1", "accepted", HOSTILE, 1.0, 0.0, 1.0, 0.0))
+    store.add_parameter_version(run, "counter.instruction", 1, f"Count the items. {CLOSER}", "p1")
+    store.finish_step(run, 1, 1.0, None, [sample])
+    return store, run
+
+
+# --- the pyvis page --------------------------------------------------------------------------
+
+def graph_json(page: str, what: str) -> list[dict]:
+    found = re.search(rf"{what} = new vis\.DataSet\((\[.*?\])\);\n", page)
+    assert found, f"no {what} data in the page"
+    return json.loads(found[1])
+
+
+def test_graph_html_escapes_every_context(tmp_path):
+    store, run = hostile_store(tmp_path)
+    g = gv.build_graph(store.invocations(run, 1), store.gradients(run, 1), store.parameters(run))
+    page = gv.render_html(g, selected="counter")
+    # nothing hostile appears raw: not in the JSON, not in titles, not as markup
+    for marker in HOSTILE_MARKERS:
+        assert marker not in page
+    # a "</script>" in the data does not end the block: the page has exactly as many script
+    # closers as a graph with harmless text
+    plain = gv.render_html(gv.build_graph(
+        [dict(i, inputs=[[n, "x", s] for n, _t, s in i["inputs"]], parameters=[[n, "x"] for n, _v in i["parameters"]])
+         for i in store.invocations(run, 1)], [], []))
+    assert page.count("</script>") == plain.count("</script>")
+    nodes = graph_json(page, "nodes")
+    titles = " ".join(n["title"] for n in nodes)
+    assert "&lt;script&gt;alert" in titles and "&lt;img src=x" in titles  # HTML-escaped, shown as text
+    assert "&lt;/script&gt;&lt;script&gt;alert(&#x27;closed&#x27;)" in titles
+    assert "<pre" in titles  # our own markup in titles stays markup
+    edges = graph_json(page, "edges")
+    assert any(e.get("label") == "0→1" for e in edges) and any(e.get("label") == "0→0" for e in edges)
+
+
+def test_graph_html_loads_nothing_from_outside(tmp_path):
+    store, run = hostile_store(tmp_path)
+    page = gv.render_html(gv.build_graph(store.invocations(run, 1)))
+    assert gv.external_resources(page) == []
+    assert not re.search(r"<(?:script|link)\b[^>]*(?:src|href)\s*=\s*[\"']?\s*(?:https?:)?//", page, re.I)
+    assert "bootstrap" not in page.lower() and "cdnjs" not in page and "jsdelivr" not in page
+    assert "new vis.Network" in page and len(page) > 100_000  # vis-network is in-line
+    assert "<h1>" not in page
+
+
+def test_external_resources_finds_cdn_tags():
+    page = ('<script src="https://cdn.example/x.js"></script><link rel="stylesheet" href=//cdn.example/x.css>'
+            '<script>var u = "https://example.org";</script>')
+    assert len(gv.external_resources(page)) == 2
+
+
+# --- diffs -----------------------------------------------------------------------------------
+
+def test_word_diff_escapes_both_sides():
+    left, right = word_diff_html(f"Count {HOSTILE} items", f"Count all {CLOSER} items")
+    for part in (left, right, inline_diff_html(HOSTILE, CLOSER)):
+        assert raw_hits(part) == []
+    assert "&lt;script&gt;alert(&quot;x&quot;)" in left and "<del" in left
+    assert "<ins" in right and "&lt;/script&gt;" in right
+
+
+def test_word_diff_marks_changed_words_only():
+    left, right = word_diff_html("count the red apples", "count the green apples")
+    assert re.sub(r"<[^>]+>", "", left) == "count the red apples"
+    assert ">red</del>" in left and ">green</ins>" in right and "count the " in right
+
+
+# --- pages -----------------------------------------------------------------------------------
+
+def texts(at: AppTest) -> list[str]:
+    """Every string the page hands to markdown rendering, and the graph's HTML."""
+    out = [e.value for kind in ("markdown", "caption", "info", "warning", "error", "title", "subheader")
+           for e in getattr(at, kind)]
+    out += [e.label for e in at.expander]
+    out += [e.proto.srcdoc for e in at.main.children.values() if e.type == "iframe"]
+    return out
+
+
+def run_page(name: str, store: Store, run_id: str, monkeypatch, **choices) -> AppTest:
+    monkeypatch.setenv("AUTODIFF_STORE", str(store.path))
+    at = AppTest.from_file(str(PAGES / name), default_timeout=60)
+    at.session_state["run_id"] = run_id
+    at.run()
+    for key, value in choices.items():
+        at.selectbox(key=key).select(value).run()
+    assert not at.exception
+    return at
+
+
+@pytest.mark.parametrize("page,choices", [
+    ("graph.py", {}), ("graph.py", {"graph_node": "tidy"}), ("gradients.py", {}),
+    ("prompts.py", {}), ("prompts.py", {"prompt_param": "counter.examples"}),
+])
+def test_pages_never_show_hostile_text_raw(page, choices, tmp_path, monkeypatch):
+    store, run = hostile_store(tmp_path)
+    at = run_page(page, store, run, monkeypatch, **choices)
+    shown = texts(at)
+    assert shown
+    for text in shown:
+        assert unescaped(text) == [], (page, text[:300])
+
+
+def test_prompts_page_diff_of_hostile_versions(tmp_path, monkeypatch):
+    store, run = hostile_store(tmp_path)
+    at = run_page("prompts.py", store, run, monkeypatch)
+    diff = [m.value for m in at.markdown if "<ins" in m.value]
+    assert diff and "&lt;/script&gt;&lt;script&gt;alert(&#x27;closed&#x27;)" in diff[0]
+
+
+@pytest.fixture(scope="module")
+def counting(tmp_path_factory):
+    return filled_store(tmp_path_factory.mktemp("counting"))
+
+
+@pytest.mark.parametrize("page", ["graph.py", "gradients.py", "prompts.py"])
+def test_real_runs_never_show_hostile_text_raw(page, counting, monkeypatch):
+    store, run_ids = counting
+    for run_id in run_ids:
+        at = run_page(page, store, run_id, monkeypatch)
+        for text in texts(at):
+            assert unescaped(text) == [], (page, text[:300])
+    if page == "gradients.py":  # the hostile feedback is there, escaped
+        assert any("\\<script\\>alert" in m.value for m in at.markdown)
+
+
+def test_the_raw_check_itself():
+    assert unescaped(HOSTILE) == ["<script>alert", "<img src=x"]
+    assert unescaped(r'\<script\>alert("x")\</script\>\<img src=x onerror=alert\(1\)\>') == []
+    assert unescaped("&lt;img src=x&gt;") == []

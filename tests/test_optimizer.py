@@ -1,0 +1,128 @@
+"""GDPO: parsing proposals, the checks before validation, and what one optimizer call sees."""
+
+from __future__ import annotations
+
+import pytest
+
+from autodiff.errors import LLMFatalError
+from autodiff.optimizer import Optimizer, OptimizerInput, build_prompt, format_gradients, parse_proposals
+from autodiff.parameter import Parameter
+from autodiff.prompts import OPTIMIZER_PROMPT, OPTIMIZER_SYSTEM
+from autodiff.records import Proposal
+from conftest import EXAMPLES, INSTRUCTION, OUTPUT_FORMAT, Script, proposal
+
+
+def _param(**kw) -> Parameter:
+    return Parameter(**{"name": "p.format", "value": "End with 'Answer: <number>'.", "role": "Reply layout.",
+                        "kind": "output_format", "must_keep": ("Answer:",), **kw})
+
+
+def _proposal(value: str) -> Proposal:
+    return Proposal(id="x", step=1, parameter="p.format", value=value, method="rephrase", reasoning="")
+
+
+def test_parse_keeps_placeholders_inside_values_and_reads_several_blocks() -> None:
+    text = (proposal("Reason step by step, then write 'Answer: <number>' on the last line.", "add", "why")
+            + "\n" + proposal("Finish with <b>Answer: <number></b>.", "Add Example"))
+    parsed, reason = parse_proposals(text)
+    assert reason is None
+    assert [p.value for p in parsed] == [
+        "Reason step by step, then write 'Answer: <number>' on the last line.",
+        "Finish with <b>Answer: <number></b>.",
+    ]
+    assert [p.method for p in parsed] == ["add", "add_example"]
+    assert parsed[0].reasoning == "why"
+    # A block left open ends at the next block; an unknown method falls back to rephrase.
+    parsed, _ = parse_proposals("<proposal><method>shout</method><value>Be loud.<proposal><value>Be calm.</value>")
+    assert [(p.method, p.value) for p in parsed] == [("rephrase", "Be loud."), ("rephrase", "Be calm.")]
+
+
+@pytest.mark.parametrize("reply, reason", [
+    ("", "empty"),
+    ("   \n", "empty"),
+    ("I think the prompt is fine as it is.", "no <proposal> block"),
+    ("<proposal><method>add</method><reasoning>the count is", "no <proposal> block"),
+    ("<propos", "no <proposal> block"),
+])
+def test_malformed_reply_becomes_one_failed_proposal(make_llm, reply: str, reason: str) -> None:
+    fake = make_llm(lambda request: reply)
+    param = _param()
+    [p] = Optimizer(fake.llm).propose(OptimizerInput(param, [], [], []), "run", 1)
+    assert p.fate == "malformed" and reason in p.reason
+    assert p.parameter == "p.format" and p.llm_call_id == fake.calls[0].id
+    assert param.value == "End with 'Answer: <number>'."
+
+
+def test_optimizer_call_failure_is_a_failed_proposal_but_fatal_errors_stop(make_llm) -> None:
+    from autodiff.errors import LLMTransientError
+
+    fake = make_llm(lambda request: LLMTransientError("HTTP 503"))
+    [p] = Optimizer(fake.llm).propose(OptimizerInput(_param(), [], [], []), "run", 1)
+    assert p.fate == "malformed" and "gave up after 3 attempts" in p.reason
+    fatal = make_llm(lambda request: LLMFatalError("HTTP 401: bad key"))
+    with pytest.raises(LLMFatalError):
+        Optimizer(fatal.llm).propose(OptimizerInput(_param(), [], [], []), "run", 1)
+
+
+def test_checks_reject_garbage_before_validation() -> None:
+    opt = Optimizer(llm=None)  # check() needs no LLM
+    param = _param()
+    line = next(l for l in OPTIMIZER_PROMPT.splitlines() if l.startswith("Samples the current prompt"))
+    cases = {
+        "": "empty",
+        "   ": "empty",
+        param.value: "same as the current value",
+        "Use the form 'Answer: N'. <feedback>more</feedback>": "own tag",
+        "Answer: <number>. </proposal>": "own tag",
+        f"Answer: N. {line}": "own instructions",
+        f"{OPTIMIZER_SYSTEM} Answer: N": "own instructions",
+        "End with the number only, nothing else at all.": "drops what the parameter's role needs",
+        "Answer: " + "x" * 2000: "far longer",
+    }
+    for value, reason in cases.items():
+        assert reason in (opt.check(_proposal(value), param, []) or ""), value
+    assert opt.check(_proposal("Tried before. Answer: N"), param, ["Tried before. Answer: N"]) == (
+        "repeats a value that was already tried")
+    plain = Parameter("p.instruction", "Count every item in the list, then add them up.", role="Task.")
+    assert "too short" in opt.check(_proposal("Count."), plain, [])
+    assert opt.check(_proposal("Finish with the line 'Answer: <number>' in digits."), param, []) is None
+
+
+def test_prompt_shows_peers_others_history_and_gradients_lowest_first() -> None:
+    target, peer = _param(), Parameter("p.instruction", "Count the items.", role="Task.")
+    other = Parameter("q.instruction", "Write a query.", role="Query.", node="q")
+    grads = [
+        {"sample_id": "b", "call_index": 1, "score": 0.5, "text": "second call of b", "origin": "backward"},
+        {"sample_id": "b", "call_index": 0, "score": 0.5, "text": "first call of b", "origin": "backward"},
+        {"sample_id": "a", "call_index": 0, "score": 0.0, "text": "a is worst", "origin": "backward"},
+        {"sample_id": None, "call_index": None, "score": None, "text": "from a person", "origin": "human"},
+    ]
+    text = format_gradients(grads)
+    assert text.index("a is worst") < text.index("first call of b") < text.index("second call of b")
+    assert "[human] from a person" in text
+    prompt = build_prompt(OptimizerInput(target, [peer], [other], grads, [("2+2?", "4")]), n=3)
+    assert '<peer name="p.instruction" kind="instruction">\nCount the items.\n</peer>' in prompt
+    assert '<param name="q.instruction" node="q">\nWrite a query.\n</param>' in prompt
+    assert "<current_value>\nEnd with 'Answer: <number>'.\n</current_value>" in prompt
+    assert "Write 3 different proposals" in prompt and "- input: 2+2?\n  output: 4" in prompt
+
+
+def test_optimizer_prompt_for_one_peer_shows_the_other_peers_current_values(run_toy) -> None:
+    better = "Add the two numbers in the question, digit by digit. LEVEL=2"
+    script = Script(proposals={"toy.instruction": [proposal(better)]})
+    run = run_toy(script, steps=2)
+    assert run.record["status"] == "completed"
+    prompts = script.of_kind("optimizer")
+    by_target = [(p.split("`", 2)[1], p) for p in prompts]
+    # Each step: instruction, then output_format (the examples peer is not trainable).
+    assert [t for t, _ in by_target] == ["toy.instruction", "toy.output_format"] * 2
+    first_instruction, first_format, second_instruction, _ = (p for _, p in by_target)
+    assert f'<peer name="toy.output_format" kind="output_format">\n{OUTPUT_FORMAT}\n</peer>' in first_instruction
+    assert f'<peer name="toy.examples" kind="examples">\n{EXAMPLES}\n</peer>' in first_instruction
+    assert f"<current_value>\n{INSTRUCTION}\n</current_value>" in first_instruction
+    # The instruction was accepted before output_format's call: its peer view is the current value.
+    assert f'<peer name="toy.instruction" kind="instruction">\n{better}\n</peer>' in first_format
+    assert INSTRUCTION not in first_format
+    assert f"<current_value>\n{better}\n</current_value>" in second_instruction
+    # The accepted value shows up in the proposal history with its validation score.
+    assert f'<entry score="0.800" step="1">\n{better}\n</entry>' in second_instruction

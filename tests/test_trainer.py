@@ -1,0 +1,386 @@
+"""The training loop end to end against the scripted fake: selective backward, two-stage
+validation, faults, resume, cache and human review. See conftest.py for the toy task."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+
+import pytest
+
+from autodiff import runner
+from autodiff.errors import LLMFatalError, LLMTransientError
+from autodiff.llm.fake import FakeProvider
+from conftest import FAST_RETRY, INSTRUCTION, OUTPUT_FORMAT, Script, proposal, toy_forward
+
+BETTER = "Add the two numbers in the question, digit by digit. LEVEL=3"  # val 0.5 -> 1.0
+LEVEL2 = "Add the two numbers in the question, digit by digit. LEVEL=2"  # val 0.5 -> 0.8 (3 wins)
+WORSE = "Add the two numbers in the question as fast as you can. LEVEL=0"  # wrong everywhere
+OVERFIT = "Add the two numbers in the question. OVERFIT LEVEL=1"  # right on train, val unchanged
+TRAINONLY = "Add the two numbers in the question. TRAINONLY LEVEL=1"  # right on train, wrong on val
+
+
+def _overfit_forward(prompt: str) -> str:
+    """OVERFIT: right on every training sample, the usual level rule elsewhere."""
+    if "OVERFIT" in prompt and "[split train]" in prompt:
+        return toy_forward(prompt.replace("LEVEL=1", "LEVEL=9"))
+    return toy_forward(prompt)
+
+
+def _validation_calls(run, step: int = 1) -> list[dict]:
+    return [c for c in run.calls("validate", step) if c["sample_id"].startswith("val-")]
+
+
+def _only(rows: list[dict]) -> dict:
+    assert len(rows) == 1, rows
+    return rows[0]
+
+
+# --- 4. selective backward ---------------------------------------------------------------------
+
+def test_all_correct_batch_costs_no_backward_or_optimizer_calls(run_toy) -> None:
+    run = run_toy(Script(forward=lambda p: toy_forward(p.replace("LEVEL=1", "LEVEL=3"))), steps=2)
+    assert run.record["status"] == "completed"
+    assert len(run.calls("forward")) == 16
+    assert run.calls("backward") == [] and run.calls("propose") == []
+    assert run.store.gradients(run.run_id) == [] and run.proposals() == []
+    assert [s["failed_samples"] for s in run.store.steps(run.run_id)] == [[], [], []]
+
+
+def test_only_failed_samples_up_to_max_failed_go_backward(run_toy) -> None:
+    run = run_toy(max_failed=2)
+    losses = [i for i in run.store.invocations(run.run_id, 1) if i["node_type"] == "loss"]
+    assert len(losses) == 8
+    failing = sorted(i["sample_id"] for i in losses if i["score"] < 1.0)
+    assert failing == ["train-01", "train-03", "train-04", "train-06", "train-07"]
+    # The two lowest (by score, then id) are sent backward; the other three cost nothing.
+    assert run.store.steps(run.run_id)[1]["failed_samples"] == ["train-01", "train-03"]
+    backward_calls = run.calls("backward")
+    assert {c["sample_id"] for c in backward_calls} == {"train-01", "train-03"}
+    assert len(backward_calls) == 2 * (1 + 2)  # per sample: the loss, then one per trainable peer
+    assert {g["sample_id"] for g in run.store.gradients(run.run_id)} == {"train-01", "train-03"}
+
+
+# --- 5. two-stage validation -------------------------------------------------------------------
+
+def test_worse_proposal_fails_the_minibatch_and_changes_nothing(run_toy) -> None:
+    run = run_toy(Script(proposals={"toy.instruction": [proposal(WORSE)]}))
+    p = _only(run.proposals("toy.instruction"))
+    assert p["fate"] == "failed_minibatch" and p["value"] == WORSE
+    assert p["minibatch_score"] == 0.0 and p["minibatch_baseline"] == pytest.approx(2 / 6)
+    assert _validation_calls(run) == []  # never reached the validation set
+    assert len(run.calls("validate", 1)) == 6  # the mini-batch: 4 failed + 2 correct samples
+    assert [v["value"] for v in run.store.parameter_versions(run.run_id, "toy.instruction")] == [INSTRUCTION]
+    assert [s["val_score"] for s in run.store.steps(run.run_id)] == [0.5, 0.5]
+
+
+def test_better_proposal_passes_both_stages_and_is_accepted(run_toy) -> None:
+    run = run_toy(Script(proposals={"toy.instruction": [proposal(BETTER)]}))
+    p = _only(run.proposals("toy.instruction"))
+    assert p["fate"] == "accepted" and p["decided_by"] == "auto"
+    assert p["minibatch_score"] == 1.0 and p["val_score"] == 1.0 and p["val_baseline"] == 0.5
+    versions = run.store.parameter_versions(run.run_id, "toy.instruction")
+    assert [(v["version"], v["step"], v["value"], v["proposal_id"]) for v in versions] == [
+        (0, 0, INSTRUCTION, None), (1, 1, BETTER, p["id"])]
+    assert run.values()["toy.instruction"] == BETTER
+    assert [s["val_score"] for s in run.store.steps(run.run_id)] == [0.5, 1.0]
+    assert len(_validation_calls(run)) == 10  # the whole validation set
+
+
+def test_proposal_that_beats_only_the_minibatch_fails_validation(run_toy) -> None:
+    run = run_toy(Script(proposals={"toy.instruction": [proposal(OVERFIT)]}, forward=_overfit_forward))
+    p = _only(run.proposals("toy.instruction"))
+    assert p["fate"] == "failed_val" and p["minibatch_score"] == 1.0
+    assert p["val_score"] == 0.5 and "below best 0.500" in p["reason"]
+    assert run.values()["toy.instruction"] == INSTRUCTION
+
+
+def test_validation_stops_early_once_the_proposal_cannot_win(run_toy) -> None:
+    run = run_toy(Script(proposals={"toy.instruction": [proposal(TRAINONLY)]}), concurrency=2)
+    p = _only(run.proposals("toy.instruction"))
+    assert p["fate"] == "failed_val" and p["val_score"] is None and "stopped early" in p["reason"]
+    evaluated = len(_validation_calls(run))
+    assert 0 < evaluated < 10
+    assert f"after {evaluated} of 10 samples" in p["reason"]
+
+
+@pytest.mark.parametrize("min_gain, fate", [(0.35, "failed_val"), (0.25, "accepted")])
+def test_min_gain_is_honoured(run_toy, min_gain: float, fate: str) -> None:
+    run = run_toy(Script(proposals={"toy.instruction": [proposal(LEVEL2)]}), min_gain=min_gain)
+    p = _only(run.proposals("toy.instruction"))
+    assert p["fate"] == fate and p["val_score"] == 0.8  # a gain of 0.3 over 0.5
+    if fate == "failed_val":
+        assert p["reason"] == "validation 0.800 below best 0.500 + min gain 0.35"
+        assert run.values()["toy.instruction"] == INSTRUCTION
+    else:
+        assert run.values()["toy.instruction"] == LEVEL2
+
+
+@pytest.mark.parametrize("value, fate", [(LEVEL2, "failed_val"), (BETTER, "accepted")])
+def test_paired_acceptance_needs_a_significant_sign_test(run_toy, value: str, fate: str) -> None:
+    run = run_toy(Script(proposals={"toy.instruction": [proposal(value)]}), acceptance="paired", paired_alpha=0.1)
+    p = _only(run.proposals("toy.instruction"))
+    assert p["fate"] == fate
+    if fate == "failed_val":  # 3 better, 0 worse: p = 1/8, not below 0.1, though the gain is 0.3
+        assert p["val_score"] == 0.8 and "3 better, 0 worse, p=0.125" in p["reason"]
+
+
+def test_bad_proposals_are_rejected_before_any_validation_call(run_toy) -> None:
+    echo_line = "Proposals that already failed this step, and why (do not repeat them):"
+    replies = "\n".join([
+        "<proposal><method>rephrase</method><reasoning>x</reasoning><value>  </value></proposal>",
+        proposal(f"Add the numbers. LEVEL=3 <feedback>{INSTRUCTION}</feedback>"),
+        proposal(f"Add the numbers. LEVEL=3 {echo_line}"),
+    ])
+    script = Script(proposals={"toy.instruction": [replies],
+                               "toy.output_format": [proposal("Reply with the sum and nothing else.")]})
+    run = run_toy(script, proposals=3)
+    fates = [(p["parameter"], p["fate"], p["reason"]) for p in run.proposals()]
+    assert [f[:2] for f in fates] == [("toy.instruction", "rejected_check")] * 3 + [
+        ("toy.output_format", "rejected_check")]
+    reasons = [f[2] for f in fates]
+    assert reasons[0] == "empty value" and "own tag <feedback>" in reasons[1]
+    assert "own instructions" in reasons[2] and "drops what the parameter's role needs" in reasons[3]
+    assert run.calls("validate", 1) == []
+    assert run.values() == run.values(0)
+
+
+# --- 6. faults ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("reply", ["%%% garbage !!!", "", "<proposal><method>add</method><reasoning>the"])
+def test_malformed_optimizer_reply_is_recorded_and_the_run_goes_on(run_toy, reply: str) -> None:
+    run = run_toy(Script(proposals={"toy.instruction": [reply, reply]}), steps=2)
+    assert run.record["status"] == "completed"
+    malformed = run.proposals("toy.instruction")
+    assert [p["fate"] for p in malformed] == ["malformed", "malformed"] and all(p["reason"] for p in malformed)
+    assert len(run.store.steps(run.run_id)) == 3
+
+
+def test_garbage_backward_reply_gives_empty_gradients_and_the_run_goes_on(run_toy) -> None:
+    run = run_toy(Script(backward="}}}{{{"))
+    assert run.record["status"] == "completed"
+    grads = run.store.gradients(run.run_id)
+    assert grads and all(g["text"] == "" and "no usable text" in g["error"] for g in grads)
+    assert run.calls("propose") == []  # nothing to optimize from
+
+
+def test_forward_transient_error_fails_that_sample_only(run_toy) -> None:
+    flaky = "What is 14 + 25?"  # train-04
+
+    def forward(prompt: str):
+        return LLMTransientError("HTTP 503: overloaded") if flaky in prompt else toy_forward(prompt)
+
+    run = run_toy(Script(forward=forward, proposals={"toy.instruction": [proposal(BETTER)]}))
+    assert run.record["status"] == "completed"
+    [inv] = [i for i in run.store.invocations(run.run_id, 1) if i["sample_id"] == "train-04" and i["node"] == "solver"]
+    assert "gave up after 3 attempts" in inv["error"] and "HTTP 503" in inv["error"]
+    [call] = [c for c in run.calls("forward", 1) if c["sample_id"] == "train-04"]
+    assert "gave up after 3 attempts" in call["error"]
+    assert run.provider.calls >= 3
+    assert "train-04" in run.store.steps(run.run_id)[1]["failed_samples"]
+
+
+@pytest.mark.parametrize("role", ["forward", "optimizer"])
+def test_fatal_error_stops_the_run_with_the_message(run_toy, role: str) -> None:
+    message = "openai model 'gpt': HTTP 401: authentication failed: check OPENAI_API_KEY"
+    script = Script()
+    if role == "forward":
+        script.forward = lambda prompt: LLMFatalError(message)
+    else:
+        script.proposals = {"toy.instruction": [LLMFatalError(message)]}
+    run = run_toy(script, raises=False)
+    assert isinstance(run.error, LLMFatalError)
+    assert run.record["status"] == "failed" and message in run.record["error"]
+    prompts = script.of_kind(role)
+    assert prompts and len(prompts) == len(set(prompts))  # never retried
+    if role == "optimizer":
+        assert len(prompts) == 1 and run.store.last_completed_step(run.run_id) == 0
+    else:
+        assert run.store.last_completed_step(run.run_id) is None
+
+
+# --- 7. resume ---------------------------------------------------------------------------------
+
+class Interrupted(BaseException):
+    """Stands in for a Ctrl-C or a killed worker in the middle of a step."""
+
+
+def _three_step_script() -> Script:
+    return Script(proposals={"toy.instruction": [proposal(LEVEL2), proposal(BETTER)]})
+
+
+def _snapshot(store, run_id: str, step: int) -> dict:
+    return {
+        "invocations": sorted(i["id"] for i in store.invocations(run_id, step)),
+        "gradients": sorted(g["id"] for g in store.gradients(run_id, step)),
+        "proposals": sorted((p["id"], p["parameter"], p["fate"]) for p in store.proposals(run_id, step=step)),
+    }
+
+
+def test_interrupted_run_resumes_from_its_last_completed_step(run_toy, tmp_path) -> None:
+    reference = run_toy(_three_step_script(), steps=3, run_id="reference", cache_path=tmp_path / "ref-cache.sqlite")
+    assert reference.record["status"] == "completed"
+
+    # Interrupt step 2 on its second LLM call after backward: gradients and a proposal are stored.
+    script = _three_step_script()
+    armed = {"calls": None}
+    inner = script.__call__
+
+    def respond(request):
+        if armed["calls"] is not None:
+            armed["calls"] += 1
+            if armed["calls"] == 2:
+                raise Interrupted("stopped mid-step")
+        return inner(request)
+
+    def progress(event: str, info: dict) -> None:
+        if event == "backward" and info["step"] == 2:
+            armed["calls"] = 0
+
+    run = run_toy(script, steps=3, run_id="interrupted", provider=FakeProvider(respond), progress=progress,
+                  raises=False)
+    assert isinstance(run.error, Interrupted)
+    store = run.store
+    assert run.record["status"] == "failed" and "Interrupted" in run.record["error"]
+    assert store.last_completed_step("interrupted") == 1
+    assert [s["status"] for s in store.steps("interrupted")] == ["completed", "completed", "running"]
+    partial = _snapshot(store, "interrupted", 2)
+    assert partial["invocations"] and partial["gradients"] and partial["proposals"]
+    step1 = _snapshot(store, "interrupted", 1)
+
+    resumed = FakeProvider(_three_step_script())
+    assert runner.resume(store, "interrupted", providers={"fake": resumed}, cache_path=tmp_path / "cache.sqlite",
+                         retry=FAST_RETRY) == "interrupted"
+
+    assert store.run("interrupted")["status"] == "completed" and store.run("interrupted")["error"] is None
+    steps, ref_steps = store.steps("interrupted"), store.steps("reference")
+    assert [s["step"] for s in steps] == [s["step"] for s in ref_steps] == [0, 1, 2, 3]
+    assert [s["val_score"] for s in steps] == [s["val_score"] for s in ref_steps] == [0.5, 0.8, 1.0, 1.0]
+    assert _snapshot(store, "interrupted", 1) == step1  # nothing from step 1 lost or redone
+    redone = _snapshot(store, "interrupted", 2)
+    for kind in ("invocations", "gradients", "proposals"):  # partial records replaced, not added to
+        assert not set(redone[kind]) & set(partial[kind])
+        assert len(redone[kind]) == len(_snapshot(store, "reference", 2)[kind])
+    fates = sorted(p[1:] for p in redone["proposals"])
+    assert fates == sorted(p[1:] for p in _snapshot(store, "reference", 2)["proposals"])
+    assert ("toy.instruction", "accepted") in fates
+    # Step 2 ran with the value accepted at step 1, restored from the store.
+    step2_values = {dict(i["parameters"])["toy.instruction"] for i in store.invocations("interrupted", 2)
+                    if i["node"] == "solver"}
+    assert step2_values == {LEVEL2}
+    assert run.values() == reference.values() and run.values()["toy.instruction"] == BETTER
+
+
+# --- 8. cache ----------------------------------------------------------------------------------
+
+def test_identical_second_run_is_served_from_the_cache(run_toy) -> None:
+    script = Script(proposals={"toy.instruction": [proposal(BETTER), proposal(BETTER)]})
+    provider = FakeProvider(script)
+    first = run_toy(script, provider=provider, run_id="first")
+    made = provider.calls
+    assert made > 0 and not any(c["cached"] for c in first.calls())
+    second = run_toy(script, provider=provider, run_id="second")
+    assert provider.calls == made  # not one new provider call
+    calls = second.calls()
+    assert len(calls) == len(first.calls()) and all(c["cached"] for c in calls)
+    assert Counter(c["phase"] for c in calls) == Counter(c["phase"] for c in first.calls())
+    assert second.values() == first.values() and second.values()["toy.instruction"] == BETTER
+
+
+# --- 10. human review --------------------------------------------------------------------------
+
+def _train_in_background(run_toy, script: Script, **config) -> tuple[threading.Thread, list]:
+    out: list = []
+    thread = threading.Thread(target=lambda: out.append(run_toy(script, run_id="review", **config)), daemon=True)
+    thread.start()
+    return thread, out
+
+
+def _wait_for_pending(store, timeout: float = 10.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            pending = store.proposals("review", fate="pending")
+        except Exception:  # noqa: BLE001 - the run may not exist yet
+            pending = []
+        if pending:
+            return pending[0]
+        time.sleep(0.02)
+    raise AssertionError("no proposal became pending")
+
+
+@pytest.mark.parametrize("decision", ["accept", "reject", "edit"])
+def test_review_waits_for_a_person(run_toy, store, decision: str) -> None:
+    edited = "Add the two numbers in the question, column by column. LEVEL=2"
+    thread, out = _train_in_background(run_toy, Script(proposals={"toy.instruction": [proposal(BETTER)]}),
+                                       review="validated")
+    pending = _wait_for_pending(store)
+    assert pending["value"] == BETTER and pending["val_score"] == 1.0
+    time.sleep(0.1)
+    assert thread.is_alive() and store.run("review")["status"] == "running"  # the trainer is waiting
+    assert store.parameter_values_at("review", 1)["toy.instruction"] == INSTRUCTION
+
+    decided = time.monotonic()
+    store.decide(pending["id"], decision, value=edited if decision == "edit" else None)
+    thread.join(timeout=5)
+    assert not thread.is_alive() and time.monotonic() - decided < 2.0
+    p = store.proposal(pending["id"])
+    assert p["decided_by"] == "human"
+    final = store.parameter_values_at("review", 1)["toy.instruction"]
+    if decision == "accept":
+        assert p["fate"] == "accepted" and final == BETTER
+        assert store.steps("review")[1]["val_score"] == 1.0
+    elif decision == "reject":
+        assert p["fate"] == "rejected" and final == INSTRUCTION
+        assert store.steps("review")[1]["val_score"] == 0.5
+    else:
+        assert p["fate"] == "accepted" and final == edited and "edited" in p["reason"]
+        assert store.steps("review")[1]["val_score"] == 0.8  # the edited value's own score
+    assert store.run("review")["status"] == "completed"
+
+
+def test_review_timeout_falls_back_to_reject(run_toy, store) -> None:
+    run = run_toy(Script(proposals={"toy.instruction": [proposal(BETTER)]}), review="validated",
+                  review_timeout=0.3, review_fallback="reject")
+    p = _only(run.proposals("toy.instruction"))
+    assert p["fate"] == "rejected" and "timeout" in p["decided_by"]
+    assert run.values()["toy.instruction"] == INSTRUCTION
+
+
+def test_human_feedback_reaches_the_next_optimizer_call(run_toy, store) -> None:
+    note = "Carry the tens digit; the format is fine."
+    ids: list[str] = []
+
+    def progress(event: str, info: dict) -> None:
+        if event == "initial":
+            ids.append(store.add_human_feedback("fb", note, node="solver", target="toy.output_format"))
+
+    script = Script()
+    run = run_toy(script, run_id="fb", progress=progress)
+    [prompt] = [p for p in script.of_kind("optimizer") if "Target parameter: `toy.output_format`" in p]
+    assert f"- [human] {note}" in prompt
+    [other] = [p for p in script.of_kind("optimizer") if "Target parameter: `toy.instruction`" in p]
+    assert note not in other
+    [row] = [g for g in store.gradients(run.run_id) if g["id"] == ids[0]]
+    assert row["origin"] == "human" and row["consumed_step"] == 1
+    assert store.pending_human_feedback(run.run_id, ["toy.output_format"]) == []
+    assert OUTPUT_FORMAT in prompt
+
+
+def test_stop_during_the_last_step_leaves_it_for_a_resume(run_toy, store, tmp_path) -> None:
+    def progress(event: str, info: dict) -> None:
+        if event == "backward":
+            store.request_stop("stop")
+
+    run = run_toy(Script(proposals={"toy.instruction": [proposal(BETTER)]}), run_id="stop", progress=progress)
+    assert run.record["status"] == "stopped"
+    assert [s["status"] for s in store.steps("stop")] == ["completed", "running"]
+    assert run.calls("backward", 1)  # the calls made before the stop are on record
+    assert run.proposals() == []
+
+    runner.resume(store, "stop", providers={"fake": FakeProvider(Script(proposals={
+        "toy.instruction": [proposal(BETTER)]}))}, cache_path=tmp_path / "cache.sqlite", retry=FAST_RETRY)
+    assert store.run("stop")["status"] == "completed"
+    assert [s["status"] for s in store.steps("stop")] == ["completed", "completed"]
+    assert run.values()["toy.instruction"] == BETTER
