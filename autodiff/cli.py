@@ -26,7 +26,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--tau", type=float, help="samples scoring below this go backward")
     p.add_argument("--max-failed", type=int, help="failed samples sent backward per step")
-    p.add_argument("--proposals", type=int, help="proposals per parameter per step")
+    p.add_argument("--proposals", type=int, help="proposals per optimizer call")
+    p.add_argument("--rounds", type=int, help="optimizer calls per parameter per step while none is accepted")
     p.add_argument("--concurrency", type=int)
     p.add_argument("--review", choices=["off", "validated", "all"])
     p.add_argument("--review-timeout", type=float, help="seconds to wait for a decision")
@@ -115,7 +116,7 @@ def cmd_train(args) -> int:
 
     options = {k: getattr(args, k) for k in (
         "task", "forward_model", "backward_model", "optimizer_model", "steps", "batch_size", "tau", "max_failed",
-        "proposals", "concurrency", "review", "review_timeout", "review_fallback", "min_gain", "acceptance",
+        "proposals", "rounds", "concurrency", "review", "review_timeout", "review_fallback", "min_gain", "acceptance",
         "val_limit", "test_limit", "seed")}
     for role in ("forward_model", "backward_model", "optimizer_model"):
         options[role] = options[role] or args.model
@@ -152,8 +153,10 @@ def _f(x) -> str:
 
 def cmd_runs(args) -> int:
     from autodiff.metrics import run_summary
+    from autodiff.runner import mark_dead_runs
 
     store = _store(args)
+    mark_dead_runs(store)
     rows = [run_summary(store, r["id"]) for r in store.runs()]
     if not rows:
         print("no runs yet: start one with `autodiff train object_counting`")

@@ -43,6 +43,7 @@ class RunConfig(BaseModel):
     max_failed: int = Field(4, ge=1, le=256)  # failed samples sent backward per step
     positives: int = Field(2, ge=0, le=32)  # correct samples shown to the optimizer
     proposals: int = Field(2, ge=1, le=10)
+    rounds: int = Field(1, ge=1, le=5)  # optimizer calls per parameter per step while none is accepted
     concurrency: int = Field(8, ge=1, le=128)
     review: Literal["off", "validated", "all"] = "off"
     review_timeout: float = Field(3600.0, gt=0)

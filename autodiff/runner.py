@@ -83,8 +83,33 @@ def resume_background(store: Store, run_id: str, cache_path: Path | None = None)
     return start_background(store.path, run_id, cache_path)
 
 
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def mark_dead_runs(store: Store) -> list[str]:
+    """Runs that say `running` but whose process is gone (killed, machine restarted) become
+    `stopped`, with a note, so they can be resumed instead of looking alive forever."""
+    dead = []
+    for run in store.runs():
+        if run["status"] == "running" and run["pid"] and not pid_alive(run["pid"]):
+            store.set_run_status(run["id"], "stopped",
+                                 error=f"process {run['pid']} ended without finishing; resume to continue")
+            dead.append(run["id"])
+    return dead
+
+
 def resume(store: Store, run_id: str, **extra) -> str:
     run = store.run(run_id)
+    store.clear_stop(run_id)  # an explicit resume overrides an earlier stop request
     if run["status"] == "completed":
         raise ConfigError(f"run {run_id} is already completed; nothing to resume")
     config = make_config(**run["config"])

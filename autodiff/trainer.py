@@ -220,13 +220,15 @@ class Trainer:
         baseline = {s["id"]: scores[s["id"]] for s in minibatch}
         positives = [(self.task.describe_input(self.task.sample_index()[t.sample_id]), _prediction(t))
                      for t in correct]
-        if failed:
+        self._human_read: list[str] = []
+        if failed or self.store.pending_human_feedback(self.run_id, list(self.params)):
             for param in self.params.values():
                 if not param.trainable:
                     continue
                 if self.store.stop_requested(self.run_id):
                     return  # the step stays incomplete; a resume redoes it
                 baseline = self._optimize_parameter(step, param, gradients, minibatch, baseline, positives)
+        self.store.mark_feedback_consumed(self._human_read, step)
         self.store.add_evaluations(self.run_id, step, "val", "current", self.current_val_evals)
         test_score = None
         if self.config.test_each_accept and any(
@@ -266,29 +268,37 @@ class Trainer:
             return baseline
         peers = [self.params[n] for n in param.peers if n in self.params]
         others = [p for p in self.params.values() if p.trainable and p is not param and p not in peers]
-        failed_now: list[tuple[str, str]] = []
-        proposals = self.optimizer.propose(
-            OptimizerInput(param, peers, others, own + human, positives, self._history(param), failed_now),
-            self.run_id, step,
-        )
-        if human:
-            self.store.mark_feedback_consumed([h["id"] for h in human], step)
-        self.buffer.flush()
+        feedback = own + human
+        self._human_read.extend(h["id"] for h in human if h["id"] not in self._human_read)
         tried = self._tried_values(param)
-        for proposal in proposals:
-            if proposal.fate == "malformed":
+        for _ in range(self.config.rounds):
+            inp = OptimizerInput(param, peers, others, feedback, positives, self._history(param),
+                                 self._failed_before(param, step))
+            proposals = self.optimizer.propose(inp, self.run_id, step)
+            self.buffer.flush()
+            for proposal in proposals:
+                if proposal.fate == "malformed":
+                    self.store.add_proposal(self.run_id, proposal)
+                    continue
+                reason = self.optimizer.check(proposal, param, tried)
+                if reason:
+                    self.store.add_proposal(self.run_id, replace(proposal, fate="rejected_check", reason=reason))
+                    continue
+                tried.append(proposal.value.strip())
                 self.store.add_proposal(self.run_id, proposal)
-                continue
-            reason = self.optimizer.check(proposal, param, tried)
-            if reason:
-                self.store.add_proposal(self.run_id, replace(proposal, fate="rejected_check", reason=reason))
-                continue
-            tried.append(proposal.value.strip())
-            self.store.add_proposal(self.run_id, proposal)
-            accepted, new_baseline = self._validate(step, param, proposal, minibatch, baseline)
-            if accepted:
-                return new_baseline
+                accepted, new_baseline = self._validate(step, param, proposal, minibatch, baseline)
+                if accepted:
+                    return new_baseline
+                if self.store.stop_requested(self.run_id):
+                    return baseline
         return baseline
+
+    def _failed_before(self, param: Parameter, step: int, limit: int = 5) -> list[tuple[str, str]]:
+        """Failed proposals for this parameter, this step's first, then the most recent earlier ones."""
+        failed = [p for p in self.store.proposals(self.run_id) if p["parameter"] == param.name
+                  and p["fate"] not in ("accepted", "pending", "proposed") and p["method"] != "none"]
+        failed.sort(key=lambda p: (p["step"] != step, -p["step"], -p["created_at"]))
+        return [(p["value"], p["reason"]) for p in failed[:limit]]
 
     def _validate(
         self, step: int, param: Parameter, proposal: Proposal, minibatch: list[dict], baseline: dict[str, float],

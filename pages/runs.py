@@ -5,7 +5,7 @@ import streamlit as st
 from autodiff.config import default_model
 from autodiff.errors import AutodiffError
 from autodiff.metrics import run_summary
-from autodiff.runner import launch, resume_background
+from autodiff.runner import launch, mark_dead_runs, resume_background
 from autodiff.tasks import task_names
 from dashboard.common import cache_path, current_store, fmt_score, fmt_time, md
 
@@ -13,6 +13,7 @@ ACTIVE = ("created", "running")
 ROLES = ("forward", "backward", "optimizer")
 
 store = current_store()
+mark_dead_runs(store)
 st.title("Runs")
 if started := st.session_state.pop("started_run", None):
     st.success(f"Started run {md(started)} in the background: it goes on if you close this tab.")
@@ -29,15 +30,22 @@ with st.expander("Start a run", expanded=not store.runs()):
         review = right.selectbox("Review mode", ["off", "validated", "all"],
                                  help="validated: proposals that pass validation wait for a person; "
                                       "all: every proposal waits")
+        left, right = st.columns(2)
+        val_limit = left.number_input("Validation samples", min_value=1, max_value=1000, value=20,
+                                      help="the first N of the task's validation split (the small local "
+                                           "model takes about a second per sample)")
+        test_limit = right.number_input("Test samples", min_value=1, max_value=1000, value=20)
         submitted = st.form_submit_button("Start", type="primary")
 if submitted:
     try:
         run_id = launch(store, cache_path(), task=task, steps=steps, batch_size=batch_size, review=review,
+                        val_limit=val_limit, test_limit=test_limit,
                         **{f"{role}_model": models[role].strip() for role in ROLES})
     except AutodiffError as exc:
         st.error(md(exc))
     else:
         st.session_state["started_run"] = run_id
+        st.session_state["run_picker"] = run_id  # follow the new run in the sidebar
         st.rerun()
 
 runs = store.runs()

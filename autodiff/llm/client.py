@@ -96,7 +96,9 @@ class LLM:
     def _call_with_retries(self, request: Request) -> Completion:
         retrying = Retrying(
             stop=stop_after_attempt(self.retry.attempts),
-            wait=wait_exponential_jitter(initial=self.retry.initial_wait, max=self.retry.max_wait),
+            wait=wait_exponential_jitter(
+                multiplier=self.retry.initial_wait, jitter=self.retry.initial_wait, max=self.retry.max_wait
+            ),
             retry=retry_if_exception_type(LLMTransientError),
             reraise=True,
         )
