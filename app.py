@@ -1,10 +1,14 @@
 """The dashboard's frame: navigation and shared chrome. Each page is a short script in pages/."""
 
+from pathlib import Path
+
 import streamlit as st
 
 from dashboard.common import sidebar
 
-st.set_page_config(page_title="autodiff", page_icon=":material/account_tree:", layout="wide")
+# A local file, not a material icon name: the browser would fetch that favicon from a font CDN.
+st.set_page_config(page_title="autodiff", page_icon=str(Path(__file__).parent / "dashboard" / "icon.png"),
+                   layout="wide")
 
 PAGES = [
     st.Page("pages/runs.py", title="Runs", icon=":material/list:", default=True),

@@ -58,9 +58,11 @@ def build_graph(
     """The aggregated pipeline graph of the given invocations, annotated with the given gradients.
 
     Vertex attributes: kind (llm/function/loss/parameter), name, node (the owning node, for
-    parameters), value (for parameters, as the invocations used it), calls (call indices seen), samples, invocations, failing, feedback, and for the
-    loss failed_samples. Edge attributes: kind (data/parameter), calls ((producer, consumer)
-    call-index pairs), repeated (an end runs more than once per sample), samples, inputs.
+    parameters), value (a parameter's value as these invocations used it), calls (call indices
+    seen), samples, invocations, failing (gradients below tau that targeted it), feedback (all
+    gradients that did), and for the loss failed_samples. Edge attributes: kind (data/parameter),
+    calls ((producer, consumer) call-index pairs), repeated (an end runs more than once per
+    sample), samples, inputs.
     """
     g = nx.DiGraph()
     by_id = {inv["id"]: inv for inv in invocations}
@@ -264,6 +266,7 @@ _EXTERNAL_TAG = re.compile(
 )
 _EMPTY_HEADING = re.compile(r"<center>\s*<h1>\s*</h1>\s*</center>", re.I)
 _DRAW = "network = new vis.Network(container, data, options);"
+_DATA = re.compile(r"new vis\.DataSet\((.*?)\);\n", re.S)
 # vis-network shows string titles as plain text; ours are escaped HTML, turned into elements here
 # so line breaks and bold survive while the data itself stays inert.
 _TITLES_AS_HTML = """
@@ -322,6 +325,9 @@ def render_html(g: nx.DiGraph, height: int = 560, selected: str | None = None) -
     page = net.generate_html()
     if _DRAW not in page:
         raise GraphRenderError("the pyvis template changed: cannot find where the network is drawn")
+    data = _DATA.findall(page)
+    if len(data) != 2 or any(c in blob for blob in data for c in "<>&"):  # pyvis must keep using tojson
+        raise GraphRenderError("the graph data would be embedded in the page without escaping")
     page = page.replace(_DRAW, _TITLES_AS_HTML + _DRAW, 1)
     page = _EMPTY_HEADING.sub("", _EXTERNAL_TAG.sub("", page))
     leftover = external_resources(page)

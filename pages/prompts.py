@@ -19,6 +19,9 @@ st.caption(f"{md(param['kind'])} of node {md(param['node'])}"
            f"{'' if param['trainable'] else ' (frozen)'} — {md(param['role'])}")
 
 versions = {v["version"]: v for v in store.parameter_versions(run_id, name)}
+if not versions:
+    st.info("No version of this parameter is stored yet: the run writes them when it starts.")
+    st.stop()
 st.dataframe(
     [{"version": v["version"], "step": v["step"], "from": "initial" if v["proposal_id"] is None else "proposal",
       "proposal": v["proposal_id"] or "", "chars": len(v["value"]), "at": fmt_time(v["created_at"])}

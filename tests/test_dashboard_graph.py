@@ -179,6 +179,15 @@ def test_empty_store_says_how_to_start(page, tmp_path, monkeypatch):
     assert "No runs" in at.info[0].value and "autodiff train" in at.info[0].value
 
 
+@pytest.mark.parametrize("page,note", [("graph.py", "not traced a training step"),
+                                       ("gradients.py", "No gradients yet"), ("prompts.py", "no parameters")])
+def test_a_run_that_has_not_started_says_so(page, note, tmp_path, monkeypatch):
+    store = Store(tmp_path / "runs.sqlite")
+    store.create_run("fresh", "object_counting", {"task": "object_counting"}, {"train": ["a"]})
+    at = open_page(page, store, monkeypatch, "fresh")
+    assert note in at.info[0].value
+
+
 def test_graph_page_shows_the_chosen_node(multihop, monkeypatch):
     store, run_id = multihop
     at = open_page("graph.py", store, monkeypatch, run_id)

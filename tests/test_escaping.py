@@ -202,3 +202,16 @@ def test_the_raw_check_itself():
     assert unescaped(HOSTILE) == ["<script>alert", "<img src=x"]
     assert unescaped(r'\<script\>alert("x")\</script\>\<img src=x onerror=alert\(1\)\>') == []
     assert unescaped("&lt;img src=x&gt;") == []
+
+
+def test_unescaped_graph_data_is_refused(tmp_path, monkeypatch):
+    """If pyvis ever embedded its JSON without escaping, rendering stops instead of emitting it."""
+    import jinja2.filters
+    import markupsafe
+
+    store, run = hostile_store(tmp_path)
+    g = gv.build_graph(store.invocations(run, 1))
+    monkeypatch.setattr(jinja2.filters, "htmlsafe_json_dumps",
+                        lambda obj, dumps=None, **kw: markupsafe.Markup(json.dumps(obj, **kw)))
+    with pytest.raises(gv.GraphRenderError, match="without escaping"):
+        gv.render_html(g)
