@@ -99,6 +99,7 @@ class Trainer:
         self.run_id = run_id or new_run_id(task.name)
         self.progress = progress or (lambda event, info: None)
         self.params = {p.name: p for p in task.pipeline.parameters()}
+        self.samples = task.sample_index()
         self.tau = config.tau if config.tau is not None else task.tau
         self.optimizer = Optimizer(roles.optimizer, n_proposals=config.proposals)
         self.pool = ThreadPoolExecutor(max_workers=config.concurrency)
@@ -216,9 +217,9 @@ class Trainer:
         failed = failed[: self.config.max_failed]
         correct = [t for t in traces if t.score >= self.tau][: self.config.positives]
         gradients = self._backward(step, failed)
-        minibatch = [self.task.sample_index()[t.sample_id] for t in failed + correct]
+        minibatch = [self.samples[t.sample_id] for t in failed + correct]
         baseline = {s["id"]: scores[s["id"]] for s in minibatch}
-        positives = [(self.task.describe_input(self.task.sample_index()[t.sample_id]), _prediction(t))
+        positives = [(self.task.describe_input(self.samples[t.sample_id]), _prediction(t))
                      for t in correct]
         self._human_read: list[str] = []
         if failed or self.store.pending_human_feedback(self.run_id, list(self.params)):
@@ -242,7 +243,7 @@ class Trainer:
         self.progress("step_done", {"step": step, "val": self.best_val, "failed": len(failed)})
 
     def _backward(self, step: int, failed: Sequence[Trace]) -> list[Gradient]:
-        index = self.task.sample_index()
+        index = self.samples
 
         def one(trace: Trace) -> list[Gradient]:
             sample = index[trace.sample_id]

