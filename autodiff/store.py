@@ -221,14 +221,7 @@ class Store:
         return version
 
     def parameter_versions(self, run_id: str, name: str | None = None) -> list[dict]:
-        sql = "SELECT * FROM parameter_versions WHERE run_id = ?"
-        args: list[Any] = [run_id]
-        if name is not None:
-            sql += " AND name = ?"
-            args.append(name)
-        with self.connect() as conn:
-            rows = conn.execute(sql + " ORDER BY name, version", args).fetchall()
-        return [dict(r) for r in rows]
+        return [dict(r) for r in self._select("parameter_versions", run_id, "name, version", name=name)]
 
     def parameter_values_at(self, run_id: str, step: int) -> dict[str, str]:
         """The value of every parameter as it stood at the end of `step`."""
@@ -295,14 +288,17 @@ class Store:
         with self.connect() as conn:
             conn.executemany("INSERT OR REPLACE INTO invocations VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
 
-    def invocations(self, run_id: str, step: int | None = None) -> list[dict]:
-        sql = "SELECT * FROM invocations WHERE run_id = ?"
-        args: list[Any] = [run_id]
-        if step is not None:
-            sql += " AND step = ?"
-            args.append(step)
+    def _select(self, table: str, run_id: str, order: str, **filters: Any) -> list[sqlite3.Row]:
+        """Rows of one run, filtered by the given columns (None means any), in `order`."""
+        used = {k: v for k, v in filters.items() if v is not None}
+        where = "".join(f" AND {column} = ?" for column in used)
         with self.connect() as conn:
-            rows = conn.execute(sql + " ORDER BY step, sample_id, seq", args).fetchall()
+            return conn.execute(
+                f"SELECT * FROM {table} WHERE run_id = ?{where} ORDER BY {order}", [run_id, *used.values()]
+            ).fetchall()
+
+    def invocations(self, run_id: str, step: int | None = None) -> list[dict]:
+        rows = self._select("invocations", run_id, "step, sample_id, seq", step=step)
         return [
             dict(r, inputs=json.loads(r["inputs"]), parameters=json.loads(r["parameters"])) for r in rows
         ]
@@ -320,13 +316,7 @@ class Store:
             conn.executemany("INSERT OR REPLACE INTO gradients VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
 
     def gradients(self, run_id: str, step: int | None = None) -> list[dict]:
-        sql = "SELECT * FROM gradients WHERE run_id = ?"
-        args: list[Any] = [run_id]
-        if step is not None:
-            sql += " AND step = ?"
-            args.append(step)
-        with self.connect() as conn:
-            rows = conn.execute(sql + " ORDER BY step, created_at, sample_id, call_index", args).fetchall()
+        rows = self._select("gradients", run_id, "step, created_at, sample_id, call_index", step=step)
         return [dict(r, path=json.loads(r["path"])) for r in rows]
 
     def add_human_feedback(
@@ -420,17 +410,7 @@ class Store:
             conn.execute(f"UPDATE proposals SET {assignments} WHERE id = ?", [*fields.values(), proposal_id])
 
     def proposals(self, run_id: str, step: int | None = None, fate: str | None = None) -> list[dict]:
-        sql = "SELECT * FROM proposals WHERE run_id = ?"
-        args: list[Any] = [run_id]
-        if step is not None:
-            sql += " AND step = ?"
-            args.append(step)
-        if fate is not None:
-            sql += " AND fate = ?"
-            args.append(fate)
-        with self.connect() as conn:
-            rows = conn.execute(sql + " ORDER BY step, created_at", args).fetchall()
-        return [dict(r) for r in rows]
+        return [dict(r) for r in self._select("proposals", run_id, "step, created_at", step=step, fate=fate)]
 
     def proposal(self, proposal_id: str) -> dict:
         with self.connect() as conn:
@@ -469,16 +449,7 @@ class Store:
             conn.executemany("INSERT OR REPLACE INTO evaluations VALUES (?,?,?,?,?,?,?,?,?)", rows)
 
     def evaluations(self, run_id: str, split: str | None = None, subject: str | None = None) -> list[dict]:
-        sql = "SELECT * FROM evaluations WHERE run_id = ?"
-        args: list[Any] = [run_id]
-        if split:
-            sql += " AND split = ?"
-            args.append(split)
-        if subject:
-            sql += " AND subject = ?"
-            args.append(subject)
-        with self.connect() as conn:
-            rows = conn.execute(sql + " ORDER BY step, sample_id", args).fetchall()
+        rows = self._select("evaluations", run_id, "step, sample_id", split=split or None, subject=subject or None)
         return [dict(r) for r in rows]
 
 
