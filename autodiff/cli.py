@@ -27,6 +27,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tau", type=float, help="samples scoring below this go backward")
     p.add_argument("--max-failed", type=int, help="failed samples sent backward per step")
     p.add_argument("--proposals", type=int, help="proposals per optimizer call")
+    p.add_argument("--lenient-proposals", action="store_true", default=None,
+                   help="weak optimizer models: take untagged replies as candidates (still validated)")
     p.add_argument("--rounds", type=int, help="optimizer calls per parameter per step while none is accepted")
     p.add_argument("--concurrency", type=int)
     p.add_argument("--review", choices=["off", "validated", "all"])
@@ -116,7 +118,7 @@ def cmd_train(args) -> int:
 
     options = {k: getattr(args, k) for k in (
         "task", "forward_model", "backward_model", "optimizer_model", "steps", "batch_size", "tau", "max_failed",
-        "proposals", "rounds", "concurrency", "review", "review_timeout", "review_fallback", "min_gain", "acceptance",
+        "proposals", "lenient_proposals", "rounds", "concurrency", "review", "review_timeout", "review_fallback", "min_gain", "acceptance",
         "val_limit", "test_limit", "seed")}
     for role in ("forward_model", "backward_model", "optimizer_model"):
         options[role] = options[role] or args.model

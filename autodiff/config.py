@@ -43,6 +43,7 @@ class RunConfig(BaseModel):
     max_failed: int = Field(4, ge=1, le=256)  # failed samples sent backward per step
     positives: int = Field(2, ge=0, le=32)  # correct samples shown to the optimizer
     proposals: int = Field(2, ge=1, le=10)
+    lenient_proposals: bool = False  # weak optimizers: take untagged replies as candidates (still validated)
     rounds: int = Field(1, ge=1, le=5)  # optimizer calls per parameter per step while none is accepted
     concurrency: int = Field(8, ge=1, le=128)
     review: Literal["off", "validated", "all"] = "off"

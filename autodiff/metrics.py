@@ -12,24 +12,7 @@ FATES = ("proposed", "passed_minibatch", "passed_validation", "accepted", "rejec
 
 def phase_figures(store: Store, run_id: str) -> list[dict]:
     """One row per (step, phase): calls, cached calls, errors, tokens, summed latency and wall span."""
-    groups: dict[tuple[int, str], list[dict]] = defaultdict(list)
-    for call in store.call_summaries(run_id):
-        groups[(call["step"] if call["step"] is not None else -1, call["phase"])].append(call)
-    rows = []
-    for (step, phase), calls in sorted(groups.items()):
-        starts = [c["created_at"] - c["latency_ms"] / 1000.0 for c in calls]
-        ends = [c["created_at"] for c in calls]
-        fresh = [c for c in calls if not c["cached"]]
-        rows.append({
-            "step": step, "phase": phase, "calls": len(calls), "cached": len(calls) - len(fresh),
-            "errors": sum(1 for c in calls if c["error"]),
-            "prompt_tokens": sum(c["prompt_tokens"] for c in fresh),
-            "completion_tokens": sum(c["completion_tokens"] for c in fresh),
-            "tokens": sum(c["prompt_tokens"] + c["completion_tokens"] for c in fresh),
-            "latency_s": sum(c["latency_ms"] for c in calls) / 1000.0,
-            "wall_s": max(ends) - min(starts),
-        })
-    return rows
+    return store.call_totals(run_id)
 
 
 def proposal_figures(store: Store, run_id: str) -> list[dict]:
@@ -93,7 +76,7 @@ def step_figures(store: Store, run_id: str) -> list[dict]:
 def run_summary(store: Store, run_id: str) -> dict:
     run = store.run(run_id)
     steps = store.steps(run_id)
-    calls = store.call_summaries(run_id)
+    calls = store.call_totals(run_id)
     done = [s for s in steps if s["status"] == "completed"]
     vals = [s["val_score"] for s in done if s["val_score"] is not None]
     tests = [s for s in done if s["test_score"] is not None]
@@ -107,8 +90,8 @@ def run_summary(store: Store, run_id: str) -> dict:
         "best_val": max(vals) if vals else None,
         "initial_test": tests[0]["test_score"] if tests else None,
         "final_test": tests[-1]["test_score"] if tests else None,
-        "tokens": sum(c["prompt_tokens"] + c["completion_tokens"] for c in calls if not c["cached"]),
-        "calls": len(calls),
+        "tokens": sum(c["tokens"] for c in calls),
+        "calls": sum(c["calls"] for c in calls),
         "wall_s": (run["updated_at"] - run["created_at"]),
         "created_at": run["created_at"], "review": cfg.get("review"),
         "pending": len(store.proposals(run_id, fate="pending")),

@@ -16,7 +16,7 @@ from autodiff.parameter import Parameter
 from autodiff.prompts import OPTIMIZER_PROMPT, OPTIMIZER_SYSTEM, TEMPLATE_TAGS, fill, template_lines
 from autodiff.records import Proposal
 
-METHODS = ("add", "rephrase", "remove", "add_example", "restructure")
+METHODS = ("add", "rephrase", "remove", "add_example", "restructure")  # plus "untagged" (lenient parsing)
 _BLOCK = re.compile(r"<proposal>(.*?)(?:</proposal>|(?=<proposal>)|$)", re.S | re.I)
 
 
@@ -94,8 +94,12 @@ class Parsed:
     value: str
 
 
-def parse_proposals(text: str) -> tuple[list[Parsed], str | None]:
-    """Proposal blocks of a reply, and the reason if there are none usable."""
+def parse_proposals(text: str, lenient: bool = False) -> tuple[list[Parsed], str | None]:
+    """Proposal blocks of a reply, and the reason if there are none usable.
+
+    `lenient` is for weak models that ignore the format: bare <value> tags count, and a reply with
+    no tags at all becomes one candidate (method "untagged"). Such candidates still face every
+    check and both validation stages, so leniency costs validation calls, never safety."""
     found = []
     for block in _BLOCK.findall(text or ""):
         value = _tag(block, "value")
@@ -107,6 +111,12 @@ def parse_proposals(text: str) -> tuple[list[Parsed], str | None]:
         return found, None
     if not (text or "").strip():
         return [], "optimizer reply was empty"
+    if lenient:
+        values = [v.strip() for v in re.findall(r"<value>(.*?)(?:</value>|$)", text, re.S | re.I)]
+        if any(values):
+            return [Parsed("rephrase", "", v) for v in values if v], None
+        if "<" not in text:
+            return [Parsed("untagged", "reply had no proposal tags; the whole reply is the value", text.strip())], None
     return [], "optimizer reply had no <proposal> block with a <value>"
 
 
@@ -115,6 +125,7 @@ class Optimizer:
     llm: LLM
     n_proposals: int = 2
     max_tokens: int = 1024
+    lenient: bool = False
     _template_lines: tuple[str, ...] = field(default_factory=template_lines)
 
     def propose(self, inp: OptimizerInput, run_id: str | None, step: int) -> list[Proposal]:
@@ -130,7 +141,7 @@ class Optimizer:
             raise
         except LLMError as exc:
             return [self._failed(inp, step, None, "", f"optimizer call failed: {exc}", now)]
-        parsed, reason = parse_proposals(reply.text)
+        parsed, reason = parse_proposals(reply.text, self.lenient)
         if not parsed:
             return [self._failed(inp, step, reply.call_id, reply.text, reason or "", now)]
         return [

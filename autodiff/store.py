@@ -82,6 +82,16 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         """,
     ),
+    (
+        # Per-step accounting (tokens, time, calls by phase) reads only these columns; from the
+        # index alone it never touches the calls' long message text.
+        "002_llm_calls_accounting_index",
+        """
+        CREATE INDEX llm_calls_accounting ON llm_calls (
+            run_id, step, phase, cached, prompt_tokens, completion_tokens, latency_ms, created_at, error
+        );
+        """,
+    ),
 ]
 
 TERMINAL_STATUSES = ("completed", "failed", "stopped")
@@ -303,6 +313,12 @@ class Store:
             dict(r, inputs=json.loads(r["inputs"]), parameters=json.loads(r["parameters"])) for r in rows
         ]
 
+    def invocation_call_indices(self, run_id: str) -> dict[str, int]:
+        """Invocation id -> call index for a whole run, without the traces' text."""
+        with self.connect() as conn:
+            rows = conn.execute("SELECT id, call_index FROM invocations WHERE run_id = ?", (run_id,)).fetchall()
+        return {r[0]: r[1] for r in rows}
+
     def add_gradients(self, run_id: str, step: int, gradients: Iterable[Gradient]) -> None:
         rows = [
             (
@@ -383,6 +399,24 @@ class Store:
                 (run_id,),
             ).fetchall()
         return [dict(r) for r in rows]
+
+    def call_totals(self, run_id: str) -> list[dict]:
+        """Per (step, phase) of a run, in that order: calls, cached calls, failed calls, tokens of
+        fresh calls, summed latency, and the wall-clock span from the first call's start to the
+        last one's end. Summed in SQL over the accounting index (no call text is read). Calls
+        without a step count under step -1."""
+        with self.connect() as conn:
+            rows = conn.execute(
+                "SELECT COALESCE(step, -1) AS step, phase, COUNT(*) AS calls, SUM(cached) AS cached,"
+                " COUNT(error) AS errors,"
+                " SUM(CASE WHEN cached THEN 0 ELSE prompt_tokens END) AS prompt_tokens,"
+                " SUM(CASE WHEN cached THEN 0 ELSE completion_tokens END) AS completion_tokens,"
+                " SUM(latency_ms) / 1000.0 AS latency_s,"
+                " MAX(created_at) - MIN(created_at - latency_ms / 1000.0) AS wall_s"
+                " FROM llm_calls WHERE run_id = ? GROUP BY 1, 2 ORDER BY 1, 2",
+                (run_id,),
+            ).fetchall()
+        return [dict(r, tokens=r["prompt_tokens"] + r["completion_tokens"]) for r in rows]
 
     # --- proposals and decisions ------------------------------------------------------------
 

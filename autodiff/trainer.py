@@ -101,7 +101,7 @@ class Trainer:
         self.params = {p.name: p for p in task.pipeline.parameters()}
         self.samples = task.sample_index()
         self.tau = config.tau if config.tau is not None else task.tau
-        self.optimizer = Optimizer(roles.optimizer, n_proposals=config.proposals)
+        self.optimizer = Optimizer(roles.optimizer, n_proposals=config.proposals, lenient=config.lenient_proposals)
         self.pool = ThreadPoolExecutor(max_workers=config.concurrency)
         self.val = task.splits["val"][: config.val_limit]
         self.test = task.splits["test"][: config.test_limit]

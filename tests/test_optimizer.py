@@ -126,3 +126,13 @@ def test_optimizer_prompt_for_one_peer_shows_the_other_peers_current_values(run_
     assert f"<current_value>\n{better}\n</current_value>" in second_instruction
     # The accepted value shows up in the proposal history with its validation score.
     assert f'<entry score="0.800" step="1">\n{better}\n</entry>' in second_instruction
+
+
+def test_lenient_parsing_takes_bare_values_and_untagged_replies() -> None:
+    assert parse_proposals("Count each item once.")[0] == []  # strict by default
+    parsed, reason = parse_proposals("Count each item once.", lenient=True)
+    assert reason is None and [(p.method, p.value) for p in parsed] == [("untagged", "Count each item once.")]
+    parsed, _ = parse_proposals("Sure! <value>Count twice.</value>", lenient=True)
+    assert [p.value for p in parsed] == ["Count twice."]
+    # A reply with stray tags but no value is still malformed: it is probably our template echoed.
+    assert parse_proposals("<feedback>nothing</feedback>", lenient=True)[0] == []
