@@ -331,8 +331,8 @@ class Store:
         with self.connect() as conn:
             conn.executemany("INSERT OR REPLACE INTO gradients VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
 
-    def gradients(self, run_id: str, step: int | None = None) -> list[dict]:
-        rows = self._select("gradients", run_id, "step, created_at, sample_id, call_index", step=step)
+    def gradients(self, run_id: str, step: int | None = None, target: str | None = None) -> list[dict]:
+        rows = self._select("gradients", run_id, "step, created_at, sample_id, call_index", step=step, target=target)
         return [dict(r, path=json.loads(r["path"])) for r in rows]
 
     def add_human_feedback(

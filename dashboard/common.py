@@ -30,7 +30,27 @@ def cache_path() -> Path:
 
 
 def current_store() -> Store:
+    """The store of this session. Every page starts here, so this is also where a page run that
+    bypassed the frame (see `_leave_legacy_pages_mode`) is sent back through app.py."""
+    _leave_legacy_pages_mode()
     return get_store(str(store_path()))
+
+
+def _leave_legacy_pages_mode() -> None:
+    """Because a folder named pages/ sits beside app.py, each new Streamlit server starts in its
+    legacy multipage mode and stays there until some run calls st.navigation. If the first visit
+    to a fresh server is a deep link (/graph), Streamlit runs pages/graph.py on its own: no app.py,
+    so no sidebar and no run chosen. For a session that has not been through the frame yet (so no
+    click can be lost), clear the flag st.navigation itself clears and rerun: the run then goes
+    through app.py, on the same page (page ids are their URL paths). Streamlit calls the flag a
+    relic kept for old apps; should it go, this does nothing (tests/test_browser.py would tell)."""
+    try:
+        from streamlit.runtime.pages_manager import PagesManager
+    except ImportError:  # a Streamlit without the legacy mode has nothing to leave
+        return
+    if getattr(PagesManager, "uses_pages_directory", None) and "run_id" not in st.session_state:
+        PagesManager.uses_pages_directory = False
+        st.rerun()
 
 
 def esc(text: object) -> str:

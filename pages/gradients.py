@@ -16,7 +16,7 @@ if not gradients:
     st.info("No gradients yet: the backward pass writes them when a training step has failing samples.")
     st.stop()
 parameters = store.parameters(run_id)
-calls = gv.call_indices(store.invocations(run_id))
+calls = store.invocation_call_indices(run_id)
 
 
 def distinct(values) -> list:
@@ -63,7 +63,11 @@ for g in shown[(page - 1) * PER_PAGE: page * PER_PAGE]:
         if g["error"]:
             st.warning(md(g["error"]))
         if g["llm_call_id"]:
-            with st.expander("Backward call that wrote it"):
+            # Loaded and drawn only when opened: 25 calls' prompts drawn up front made the page slow.
+            panel = st.expander("Backward call that wrote it", key=f"grad_call_{g['id']}", on_change="rerun")
+            if not panel.open:
+                continue
+            with panel:
                 call = store.call(g["llm_call_id"])
                 if call is None:
                     st.caption("The call record is missing from the store.")

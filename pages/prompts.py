@@ -53,7 +53,7 @@ if not param["peers"]:
     cols[2].caption("None: this parameter is its node's whole prompt.")
 
 st.subheader("How each version came about")
-gradients = store.gradients(run_id)
+gradients = store.gradients(run_id, target=name)
 for n, v in versions.items():
     if v["proposal_id"] is None:
         continue

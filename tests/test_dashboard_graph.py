@@ -231,6 +231,11 @@ def test_gradient_shows_its_backward_call(multihop, monkeypatch):
     store, run_id = multihop
     at = open_page("gradients.py", store, monkeypatch, run_id)
     assert any(e.label == "Backward call that wrote it" for e in at.expander)
+    assert not at.code  # a call is loaded only when its panel is opened
+    for g in store.gradients(run_id):
+        at.session_state[f"grad_call_{g['id']}"] = True  # as a click on each panel would
+    at.run()
+    assert not at.exception
     assert any(c.value == BACKWARD_SYSTEM for c in at.code)  # the prompt it was sent
     assert any(c.value.startswith("<feedback>Look for the birthplace") for c in at.code)  # and the reply
     assert any("answer_generator (via dedupe → retrieve)" in m.value.replace("\\", "") for m in at.markdown)

@@ -1,0 +1,323 @@
+"""Benchmark: how long each dashboard page takes to render in a browser on a large run.
+
+    .venv/bin/python bench/dashboard_load.py [--reps 3] [--keep DIR] [--target 2.0]
+
+Builds a fresh store holding one large run, written row by row through the Store API the way the
+trainer writes it (50 training steps of an 8-node pipeline, 12 samples a batch of which 10 fail,
+10,000 gradients, 20,000 LLM calls with 1-2 KB prompts, ~800 proposals, validation and test
+evaluations), plus a smaller run (10 steps) so the Compare page has two to compare. Then it starts
+the real dashboard on that store (`streamlit run app.py`) and drives headless Chromium: per
+repetition a new tab (a new dashboard session) opens the dashboard, then clicks each page's
+sidebar link and times from the click until the page has finished rendering (title heading shown,
+script run over, running widget gone, no element left as a loading placeholder; on the Graph page
+also the pyvis iframe's canvas drawn). The first load of the Runs page (typing the address, so
+Streamlit's own front end boots too) is timed on its own.
+
+Printed: per page, the median and the max over the repetitions, in seconds, against the target.
+The first repetition is the cold one (a fresh server that has not imported each page's modules
+yet, and a browser that has not cached the dashboard's JavaScript); the max shows it. The machine's
+load average is printed too: other processes competing for the CPUs slow every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from autodiff.config import make_config  # noqa: E402
+from autodiff.records import Evaluation, Gradient, InputRef, Invocation, LLMCall, Proposal, Trace  # noqa: E402
+from autodiff.store import Store  # noqa: E402
+from tests.live_dashboard import (CHROMIUM, PAGES, dashboard_server, launch_chromium, nav_link,  # noqa: E402
+                                  wait_graph_drawn, wait_rendered)
+
+# The pipeline: node -> (kind, calls per sample, its parameters). Eight nodes, nine parameters.
+NODES = {
+    "planner": ("llm", 1, ["planner.instruction", "planner.output_format"]),
+    "query_generator": ("llm", 2, ["query_generator.instruction", "query_generator.examples"]),
+    "retrieve": ("function", 2, []),
+    "dedupe": ("function", 1, []),
+    "reranker": ("llm", 1, ["reranker.instruction"]),
+    "answer_generator": ("llm", 1, ["answer_generator.instruction", "answer_generator.output_format",
+                                    "answer_generator.examples"]),
+    "verifier": ("llm", 1, ["verifier.instruction"]),
+    "exact_match": ("loss", 1, []),
+}
+ORDER = [("planner", 0), ("query_generator", 0), ("retrieve", 0), ("query_generator", 1), ("retrieve", 1),
+         ("dedupe", 0), ("reranker", 0), ("answer_generator", 0), ("verifier", 0), ("exact_match", 0)]
+FROZEN = ("answer_generator.examples",)
+WORDS = ("the question asks which city the author was born in and the passages name two places so check "
+         "each candidate against the dates given before answering with the name only do not explain why "
+         "retrieved evidence must support every hop of the reasoning chain otherwise say unknown").split()
+
+
+class Writer:
+    """Writes one synthetic run through the Store API, with seeded random text of realistic sizes."""
+
+    def __init__(self, store: Store, run_id: str, *, steps: int, gradients: int, calls: int, seed: int,
+                 batch: int = 12, failing: int = 10, val: int = 100, test: int = 50) -> None:
+        self.store, self.run_id, self.steps = store, run_id, steps
+        self.rng = random.Random(seed)
+        self.batch, self.failing = batch, failing
+        self.grads_per_sample = gradients // (steps * failing)
+        self.train = [f"hp-train-{i:04d}" for i in range(400)]
+        self.val = [f"hp-val-{i:04d}" for i in range(val)]
+        self.test = [f"hp-test-{i:04d}" for i in range(test)]
+        self.t = time.time() - steps * 150  # the run "started" this long ago; each step takes ~150 s
+        self.calls: list[LLMCall] = []
+        self.total_calls = calls
+        self.params = [p for _kind, _n, ps in NODES.values() for p in ps]
+        self.values = {p: self.text(400, 900) for p in self.params}
+
+    def text(self, lo: int, hi: int) -> str:
+        n = self.rng.randint(lo, hi)
+        out: list[str] = []
+        size = 0
+        while size < n:
+            word = self.rng.choice(WORDS)
+            out.append(word)
+            size += len(word) + 1
+        return " ".join(out)[:n]
+
+    def tick(self, seconds: float = 0.05) -> float:
+        self.t += seconds
+        return self.t
+
+    def call(self, step: int, phase: str, role: str, node: str | None = None, sample: str | None = None,
+             call_index: int | None = None) -> str:
+        prompt = self.text(1000, 2000)
+        response = self.text(200, 400)
+        cid = uuid.uuid4().hex
+        self.calls.append(LLMCall(
+            id=cid, run_id=self.run_id, step=step, phase=phase, role=role, node=node, sample_id=sample,
+            call_index=call_index, model=f"openai:gpt-4o{'-mini' if role == 'forward' else ''}",
+            messages=(("system", self.text(200, 400)), ("user", prompt)), response=response,
+            prompt_tokens=len(prompt) // 4, completion_tokens=len(response) // 4,
+            latency_ms=self.rng.uniform(300, 3000), cached=self.rng.random() < 0.1, error=None,
+            created_at=self.tick(),
+        ))
+        return cid
+
+    def write(self) -> None:
+        s = self.store
+        config = make_config(task="multihop_rag", forward_model="openai:gpt-4o-mini", backward_model="openai:gpt-4o",
+                             optimizer_model="openai:gpt-4o", steps=self.steps, batch_size=self.batch,
+                             max_failed=self.failing, review="validated").model_dump()
+        s.create_run(self.run_id, "multihop_rag", config, {"train": self.train, "val": self.val, "test": self.test})
+        s.add_parameters(self.run_id, [
+            {"name": p, "node": node, "kind": p.split(".")[1] if p.split(".")[1] in ("instruction", "output_format",
+                                                                                        "examples") else "other",
+             "role": f"The {p.split('.')[1].replace('_', ' ')} of the {node}.", "trainable": p not in FROZEN,
+             "peers": [q for q in ps if q != p]}
+            for node, (_kind, _n, ps) in NODES.items() for p in ps
+        ])
+        s.set_run_status(self.run_id, "running", pid=os.getpid())
+        s.start_step(self.run_id, 0, [])
+        for p in self.params:
+            s.add_parameter_version(self.run_id, p, 0, self.values[p], None)
+        val_score = 0.30
+        self.evaluate(0, "val", val_score)
+        self.evaluate(0, "test", val_score - 0.02)
+        s.finish_step(self.run_id, 0, val_score, val_score - 0.02, [])
+        s.add_calls(self.calls)
+        self.calls = []
+        per_step = (self.total_calls - len(self.val) - len(self.test)) // self.steps
+        for step in range(1, self.steps + 1):
+            val_score = self.train_step(step, per_step, val_score)
+        s.set_run_status(self.run_id, "completed")
+
+    def evaluate(self, step: int, split: str, score: float) -> None:
+        ids = self.val if split == "val" else self.test
+        evals = []
+        for sid in ids:
+            ok = self.rng.random() < score
+            self.call(step, "validate" if split == "val" else "test", "forward", "answer_generator", sid, 0)
+            evals.append(Evaluation(sid, "Paris" if ok else self.text(5, 30), "Paris", float(ok)))
+        self.store.add_evaluations(self.run_id, step, split, "current", evals)
+
+    def train_step(self, step: int, calls_in_step: int, val_score: float) -> float:
+        s, rng = self.store, self.rng
+        batch = rng.sample(self.train, self.batch)
+        s.start_step(self.run_id, step, batch)
+        traces = [self.forward(step, sid, failed=i < self.failing) for i, sid in enumerate(batch)]
+        s.add_traces(self.run_id, step, traces)
+        failed = [t for t in traces if t.score < 1.0]
+        for trace in failed:
+            s.add_gradients(self.run_id, step, self.backward(step, trace))
+        if any(fate == "accepted" for fate in self.propose(step, val_score)):
+            val_score = min(0.95, val_score + 0.02)
+        self.store.add_evaluations(self.run_id, step, "val", "current", [
+            Evaluation(sid, "Paris", "Paris", float(rng.random() < val_score)) for sid in self.val])
+        test_score = None
+        if step % 10 == 0 or step == self.steps:
+            test_score = val_score - 0.03
+            self.evaluate(step, "test", test_score)
+        for i in range(max(0, calls_in_step - len(self.calls))):  # validation of the proposals
+            self.call(step, "validate", "forward", "answer_generator", self.val[i % len(self.val)], 0)
+        s.add_calls(self.calls)
+        self.calls = []
+        s.finish_step(self.run_id, step, val_score, test_score, [t.sample_id for t in failed])
+        return val_score
+
+    def forward(self, step: int, sample: str, failed: bool) -> Trace:
+        trace = Trace(sample)
+        last: dict[str, str] = {}
+        for seq, (node, call_index) in enumerate(ORDER):
+            kind, _n, params = NODES[node]
+            inputs = [InputRef("question", self.text(80, 160))]
+            if last:
+                upstream = list(last.items())[-1] if node != "dedupe" else None
+                if node == "dedupe":
+                    inputs = [InputRef(f"passages_{i}", self.text(300, 600), iid)
+                              for i, iid in enumerate(v for k, v in last.items() if k.startswith("retrieve"))]
+                elif upstream:
+                    inputs.append(InputRef("context", self.text(300, 800), upstream[1]))
+            iid = uuid.uuid4().hex
+            llm = kind == "llm"
+            trace.invocations.append(Invocation(
+                id=iid, sample_id=sample, node=node, node_type=kind, call_index=call_index, inputs=tuple(inputs),
+                output=("0" if failed else "1") if kind == "loss" else self.text(100, 400),
+                parameters=tuple((p, self.values[p]) for p in params), prompt=self.text(1000, 2000) if llm else None,
+                llm_call_id=self.call(step, "forward", "forward", node, sample, call_index) if llm else None,
+                score=(0.0 if failed else 1.0) if kind == "loss" else None, seq=seq,
+            ))
+            last[f"{node}#{call_index}"] = iid
+        return trace
+
+    def backward(self, step: int, trace: Trace) -> list[Gradient]:
+        """Feedback on the trace's parameters and outputs, from the loss back, one backward call each."""
+        out: list[Gradient] = []
+        llm_invocations = [inv for inv in reversed(trace.invocations) if inv.node_type != "function"]
+        targets = []
+        for inv in llm_invocations:
+            targets += [("parameter", p, inv, None) for p, _v in inv.parameters if p not in FROZEN]
+            targets += [("output", next((i.node for i in trace.invocations if i.id == ref.source), ref.name), inv,
+                         ref.source) for ref in inv.inputs if ref.source]
+        for i in range(self.grads_per_sample):
+            kind, target, inv, source = targets[i % len(targets)]
+            out.append(Gradient(
+                id=uuid.uuid4().hex, sample_id=trace.sample_id, node=inv.node, invocation_id=inv.id,
+                call_index=inv.call_index, target_type=kind, target=target, target_invocation=source, score=0.0,
+                text=self.text(200, 400), source_node=inv.node,
+                path=("dedupe", "retrieve") if kind == "output" and target == "retrieve" else (),
+                llm_call_id=self.call(step, "backward", "backward", inv.node, trace.sample_id, inv.call_index),
+                origin="loss" if inv.node_type == "loss" else "backward", created_at=self.tick(0.01),
+            ))
+        return out
+
+    def propose(self, step: int, val_score: float) -> list[str]:
+        """Two proposals per trainable parameter; now and then one is accepted (by a person, or the
+        trainer), the rest fail a check."""
+        s, rng = self.store, self.rng
+        fates = []
+        for p in self.params:
+            if p in FROZEN:
+                continue
+            call_id = self.call(step, "propose", "optimizer", None, None, None)
+            for k in range(2):
+                pid = uuid.uuid4().hex
+                value = self.text(400, 900)
+                lucky = k == 0 and rng.random() < 0.04
+                fate = "accepted" if lucky else rng.choice(("failed_minibatch", "failed_val", "rejected_check"))
+                s.add_proposal(self.run_id, Proposal(
+                    id=pid, step=step, parameter=p, value=value, method=rng.choice(("rephrase", "add", "remove")),
+                    reasoning=self.text(100, 300), llm_call_id=call_id, fate="pending" if lucky else fate,
+                    reason="passed validation" if lucky else "did not beat the current value",
+                    minibatch_score=0.6, minibatch_baseline=0.4, val_score=val_score + (0.02 if lucky else -0.05),
+                    val_baseline=val_score, created_at=self.tick(),
+                ))
+                if lucky:
+                    by_person = rng.random() < 0.5
+                    if by_person:
+                        s.decide(pid, "accept")
+                    s.update_proposal(pid, fate="accepted", decided_by="human" if by_person else "auto",
+                                      decided_at=self.tick(), reason="beat the best validation score")
+                    s.add_parameter_version(self.run_id, p, step, value, pid)
+                    self.values[p] = value
+                fates.append(fate)
+        return fates
+
+
+def build_store(path: Path) -> tuple[Store, str]:
+    """The small run first, then the large one, so the large run is the newest: the one the
+    dashboard opens on."""
+    store = Store(path)
+    Writer(store, "bench-small", steps=10, gradients=2000, calls=4000, seed=1).write()
+    Writer(store, "bench-large", steps=50, gradients=10_000, calls=20_000, seed=0).write()
+    return store, "bench-large"
+
+
+def measure(url: str, reps: int) -> dict[str, list[float]]:
+    from playwright.sync_api import sync_playwright
+
+    times: dict[str, list[float]] = {"Runs (first load)": [], **{title: [] for title in PAGES}}
+    with sync_playwright() as p:
+        browser = launch_chromium(p)
+        context = browser.new_context(viewport={"width": 1400, "height": 1000})
+        for _ in range(reps):
+            page = context.new_page()  # a new tab: a new dashboard session, the browser's cache kept
+            page.set_default_timeout(120_000)
+            start = time.perf_counter()
+            page.goto(url)
+            wait_rendered(page, "Runs")
+            times["Runs (first load)"].append(time.perf_counter() - start)
+            for title in (*PAGES[1:], "Runs"):
+                start = time.perf_counter()
+                nav_link(page, title).click()
+                wait_rendered(page, title)
+                if title == "Graph":
+                    wait_graph_drawn(page)
+                times[title].append(time.perf_counter() - start)
+                errors = page.locator('[data-testid="stException"], [data-testid="stAlertContentError"]')
+                if errors.count():
+                    raise RuntimeError(f"{title} page shows an error: {errors.all_inner_texts()}")
+            page.close()
+        browser.close()
+    return times
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--target", type=float, default=2.0, help="seconds every page should render within")
+    ap.add_argument("--keep", type=Path, help="build the store in this directory and keep it")
+    args = ap.parse_args()
+    if not CHROMIUM.exists():
+        print(f"needs Debian's chromium at {CHROMIUM}", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory() as tmp:
+        home = args.keep or Path(tmp)
+        home.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        store, run_id = build_store(home / "runs.sqlite")
+        size = sum(f.stat().st_size for f in home.glob("runs.sqlite*")) / 1e6
+        print(f"store {home / 'runs.sqlite'}: {size:.0f} MB, built in {time.perf_counter() - start:.1f} s; "
+              f"{run_id}: {len(store.steps(run_id)) - 1} steps, {len(store.gradients(run_id))} gradients, "
+              f"{len(store.call_summaries(run_id))} LLM calls, {len(store.proposals(run_id))} proposals, "
+              f"{len(store.invocations(run_id))} invocations")
+        with dashboard_server(home / "runs.sqlite", home / "dashboard.log") as url:
+            times = measure(url, args.reps)
+    load = os.getloadavg()[0]
+    print(f"\n{args.reps} repetitions, load average {load:.1f} on {os.cpu_count()} CPUs; target {args.target:.1f} s")
+    print(f"{'page':<20} {'median s':>9} {'max s':>7}  ")
+    missed = []
+    for title, runs in times.items():
+        median, worst = statistics.median(runs), max(runs)
+        flag = "" if worst <= args.target else "  over target"
+        if worst > args.target:
+            missed.append(title)
+        print(f"{title:<20} {median:>9.2f} {worst:>7.2f}{flag}")
+    print("every page within target" if not missed else f"over target: {', '.join(missed)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

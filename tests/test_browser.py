@@ -1,0 +1,242 @@
+"""The real dashboard in a real browser: a `streamlit run app.py` server on a store filled by engine
+runs on the scripted fake (whose feedback and proposals carry <script> and <img onerror> text),
+driven by headless Chromium the way a person would click through it.
+
+Checked on every page: it finishes rendering with no exception or error box; no alert ever fires
+(the hostile text shows as text); nothing is requested from any host but the dashboard's own (such
+requests are aborted and recorded, and the graph must still draw). Also: a deep link opens the page
+inside the frame, even as the very first request a fresh server gets; a gradient's backward call
+opens on a click; and starting a run with a provider model whose key is missing says so in the
+page. Screenshots go to screenshots/<page>.png.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlparse
+
+import pytest
+
+from autodiff.store import Store
+from tests.fake_runs import HOSTILE, filled_store
+from tests.live_dashboard import (CHROMIUM, PAGES, ROOT, dashboard_server, launch_chromium, nav_link,
+                                  wait_graph_drawn, wait_rendered)
+
+SCREENSHOTS = ROOT / "screenshots"
+LOCAL_HOSTS = ("127.0.0.1", "localhost")
+RENDER_TIMEOUT_MS = 60_000
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason=f"browser tests need Debian's chromium at {CHROMIUM} "
+                                                     "(./test.sh installs it when run as root: "
+                                                     "apt-get install chromium)"),
+]
+
+
+# --- the server and the browser -------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def filled(tmp_path_factory) -> tuple[Store, list[str]]:
+    return filled_store(tmp_path_factory.mktemp("browser_store"))
+
+
+@pytest.fixture(scope="session")
+def dashboard(filled, tmp_path_factory) -> Iterator[str]:
+    store, _ids = filled
+    with dashboard_server(store.path, tmp_path_factory.mktemp("logs") / "dashboard.log") as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = launch_chromium(p)
+        yield browser
+        browser.close()
+
+
+# --- a watched browser tab -----------------------------------------------------------------------
+
+class Tab:
+    """A page in a fresh browser context that records alerts, outside requests and script errors."""
+
+    def __init__(self, browser) -> None:
+        self.context = browser.new_context(viewport={"width": 1400, "height": 1000}, service_workers="block")
+        self.dialogs: list[str] = []
+        self.outside: list[str] = []
+        self.script_errors: list[str] = []
+        self.context.route("**/*", self._route)
+        self.page = self.context.new_page()
+        self.page.set_default_timeout(RENDER_TIMEOUT_MS)
+        self.page.on("dialog", self._dialog)
+        self.page.on("pageerror", lambda exc: self.script_errors.append(str(exc)))
+        self.page.on("websocket", lambda ws: self._check(ws.url))
+
+    def _route(self, route) -> None:
+        if self._check(route.request.url):
+            route.continue_()
+        else:
+            route.abort()
+
+    def _check(self, url: str) -> bool:
+        parsed = urlparse(url)
+        if parsed.scheme in ("http", "https", "ws", "wss") and parsed.hostname not in LOCAL_HOSTS:
+            self.outside.append(url)
+            return False
+        return True
+
+    def _dialog(self, dialog) -> None:
+        self.dialogs.append(f"{dialog.type}: {dialog.message}")
+        dialog.dismiss()
+
+    def close(self) -> None:
+        self.context.close()
+
+    def assert_safe(self) -> None:
+        assert not self.dialogs, f"a dialog fired: {self.dialogs}"
+        assert not self.outside, f"requests to outside hosts: {self.outside}"
+        assert not self.script_errors, f"uncaught script errors in the page: {self.script_errors}"
+
+
+@pytest.fixture
+def tab(browser) -> Iterator[Tab]:
+    t = Tab(browser)
+    yield t
+    t.close()
+
+
+def assert_no_errors(page) -> None:
+    for testid in ("stException", "stAlertContentError"):
+        shown = page.locator(f'[data-testid="{testid}"]')
+        assert shown.count() == 0, shown.all_inner_texts()
+
+
+def assert_frame(page) -> None:
+    """The frame drew around the page: every navigation link, the store caption, the run picker."""
+    nav = page.locator('[data-testid="stSidebarNav"]')
+    for name in PAGES:
+        assert nav_link(page, name).count() == 1, (name, nav.inner_text())
+    assert "app" not in [t.strip() for t in nav.locator("a").all_inner_texts()]  # no legacy page list
+    sidebar = page.locator('[data-testid="stSidebar"]')
+    assert "Store:" in sidebar.inner_text()
+    assert sidebar.locator('[data-testid="stSelectbox"]', has_text="Run").count() == 1
+    assert "No runs in this store yet" not in page.locator('[data-testid="stMain"]').inner_text()
+
+
+def screenshot(page, name: str) -> None:
+    SCREENSHOTS.mkdir(exist_ok=True)
+    page.screenshot(path=SCREENSHOTS / f"{name.lower()}.png", full_page=True)
+
+
+# --- tests ---------------------------------------------------------------------------------------
+
+def test_every_page_by_its_sidebar_link(dashboard: str, tab: Tab) -> None:
+    page = tab.page
+    page.goto(dashboard)
+    wait_rendered(page, "Runs")
+    for title in PAGES:
+        if title != "Runs":
+            nav_link(page, title).click()
+            wait_rendered(page, title)
+        assert_no_errors(page)
+        assert_frame(page)
+        if title == "Graph":
+            wait_graph_drawn(page)
+        if title == "Curves":  # seven plotly charts, each drawn
+            charts = page.locator('[data-testid="stPlotlyChart"]')
+            assert charts.count() == 7
+            for i in range(7):
+                charts.nth(i).locator("canvas, svg").first.wait_for(state="visible")
+        screenshot(page, title)
+    tab.assert_safe()
+
+
+def test_a_gradients_backward_call_opens_on_click(dashboard: str, tab: Tab) -> None:
+    page = tab.page
+    page.goto(f"{dashboard}/gradients")
+    wait_rendered(page, "Gradients")
+    code = page.locator('[data-testid="stMain"] [data-testid="stCode"]')
+    assert code.count() == 0  # nothing loaded until a panel is opened
+    page.get_by_text("Backward call that wrote it").first.click()
+    code.first.wait_for(state="visible")
+    wait_rendered(page, "Gradients")
+    assert_no_errors(page)
+    replies = code.filter(has_text="<feedback>The count missed items written as words.")
+    assert replies.count() == 1 and HOSTILE in replies.inner_text()  # the reply, as plain text
+    tab.assert_safe()
+
+
+def test_hostile_text_shows_as_text(dashboard: str, filled, tab: Tab) -> None:
+    _store, ids = filled
+    page = tab.page
+    page.goto(f"{dashboard}/gradients")
+    wait_rendered(page, "Gradients")
+    assert page.get_by_text(HOSTILE).first.is_visible()  # the backward model's feedback, verbatim
+    page.goto(f"{dashboard}/prompts?run={ids[0]}")  # this run accepted a proposal for the instruction
+    wait_rendered(page, "Prompts")
+    assert page.get_by_text(HOSTILE).first.is_visible()  # the accepted value, in the word diff
+    for frame in page.frames:
+        assert frame.locator("script:has-text('alert(')").count() == 0, frame.url
+        assert frame.locator('img[src="x"]').count() == 0, frame.url
+    tab.assert_safe()
+
+
+@pytest.mark.parametrize("title", ["Graph", "Review", "Compare"])
+def test_deep_link_opens_inside_the_frame(dashboard: str, tab: Tab, title: str) -> None:
+    page = tab.page
+    page.goto(f"{dashboard}/{title.lower()}")
+    wait_rendered(page, title)
+    assert_no_errors(page)
+    assert_frame(page)
+    assert urlparse(page.url).path == f"/{title.lower()}"
+    if title == "Graph":
+        wait_graph_drawn(page)
+    tab.assert_safe()
+
+
+def test_deep_link_as_a_fresh_servers_first_request(filled, tab: Tab, tmp_path: Path) -> None:
+    """A pages/ folder beside app.py puts a fresh Streamlit server in its legacy multipage mode
+    until st.navigation first runs; a first request for /graph then ran pages/graph.py without
+    app.py: no sidebar, no run chosen, "No runs". The frame must draw it all the same."""
+    store, _ids = filled
+    with dashboard_server(store.path, tmp_path / "dashboard.log") as url:
+        page = tab.page
+        page.goto(f"{url}/graph")
+        page.locator('h1, [data-testid="stAlert"]').first.wait_for(state="visible")  # a title, or "No runs"
+        page.locator('[data-testid="stApp"][data-test-script-state="notRunning"]').wait_for(state="attached")
+        assert_frame(page)
+        wait_rendered(page, "Graph")
+        assert_no_errors(page)
+        assert urlparse(page.url).path == "/graph"
+        assert page.get_by_text("Page not found").count() == 0
+        wait_graph_drawn(page)
+        nav_link(page, "Curves").click()  # and the session goes on normally
+        wait_rendered(page, "Curves")
+        assert_no_errors(page)
+        assert_frame(page)
+    tab.assert_safe()
+
+
+def test_start_form_says_the_key_is_missing(dashboard: str, filled, tab: Tab) -> None:
+    store, _ids = filled
+    before = [r["id"] for r in store.runs()]
+    page = tab.page
+    page.goto(dashboard)
+    wait_rendered(page, "Runs")
+    page.get_by_text("Start a run").click()
+    forward = page.get_by_role("textbox", name="Forward model")
+    forward.fill("openai:gpt-4o-mini")
+    page.get_by_role("button", name="Start").click()
+    error = page.locator('[data-testid="stAlertContentError"]')
+    error.wait_for(state="visible")
+    wait_rendered(page, "Runs")
+    assert "no OpenAI API key" in error.inner_text(), error.inner_text()
+    assert "OPENAI_API_KEY" in error.inner_text(), error.inner_text()
+    assert page.locator('[data-testid="stException"]').count() == 0
+    assert [r["id"] for r in store.runs()] == before  # nothing was registered
+    screenshot(page, "runs-missing-key")
+    tab.assert_safe()
