@@ -32,7 +32,7 @@ def curves() -> None:
         columns={"val_score": "validation", "test_score": "test"})
     fig = px.line(scores, x="step", y=["validation", "test"], markers=True, title="Score per step",
                   labels={"value": "score", "variable": "split"})
-    st.plotly_chart(fig.update_traces(connectgaps=True).update_yaxes(range=[0, 1.05]))
+    st.plotly_chart(fig.update_traces(connectgaps=True).update_yaxes(range=[0, 1.05]).update_xaxes(dtick=1))
 
     for prefix, unit in (("tokens_", "tokens"), ("wall_s_", "seconds")):
         left, right = st.columns(2)
