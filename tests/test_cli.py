@@ -1,0 +1,78 @@
+"""The `autodiff` command: runs, show, export (its JSON schema), bad input, store seeding."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from autodiff import cli
+from autodiff.store import Store
+from tests.fake_runs import fake_run
+
+
+@pytest.fixture
+def one_run(tmp_path: Path) -> tuple[Path, str]:
+    store = Store(tmp_path / "runs.sqlite")
+    run_id = fake_run(store, tmp_path / "cache.sqlite", steps=2)
+    return store.path, run_id
+
+
+def test_runs_show_and_export(one_run, capsys) -> None:
+    path, run_id = one_run
+    assert cli.main(["--store", str(path), "runs"]) == 0
+    assert run_id in capsys.readouterr().out
+    assert cli.main(["--store", str(path), "show", run_id]) == 0
+    assert "step   1" in capsys.readouterr().out
+    assert cli.main(["--store", str(path), "export", run_id]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert set(doc) >= {"run", "steps", "proposals", "gradients"}
+    assert {"id", "task", "config", "status"} <= set(doc["run"])
+    step = doc["steps"][1]
+    assert {"step", "parameters", "val_score", "test_score", "tokens_by_phase"} <= set(step)
+    assert set(step["tokens_by_phase"]) == {"forward", "backward", "propose", "validate", "test"}
+    proposal = doc["proposals"][0]
+    assert {"parameter", "step", "value", "method", "reasoning", "scores", "fate", "decided_by"} <= set(proposal)
+    assert {"minibatch", "validation"} <= set(proposal["scores"])
+    gradient = doc["gradients"][0]
+    assert {"step", "sample", "node", "target", "call_index", "score", "text"} <= set(gradient)
+
+
+def test_bad_input_is_one_clear_error_and_exit_code_2(tmp_path: Path, capsys) -> None:
+    store = str(tmp_path / "runs.sqlite")
+    assert cli.main(["--store", store, "train", "no_such_task", "--model", "fake:x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown task 'no_such_task'") and "Traceback" not in err
+    assert cli.main(["--store", store, "train", "trec", "--model", "fake:x", "--batch-size", "0"]) == 2
+    assert "batch_size" in capsys.readouterr().err
+    assert cli.main(["--store", store, "show", "missing-run"]) == 2
+    assert "no run with id 'missing-run'" in capsys.readouterr().err
+
+
+def test_a_new_store_starts_from_the_sample_runs(tmp_path: Path, monkeypatch) -> None:
+    sample = tmp_path / "sample.sqlite"
+    Store(sample)
+    monkeypatch.setattr(cli, "SAMPLE_STORE", sample)
+    target = tmp_path / "home" / "runs.sqlite"
+    cli.seed_store(target)
+    assert target.exists()
+    tables = {r[0] for r in sqlite3.connect(target).execute("SELECT name FROM sqlite_master")}
+    assert "runs" in tables
+    target.write_bytes(b"keep me")  # an existing store is never overwritten
+    cli.seed_store(target)
+    assert target.read_bytes() == b"keep me"
+
+
+def test_bundled_sample_runs_say_which_models_made_them() -> None:
+    if not cli.SAMPLE_STORE.exists():
+        pytest.skip("no bundled sample runs in this checkout")
+    store = Store(cli.SAMPLE_STORE)
+    runs = store.runs()
+    assert {r["task"] for r in runs} >= {"object_counting", "trec", "multihop_rag"}
+    for run in runs:
+        assert run["status"] == "completed"
+        assert run["config"]["forward_model"].startswith("local:")
+    decided = [p for r in runs for p in store.proposals(r["id"]) if p["decided_by"] not in (None, "auto")]
+    assert {p["fate"] for p in decided} >= {"accepted", "rejected"}
