@@ -61,7 +61,8 @@ def parser() -> argparse.ArgumentParser:
     dash = sub.add_parser("dashboard", help="open the dashboard on localhost")
     dash.add_argument("--port", type=int, default=8501)
     dash.add_argument("--address", default="localhost")
-    sub.add_parser("sample-runs", help="regenerate the bundled sample runs with the local model")
+    samples = sub.add_parser("sample-runs", help="regenerate the bundled sample runs with the local model")
+    samples.add_argument("--only", type=int, nargs="*", help="redo only these entries of SAMPLE_RUNS (0-based)")
     for p in (resume,):
         for a in ("--store", "--cache"):
             p.add_argument(a, type=Path, default=argparse.SUPPRESS)
@@ -215,7 +216,7 @@ def cmd_dashboard(args) -> int:
 def cmd_sample_runs(args) -> int:
     from autodiff.samples import regenerate
 
-    regenerate(SAMPLE_STORE, quiet=args.quiet)
+    regenerate(SAMPLE_STORE, quiet=args.quiet, only=args.only)
     return 0
 
 

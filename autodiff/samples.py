@@ -31,9 +31,13 @@ SAMPLE_RUNS: list[dict] = [
      "test_limit": 6},
     # The 135M optimizer never writes the tagged format, so the review run parses leniently: its
     # untagged replies become candidates, which still face the checks and both validation stages.
-    {"task": "object_counting", "steps": 2, "batch_size": 3, "max_failed": 2, "proposals": 1, "val_limit": 6,
+    {"task": "object_counting", "steps": 3, "batch_size": 3, "max_failed": 2, "proposals": 2, "val_limit": 6,
      "test_limit": 6, "review": "all", "seed": 7, "lenient_proposals": True},
 ]
+
+
+def _same(config: dict, options: dict) -> bool:
+    return config["task"] == options["task"] and config.get("review", "off") == options.get("review", "off")
 
 
 def _verdict(proposal: dict) -> str:
@@ -50,15 +54,22 @@ def _reviewer(store: Store, stop: threading.Event) -> None:
         time.sleep(0.2)
 
 
-def regenerate(target: Path, quiet: bool = False, runs: list[dict] | None = None) -> list[str]:
-    """Train each sample run into a fresh store, then replace `target` with it."""
+def regenerate(target: Path, quiet: bool = False, only: list[int] | None = None) -> list[str]:
+    """Train each sample run into a fresh store, then replace `target` with it. With `only` (indexes
+    into SAMPLE_RUNS), keep the other runs of `target` and redo just those."""
     work = Path(tempfile.mkdtemp(prefix="autodiff-samples-"))
+    runs = [SAMPLE_RUNS[i] for i in only] if only else SAMPLE_RUNS
+    if only and target.exists():
+        shutil.copyfile(target, work / "runs.sqlite")
     store = Store(work / "runs.sqlite")
+    for old in store.runs():
+        if any(_same(old["config"], options) for options in runs):
+            store.delete_run(old["id"])
     stop = threading.Event()
     threading.Thread(target=_reviewer, args=(store, stop), daemon=True).start()
     ids = []
     try:
-        for options in runs or SAMPLE_RUNS:
+        for options in runs:
             if not quiet:
                 print(f"training sample run: {options}", flush=True)
             ids.append(train(store, forward_model=LOCAL, backward_model=LOCAL, optimizer_model=LOCAL,
@@ -66,7 +77,8 @@ def regenerate(target: Path, quiet: bool = False, runs: list[dict] | None = None
     finally:
         stop.set()
     with store.connect() as conn:
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.execute("VACUUM")
+    store.close()
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(work / "runs.sqlite", target)
     shutil.rmtree(work, ignore_errors=True)

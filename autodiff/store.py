@@ -189,6 +189,15 @@ class Store:
             rows = conn.execute("SELECT * FROM runs ORDER BY created_at DESC").fetchall()
         return [_run_dict(r) for r in rows]
 
+    def delete_run(self, run_id: str) -> None:
+        """Remove a run and every record of it."""
+        self.run(run_id)
+        with self.connect() as conn:
+            for table in ("samples", "parameters", "parameter_versions", "steps", "invocations", "gradients",
+                          "llm_calls", "proposals", "evaluations"):
+                conn.execute(f"DELETE FROM {table} WHERE run_id = ?", (run_id,))
+            conn.execute("DELETE FROM runs WHERE id = ?", (run_id,))
+
     def run_ids_matching(self, prefix: str) -> list[str]:
         with self.connect() as conn:
             return [r[0] for r in conn.execute("SELECT id FROM runs WHERE id LIKE ?", (prefix + "%",))]

@@ -356,12 +356,12 @@ class Trainer:
         if decision == "reject":
             self.store.update_proposal(proposal.id, fate="rejected", decided_by=by, decided_at=now)
             return False, baseline
-        reason = "accepted by a person" if not by.startswith("timeout") else f"accepted by fallback ({by})"
+        reason = f"accepted by {by}" if not by.startswith("timeout") else f"accepted by fallback ({by})"
         if decision == "edit":
             overrides = {param.name: value}
             val = self.evaluate(self.val, overrides, phase="validate", step=step)
             mb = self.evaluate(minibatch, overrides, phase="validate", step=step)
-            reason = "edited, then accepted by a person"
+            reason = f"edited, then accepted by {by}"
         else:
             value = proposal.value
         self.store.update_proposal(proposal.id, fate="accepted", decided_by=by, decided_at=now, reason=reason)
