@@ -57,6 +57,7 @@ class RunConfig(BaseModel):
     test_each_accept: bool = False
     seed: int = 0
     max_tokens: int = Field(512, ge=16, le=8192)
+    optimizer_max_tokens: int = Field(1024, ge=16, le=16384)  # room for several proposals per reply
 
     @field_validator("forward_model", "backward_model", "optimizer_model")
     @classmethod

@@ -101,7 +101,8 @@ class Trainer:
         self.params = {p.name: p for p in task.pipeline.parameters()}
         self.samples = task.sample_index()
         self.tau = config.tau if config.tau is not None else task.tau
-        self.optimizer = Optimizer(roles.optimizer, n_proposals=config.proposals, lenient=config.lenient_proposals)
+        self.optimizer = Optimizer(roles.optimizer, n_proposals=config.proposals, lenient=config.lenient_proposals,
+                                   max_tokens=config.optimizer_max_tokens)
         self.pool = ThreadPoolExecutor(max_workers=config.concurrency)
         self.val = task.splits["val"][: config.val_limit]
         self.test = task.splits["test"][: config.test_limit]
