@@ -29,6 +29,18 @@ LOSS_FEEDBACK = """The pipeline produced a final answer that scored {{score}} (1
 In at most three sentences, say what is wrong with the prediction compared with the expected \
 answer (content, format, or both) and what the step that produced it should have done instead."""
 
+# What one LLM call saw and said, and what came back from downstream: shown to every backward call.
+CALL_EVIDENCE = """<prompt_sent>
+{{prompt}}
+</prompt_sent>
+<output>
+{{output}}
+</output>
+<downstream_feedback score="{{score}}">
+{{feedback}}
+</downstream_feedback>
+"""
+
 PARAMETER_FEEDBACK = """Node `{{node}}` is an LLM call. {{call_note}}
 Its prompt is built from several peer texts. Your target is the peer `{{target}}` \
 (kind: {{kind}}; role: {{role}}). The other peers are shown read-only so your feedback does not \
@@ -37,16 +49,7 @@ duplicate or contradict them; leave their concerns to them.
 <peers>
 {{peers}}
 </peers>
-<prompt_sent>
-{{prompt}}
-</prompt_sent>
-<output>
-{{output}}
-</output>
-<downstream_feedback score="{{score}}">
-{{feedback}}
-</downstream_feedback>
-
+""" + CALL_EVIDENCE + """
 In at most three sentences, say how the text of `{{target}}` alone should change so that this \
 call would have produced a better output. If `{{target}}` is not to blame, say "No change needed" \
 and why."""
@@ -54,16 +57,7 @@ and why."""
 OUTPUT_FEEDBACK = """Node `{{node}}` is an LLM call. {{call_note}}
 One of its inputs, `{{input_name}}`, was produced upstream by `{{source}}`.
 
-<prompt_sent>
-{{prompt}}
-</prompt_sent>
-<output>
-{{output}}
-</output>
-<downstream_feedback score="{{score}}">
-{{feedback}}
-</downstream_feedback>
-
+""" + CALL_EVIDENCE + """
 In at most three sentences, say how the input `{{input_name}}` should have been different for \
 this call to produce a correct output. Speak about the input, not about this node's prompt."""
 
