@@ -5,7 +5,6 @@ These run the real model (a few seconds each); deselect them with -m "not local_
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from autodiff.llm.local_provider import (
     prompt_tokens,
 )
 from autodiff.llm.types import Message, Request
+from tests.servers import free_port, stop
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -137,12 +137,6 @@ def test_corrupt_gguf_is_config_error(tmp_path: Path) -> None:
         LocalProvider().complete(f"local:{bad}", ask("hi"))
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def wait_until_serving(base_url: str, server: subprocess.Popen, log: Path) -> None:
     deadline = time.monotonic() + SERVER_START_TIMEOUT
     while time.monotonic() < deadline:
@@ -181,12 +175,7 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         wait_until_serving(base_url, server, log)
         yield base_url
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop(server, timeout=10)
 
 
 def test_openai_provider_against_llama_cpp_server(llama_server: str) -> None:
