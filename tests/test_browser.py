@@ -17,6 +17,7 @@ from typing import Iterator
 from urllib.parse import urlparse
 
 import pytest
+from playwright.sync_api import expect
 
 from autodiff.store import Store
 from tests.fake_runs import HOSTILE, filled_store
@@ -116,14 +117,16 @@ def assert_no_errors(page) -> None:
 
 
 def assert_frame(page) -> None:
-    """The frame drew around the page: every navigation link, the store caption, the run picker."""
+    """The frame drew around the page: every navigation link, the store caption, the run picker.
+    Streamlit's front end loads a widget's code on its first use, so the run picker can appear a
+    moment after the run that sent it has finished: these checks wait (up to a few seconds)."""
     nav = page.locator('[data-testid="stSidebarNav"]')
     for name in PAGES:
-        assert nav_link(page, name).count() == 1, (name, nav.inner_text())
+        expect(nav_link(page, name)).to_have_count(1)
     assert "app" not in [t.strip() for t in nav.locator("a").all_inner_texts()]  # no legacy page list
     sidebar = page.locator('[data-testid="stSidebar"]')
-    assert "Store:" in sidebar.inner_text()
-    assert sidebar.locator('[data-testid="stSelectbox"]', has_text="Run").count() == 1
+    expect(sidebar).to_contain_text("Store:")
+    expect(sidebar.locator('[data-testid="stSelectbox"]', has_text="Run")).to_have_count(1, timeout=RENDER_TIMEOUT_MS)
     assert "No runs in this store yet" not in page.locator('[data-testid="stMain"]').inner_text()
 
 
@@ -208,8 +211,8 @@ def test_deep_link_as_a_fresh_servers_first_request(filled, tab: Tab, tmp_path: 
         page.goto(f"{url}/graph")
         page.locator('h1, [data-testid="stAlert"]').first.wait_for(state="visible")  # a title, or "No runs"
         page.locator('[data-testid="stApp"][data-test-script-state="notRunning"]').wait_for(state="attached")
-        assert_frame(page)
         wait_rendered(page, "Graph")
+        assert_frame(page)
         assert_no_errors(page)
         assert urlparse(page.url).path == "/graph"
         assert page.get_by_text("Page not found").count() == 0
