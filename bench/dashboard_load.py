@@ -10,7 +10,7 @@ the real dashboard on that store (`streamlit run app.py`) and drives headless Ch
 repetition a new tab (a new dashboard session) opens the dashboard, then clicks each page's
 sidebar link and times from the click until the page has finished rendering (title heading shown,
 script run over, running widget gone, no element left as a loading placeholder; on the Graph page
-also the pyvis iframe's canvas drawn). The first load of the Runs page (typing the address, so
+also the pyvis iframe's canvas drawn, on Curves and Compare every plotly chart drawn). The first load of the Runs page (typing the address, so
 Streamlit's own front end boots too) is timed on its own.
 
 Printed: per page, the median and the max over the repetitions, in seconds, against the target.
@@ -37,7 +37,9 @@ from autodiff.config import make_config  # noqa: E402
 from autodiff.records import Evaluation, Gradient, InputRef, Invocation, LLMCall, Proposal, Trace  # noqa: E402
 from autodiff.store import Store  # noqa: E402
 from tests.live_dashboard import (CHROMIUM, PAGES, dashboard_server, launch_chromium, nav_link,  # noqa: E402
-                                  wait_graph_drawn, wait_rendered)
+                                  wait_charts_drawn, wait_graph_drawn, wait_rendered)
+
+CHARTS = {"Curves": 5, "Compare": 3}  # plotly figures each page draws (in one iframe)
 
 # The pipeline: node -> (kind, calls per sample, its parameters). Eight nodes, nine parameters.
 NODES = {
@@ -275,6 +277,8 @@ def measure(url: str, reps: int) -> dict[str, list[float]]:
                 wait_rendered(page, title)
                 if title == "Graph":
                     wait_graph_drawn(page)
+                if title in CHARTS:
+                    wait_charts_drawn(page, CHARTS[title])
                 times[title].append(time.perf_counter() - start)
                 errors = page.locator('[data-testid="stException"], [data-testid="stAlertContentError"]')
                 if errors.count():

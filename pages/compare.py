@@ -1,12 +1,13 @@
 """Compare: two or more runs side by side: curves, cost, final prompts and test samples that differ."""
 
 import pandas as pd
-import plotly.express as px
+import plotly.graph_objects as go
 import streamlit as st
 
 from autodiff import compare
 from autodiff.diffs import inline_diff_html
 from autodiff.metrics import run_summary, step_figures
+from dashboard import charts
 from dashboard.common import md, require_run
 
 store, run_id = require_run()
@@ -36,15 +37,19 @@ steps = pd.DataFrame([{**row, "run": r} for r in chosen for row in step_figures(
 if not steps.empty:
     steps["tokens so far"] = steps.groupby("run")["tokens"].cumsum()
     steps["seconds so far"] = steps.fillna({"wall_s": 0}).groupby("run")["wall_s"].cumsum()
-    scores = steps.melt(["run", "step"], ["val_score", "test_score"], var_name="split", value_name="score")
-    scores["split"] = scores["split"].map({"val_score": "validation", "test_score": "test"})
-    fig = px.line(scores.dropna(subset=["score"]), x="step", y="score", color="run", line_dash="split",
-                  markers=True, title="Scores per step")
-    st.plotly_chart(fig.update_yaxes(range=[0, 1.05]))
-    left, right = st.columns(2)
-    left.plotly_chart(px.line(steps, x="step", y="tokens so far", color="run", markers=True, title="Cumulative tokens"))
-    right.plotly_chart(px.line(steps, x="step", y="seconds so far", color="run", markers=True,
-                               title="Cumulative step time (s)"))
+    runs = [(charts.label(r), steps[steps["run"] == r]) for r in chosen]
+    scores = [go.Scatter(x=rows["step"], y=rows[column].astype(float), name=f"{name} {split}", legendgroup=name,
+                         mode="lines+markers", connectgaps=True, line={"dash": dash, "color": colour},
+                         marker={"color": colour})
+              for (name, rows), colour in zip(runs, charts.COLOURS * 4)
+              for column, split, dash in (("val_score", "validation", "solid"), ("test_score", "test", "dot"))]
+    charts.draw([
+        charts.figure("Scores per step (solid: validation, dotted: test)", scores, y="score", y_range=(0, 1.05)),
+        tuple(charts.figure(title, [go.Scatter(x=rows["step"], y=rows[column], name=name, mode="lines+markers")
+                                    for name, rows in runs], y=unit)
+              for title, column, unit in (("Cumulative tokens", "tokens so far", "tokens"),
+                                          ("Cumulative step time", "seconds so far", "seconds"))),
+    ])
 
 st.subheader("Final prompts")
 st.caption(f"Each run's final value against the baseline {md(chosen[0])}: struck out was removed, green was added.")

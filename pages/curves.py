@@ -1,10 +1,11 @@
 """Curves: scores, tokens and time by phase, proposals by fate, and backward calls saved, per step."""
 
 import pandas as pd
-import plotly.express as px
+import plotly.graph_objects as go
 import streamlit as st
 
 from autodiff.metrics import FATES, PHASES, step_figures
+from dashboard import charts
 from dashboard.common import md, require_run
 
 FATE_LABELS = dict(zip(FATES, ("proposed", "passed mini-batch", "passed validation", "accepted",
@@ -16,10 +17,16 @@ st.caption(f"Run {md(run_id)}")
 live = store.run(run_id)["status"] in ("created", "running")
 
 
-def by_phase(df: pd.DataFrame, prefix: str, cumulative: bool = False) -> pd.DataFrame:
-    """Long form (step, phase, value) of the per-phase columns `prefix + phase`."""
-    wide = df.set_index("step")[[prefix + p for p in PHASES]].rename(columns=lambda c: c.removeprefix(prefix))
-    return (wide.cumsum() if cumulative else wide).reset_index().melt("step", var_name="phase", value_name="value")
+def by_phase(df: pd.DataFrame, prefix: str, unit: str) -> go.Figure:
+    """Per step, stacked bars by phase; the running total as a line on the right-hand axis."""
+    bars = [go.Bar(x=df["step"], y=df[prefix + p], name=p) for p in PHASES]
+    total = df[[prefix + p for p in PHASES]].sum(axis=1).cumsum()
+    line = go.Scatter(x=df["step"], y=total, name="cumulative (right axis)", yaxis="y2", mode="lines",
+                      line={"color": "#444444", "dash": "dot"})
+    fig = charts.figure(f"{unit.capitalize()} per step by phase, and cumulative", [*bars, line], y=unit,
+                        barmode="stack")
+    return fig.update_layout(yaxis2={"title": {"text": f"{unit} so far"}, "overlaying": "y", "side": "right",
+                                     "rangemode": "tozero", "showgrid": False})
 
 
 @st.fragment(run_every=5 if live else None)
@@ -28,30 +35,20 @@ def curves() -> None:
     if df.empty:
         st.info("This run has no steps yet; the curves appear once its first step (the initial evaluation) ends.")
         return
-    scores = df[["step", "val_score", "test_score"]].astype(float).rename(
-        columns={"val_score": "validation", "test_score": "test"})
-    fig = px.line(scores, x="step", y=["validation", "test"], markers=True, title="Score per step",
-                  labels={"value": "score", "variable": "split"})
-    st.plotly_chart(fig.update_traces(connectgaps=True).update_yaxes(range=[0, 1.05]).update_xaxes(dtick=1))
-
-    for prefix, unit in (("tokens_", "tokens"), ("wall_s_", "seconds")):
-        left, right = st.columns(2)
-        left.plotly_chart(px.bar(by_phase(df, prefix), x="step", y="value", color="phase",
-                                 title=f"{unit.capitalize()} per step by phase", labels={"value": unit}))
-        right.plotly_chart(px.area(by_phase(df, prefix, cumulative=True), x="step", y="value", color="phase",
-                                   title=f"Cumulative {unit} by phase", labels={"value": unit}))
+    score = [go.Scatter(x=df["step"], y=df[column].astype(float), name=name, mode="lines+markers", connectgaps=True)
+             for column, name in (("val_score", "validation"), ("test_score", "test"))]
+    proposals = [go.Bar(x=df["step"], y=df[fate], name=name) for fate, name in FATE_LABELS.items()]
+    backward = [go.Bar(x=df["step"], y=df["calls_backward"], name="made (failed samples)"),
+                go.Bar(x=df["step"], y=df["backward_calls_saved"].astype(float), name="saved (correct samples)")]
+    charts.draw([
+        charts.figure("Score per step", score, y="score", y_range=(0, 1.05)),
+        (by_phase(df, "tokens_", "tokens"), by_phase(df, "wall_s_", "seconds")),
+        (charts.figure("Proposals per step by how far they got", proposals, y="proposals", barmode="group"),
+         charts.figure("Backward calls made, and saved by selective backward", backward, y="calls",
+                       barmode="group")),
+    ])
     st.caption("Tokens count fresh calls only (cache hits cost nothing). Time per phase is the wall-clock span "
                "of its calls; phases of one step may overlap.")
-
-    fates = df.set_index("step")[list(FATES)].rename(columns=FATE_LABELS).reset_index()
-    st.plotly_chart(px.bar(fates.melt("step", var_name="fate", value_name="proposals"), x="step", y="proposals",
-                           color="fate", barmode="group", title="Proposals per step by how far they got"))
-
-    backward = df[["step", "calls_backward", "backward_calls_saved"]].astype(float).rename(
-        columns={"calls_backward": "backward calls made", "backward_calls_saved": "backward calls saved"})
-    st.plotly_chart(px.bar(backward, x="step", y=["backward calls made", "backward calls saved"], barmode="group",
-                           title="Backward calls: made for failed samples, saved on correct ones",
-                           labels={"value": "calls", "variable": ""}))
 
 
 curves()

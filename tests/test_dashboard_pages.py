@@ -3,15 +3,19 @@ runs on the scripted fake LLM (whose feedback and proposals carry hostile HTML).
 
 from __future__ import annotations
 
+import base64
+import json
 import re
 import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
 from autodiff import compare, runner
+from autodiff.metrics import PHASES, step_figures
 from autodiff.store import Store
 from tests.fake_runs import fake_run, filled_store
 
@@ -167,11 +171,38 @@ def test_stop_and_resume_buttons(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 # --- curves -------------------------------------------------------------------------------------
 
+def chart_figures(at: AppTest) -> list[dict]:
+    """The plotly figures a page drew (dashboard/charts.py puts them all in one iframe)."""
+    frames = [e.proto.srcdoc for e in walk(at.main) if e.type == "iframe" and 'id="figures"' in e.proto.srcdoc]
+    assert len(frames) == 1, f"{len(frames)} chart frames"
+    block = re.search(r'<script type="application/json" id="figures">(.*?)</script>', frames[0], re.S)
+    return json.loads(block.group(1))
+
+
+def values(data: list | dict) -> list:
+    """A trace's x or y as a list: plotly writes numpy arrays as base64 typed arrays."""
+    if isinstance(data, dict):
+        return np.frombuffer(base64.b64decode(data["bdata"]), dtype=data["dtype"]).tolist()
+    return data
+
+
 def test_curves_draws_every_chart(filled) -> None:
     store, ids = filled
     at = open_page(store.path, "pages/curves.py", ids[0])
     assert_clean(at)
-    assert len(at.get("plotly_chart")) == 7  # score, tokens x2, time x2, proposals, backward
+    figures = chart_figures(at)
+    titles = [f["layout"]["title"]["text"] for f in figures]
+    assert titles == ["Score per step", "Tokens per step by phase, and cumulative",
+                      "Seconds per step by phase, and cumulative", "Proposals per step by how far they got",
+                      "Backward calls made, and saved by selective backward"]
+    rows = step_figures(store, ids[0])
+    score = {t["name"]: values(t["y"]) for t in figures[0]["data"]}
+    assert score["validation"] == [r["val_score"] for r in rows]
+    tokens = {t["name"]: values(t["y"]) for t in figures[1]["data"]}
+    assert set(tokens) == {*PHASES, "cumulative (right axis)"}
+    assert tokens["cumulative (right axis)"][-1] == sum(r["tokens"] for r in rows) > 0
+    fates = {t["name"]: values(t["y"]) for t in figures[3]["data"]}
+    assert fates["proposed"] == [r["proposed"] for r in rows] and sum(fates["proposed"]) > 0
 
 
 def test_pages_draw_a_step_in_progress(tmp_path: Path) -> None:
@@ -287,7 +318,10 @@ def test_compare_runs(filled) -> None:
     at = open_page(store.path, "pages/compare.py", ids[0])
     assert_clean(at)
     assert at.multiselect(key="compare_runs").value == [ids[0], ids[2]]
-    assert len(at.get("plotly_chart")) == 3
+    figures = chart_figures(at)
+    assert [f["layout"]["title"]["text"] for f in figures] == [
+        "Scores per step (solid: validation, dotted: test)", "Cumulative tokens", "Cumulative step time"]
+    assert {t["name"] for t in figures[1]["data"]} == {ids[0], ids[2]}
     assert any("&lt;script&gt;" in h.value for h in at.get("html"))  # a final prompt diffed, escaped
     differing = at.dataframe[-1].value
     assert len(differing) == len(compare.differing_samples(store, [ids[0], ids[2]])) > 0

@@ -1,0 +1,66 @@
+"""The charts' HTML (dashboard/charts.py): the bundle it serves, and untrusted labels kept as text."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import plotly.graph_objects as go
+import plotly.offline
+import pytest
+import streamlit as st
+
+from dashboard import charts
+
+HOSTILE = '</script><script>alert("x")</script><img src=x onerror=alert(1)>'
+
+
+def scripts(page: str) -> list[tuple[str, str]]:
+    return re.findall(r"<script([^>]*)>(.*?)</script>", page, re.S)
+
+
+def test_the_served_bundle_is_the_plotly_js_that_plotly_targets() -> None:
+    """Figures are written by the installed plotly package for the plotly.js it bundles; the
+    static bundle must be that same version, to the minor (pyproject pins plotly to match; update
+    static/ when moving the pin)."""
+    head = charts.BUNDLE.read_text(encoding="utf-8")[:200]
+    found = re.search(r"plotly\.js (?:\(basic - minified\) )?v(\S+)", head)
+    assert found, head
+    major_minor = lambda version: version.split(".")[:2]  # noqa: E731
+    assert major_minor(found.group(1)) == major_minor(plotly.offline.get_plotlyjs_version())
+    assert (charts.BUNDLE.parent / "plotly-basic.LICENSE").read_text().startswith("MIT License")
+
+
+def test_hostile_labels_stay_inside_their_json_blocks() -> None:
+    fig = charts.figure(f"Score {HOSTILE}", [go.Scatter(x=[0, 1], y=[0.2, 0.4], name=charts.label(HOSTILE))],
+                        y="score")
+    page = charts.page_html([fig, (fig, fig)], bundle="/app/static/plotly-basic.min.js")
+    blocks = scripts(page)
+    # Exactly the page's own four scripts: figures, template, the bundle, the drawing code.
+    assert [attrs.strip() for attrs, _ in blocks] == ['type="application/json" id="figures"',
+                                                      'type="application/json" id="template"',
+                                                      'src="/app/static/plotly-basic.min.js"', ""]
+    figures = json.loads(blocks[0][1])
+    assert len(figures) == 3
+    assert figures[0]["layout"]["title"]["text"] == f"Score {HOSTILE}"  # the title: plotly shows it as text
+    assert figures[0]["data"][0]["name"] == charts.label(HOSTILE)  # a store label: escaped for plotly
+    assert "<img" not in page and "<script>alert" not in page
+    assert re.search(r"https?://", page) is None  # nothing is fetched from outside
+
+
+def test_label_escapes_the_tags_plotly_would_render() -> None:
+    assert charts.label('run <b>1</b> & <a href="javascript:x">') == 'run &lt;b&gt;1&lt;/b&gt; &amp; &lt;a href="javascript:x"&gt;'
+    assert charts.label(None) == ""
+
+
+@pytest.mark.parametrize("base,url", [("", "/app/static/plotly-basic.min.js"),
+                                      ("/tools/autodiff/", "/tools/autodiff/app/static/plotly-basic.min.js")])
+def test_bundle_url_follows_the_base_path(monkeypatch, base, url) -> None:
+    monkeypatch.setattr(st, "get_option", lambda name: base if name == "server.baseUrlPath" else None)
+    assert charts.bundle_url() == url
+
+
+def test_few_steps_get_whole_step_ticks() -> None:
+    few = charts.figure("t", [go.Bar(x=[0, 1, 2], y=[1, 2, 3])], y="v")
+    many = charts.figure("t", [go.Bar(x=list(range(50)), y=list(range(50)))], y="v")
+    assert few.layout.xaxis.dtick == 1 and many.layout.xaxis.dtick is None
