@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from autodiff.config import make_config  # noqa: E402
 from autodiff.records import Evaluation, Gradient, InputRef, Invocation, LLMCall, Proposal, Trace  # noqa: E402
 from autodiff.store import Store  # noqa: E402
-from tests.live_dashboard import (CHROMIUM, PAGES, dashboard_server, launch_chromium, nav_link,  # noqa: E402
+from tests.live_dashboard import (CHROMIUM, PAGES, ROOT, dashboard_server, launch_chromium, nav_link,  # noqa: E402
                                   wait_charts_drawn, wait_graph_drawn, wait_rendered)
 
 CHARTS = {"Curves": 5, "Compare": 3}  # plotly figures each page draws (in one iframe)
@@ -288,6 +288,31 @@ def measure(url: str, reps: int) -> dict[str, list[float]]:
     return times
 
 
+def streamlit_floor(home: Path, reps: int) -> list[float]:
+    """The first load of a Streamlit app that only writes the Runs title, timed the same way, with
+    the dashboard's Streamlit settings: what any page's first load costs before our code runs."""
+    folder = home / "empty_app"
+    (folder / ".streamlit").mkdir(parents=True, exist_ok=True)
+    (folder / ".streamlit" / "config.toml").write_text((ROOT / ".streamlit" / "config.toml").read_text())
+    (folder / "app.py").write_text('import streamlit as st\n\nst.title("Runs")\n')
+    from playwright.sync_api import sync_playwright
+
+    times = []
+    with dashboard_server(home / "runs.sqlite", home / "empty_app.log", app=folder / "app.py") as url, \
+            sync_playwright() as p:
+        browser = launch_chromium(p)
+        context = browser.new_context(viewport={"width": 1400, "height": 1000})
+        for _ in range(reps):
+            page = context.new_page()
+            start = time.perf_counter()
+            page.goto(url)
+            wait_rendered(page, "Runs")
+            times.append(time.perf_counter() - start)
+            page.close()
+        browser.close()
+    return times
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=3)
@@ -309,6 +334,7 @@ def main() -> int:
               f"{len(store.invocations(run_id))} invocations")
         with dashboard_server(home / "runs.sqlite", home / "dashboard.log") as url:
             times = measure(url, args.reps)
+        floor = streamlit_floor(home, args.reps)
     load = os.getloadavg()[0]
     print(f"\n{args.reps} repetitions, load average {load:.1f} on {os.cpu_count()} CPUs; target {args.target:.1f} s")
     print(f"{'page':<20} {'median s':>9} {'max s':>7}  ")
@@ -319,6 +345,8 @@ def main() -> int:
         if worst > args.target:
             missed.append(title)
         print(f"{title:<20} {median:>9.2f} {worst:>7.2f}{flag}")
+    print(f"{'(empty app, first load)':<20} {statistics.median(floor):>9.2f} {max(floor):>7.2f}  "
+          "Streamlit's own start in a new tab: an app that only writes a title")
     print("every page within target" if not missed else f"over target: {', '.join(missed)}")
     return 0
 

@@ -18,7 +18,10 @@ st.title("Runs")
 if started := st.session_state.pop("started_run", None):
     st.success(f"Started run {md(started)} in the background: it goes on if you close this tab.")
 
-with st.expander("Start a run", expanded=not store.runs()):
+
+
+def start_form() -> None:
+    """Task, models per role and sizes; Start launches the run in the background and follows it."""
     with st.form("new_run"):
         task = st.selectbox("Task", task_names())
         models = {role: col.text_input(f"{role.capitalize()} model", value=default_model(), key=f"model_{role}",
@@ -36,7 +39,8 @@ with st.expander("Start a run", expanded=not store.runs()):
                                            "model takes about a second per sample)")
         test_limit = right.number_input("Test samples", min_value=1, max_value=1000, value=20)
         submitted = st.form_submit_button("Start", type="primary")
-if submitted:
+    if not submitted:
+        return
     try:
         run_id = launch(store, cache_path(), task=task, steps=steps, batch_size=batch_size, review=review,
                         val_limit=val_limit, test_limit=test_limit,
@@ -46,7 +50,17 @@ if submitted:
     else:
         st.session_state["started_run"] = run_id
         st.session_state["run_picker"] = run_id  # follow the new run in the sidebar
-        st.rerun()
+        st.rerun()  # closes the dialog, if the form was in one
+
+
+# With runs to show, the form opens in a dialog on demand: its widgets (and their code, which the
+# browser loads on first use) cost nothing until then. An empty store shows it straight away.
+start_dialog = st.dialog("Start a run", width="large")(start_form)
+if not store.runs():
+    st.subheader("Start a run")
+    start_form()
+elif st.button("Start a run", icon=":material/play_arrow:"):
+    start_dialog()
 
 runs = store.runs()
 if not runs:

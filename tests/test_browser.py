@@ -228,11 +228,12 @@ def test_start_form_says_the_key_is_missing(dashboard: str, filled, tab: Tab) ->
     page = tab.page
     page.goto(dashboard)
     wait_rendered(page, "Runs")
-    page.get_by_text("Start a run").click()
-    forward = page.get_by_role("textbox", name="Forward model")
+    page.get_by_role("button", name="Start a run").click()  # with runs in the store: a dialog
+    dialog = page.get_by_role("dialog")
+    forward = dialog.get_by_role("textbox", name="Forward model")
     forward.fill("openai:gpt-4o-mini")
-    page.get_by_role("button", name="Start").click()
-    error = page.locator('[data-testid="stAlertContentError"]')
+    dialog.get_by_role("button", name="Start", exact=True).click()
+    error = dialog.locator('[data-testid="stAlertContentError"]')
     error.wait_for(state="visible")
     wait_rendered(page, "Runs")
     assert "no OpenAI API key" in error.inner_text(), error.inner_text()
