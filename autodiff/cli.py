@@ -208,7 +208,8 @@ def cmd_dashboard(args) -> int:
     env = dict(os.environ, AUTODIFF_STORE=str(store_path),
                AUTODIFF_CACHE=str((args.cache or default_cache_path()).resolve()))
     cmd = [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.address", args.address,
-           "--server.port", str(args.port), "--browser.gatherUsageStats", "false", "--server.headless", "true"]
+           "--server.port", str(args.port), "--browser.gatherUsageStats", "false", "--server.headless", "true",
+           "--server.enableStaticServing", "true"]  # the charts' plotly.js (dashboard/charts.py)
     print(f"dashboard on http://{args.address}:{args.port}  (store {store_path})")
     return subprocess.call(cmd, env=env, cwd=ROOT)
 
