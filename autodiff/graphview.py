@@ -15,6 +15,7 @@ from __future__ import annotations
 import html
 import re
 from collections import defaultdict
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import networkx as nx
@@ -266,6 +267,8 @@ _EXTERNAL_TAG = re.compile(
 )
 _EMPTY_HEADING = re.compile(r"<center>\s*<h1>\s*</h1>\s*</center>", re.I)
 _DRAW = "network = new vis.Network(container, data, options);"
+VIS_VERSION = "vis-9.1.2"  # the vis-network pyvis 0.3.2 in-lines
+VIS_FILES = ("vis-network.min.js", "vis-network.css")
 _DATA = re.compile(r"new vis\.DataSet\((.*?)\);\n", re.S)
 # vis-network shows string titles as plain text; ours are escaped HTML, turned into elements here
 # so line breaks and bold survive while the data itself stays inert.
@@ -287,8 +290,20 @@ def external_resources(page: str) -> list[str]:
     return _EXTERNAL_TAG.findall(page)
 
 
-def render_html(g: nx.DiGraph, height: int = 560, selected: str | None = None) -> str:
-    """A self-contained HTML page drawing `g` with vis-network (in-line, no network access).
+def vis_assets() -> dict[str, str]:
+    """vis-network's script and stylesheet as pyvis ships them (file name -> text)."""
+    import pyvis
+
+    lib = Path(pyvis.__file__).parent / "lib" / VIS_VERSION
+    return {name: (lib / name).read_text(encoding="utf-8") for name in VIS_FILES}
+
+
+def render_html(g: nx.DiGraph, height: int = 560, selected: str | None = None, assets: str | None = None) -> str:
+    """An HTML page drawing `g` with vis-network, with no network access.
+
+    vis-network (about 690 KB of script and styles) is in-lined, so the page stands alone; given
+    `assets`, the URL of a folder that serves `VIS_FILES` as pyvis ships them (the dashboard's
+    /app/static/), the page links them instead and the browser caches them across redraws.
 
     Escaping: titles are HTML-escaped (they become HTML), labels are plain canvas text, and the
     node/edge JSON goes through Jinja's `tojson`, which writes <, >, & and ' as \\u escapes so a
@@ -330,10 +345,21 @@ def render_html(g: nx.DiGraph, height: int = 560, selected: str | None = None) -
         raise GraphRenderError("the graph data would be embedded in the page without escaping")
     page = page.replace(_DRAW, _TITLES_AS_HTML + _DRAW, 1)
     page = _EMPTY_HEADING.sub("", _EXTERNAL_TAG.sub("", page))
+    if assets:
+        page = _link_assets(page, assets.rstrip("/"))
     leftover = external_resources(page)
     if leftover:
         raise GraphRenderError(f"graph page still loads from outside: {leftover[:2]}")
     return page
+
+
+def _link_assets(page: str, folder: str) -> str:
+    files = vis_assets()
+    script, style = f"<script>{files['vis-network.min.js']}</script>", f"<style>{files['vis-network.css']}</style>"
+    if script not in page or style not in page:
+        raise GraphRenderError(f"the pyvis template no longer in-lines vis-network {VIS_VERSION} as expected")
+    return (page.replace(script, f'<script src="{esc(folder)}/vis-network.min.js"></script>', 1)
+                .replace(style, f'<link rel="stylesheet" href="{esc(folder)}/vis-network.css">', 1))
 
 
 _OPTIONS = """{

@@ -31,6 +31,8 @@ import plotly.io as pio
 import streamlit as st
 from plotly.utils import PlotlyJSONEncoder
 
+from dashboard.common import static_url
+
 BUNDLE = Path(__file__).resolve().parents[1] / "static" / "plotly-basic.min.js"
 ROW_GAP = 12
 # plotly's own qualitative palette (the plotly_white template's colorway), for traces that must
@@ -62,9 +64,7 @@ def label(text: object) -> str:
 
 
 def bundle_url() -> str:
-    """Where the browser finds the bundle, under the server's base path if it has one."""
-    base = (st.get_option("server.baseUrlPath") or "").strip("/")
-    return f"/{base}/app/static/{BUNDLE.name}" if base else f"/app/static/{BUNDLE.name}"
+    return static_url(BUNDLE.name)
 
 
 def _json(obj: go.Figure | go.layout.Template) -> str:

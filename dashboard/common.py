@@ -53,6 +53,13 @@ def _leave_legacy_pages_mode() -> None:
         st.rerun()
 
 
+def static_url(name: str = "") -> str:
+    """Where the browser finds a file of the project's static/ folder (served by Streamlit at
+    /app/static/, under the server's base path if it has one)."""
+    base = (st.get_option("server.baseUrlPath") or "").strip("/")
+    return f"/{base}/app/static/{name}" if base else f"/app/static/{name}"
+
+
 def esc(text: object) -> str:
     """Escape for HTML text and attributes."""
     return html.escape("" if text is None else str(text), quote=True)

@@ -3,7 +3,7 @@
 import streamlit as st
 
 from autodiff import graphview as gv
-from dashboard.common import md, require_run
+from dashboard.common import md, require_run, static_url
 
 store, run_id = require_run()
 st.title("Graph")
@@ -26,7 +26,8 @@ by_failing = max(names, key=lambda n: graph.nodes[gv.node_id(n)]["failing"])
 node = st.selectbox("Node", names, index=names.index(by_failing), key="graph_node",
                     help="Clicks inside the drawing cannot reach the page: choose the node here.")
 
-st.iframe(gv.render_html(graph, height=520, selected=node), height=540)
+# vis-network comes from static/ (a copy of pyvis's own files), so redraws send only the graph.
+st.iframe(gv.render_html(graph, height=520, selected=node, assets=static_url()), height=540)
 st.caption(
     "Boxes are LLM nodes, ellipses function nodes, the diamond the loss; dashed boxes are parameters. "
     "Redder means more failing feedback at this step. Edge labels are producer→consumer call indices; "

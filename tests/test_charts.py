@@ -8,9 +8,7 @@ import re
 import plotly.graph_objects as go
 import plotly.offline
 import pytest
-import streamlit as st
-
-from dashboard import charts
+from dashboard import charts, common
 
 HOSTILE = '</script><script>alert("x")</script><img src=x onerror=alert(1)>'
 
@@ -56,7 +54,7 @@ def test_label_escapes_the_tags_plotly_would_render() -> None:
 @pytest.mark.parametrize("base,url", [("", "/app/static/plotly-basic.min.js"),
                                       ("/tools/autodiff/", "/tools/autodiff/app/static/plotly-basic.min.js")])
 def test_bundle_url_follows_the_base_path(monkeypatch, base, url) -> None:
-    monkeypatch.setattr(st, "get_option", lambda name: base if name == "server.baseUrlPath" else None)
+    monkeypatch.setattr(common.st, "get_option", lambda name: base if name == "server.baseUrlPath" else None)
     assert charts.bundle_url() == url
 
 

@@ -25,7 +25,8 @@ from autodiff.runner import train
 from autodiff.store import Store
 from tests.fake_runs import HOSTILE, filled_store
 
-PAGES = Path(__file__).resolve().parent.parent / "pages"
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = ROOT / "pages"
 MULTIHOP_TASK = f"{Path(__file__).resolve()}:multihop_task"
 QUERY_INSTRUCTION = "Write one search query for the next hop of the question."
 ANSWER_INSTRUCTION = "Answer the question from the passages."
@@ -139,6 +140,19 @@ def test_repeated_calls_are_labelled_with_call_indices(multihop):
     page = gv.render_html(g, selected="query_generator")
     assert '"label": "0\\u21920, 1\\u21921"' in page and '"label": "0\\u21921"' in page
     assert gv.external_resources(page) == []
+    # Linked instead of in-lined: the same page less vis-network's 690 KB, nothing from outside.
+    linked = gv.render_html(g, selected="query_generator", assets="/app/static/")
+    assert '<script src="/app/static/vis-network.min.js"></script>' in linked
+    assert '<link rel="stylesheet" href="/app/static/vis-network.css">' in linked
+    assert gv.external_resources(linked) == [] and len(linked) < len(page) - 600_000
+    assert linked.split("<body>")[1] == page.split("<body>")[1]
+
+
+def test_the_served_vis_network_is_pyvis_own_copy():
+    """The dashboard serves static/vis-network.*; they must be the files pyvis in-lines (pyproject
+    pins pyvis; copy them again from its lib/ folder when moving the pin)."""
+    for name, text in gv.vis_assets().items():
+        assert (ROOT / "static" / name).read_text(encoding="utf-8") == text, name
 
 
 def test_selections(multihop):
