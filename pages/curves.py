@@ -35,6 +35,15 @@ def curves() -> None:
     if df.empty:
         st.info("This run has no steps yet; the curves appear once its first step (the initial evaluation) ends.")
         return
+    # A step in progress is summed up in a line that updates on every refresh; the charts show
+    # completed steps only, so they are redrawn once a step ends rather than on every refresh.
+    for _, row in df[df["status"] != "completed"].iterrows():
+        calls = [f"{phase} {row['calls_' + phase]} calls, {row['tokens_' + phase]:,} tokens" for phase in PHASES
+                 if row["calls_" + phase]]
+        st.markdown(f"**Step {row['step']} in progress:** {'; '.join(calls) or 'no LLM calls yet'}.")
+    df = df[df["status"] == "completed"]
+    if df.empty:
+        return
     score = [go.Scatter(x=df["step"], y=df[column].astype(float), name=name, mode="lines+markers", connectgaps=True)
              for column, name in (("val_score", "validation"), ("test_score", "test"))]
     proposals = [go.Bar(x=df["step"], y=df[fate], name=name) for fate, name in FATE_LABELS.items()]

@@ -217,6 +217,12 @@ def test_pages_draw_a_step_in_progress(tmp_path: Path) -> None:
         assert_clean(at)
     assert compare.final_test(store, live)[0] == 0 < compare.final_test(store, done)[0]
 
+    # Curves: the step in progress in a line, the charts of completed steps only (so a live run's
+    # charts are redrawn when a step ends, not on every refresh).
+    at = open_page(store.path, "pages/curves.py", live)
+    assert any("Step 1 in progress" in m.value for m in at.markdown)
+    assert {x for t in chart_figures(at)[0]["data"] for x in values(t["x"])} == {0}
+
 
 # --- review -------------------------------------------------------------------------------------
 
