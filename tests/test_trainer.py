@@ -323,8 +323,10 @@ def test_review_waits_for_a_person(run_toy, store, decision: str) -> None:
 
     decided = time.monotonic()
     store.decide(pending["id"], decision, value=edited if decision == "edit" else None)
-    thread.join(timeout=5)
-    assert not thread.is_alive() and time.monotonic() - decided < 2.0
+    thread.join(timeout=30)
+    # The trainer polls the store every fraction of a second; the bound is loose on purpose (a
+    # loaded CI machine), it only has to tell "went on" from "waited out its review timeout".
+    assert not thread.is_alive() and time.monotonic() - decided < 10.0
     p = store.proposal(pending["id"])
     assert p["decided_by"] == "human"
     final = store.parameter_values_at("review", 1)["toy.instruction"]
