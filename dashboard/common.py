@@ -90,8 +90,11 @@ def sidebar() -> str | None:
         ids = [r["id"] for r in runs]
         wanted = st.query_params.get("run") or st.session_state.get("run_id")
         index = ids.index(wanted) if wanted in ids else 0  # newest first
-        labels = {r["id"]: f"{r['id']} ({r['status']})" for r in runs}
-        run_id = st.selectbox("Run", ids, index=index, format_func=lambda i: labels[i], key="run_picker")
+        # Plain ids as options: the front end keeps a chosen option's label as its value, so a
+        # status in the label went stale when the run's status changed.
+        run_id = st.selectbox("Run", ids, index=index, key="run_picker")
+        run = next(r for r in runs if r["id"] == run_id)
+        st.caption(f"{md(run['task'])}, {run['status']}")
         st.session_state["run_id"] = run_id
         return run_id
 

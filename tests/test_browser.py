@@ -242,3 +242,30 @@ def test_start_form_says_the_key_is_missing(dashboard: str, filled, tab: Tab) ->
     assert [r["id"] for r in store.runs()] == before  # nothing was registered
     screenshot(page, "runs-missing-key")
     tab.assert_safe()
+
+
+def test_a_run_started_in_the_browser_goes_on_in_the_background(tab: Tab, tmp_path: Path) -> None:
+    """The start dialog launches a detached run (scripted fake models here); the page follows it
+    live and the sidebar shows it completed, with no reload by hand."""
+    store, ids = filled_store(tmp_path)
+    with dashboard_server(store.path, tmp_path / "dashboard.log") as url:
+        page = tab.page
+        page.goto(url)
+        wait_rendered(page, "Runs")
+        page.get_by_role("button", name="Start a run").click()
+        dialog = page.get_by_role("dialog")
+        for role in ("Forward", "Backward", "Optimizer"):
+            dialog.get_by_role("textbox", name=f"{role} model").fill(f"fake:{role.lower()}")
+        dialog.get_by_role("spinbutton", name="Steps").fill("1")
+        dialog.get_by_role("button", name="Start", exact=True).click()
+        expect(page.get_by_text("in the background: it goes on if you close this tab")).to_be_visible()
+        expect(dialog).to_have_count(0)
+        [new] = [r["id"] for r in store.runs() if r["id"] not in ids]
+        assert store.run(new)["config"]["forward_model"] == "fake:forward" and store.run(new)["config"]["steps"] == 1
+        sidebar = page.locator('[data-testid="stSidebar"]')
+        expect(sidebar.get_by_role("combobox", name="Run")).to_have_value(new)  # the picker follows it
+        expect(sidebar).to_contain_text("object_counting, completed", timeout=120_000)
+        assert_no_errors(page)
+        screenshot(page, "runs-started")
+    assert store.run(new)["status"] == "completed"
+    tab.assert_safe()
