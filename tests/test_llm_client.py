@@ -145,10 +145,14 @@ def test_cache_file_never_holds_the_api_key(tmp_path: Path, monkeypatch: pytest.
         assert secret.encode() not in path.read_bytes()
 
 
-@pytest.mark.parametrize("server_class, make", [
+# Each SDK provider with the local server speaking its protocol.
+SDK_SERVERS = [
     (FakeOpenAIServer, lambda s: OpenAIProvider("sk-test-0123456789abcdef", s.base_url, timeout=5)),
     (FakeAnthropicServer, lambda s: AnthropicProvider("sk-ant-test-0123456789", s.base_url, timeout=5)),
-])
+]
+
+
+@pytest.mark.parametrize("server_class, make", SDK_SERVERS)
 def test_sdk_providers_retry_a_429_through_the_client(server_class, make) -> None:
     with server_class([("status", 429), ("ok", "after the wait")]) as server:
         llm, calls = _llm(make(server))
@@ -158,10 +162,7 @@ def test_sdk_providers_retry_a_429_through_the_client(server_class, make) -> Non
     assert len(calls) == 1 and calls[0].error is None
 
 
-@pytest.mark.parametrize("server_class, make", [
-    (FakeOpenAIServer, lambda s: OpenAIProvider("sk-test-0123456789abcdef", s.base_url, timeout=5)),
-    (FakeAnthropicServer, lambda s: AnthropicProvider("sk-ant-test-0123456789", s.base_url, timeout=5)),
-])
+@pytest.mark.parametrize("server_class, make", SDK_SERVERS)
 def test_sdk_providers_stop_on_401_after_one_request(server_class, make) -> None:
     with server_class([("status", 401), ("ok", "never")]) as server:
         llm, calls = _llm(make(server))
