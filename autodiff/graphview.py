@@ -12,6 +12,7 @@ string from an LLM or a dataset escaped for where it lands (see `render_html`).
 
 from __future__ import annotations
 
+import functools
 import html
 import re
 from collections import defaultdict
@@ -290,8 +291,9 @@ def external_resources(page: str) -> list[str]:
     return _EXTERNAL_TAG.findall(page)
 
 
+@functools.cache
 def vis_assets() -> dict[str, str]:
-    """vis-network's script and stylesheet as pyvis ships them (file name -> text)."""
+    """vis-network's script and stylesheet as pyvis ships them (file name -> text), read once."""
     import pyvis
 
     lib = Path(pyvis.__file__).parent / "lib" / VIS_VERSION

@@ -19,7 +19,6 @@ if started := st.session_state.pop("started_run", None):
     st.success(f"Started run {md(started)} in the background: it goes on if you close this tab.")
 
 
-
 def start_form() -> None:
     """Task, models per role and sizes; Start launches the run in the background and follows it."""
     with st.form("new_run"):
@@ -56,17 +55,15 @@ def start_form() -> None:
 # With runs to show, the form opens in a dialog on demand: its widgets (and their code, which the
 # browser loads on first use) cost nothing until then. An empty store shows it straight away.
 start_dialog = st.dialog("Start a run", width="large")(start_form)
-if not store.runs():
-    st.subheader("Start a run")
-    start_form()
-elif st.button("Start a run", icon=":material/play_arrow:"):
-    start_dialog()
-
 runs = store.runs()
 if not runs:
+    st.subheader("Start a run")
+    start_form()
     st.info("No runs in this store yet. Start one with the form above, or from a shell: "
             "`autodiff train object_counting`.")
     st.stop()
+if st.button("Start a run", icon=":material/play_arrow:"):
+    start_dialog()
 
 chosen = next((r for r in runs if r["id"] == st.session_state.get("run_id")), runs[0])
 if chosen["status"] in ("stopped", "failed"):

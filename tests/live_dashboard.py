@@ -91,12 +91,9 @@ def wait_graph_drawn(page) -> None:
 def wait_charts_drawn(page, count: int) -> None:
     """The charts of a page (dashboard/charts.py) share one iframe; plotly.js marks each figure it
     has drawn with the class js-plotly-plot and draws its axes and traces into SVG."""
-    frame = page.frame_locator('[data-testid="stMain"] iframe').first
-    frame.locator(".js-plotly-plot").nth(count - 1).wait_for(state="attached")
-    drawn = frame.locator(".js-plotly-plot .main-svg")
-    drawn.first.wait_for(state="visible")
-    total = frame.locator(".js-plotly-plot").count()
-    if total != count:
-        raise AssertionError(f"{total} charts drawn, {count} expected")
+    figures = page.frame_locator('[data-testid="stMain"] iframe').first.locator(".js-plotly-plot")
+    figures.nth(count - 1).wait_for(state="attached")
+    if figures.count() != count:
+        raise AssertionError(f"{figures.count()} charts drawn, {count} expected")
     for i in range(count):
-        frame.locator(".js-plotly-plot").nth(i).locator(".main-svg").first.wait_for(state="visible")
+        figures.nth(i).locator(".main-svg").first.wait_for(state="visible")
