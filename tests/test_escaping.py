@@ -143,10 +143,11 @@ def test_word_diff_marks_changed_words_only():
 # --- pages -----------------------------------------------------------------------------------
 
 def texts(at: AppTest) -> list[str]:
-    """Every string the page hands to markdown rendering, and the graph's HTML."""
+    """Every string the page hands to markdown or HTML rendering, and the graph's HTML."""
     out = [e.value for kind in ("markdown", "caption", "info", "warning", "error", "title", "subheader")
            for e in getattr(at, kind)]
     out += [e.label for e in at.expander]
+    out += [e.value for e in at.get("html")]
     out += [e.proto.srcdoc for e in at.main.children.values() if e.type == "iframe"]
     return out
 
@@ -178,7 +179,7 @@ def test_pages_never_show_hostile_text_raw(page, choices, tmp_path, monkeypatch)
 def test_prompts_page_diff_of_hostile_versions(tmp_path, monkeypatch):
     store, run = hostile_store(tmp_path)
     at = run_page("prompts.py", store, run, monkeypatch)
-    diff = [m.value for m in at.markdown if "<ins" in m.value]
+    diff = [h.value for h in at.get("html") if "<ins" in h.value]
     assert diff and "&lt;/script&gt;&lt;script&gt;alert(&#x27;closed&#x27;)" in diff[0]
 
 
