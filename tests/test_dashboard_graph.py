@@ -260,7 +260,7 @@ def test_prompts_page_shows_a_diff_and_why(counting, monkeypatch):
     at = open_page("prompts.py", store, monkeypatch, run_id)
     at.selectbox(key="prompt_param").select("counter.instruction").run()
     assert not at.exception
-    diff = [m.value for m in at.markdown if "<del" in m.value or "<ins" in m.value]
+    diff = [h.value for h in at.get("html") if "<del" in h.value or "<ins" in h.value]
     assert len(diff) == 2
     assert any("Reasoning" in m.value for m in at.markdown)
     assert any("Peers at step" in m.value for m in at.markdown)
