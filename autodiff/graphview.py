@@ -12,7 +12,6 @@ string from an LLM or a dataset escaped for where it lands (see `render_html`).
 
 from __future__ import annotations
 
-import functools
 import html
 import re
 from collections import defaultdict
@@ -291,9 +290,9 @@ def external_resources(page: str) -> list[str]:
     return _EXTERNAL_TAG.findall(page)
 
 
-@functools.cache
 def vis_assets() -> dict[str, str]:
-    """vis-network's script and stylesheet as pyvis ships them (file name -> text), read once."""
+    """vis-network's script and stylesheet as pyvis ships them (file name -> text): what static/
+    must hold for pages rendered with `assets`."""
     import pyvis
 
     lib = Path(pyvis.__file__).parent / "lib" / VIS_VERSION
@@ -310,7 +309,9 @@ def render_html(g: nx.DiGraph, height: int = 560, selected: str | None = None, a
     Escaping: titles are HTML-escaped (they become HTML), labels are plain canvas text, and the
     node/edge JSON goes through Jinja's `tojson`, which writes <, >, & and ' as \\u escapes so a
     "</script>" in the data cannot end the script block."""
-    net = Network(height=f"{height}px", width="100%", directed=True, cdn_resources="in_line")
+    # With assets, pyvis's "remote" template: its CDN tags are stripped below and ours linked, and
+    # the 690 KB in-line copy is never rendered (that took most of a render's time).
+    net = Network(height=f"{height}px", width="100%", directed=True, cdn_resources="remote" if assets else "in_line")
     worst = max([d["failing"] for _v, d in g.nodes(data=True)] or [0])
     at = _positions(g)
     column = {v: at[v][0] for v in g.nodes}
@@ -356,12 +357,11 @@ def render_html(g: nx.DiGraph, height: int = 560, selected: str | None = None, a
 
 
 def _link_assets(page: str, folder: str) -> str:
-    files = vis_assets()
-    script, style = f"<script>{files['vis-network.min.js']}</script>", f"<style>{files['vis-network.css']}</style>"
-    if script not in page or style not in page:
-        raise GraphRenderError(f"the pyvis template no longer in-lines vis-network {VIS_VERSION} as expected")
-    return (page.replace(script, f'<script src="{esc(folder)}/vis-network.min.js"></script>', 1)
-                .replace(style, f'<link rel="stylesheet" href="{esc(folder)}/vis-network.css">', 1))
+    if "<head>" not in page or "vis-network" in page:
+        raise GraphRenderError("the pyvis template changed: cannot link vis-network from the dashboard")
+    links = (f'\n<link rel="stylesheet" href="{esc(folder)}/vis-network.css">'
+             f'\n<script src="{esc(folder)}/vis-network.min.js"></script>')
+    return page.replace("<head>", "<head>" + links, 1)
 
 
 _OPTIONS = """{
