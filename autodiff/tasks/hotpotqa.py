@@ -18,7 +18,7 @@ from autodiff.graph import LLMNode, Loss, Value, function_node
 from autodiff.parameter import Parameter
 from autodiff.pipeline import Pipeline, Task
 from autodiff.tasks.data import DATA_DIR, read_jsonl, seeded_split
-from autodiff.tasks.retrieval import BM25Index, Passage, build_corpus, cached_index, make_dedupe, make_retriever
+from autodiff.tasks.retrieval import BM25Index, LazyIndex, Passage, build_corpus, make_dedupe, make_retriever
 
 DATA_FILE = DATA_DIR / "hotpotqa" / "dev_subset.jsonl"
 BLOCKS = {"train": (0, 300, 100), "val": (300, 600, 100), "test": (600, 1000, 200)}  # start, end, size
@@ -67,8 +67,13 @@ def _sample(row: dict, with_passages: bool) -> dict:
 
 def corpus_index(path: Path = DATA_FILE) -> BM25Index:
     """BM25 over every context paragraph of the subset; built on first use, then kept per process."""
+    return lazy_corpus_index(path).built()
+
+
+def lazy_corpus_index(path: Path = DATA_FILE) -> LazyIndex:
+    """The same index, built on the pipeline's first search rather than when the task loads."""
     path = Path(path).resolve()
-    return cached_index(str(path), lambda: build_corpus(p for row in read_rows(path) for p in paragraphs(row)))
+    return LazyIndex(str(path), lambda: build_corpus(p for row in read_rows(path) for p in paragraphs(row)))
 
 
 # --- parsers: weak models reply with anything, so each has a fallback and never raises ----------
@@ -220,7 +225,7 @@ def answer_generator() -> LLMNode:
 class RAG(Pipeline):
     """query generator -> retriever -> dedupe -> answer generator."""
 
-    def __init__(self, index: BM25Index, k: int = 3) -> None:
+    def __init__(self, index: BM25Index | LazyIndex, k: int = 3) -> None:
         self.query_generator = LLMNode(
             "query_generator", query_parameters(QUERY_INSTRUCTION),
             template="{{instruction}}\n{{output_format}}\n\nQuestion: {{question}}", parse=parse_query, max_tokens=64,
@@ -238,7 +243,7 @@ class RAG(Pipeline):
 class MultiHopRAG(Pipeline):
     """The same query generator called once per hop; each hop sees the passages found so far."""
 
-    def __init__(self, index: BM25Index, k: int = 3, hops: int = 2) -> None:
+    def __init__(self, index: BM25Index | LazyIndex, k: int = 3, hops: int = 2) -> None:
         self.query_generator = LLMNode(
             "query_generator", query_parameters(HOP_QUERY_INSTRUCTION),
             template="{{instruction}}\n{{output_format}}\n\nPassages found so far:\n{{context}}\n\n"
@@ -267,7 +272,7 @@ class AgentRAG(Pipeline):
     on the answer passes through the tools back to the planner call that chose each of them.
     """
 
-    def __init__(self, index: BM25Index, k: int = 3, max_turns: int = 3) -> None:
+    def __init__(self, index: BM25Index | LazyIndex, k: int = 3, max_turns: int = 3) -> None:
         self.planner = LLMNode(
             "planner",
             [
@@ -317,12 +322,12 @@ def _task(name: str, pipeline: Pipeline, path: Path) -> Task:
 
 
 def load_rag(k: int = 3, path: Path = DATA_FILE) -> Task:
-    return _task("rag", RAG(corpus_index(path), k), path)
+    return _task("rag", RAG(lazy_corpus_index(path), k), path)
 
 
 def load_multihop_rag(k: int = 3, hops: int = 2, path: Path = DATA_FILE) -> Task:
-    return _task("multihop_rag", MultiHopRAG(corpus_index(path), k, hops), path)
+    return _task("multihop_rag", MultiHopRAG(lazy_corpus_index(path), k, hops), path)
 
 
 def load_agent_rag(k: int = 3, max_turns: int = 3, path: Path = DATA_FILE) -> Task:
-    return _task("agent_rag", AgentRAG(corpus_index(path), k, max_turns), path)
+    return _task("agent_rag", AgentRAG(lazy_corpus_index(path), k, max_turns), path)

@@ -63,6 +63,20 @@ _INDEXES: dict[str, BM25Index] = {}
 _LOCK = threading.Lock()
 
 
+class LazyIndex:
+    """Stands for `cached_index(key, passages)`, built on the first search: loading a task (to
+    register a run from the dashboard, say) then costs no index (about 3 s for HotPotQA)."""
+
+    def __init__(self, key: str, passages: Callable[[], Sequence[Passage]]) -> None:
+        self._key, self._passages = key, passages
+
+    def built(self) -> BM25Index:
+        return cached_index(self._key, self._passages)
+
+    def search(self, query: str, k: int = 3) -> list[str]:
+        return self.built().search(query, k)
+
+
 def cached_index(key: str, passages: Callable[[], Sequence[Passage]]) -> BM25Index:
     """The index for `key`, built once per process (the lock stops two threads building it twice)."""
     with _LOCK:
@@ -71,7 +85,7 @@ def cached_index(key: str, passages: Callable[[], Sequence[Passage]]) -> BM25Ind
         return _INDEXES[key]
 
 
-def make_retriever(index: BM25Index, k: int = 3, name: str = "retriever") -> FunctionNode:
+def make_retriever(index: BM25Index | LazyIndex, k: int = 3, name: str = "retriever") -> FunctionNode:
     """A traced function node: query -> top-k passages."""
     if k < 1:
         raise DataError(f"top-k must be at least 1, got {k}")
