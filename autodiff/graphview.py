@@ -215,16 +215,6 @@ def gradient_origin(g: dict) -> str:
     return f"{source} (via {via})" if via else source
 
 
-def parameter_feedback(gradients: Iterable[dict], parameter: str, step: int) -> list[dict]:
-    """The gradients an optimizer call for `parameter` at `step` read: the step's own gradients on
-    it, and human feedback consumed at that step."""
-    return [
-        g for g in gradients
-        if g["target_type"] == "parameter" and g["target"] == parameter and g["text"]
-        and ((g["origin"] != "human" and g["step"] == step) or (g["origin"] == "human" and g["consumed_step"] == step))
-    ]
-
-
 def trained_steps(steps: Sequence[dict]) -> list[int]:
     """Steps that ran a training batch (step 0 only scores the initial prompts)."""
     return [s["step"] for s in steps if s["batch"]]

@@ -7,6 +7,7 @@ on (see Trainer.wait_for_decision), so the dashboard and the trainer can be diff
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 from autodiff.errors import StoreError
 from autodiff.store import Store
@@ -21,6 +22,23 @@ class PendingReview:
     decision: tuple[str, str | None, str] | None  # written but not yet applied by the trainer
 
 
+def parameter_feedback(gradients: Iterable[dict], parameter: str, step: int,
+                       read_before: float | None = None) -> list[dict]:
+    """The feedback an optimizer call for `parameter` at `step` read: the step's own gradients on
+    it, and human feedback consumed at that step. The trainer marks human feedback consumed when
+    its step ends, so for a proposal still waiting (`read_before`: its creation time) the human
+    feedback written before it and not consumed yet was read too."""
+    def read(g: dict) -> bool:
+        if g["origin"] != "human":
+            return g["step"] == step
+        if g["consumed_step"] is None:
+            return read_before is not None and g["created_at"] <= read_before
+        return g["consumed_step"] == step
+
+    return [g for g in gradients
+            if g["target_type"] == "parameter" and g["target"] == parameter and g["text"] and read(g)]
+
+
 def pending(store: Store, run_id: str) -> list[PendingReview]:
     """The run's proposals waiting for a person, oldest first, with their context."""
     proposals = store.proposals(run_id, fate="pending")
@@ -28,19 +46,18 @@ def pending(store: Store, run_id: str) -> list[PendingReview]:
         return []
     peers_of = {p["name"]: p["peers"] for p in store.parameters(run_id)}
     all_gradients = store.gradients(run_id)
+    values_at: dict[int, dict[str, str]] = {}
     out = []
     for p in proposals:
-        values = store.parameter_values_at(run_id, p["step"])
+        if p["step"] not in values_at:
+            values_at[p["step"]] = store.parameter_values_at(run_id, p["step"])
+        values = values_at[p["step"]]
         name = p["parameter"]
-        motivating = tuple(
-            g for g in all_gradients
-            if g["target_type"] == "parameter" and g["target"] == name and g["text"]
-            and (g["consumed_step"] == p["step"] if g["origin"] == "human" else g["step"] == p["step"])
-        )
         out.append(PendingReview(
             proposal=p, current=values.get(name, ""),
             peers=tuple((peer, values.get(peer, "")) for peer in peers_of.get(name, [])),
-            gradients=motivating, decision=store.decision(p["id"]),
+            gradients=tuple(parameter_feedback(all_gradients, name, p["step"], read_before=p["created_at"])),
+            decision=(p["decision"], p["decision_value"], p["decision_by"]) if p["decision"] else None,
         ))
     return out
 

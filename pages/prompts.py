@@ -3,6 +3,7 @@
 import streamlit as st
 
 from autodiff import graphview as gv
+from autodiff import review
 from autodiff.diffs import word_diff_html
 from dashboard.common import fmt_score, fmt_time, md, require_run
 
@@ -65,6 +66,6 @@ for n, v in versions.items():
             f"decided by {md(p['decision_by'] or p['decided_by'] or 'the trainer')}"
         )
         st.markdown("**Reasoning:** " + md(p["reasoning"]))
-        feedback = gv.parameter_feedback(gradients, name, v["step"])
+        feedback = review.parameter_feedback(gradients, name, v["step"])
         st.markdown(f"**Feedback the optimizer read** ({len(feedback)})")
         st.dataframe(gv.gradient_rows(feedback), hide_index=True)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from autodiff import compare, runner
+from autodiff import compare, review, runner
 from autodiff.metrics import PHASES, step_figures
 from autodiff.store import Store
 from tests.fake_runs import fake_run, filled_store
@@ -359,3 +359,16 @@ def test_differing_samples_uses_the_latest_test_evaluation(filled) -> None:
         assert row[f"{ids[0]} prediction"] == latest[row["sample"]]["prediction"]
         assert row[f"{ids[2]} score"] == rejected_all[row["sample"]]["score"]
     assert compare.differing_samples(store, [ids[0], ids[0]]) == []
+
+
+def test_feedback_the_optimizer_read_includes_human_feedback_not_yet_marked_consumed() -> None:
+    """The trainer marks human feedback consumed when its step ends; a proposal waiting for review
+    at that step was written after reading it, so Review shows it with the step's gradients."""
+    def grad(origin: str, step: int, created: float, consumed: int | None = None, target: str = "p") -> dict:
+        return {"origin": origin, "step": step, "created_at": created, "consumed_step": consumed,
+                "target_type": "parameter", "target": target, "text": f"{origin} {step} {created}"}
+    rows = [grad("backward", 2, 10.0), grad("backward", 1, 5.0), grad("human", 1, 8.0),
+            grad("human", 1, 3.0, consumed=1), grad("human", 1, 20.0), grad("backward", 2, 11.0, target="q")]
+    assert [g["text"] for g in review.parameter_feedback(rows, "p", 2, read_before=12.0)] == [
+        "backward 2 10.0", "human 1 8.0"]
+    assert [g["text"] for g in review.parameter_feedback(rows, "p", 1)] == ["backward 1 5.0", "human 1 3.0"]
