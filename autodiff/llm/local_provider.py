@@ -69,10 +69,14 @@ class LocalProvider:
         self.n_threads = n_threads
         self.seed = seed
         self._models: dict[Path, _Loaded] = {}
+        self._paths: dict[str, Path] = {}  # model name -> file, resolved once (a package walk for smollm2)
         self._load_lock = threading.Lock()
 
     def complete(self, model: str, request: Request) -> Completion:
-        loaded = self._model(resolve_model_path(model))
+        path = self._paths.get(model)
+        if path is None:
+            path = self._paths.setdefault(model, resolve_model_path(model))
+        loaded = self._model(path)
         with loaded.lock:
             messages = fit_messages(loaded.llm, request.messages, self._prompt_budget(request))
             reply = self._generate(loaded.llm, messages, request)
