@@ -30,13 +30,9 @@ def proposal_figures(store: Store, run_id: str) -> list[dict]:
             row["passed_validation"] += 1
         if p["fate"] == "accepted":
             row["accepted"] += 1
-        if p["fate"] == "rejected" and _by_person(p["decided_by"]):
+        if p["fate"] == "rejected" and p["decision"] == "reject":  # only store.decide writes a decision
             row["rejected_by_person"] += 1
     return [{"step": s, **v} for s, v in sorted(per_step.items())]
-
-
-def _by_person(decided_by: str | None) -> bool:
-    return bool(decided_by) and decided_by != "auto" and not decided_by.startswith(("timeout", "stop"))
 
 
 def _beat(score: float | None, baseline: float | None) -> bool:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from autodiff.metrics import phase_figures, run_summary
+from autodiff.metrics import phase_figures, proposal_figures, run_summary
 from autodiff.store import Store
-from tests.fake_runs import fake_run
+from tests.fake_runs import fake_run, filled_store
 
 
 class TracedStore(Store):
@@ -69,3 +69,11 @@ def test_call_totals_read_only_the_accounting_index(tmp_path: Path) -> None:
     with store.connect() as conn:
         plan = " ".join(row["detail"] for row in conn.execute("EXPLAIN QUERY PLAN " + query))
     assert "COVERING INDEX llm_calls_accounting" in plan, plan
+
+
+def test_rejected_by_person_counts_the_decisions_a_person_wrote(tmp_path: Path) -> None:
+    store, (auto, reviewed) = filled_store(tmp_path)
+    people = [p for p in store.proposals(reviewed) if p["decision"] == "reject"]
+    assert people and all(p["fate"] == "rejected" for p in people)
+    assert sum(r["rejected_by_person"] for r in proposal_figures(store, reviewed)) == len(people)
+    assert sum(r["rejected_by_person"] for r in proposal_figures(store, auto)) == 0
