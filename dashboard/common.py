@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import html
 import re
 import time
 from pathlib import Path
 
 import streamlit as st
 
-from autodiff.runner import default_cache_path, default_store_path
+from autodiff.runner import default_cache_path, default_store_path, mark_dead_runs
 from autodiff.store import Store
 
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:])")
@@ -60,11 +59,6 @@ def static_url(name: str = "") -> str:
     return f"/{base}/app/static/{name}" if base else f"/app/static/{name}"
 
 
-def esc(text: object) -> str:
-    """Escape for HTML text and attributes."""
-    return html.escape("" if text is None else str(text), quote=True)
-
-
 def md(text: object) -> str:
     """Escape untrusted text for st.markdown: no HTML, links, images or formatting survive."""
     return _MD_SPECIAL.sub(r"\\\1", "" if text is None else str(text)).replace("\n", "  \n")
@@ -81,6 +75,7 @@ def fmt_time(ts: float | None) -> str:
 def sidebar() -> str | None:
     """Store and run pickers in the sidebar; the chosen run id lives in session state."""
     store = current_store()
+    mark_dead_runs(store)  # before listing: a run whose process died shows as stopped on every page
     runs = store.runs()
     with st.sidebar:
         st.caption(f"Store: `{store_path()}`")

@@ -35,7 +35,6 @@ st.dataframe(
 
 steps = pd.DataFrame([{**row, "run": r} for r in chosen for row in step_figures(store, r)])
 if not steps.empty:
-    steps["tokens so far"] = steps.groupby("run")["tokens"].cumsum()
     steps["seconds so far"] = steps.fillna({"wall_s": 0}).groupby("run")["wall_s"].cumsum()
     runs = [(charts.label(r), steps[steps["run"] == r]) for r in chosen]
     scores = [go.Scatter(x=rows["step"], y=rows[column].astype(float), name=f"{name} {split}", legendgroup=name,
@@ -47,7 +46,7 @@ if not steps.empty:
         charts.figure("Scores per step (solid: validation, dotted: test)", scores, y="score", y_range=(0, 1.05)),
         tuple(charts.figure(title, [go.Scatter(x=rows["step"], y=rows[column], name=name, mode="lines+markers")
                                     for name, rows in runs], y=unit)
-              for title, column, unit in (("Cumulative tokens", "tokens so far", "tokens"),
+              for title, column, unit in (("Cumulative tokens", "tokens_cumulative", "tokens"),
                                           ("Cumulative step time", "seconds so far", "seconds"))),
     ])
 

@@ -5,7 +5,7 @@ import streamlit as st
 from autodiff.config import default_model
 from autodiff.errors import AutodiffError
 from autodiff.metrics import run_summary
-from autodiff.runner import launch, mark_dead_runs, resume_background
+from autodiff.runner import launch, resume_background
 from autodiff.tasks import task_names
 from dashboard.common import cache_path, current_store, fmt_score, fmt_time, md
 
@@ -13,7 +13,6 @@ ACTIVE = ("created", "running")
 ROLES = ("forward", "backward", "optimizer")
 
 store = current_store()
-mark_dead_runs(store)
 st.title("Runs")
 if started := st.session_state.pop("started_run", None):
     st.success(f"Started run {md(started)} in the background: it goes on if you close this tab.")
