@@ -53,6 +53,7 @@ def parser() -> argparse.ArgumentParser:
     _add_train_options(train)
     resume = sub.add_parser("resume", help="resume a run from its last completed step")
     resume.add_argument("run_id")
+    resume.add_argument("--keep-stop", action="store_true", help=argparse.SUPPRESS)  # background starts
     sub.add_parser("runs", help="list runs")
     show = sub.add_parser("show", help="one run: config, steps, proposals")
     show.add_argument("run_id")
@@ -136,7 +137,7 @@ def cmd_resume(args) -> int:
 
     store = _store(args)
     run = store.run(args.run_id)
-    run_id = resume(store, args.run_id, cache_path=args.cache or default_cache_path(),
+    run_id = resume(store, args.run_id, clear_stop=not args.keep_stop, cache_path=args.cache or default_cache_path(),
                     progress=_progress_bar(run["config"]["steps"], args.quiet))
     _print_summary(store, run_id)
     return 0

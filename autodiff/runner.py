@@ -57,7 +57,10 @@ def start_background(store_path: Path, run_id: str, cache_path: Path | None = No
     closing, a dashboard restart). Its output goes to a log file beside the store. Returns the pid."""
     log_dir = Path(store_path).parent / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "autodiff.cli", "resume", run_id, "--store", str(store_path), "--quiet"]
+    # --keep-stop: whoever asked for this process has already cleared any stop request (or it is a
+    # new run); one made since, while the process was starting, must still stop it.
+    cmd = [sys.executable, "-m", "autodiff.cli", "resume", run_id, "--store", str(store_path), "--quiet",
+           "--keep-stop"]
     if cache_path:
         cmd += ["--cache", str(cache_path)]
     with open(log_dir / f"{run_id}.log", "ab") as log:
@@ -107,9 +110,13 @@ def mark_dead_runs(store: Store) -> list[str]:
     return dead
 
 
-def resume(store: Store, run_id: str, **extra) -> str:
+def resume(store: Store, run_id: str, clear_stop: bool = True, **extra) -> str:
+    """Train a stored run on from its last completed step, in this process. A person resuming
+    overrides an earlier stop request (`clear_stop`); a background process started for the run
+    keeps one made while it was starting."""
     run = store.run(run_id)
-    store.clear_stop(run_id)  # an explicit resume overrides an earlier stop request
+    if clear_stop:
+        store.clear_stop(run_id)
     if run["status"] == "completed":
         raise ConfigError(f"run {run_id} is already completed; nothing to resume")
     config = make_config(**run["config"])

@@ -148,7 +148,6 @@ class Trainer:
             self._initial_step()
             return 1
         self.store.discard_after(self.run_id, last)
-        self.store.clear_stop(self.run_id)
         for name, value in self.store.parameter_values_at(self.run_id, last).items():
             if name in self.params:
                 self.params[name].value = value

@@ -386,3 +386,19 @@ def test_stop_during_the_last_step_leaves_it_for_a_resume(run_toy, store, tmp_pa
     assert store.run("stop")["status"] == "completed"
     assert [s["status"] for s in store.steps("stop")] == ["completed", "completed"]
     assert run.values()["toy.instruction"] == BETTER
+
+
+def test_a_background_start_keeps_a_stop_asked_for_while_it_was_starting(run_toy, store, tmp_path) -> None:
+    """The dashboard's Stop shows as soon as a run is registered; the background process it then
+    starts (`autodiff resume --keep-stop`) must not wipe a stop pressed before it got going."""
+    def stop_at_once(event: str, info: dict) -> None:
+        if event == "initial":
+            store.request_stop("early")
+
+    run_toy(Script(), run_id="early", progress=stop_at_once)
+    assert store.run("early")["status"] == "stopped"
+    trained = [s["step"] for s in store.steps("early") if s["status"] == "completed"]
+    runner.resume(store, "early", clear_stop=False, providers={"fake": FakeProvider(Script())},
+                  cache_path=tmp_path / "cache.sqlite", retry=FAST_RETRY)
+    assert store.run("early")["status"] == "stopped"  # the stop still stands
+    assert [s["step"] for s in store.steps("early") if s["status"] == "completed"] == trained
