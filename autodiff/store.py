@@ -452,8 +452,10 @@ class Store:
         with self.connect() as conn:
             conn.execute(f"UPDATE proposals SET {assignments} WHERE id = ?", [*fields.values(), proposal_id])
 
-    def proposals(self, run_id: str, step: int | None = None, fate: str | None = None) -> list[dict]:
-        return [dict(r) for r in self._select("proposals", run_id, "step, created_at", step=step, fate=fate)]
+    def proposals(self, run_id: str, step: int | None = None, fate: str | None = None,
+                  parameter: str | None = None) -> list[dict]:
+        return [dict(r) for r in self._select("proposals", run_id, "step, created_at", step=step, fate=fate,
+                                              parameter=parameter)]
 
     def proposal(self, proposal_id: str) -> dict:
         with self.connect() as conn:

@@ -296,8 +296,8 @@ class Trainer:
 
     def _failed_before(self, param: Parameter, step: int, limit: int = 5) -> list[tuple[str, str]]:
         """Failed proposals for this parameter, this step's first, then the most recent earlier ones."""
-        failed = [p for p in self.store.proposals(self.run_id) if p["parameter"] == param.name
-                  and p["fate"] not in ("accepted", "pending", "proposed") and p["method"] != "none"]
+        failed = [p for p in self.store.proposals(self.run_id, parameter=param.name)
+                  if p["fate"] not in ("accepted", "pending", "proposed") and p["method"] != "none"]
         failed.sort(key=lambda p: (p["step"] != step, -p["step"], -p["created_at"]))
         return [(p["value"], p["reason"]) for p in failed[:limit]]
 
@@ -434,7 +434,7 @@ class Trainer:
     def _history(self, param: Parameter) -> list[HistoryEntry]:
         versions = self.store.parameter_versions(self.run_id, param.name)
         steps = {s["step"]: s["val_score"] for s in self.store.steps(self.run_id)}
-        props = {p["id"]: p for p in self.store.proposals(self.run_id)}
+        props = {p["id"]: p for p in self.store.proposals(self.run_id, parameter=param.name)}
         entries = []
         for v in versions:
             score = props[v["proposal_id"]]["val_score"] if v["proposal_id"] in props else steps.get(v["step"])
@@ -444,7 +444,7 @@ class Trainer:
 
     def _tried_values(self, param: Parameter) -> list[str]:
         values = [v["value"].strip() for v in self.store.parameter_versions(self.run_id, param.name)]
-        values += [p["value"].strip() for p in self.store.proposals(self.run_id) if p["parameter"] == param.name]
+        values += [p["value"].strip() for p in self.store.proposals(self.run_id, parameter=param.name)]
         return values
 
 

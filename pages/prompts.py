@@ -55,10 +55,11 @@ if not param["peers"]:
 
 st.subheader("How each version came about")
 gradients = store.gradients(run_id, target=name)
+proposals = {p["id"]: p for p in store.proposals(run_id, parameter=name)}
 for n, v in versions.items():
     if v["proposal_id"] is None:
         continue
-    p = store.proposal(v["proposal_id"])
+    p = proposals[v["proposal_id"]]
     with st.expander(f"{label(n)}: {md(p['method'])} proposal, {p['fate']}", expanded=n == new):
         st.markdown(
             f"Mini-batch {fmt_score(p['minibatch_score'])} vs {fmt_score(p['minibatch_baseline'])} · "
