@@ -344,6 +344,62 @@ class Store:
         rows = self._select("gradients", run_id, "step, created_at, sample_id, call_index", step=step, target=target)
         return [dict(r, path=json.loads(r["path"])) for r in rows]
 
+    # The call index of what a gradient is about: for feedback on an output, the call that wrote
+    # that output (the target invocation); else the call of the node whose parameter it is about.
+    _ABOUT_CALL = ("CASE WHEN g.target_type = 'output' AND t.id IS NOT NULL THEN t.call_index"
+                   " ELSE g.call_index END")
+
+    def find_gradients(
+        self, run_id: str, *, step: int | None = None, targets: Sequence[str] | None = None,
+        sample: str | None = None, call_index: int | None = None, score: tuple[float, float] | None = None,
+        limit: int | None = None, offset: int = 0,
+    ) -> tuple[int, list[dict]]:
+        """Gradients of a run matching every filter given, in time order: how many match, and the
+        rows from `offset` (at most `limit` of them), each with `about_call`, the call index of what
+        it is about. Filtered in SQL, so a page of a large run reads only the rows it shows.
+        `targets` are node names (feedback on their output) and parameter names. Unscored (human)
+        feedback passes the score filter only when it spans the whole [0, 1] range."""
+        where, args = ["g.run_id = ?"], [run_id]
+        if step is not None:
+            where.append("g.step = ?")
+            args.append(step)
+        if targets is not None:
+            where.append(f"g.target IN ({','.join('?' * len(targets))})" if targets else "0")
+            args += list(targets)
+        if sample is not None:
+            where.append("g.sample_id = ?")
+            args.append(sample)
+        if call_index is not None:
+            where.append(f"{self._ABOUT_CALL} = ?")
+            args.append(call_index)
+        if score is not None:
+            lo, hi = score
+            where.append("(g.score BETWEEN ? AND ?" + (" OR g.score IS NULL)" if (lo, hi) == (0.0, 1.0) else ")"))
+            args += [lo, hi]
+        body = (f" FROM gradients g LEFT JOIN invocations t ON t.id = g.target_invocation"
+                f" WHERE {' AND '.join(where)}")
+        with self.connect() as conn:
+            total = conn.execute(f"SELECT COUNT(*){body}", args).fetchone()[0]
+            rows = conn.execute(
+                f"SELECT g.*, {self._ABOUT_CALL} AS about_call{body} ORDER BY g.created_at, g.step, g.sample_id, g.call_index LIMIT ? OFFSET ?",
+                [*args, -1 if limit is None else limit, offset],
+            ).fetchall()
+        return total, [dict(r, path=json.loads(r["path"])) for r in rows]
+
+    def gradient_facets(self, run_id: str) -> dict[str, list]:
+        """What a run's gradients can be filtered by, each sorted: steps, samples, the call indices
+        they are about, and the nodes whose output received feedback."""
+        def distinct(conn: sqlite3.Connection, column: str, where: str = "", join: str = "") -> list:
+            return [r[0] for r in conn.execute(
+                f"SELECT DISTINCT {column} AS v FROM gradients g{join} WHERE g.run_id = ? AND v IS NOT NULL{where}"
+                " ORDER BY v", (run_id,))]
+
+        with self.connect() as conn:
+            return {"steps": distinct(conn, "g.step"), "samples": distinct(conn, "g.sample_id"),
+                    "call_indices": distinct(conn, self._ABOUT_CALL,
+                                             join=" LEFT JOIN invocations t ON t.id = g.target_invocation"),
+                    "outputs": distinct(conn, "g.target", " AND g.target_type = 'output'")}
+
     def add_human_feedback(
         self, run_id: str, text: str, *, node: str, target: str, sample_id: str | None = None, author: str = "human"
     ) -> str:
@@ -456,6 +512,23 @@ class Store:
                   parameter: str | None = None) -> list[dict]:
         return [dict(r) for r in self._select("proposals", run_id, "step, created_at", step=step, fate=fate,
                                               parameter=parameter)]
+
+    def proposal_totals(self, run_id: str) -> list[dict]:
+        """Per step of a run, in step order: proposals made, how many beat their baseline on the
+        mini-batch and on validation, how many were accepted, rejected by a person's decision,
+        malformed, or rejected by a check. Counted in SQL (no proposal text is read)."""
+        with self.connect() as conn:
+            rows = conn.execute(
+                "SELECT step, COUNT(*) AS proposed,"
+                " COALESCE(SUM(minibatch_score > minibatch_baseline), 0) AS passed_minibatch,"
+                " COALESCE(SUM(val_score > val_baseline), 0) AS passed_validation,"
+                " SUM(fate = 'accepted') AS accepted,"
+                " SUM(fate = 'rejected' AND COALESCE(decision = 'reject', 0)) AS rejected_by_person,"
+                " SUM(fate = 'malformed') AS malformed, SUM(fate = 'rejected_check') AS rejected_check"
+                " FROM proposals WHERE run_id = ? GROUP BY step ORDER BY step",
+                (run_id,),
+            ).fetchall()
+        return [dict(r) for r in rows]
 
     def proposal(self, proposal_id: str) -> dict:
         with self.connect() as conn:

@@ -11,29 +11,21 @@ ALL = "All"
 store, run_id = require_run()
 st.title("Gradients")
 
-gradients = store.gradients(run_id)
-if not gradients:
+facets = store.gradient_facets(run_id)
+if not facets["steps"]:
     st.info("No gradients yet: the backward pass writes them when a training step has failing samples.")
     st.stop()
 parameters = store.parameters(run_id)
-calls = store.invocation_call_indices(run_id)
-
-
-def distinct(values) -> list:
-    return sorted({v for v in values if v is not None})
-
-
-nodes = list(dict.fromkeys([p["node"] for p in parameters if p["node"]] +
-                           [g["target"] for g in gradients if g["target_type"] == "output"]))
+nodes = list(dict.fromkeys([p["node"] for p in parameters if p["node"]] + facets["outputs"]))
 targets = [gv.node_id(n) for n in nodes] + [gv.parameter_id(p["name"]) for p in parameters]
 
 cols = st.columns([1, 2, 2, 1, 2])
-step = cols[0].selectbox("Step", [ALL, *distinct(g["step"] for g in gradients)], key="grad_step")
+step = cols[0].selectbox("Step", [ALL, *facets["steps"]], key="grad_step")
 target = cols[1].selectbox("Node or parameter", [ALL, *targets], key="grad_target",
                            format_func=lambda t: t if t == ALL else t.replace("node:", "node ").replace("param:", ""))
-sample = cols[2].selectbox("Sample", [ALL, *distinct(g["sample_id"] for g in gradients)], key="grad_sample")
-call_index = cols[3].selectbox("Call index", [ALL, *distinct(gv.target_call(g, calls) for g in gradients)],
-                               key="grad_call", help="Which call of the target node the feedback is about.")
+sample = cols[2].selectbox("Sample", [ALL, *facets["samples"]], key="grad_sample")
+call_index = cols[3].selectbox("Call index", [ALL, *facets["call_indices"]], key="grad_call",
+                               help="Which call of the target node the feedback is about.")
 score = cols[4].slider("Score", 0.0, 1.0, (0.0, 1.0), step=0.05, key="grad_score")
 
 if target == ALL:
@@ -42,18 +34,20 @@ elif target.startswith("node:"):
     wanted = gv.targets_of(target.removeprefix("node:"), parameters)
 else:
     wanted = [target.removeprefix("param:")]
-shown = gv.filter_gradients(
-    gradients, step=None if step == ALL else step, targets=wanted, sample=None if sample == ALL else sample,
-    call_index=None if call_index == ALL else call_index, score=score, calls=calls,
-)
-pages = max(1, -(-len(shown) // PER_PAGE))
+filters = {"step": None if step == ALL else step, "targets": wanted, "sample": None if sample == ALL else sample,
+           "call_index": None if call_index == ALL else call_index, "score": score}
+# Only the page shown is read from the store (a large run holds tens of thousands of gradients).
+matching, _ = store.find_gradients(run_id, **filters, limit=0)
+pages = max(1, -(-matching // PER_PAGE))
 page = st.number_input("Page", 1, pages, 1, key="grad_page") if pages > 1 else 1
-st.caption(f"{len(shown)} of {len(gradients)} gradients, in the order they were written.")
+total, _ = store.find_gradients(run_id, limit=0)
+st.caption(f"{matching} of {total} gradients, in the order they were written.")
+_, shown = store.find_gradients(run_id, **filters, limit=PER_PAGE, offset=(page - 1) * PER_PAGE)
 
-for g in shown[(page - 1) * PER_PAGE: page * PER_PAGE]:
+for g in shown:
     with st.container(border=True):
         kind = "parameter" if g["target_type"] == "parameter" else "output of"
-        about = gv.target_call(g, calls)
+        about = g["about_call"]
         st.markdown(
             f"**Step {g['step']} · sample {md(g['sample_id'] or '-')} · call {'-' if about is None else about}** — "
             f"on {kind} **{md(g['target'])}** · score {fmt_score(g['score'])} · {md(g['origin'])}"

@@ -175,6 +175,36 @@ def test_selections(multihop):
     assert any("context ← retrieve#0" in r["inputs"] for r in rows)
 
 
+def test_gradients_filtered_in_sql_match_the_in_memory_filter(multihop):
+    """The Gradients page reads one page of matches from the store (`find_gradients`); the Graph and
+    Prompts pages filter loaded rows (`filter_gradients`). Both must pick the same gradients."""
+    store, run_id = multihop
+    store.add_human_feedback(run_id, "be brief", node="query_generator", target="query_generator.instruction")
+    gradients = store.gradients(run_id)
+    calls = gv.call_indices(store.invocations(run_id))
+    sample = next(x["sample_id"] for x in gradients if x["sample_id"])
+    cases = [{}, {"step": 1}, {"targets": ["query_generator"]}, {"targets": ["query_generator"], "call_index": 1},
+             {"targets": ["query_generator", "query_generator.instruction"]}, {"sample": sample}, {"call_index": 0},
+             {"score": (0.0, 1.0)}, {"score": (0.0, 0.5)}, {"score": (0.5, 1.0)}, {"targets": []}]
+    for case in cases:
+        expected = gv.filter_gradients(gradients, calls=calls, **case)
+        total, rows = store.find_gradients(run_id, **case)
+        assert total == len(expected), case
+        assert [x["id"] for x in rows] == [x["id"] for x in expected], case
+        assert [x["about_call"] for x in rows] == [gv.target_call(x, calls) for x in expected], case
+    assert any(x["origin"] == "human" for x in store.find_gradients(run_id, score=(0.0, 1.0))[1])
+    assert not any(x["origin"] == "human" for x in store.find_gradients(run_id, score=(0.0, 0.5))[1])
+    # a page: `limit` rows from `offset`, the total still counting every match
+    total, page = store.find_gradients(run_id, limit=3, offset=2)
+    assert total == len(gradients) and [x["id"] for x in page] == [x["id"] for x in
+                                                                   gv.filter_gradients(gradients)[2:5]]
+    facets = store.gradient_facets(run_id)
+    assert facets["steps"] == sorted({x["step"] for x in gradients})
+    assert facets["samples"] == sorted({x["sample_id"] for x in gradients if x["sample_id"]})
+    assert facets["call_indices"] == sorted({gv.target_call(x, calls) for x in gradients} - {None})
+    assert facets["outputs"] == sorted({x["target"] for x in gradients if x["target_type"] == "output"})
+
+
 # --- pages -----------------------------------------------------------------------------------
 
 def open_page(name: str, store: Store, monkeypatch: pytest.MonkeyPatch, run_id: str | None = None) -> AppTest:
