@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import difflib
 import html
+import os
 import re
 
-# Words and the whitespace between them are separate tokens, so whitespace survives the diff.
-_TOKENS = re.compile(r"\s+|[^\s]+")
+# A token is a word with the whitespace after it (and any leading whitespace its own token), so
+# whitespace survives the diff. Attached, not separate: a run of single spaces as tokens gave the
+# matcher one very common token, which made diffing prompts about ten times slower.
+_TOKENS = re.compile(r"\S+\s*|\s+")
 
 DEL_STYLE = "background:#fdd;color:#900;text-decoration:line-through"
 INS_STYLE = "background:#dfd;color:#060;text-decoration:none"
@@ -23,25 +26,49 @@ def tokens(text: str) -> list[str]:
     return _TOKENS.findall(text or "")
 
 
-def _wrap(tag: str, style: str, pieces: list[str]) -> str:
-    body = html.escape("".join(pieces), quote=True)
+def _trailing_space(text: str) -> str:
+    return text[len(text.rstrip()):]
+
+
+def segments(old: str, new: str) -> list[tuple[str, str, str]]:
+    """The two texts as (kind, old piece, new piece) in order: kind "equal" (both pieces the same),
+    or "change" (either piece may be empty); equal pieces may differ in whitespace only. Whitespace a change ends with on both sides is given
+    back as equal, so a changed word is marked without the space after it."""
+    a, b = tokens(old), tokens(new)
+    out: list[tuple[str, str, str]] = []
+    # Matched by their words: a word whose following whitespace changed (the last word of a text
+    # that then grew) is not marked as changed; each side keeps its own whitespace.
+    keys = difflib.SequenceMatcher(None, [t.strip() or t for t in a], [t.strip() or t for t in b], autojunk=False)
+    for op, i1, i2, j1, j2 in keys.get_opcodes():
+        left, right = "".join(a[i1:i2]), "".join(b[j1:j2])
+        if op == "equal":
+            out.append(("equal", left, right))
+            continue
+        space = os.path.commonprefix([_trailing_space(left)[::-1], _trailing_space(right)[::-1]])[::-1]
+        if space and left.strip() and right.strip():
+            out += [("change", left[: -len(space)], right[: -len(space)]), ("equal", space, space)]
+        else:
+            out.append(("change", left, right))
+    return out
+
+
+def _wrap(tag: str, style: str, text: str) -> str:
+    body = html.escape(text, quote=True)
     return f'<{tag} style="{style}">{body}</{tag}>' if body else ""
 
 
 def word_diff_html(old: str, new: str) -> tuple[str, str]:
     """The old and new text as two escaped HTML blocks, removed words struck out on the left and
     added words highlighted on the right."""
-    a, b = tokens(old), tokens(new)
     left: list[str] = []
     right: list[str] = []
-    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes():
-        if op == "equal":
-            same = html.escape("".join(a[i1:i2]), quote=True)
-            left.append(same)
-            right.append(same)
-            continue
-        left.append(_wrap("del", DEL_STYLE, a[i1:i2]))
-        right.append(_wrap("ins", INS_STYLE, b[j1:j2]))
+    for kind, a, b in segments(old, new):
+        if kind == "equal":
+            left.append(html.escape(a, quote=True))
+            right.append(html.escape(b, quote=True))
+        else:
+            left.append(_wrap("del", DEL_STYLE, a))
+            right.append(_wrap("ins", INS_STYLE, b))
     return (
         f'<div style="{_BLOCK_STYLE}">{"".join(left)}</div>',
         f'<div style="{_BLOCK_STYLE}">{"".join(right)}</div>',
@@ -50,11 +77,6 @@ def word_diff_html(old: str, new: str) -> tuple[str, str]:
 
 def inline_diff_html(old: str, new: str) -> str:
     """One escaped HTML block with deletions and insertions interleaved."""
-    a, b = tokens(old), tokens(new)
-    out: list[str] = []
-    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes():
-        if op == "equal":
-            out.append(html.escape("".join(a[i1:i2]), quote=True))
-        else:
-            out.append(_wrap("del", DEL_STYLE, a[i1:i2]) + _wrap("ins", INS_STYLE, b[j1:j2]))
+    out = [html.escape(b, quote=True) if kind == "equal" else _wrap("del", DEL_STYLE, a) + _wrap("ins", INS_STYLE, b)
+           for kind, a, b in segments(old, new)]
     return f'<div style="{_BLOCK_STYLE}">{"".join(out)}</div>'

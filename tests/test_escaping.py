@@ -4,6 +4,7 @@ markdown. The graph page also loads nothing from outside."""
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import time
@@ -138,6 +139,23 @@ def test_word_diff_marks_changed_words_only():
     left, right = word_diff_html("count the red apples", "count the green apples")
     assert re.sub(r"<[^>]+>", "", left) == "count the red apples"
     assert ">red</del>" in left and ">green</ins>" in right and "count the " in right
+
+
+@pytest.mark.parametrize("old,new", [
+    ("a b\n\nc", "a x\n\nc d"), ("  lead x", "lead x"), ("one  two\tthree", "one two three four"), ("", "new"),
+    ("gone", ""), (f"keep {HOSTILE}\n", f"keep {CLOSER}"),
+])
+def test_word_diff_sides_read_as_the_texts(old, new):
+    """Each side of the diff, its tags removed and unescaped, is exactly that side's text (every
+    space and line break kept); only changed words are marked, never the text around them."""
+    left, right = word_diff_html(old, new)
+    assert html.unescape(re.sub(r"<[^>]+>", "", left)) == old
+    assert html.unescape(re.sub(r"<[^>]+>", "", right)) == new
+
+
+def test_word_diff_ignores_a_change_of_whitespace_after_a_word():
+    left, right = word_diff_html("a b\n\nc", "a x\n\nc d")  # "c" gained a space after it
+    assert ">b</del>" in left and ">x</ins>" in right and "c" not in "".join(re.findall(r"<ins[^>]*>([^<]*)", right))
 
 
 # --- pages -----------------------------------------------------------------------------------
