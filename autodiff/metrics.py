@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 from autodiff.store import Store
 
 PHASES = ("forward", "backward", "propose", "validate", "test")
@@ -17,26 +15,10 @@ def phase_figures(store: Store, run_id: str) -> list[dict]:
 
 def proposal_figures(store: Store, run_id: str) -> list[dict]:
     """Per step, proposals by how far they got. Stages are cumulative: an accepted proposal also
-    counts as proposed and (unless a person edited it in) as having passed both checks."""
-    per_step: dict[int, dict] = defaultdict(lambda: dict.fromkeys(FATES + ("malformed", "rejected_check"), 0))
-    for p in store.proposals(run_id):
-        row = per_step[p["step"]]
-        row["proposed"] += 1
-        if p["fate"] in ("malformed", "rejected_check"):
-            row[p["fate"]] += 1
-        if _beat(p["minibatch_score"], p["minibatch_baseline"]):
-            row["passed_minibatch"] += 1
-        if _beat(p["val_score"], p["val_baseline"]):
-            row["passed_validation"] += 1
-        if p["fate"] == "accepted":
-            row["accepted"] += 1
-        if p["fate"] == "rejected" and p["decision"] == "reject":  # only store.decide writes a decision
-            row["rejected_by_person"] += 1
-    return [{"step": s, **v} for s, v in sorted(per_step.items())]
-
-
-def _beat(score: float | None, baseline: float | None) -> bool:
-    return score is not None and baseline is not None and score > baseline
+    counts as proposed and (unless a person edited it in) as having passed both checks. A proposal
+    passed a check when its score beat the baseline it was compared with; "rejected by a person"
+    counts decisions written by `Store.decide` (the trainer writes none)."""
+    return store.proposal_totals(run_id)
 
 
 def step_figures(store: Store, run_id: str) -> list[dict]:

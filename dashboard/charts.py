@@ -1,6 +1,6 @@
 """Plotly figures drawn in one frame with plotly.js's basic bundle, served once as a static file.
 
-Figures are built with plotly (plotly.express or graph objects) as usual; `draw` lays a page's
+Figures are built with plotly's graph objects (`figure`); `draw` lays a page's
 figures out in rows inside a single iframe. Why not `st.plotly_chart`: Streamlit's chart element
 ships the full plotly.js (4.7 MB, every trace type) inside its own code, and a browser tab parses
 and starts it on the first chart it meets; with seven charts the Curves page took 4.6 s to render
@@ -43,19 +43,31 @@ COLOURS = ("#636efa", "#EF553B", "#00cc96", "#ab63fa", "#FFA15A", "#19d3f3", "#F
 Row = go.Figure | tuple[go.Figure, ...]
 
 
+# Every figure's layout, given to its constructor: each update_layout call on a built figure
+# re-validates property paths, and five of them cost more than building the figure.
+LAYOUT = {"margin": {"l": 60, "r": 60, "t": 40, "b": 40},
+          "font": {"family": "'Source Sans Pro', 'Source Sans', sans-serif"},
+          "legend": {"title": {"text": ""}, "orientation": "h", "x": 0, "y": -0.22, "yanchor": "top"}}
+
+
 def figure(title: str, traces: Sequence, *, y: str, x: str = "step", barmode: str | None = None,
-           y_range: tuple[float, float] | None = None) -> go.Figure:
-    """A figure of graph-object traces with its title and axis names. Colours come from the
-    template `page_html` applies (plotly express is not used: under Streamlit its default template
-    holds placeholder colours that only Streamlit's own chart element fills in)."""
-    fig = go.Figure(list(traces), layout={"template": {}})  # the page's one template applies (page_html)
-    fig.update_layout(title={"text": title}, barmode=barmode, legend={"title": {"text": ""}})
-    fig.update_xaxes(title={"text": x}, rangemode="tozero")
-    fig.update_yaxes(title={"text": y}, range=list(y_range) if y_range else None)
-    steps = {v for t in fig.data for v in (t.x if t.x is not None else ())}
+           y_range: tuple[float, float] | None = None, layout: dict | None = None) -> go.Figure:
+    """A figure of graph-object traces with its title and axis names; `layout` adds to (or
+    overrides) the rest of the layout. Colours come from the template `page_html` applies (plotly
+    express is not used: under Streamlit its default template holds placeholder colours that only
+    Streamlit's own chart element fills in)."""
+    traces = list(traces)
+    steps = {v for t in traces for v in (t.x if t.x is not None else ())}
+    xaxis = {"title": {"text": x}, "rangemode": "tozero"}
     if len(steps) <= 20:  # whole steps only; with many steps plotly's own spacing reads better
-        fig.update_xaxes(dtick=1)
-    return fig
+        xaxis["dtick"] = 1
+    yaxis = {"title": {"text": y}}
+    if y_range:
+        yaxis["range"] = list(y_range)
+    return go.Figure(traces, layout={
+        **LAYOUT, "template": {},  # the page's one template applies (page_html)
+        "title": {"text": title}, "barmode": barmode, "xaxis": xaxis, "yaxis": yaxis, **(layout or {}),
+    })
 
 
 def label(text: object) -> str:
@@ -90,9 +102,6 @@ def page_html(rows: Sequence[Row], *, height: int = 380, bundle: str | None = No
     for row in rows:
         cells = []
         for fig in row:
-            fig.update_layout(height=height, margin={"l": 60, "r": 60, "t": 40, "b": 40},
-                              font={"family": "'Source Sans Pro', 'Source Sans', sans-serif"},
-                              legend={"orientation": "h", "x": 0, "y": -0.22, "yanchor": "top"})
             cells.append(f'<div class="fig" id="fig{len(figures)}"></div>')
             figures.append(_json(fig))
         divs.append(f'<div class="row">{"".join(cells)}</div>')
@@ -112,7 +121,7 @@ if (window.Plotly) {{
   const template = JSON.parse(document.getElementById("template").textContent);
   // One figure per task, top first: the page stays responsive while the rest are drawn.
   const draw = i => i < figures.length && Plotly.newPlot("fig" + i, figures[i].data,
-      {{...figures[i].layout, template}}, {{responsive: true, displaylogo: false}})
+      {{...figures[i].layout, height: {int(height)}, template}}, {{responsive: true, displaylogo: false}})
     .then(() => setTimeout(() => draw(i + 1)));
   draw(0);
 }} else {{

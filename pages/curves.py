@@ -23,10 +23,10 @@ def by_phase(df: pd.DataFrame, prefix: str, unit: str) -> go.Figure:
     total = df[[prefix + p for p in PHASES]].sum(axis=1).cumsum()
     line = go.Scatter(x=df["step"], y=total, name="cumulative (right axis)", yaxis="y2", mode="lines",
                       line={"color": "#444444", "dash": "dot"})
-    fig = charts.figure(f"{unit.capitalize()} per step by phase, and cumulative", [*bars, line], y=unit,
-                        barmode="stack")
-    return fig.update_layout(yaxis2={"title": {"text": f"{unit} so far"}, "overlaying": "y", "side": "right",
-                                     "rangemode": "tozero", "showgrid": False})
+    right = {"title": {"text": f"{unit} so far"}, "overlaying": "y", "side": "right", "rangemode": "tozero",
+             "showgrid": False}
+    return charts.figure(f"{unit.capitalize()} per step by phase, and cumulative", [*bars, line], y=unit,
+                         barmode="stack", layout={"yaxis2": right})
 
 
 @st.fragment(run_every=5 if live else None)
