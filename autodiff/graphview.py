@@ -12,6 +12,7 @@ string from an LLM or a dataset escaped for where it lands (see `render_html`).
 
 from __future__ import annotations
 
+import functools
 import html
 import re
 from collections import defaultdict
@@ -289,6 +290,15 @@ def vis_assets() -> dict[str, str]:
     return {name: (lib / name).read_text(encoding="utf-8") for name in VIS_FILES}
 
 
+@functools.cache
+def _templates(folder: str):
+    """One Jinja environment for pyvis's templates, so each is compiled once per process (pyvis
+    makes a new environment, and compiles its page template again, for every Network)."""
+    from jinja2 import Environment, FileSystemLoader
+
+    return Environment(loader=FileSystemLoader(folder))
+
+
 def render_html(g: nx.DiGraph, height: int = 560, selected: str | None = None, assets: str | None = None) -> str:
     """An HTML page drawing `g` with vis-network, with no network access.
 
@@ -302,6 +312,7 @@ def render_html(g: nx.DiGraph, height: int = 560, selected: str | None = None, a
     # With assets, pyvis's "remote" template: its CDN tags are stripped below and ours linked, and
     # the 690 KB in-line copy is never rendered (that took most of a render's time).
     net = Network(height=f"{height}px", width="100%", directed=True, cdn_resources="remote" if assets else "in_line")
+    net.templateEnv = _templates(net.template_dir)
     worst = max([d["failing"] for _v, d in g.nodes(data=True)] or [0])
     at = _positions(g)
     column = {v: at[v][0] for v in g.nodes}
