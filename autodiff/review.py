@@ -45,7 +45,7 @@ def pending(store: Store, run_id: str) -> list[PendingReview]:
     if not proposals:
         return []
     peers_of = {p["name"]: p["peers"] for p in store.parameters(run_id)}
-    all_gradients = store.gradients(run_id)
+    feedback: dict[str, list[dict]] = {}  # per parameter: only feedback aimed at it is read
     values_at: dict[int, dict[str, str]] = {}
     out = []
     for p in proposals:
@@ -53,10 +53,12 @@ def pending(store: Store, run_id: str) -> list[PendingReview]:
             values_at[p["step"]] = store.parameter_values_at(run_id, p["step"])
         values = values_at[p["step"]]
         name = p["parameter"]
+        if name not in feedback:
+            feedback[name] = store.gradients(run_id, target=name)
         out.append(PendingReview(
             proposal=p, current=values.get(name, ""),
             peers=tuple((peer, values.get(peer, "")) for peer in peers_of.get(name, [])),
-            gradients=tuple(parameter_feedback(all_gradients, name, p["step"], read_before=p["created_at"])),
+            gradients=tuple(parameter_feedback(feedback[name], name, p["step"], read_before=p["created_at"])),
             decision=(p["decision"], p["decision_value"], p["decision_by"]) if p["decision"] else None,
         ))
     return out
