@@ -62,6 +62,8 @@ def parser() -> argparse.ArgumentParser:
     dash = sub.add_parser("dashboard", help="open the dashboard on localhost")
     dash.add_argument("--port", type=int, default=8501)
     dash.add_argument("--address", default="localhost")
+    dash.add_argument("--reload", action="store_true",
+                      help="reload pages when their source files change (for working on the dashboard)")
     samples = sub.add_parser("sample-runs", help="regenerate the bundled sample runs with the local model")
     samples.add_argument("--only", type=int, nargs="*", help="redo only these entries of SAMPLE_RUNS (0-based)")
     for p in (resume,):
@@ -210,7 +212,8 @@ def cmd_dashboard(args) -> int:
                AUTODIFF_CACHE=str((args.cache or default_cache_path()).resolve()))
     cmd = [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.address", args.address,
            "--server.port", str(args.port), "--browser.gatherUsageStats", "false", "--server.headless", "true",
-           "--server.enableStaticServing", "true"]  # the charts' plotly.js (dashboard/charts.py)
+           "--server.enableStaticServing", "true",  # the charts' plotly.js (dashboard/charts.py)
+           "--server.fileWatcherType", "poll" if args.reload else "none"]  # see .streamlit/config.toml
     print(f"dashboard on http://{args.address}:{args.port}  (store {store_path})")
     return subprocess.call(cmd, env=env, cwd=ROOT)
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import html
 import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import streamlit as st
@@ -62,6 +64,40 @@ def static_url(name: str = "") -> str:
 def md(text: object) -> str:
     """Escape untrusted text for st.markdown: no HTML, links, images or formatting survive."""
     return _MD_SPECIAL.sub(r"\\\1", "" if text is None else str(text)).replace("\n", "  \n")
+
+
+_TABLE_STYLE = """<style>
+.plain-table { overflow-x: auto; }
+.plain-table table { border-collapse: collapse; font-size: 0.875rem; white-space: nowrap; }
+.plain-table th, .plain-table td { padding: 0.3rem 0.75rem; text-align: left; vertical-align: top;
+  border-bottom: 1px solid color-mix(in srgb, currentColor 15%, transparent); }
+.plain-table th { font-weight: 600; color: color-mix(in srgb, currentColor 75%, transparent); }
+.plain-table td.num, .plain-table th.num { text-align: right; font-variant-numeric: tabular-nums; }
+.plain-table td.wrap { white-space: normal; min-width: 16rem; }
+</style>"""
+
+
+def _cell(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def html_table(rows: Sequence[dict], numeric: Sequence[str] = (), wrap: Sequence[str] = ("error",)) -> str:
+    """A plain HTML table of already formatted rows (column name -> text; None shows as "-"), every
+    cell escaped, for st.html. For short tables where st.dataframe's grid (about 1.6 MB of script
+    that a browser tab loads on its first use) is more than the page needs: the Runs page, which
+    every new tab opens on."""
+    if not rows:
+        return ""
+    columns = list(rows[0])
+
+    def cls(column: str) -> str:
+        return ' class="num"' if column in numeric else ' class="wrap"' if column in wrap else ""
+
+    head = "".join(f"<th{cls(c)}>{html.escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td{cls(c)}>{html.escape(_cell(r.get(c)))}</td>" for c in columns)
+                   + "</tr>" for r in rows)
+    return (f'{_TABLE_STYLE}<div class="plain-table"><table><thead><tr>{head}</tr></thead>'
+            f'<tbody>{body}</tbody></table></div>')
 
 
 def fmt_score(x: float | None) -> str:

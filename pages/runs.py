@@ -7,7 +7,7 @@ from autodiff.errors import AutodiffError
 from autodiff.metrics import run_summary
 from autodiff.runner import launch, resume_background
 from autodiff.tasks import task_names
-from dashboard.common import cache_path, current_store, fmt_score, fmt_time, md
+from dashboard.common import cache_path, current_store, fmt_score, fmt_time, html_table, md
 
 ACTIVE = ("created", "running")
 ROLES = ("forward", "backward", "optimizer")
@@ -88,16 +88,16 @@ def live() -> None:
                 st.caption("Stop requested: the run stops at the next step boundary.")
             else:
                 st.button("Stop", key=f"stop-{run['id']}", on_click=store.request_stop, args=(run["id"],))
-    st.dataframe(
-        [{"run": s["id"], "task": s["task"], "status": s["status"], "forward model": s["forward_model"],
-          "backward model": s["backward_model"], "optimizer model": s["optimizer_model"],
-          "steps": f"{s['steps_done']} / {s['steps_planned']}", "best validation": s["best_val"],
-          "latest test": s["final_test"], "tokens": s["tokens"], "wall time (s)": round(s["wall_s"], 1),
-          "review": s["review"], "started": fmt_time(s["created_at"]), "error": s["error"]} for s in summaries],
-        hide_index=True,
-        column_config={"best validation": st.column_config.NumberColumn(format="%.3f"),
-                       "latest test": st.column_config.NumberColumn(format="%.3f")},
-    )
+    st.html(html_table(
+        # the figures first, so they show without scrolling sideways on a narrow screen
+        [{"run": s["id"], "task": s["task"], "status": s["status"],
+          "steps": f"{s['steps_done']} / {s['steps_planned']}", "best validation": fmt_score(s["best_val"]),
+          "latest test": fmt_score(s["final_test"]), "tokens": f"{s['tokens']:,}",
+          "wall time (s)": f"{s['wall_s']:,.1f}", "forward model": s["forward_model"],
+          "backward model": s["backward_model"], "optimizer model": s["optimizer_model"], "review": s["review"],
+          "started": fmt_time(s["created_at"]), "error": s["error"] or ""} for s in summaries],
+        numeric=("best validation", "latest test", "tokens", "wall time (s)"),
+    ))
 
 
 live()

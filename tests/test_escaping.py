@@ -76,6 +76,7 @@ def hostile_store(tmp_path: Path) -> tuple[Store, str]:
                                      f"add{HOSTILE}", HOSTILE, "c1", "accepted", HOSTILE, 1.0, 0.0, 1.0, 0.0))
     store.add_parameter_version(run, "counter.instruction", 1, f"Count the items. {CLOSER}", "p1")
     store.finish_step(run, 1, 1.0, None, [sample])
+    store.set_run_status(run, "failed", error=f"the model said {HOSTILE}")  # the Runs table shows errors
     return store, run
 
 
@@ -182,7 +183,7 @@ def run_page(name: str, store: Store, run_id: str, monkeypatch, **choices) -> Ap
 
 
 @pytest.mark.parametrize("page,choices", [
-    ("graph.py", {}), ("graph.py", {"graph_node": "tidy"}), ("gradients.py", {}),
+    ("runs.py", {}), ("graph.py", {}), ("graph.py", {"graph_node": "tidy"}), ("gradients.py", {}),
     ("prompts.py", {}), ("prompts.py", {"prompt_param": "counter.examples"}),
 ])
 def test_pages_never_show_hostile_text_raw(page, choices, tmp_path, monkeypatch):
