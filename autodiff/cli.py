@@ -205,15 +205,21 @@ def seed_store(path: Path) -> None:
         shutil.copyfile(SAMPLE_STORE, path)
 
 
+def dashboard_command(address: str, port: int, reload: bool = False) -> list[str]:
+    """The dashboard's server command, run from the project root: Streamlit's own command line
+    through dashboard/serve.py, which loads the pages' imports while the server starts."""
+    return [sys.executable, "-m", "dashboard.serve", "run", str(ROOT / "app.py"), "--server.address", address,
+            "--server.port", str(port), "--browser.gatherUsageStats", "false", "--server.headless", "true",
+            "--server.enableStaticServing", "true",  # the charts' plotly.js (dashboard/charts.py)
+            "--server.fileWatcherType", "poll" if reload else "none"]  # see .streamlit/config.toml
+
+
 def cmd_dashboard(args) -> int:
     store_path = (args.store or default_store_path()).resolve()
     seed_store(store_path)
     env = dict(os.environ, AUTODIFF_STORE=str(store_path),
                AUTODIFF_CACHE=str((args.cache or default_cache_path()).resolve()))
-    cmd = [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.address", args.address,
-           "--server.port", str(args.port), "--browser.gatherUsageStats", "false", "--server.headless", "true",
-           "--server.enableStaticServing", "true",  # the charts' plotly.js (dashboard/charts.py)
-           "--server.fileWatcherType", "poll" if args.reload else "none"]  # see .streamlit/config.toml
+    cmd = dashboard_command(args.address, args.port, reload=args.reload)
     print(f"dashboard on http://{args.address}:{args.port}  (store {store_path})")
     return subprocess.call(cmd, env=env, cwd=ROOT)
 

@@ -29,16 +29,21 @@ SKELETONS = '[data-testid="stSkeleton"], [data-testid="stSkeletonElement"], [dat
 
 @contextmanager
 def dashboard_server(store_path: Path, log: Path, timeout: float = 60.0, app: Path | None = None) -> Iterator[str]:
-    """`streamlit run app.py` from the project root on a free local port, as `autodiff dashboard`
-    runs it, with no provider key in its environment. Yields its URL once /_stcore/health answers
-    ok (a health check opens no session, so the first page request is still the server's first).
+    """The dashboard's server from the project root on a free local port, with the command
+    `autodiff dashboard` runs (`autodiff.cli.dashboard_command`) and no provider key in its
+    environment. Yields its URL once /_stcore/health answers ok (a health check opens no session,
+    so the first page request is still the server's first).
     `app` runs another script instead, from its own folder (the benchmark's empty reference app)."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in PROVIDER_ENV}
     env.update(AUTODIFF_STORE=str(store_path), AUTODIFF_CACHE=str(Path(store_path).parent / "cache.sqlite"))
-    app = app or ROOT / "app.py"
-    cmd = [sys.executable, "-m", "streamlit", "run", app.name, "--server.headless", "true",
-           "--server.port", str(port), "--server.address", "127.0.0.1"]
+    if app is None:  # the dashboard, started the way `autodiff dashboard` starts it
+        from autodiff.cli import dashboard_command
+
+        app, cmd = ROOT / "app.py", dashboard_command("127.0.0.1", port)
+    else:
+        cmd = [sys.executable, "-m", "streamlit", "run", app.name, "--server.headless", "true",
+               "--server.port", str(port), "--server.address", "127.0.0.1"]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=app.parent, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

@@ -78,3 +78,25 @@ def test_bundled_sample_runs_say_which_models_made_them(tmp_path: Path) -> None:
         assert run["config"]["forward_model"].startswith("local:")
     decided = [p for r in runs for p in store.proposals(r["id"]) if p["decided_by"] not in (None, "auto")]
     assert {p["fate"] for p in decided} >= {"accepted", "rejected"}
+
+
+def test_dashboard_command_starts_streamlit_with_the_pages_preloaded() -> None:
+    cmd = cli.dashboard_command("localhost", 8555)
+    assert cmd[1:5] == ["-m", "dashboard.serve", "run", str(cli.ROOT / "app.py")]
+    flags = dict(zip(cmd[5::2], cmd[6::2]))
+    assert flags["--server.port"] == "8555" and flags["--server.enableStaticServing"] == "true"
+    assert flags["--server.fileWatcherType"] == "none"
+    reload = cli.dashboard_command("localhost", 8555, reload=True)
+    assert dict(zip(reload[5::2], reload[6::2]))["--server.fileWatcherType"] == "poll"
+
+
+def test_the_server_preloads_what_the_pages_import() -> None:
+    from dashboard import serve
+
+    names = serve.page_imports()
+    for wanted in ("streamlit", "dashboard.common", "dashboard.charts", "autodiff.graphview", "autodiff.metrics",
+                   "plotly.graph_objects", "pandas"):
+        assert wanted in names
+    loaded = serve.preload(names)
+    assert "dashboard.charts" in loaded and "autodiff.graphview" in loaded
+    assert "autodiff.metrics.step_figures" not in loaded  # a function, not a module: skipped
