@@ -10,6 +10,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from autodiff.metrics import run_summary
 from autodiff.runner import default_cache_path, default_store_path, mark_dead_runs
 from autodiff.store import Store
 
@@ -52,6 +53,23 @@ def _leave_legacy_pages_mode() -> None:
     if getattr(PagesManager, "uses_pages_directory", None) and "run_id" not in st.session_state:
         PagesManager.uses_pages_directory = False
         st.rerun()
+
+
+ACTIVE = ("created", "running")
+
+
+@st.cache_data(max_entries=1000, show_spinner=False)
+def _settled_summary(path: str, run_id: str, status: str, updated_at: float) -> dict:
+    return run_summary(get_store(path), run_id)
+
+
+def summary(store: Store, run: dict) -> dict:
+    """`run_summary` of a run (a row of `Store.runs`). A run no process writes to (completed,
+    stopped, failed) changes only along with its row's status and time stamp, so its summary is
+    computed once and kept: a store of many runs does not sum every run's calls on each visit."""
+    if run["status"] in ACTIVE:
+        return run_summary(store, run["id"])
+    return _settled_summary(str(store.path), run["id"], run["status"], run["updated_at"])
 
 
 def static_url(name: str = "") -> str:

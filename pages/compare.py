@@ -6,13 +6,14 @@ import streamlit as st
 
 from autodiff import compare
 from autodiff.diffs import inline_diff_html
-from autodiff.metrics import run_summary, step_figures
+from autodiff.metrics import step_figures
 from dashboard import charts
-from dashboard.common import md, require_run
+from dashboard.common import md, require_run, summary
 
 store, run_id = require_run()
 st.title("Compare")
-ids = [r["id"] for r in store.runs()]
+by_id = {r["id"]: r for r in store.runs()}
+ids = list(by_id)
 if len(ids) < 2:
     st.info("Comparing needs at least two runs and this store has one. Start another on the **Runs** page.")
     st.stop()
@@ -23,7 +24,7 @@ if len(chosen) < 2:
     st.info("Pick two or more runs.")
     st.stop()
 
-summaries = [run_summary(store, r) for r in chosen]
+summaries = [summary(store, by_id[r]) for r in chosen]
 st.dataframe(
     [{"run": s["id"], "task": s["task"], "status": s["status"], "forward model": s["forward_model"],
       "backward model": s["backward_model"], "optimizer model": s["optimizer_model"], "steps": s["steps_done"],

@@ -4,12 +4,10 @@ import streamlit as st
 
 from autodiff.config import default_model
 from autodiff.errors import AutodiffError
-from autodiff.metrics import run_summary
 from autodiff.runner import launch, resume_background
 from autodiff.tasks import task_names
-from dashboard.common import cache_path, current_store, fmt_score, fmt_time, html_table, md
+from dashboard.common import ACTIVE, cache_path, current_store, fmt_score, fmt_time, html_table, md, summary
 
-ACTIVE = ("created", "running")
 ROLES = ("forward", "backward", "optimizer")
 
 store = current_store()
@@ -73,7 +71,7 @@ if chosen["status"] in ("stopped", "failed"):
 @st.fragment(run_every=3 if any(r["status"] in ACTIVE for r in runs) else None)
 def live() -> None:
     rows = store.runs()
-    summaries = [run_summary(store, r["id"]) for r in rows]
+    summaries = [summary(store, r) for r in rows]
     if not any(r["status"] in ACTIVE for r in rows) and any(r["status"] in ACTIVE for r in runs):
         st.rerun()  # the last live run ended: refresh the whole page, sidebar included
     for run, s in zip(rows, summaries):

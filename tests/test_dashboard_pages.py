@@ -16,7 +16,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from autodiff import compare, review, runner
-from autodiff.metrics import PHASES, step_figures
+from autodiff.metrics import PHASES, run_summary, step_figures
 from autodiff.store import Store
 from tests.fake_runs import fake_run, filled_store
 
@@ -150,6 +150,24 @@ def test_runs_table(filled) -> None:
         assert column in table[0]
     assert max(float(row["best validation"]) for row in table) == pytest.approx(0.75)
     assert not [b for b in at.button if b.label == "Stop"]  # nothing is running
+
+
+def test_settled_run_summaries_are_kept_until_the_run_changes(tmp_path: Path, monkeypatch) -> None:
+    from dashboard import common
+
+    store = Store(tmp_path / "runs.sqlite")
+    run_id = fake_run(store, tmp_path / "cache.sqlite", steps=1)
+    computed = []
+    monkeypatch.setattr(common, "run_summary", lambda store_, r: computed.append(r) or run_summary(store_, r))
+    common._settled_summary.clear()
+    first = common.summary(store, store.run(run_id))
+    assert common.summary(store, store.run(run_id)) == first and len(computed) == 1  # completed: kept
+    store.set_run_status(run_id, "running")  # e.g. resumed: figures change while it runs
+    assert common.summary(store, store.run(run_id))["status"] == "running"
+    common.summary(store, store.run(run_id))
+    assert len(computed) == 3  # a running run is summed afresh on every visit
+    store.set_run_status(run_id, "stopped")
+    assert common.summary(store, store.run(run_id))["status"] == "stopped" and len(computed) == 4
 
 
 def test_start_form_defaults_to_the_local_model_and_shows_config_errors(tmp_path: Path) -> None:
