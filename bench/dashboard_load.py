@@ -11,7 +11,7 @@ repetition a new tab (a new dashboard session) opens the dashboard, then clicks 
 sidebar link and times from the click until the page has finished rendering (title heading shown,
 script run over, running widget gone, no element left as a loading placeholder; on the Graph page
 also the pyvis iframe's canvas drawn, on Curves and Compare every plotly chart drawn). The first load of the Runs page (typing the address, so
-Streamlit's own front end boots too) is timed on its own.
+Streamlit's own front end boots too) is timed on its own. Tabs are opened a second apart (SETTLE).
 
 Printed: per page, the median and the max over the repetitions, in seconds, against the target.
 The first repetition is the cold one (a fresh server that has not imported each page's modules
@@ -39,7 +39,10 @@ from autodiff.store import Store  # noqa: E402
 from tests.live_dashboard import (CHROMIUM, PAGES, ROOT, dashboard_server, launch_chromium, nav_link,  # noqa: E402
                                   wait_charts_drawn, wait_graph_drawn, wait_rendered)
 
-CHARTS = {"Curves": 5, "Compare": 3}  # plotly figures each page draws (in one iframe)
+CHARTS = {"Curves": 5, "Compare": 3}
+# Seconds between closing a tab and opening the next: the browser and the server tear the closed
+# tab's pages and session down in that time, which would otherwise count against the next load.
+SETTLE = 1.0  # plotly figures each page draws (in one iframe)
 
 # The pipeline: node -> (kind, calls per sample, its parameters). Eight nodes, nine parameters.
 NODES = {
@@ -284,6 +287,7 @@ def measure(url: str, reps: int) -> dict[str, list[float]]:
                 if errors.count():
                     raise RuntimeError(f"{title} page shows an error: {errors.all_inner_texts()}")
             page.close()
+            time.sleep(SETTLE)
         browser.close()
     return times
 
@@ -309,6 +313,7 @@ def streamlit_floor(home: Path, reps: int) -> list[float]:
             wait_rendered(page, "Runs")
             times.append(time.perf_counter() - start)
             page.close()
+            time.sleep(SETTLE)
         browser.close()
     return times
 
