@@ -386,16 +386,17 @@ class Store:
             ).fetchall()
         return total, [dict(r, path=json.loads(r["path"])) for r in rows]
 
-    def gradient_facets(self, run_id: str) -> dict[str, list]:
-        """What a run's gradients can be filtered by, each sorted: steps, samples, the call indices
-        they are about, and the nodes whose output received feedback."""
+    def gradient_facets(self, run_id: str) -> dict[str, Any]:
+        """How many gradients a run has ("total") and what they can be filtered by, each sorted:
+        steps, samples, the call indices they are about, and the nodes whose output received feedback."""
         def distinct(conn: sqlite3.Connection, column: str, where: str = "", join: str = "") -> list:
             return [r[0] for r in conn.execute(
                 f"SELECT DISTINCT {column} AS v FROM gradients g{join} WHERE g.run_id = ? AND v IS NOT NULL{where}"
                 " ORDER BY v", (run_id,))]
 
         with self.connect() as conn:
-            return {"steps": distinct(conn, "g.step"), "samples": distinct(conn, "g.sample_id"),
+            total = conn.execute("SELECT COUNT(*) FROM gradients WHERE run_id = ?", (run_id,)).fetchone()[0]
+            return {"total": total, "steps": distinct(conn, "g.step"), "samples": distinct(conn, "g.sample_id"),
                     "call_indices": distinct(conn, self._ABOUT_CALL,
                                              join=" LEFT JOIN invocations t ON t.id = g.target_invocation"),
                     "outputs": distinct(conn, "g.target", " AND g.target_type = 'output'")}

@@ -12,7 +12,7 @@ store, run_id = require_run()
 st.title("Gradients")
 
 facets = store.gradient_facets(run_id)
-if not facets["steps"]:
+if not facets["total"]:
     st.info("No gradients yet: the backward pass writes them when a training step has failing samples.")
     st.stop()
 parameters = store.parameters(run_id)
@@ -40,8 +40,7 @@ filters = {"step": None if step == ALL else step, "targets": wanted, "sample": N
 matching, _ = store.find_gradients(run_id, **filters, limit=0)
 pages = max(1, -(-matching // PER_PAGE))
 page = st.number_input("Page", 1, pages, 1, key="grad_page") if pages > 1 else 1
-total, _ = store.find_gradients(run_id, limit=0)
-st.caption(f"{matching} of {total} gradients, in the order they were written.")
+st.caption(f"{matching} of {facets['total']} gradients, in the order they were written.")
 _, shown = store.find_gradients(run_id, **filters, limit=PER_PAGE, offset=(page - 1) * PER_PAGE)
 
 for g in shown:

@@ -199,6 +199,7 @@ def test_gradients_filtered_in_sql_match_the_in_memory_filter(multihop):
     assert total == len(gradients) and [x["id"] for x in page] == [x["id"] for x in
                                                                    gv.filter_gradients(gradients)[2:5]]
     facets = store.gradient_facets(run_id)
+    assert facets["total"] == len(gradients)
     assert facets["steps"] == sorted({x["step"] for x in gradients})
     assert facets["samples"] == sorted({x["sample_id"] for x in gradients if x["sample_id"]})
     assert facets["call_indices"] == sorted({gv.target_call(x, calls) for x in gradients} - {None})
