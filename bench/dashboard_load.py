@@ -5,8 +5,9 @@
 Builds a fresh store holding one large run, written row by row through the Store API the way the
 trainer writes it (50 training steps of an 8-node pipeline, 12 samples a batch of which 10 fail,
 10,000 gradients, 20,000 LLM calls with 1-2 KB prompts, ~800 proposals, validation and test
-evaluations), plus a smaller run (10 steps) so the Compare page has two to compare. Then it starts
-the real dashboard on that store (`streamlit run app.py`) and drives headless Chromium: per
+evaluations; stopped with 3 proposals waiting for review), plus a smaller run (10 steps) so the
+Compare page has two to compare. Then it starts the real dashboard on that store (the way
+`autodiff dashboard` starts it) and drives headless Chromium: per
 repetition a new tab (a new dashboard session) opens the dashboard, then clicks each page's
 sidebar link and times from the click until the page has finished rendering (title heading shown,
 script run over, running widget gone, no element left as a loading placeholder; on the Graph page
@@ -68,8 +69,8 @@ class Writer:
     """Writes one synthetic run through the Store API, with seeded random text of realistic sizes."""
 
     def __init__(self, store: Store, run_id: str, *, steps: int, gradients: int, calls: int, seed: int,
-                 batch: int = 12, failing: int = 10, val: int = 100, test: int = 50) -> None:
-        self.store, self.run_id, self.steps = store, run_id, steps
+                 batch: int = 12, failing: int = 10, val: int = 100, test: int = 50, waiting: int = 0) -> None:
+        self.store, self.run_id, self.steps, self.waiting = store, run_id, steps, waiting
         self.rng = random.Random(seed)
         self.batch, self.failing = batch, failing
         self.grads_per_sample = gradients // (steps * failing)
@@ -137,7 +138,22 @@ class Writer:
         per_step = (self.total_calls - len(self.val) - len(self.test)) // self.steps
         for step in range(1, self.steps + 1):
             val_score = self.train_step(step, per_step, val_score)
-        s.set_run_status(self.run_id, "completed")
+        if not self.waiting:
+            s.set_run_status(self.run_id, "completed")
+            return
+        # Stopped while proposals of its last step waited for a person: the Review page has work.
+        trainable = [p for p in self.params if p not in FROZEN]
+        call_id = self.call(self.steps, "propose", "optimizer", None, None, None)
+        s.add_calls(self.calls)
+        self.calls = []
+        for p in trainable[:self.waiting]:
+            s.add_proposal(self.run_id, Proposal(
+                id=uuid.uuid4().hex, step=self.steps, parameter=p, value=self.text(400, 900), method="rephrase",
+                reasoning=self.text(100, 300), llm_call_id=call_id, fate="pending", reason="passed validation",
+                minibatch_score=0.6, minibatch_baseline=0.4, val_score=val_score + 0.02, val_baseline=val_score,
+                created_at=self.tick(),
+            ))
+        s.set_run_status(self.run_id, "stopped")
 
     def evaluate(self, step: int, split: str, score: float) -> None:
         ids = self.val if split == "val" else self.test
@@ -256,7 +272,7 @@ def build_store(path: Path) -> tuple[Store, str]:
     dashboard opens on."""
     store = Store(path)
     Writer(store, "bench-small", steps=10, gradients=2000, calls=4000, seed=1).write()
-    Writer(store, "bench-large", steps=50, gradients=10_000, calls=20_000, seed=0).write()
+    Writer(store, "bench-large", steps=50, gradients=10_000, calls=20_000, seed=0, waiting=3).write()
     return store, "bench-large"
 
 
