@@ -1,11 +1,13 @@
-"""The dashboard's server: Streamlit's own command line, with the pages' imports loaded early.
+"""The dashboard's server: Streamlit's own command line, with the pages' imports loaded first.
 
     python -m dashboard.serve run app.py [streamlit options]   (what `autodiff dashboard` runs)
 
 Streamlit imports a page's modules when a session first runs it, so the first visitor after a
-start waited for the engine, pandas, plotly, networkx and pyvis to load (about a second on a
-2-core machine). Here a background thread imports whatever app.py and pages/ import while the
-server starts; a page that runs before it is done waits only for what is still loading.
+start waited for the engine, pandas, plotly, networkx and pyvis to load (over a second on a
+2-core machine). Here they are imported before the server starts listening, in this one thread:
+imports racing in two threads can deadlock on a circular import, and the server answers only
+once a first visit is fast. The dashboard's own modules (dashboard.*) are left to the first
+visit: they are quick to load, and their Streamlit caches are best made with the server running.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 import ast
 import importlib
 import sys
-import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +48,7 @@ def preload(names: list[str]) -> list[str]:
 
 
 def main() -> int:
-    threading.Thread(target=preload, args=(page_imports(),), name="preload-pages", daemon=True).start()
+    preload([name for name in page_imports() if name.split(".")[0] != "dashboard"])
     from streamlit.web.cli import main as streamlit_main
 
     return streamlit_main()

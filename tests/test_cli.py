@@ -98,5 +98,5 @@ def test_the_server_preloads_what_the_pages_import() -> None:
                    "plotly.graph_objects", "pandas"):
         assert wanted in names
     loaded = serve.preload(names)
-    assert "dashboard.charts" in loaded and "autodiff.graphview" in loaded
+    assert "plotly.graph_objects" in loaded and "autodiff.graphview" in loaded
     assert "autodiff.metrics.step_figures" not in loaded  # a function, not a module: skipped
