@@ -380,6 +380,8 @@ class Store:
                 f" WHERE {' AND '.join(where)}")
         with self.connect() as conn:
             total = conn.execute(f"SELECT COUNT(*){body}", args).fetchone()[0]
+            if limit == 0:  # only the count wanted
+                return total, []
             rows = conn.execute(
                 f"SELECT g.*, {self._ABOUT_CALL} AS about_call{body} ORDER BY g.created_at, g.step, g.sample_id, g.call_index LIMIT ? OFFSET ?",
                 [*args, -1 if limit is None else limit, offset],
