@@ -6,7 +6,7 @@ import streamlit as st
 
 from autodiff.metrics import FATES, PHASES, step_figures
 from dashboard import charts
-from dashboard.common import md, require_run
+from dashboard.common import ACTIVE, md, require_run
 
 FATE_LABELS = dict(zip(FATES, ("proposed", "passed mini-batch", "passed validation", "accepted",
                                "rejected by a person")))
@@ -14,7 +14,7 @@ FATE_LABELS = dict(zip(FATES, ("proposed", "passed mini-batch", "passed validati
 store, run_id = require_run()
 st.title("Curves")
 st.caption(f"Run {md(run_id)}")
-live = store.run(run_id)["status"] in ("created", "running")
+live = store.run(run_id)["status"] in ACTIVE
 
 
 def by_phase(df: pd.DataFrame, prefix: str, unit: str) -> go.Figure:

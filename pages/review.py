@@ -5,7 +5,7 @@ import streamlit as st
 from autodiff import review
 from autodiff.diffs import word_diff_html
 from autodiff.errors import AutodiffError
-from dashboard.common import fmt_score, md, require_run
+from dashboard.common import ACTIVE, fmt_score, md, require_run
 
 store, run_id = require_run()
 run = store.run(run_id)
@@ -26,7 +26,7 @@ def act(action, *args) -> None:
         st.rerun()
 
 
-@st.fragment(run_every=3 if run["status"] in ("created", "running") else None)
+@st.fragment(run_every=3 if run["status"] in ACTIVE else None)
 def pending() -> None:
     items = review.pending(store, run_id)
     if not items:
