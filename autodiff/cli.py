@@ -149,8 +149,10 @@ def _print_summary(store, run_id: str) -> None:
     from autodiff.metrics import run_summary
 
     s = run_summary(store, run_id)
+    faults = "".join(f", {n} {what}" for n, what in ((s["errors"], "failed"), (s["cut_off"], "cut off")) if n)
     print(f"run {run_id}: {s['status']}; validation {_f(s['initial_val'])} -> best {_f(s['best_val'])}; "
-          f"test {_f(s['initial_test'])} -> {_f(s['final_test'])}; {s['tokens']} tokens in {s['calls']} calls")
+          f"test {_f(s['initial_test'])} -> {_f(s['final_test'])}; {s['tokens']} tokens in {s['calls']} calls"
+          f"{faults}")
 
 
 def _f(x) -> str:
@@ -167,27 +169,62 @@ def cmd_runs(args) -> int:
     if not rows:
         print("no runs yet: start one with `autodiff train object_counting`")
         return 0
-    header = f"{'run':42} {'task':16} {'status':10} {'steps':>5} {'val0':>6} {'best':>6} {'test':>6} {'tokens':>9}"
+    header = (f"{'run':42} {'task':16} {'status':10} {'steps':>5} {'val0':>6} {'best':>6} {'test':>6} {'tokens':>9}"
+              f" {'errors':>6}")
     print(header)
     for s in rows:
         print(f"{s['id']:42} {s['task'][:16]:16} {s['status']:10} {s['steps_done']:>5} {_f(s['initial_val']):>6} "
-              f"{_f(s['best_val']):>6} {_f(s['final_test']):>6} {s['tokens']:>9}")
+              f"{_f(s['best_val']):>6} {_f(s['final_test']):>6} {s['tokens']:>9} {s['errors']:>6}")
     return 0
 
 
 def cmd_show(args) -> int:
-    from autodiff.metrics import run_summary, step_figures
+    from autodiff.metrics import (PHASES, context_window_failures, error_kinds, phase_figures, run_summary,
+                                  step_figures)
 
     store = _store(args)
     run = store.run(args.run_id)
     print(json.dumps(run_summary(store, args.run_id), indent=2, default=str))
     print("config:", json.dumps(run["config"], indent=2))
-    for row in step_figures(store, args.run_id):
-        print(f"step {row['step']:>3}: val {_f(row['val_score'])} test {_f(row['test_score'])} "
+    kinds = error_kinds(store, args.run_id)
+    faults: dict[int, list[dict]] = {}  # step -> its phases' call totals that had a fault, in PHASES order
+    order = {phase: i for i, phase in enumerate(PHASES)}
+    for r in sorted(phase_figures(store, args.run_id), key=lambda r: (r["step"], order.get(r["phase"], len(order)))):
+        if r["errors"] or r["cut_off"]:
+            faults.setdefault(r["step"], []).append(r)
+
+    def fault_text(step: int) -> str:
+        """'; errors: validate 3 (rate_limit 2, timeout 1); cut off: forward 1', or '' without faults."""
+        errors, cut = [], []
+        for r in faults.get(step, []):
+            if r["errors"]:
+                by_kind = ", ".join(f"{k} {n}" for k, n in kinds.get((step, r["phase"]), {}).items())
+                errors.append(f"{r['phase']} {r['errors']}" + (f" ({by_kind})" if by_kind else ""))
+            if r["cut_off"]:
+                cut.append(f"{r['phase']} {r['cut_off']}")
+        return (f"; errors: {', '.join(errors)}" if errors else "") + (f"; cut off: {', '.join(cut)}" if cut else "")
+
+    def score(value: float | None, errored: int) -> str:
+        return _f(value) + (f" ({errored} errored)" if errored else "")
+
+    steps = step_figures(store, args.run_id)
+    for row in steps:
+        print(f"step {row['step']:>3}: val {score(row['val_score'], row['samples_errored_val'])} "
+              f"test {score(row['test_score'], row['samples_errored_test'])} "
               f"failed {row['failed']}/{row['batch']} tokens {row['tokens']} proposals {row['proposed']} "
-              f"accepted {row['accepted']}")
+              f"accepted {row['accepted']}{fault_text(row['step'])}")
+    for step in sorted(set(faults) - {row["step"] for row in steps}):  # e.g. preflight before step 0 began
+        print(f"{'outside a step' if step < 0 else f'step {step:>3} (no step record)'}: {fault_text(step)[2:]}")
     for p in store.proposals(args.run_id):
         print(f"  [{p['step']}] {p['parameter']}: {p['fate']} ({p['reason']})")
+    if overflows := context_window_failures(store, args.run_id):
+        print("calls that failed because the prompt did not fit the model's context window:")
+        for c in overflows:
+            sample = f" sample {c['sample_id']}" if c["sample_id"] else ""
+            print(f"  step {'-' if c['step'] is None else c['step']} {c['phase']} node {c['node'] or '-'}"
+                  f"{sample}: {c['error']}")
+    if run["error"]:
+        print(f"run {run['status']}: {run['error']}")
     return 0
 
 

@@ -18,14 +18,15 @@ def final_test(store: Store, run_id: str) -> tuple[int | None, dict[str, dict]]:
 
 def differing_samples(store: Store, run_ids: Sequence[str]) -> list[dict]:
     """Test samples scored in every run whose score is not the same in all of them, with each run's
-    prediction and score (columns named after the run), in the first run's sample order."""
+    prediction and score (columns named after the run), in the first run's sample order. A sample
+    that errored in any run (score None) is not compared: a provider fault is not an outcome."""
     finals = [final_test(store, r)[1] for r in run_ids]
     rows = []
     for sid, first in finals[0].items():
         if not all(sid in f for f in finals[1:]):
             continue
         scores = [f[sid]["score"] for f in finals]
-        if min(scores) == max(scores):
+        if None in scores or min(scores) == max(scores):
             continue
         row = {"sample": sid, "gold": first["gold"]}
         for run_id, f in zip(run_ids, finals):

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from autodiff.metrics import step_figures
+from autodiff.metrics import PHASES, SPLITS, error_kinds, step_figures
 from autodiff.store import Store
 
 
 def export_run(store: Store, run_id: str) -> dict:
     run = store.run(run_id)
     figures = {r["step"]: r for r in step_figures(store, run_id)}
+    kinds = error_kinds(store, run_id)
+    calls = store.call_totals(run_id)
     steps = []
     for s in store.steps(run_id):
         f = figures[s["step"]]
@@ -16,7 +18,12 @@ def export_run(store: Store, run_id: str) -> dict:
             "step": s["step"], "status": s["status"],
             "parameters": store.parameter_values_at(run_id, s["step"]),
             "val_score": s["val_score"], "test_score": s["test_score"],
-            "tokens_by_phase": {p: f[f"tokens_{p}"] for p in ("forward", "backward", "propose", "validate", "test")},
+            "tokens_by_phase": {p: f[f"tokens_{p}"] for p in PHASES},
+            "errors_by_phase": {p: f[f"errors_{p}"] for p in PHASES},
+            "error_kinds_by_phase": {p: k for (step, p), k in sorted(kinds.items(), key=_phase_order)
+                                     if step == s["step"]},
+            "cut_off_by_phase": {p: f[f"cut_off_{p}"] for p in PHASES},
+            "samples_errored": {split: f[f"samples_errored_{split}"] for split in SPLITS},
             "failed_samples": s["failed_samples"],
         })
     proposals = [
@@ -41,9 +48,16 @@ def export_run(store: Store, run_id: str) -> dict:
     ]
     return {
         "run": {"id": run["id"], "task": run["task"], "config": run["config"], "status": run["status"],
-                "error": run["error"], "created_at": run["created_at"]},
+                "error": run["error"], "created_at": run["created_at"],
+                "errors": sum(c["errors"] for c in calls), "cut_off": sum(c["cut_off"] for c in calls)},
         "parameters": store.parameters(run_id),
         "steps": steps,
         "proposals": proposals,
         "gradients": gradients,
     }
+
+
+def _phase_order(item: tuple[tuple[int, str], dict]) -> tuple[int, int, str]:
+    """(step, phase) keys in step order, phases in PHASES order (any other phase after them)."""
+    (step, phase), _ = item
+    return step, PHASES.index(phase) if phase in PHASES else len(PHASES), phase

@@ -1,4 +1,5 @@
-"""Curves: scores, tokens and time by phase, proposals by fate, and backward calls saved, per step."""
+"""Curves: scores, tokens and time by phase, proposals by fate, backward calls saved, and LLM calls that
+errored or were cut off by phase, per step."""
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -38,8 +39,9 @@ def curves() -> None:
     # A step in progress is summed up in a line that updates on every refresh; the charts show
     # completed steps only, so they are redrawn once a step ends rather than on every refresh.
     for _, row in df[df["status"] != "completed"].iterrows():
-        calls = [f"{phase} {row['calls_' + phase]} calls, {row['tokens_' + phase]:,} tokens" for phase in PHASES
-                 if row["calls_" + phase]]
+        calls = [f"{phase} {row['calls_' + phase]} calls, {row['tokens_' + phase]:,} tokens"
+                 + (f", {row['errors_' + phase]} errored" if row["errors_" + phase] else "")
+                 for phase in PHASES if row["calls_" + phase]]
         st.markdown(f"**Step {row['step']} in progress:** {'; '.join(calls) or 'no LLM calls yet'}.")
     df = df[df["status"] == "completed"]
     if df.empty:
@@ -49,15 +51,35 @@ def curves() -> None:
     proposals = [go.Bar(x=df["step"], y=df[fate], name=name) for fate, name in FATE_LABELS.items()]
     backward = [go.Bar(x=df["step"], y=df["calls_backward"], name="made (failed samples)"),
                 go.Bar(x=df["step"], y=df["backward_calls_saved"].astype(float), name="saved (correct samples)")]
+    # Faults: a chart only for what happened; a caption says what did not.
+    faults = tuple(by_phase(df, f"{total}_", unit) for total, unit in (("errors", "errored calls"),
+                                                                    ("cut_off", "cut-off replies"))
+                   if df[total].sum())
     charts.draw([
         charts.figure("Score per step", score, y="score", y_range=(0, 1.05)),
         (by_phase(df, "tokens_", "tokens"), by_phase(df, "wall_s_", "seconds")),
         (charts.figure("Proposals per step by how far they got", proposals, y="proposals", barmode="group"),
          charts.figure("Backward calls made, and saved by selective backward", backward, y="calls",
                        barmode="group")),
+        *([faults] if faults else []),
     ])
     st.caption("Tokens count fresh calls only (cache hits cost nothing). Time per phase is the wall-clock span "
                "of its calls; phases of one step may overlap.")
+    st.caption(fault_note(df))
+
+
+def fault_note(df: pd.DataFrame) -> str:
+    """What the fault charts count, or that there was nothing to count, and the samples left unscored."""
+    errors, cut_off = int(df["errors"].sum()), int(df["cut_off"].sum())
+    val, test = int(df["samples_errored_val"].sum()), int(df["samples_errored_test"].sum())
+    parts = [
+        f"LLM calls that errored (no usable reply after their retries): {errors:,}" if errors
+        else "No LLM call errored in the completed steps",
+        f"replies cut off at the token limit: {cut_off:,}" if cut_off else "no reply was cut off at the token limit",
+    ]
+    unscored = (f" Samples left unscored because a call failed, summed over the steps: {val:,} validation, "
+                f"{test:,} test (the scores leave them out)." if val or test else "")
+    return "; ".join(parts) + "." + unscored
 
 
 curves()

@@ -80,7 +80,8 @@ def live() -> None:
         with st.container(border=True):
             st.markdown(f"**{md(s['id'])}** is {s['status']}: step {s['steps_done']} of {s['steps_planned']} "
                         f"done, best validation {fmt_score(s['best_val'])}, {s['tokens']} tokens, "
-                        f"{s['pending']} proposals waiting for review")
+                        f"{s['pending']} proposals waiting for review"
+                        + (f", {s['errors']} LLM calls failed" if s["errors"] else ""))
             st.progress(min(s["steps_done"] / (s["steps_planned"] or 1), 1.0))
             if run["stop_requested"]:
                 st.caption("Stop requested: the run stops at the next step boundary.")
@@ -90,11 +91,11 @@ def live() -> None:
         # the figures first, so they show without scrolling sideways on a narrow screen
         [{"run": s["id"], "task": s["task"], "status": s["status"],
           "steps": f"{s['steps_done']} / {s['steps_planned']}", "best validation": fmt_score(s["best_val"]),
-          "latest test": fmt_score(s["final_test"]), "tokens": f"{s['tokens']:,}",
+          "latest test": fmt_score(s["final_test"]), "tokens": f"{s['tokens']:,}", "call errors": f"{s['errors']:,}",
           "wall time (s)": f"{s['wall_s']:,.1f}", "forward model": s["forward_model"],
           "backward model": s["backward_model"], "optimizer model": s["optimizer_model"], "review": s["review"],
           "started": fmt_time(s["created_at"]), "error": s["error"] or ""} for s in summaries],
-        numeric=("best validation", "latest test", "tokens", "wall time (s)"),
+        numeric=("best validation", "latest test", "tokens", "call errors", "wall time (s)"),
     ))
 
 

@@ -146,8 +146,9 @@ def test_runs_table(filled) -> None:
     assert {row["status"] for row in table} == {"completed"}
     assert {row["forward model"] for row in table} == {"fake:forward"}
     for column in ("task", "backward model", "optimizer model", "steps", "best validation", "latest test",
-                   "tokens", "wall time (s)"):
+                   "tokens", "call errors", "wall time (s)"):
         assert column in table[0]
+    assert {row["call errors"] for row in table} == {"0"}  # the scripted fake never fails
     assert max(float(row["best validation"]) for row in table) == pytest.approx(0.75)
     assert not [b for b in at.button if b.label == "Stop"]  # nothing is running
 
@@ -251,6 +252,8 @@ def test_curves_draws_every_chart(filled) -> None:
     assert tokens["cumulative (right axis)"][-1] == sum(r["tokens"] for r in rows) > 0
     fates = {t["name"]: values(t["y"]) for t in figures[3]["data"]}
     assert fates["proposed"] == [r["proposed"] for r in rows] and sum(fates["proposed"]) > 0
+    # No fault charts for a run without faults (tests/test_error_counts.py draws them): a caption says so.
+    assert any(c.value.startswith("No LLM call errored in the completed steps") for c in at.caption)
 
 
 def test_pages_draw_a_step_in_progress(tmp_path: Path) -> None:
