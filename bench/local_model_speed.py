@@ -10,9 +10,14 @@ import argparse
 import time
 from dataclasses import dataclass
 
-from autodiff.llm.local_provider import LocalProvider, build_workarounds, resolve_model_path
+from autodiff.llm.local_provider import (
+    LocalProvider,
+    build_workarounds,
+    resolve_model_path,
+    start_from_empty_context,
+)
 
-# Each prompt differs from its first words on, so no call reuses the last one's cached prefix.
+# Different prompts; each is read whole from position 0, as the provider reads every prompt.
 TOPICS = ("a lighthouse keeper", "a lost robot", "a mountain village", "a caravan", "a diver")
 # Background text that makes each prompt a few hundred tokens, so prompt speed is measurable.
 NOTES = "The weather changes quickly, the nights are long, and every choice has a cost. " * 20
@@ -29,6 +34,7 @@ class CallTiming:
 def timed_call(llm: object, topic: str, max_tokens: int) -> CallTiming:
     import llama_cpp
 
+    start_from_empty_context(llm)
     llama_cpp.llama_perf_context_reset(llm.ctx)
     llm.create_chat_completion(
         messages=[{"role": "user", "content": f"Notes on {topic}: {NOTES}\nWrite a long story."}],
@@ -58,7 +64,7 @@ def main() -> None:
     llm = provider.load(path)
     load_s = time.perf_counter() - start
 
-    print(f"model: {path.name}  n_ctx={provider.n_ctx}  threads={llm.n_threads}")
+    print(f"model: {path.name}  n_ctx={llm.n_ctx()}  threads={llm.n_threads}")
     print(f"build workarounds: {build_workarounds() or 'none'}")
     print(f"load time: {load_s:.2f} s")
     timings = [timed_call(llm, TOPICS[i % len(TOPICS)], args.max_tokens) for i in range(args.calls)]

@@ -16,16 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from autodiff.errors import ConfigError
+from autodiff.errors import ConfigError, LLMContextWindowError, LLMReplyError
 from autodiff.llm import local_provider
-from autodiff.llm.local_provider import (
-    CUT_MARK,
-    LocalProvider,
-    build_workarounds,
-    default_model_path,
-    fit_messages,
-    prompt_tokens,
-)
+from autodiff.llm.local_provider import LocalProvider, build_workarounds, default_model_path
 from autodiff.llm.types import Message, Request
 from tests.servers import free_port, stop
 
@@ -34,6 +27,8 @@ llama_cpp = pytest.importorskip("llama_cpp")
 pytestmark = pytest.mark.local_model
 
 SERVER_START_TIMEOUT = 60.0
+# About 18 tokens a sentence: prompts of a chosen length for the context-window tests.
+NOTES = "The weather changes quickly, the nights are long, and every choice has a cost. "
 
 
 def ask(text: str, max_tokens: int = 32, system: str | None = None) -> Request:
@@ -48,9 +43,23 @@ def provider() -> LocalProvider:
 
 
 @pytest.fixture(scope="module")
-def tokenizer() -> object:
-    # The vocabulary alone: enough to count and cut tokens, and quick to load.
-    return llama_cpp.Llama(model_path=str(default_model_path()), vocab_only=True, verbose=False)
+def small_provider() -> LocalProvider:
+    # A small context window keeps the over-long prompts quick to build and to read.
+    return LocalProvider(n_ctx=256)
+
+
+@pytest.fixture
+def evaluations(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """(position, token count) of every batch llama.cpp is given to read from now on."""
+    read: list[tuple[int, int]] = []
+    evaluate = llama_cpp.Llama.eval
+
+    def spy(self: llama_cpp.Llama, tokens: list[int]) -> None:
+        read.append((self.n_tokens, len(tokens)))
+        evaluate(self, tokens)
+
+    monkeypatch.setattr(llama_cpp.Llama, "eval", spy)
+    return read
 
 
 def test_default_model_path_is_packaged_gguf() -> None:
@@ -60,17 +69,42 @@ def test_default_model_path_is_packaged_gguf() -> None:
 
 
 def test_complete_returns_text_and_token_counts(provider: LocalProvider) -> None:
-    completion = provider.complete("smollm2", ask("What is the capital of France?"))
-    assert completion.text.strip()
+    completion = provider.complete("smollm2", ask("What is the capital of France?", max_tokens=64))
+    assert "Paris" in completion.text
     assert completion.prompt_tokens > 0
-    assert completion.completion_tokens > 0
+    assert 0 < completion.completion_tokens < 64
+    assert completion.finish_reason == "stop"
 
 
-def test_temperature_zero_is_deterministic(provider: LocalProvider) -> None:
-    request = ask("Name three colours.")
-    first = provider.complete("smollm2", request)
-    second = provider.complete("local:smollm2", request)
-    assert first == second
+def test_finish_reason_is_length_when_max_tokens_cuts_the_reply(provider: LocalProvider) -> None:
+    completion = provider.complete("smollm2", ask("Write a long story about a dragon.", max_tokens=4))
+    assert completion.text.strip()
+    assert completion.completion_tokens == 4
+    assert completion.finish_reason == "length"
+    assert completion.cut_off
+
+
+def test_temperature_zero_is_deterministic_after_another_request(provider: LocalProvider) -> None:
+    # The same request must give the same reply whatever the model read before it.
+    a, b = ask("Name three colours."), ask("Describe the sea in one sentence.")
+    first = provider.complete("smollm2", a)
+    provider.complete("smollm2", b)
+    again = provider.complete("local:smollm2", a)
+    fresh = LocalProvider().complete("smollm2", a)
+    assert first == again == fresh
+
+
+def test_a_repeated_prompt_is_read_from_the_start(
+    provider: LocalProvider, evaluations: list[tuple[int, int]]
+) -> None:
+    # llama-cpp-python would read only the last token of a repeated prompt, on top of the cache
+    # the first call left; that one-token batch can give other logits than the whole prompt
+    # read in one batch (seen on AMD EPYC). Checked here on the mechanism, on any CPU.
+    request = ask("Name three colours.", max_tokens=8)
+    provider.complete("smollm2", request)
+    evaluations.clear()
+    second = provider.complete("smollm2", request)
+    assert evaluations[0] == (0, second.prompt_tokens)
 
 
 def test_concurrent_calls_share_one_model(provider: LocalProvider) -> None:
@@ -82,37 +116,79 @@ def test_concurrent_calls_share_one_model(provider: LocalProvider) -> None:
     assert completions == [provider.complete("smollm2", r) for r in requests]
 
 
-def test_over_long_prompt_is_cut_and_still_completes() -> None:
-    # A small context keeps the test quick; the cut logic is the same at any size.
-    provider = LocalProvider(n_ctx=512)
-    words = " ".join(f"word{i}" for i in range(10_000))
+def test_over_long_prompt_is_refused_with_its_size(
+    small_provider: LocalProvider, evaluations: list[tuple[int, int]]
+) -> None:
+    words = " ".join(f"word{i}" for i in range(1_000))
     request = ask(f"START {words} END. Reply with one word.", max_tokens=16, system="Be brief.")
-    completion = provider.complete("smollm2", request)
-    assert completion.text.strip()
-    assert completion.prompt_tokens + request.max_tokens <= 512
+    with pytest.raises(LLMContextWindowError) as raised:
+        small_provider.complete("smollm2", request)
+    message = str(raised.value)
+    prompt_tokens = int(message.split("the prompt is ")[1].split()[0])
+    assert prompt_tokens > 1_000  # every word is at least one token, and the template adds more
+    assert "context window is 256 tokens" in message
+    assert "shorten the inputs" in message and "larger n_ctx" in message
+    assert raised.value.kind == "context_window"
+    assert evaluations == []  # refused before llama.cpp read or generated anything
 
 
-def test_fit_messages_cuts_middle_of_longest_user_message(tokenizer: object) -> None:
+def test_default_window_is_the_training_context(
+    provider: LocalProvider, evaluations: list[tuple[int, int]]
+) -> None:
+    # The default n_ctx is SmolLM2's training context, 8192 tokens: counting is cheap, reading is not.
     words = " ".join(f"word{i}" for i in range(3_000))
-    messages = (
-        Message("system", "Answer briefly."),
-        Message("user", "short question"),
-        Message("user", f"HEAD {words} TAIL"),
-    )
-    fitted = fit_messages(tokenizer, messages, budget=300)
-    assert prompt_tokens(tokenizer, fitted) <= 300
-    assert fitted[:2] == [
-        {"role": "system", "content": "Answer briefly."},
-        {"role": "user", "content": "short question"},
-    ]
-    cut = fitted[2]["content"]
-    assert cut.startswith("HEAD word0") and cut.endswith("TAIL")
-    assert CUT_MARK in cut
+    with pytest.raises(LLMContextWindowError, match="context window is 8192 tokens"):
+        provider.complete("smollm2", ask(words, max_tokens=16))
+    assert evaluations == []
 
 
-def test_fit_messages_leaves_short_prompts_alone(tokenizer: object) -> None:
-    messages = (Message("user", "hello"),)
-    assert fit_messages(tokenizer, messages, budget=300) == [{"role": "user", "content": "hello"}]
+def test_default_window_never_exceeds_the_training_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    # As if SmolLM2 had been trained on fewer tokens than the cap: the window is the training context.
+    monkeypatch.setattr(local_provider, "MAX_DEFAULT_N_CTX", 16384)
+    words = " ".join(f"word{i}" for i in range(3_000))
+    with pytest.raises(LLMContextWindowError, match="context window is 8192 tokens"):
+        LocalProvider().complete("smollm2", ask(words, max_tokens=16))
+
+
+def test_reply_stops_at_the_end_of_the_context_window(small_provider: LocalProvider) -> None:
+    # The prompt fits, prompt + max_tokens does not: llama.cpp writes up to the window's end.
+    request = ask(f"Notes: {NOTES * 12}\nWrite a long story about a lighthouse keeper.", max_tokens=64)
+    completion = small_provider.complete("smollm2", request)
+    assert completion.prompt_tokens + request.max_tokens > 256  # the premise of this test
+    assert completion.prompt_tokens + completion.completion_tokens == 256
+    assert completion.finish_reason == "length"
+    assert completion.text.strip()
+
+
+def test_reply_with_no_text_is_reply_error(provider: LocalProvider, monkeypatch: pytest.MonkeyPatch) -> None:
+    provider.check("smollm2")  # loaded before llama.cpp's answer is replaced
+
+    def silent(self: object, **kwargs: object) -> dict:
+        return {
+            "choices": [{"message": {"role": "assistant", "content": ""}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 30, "completion_tokens": 1},
+        }
+
+    monkeypatch.setattr(llama_cpp.Llama, "create_chat_completion", silent)
+    with pytest.raises(LLMReplyError, match="empty reply") as raised:
+        provider.complete("smollm2", ask("hi"))
+    assert raised.value.usage == (30, 1)
+
+
+def test_provider_names_its_endpoint() -> None:
+    assert LocalProvider.endpoint == "in-process"
+
+
+def test_check_loads_the_model_without_generating(evaluations: list[tuple[int, int]]) -> None:
+    LocalProvider().check("local:smollm2")
+    assert evaluations == []
+
+
+def test_check_of_missing_gguf_is_quick_config_error() -> None:
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match="nonexistent.gguf"):
+        LocalProvider().check("local:/nonexistent.gguf")
+    assert time.monotonic() - started < 1.0
 
 
 def test_missing_gguf_is_config_error(tmp_path: Path) -> None:
@@ -133,6 +209,8 @@ def test_missing_package_is_config_error(monkeypatch: pytest.MonkeyPatch) -> Non
 def test_corrupt_gguf_is_config_error(tmp_path: Path) -> None:
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"this is not a gguf file" * 100)
+    with pytest.raises(ConfigError, match="bad.gguf"):
+        LocalProvider().check(f"local:{bad}")
     with pytest.raises(ConfigError, match="bad.gguf"):
         LocalProvider().complete(f"local:{bad}", ask("hi"))
 

