@@ -382,8 +382,11 @@ def report(args: argparse.Namespace, workdir: Path, proxy: RecordingProxy, code:
         print(f"step {step}: {end - start:.0f} s, server busy {ratio(step_busy, end - start)} of it")
     print()
     print(show_run(workdir, run["id"]))
-    if run["status"] != "completed" or code != 0:
-        print(f"the run did not complete (status {run['status']}, CLI exit code {code}): see above")
+    if run["status"] != "completed":
+        print(f"the run did not complete: status {run['status']}, CLI exit code {code} (see above)")
+        return False
+    if code != 0:
+        print(f"the run completed, but the CLI failed with exit code {code} (see its output above)")
         return False
     return True
 
