@@ -110,6 +110,7 @@ def main() -> int:
         proxy = RecordingProxy("127.0.0.1", port).start()
         print(f"server: {model.name} on 127.0.0.1:{port} (alias {args.alias}, n_ctx {args.n_ctx}); "
               f"proxy on 127.0.0.1:{proxy.port}", flush=True)
+        print(f"engine: {engine_source()}", flush=True)
         code, elapsed = run_training(args, workdir, proxy)
         drain(proxy)
         ok = report(args, workdir, proxy, code, elapsed)
@@ -121,6 +122,7 @@ def main() -> int:
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
+        keep = keep or any(workdir.iterdir())
         return 130
     finally:
         if proxy is not None:
@@ -151,6 +153,24 @@ def model_file(given: Path | None) -> Path:
         return default_model_path()
     except ConfigError as exc:
         raise BenchError(f"{exc} (or pass --model /path/to/model.gguf)") from exc
+
+
+def engine_source() -> str:
+    """Where the engine comes from, with its commit when that is a git checkout."""
+    import autodiff
+
+    root = Path(autodiff.__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "log", "-1", "--format=%h %s"], capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "autodiff"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = dirty = ""
+    where = f"{root}/autodiff"
+    if commit:
+        where += f" at {commit[:80]}" + (" (with uncommitted changes)" if dirty else "")
+    return where
 
 
 def check_server_installed() -> None:
@@ -246,7 +266,9 @@ def run_training(args: argparse.Namespace, workdir: Path, proxy: RecordingProxy)
     print(f"running: OPENAI_BASE_URL={env['OPENAI_BASE_URL']} {' '.join(command)}", flush=True)
     started = time.monotonic()
     with open(workdir / "cli.out", "wb") as out, open(workdir / "cli.err", "wb") as err:
-        cli = subprocess.Popen(command, stdout=out, stderr=err, env=env)  # same group: Ctrl-C reaches it
+        # cwd: `-m` puts the working directory first on sys.path, and a checkout there would
+        # shadow the engine this script imported (PYTHONPATH or the installed one).
+        cli = subprocess.Popen(command, stdout=out, stderr=err, env=env, cwd=workdir)  # same group: Ctrl-C reaches it
         try:
             while True:
                 try:
@@ -421,7 +443,7 @@ def show_run(workdir: Path, run_id: str, limit: int = 30) -> str:
     """`autodiff show RUN` without its config block, shortened."""
     result = subprocess.run(
         [sys.executable, "-m", "autodiff.cli", "--store", str(workdir / "runs.sqlite"), "show", run_id],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, cwd=workdir,
     )
     lines, skipping = [], False
     for line in (result.stdout + result.stderr).splitlines():
