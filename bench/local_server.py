@@ -148,7 +148,10 @@ def model_file(given: Path | None) -> Path:
         from autodiff.errors import ConfigError
         from autodiff.llm.local_provider import default_model_path
     except ImportError as exc:
-        raise BenchError(f"cannot import the engine ({exc}): run with the project's .venv/bin/python") from exc
+        missing_dependency = isinstance(exc, ModuleNotFoundError) and not (exc.name or "").startswith("autodiff")
+        hint = ("run with the project's .venv/bin/python" if missing_dependency else
+                "the engine itself does not import: point PYTHONPATH at a checkout that does")
+        raise BenchError(f"cannot import the engine ({exc}): {hint}") from exc
     try:
         return default_model_path()
     except ConfigError as exc:
