@@ -181,10 +181,19 @@ def _ask(llm: LLM, prompt: str, ctx: BackwardContext, sample_id: str, node: str,
         call_index=call_index, role="backward",
     )
     try:
-        reply = llm.complete((Message("system", BACKWARD_SYSTEM), Message("user", prompt)), call_ctx)
+        reply = llm.complete((Message("system", BACKWARD_SYSTEM), Message("user", prompt)), call_ctx,
+                             validate=_require_feedback)
     except LLMFatalError:
         raise
     except LLMError as exc:
         return "", None, f"backward call failed: {exc}"
     text, error = parse_feedback(reply.text)
+    if reply.cut_off and not error:
+        error = "feedback cut off at the token limit"
     return text, reply.call_id, error
+
+
+def _require_feedback(text: str) -> None:
+    """The client's cache check: a reply with no usable feedback is not kept for a re-run."""
+    if parse_feedback(text)[1]:
+        raise ValueError("no usable feedback in the reply")

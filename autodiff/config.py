@@ -58,6 +58,22 @@ class RunConfig(BaseModel):
     seed: int = 0
     max_tokens: int = Field(512, ge=16, le=8192)
     optimizer_max_tokens: int = Field(1024, ge=16, le=16384)  # room for several proposals per reply
+    # Provider faults: above this share (0..1) of errored samples in one phase of a step, nothing
+    # is decided on the comparison and the run stops, resumable (see autodiff.judge).
+    max_error_share: float = Field(0.1, ge=0.0, le=1.0)
+    # Seconds to wait for one reply once sent; None: no limit for a server on this machine or
+    # a private network (a queued request is never abandoned), 600 s for a hosted API.
+    timeout: float | None = Field(None, gt=0)
+    forward_timeout: float | None = Field(None, gt=0)  # per role; overrides `timeout`
+    backward_timeout: float | None = Field(None, gt=0)
+    optimizer_timeout: float | None = Field(None, gt=0)
+    retry_budget: float = Field(300.0, ge=0)  # seconds one call keeps retrying transient faults
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None  # models that take it
+    cache: Literal["use", "refresh", "off"] = "use"  # refresh: read only replies written by this run
+
+    def timeout_for(self, role: str) -> float | None:
+        """The reply time-out in seconds for `role` (forward, backward, optimizer)."""
+        return getattr(self, f"{role}_timeout") or self.timeout
 
     @field_validator("forward_model", "backward_model", "optimizer_model")
     @classmethod

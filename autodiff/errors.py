@@ -20,16 +20,62 @@ class StoreError(AutodiffError):
 
 
 class LLMError(AutodiffError):
-    """An LLM call failed after the retries the policy allows."""
+    """An LLM call that gave no usable reply. `kind` names the fault for counting and display
+    (one of `ERROR_KINDS`); `usage` holds the tokens the server reported for the failed attempts
+    that had a body, as (prompt, completion), so accounting matches the server."""
+
+    kind = "error"
+
+    def __init__(self, message: str, *, kind: str | None = None, usage: tuple[int, int] | None = None):
+        super().__init__(message)
+        if kind is not None:
+            self.kind = kind
+        self.usage = usage
 
 
 class LLMTransientError(LLMError):
-    """A fault that may go away on retry: rate limit, server error, time-out, garbage body."""
+    """A fault that may go away on retry: rate limit, server error, time-out, connection error,
+    garbage body. `retry_after` is the wait in seconds the server asked for (Retry-After), if any."""
+
+    kind = "server"
+
+    def __init__(self, message: str, *, kind: str | None = None, retry_after: float | None = None,
+                 usage: tuple[int, int] | None = None):
+        super().__init__(message, kind=kind, usage=usage)
+        self.retry_after = retry_after
+
+
+class LLMReplyError(LLMError):
+    """The server answered, but with nothing usable (no text at all). Asking the same again would
+    pay for the same reply, so it is not retried; the sample or proposal fails with the reason."""
+
+    kind = "empty"
+
+
+class LLMContextWindowError(LLMError):
+    """The prompt does not fit the model's context window. Never cut silently, never retried:
+    the call fails with the sizes, on the record of its node and phase."""
+
+    kind = "context_window"
 
 
 class LLMFatalError(LLMError):
-    """A fault retrying cannot fix (bad key, unknown model or endpoint): the run must stop."""
+    """A fault retrying cannot fix (bad key, unknown model or endpoint, an option the model
+    rejects): the run must stop."""
+
+    kind = "fatal"
+
+
+class TooManyErrors(AutodiffError):
+    """The share of samples whose calls failed in one phase of a step passed the run's limit
+    (`max_error_share`). The run stops cleanly with this reason and can be resumed; the failed
+    calls are asked again then (failures are never cached)."""
 
 
 class ParseError(AutodiffError):
     """An LLM reply that does not have the shape we asked for."""
+
+
+# What an LLM call's `error_kind` can say: rate_limit (429), timeout, server (5xx), connection,
+# garbage (an unparseable body), empty (no text), context_window, fatal (4xx that retrying cannot fix).
+ERROR_KINDS = ("rate_limit", "timeout", "server", "connection", "garbage", "empty", "context_window", "fatal")

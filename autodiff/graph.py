@@ -197,23 +197,28 @@ class LLMNode:
             run_id=rt.run_id, step=rt.step, phase=rt.phase, node=self.name, sample_id=rt.sample_id,
             call_index=rt.next_call_index(self.name), role="forward",
         )
-        text, call_id, error = "", None, None
+        record = functools.partial(
+            rt.record, node=self.name, node_type="llm", inputs=tuple(_input_ref(k, v) for k, v in inputs.items()),
+            parameters=tuple((p.name, rt.value_of(p)) for p in self.parameters), prompt=prompt,
+        )
         try:
-            reply = rt.llm.complete(prompt, ctx, max_tokens=self.max_tokens)
-            text, call_id = reply.text, reply.call_id
+            reply = rt.llm.complete(prompt, ctx, max_tokens=self.max_tokens, validate=self.parse)
         except LLMFatalError:
             raise
-        except LLMError as exc:  # the sample fails with the reason; the run goes on
-            error = str(exc)
+        except LLMError as exc:
+            # A provider fault is not the model's answer: the sample stops here, unscored, and the
+            # run goes on (see autodiff.pipeline.run_sample).
+            record(output="", error=str(exc))
+            raise
+        error = None
         try:
-            data = self.parse(text)
-        except Exception as exc:  # a parser fault is the model's garbage, not ours
-            data, error = "", error or f"could not parse reply: {exc}"
-        inv = rt.record(
-            node=self.name, node_type="llm", inputs=tuple(_input_ref(k, v) for k, v in inputs.items()),
-            output=to_text(data), parameters=tuple((p.name, rt.value_of(p)) for p in self.parameters),
-            prompt=prompt, llm_call_id=call_id, error=error,
-        )
+            data = self.parse(reply.text)
+        except Exception as exc:  # a parser fault is the model's garbage, not ours: scored as given
+            data, error = "", f"could not parse reply: {exc}"
+        if reply.cut_off:
+            note = f"reply cut off at the token limit ({self.max_tokens} tokens)"
+            error = f"{error}; {note}" if error else note
+        inv = record(output=to_text(data), llm_call_id=reply.call_id, error=error)
         return Value(data, inv.id, self.name)
 
 

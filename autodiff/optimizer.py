@@ -9,7 +9,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from autodiff.errors import LLMError, LLMFatalError
+from autodiff.errors import LLMError, LLMFatalError, LLMTransientError
 from autodiff.llm.client import LLM
 from autodiff.llm.types import CallContext, Message
 from autodiff.parameter import Parameter
@@ -135,12 +135,17 @@ class Optimizer:
         now = time.time()
         try:
             reply = self.llm.complete(
-                (Message("system", OPTIMIZER_SYSTEM), Message("user", prompt)), ctx, max_tokens=self.max_tokens
+                (Message("system", OPTIMIZER_SYSTEM), Message("user", prompt)), ctx, max_tokens=self.max_tokens,
+                validate=self._require_proposals,
             )
-        except LLMFatalError:
-            raise
-        except LLMError as exc:
-            return [self._failed(inp, step, None, "", f"optimizer call failed: {exc}", now)]
+        except (LLMFatalError, LLMTransientError):
+            raise  # the trainer records it (see `failed`) and stops the run: the provider is failing
+        except LLMError as exc:  # an empty reply or an over-long prompt: an error, never a bad proposal
+            return [self.failed(inp, step, f"optimizer call failed: {exc}", now)]
+        if reply.cut_off:  # a value cut off mid-way is no candidate, however well-formed its start
+            return [self._failed(inp, step, reply.call_id, reply.text,
+                                 f"optimizer reply cut off at the token limit ({self.max_tokens} tokens): "
+                                 "raise optimizer_max_tokens", now)]
         parsed, reason = parse_proposals(reply.text, self.lenient)
         if not parsed:
             return [self._failed(inp, step, reply.call_id, reply.text, reason or "", now)]
@@ -152,10 +157,20 @@ class Optimizer:
             for p in parsed[: self.n_proposals]
         ]
 
-    def _failed(self, inp: OptimizerInput, step: int, call_id, raw: str, reason: str, now: float) -> Proposal:
+    def failed(self, inp: OptimizerInput, step: int, reason: str, now: float | None = None) -> Proposal:
+        """The record of an optimizer call that failed (fate "error"): no value was proposed."""
+        return self._failed(inp, step, None, "", reason, now or time.time(), fate="error")
+
+    def _require_proposals(self, text: str) -> None:
+        """The client's cache check: a reply with no usable proposal is not kept for a re-run."""
+        if not parse_proposals(text, self.lenient)[0]:
+            raise ValueError("no proposal in the reply")
+
+    def _failed(self, inp: OptimizerInput, step: int, call_id, raw: str, reason: str, now: float,
+                fate: str = "malformed") -> Proposal:
         return Proposal(
             id=uuid.uuid4().hex, step=step, parameter=inp.parameter.name, value=(raw or "")[:2000],
-            method="none", reasoning="", llm_call_id=call_id, fate="malformed", reason=reason, created_at=now,
+            method="none", reasoning="", llm_call_id=call_id, fate=fate, reason=reason, created_at=now,
         )
 
     def check(self, proposal: Proposal, parameter: Parameter, tried: Sequence[str]) -> str | None:

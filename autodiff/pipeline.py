@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from autodiff.errors import ConfigError
+from autodiff.errors import ConfigError, LLMError, LLMFatalError
 from autodiff.graph import FunctionNode, LLMNode, Loss, Runtime, Value, activate, deactivate, to_text
 from autodiff.llm.client import LLM
 from autodiff.parameter import Parameter
@@ -79,14 +79,20 @@ def run_sample(
     trace = Trace(sample_id=sample["id"])
     rt = Runtime(llm=llm, sample_id=sample["id"], run_id=run_id, step=step, phase=phase,
                  overrides=overrides or {}, trace=trace)
+    gold = to_text(task.gold(sample))
     token = activate(rt)
     try:
         prediction = task.pipeline.forward(sample)
         if not isinstance(prediction, Value):
             prediction = Value(prediction)
         score = task.loss(prediction, task.gold(sample))
+    except LLMFatalError:
+        raise
+    except LLMError as exc:
+        # A call failed after its retries: the sample is an error, never a wrong answer.
+        trace.error = f"{type(exc).__name__}: {exc}"
+        return trace, Evaluation(sample["id"], "", gold, None, trace.error)
     finally:
         deactivate(token)
     errors = [i.error for i in trace.invocations if i.error]
-    return trace, Evaluation(sample["id"], to_text(prediction.data), to_text(task.gold(sample)), score,
-                             "; ".join(errors) or None)
+    return trace, Evaluation(sample["id"], to_text(prediction.data), gold, score, "; ".join(errors) or None)

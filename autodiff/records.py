@@ -24,6 +24,21 @@ class LLMCall:
     cached: bool
     error: str | None
     created_at: float
+    # Where the request went (API base URL, or "in-process" for the embedded model).
+    endpoint: str | None = None
+    # "stop", "length" (cut off by the token limit), "content_filter", or None (not said / failed).
+    finish_reason: str | None = None
+    reasoning: str | None = None  # reasoning the model wrote, kept apart from `response`
+    attempts: int = 1  # requests sent for this call (retries included); 0 when served from the cache
+    error_kind: str | None = None  # one of autodiff.errors.ERROR_KINDS when `error` is set
+    cached_prompt_tokens: int = 0  # prompt tokens the provider served from its own prompt cache
+    cache_write_tokens: int = 0  # prompt tokens written to the provider's prompt cache
+    reasoning_tokens: int = 0  # completion tokens spent on hidden reasoning
+
+    @property
+    def cut_off(self) -> bool:
+        """The reply stopped at the token limit, not where the model ended it."""
+        return self.finish_reason == "length"
 
 
 @dataclass(frozen=True)
@@ -97,13 +112,20 @@ class Proposal:
 
 @dataclass(frozen=True)
 class Evaluation:
-    """One sample scored under one set of parameter values."""
+    """One sample scored under one set of parameter values. `score` is None when the sample
+    could not be scored because a call failed (a provider fault is never a wrong answer); then
+    `error` says why. A scored sample may still carry an `error` note (a reply its node could
+    not parse is the model's answer, scored as such)."""
 
     sample_id: str
     prediction: str
     gold: str
-    score: float
+    score: float | None
     error: str | None = None
+
+    @property
+    def errored(self) -> bool:
+        return self.score is None
 
 
 @dataclass
@@ -118,7 +140,10 @@ class Trace:
         losses = [i for i in self.invocations if i.node_type == "loss"]
         return losses[-1] if losses else None
 
+    error: str | None = None  # set when a call failed and the sample could not be scored
+
     @property
-    def score(self) -> float:
+    def score(self) -> float | None:
+        """The loss's score, or None when the sample errored before it was scored."""
         loss = self.loss
-        return loss.score if loss and loss.score is not None else 0.0
+        return loss.score if loss and loss.score is not None else None

@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from autodiff.config import RunConfig, make_config
-from autodiff.errors import ConfigError
+from autodiff.errors import ConfigError, StoreError
 from autodiff.llm.cache import ResponseCache
 from autodiff.llm.client import RetryPolicy
 from autodiff.llm.types import Provider
@@ -30,12 +31,17 @@ def default_cache_path() -> Path:
 def prepare(
     config: RunConfig, store: Store, *, run_id: str | None = None, cache_path: Path | None = None,
     providers: dict[str, Provider] | None = None, progress: Progress | None = None,
-    retry: RetryPolicy = RetryPolicy(), use_cache: bool = True,
+    retry: RetryPolicy | None = None, use_cache: bool = True,
 ) -> Trainer:
     task = load_task(config.task)
     buffer = CallBuffer(store)
     cache = ResponseCache(cache_path or default_cache_path()) if use_cache else None
-    roles = make_roles(config, recorder=buffer, cache=cache, providers=providers, retry=retry)
+    # "refresh" reads only replies written since the run began (a resume keeps its own).
+    try:
+        since = store.run(run_id)["created_at"] if run_id else time.time()
+    except StoreError:
+        since = time.time()
+    roles = make_roles(config, recorder=buffer, cache=cache, providers=providers, retry=retry, cache_since=since)
     return Trainer(task, config, store, roles, buffer, run_id=run_id, progress=progress)
 
 

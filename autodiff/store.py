@@ -6,6 +6,7 @@ the dashboard shows is derived from the rows here. API keys never enter it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 import time
@@ -89,6 +90,34 @@ MIGRATIONS: list[tuple[str, str]] = [
         """
         CREATE INDEX llm_calls_accounting ON llm_calls (
             run_id, step, phase, cached, prompt_tokens, completion_tokens, latency_ms, created_at, error
+        );
+        """,
+    ),
+    (
+        # Provider faults are never scores: an evaluation that errored has no score. Calls record
+        # where they went, how they ended, how many requests they took and the usage details.
+        "003_errors_and_reply_shapes",
+        """
+        CREATE TABLE evaluations_new (
+            run_id TEXT NOT NULL, step INTEGER NOT NULL, split TEXT NOT NULL, subject TEXT NOT NULL,
+            sample_id TEXT NOT NULL, prediction TEXT NOT NULL, gold TEXT NOT NULL, score REAL,
+            error TEXT, PRIMARY KEY (run_id, step, split, subject, sample_id)
+        );
+        INSERT INTO evaluations_new SELECT * FROM evaluations;
+        DROP TABLE evaluations;
+        ALTER TABLE evaluations_new RENAME TO evaluations;
+        ALTER TABLE llm_calls ADD COLUMN endpoint TEXT;
+        ALTER TABLE llm_calls ADD COLUMN finish_reason TEXT;
+        ALTER TABLE llm_calls ADD COLUMN reasoning TEXT;
+        ALTER TABLE llm_calls ADD COLUMN attempts INTEGER NOT NULL DEFAULT 1;
+        ALTER TABLE llm_calls ADD COLUMN error_kind TEXT;
+        ALTER TABLE llm_calls ADD COLUMN cached_prompt_tokens INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE llm_calls ADD COLUMN cache_write_tokens INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE llm_calls ADD COLUMN reasoning_tokens INTEGER NOT NULL DEFAULT 0;
+        DROP INDEX llm_calls_accounting;
+        CREATE INDEX llm_calls_accounting ON llm_calls (
+            run_id, step, phase, cached, prompt_tokens, completion_tokens, latency_ms, created_at, error,
+            error_kind, finish_reason
         );
         """,
     ),
@@ -439,18 +468,22 @@ class Store:
         with self.connect() as conn:
             conn.executemany("UPDATE gradients SET consumed_step = ? WHERE id = ?", [(step, i) for i in ids])
 
+    _CALL_COLUMNS = tuple(f.name for f in dataclasses.fields(LLMCall))
+
     def add_calls(self, calls: Iterable[LLMCall]) -> None:
         rows = [
-            (
-                c.id, c.run_id, c.step, c.phase, c.role, c.node, c.sample_id, c.call_index, c.model,
-                _json([list(m) for m in c.messages]), c.response, c.prompt_tokens, c.completion_tokens,
-                c.latency_ms, int(c.cached), c.error, c.created_at,
+            tuple(
+                _json([list(m) for m in c.messages]) if name == "messages"
+                else int(c.cached) if name == "cached" else getattr(c, name)
+                for name in self._CALL_COLUMNS
             )
             for c in calls
         ]
         if rows:
+            columns = ", ".join(self._CALL_COLUMNS)
+            marks = ",".join("?" * len(self._CALL_COLUMNS))
             with self.connect() as conn:
-                conn.executemany("INSERT OR REPLACE INTO llm_calls VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+                conn.executemany(f"INSERT OR REPLACE INTO llm_calls ({columns}) VALUES ({marks})", rows)
 
     def call(self, call_id: str) -> dict | None:
         with self.connect() as conn:
@@ -462,7 +495,8 @@ class Store:
         with self.connect() as conn:
             rows = conn.execute(
                 "SELECT id, step, phase, role, node, sample_id, call_index, model, prompt_tokens,"
-                " completion_tokens, latency_ms, cached, error, created_at FROM llm_calls WHERE run_id = ?"
+                " completion_tokens, latency_ms, cached, error, created_at, endpoint, finish_reason, attempts,"
+                " error_kind, cached_prompt_tokens, cache_write_tokens, reasoning_tokens FROM llm_calls WHERE run_id = ?"
                 " ORDER BY created_at",
                 (run_id,),
             ).fetchall()
@@ -476,7 +510,8 @@ class Store:
         with self.connect() as conn:
             rows = conn.execute(
                 "SELECT COALESCE(step, -1) AS step, phase, COUNT(*) AS calls, SUM(cached) AS cached,"
-                " COUNT(error) AS errors,"
+                " COUNT(error) AS errors, SUM(finish_reason = 'length') AS cut_off,"
+                " SUM(error_kind = 'context_window') AS context_window,"
                 " SUM(CASE WHEN cached THEN 0 ELSE prompt_tokens END) AS prompt_tokens,"
                 " SUM(CASE WHEN cached THEN 0 ELSE completion_tokens END) AS completion_tokens,"
                 " SUM(latency_ms) / 1000.0 AS latency_s,"
@@ -484,7 +519,8 @@ class Store:
                 " FROM llm_calls WHERE run_id = ? GROUP BY 1, 2 ORDER BY 1, 2",
                 (run_id,),
             ).fetchall()
-        return [dict(r, tokens=r["prompt_tokens"] + r["completion_tokens"]) for r in rows]
+        return [dict(r, tokens=r["prompt_tokens"] + r["completion_tokens"], cut_off=r["cut_off"] or 0,
+                     context_window=r["context_window"] or 0) for r in rows]
 
     # --- proposals and decisions ------------------------------------------------------------
 

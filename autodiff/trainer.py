@@ -4,28 +4,29 @@ be watched live and resumed from its last completed step."""
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import secrets
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Callable, Sequence
 
 from autodiff.backward import BackwardContext, backward
 from autodiff.config import RunConfig
-from autodiff.errors import AutodiffError, LLMFatalError, StoreError
+from autodiff.errors import LLMFatalError, LLMTransientError, StoreError, TooManyErrors
+from autodiff.judge import Rule, judge, out_of_reach
 from autodiff.llm.cache import ResponseCache
 from autodiff.llm.client import LLM, RetryPolicy
+from autodiff.llm.limits import Limiters
 from autodiff.llm.registry import make_provider, provider_of
-from autodiff.llm.types import Provider
+from autodiff.llm.types import CallContext, Provider
 from autodiff.optimizer import HistoryEntry, Optimizer, OptimizerInput
 from autodiff.parameter import Parameter
-from autodiff.pipeline import Task, run_sample
+from autodiff.pipeline import Task
 from autodiff.records import Evaluation, Gradient, LLMCall, Proposal, Trace
+from autodiff.scoring import mean_score, run_samples
 from autodiff.store import Store
 
 Progress = Callable[[str, dict], None]
@@ -58,18 +59,24 @@ class Roles:
 
 def make_roles(
     config: RunConfig, *, recorder, cache: ResponseCache | None, providers: dict[str, Provider] | None = None,
-    retry: RetryPolicy = RetryPolicy(),
+    retry: RetryPolicy | None = None, cache_since: float | None = None,
 ) -> Roles:
-    """One LLM per role; providers are shared by name (one local model load for all roles)."""
+    """One LLM per role. Providers are shared by name (one local model load for all roles), and
+    so is each endpoint's adaptive concurrency limit (see autodiff.llm.limits)."""
     providers = dict(providers or {})
-    limiter = threading.Semaphore(config.concurrency)
+    limiters = Limiters(config.concurrency)
+    retry = retry or RetryPolicy(budget_s=config.retry_budget)
     llms = []
-    for spec in (config.forward_model, config.backward_model, config.optimizer_model):
+    for role, spec in (("forward", config.forward_model), ("backward", config.backward_model),
+                       ("optimizer", config.optimizer_model)):
         name = provider_of(spec)
         if name not in providers:
             providers[name] = make_provider(name)
-        llms.append(LLM(spec, providers[name], cache=cache, recorder=recorder, limiter=limiter, retry=retry,
-                        max_tokens=config.max_tokens))
+        provider = providers[name]
+        llms.append(LLM(spec, provider, cache=cache, recorder=recorder, retry=retry, max_tokens=config.max_tokens,
+                        limiter=limiters.for_endpoint(getattr(provider, "endpoint", None) or name),
+                        timeout=config.timeout_for(role), reasoning_effort=config.reasoning_effort,
+                        cache_mode=config.cache, cache_since=cache_since, role=role))
     return Roles(*llms)
 
 
@@ -80,14 +87,6 @@ def new_run_id(task: str) -> str:
 
 def mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs) if xs else 0.0
-
-
-def sign_test_p(wins: int, losses: int) -> float:
-    """One-sided exact sign test: chance of at least `wins` wins among wins+losses fair coin flips."""
-    n = wins + losses
-    if n == 0:
-        return 1.0
-    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2**n
 
 
 class Trainer:
@@ -108,10 +107,16 @@ class Trainer:
         self.test = task.splits["test"][: config.test_limit]
         self.best_val = 0.0
         self.current_val_evals: list[Evaluation] = []
+        self.minibatch_rule = Rule(min_gain=0.0, max_error_share=config.max_error_share)
+        self.val_rule = Rule(min_gain=config.min_gain, acceptance=config.acceptance, alpha=config.paired_alpha,
+                             max_error_share=config.max_error_share)
 
     # --- the run ----------------------------------------------------------------------------
 
     def train(self) -> str:
+        """Run (or resume) to the end. A stop request, or provider errors past the run's limit
+        (TooManyErrors), stop the run cleanly with the reason, resumable; an LLMFatalError or any
+        other failure marks it failed and is raised."""
         try:
             start = self._begin()
             self.store.set_run_status(self.run_id, "running", pid=os.getpid())
@@ -128,6 +133,10 @@ class Trainer:
             self._final_test()
             self.store.set_run_status(self.run_id, "completed")
             self.progress("completed", {"best_val": self.best_val})
+        except TooManyErrors as exc:
+            self.buffer.flush()
+            self.store.set_run_status(self.run_id, "stopped", error=f"{exc}; resume to ask the failed calls again")
+            self.progress("stopped", {"reason": str(exc)})
         except LLMFatalError as exc:
             self.buffer.flush()
             self.store.set_run_status(self.run_id, "failed", error=str(exc))
@@ -140,24 +149,40 @@ class Trainer:
             self.pool.shutdown(wait=False)
         return self.run_id
 
+    def preflight(self) -> None:
+        """Ask each distinct model one tiny question (or let its provider check it) before
+        anything is spent: a wrong model name, key, endpoint or option fails in seconds with
+        an LLMFatalError naming the role and the model."""
+        seen: list[str] = []
+        for role in ("forward", "backward", "optimizer"):
+            llm = getattr(self.roles, role)
+            if llm.spec in seen:
+                continue
+            seen.append(llm.spec)
+            llm.preflight(CallContext(run_id=self.run_id, step=0, phase="preflight", role=role))
+        self.buffer.flush()
+
     def _begin(self) -> int:
         """Create the run (step 0: initial validation and test), or resume it. Returns the next step."""
         self.register()
+        self.preflight()
         last = self.store.last_completed_step(self.run_id)
         if last is None:
+            self.store.discard_after(self.run_id, -1)  # a step 0 stopped part-way is redone whole
             self._initial_step()
             return 1
         self.store.discard_after(self.run_id, last)
         for name, value in self.store.parameter_values_at(self.run_id, last).items():
             if name in self.params:
                 self.params[name].value = value
-        self.best_val = self.store.steps(self.run_id)[last]["val_score"] or 0.0
         rows = self.store.evaluations(self.run_id, split="val", subject="current")
         latest = max((r["step"] for r in rows), default=0)
         self.current_val_evals = [
             Evaluation(r["sample_id"], r["prediction"], r["gold"], r["score"], r["error"])
             for r in rows if r["step"] == latest
         ]
+        stored = self.store.steps(self.run_id)[last]["val_score"]
+        self.best_val = stored if stored is not None else (mean_score(self.current_val_evals) or 0.0)
         self.progress("resumed", {"step": last})
         return last + 1
 
@@ -175,16 +200,19 @@ class Trainer:
         return self.run_id
 
     def _initial_step(self) -> None:
+        """Step 0: the baseline on validation and test, errors recorded with it."""
         self.store.start_step(self.run_id, 0, [])
         for p in self.params.values():
             self.store.add_parameter_version(self.run_id, p.name, 0, p.value, None)
         val_evals = self.evaluate(self.val, {}, phase="validate", step=0)
-        test_evals = self.evaluate(self.test, {}, phase="test", step=0)
-        self.current_val_evals = val_evals
-        self.best_val = mean([e.score for e in val_evals])
         self.store.add_evaluations(self.run_id, 0, "val", "current", val_evals)
+        self._check_errors(val_evals, 0, "validation")
+        test_evals = self.evaluate(self.test, {}, phase="test", step=0)
         self.store.add_evaluations(self.run_id, 0, "test", "current", test_evals)
-        self.store.finish_step(self.run_id, 0, self.best_val, mean([e.score for e in test_evals]), [])
+        self._check_errors(test_evals, 0, "test")
+        self.current_val_evals = val_evals
+        self.best_val = mean_score(val_evals) or 0.0
+        self.store.finish_step(self.run_id, 0, mean_score(val_evals), mean_score(test_evals), [])
         self.buffer.flush()
         self.progress("initial", {"val": self.best_val})
 
@@ -192,8 +220,18 @@ class Trainer:
         last = self.store.last_completed_step(self.run_id) or 0
         evals = self.evaluate(self.test, {}, phase="test", step=last)
         self.store.add_evaluations(self.run_id, last, "test", "current", evals)
-        self.store.set_step_test_score(self.run_id, last, mean([e.score for e in evals]))
+        self._check_errors(evals, last, "final test")
+        self.store.set_step_test_score(self.run_id, last, mean_score(evals))
         self.buffer.flush()
+
+    def _check_errors(self, evals: Sequence[Evaluation], step: int, what: str) -> None:
+        """Stop the run (TooManyErrors) when more than the allowed share of `evals` errored."""
+        errored = [e for e in evals if e.errored]
+        if evals and len(errored) > self.config.max_error_share * len(evals):
+            self.buffer.flush()
+            raise TooManyErrors(
+                f"step {step}: {len(errored)} of {len(evals)} {what} samples errored (more than "
+                f"{self.config.max_error_share:.0%}); first: {errored[0].error}")
 
     # --- one step ---------------------------------------------------------------------------
 
@@ -204,18 +242,23 @@ class Trainer:
         return rng.sample(train, min(self.config.batch_size, len(train)))
 
     def run_step(self, step: int) -> None:
+        """Forward on the mini-batch, backward from the failed samples (errored ones are neither
+        failed nor correct: they are left out), then for each trainable parameter: propose,
+        check, validate, settle."""
         batch = self.batch_for(step)
         self.store.start_step(self.run_id, step, [s["id"] for s in batch])
         self.progress("step", {"step": step})
-        results = list(self.pool.map(lambda s: run_sample(
-            self.task, s, self.roles.forward, run_id=self.run_id, step=step, phase="forward"), batch))
+        results = run_samples(self.task, batch, self.roles.forward, self.pool, window=self.config.concurrency,
+                              run_id=self.run_id, step=step, phase="forward")
         traces = [t for t, _ in results]
         self.store.add_traces(self.run_id, step, traces)
         self.buffer.flush()
-        scores = {e.sample_id: e.score for _, e in results}
-        failed = sorted((t for t in traces if t.score < self.tau), key=lambda t: (t.score, t.sample_id))
+        self._check_errors([e for _, e in results], step, "forward")
+        scored = [t for t in traces if t.score is not None]
+        scores = {t.sample_id: t.score for t in scored}
+        failed = sorted((t for t in scored if t.score < self.tau), key=lambda t: (t.score, t.sample_id))
         failed = failed[: self.config.max_failed]
-        correct = [t for t in traces if t.score >= self.tau][: self.config.positives]
+        correct = [t for t in scored if t.score >= self.tau][: self.config.positives]
         gradients = self._backward(step, failed)
         minibatch = [self.samples[t.sample_id] for t in failed + correct]
         baseline = {s["id"]: scores[s["id"]] for s in minibatch}
@@ -237,7 +280,8 @@ class Trainer:
         ):
             evals = self.evaluate(self.test, {}, phase="test", step=step)
             self.store.add_evaluations(self.run_id, step, "test", "current", evals)
-            test_score = mean([e.score for e in evals])
+            self._check_errors(evals, step, "test")
+            test_score = mean_score(evals)
         self.buffer.flush()
         self.store.finish_step(self.run_id, step, self.best_val, test_score, [t.sample_id for t in failed])
         self.progress("step_done", {"step": step, "val": self.best_val, "failed": len(failed)})
@@ -275,10 +319,15 @@ class Trainer:
         for _ in range(self.config.rounds):
             inp = OptimizerInput(param, peers, others, feedback, positives, self._history(param),
                                  self._failed_before(param, step))
-            proposals = self.optimizer.propose(inp, self.run_id, step)
+            try:
+                proposals = self.optimizer.propose(inp, self.run_id, step)
+            except LLMTransientError as exc:  # the provider failed through the whole retry budget
+                self.store.add_proposal(self.run_id, self.optimizer.failed(inp, step, f"optimizer call failed: {exc}"))
+                self.buffer.flush()
+                raise TooManyErrors(f"step {step}: the optimizer call for {param.name} failed: {exc}") from exc
             self.buffer.flush()
             for proposal in proposals:
-                if proposal.fate == "malformed":
+                if proposal.fate in ("malformed", "error"):
                     self.store.add_proposal(self.run_id, proposal)
                     continue
                 reason = self.optimizer.check(proposal, param, tried)
@@ -295,56 +344,59 @@ class Trainer:
         return baseline
 
     def _failed_before(self, param: Parameter, step: int, limit: int = 5) -> list[tuple[str, str]]:
-        """Failed proposals for this parameter, this step's first, then the most recent earlier ones."""
+        """Failed proposals for this parameter, this step's first, then the most recent earlier ones.
+        Proposals that errored say nothing about their value and are left out."""
         failed = [p for p in self.store.proposals(self.run_id, parameter=param.name)
-                  if p["fate"] not in ("accepted", "pending", "proposed") and p["method"] != "none"]
+                  if p["fate"] not in ("accepted", "pending", "proposed", "error") and p["method"] != "none"]
         failed.sort(key=lambda p: (p["step"] != step, -p["step"], -p["created_at"]))
         return [(p["value"], p["reason"]) for p in failed[:limit]]
 
     def _validate(
         self, step: int, param: Parameter, proposal: Proposal, minibatch: list[dict], baseline: dict[str, float],
     ) -> tuple[bool, dict[str, float]]:
+        """Two stages: the mini-batch, then validation (stopping early once the proposal cannot
+        win). Comparisons use only samples scored on both sides; a stage with too many errored
+        samples decides nothing: the proposal is marked "error" and the run stops (TooManyErrors)."""
         overrides = {param.name: proposal.value}
-        mb = self.evaluate(minibatch, overrides, phase="validate", step=step)
-        mb_score, mb_base = mean([e.score for e in mb]), mean(list(baseline.values()))
-        update = {"minibatch_score": mb_score, "minibatch_baseline": mb_base}
         review_all = self.config.review == "all"
-        if mb_score <= mb_base and not review_all:
-            self.store.update_proposal(proposal.id, fate="failed_minibatch", reason=(
-                f"mini-batch {mb_score:.3f} did not beat the current value's {mb_base:.3f}"), **update)
+        mb = self.evaluate(minibatch, overrides, phase="validate", step=step)
+        first = judge(mb, baseline, self.minibatch_rule, stage="mini-batch")
+        update = {"minibatch_score": first.score, "minibatch_baseline": first.baseline}
+        if not first.decided:
+            self._undecided(proposal, first.reason, update, step)
+        if not first.better and not review_all:
+            self.store.update_proposal(proposal.id, fate="failed_minibatch", reason=first.reason, **update)
             self.buffer.flush()
             return False, baseline
-        target = self.best_val + self.config.min_gain
-        val = self.evaluate(self.val, overrides, phase="validate", step=step,
-                            stop_below=None if review_all else target)
-        val_score = mean([e.score for e in val]) if len(val) == len(self.val) else None
-        update |= {"val_score": val_score, "val_baseline": self.best_val}
-        reason = self._val_failure(val, val_score, target)
+        current = {e.sample_id: e.score for e in self.current_val_evals}
+        stop_when = None if review_all else (
+            lambda done, pending: out_of_reach(done, pending, current, self.val_rule, len(self.val)))
+        val = self.evaluate(self.val, overrides, phase="validate", step=step, stop_when=stop_when)
+        second = judge(val, current, self.val_rule, stage="validation", expected=len(self.val))
+        complete = len(val) == len(self.val)
+        update |= {"val_score": second.score if complete else None,
+                   "val_baseline": second.baseline if complete else self.best_val}
         self.buffer.flush()
-        if reason and not review_all:
-            self.store.update_proposal(proposal.id, fate="failed_val", reason=reason, **update)
+        if not second.decided:
+            self._undecided(proposal, second.reason, update, step)
+        if not second.better and not review_all:
+            self.store.update_proposal(proposal.id, fate="failed_val", reason=second.reason, **update)
             return False, baseline
         if self.config.review == "off":
-            self.store.update_proposal(proposal.id, fate="accepted", reason="beat the best validation score",
+            self.store.update_proposal(proposal.id, fate="accepted", reason=second.reason,
                                        decided_by="auto", decided_at=time.time(), **update)
             self._accept(step, param, proposal.value, proposal.id, val)
-            return True, {e.sample_id: e.score for e in mb}
-        self.store.update_proposal(proposal.id, fate="pending", reason=reason or "passed validation", **update)
+            return True, _scores(mb)
+        self.store.update_proposal(proposal.id, fate="pending",
+                                   reason=second.reason if second.better else f"for review: {second.reason}",
+                                   **update)
         return self._await_review(step, param, proposal, val, mb, minibatch, baseline)
 
-    def _val_failure(self, val: list[Evaluation], val_score: float | None, target: float) -> str | None:
-        if val_score is None:
-            return f"stopped early after {len(val)} of {len(self.val)} samples: could not reach {target:.3f}"
-        if val_score < target:
-            return f"validation {val_score:.3f} below best {self.best_val:.3f} + min gain {self.config.min_gain}"
-        if self.config.acceptance == "paired":
-            current = {e.sample_id: e.score for e in self.current_val_evals}
-            wins = sum(1 for e in val if e.score > current.get(e.sample_id, 0.0))
-            losses = sum(1 for e in val if e.score < current.get(e.sample_id, 0.0))
-            p = sign_test_p(wins, losses)
-            if p > self.config.paired_alpha:
-                return f"paired sign test: {wins} better, {losses} worse, p={p:.3f} > {self.config.paired_alpha}"
-        return None
+    def _undecided(self, proposal: Proposal, reason: str, update: dict, step: int) -> None:
+        """A comparison spoiled by errors: record why on the proposal, then stop the run."""
+        self.store.update_proposal(proposal.id, fate="error", reason=reason, **update)
+        self.buffer.flush()
+        raise TooManyErrors(f"step {step}: proposal for {proposal.parameter}: {reason}")
 
     def _await_review(
         self, step: int, param: Parameter, proposal: Proposal, val: list[Evaluation], mb: list[Evaluation],
@@ -367,7 +419,7 @@ class Trainer:
         self.store.update_proposal(proposal.id, fate="accepted", decided_by=by, decided_at=now, reason=reason)
         self._accept(step, param, value, proposal.id, val)
         self.buffer.flush()
-        return True, {e.sample_id: e.score for e in mb}
+        return True, _scores(mb)
 
     def wait_for_decision(self, proposal_id: str) -> tuple[str, str | None, str]:
         deadline = time.monotonic() + self.config.review_timeout
@@ -385,51 +437,18 @@ class Trainer:
         self.store.add_parameter_version(self.run_id, param.name, step, value, proposal_id)
         if len(val) == len(self.val):
             self.current_val_evals = val
-            self.best_val = mean([e.score for e in val])
+            self.best_val = mean_score(val) or 0.0
         self.progress("accepted", {"step": step, "parameter": param.name, "val": self.best_val})
 
     # --- helpers ----------------------------------------------------------------------------
 
-    def evaluate(
-        self, samples: Sequence[dict], overrides: dict[str, str], *, phase: str, step: int,
-        stop_below: float | None = None,
-    ) -> list[Evaluation]:
-        """Score samples concurrently, keeping `concurrency` samples in flight (a sliding window: a
-        slow sample never holds up the ones after it). With `stop_below`, stop once the mean can no
-        longer reach it: samples not yet started are dropped, those running are finished, and the
-        evaluations made are returned, in sample order."""
-        total = len(samples)
-        upcoming = iter(enumerate(samples))
-        running: dict[Future, int] = {}
-        done: dict[int, Evaluation] = {}
-        score_sum = 0.0
-
-        def start_next() -> None:
-            for i, sample in upcoming:
-                running[self.pool.submit(run_sample, self.task, sample, self.roles.forward, run_id=self.run_id,
-                                         step=step, phase=phase, overrides=overrides)] = i
-                return
-
-        try:
-            for _ in range(max(self.config.concurrency, 1)):
-                start_next()
-            while running:
-                finished, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    evaluation = done[running.pop(future)] = future.result()[1]
-                    score_sum += evaluation.score
-                if stop_below is not None and total:
-                    best_possible = (score_sum + (total - len(done))) / total
-                    if best_possible < stop_below:
-                        break
-                for _ in finished:
-                    start_next()
-            for future in [f for f in running if not f.cancel()]:
-                done[running.pop(future)] = future.result()[1]
-        finally:
-            for future in running:
-                future.cancel()
-        return [done[i] for i in sorted(done)]
+    def evaluate(self, samples: Sequence[dict], overrides: dict[str, str], *, phase: str, step: int,
+                 stop_when=None) -> list[Evaluation]:
+        """Score samples under `overrides` (see autodiff.scoring.run_samples); errored samples
+        come back with score None."""
+        return [e for _, e in run_samples(self.task, samples, self.roles.forward, self.pool,
+                                          window=self.config.concurrency, run_id=self.run_id, step=step,
+                                          phase=phase, overrides=overrides, stop_when=stop_when)]
 
     def _history(self, param: Parameter) -> list[HistoryEntry]:
         versions = self.store.parameter_versions(self.run_id, param.name)
@@ -446,6 +465,10 @@ class Trainer:
         values = [v["value"].strip() for v in self.store.parameter_versions(self.run_id, param.name)]
         values += [p["value"].strip() for p in self.store.proposals(self.run_id, parameter=param.name)]
         return values
+
+
+def _scores(evals: Sequence[Evaluation]) -> dict[str, float | None]:
+    return {e.sample_id: e.score for e in evals}
 
 
 def _prediction(trace: Trace) -> str:

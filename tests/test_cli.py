@@ -32,7 +32,7 @@ def test_runs_show_and_export(one_run, capsys) -> None:
     assert {"id", "task", "config", "status"} <= set(doc["run"])
     step = doc["steps"][1]
     assert {"step", "parameters", "val_score", "test_score", "tokens_by_phase"} <= set(step)
-    assert set(step["tokens_by_phase"]) == {"forward", "backward", "propose", "validate", "test"}
+    assert set(step["tokens_by_phase"]) == {"preflight", "forward", "backward", "propose", "validate", "test"}
     proposal = doc["proposals"][0]
     assert {"parameter", "step", "value", "method", "reasoning", "scores", "fate", "decided_by"} <= set(proposal)
     assert {"minibatch", "validation"} <= set(proposal["scores"])

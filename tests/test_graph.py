@@ -103,8 +103,11 @@ def test_llm_error_marks_the_invocation_and_metric_out_of_range_is_refused(make_
     fake = make_llm(lambda request: LLMTransientError("HTTP 503: overloaded"))
     task = _task(Loop())
     trace, evaluation = run_sample(task, task.splits["train"][0], fake.llm)
-    assert all("gave up after 3 attempts" in (i.error or "") for i in trace.invocations if i.node == "hop")
-    assert evaluation.score == 0.0 and "gave up" in evaluation.error
+    hops = [i for i in trace.invocations if i.node == "hop"]
+    # The first failed call ends the sample: it is an error, never a 0, and no later node runs.
+    assert len(hops) == 1 and "gave up after 3 attempts" in hops[0].error
+    assert evaluation.score is None and evaluation.errored and "gave up" in evaluation.error
+    assert trace.score is None and "HTTP 503" in trace.error
 
     bad = Task("t", Loop(), Loss(lambda p, g: 2.0, "bad"), task.splits)
     with pytest.raises(ConfigError, match="outside"):

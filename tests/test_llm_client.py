@@ -19,6 +19,7 @@ from autodiff.llm.anthropic_provider import AnthropicProvider
 from autodiff.llm.cache import ResponseCache, cache_key
 from autodiff.llm.client import LLM, RetryPolicy
 from autodiff.llm.fake import FakeProvider
+from autodiff.llm.limits import EndpointLimiter
 from autodiff.llm.openai_provider import OpenAIProvider
 from autodiff.llm.types import CallContext, Completion, Message, Request
 from tests.http_fakes import FakeAnthropicServer, FakeOpenAIServer
@@ -48,7 +49,7 @@ def test_transient_error_then_success_gives_one_reply() -> None:
 def test_transient_errors_beyond_the_attempts_give_up() -> None:
     provider = FakeProvider([LLMTransientError("HTTP 503")] * 3 + ["too late"])
     llm, calls = _llm(provider)
-    with pytest.raises(LLMTransientError, match="gave up after 3 attempts: HTTP 503"):
+    with pytest.raises(LLMTransientError, match=r"gave up after 3 attempts in \d+s: HTTP 503"):
         llm.complete("hi", CTX)
     assert provider.calls == 3
     [call] = calls
@@ -84,7 +85,7 @@ def test_concurrency_limit_is_respected() -> None:
                     self.now -= 1
 
     provider = Counting()
-    llm, calls = _llm(provider, limiter=threading.Semaphore(2))
+    llm, calls = _llm(provider, limiter=EndpointLimiter(2))
     started = time.perf_counter()
     with ThreadPoolExecutor(8) as pool:
         replies = list(pool.map(lambda i: llm.complete(f"q{i}", CTX), range(8)))

@@ -38,8 +38,6 @@ def test_parse_keeps_placeholders_inside_values_and_reads_several_blocks() -> No
 
 
 @pytest.mark.parametrize("reply, reason", [
-    ("", "empty"),
-    ("   \n", "empty"),
     ("I think the prompt is fine as it is.", "no <proposal> block"),
     ("<proposal><method>add</method><reasoning>the count is", "no <proposal> block"),
     ("<propos", "no <proposal> block"),
@@ -53,12 +51,20 @@ def test_malformed_reply_becomes_one_failed_proposal(make_llm, reply: str, reaso
     assert param.value == "End with 'Answer: <number>'."
 
 
-def test_optimizer_call_failure_is_a_failed_proposal_but_fatal_errors_stop(make_llm) -> None:
+@pytest.mark.parametrize("reply", ["", "   \n", "<think>The format could say more.</think>"])
+def test_reply_with_no_text_is_an_error_asked_once(make_llm, reply: str) -> None:
+    fake = make_llm(lambda request: reply)
+    [p] = Optimizer(fake.llm).propose(OptimizerInput(_param(), [], [], []), "run", 1)
+    assert p.fate == "error" and "optimizer call failed" in p.reason and p.value == ""
+    assert fake.provider.calls == 1 and fake.calls[0].error_kind == "empty"
+
+
+def test_optimizer_call_failure_is_raised_for_the_trainer_and_fatal_errors_stop(make_llm) -> None:
     from autodiff.errors import LLMTransientError
 
     fake = make_llm(lambda request: LLMTransientError("HTTP 503"))
-    [p] = Optimizer(fake.llm).propose(OptimizerInput(_param(), [], [], []), "run", 1)
-    assert p.fate == "malformed" and "gave up after 3 attempts" in p.reason
+    with pytest.raises(LLMTransientError, match="gave up after 3 attempts"):
+        Optimizer(fake.llm).propose(OptimizerInput(_param(), [], [], []), "run", 1)
     fatal = make_llm(lambda request: LLMFatalError("HTTP 401: bad key"))
     with pytest.raises(LLMFatalError):
         Optimizer(fatal.llm).propose(OptimizerInput(_param(), [], [], []), "run", 1)

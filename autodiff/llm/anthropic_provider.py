@@ -63,8 +63,11 @@ class AnthropicProvider:
         family = family_of(self.name, model)
         effort = request.reasoning_effort
         options: dict[str, Any] = {"max_tokens": family.completion_budget(request.max_tokens, effort)}
-        if family.thinking and effort in THINKING_BUDGET:
+        if family.thinking == "enabled" and effort in THINKING_BUDGET:
             options["thinking"] = {"type": "enabled", "budget_tokens": THINKING_BUDGET[effort]}
+        elif family.thinking == "adaptive" and effort in THINKING_BUDGET:
+            options["thinking"] = {"type": "adaptive"}
+            options["output_config"] = {"effort": "low" if effort == "minimal" else effort}
         return options
 
     def complete(self, model: str, request: Request) -> Completion:

@@ -1,26 +1,67 @@
-"""The one place LLM calls go through: cache, retries with backoff, concurrency limit, recording."""
+"""The one place LLM calls go through: cache, retries, the per-endpoint concurrency limit,
+reasoning kept apart from the answer, and the record of every call.
+
+What a call can end as, and what happens to it:
+
+- a usable reply: returned; cached unless it was cut off at the token limit or the caller's
+  `validate` refused it (an unparseable reply is asked again next time, never replayed);
+- a transient fault (429, 5xx, time-out, connection error, garbage body): retried with backoff
+  that honours the server's Retry-After, for up to `RetryPolicy.budget_s` seconds in all; the
+  endpoint's limiter backs off meanwhile; after the budget, `LLMTransientError`;
+- a reply with no answer text (empty, or reasoning only) or a prompt too long for the context
+  window: `LLMReplyError` / `LLMContextWindowError` at once (asking again would pay for the
+  same outcome);
+- a fatal fault (bad key, unknown model, a rejected option): `LLMFatalError` naming the role.
+
+Every call is recorded once, failed or not, with the usage the server reported for all of its
+attempts, so recorded tokens match the server's count.
+"""
 
 from __future__ import annotations
 
-import threading
+import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_before_delay,
+    stop_never,
+    wait_exponential_jitter,
+)
 
-from autodiff.errors import LLMError, LLMFatalError, LLMTransientError
+from autodiff.errors import AutodiffError, LLMError, LLMFatalError, LLMReplyError, LLMTransientError
 from autodiff.llm.cache import ResponseCache, cache_key
+from autodiff.llm.limits import EndpointLimiter
 from autodiff.llm.types import CallContext, Completion, Message, Provider, Request
 from autodiff.records import LLMCall
+
+CACHE_MODES = ("use", "refresh", "off")
+# Faults that say the endpoint is overloaded: the limiter backs off on these.
+OVERLOAD_KINDS = ("rate_limit", "timeout", "server", "connection")
 
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    attempts: int = 4
+    """How long one call keeps trying after transient faults.
+
+    `budget_s`: seconds from the first attempt after which no further attempt starts (a wait
+    that would end past it is not begun). `attempts`: an optional cap on requests (None: only
+    the time budget). Waits grow exponentially from `initial_wait` to `max_wait` seconds with
+    jitter, and are never shorter than what the server asked for in Retry-After."""
+
+    budget_s: float = 300.0
+    attempts: int | None = None
     initial_wait: float = 1.0
-    max_wait: float = 30.0
+    max_wait: float = 60.0
+
+
+PREFLIGHT_RETRY = RetryPolicy(budget_s=30.0, attempts=3)
 
 
 @dataclass(frozen=True)
@@ -30,13 +71,51 @@ class Reply:
     prompt_tokens: int
     completion_tokens: int
     cached: bool
+    finish_reason: str | None = None
+    reasoning: str = ""
+
+    @property
+    def cut_off(self) -> bool:
+        """The reply stopped at the token limit, not where the model ended it."""
+        return self.finish_reason == "length"
 
 
 Recorder = Callable[[LLMCall], None]
+Validate = Callable[[str], object]
+
+# Reasoning some models write into the visible reply (DeepSeek-R1, Qwen3 and others served
+# without a reasoning parser): a leading <think> block; unclosed when the reply was cut off.
+_THINK = re.compile(r"^\s*<(think|thinking|reasoning)>(.*?)(?:</\1>|\Z)", re.S | re.I)
+
+
+def split_reasoning(text: str) -> tuple[str, str]:
+    """(answer, reasoning) of a visible reply: a leading <think>/<thinking>/<reasoning> block
+    is reasoning, never part of the answer."""
+    match = _THINK.match(text)
+    if not match:
+        return text, ""
+    return text[match.end():].lstrip(), match.group(2).strip()
+
+
+class _WaitForServer:
+    """Exponential backoff with jitter, but never less than the Retry-After the server sent."""
+
+    def __init__(self, policy: RetryPolicy):
+        self._backoff = wait_exponential_jitter(multiplier=policy.initial_wait, max=policy.max_wait,
+                                                jitter=policy.initial_wait)
+
+    def __call__(self, state: RetryCallState) -> float:
+        asked = getattr(state.outcome.exception(), "retry_after", None) if state.outcome else None
+        return max(asked or 0.0, self._backoff(state))
 
 
 class LLM:
-    """A model for one role (forward, backward or optimizer), named `provider:model`."""
+    """A model for one role (forward, backward or optimizer), named `provider:model`.
+
+    `cache_mode`: "use" reads and writes the cache; "refresh" writes it and reads only entries
+    written since `cache_since` (a Unix time: the run's start), so a run asks everything anew
+    once; "off" never reads it but still writes. `timeout` (seconds, None for the provider's
+    default) and `reasoning_effort` go into every request of this role."""
 
     def __init__(
         self,
@@ -45,20 +124,46 @@ class LLM:
         *,
         cache: ResponseCache | None = None,
         recorder: Recorder | None = None,
-        limiter: threading.Semaphore | None = None,
+        limiter: EndpointLimiter | None = None,
         retry: RetryPolicy = RetryPolicy(),
         max_tokens: int = 512,
         temperature: float = 0.0,
+        timeout: float | None = None,
+        reasoning_effort: str | None = None,
+        cache_mode: str = "use",
+        cache_since: float | None = None,
+        role: str | None = None,
     ):
+        if cache_mode not in CACHE_MODES:
+            raise ValueError(f"cache mode {cache_mode!r}: use one of {CACHE_MODES}")
         self.spec = spec
         self.provider = provider
         self.model = spec.split(":", 1)[1]
+        self.endpoint = getattr(provider, "endpoint", None)
         self.cache = cache
         self.recorder = recorder
-        self.limiter = limiter or threading.Semaphore(8)
+        self.limiter = limiter or EndpointLimiter(8)
         self.retry = retry
         self.max_tokens = max_tokens
         self.temperature = temperature
+        self.timeout = timeout
+        self.reasoning_effort = reasoning_effort
+        self.cache_mode = cache_mode
+        self.cache_since = cache_since
+        self.role = role
+
+    def request(self, messages: Sequence[Message] | str, *, max_tokens: int | None = None,
+                temperature: float | None = None) -> Request:
+        """The request this role sends for `messages` (a string is one user message)."""
+        if isinstance(messages, str):
+            messages = (Message("user", messages),)
+        return Request(
+            messages=tuple(messages),
+            temperature=self.temperature if temperature is None else temperature,
+            max_tokens=max_tokens or self.max_tokens,
+            reasoning_effort=self.reasoning_effort,
+            timeout=self.timeout,
+        )
 
     def complete(
         self,
@@ -67,57 +172,114 @@ class LLM:
         *,
         max_tokens: int | None = None,
         temperature: float | None = None,
+        validate: Validate | None = None,
     ) -> Reply:
-        if isinstance(messages, str):
-            messages = (Message("user", messages),)
-        request = Request(
-            messages=tuple(messages),
-            temperature=self.temperature if temperature is None else temperature,
-            max_tokens=max_tokens or self.max_tokens,
-        )
+        """Ask the model; returns its reply, or raises an LLMError subclass (see the module doc).
+
+        `validate(text)` is the caller's parser: if it raises, the reply is still returned and
+        recorded but not cached, so a later run asks again instead of replaying it."""
+        request = self.request(messages, max_tokens=max_tokens, temperature=temperature)
         call_id = uuid.uuid4().hex
         started = time.perf_counter()
-        key = cache_key(self.provider.name, self.model, request) if self.cache else None
-        completion = self.cache.get(key) if self.cache else None
+        key = cache_key(self.provider.name, self.model, request, self.endpoint) if self.cache else None
+        completion = None
+        if self.cache is not None and self.cache_mode != "off":
+            completion = self.cache.get(key, self.cache_since if self.cache_mode == "refresh" else None)
         cached = completion is not None
-        error: str | None = None
+        attempts: list[int] = []
+        usage = [0, 0]
+        error: LLMError | None = None
         try:
             if completion is None:
-                completion = self._call_with_retries(request)
-                if self.cache:
+                completion = self._call_with_retries(request, attempts, usage, ctx)
+                if self.cache is not None and not completion.cut_off and _valid(validate, completion.text):
                     self.cache.put(key, completion)
         except LLMError as exc:
-            error = f"{type(exc).__name__}: {exc}"
+            error = exc
             raise
         finally:
-            self._record(call_id, ctx, request, completion, cached, started, error)
-        return Reply(completion.text, call_id, completion.prompt_tokens, completion.completion_tokens, cached)
+            self._record(call_id, ctx, request, completion, cached, started, error, len(attempts), usage)
+        return Reply(completion.text, call_id, completion.prompt_tokens, completion.completion_tokens, cached,
+                     completion.finish_reason, completion.reasoning)
 
-    def _call_with_retries(self, request: Request) -> Completion:
-        retrying = Retrying(
-            stop=stop_after_attempt(self.retry.attempts),
-            wait=wait_exponential_jitter(
-                multiplier=self.retry.initial_wait, jitter=self.retry.initial_wait, max=self.retry.max_wait
-            ),
-            retry=retry_if_exception_type(LLMTransientError),
-            reraise=True,
-        )
+    def preflight(self, ctx: CallContext) -> None:
+        """Check this role's model before a run spends anything: the provider's own `check`
+        when it has one (a model file loads), else one tiny question, never cached. Raises
+        LLMFatalError naming the role and model on a wrong name, key, endpoint or option, or
+        when the endpoint cannot be reached."""
+        check = getattr(self.provider, "check", None)
+        role = ctx.role or self.role or "model"
+        try:
+            if check is not None:
+                check(self.model)
+                return
+            probe = LLM(self.spec, self.provider, recorder=self.recorder, limiter=self.limiter,
+                        retry=PREFLIGHT_RETRY, timeout=self.timeout, reasoning_effort=self.reasoning_effort,
+                        role=self.role)
+            probe.complete("Reply with the word OK.", replace(ctx, phase="preflight"), max_tokens=16)
+        except LLMReplyError:
+            return  # the model answered; an empty answer to a probe says nothing about the run
+        except LLMFatalError:
+            raise
+        except AutodiffError as exc:
+            raise LLMFatalError(f"{role} model {self.spec} is not usable: {exc}") from exc
+
+    def _call_with_retries(self, request: Request, attempts: list[int], usage: list[int],
+                           ctx: CallContext) -> Completion:
+        policy = self.retry
+        stop = stop_before_delay(policy.budget_s)
+        stop = stop | (stop_after_attempt(policy.attempts) if policy.attempts else stop_never)
+        retrying = Retrying(stop=stop, wait=_WaitForServer(policy),
+                            retry=retry_if_exception_type(LLMTransientError), reraise=True)
         try:
             for attempt in retrying:
                 with attempt:
-                    with self.limiter:
-                        return self.provider.complete(self.model, request)
-        except LLMFatalError:
-            raise
+                    attempts.append(1)
+                    return self._attempt(request, usage)
+        except LLMFatalError as exc:
+            role = ctx.role or self.role or "model"
+            raise LLMFatalError(f"{role} model {self.spec}: {exc}", usage=exc.usage) from exc
         except LLMTransientError as exc:
+            spent = retrying.statistics.get("delay_since_first_attempt", 0.0)
             raise LLMTransientError(
-                f"{self.spec}: gave up after {self.retry.attempts} attempts: {exc}"
+                f"{self.spec}: gave up after {len(attempts)} attempts in {spent:.0f}s: {exc}",
+                kind=exc.kind, retry_after=exc.retry_after,
             ) from exc
         raise AssertionError("unreachable")
 
-    def _record(self, call_id, ctx, request, completion, cached, started, error) -> None:
+    def _attempt(self, request: Request, usage: list[int]) -> Completion:
+        """One request through the endpoint's limiter; adds its reported usage to `usage`."""
+        slot = self.limiter.acquire()
+        outcome, pause = "other", None
+        try:
+            completion = self.provider.complete(self.model, request)
+            outcome = "ok"
+        except LLMError as exc:
+            if exc.usage:
+                usage[0] += exc.usage[0]
+                usage[1] += exc.usage[1]
+            if isinstance(exc, LLMTransientError) and exc.kind in OVERLOAD_KINDS:
+                outcome, pause = "overload", exc.retry_after
+            raise
+        finally:
+            self.limiter.release(slot, outcome, pause)
+        usage[0] += completion.prompt_tokens
+        usage[1] += completion.completion_tokens
+        answer, thought = split_reasoning(completion.text)
+        reasoning = "\n\n".join(r for r in (completion.reasoning, thought) if r)
+        if not answer.strip():
+            cut = " (cut off at the token limit: raise max tokens or lower the reasoning effort)" \
+                if completion.cut_off else ""
+            said = "only reasoning" if reasoning else "no text"
+            raise LLMReplyError(f"{self.spec}: the reply held {said}{cut}",
+                                usage=(completion.prompt_tokens, completion.completion_tokens))
+        return replace(completion, text=answer, reasoning=reasoning)
+
+    def _record(self, call_id: str, ctx: CallContext, request: Request, completion: Completion | None,
+                cached: bool, started: float, error: LLMError | None, attempts: int, usage: list[int]) -> None:
         if self.recorder is None:
             return
+        fresh = completion is not None and not cached
         self.recorder(
             LLMCall(
                 id=call_id,
@@ -131,11 +293,30 @@ class LLM:
                 model=self.spec,
                 messages=tuple((m.role, m.content) for m in request.messages),
                 response=completion.text if completion else None,
-                prompt_tokens=completion.prompt_tokens if completion else 0,
-                completion_tokens=completion.completion_tokens if completion else 0,
+                # A cached reply reports what it cost when it was made; accounting counts it as 0.
+                prompt_tokens=completion.prompt_tokens if cached else usage[0],
+                completion_tokens=completion.completion_tokens if cached else usage[1],
                 latency_ms=(time.perf_counter() - started) * 1000.0,
                 cached=cached,
-                error=error,
+                error=f"{type(error).__name__}: {error}" if error else None,
                 created_at=time.time(),
+                endpoint=self.endpoint,
+                finish_reason=completion.finish_reason if completion else None,
+                reasoning=(completion.reasoning or None) if completion else None,
+                attempts=attempts,
+                error_kind=error.kind if error else None,
+                cached_prompt_tokens=completion.cached_prompt_tokens if completion else 0,
+                cache_write_tokens=completion.cache_write_tokens if fresh else 0,
+                reasoning_tokens=completion.reasoning_tokens if completion else 0,
             )
         )
+
+
+def _valid(validate: Validate | None, text: str) -> bool:
+    if validate is None:
+        return True
+    try:
+        validate(text)
+    except Exception:  # the caller's parser refused it: the reply stays out of the cache
+        return False
+    return True

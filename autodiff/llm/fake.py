@@ -23,6 +23,7 @@ class FakeProvider:
     request it receives in `requests`, in order."""
 
     name = "fake"
+    endpoint = "fake"
 
     def __init__(self, responder: Responder | Sequence[str | Exception] = "ok", latency: float = 0.0):
         self._responder = responder
@@ -50,6 +51,9 @@ class FakeProvider:
         if isinstance(self._responder, str):
             return self._responder
         return self._responder(request)
+
+    def check(self, model: str) -> None:
+        """Nothing to check, and a scripted reply list is not consumed by a run's preflight."""
 
     @property
     def calls(self) -> int:
