@@ -272,6 +272,12 @@ def run_training(args: argparse.Namespace, workdir: Path, proxy: RecordingProxy)
         # cwd: `-m` puts the working directory first on sys.path, and a checkout there would
         # shadow the engine this script imported (PYTHONPATH or the installed one).
         cli = subprocess.Popen(command, stdout=out, stderr=err, env=env, cwd=workdir)  # same group: Ctrl-C reaches it
+
+        def on_terminate(signum, frame) -> None:  # a `kill` reaches only us: pass it on as Ctrl-C
+            cli.send_signal(signal.SIGINT)
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGTERM, on_terminate)
         try:
             while True:
                 try:
@@ -286,11 +292,13 @@ def run_training(args: argparse.Namespace, workdir: Path, proxy: RecordingProxy)
                         break
         finally:
             if cli.poll() is None:  # interrupted: give the CLI the time to record its state
+                print("waiting up to 60 s for the run to stop (Ctrl-C again to kill it)", file=sys.stderr, flush=True)
                 try:
                     cli.wait(timeout=60)
-                except subprocess.TimeoutExpired:
+                except (subprocess.TimeoutExpired, KeyboardInterrupt):
                     cli.kill()
                     cli.wait()
+            signal.signal(signal.SIGTERM, previous)
     return cli.returncode, time.monotonic() - started
 
 
