@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from autodiff.errors import AutodiffError
+from autodiff.llm.models import REASONING_EFFORTS
 from autodiff.runner import default_cache_path, default_store_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +40,22 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-limit", type=int, help="use only the first N validation samples")
     p.add_argument("--test-limit", type=int, help="use only the first N test samples")
     p.add_argument("--seed", type=int)
+    p.add_argument("--max-error-share", type=float,
+                   help="share (0-1) of samples whose calls may fail in one phase of a step before nothing is "
+                        "decided and the run stops, resumable (default 0.1)")
+    p.add_argument("--timeout", type=float, help="seconds to wait for one reply, every role (default: no limit "
+                   "for a server on this machine or a private network, 600 for a hosted API)")
+    for role in ("forward", "backward", "optimizer"):
+        p.add_argument(f"--{role}-timeout", type=float, help=f"seconds to wait for one {role} reply")
+    p.add_argument("--retry-budget", type=float,
+                   help="seconds one call keeps retrying rate limits, server errors and time-outs (default 300)")
+    p.add_argument("--reasoning-effort", choices=REASONING_EFFORTS,
+                   help="for reasoning models that take it (OpenAI o-series and gpt-5, Claude with thinking)")
+    cache = p.add_mutually_exclusive_group()
+    cache.add_argument("--no-cache", dest="cache_mode", action="store_const", const="off",
+                       help="ask the provider for every call of this run (replies are still written to the cache)")
+    cache.add_argument("--refresh-cache", dest="cache_mode", action="store_const", const="refresh",
+                       help="ask anew once: read only replies this run wrote itself")
     p.add_argument("--run-id")
 
 
@@ -123,7 +140,9 @@ def cmd_train(args) -> int:
     options = {k: getattr(args, k) for k in (
         "task", "forward_model", "backward_model", "optimizer_model", "steps", "batch_size", "tau", "max_failed",
         "proposals", "lenient_proposals", "rounds", "concurrency", "review", "review_timeout", "review_fallback", "min_gain", "acceptance",
-        "val_limit", "test_limit", "seed")}
+        "val_limit", "test_limit", "seed", "max_error_share", "timeout", "forward_timeout", "backward_timeout",
+        "optimizer_timeout", "retry_budget", "reasoning_effort")}
+    options["cache"] = args.cache_mode
     for role in ("forward_model", "backward_model", "optimizer_model"):
         options[role] = options[role] or args.model
     store = _store(args)
@@ -131,7 +150,18 @@ def cmd_train(args) -> int:
     run_id = train(store, cache_path=args.cache or default_cache_path(), run_id=args.run_id,
                    progress=_progress_bar(steps, args.quiet), **options)
     _print_summary(store, run_id)
-    return 0
+    return _stopped_exit(store, run_id)
+
+
+def _stopped_exit(store, run_id: str) -> int:
+    """0 for a completed run; 3, with the reason and how to go on, for one that stopped itself."""
+    run = store.run(run_id)
+    if run["status"] == "completed":
+        return 0
+    if run["error"]:
+        print(f"run {run_id} stopped: {run['error']}", file=sys.stderr)
+    print(f"continue with: autodiff resume {run_id}", file=sys.stderr)
+    return 3
 
 
 def cmd_resume(args) -> int:
@@ -142,7 +172,7 @@ def cmd_resume(args) -> int:
     run_id = resume(store, args.run_id, clear_stop=not args.keep_stop, cache_path=args.cache or default_cache_path(),
                     progress=_progress_bar(run["config"]["steps"], args.quiet))
     _print_summary(store, run_id)
-    return 0
+    return _stopped_exit(store, run_id)
 
 
 def _print_summary(store, run_id: str) -> None:

@@ -14,7 +14,8 @@ Usage::
         server.requests[0].body  # the JSON the client sent, as a dict
 
 Each request consumes the next behaviour of the script when the server starts working on it;
-once the script is used up every request is answered ``("ok", "ok")``. A path the server does
+once the script is used up every request is answered ``responder(request)`` when a responder
+was given (a function of the ``RecordedRequest`` returning a behaviour), else ``("ok", "ok")``. A path the server does
 not serve gets a 404 in the provider's error format, is recorded, and consumes nothing.
 Behaviours:
 
@@ -71,7 +72,7 @@ import threading
 import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 Behaviour = tuple  # (kind, argument[, more]): see the module docstring
 
@@ -127,8 +128,10 @@ class _FakeServer:
     url_suffix = ""
     context_window_body: dict = {}  # the protocol's real 400 for a prompt too long
 
-    def __init__(self, script: Sequence[Behaviour] = (), *, one_at_a_time: bool = False) -> None:
+    def __init__(self, script: Sequence[Behaviour] = (), *, one_at_a_time: bool = False,
+                 responder: Callable[[RecordedRequest], Behaviour] | None = None) -> None:
         self._script = list(script)
+        self._responder = responder
         self.one_at_a_time = one_at_a_time
         self._lock = threading.Lock()
         self._turns = threading.Condition()  # tickets in order of arrival, for one_at_a_time
@@ -217,9 +220,11 @@ class _FakeServer:
                 self._serving += 1
                 self._turns.notify_all()
 
-    def _next_behaviour(self) -> Behaviour:
+    def _next_behaviour(self, request: RecordedRequest) -> Behaviour:
         with self._lock:
-            return self._script.pop(0) if self._script else ("ok", "ok")
+            if self._script:
+                return self._script.pop(0)
+        return self._responder(request) if self._responder else ("ok", "ok")
 
     def _respond(self, behaviour: Behaviour, request: RecordedRequest
                  ) -> tuple[int, bytes, dict[str, str], tuple[int, int] | None]:
@@ -283,7 +288,7 @@ class _FakeServer:
                     ticket = server._wait_turn()
                     try:
                         request.started = time.monotonic()
-                        status, payload, extra, usage = server._respond(server._next_behaviour(), request)
+                        status, payload, extra, usage = server._respond(server._next_behaviour(request), request)
                         request.usage = usage
                         self._send(request, status, payload, extra)
                     finally:
