@@ -171,3 +171,19 @@ def test_sdk_providers_stop_on_401_after_one_request(server_class, make) -> None
             llm.complete("hi", CTX)
     assert len(server.requests) == 1
     assert "0123456789" not in str(info.value) and "0123456789" not in json.dumps(calls[0].error)
+
+
+def test_cache_modes_no_cache_and_refresh(tmp_path: Path) -> None:
+    path = tmp_path / "cache.sqlite"
+    replies = iter(["first", "second", "third", "fourth"])
+    provider = FakeProvider(lambda request: next(replies))
+    use, _ = _llm(provider, cache=ResponseCache(path))
+    assert use.complete("q", CTX).text == "first"
+    # off: never reads, still writes (a later run reads the newest reply)
+    off, _ = _llm(provider, cache=ResponseCache(path), cache_mode="off")
+    assert off.complete("q", CTX).text == "second" and off.complete("q", CTX).text == "third"
+    assert use.complete("q", CTX).text == "third" and provider.calls == 3
+    # refresh: reads only what was written since the run began, so it asks once, then reuses
+    refresh, _ = _llm(provider, cache=ResponseCache(path), cache_mode="refresh", cache_since=time.time())
+    assert refresh.complete("q", CTX).text == "fourth"
+    assert refresh.complete("q", CTX).cached and provider.calls == 4
