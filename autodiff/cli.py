@@ -8,49 +8,42 @@ import os
 import shutil
 import subprocess
 import sys
+import types
+import typing
 from pathlib import Path
 
 from autodiff.errors import AutodiffError
-from autodiff.llm.models import REASONING_EFFORTS
 from autodiff.runner import default_cache_path, default_store_path
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_STORE = ROOT / "sample_data" / "runs" / "sample_runs.sqlite"
 
 
+# Run options with a CLI form of their own (or none): every other RunConfig field becomes --field-name.
+_SPECIAL_OPTIONS = ("task", "task_args", "task_in_memory", "cache")
+_ALIASES = {"max_error_share": ("--max-errors",)}
+
+
 def _add_train_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="provider:model for all three roles (overridden per role below)")
-    p.add_argument("--forward-model", help="provider:model that runs the pipeline")
-    p.add_argument("--backward-model", help="provider:model that writes gradients")
-    p.add_argument("--optimizer-model", help="provider:model that proposes new values")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--tau", type=float, help="samples scoring below this go backward")
-    p.add_argument("--max-failed", type=int, help="failed samples sent backward per step")
-    p.add_argument("--proposals", type=int, help="proposals per optimizer call")
-    p.add_argument("--lenient-proposals", action="store_true", default=None,
-                   help="weak optimizer models: take untagged replies as candidates (still validated)")
-    p.add_argument("--rounds", type=int, help="optimizer calls per parameter per step while none is accepted")
-    p.add_argument("--concurrency", type=int)
-    p.add_argument("--review", choices=["off", "validated", "all"])
-    p.add_argument("--review-timeout", type=float, help="seconds to wait for a decision")
-    p.add_argument("--review-fallback", choices=["reject", "accept"])
-    p.add_argument("--min-gain", type=float)
-    p.add_argument("--acceptance", choices=["gain", "paired"])
-    p.add_argument("--val-limit", type=int, help="use only the first N validation samples")
-    p.add_argument("--test-limit", type=int, help="use only the first N test samples")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--max-error-share", type=float,
-                   help="share (0-1) of samples whose calls may fail in one phase of a step before nothing is "
-                        "decided and the run stops, resumable (default 0.1)")
-    p.add_argument("--timeout", type=float, help="seconds to wait for one reply, every role (default: no limit "
-                   "for a server on this machine or a private network, 600 for a hosted API)")
-    for role in ("forward", "backward", "optimizer"):
-        p.add_argument(f"--{role}-timeout", type=float, help=f"seconds to wait for one {role} reply")
-    p.add_argument("--retry-budget", type=float,
-                   help="seconds one call keeps retrying rate limits, server errors and time-outs (default 300)")
-    p.add_argument("--reasoning-effort", choices=REASONING_EFFORTS,
-                   help="for reasoning models that take it (OpenAI o-series and gpt-5, Claude with thinking)")
+    """`train`'s options, made from RunConfig's fields (their help is the field's description)."""
+    from autodiff.config import RunConfig
+
+    p.add_argument("--model", help="provider:model for every role not given below")
+    for name, field in RunConfig.model_fields.items():
+        if name in _SPECIAL_OPTIONS:
+            continue
+        flags = ["--" + name.replace("_", "-"), *_ALIASES.get(name, ())]
+        kind = field.annotation
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None: the option takes X
+            kind = next(t for t in typing.get_args(kind) if t is not type(None))
+        if kind is bool:
+            p.add_argument(*flags, dest=name, action="store_true", default=None, help=field.description)
+        elif typing.get_origin(kind) is typing.Literal:
+            p.add_argument(*flags, dest=name, choices=typing.get_args(kind), help=field.description)
+        else:
+            p.add_argument(*flags, dest=name, type=kind, help=field.description)
+    p.add_argument("--task-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="keyword argument of a task factory (repeatable)")
     cache = p.add_mutually_exclusive_group()
     cache.add_argument("--no-cache", dest="cache_mode", action="store_const", const="off",
                        help="ask the provider for every call of this run (replies are still written to the cache)")
@@ -71,11 +64,23 @@ def parser() -> argparse.ArgumentParser:
     resume = sub.add_parser("resume", help="resume a run from its last completed step")
     resume.add_argument("run_id")
     resume.add_argument("--keep-stop", action="store_true", help=argparse.SUPPRESS)  # background starts
+    resume.add_argument("--accept-task-changes", action="store_true",
+                        help="go on although the task's parameters or samples changed (recorded in the run)")
     sub.add_parser("runs", help="list runs")
     show = sub.add_parser("show", help="one run: config, steps, proposals")
     show.add_argument("run_id")
     export = sub.add_parser("export", help="print a run as JSON")
     export.add_argument("run_id")
+    prompts = sub.add_parser("prompts", help="print a run's parameter values at one step (default: the best)")
+    prompts.add_argument("run_id")
+    which = prompts.add_mutually_exclusive_group()
+    which.add_argument("--step", type=int, help="this completed step")
+    which.add_argument("--best", dest="step", action="store_const", const="best",
+                       help="the completed step with the highest validation score (the default)")
+    which.add_argument("--last", dest="step", action="store_const", const="last", help="the last completed step")
+    prompts.set_defaults(step="best")
+    prompts.add_argument("--format", choices=["json", "md"], default="json",
+                         help="json: a state file for pipeline.load(path); md: a heading and fenced block each")
     dash = sub.add_parser("dashboard", help="open the dashboard on localhost")
     dash.add_argument("--port", type=int, default=8501)
     dash.add_argument("--address", default="localhost")
@@ -109,48 +114,35 @@ def _store(args):
 
 
 def _progress_bar(total: int, quiet: bool):
-    from tqdm import tqdm
+    from autodiff.progress import progress_bar
 
-    bars: list = []  # made on the first event, so a bad input prints no empty bar
-
-    def on(event: str, info: dict) -> None:
-        if not bars:
-            bars.append(tqdm(total=total, unit="step", disable=quiet, file=sys.stderr))
-        bar = bars[0]
-        if event == "step":
-            bar.set_description(f"step {info['step']}")
-        elif event == "step_done":
-            bar.update(1)
-            bar.set_postfix(val=f"{info['val']:.3f}", failed=info["failed"])
-        elif event == "resumed":
-            bar.update(info["step"])
-        elif event == "pending":
-            bar.write(f"proposal {info['proposal']} for {info['parameter']} is waiting for review")
-        elif event == "initial":
-            bar.write(f"initial validation score {info['val']:.3f}")
-        elif event in ("completed", "stopped"):
-            bar.close()
-
-    return on
+    return progress_bar(total, quiet)
 
 
 def cmd_train(args) -> int:
+    from autodiff.api import resolve_models
+    from autodiff.config import RunConfig, make_config
     from autodiff.runner import train
 
-    options = {k: getattr(args, k) for k in (
-        "task", "forward_model", "backward_model", "optimizer_model", "steps", "batch_size", "tau", "max_failed",
-        "proposals", "lenient_proposals", "rounds", "concurrency", "review", "review_timeout", "review_fallback", "min_gain", "acceptance",
-        "val_limit", "test_limit", "seed", "max_error_share", "timeout", "forward_timeout", "backward_timeout",
-        "optimizer_timeout", "retry_budget", "reasoning_effort")}
-    options["cache"] = args.cache_mode
-    for role in ("forward_model", "backward_model", "optimizer_model"):
-        options[role] = options[role] or args.model
+    options = {name: getattr(args, name) for name in RunConfig.model_fields
+               if name not in _SPECIAL_OPTIONS and not name.endswith("_model")}
+    models = resolve_models(args.model, args.forward_model, args.backward_model, args.optimizer_model)
+    config = make_config(task=args.task, task_args=_task_args(args.task_arg), cache=args.cache_mode,
+                         **{f"{role}_model": spec for role, spec in models.items()}, **options)
     store = _store(args)
-    steps = options["steps"] or 3
-    run_id = train(store, cache_path=args.cache or default_cache_path(), run_id=args.run_id,
-                   progress=_progress_bar(steps, args.quiet), **options)
+    run_id = train(store, config, cache_path=args.cache or default_cache_path(), run_id=args.run_id,
+                   progress=_progress_bar(config.steps, args.quiet))
     _print_summary(store, run_id)
     return _stopped_exit(store, run_id)
+
+
+def _task_args(pairs: list[str]) -> dict[str, str]:
+    from autodiff.errors import ConfigError
+
+    bad = [p for p in pairs if "=" not in p]
+    if bad:
+        raise ConfigError(f"--task-arg takes KEY=VALUE; got {bad}")
+    return dict(p.split("=", 1) for p in pairs)
 
 
 def _stopped_exit(store, run_id: str) -> int:
@@ -170,6 +162,7 @@ def cmd_resume(args) -> int:
     store = _store(args)
     run = store.run(args.run_id)
     run_id = resume(store, args.run_id, clear_stop=not args.keep_stop, cache_path=args.cache or default_cache_path(),
+                    accept_task_changes=args.accept_task_changes,
                     progress=_progress_bar(run["config"]["steps"], args.quiet))
     _print_summary(store, run_id)
     return _stopped_exit(store, run_id)
@@ -265,6 +258,17 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_prompts(args) -> int:
+    from autodiff import state
+
+    step, values = state.run_state(_store(args), args.run_id, args.step)
+    if args.format == "md":
+        print(state.to_markdown(values, title=f"{args.run_id}, step {step}"), end="")
+    else:
+        print(state.to_json(values), end="")
+    return 0
+
+
 def seed_store(path: Path) -> None:
     """A new store starts as a copy of the bundled sample runs, so the dashboard has real runs to show."""
     if not path.exists() and SAMPLE_STORE.exists():
@@ -300,7 +304,7 @@ def cmd_sample_runs(args) -> int:
 
 COMMANDS = {
     "train": cmd_train, "resume": cmd_resume, "runs": cmd_runs, "show": cmd_show, "export": cmd_export,
-    "dashboard": cmd_dashboard, "sample-runs": cmd_sample_runs,
+    "dashboard": cmd_dashboard, "sample-runs": cmd_sample_runs, "prompts": cmd_prompts,
 }
 
 if __name__ == "__main__":

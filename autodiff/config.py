@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from autodiff.errors import ConfigError
 
@@ -30,50 +31,91 @@ def check_model_spec(spec: str) -> str:
     return spec
 
 
+def canonical_task_name(name: str) -> str:
+    """A task name as it is stored: a task file by its absolute path (so a run resumes from any
+    folder); built-in and module names unchanged."""
+    where, sep, attr = name.rpartition(":")
+    if sep and where.endswith(".py"):
+        return f"{Path(where).expanduser().resolve()}:{attr}"
+    return name
+
+
+def _opt(default, description: str, **limits):
+    """A run option: its default, its help text (the CLI's too) and its limits."""
+    return Field(default, description=description, **limits)
+
+
 class RunConfig(BaseModel):
+    """Every option of a run, validated on the way in and stored with the run as plain JSON
+    (never with keys). The CLI's `train` options are made from these fields (`cli_options`)."""
+
     model_config = {"extra": "forbid", "frozen": True}
 
-    task: str
-    forward_model: str = Field(default_factory=default_model)
-    backward_model: str = Field(default_factory=default_model)
-    optimizer_model: str = Field(default_factory=default_model)
-    steps: int = Field(3, ge=1, le=1000)
-    batch_size: int = Field(4, ge=1, le=256)
-    tau: float | None = Field(None, ge=0.0, le=1.0)  # None: the task's default
-    max_failed: int = Field(4, ge=1, le=256)  # failed samples sent backward per step
-    positives: int = Field(2, ge=0, le=32)  # correct samples shown to the optimizer
-    proposals: int = Field(2, ge=1, le=10)
-    lenient_proposals: bool = False  # weak optimizers: take untagged replies as candidates (still validated)
-    rounds: int = Field(1, ge=1, le=5)  # optimizer calls per parameter per step while none is accepted
-    concurrency: int = Field(8, ge=1, le=128)
-    review: Literal["off", "validated", "all"] = "off"
-    review_timeout: float = Field(3600.0, gt=0)
-    review_fallback: Literal["reject", "accept"] = "reject"
-    min_gain: float = Field(0.01, ge=0.0, le=1.0)
-    acceptance: Literal["gain", "paired"] = "gain"
-    paired_alpha: float = Field(0.1, gt=0.0, lt=1.0)
-    val_limit: int | None = Field(None, ge=1)
-    test_limit: int | None = Field(None, ge=1)
-    test_each_accept: bool = False
-    seed: int = 0
-    max_tokens: int = Field(512, ge=16, le=8192)
-    optimizer_max_tokens: int = Field(1024, ge=16, le=16384)  # room for several proposals per reply
-    # Provider faults: above this share (0..1) of errored samples in one phase of a step, nothing
-    # is decided on the comparison and the run stops, resumable (see autodiff.judge).
-    max_error_share: float = Field(0.1, ge=0.0, le=1.0)
-    # Seconds to wait for one reply once sent; None: no limit for a server on this machine or
-    # a private network (a queued request is never abandoned), 600 s for a hosted API.
-    timeout: float | None = Field(None, gt=0)
-    forward_timeout: float | None = Field(None, gt=0)  # per role; overrides `timeout`
-    backward_timeout: float | None = Field(None, gt=0)
-    optimizer_timeout: float | None = Field(None, gt=0)
-    retry_budget: float = Field(300.0, ge=0)  # seconds one call keeps retrying transient faults
-    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None  # models that take it
-    cache: Literal["use", "refresh", "off"] = "use"  # refresh: read only replies written by this run
+    task: str = Field(description="built-in task name, file.py:factory or module:factory")
+    task_args: dict[str, str] = Field(default_factory=dict, description="keyword arguments of the task factory")
+    task_in_memory: bool = Field(False, description="trained from Python with a Task object")
+    forward_model: str = Field(default_factory=default_model, description="provider:model that runs the pipeline")
+    backward_model: str = Field("", description="provider:model that writes gradients (default: the forward model)")
+    optimizer_model: str = Field("", description="provider:model that proposes new values (default: the forward model)")
+    steps: int = _opt(3, "training steps", ge=1, le=1000)
+    batch_size: int = _opt(4, "training samples per step (the mini-batch)", ge=1, le=256)
+    tau: float | None = _opt(None, "samples scoring below this go backward (default: the task's)", ge=0.0, le=1.0)
+    max_failed: int = _opt(4, "failed samples sent backward per step", ge=1, le=256)
+    positives: int = _opt(2, "correct samples shown to the optimizer", ge=0, le=32)
+    proposals: int = _opt(2, "proposals per optimizer call", ge=1, le=10)
+    lenient_proposals: bool = _opt(False, "weak optimizer models: take untagged replies as candidates "
+                                          "(still checked and validated)")
+    rounds: int = _opt(1, "optimizer calls per parameter per step while none is accepted", ge=1, le=5)
+    concurrency: int = _opt(8, "most requests in flight per endpoint (it adapts below this)", ge=1, le=128)
+    review: Literal["off", "validated", "all"] = _opt("off", "proposals wait for a person: those that passed "
+                                                             "validation, or all")
+    review_timeout: float = _opt(3600.0, "seconds to wait for a review decision", gt=0)
+    review_fallback: Literal["reject", "accept"] = _opt("reject", "decision when the review wait runs out")
+    min_gain: float = _opt(0.01, "validation gain a proposal needs over the current value", ge=0.0, le=1.0)
+    acceptance: Literal["gain", "paired"] = _opt("gain", "gain alone, or also a paired sign test")
+    paired_alpha: float = _opt(0.1, "level of the paired sign test", gt=0.0, lt=1.0)
+    val_limit: int | None = _opt(None, "use only the first N validation samples", ge=1)
+    test_limit: int | None = _opt(None, "use only the first N test samples", ge=1)
+    test_each_accept: bool = _opt(False, "score the test set after each step that accepted a proposal")
+    seed: int = _opt(0, "seed of the mini-batch sampling")
+    max_tokens: int = _opt(512, "reply budget in tokens of backward calls (and nodes without their own)",
+                           ge=16, le=8192)
+    optimizer_max_tokens: int = _opt(1024, "reply budget in tokens of optimizer calls", ge=16, le=16384)
+    max_error_share: float = _opt(0.1, "share (0-1) of a phase's samples that may error (provider faults, "
+                                       "errors in your code) before nothing is decided and the run stops, "
+                                       "resumable", ge=0.0, le=1.0)
+    timeout: float | None = _opt(None, "seconds to wait for one reply, every role (default: no limit for a "
+                                       "server on this machine or a private network, 600 for a hosted API)", gt=0)
+    forward_timeout: float | None = _opt(None, "seconds to wait for one forward reply", gt=0)
+    backward_timeout: float | None = _opt(None, "seconds to wait for one backward reply", gt=0)
+    optimizer_timeout: float | None = _opt(None, "seconds to wait for one optimizer reply", gt=0)
+    retry_budget: float = _opt(300.0, "seconds one call keeps retrying rate limits, server errors and "
+                                      "time-outs", ge=0)
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = _opt(
+        None, "for reasoning models that take it (OpenAI o-series and gpt-5, Claude with thinking)")
+    cache: Literal["use", "refresh", "off"] = _opt("use", "response cache: use it; refresh (ask anew once, "
+                                                          "then reuse this run's replies); off (ask every call)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _roles_default_to_forward(cls, data):
+        """A role not given takes the forward model, never silently a different default."""
+        if isinstance(data, dict):
+            data = dict(data)
+            data.setdefault("forward_model", default_model())
+            for role in ("backward_model", "optimizer_model"):
+                if not data.get(role):
+                    data[role] = data["forward_model"]
+        return data
 
     def timeout_for(self, role: str) -> float | None:
         """The reply time-out in seconds for `role` (forward, backward, optimizer)."""
         return getattr(self, f"{role}_timeout") or self.timeout
+
+    @field_validator("task")
+    @classmethod
+    def _task(cls, v: str) -> str:
+        return canonical_task_name(v)
 
     @field_validator("forward_model", "backward_model", "optimizer_model")
     @classmethod

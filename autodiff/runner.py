@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 from autodiff.config import RunConfig, make_config
-from autodiff.errors import ConfigError, StoreError
+from autodiff.errors import AutodiffError, ConfigError, StoreError
+from autodiff.pipeline import Task
 from autodiff.llm.cache import ResponseCache
 from autodiff.llm.client import RetryPolicy
 from autodiff.llm.types import Provider
@@ -29,11 +30,11 @@ def default_cache_path() -> Path:
 
 
 def prepare(
-    config: RunConfig, store: Store, *, run_id: str | None = None, cache_path: Path | None = None,
+    task: Task, config: RunConfig, store: Store, *, run_id: str | None = None, cache_path: Path | None = None,
     providers: dict[str, Provider] | None = None, progress: Progress | None = None,
     retry: RetryPolicy | None = None, use_cache: bool = True,
 ) -> Trainer:
-    task = load_task(config.task)
+    """The trainer for `task` under `config`, its LLMs built (providers shared by name)."""
     buffer = CallBuffer(store)
     cache = ResponseCache(cache_path or default_cache_path()) if use_cache else None
     # "refresh" reads only replies written since the run began (a resume keeps its own).
@@ -45,17 +46,29 @@ def prepare(
     return Trainer(task, config, store, roles, buffer, run_id=run_id, progress=progress)
 
 
-def train(store: Store, **options) -> str:
-    """Validate options, build the trainer, run it to the end; returns the run id."""
-    extra = {k: options.pop(k) for k in ("cache_path", "providers", "progress", "retry", "use_cache", "run_id")
-             if k in options}
-    return prepare(make_config(**options), store, **extra).train()
+def task_for(config: RunConfig, task: Task | None = None) -> Task:
+    """The run's task: the one given, else the one `config.task` names (a built-in name, a
+    `file.py:factory` or `module:factory`, called with `config.task_args`). The one place a
+    task's name becomes a Task."""
+    return task if task is not None else load_task(config.task, config.task_args)
 
 
-def create(store: Store, **options) -> str:
-    """Validate options (task, models, keys) and write the run to the store without starting it."""
-    extra = {k: options.pop(k) for k in ("cache_path", "providers", "run_id") if k in options}
-    return prepare(make_config(**options), store, **extra).register()
+def train(
+    store: Store, config: RunConfig, *, task: Task | None = None, run_id: str | None = None,
+    cache_path: Path | None = None, providers: dict[str, Provider] | None = None,
+    progress: Progress | None = None, retry: RetryPolicy | None = None, use_cache: bool = True,
+) -> str:
+    """Train a new run of `task` (or of the task `config.task` names) to the end, in this
+    process; returns the run id. See `Trainer.train` for how a run ends."""
+    return prepare(task_for(config, task), config, store, run_id=run_id, cache_path=cache_path,
+                   providers=providers, progress=progress, retry=retry, use_cache=use_cache).train()
+
+
+def create(store: Store, config: RunConfig, *, task: Task | None = None, run_id: str | None = None,
+           cache_path: Path | None = None, providers: dict[str, Provider] | None = None) -> str:
+    """Check the task, models and keys and write the run to the store without starting it."""
+    return prepare(task_for(config, task), config, store, run_id=run_id, cache_path=cache_path,
+                   providers=providers).register()
 
 
 def start_background(store_path: Path, run_id: str, cache_path: Path | None = None) -> int:
@@ -75,9 +88,9 @@ def start_background(store_path: Path, run_id: str, cache_path: Path | None = No
     return proc.pid
 
 
-def launch(store: Store, cache_path: Path | None = None, **options) -> str:
+def launch(store: Store, config: RunConfig, cache_path: Path | None = None) -> str:
     """Validate and register a run (see `create`), then train it in a background process."""
-    run_id = create(store, cache_path=cache_path, **options)
+    run_id = create(store, config, cache_path=cache_path)
     start_background(store.path, run_id, cache_path)
     return run_id
 
@@ -116,14 +129,60 @@ def mark_dead_runs(store: Store) -> list[str]:
     return dead
 
 
-def resume(store: Store, run_id: str, clear_stop: bool = True, **extra) -> str:
+def resume(store: Store, run_id: str, *, task: Task | None = None, clear_stop: bool = True,
+           accept_task_changes: bool = False, **extra) -> str:
     """Train a stored run on from its last completed step, in this process. A person resuming
     overrides an earlier stop request (`clear_stop`); a background process started for the run
-    keeps one made while it was starting."""
+    keeps one made while it was starting. The task (given, or loaded by the stored name) must
+    match the stored run (see `task_changes`) unless `accept_task_changes`, which is recorded
+    in the run's history. A task that cannot be loaded marks the run failed with the reason.
+    Raises ConfigError for a completed run, a task that cannot be loaded, or a changed task."""
     run = store.run(run_id)
     if clear_stop:
         store.clear_stop(run_id)
     if run["status"] == "completed":
         raise ConfigError(f"run {run_id} is already completed; nothing to resume")
     config = make_config(**run["config"])
-    return prepare(config, store, run_id=run_id, **extra).train()
+    try:
+        task = task_for(config, task)
+    except AutodiffError as exc:
+        message = f"cannot load the run's task {config.task!r}: {exc}"
+        if run["config"].get("task_in_memory"):
+            message += "; the run was trained from Python: resume it with autodiff.resume(run_id, task)"
+        store.set_run_status(run_id, "failed", error=message)
+        raise ConfigError(message) from exc
+    changes = task_changes(store, run_id, task, config)
+    if changes and not accept_task_changes:
+        raise ConfigError(
+            f"the task of run {run_id} changed since it was stored: {'; '.join(changes)}. Restore the task, "
+            "or resume with --accept-task-changes (autodiff.resume(..., accept_task_changes=True)) to go on "
+            "with the changed task")
+    if changes:
+        store.add_run_event(run_id, "task_changes_accepted", "; ".join(changes))
+    return prepare(task, config, store, run_id=run_id, **extra).train()
+
+
+def task_changes(store: Store, run_id: str, task: Task, config: RunConfig) -> list[str]:
+    """How `task` differs from what run `run_id` stored: parameter names, kinds and initial
+    values, and the sample ids of each split. Empty when they agree."""
+    changes: list[str] = []
+    stored = {p["name"]: p for p in store.parameters(run_id)}
+    params = {p.name: p for p in task.pipeline.parameters()}
+    added, removed = [n for n in params if n not in stored], [n for n in stored if n not in params]
+    if added:
+        changes.append(f"new parameters {added}")
+    if removed:
+        changes.append(f"parameters gone {removed}")
+    initial = {v["name"]: v["value"] for v in store.parameter_versions(run_id) if v["version"] == 0}
+    for name in [n for n in params if n in stored]:
+        if params[name].kind != stored[name]["kind"]:
+            changes.append(f"{name}: kind {stored[name]['kind']} -> {params[name].kind}")
+        first = params[name].history[0].value if params[name].history else params[name].value
+        if name in initial and first != initial[name]:
+            changes.append(f"{name}: initial value changed")
+    limits = {"val": config.val_limit, "test": config.test_limit}
+    for split in ("train", "val", "test"):
+        ids = [s["id"] for s in task.splits.get(split, [])][: limits.get(split)]
+        if ids != store.sample_ids(run_id, split):
+            changes.append(f"{split} samples differ")
+    return changes

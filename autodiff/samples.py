@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+from autodiff.config import make_config
 from autodiff.runner import train
 from autodiff.store import Store
 
@@ -73,8 +74,7 @@ def regenerate(target: Path, quiet: bool = False, only: list[int] | None = None)
         for options in runs:
             if not quiet:
                 print(f"training sample run: {options}", flush=True)
-            ids.append(train(store, forward_model=LOCAL, backward_model=LOCAL, optimizer_model=LOCAL,
-                             concurrency=2, max_tokens=256, review_timeout=600, cache_path=work / "cache.sqlite", **options))
+            ids.append(train(store, make_config(forward_model=LOCAL, backward_model=LOCAL, optimizer_model=LOCAL, concurrency=2, max_tokens=256, review_timeout=600, **options), cache_path=work / "cache.sqlite"))
     finally:
         stop.set()
     with store.connect() as conn:

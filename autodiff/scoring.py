@@ -21,9 +21,9 @@ def run_samples(
     """Trace and score `samples`, keeping `window` of them in flight (a sliding window: a slow
     sample never holds up the ones after it). Returns (trace, evaluation) pairs in sample order.
 
-    `stop_when(done, pending_ids)` is asked after each sample finishes, with the evaluations so
-    far and the ids not yet started; when it says True, no further sample starts, those running
-    are finished, and only the samples run are returned."""
+    `stop_when(done, unfinished_ids)` is asked after each sample finishes, with the evaluations
+    so far and the ids of the samples running or not yet started; when it says True, no further
+    sample starts, those running are finished, and only the samples run are returned."""
     upcoming = list(enumerate(samples))
     running: dict[Future, int] = {}
     done: dict[int, Scored] = {}
@@ -41,8 +41,8 @@ def run_samples(
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
                 done[running.pop(future)] = future.result()
-            if stop_when is not None and stop_when([done[i][1] for i in sorted(done)],
-                                                   [s["id"] for _, s in upcoming]):
+            unfinished = [samples[i]["id"] for i in running.values()] + [s["id"] for _, s in upcoming]
+            if stop_when is not None and stop_when([done[i][1] for i in sorted(done)], unfinished):
                 upcoming.clear()
             for _ in finished:
                 start_next()

@@ -121,6 +121,16 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         """,
     ),
+    (
+        # What happened to a run besides its steps: task changes accepted on resume, and the like.
+        "004_run_events",
+        """
+        CREATE TABLE run_events (
+            run_id TEXT NOT NULL, at REAL NOT NULL, kind TEXT NOT NULL, text TEXT NOT NULL
+        );
+        CREATE INDEX run_events_run ON run_events (run_id, at);
+        """,
+    ),
 ]
 
 TERMINAL_STATUSES = ("completed", "failed", "stopped")
@@ -223,9 +233,21 @@ class Store:
         self.run(run_id)
         with self.connect() as conn:
             for table in ("samples", "parameters", "parameter_versions", "steps", "invocations", "gradients",
-                          "llm_calls", "proposals", "evaluations"):
+                          "llm_calls", "proposals", "evaluations", "run_events"):
                 conn.execute(f"DELETE FROM {table} WHERE run_id = ?", (run_id,))
             conn.execute("DELETE FROM runs WHERE id = ?", (run_id,))
+
+    def add_run_event(self, run_id: str, kind: str, text: str) -> None:
+        """Note something that happened to a run (e.g. "task_changes_accepted"), with the time."""
+        with self.connect() as conn:
+            conn.execute("INSERT INTO run_events VALUES (?, ?, ?, ?)", (run_id, time.time(), kind, text))
+
+    def run_events(self, run_id: str) -> list[dict]:
+        """A run's events in time order: `at` (Unix time), `kind`, `text`."""
+        with self.connect() as conn:
+            rows = conn.execute("SELECT at, kind, text FROM run_events WHERE run_id = ? ORDER BY at",
+                                (run_id,)).fetchall()
+        return [dict(r) for r in rows]
 
     def run_ids_matching(self, prefix: str) -> list[str]:
         with self.connect() as conn:

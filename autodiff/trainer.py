@@ -61,8 +61,10 @@ def make_roles(
     config: RunConfig, *, recorder, cache: ResponseCache | None, providers: dict[str, Provider] | None = None,
     retry: RetryPolicy | None = None, cache_since: float | None = None,
 ) -> Roles:
-    """One LLM per role. Providers are shared by name (one local model load for all roles), and
-    so is each endpoint's adaptive concurrency limit (see autodiff.llm.limits)."""
+    """One LLM per role. `providers` maps a model spec ("fake:scripted") or a provider name
+    ("openai") to a provider object to use; others are made by name and shared (one local model
+    load for all roles), and so is each endpoint's adaptive concurrency limit (see
+    autodiff.llm.limits)."""
     providers = dict(providers or {})
     limiters = Limiters(config.concurrency)
     retry = retry or RetryPolicy(budget_s=config.retry_budget)
@@ -70,9 +72,9 @@ def make_roles(
     for role, spec in (("forward", config.forward_model), ("backward", config.backward_model),
                        ("optimizer", config.optimizer_model)):
         name = provider_of(spec)
-        if name not in providers:
+        if spec not in providers and name not in providers:
             providers[name] = make_provider(name)
-        provider = providers[name]
+        provider = providers.get(spec) or providers[name]  # an object given for this very model first
         llms.append(LLM(spec, provider, cache=cache, recorder=recorder, retry=retry, max_tokens=config.max_tokens,
                         limiter=limiters.for_endpoint(getattr(provider, "endpoint", None) or name),
                         timeout=config.timeout_for(role), reasoning_effort=config.reasoning_effort,

@@ -46,6 +46,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from autodiff.config import make_config
 from autodiff import runner  # noqa: E402
 from autodiff.llm.client import RetryPolicy  # noqa: E402
 from autodiff.llm.fake import FakeProvider  # noqa: E402
@@ -174,13 +175,7 @@ def run_once(latency_ms: float, concurrency: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="autodiff-bench-") as tmp:
         store = Store(Path(tmp) / "runs.sqlite")
         provider = TimedProvider(latency_ms / 1000)
-        run_id = runner.train(
-            store, task="object_counting", forward_model="fake:forward", backward_model="fake:backward",
-            optimizer_model="fake:optimizer", steps=1, batch_size=4, max_failed=4, positives=2, proposals=2,
-            concurrency=concurrency, test_limit=16, cache_path=Path(tmp) / "cache.sqlite",
-            providers={"fake": provider}, retry=RetryPolicy(attempts=2, initial_wait=0, max_wait=0),
-            progress=progress,
-        )
+        run_id = runner.train(store, make_config(task="object_counting", forward_model="fake:forward", backward_model="fake:backward", optimizer_model="fake:optimizer", steps=1, batch_size=4, max_failed=4, positives=2, proposals=2, concurrency=concurrency, test_limit=16), cache_path=Path(tmp) / "cache.sqlite", providers={"fake": provider}, retry=RetryPolicy(attempts=2, initial_wait=0, max_wait=0), progress=progress)
         step = store.steps(run_id)[1]
         calls = [c for c in store.call_summaries(run_id) if c["phase"] != "test" and c["step"] == 1]
         figures = {

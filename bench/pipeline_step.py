@@ -25,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from autodiff.config import make_config
 from autodiff import runner  # noqa: E402
 from autodiff.llm.fake import FakeProvider  # noqa: E402
 from autodiff.llm.types import Request  # noqa: E402
@@ -86,12 +87,7 @@ def main() -> None:
         store = Store(Path(tmp) / "runs.sqlite")
         for task in TASKS:
             started = time.perf_counter()
-            run_id = runner.train(
-                store, task=str(ROOT / task) if task.startswith("examples/") else task, forward_model="fake:fwd",
-                backward_model="fake:bwd", optimizer_model="fake:opt", steps=1, batch_size=args.batch_size,
-                val_limit=args.val_limit, test_limit=args.test_limit, cache_path=Path(tmp) / f"{run_id_safe(task)}.sqlite",
-                providers={"fake": FakeProvider(make_responder(answers))},
-            )
+            run_id = runner.train(store, make_config(task=str(ROOT / task) if task.startswith("examples/") else task, forward_model="fake:fwd", backward_model="fake:bwd", optimizer_model="fake:opt", steps=1, batch_size=args.batch_size, val_limit=args.val_limit, test_limit=args.test_limit), cache_path=Path(tmp) / f"{run_id_safe(task)}.sqlite", providers={"fake": FakeProvider(make_responder(answers))})
             wall = time.perf_counter() - started
             steps = store.steps(run_id)
             proposals = store.proposals(run_id)

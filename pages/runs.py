@@ -3,6 +3,7 @@
 import streamlit as st
 
 from autodiff.config import default_model
+from autodiff.config import make_config
 from autodiff.errors import AutodiffError
 from autodiff.runner import launch, resume_background
 from autodiff.tasks import task_names
@@ -38,9 +39,9 @@ def start_form() -> None:
     if not submitted:
         return
     try:
-        run_id = launch(store, cache_path(), task=task, steps=steps, batch_size=batch_size, review=review,
-                        val_limit=val_limit, test_limit=test_limit,
-                        **{f"{role}_model": models[role].strip() for role in ROLES})
+        config = make_config(task=task, steps=steps, batch_size=batch_size, review=review, val_limit=val_limit,
+                             test_limit=test_limit, **{f"{role}_model": models[role].strip() for role in ROLES})
+        run_id = launch(store, config, cache_path())
     except AutodiffError as exc:
         st.error(md(exc))
     else:

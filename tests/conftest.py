@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 
 import pytest
 
+from autodiff.config import make_config
 from autodiff.evals import exact_match
 from autodiff.graph import LLMNode, Loss, Value
 from autodiff.llm.client import LLM, RetryPolicy
@@ -255,11 +256,12 @@ def run_toy(tmp_path: Path, store: Store) -> Callable[..., ToyRun]:
         script = script or Script()
         provider = provider or FakeProvider(script, latency=latency)
         run_id = config.pop("run_id", None) or f"toy-{next(counter)}"
+        progress = config.pop("progress", None)
         options = {**TOY_DEFAULTS, **config}
         result = ToyRun(store, run_id, provider, script)
         try:
-            runner.train(store, run_id=run_id, providers={"fake": provider},
-                         cache_path=cache_path or tmp_path / "cache.sqlite", retry=FAST_RETRY, **options)
+            runner.train(store, make_config(**options), run_id=run_id, providers={"fake": provider},
+                         cache_path=cache_path or tmp_path / "cache.sqlite", retry=FAST_RETRY, progress=progress)
         except BaseException as exc:  # noqa: BLE001 - tests inspect what stopped the run
             if raises:
                 raise

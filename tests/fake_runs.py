@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+from autodiff.config import make_config
 from autodiff.llm.fake import FakeProvider
 from autodiff.llm.types import Request
 from autodiff.runner import train
@@ -61,12 +62,7 @@ def fake_run(store: Store, cache: Path, *, steps: int = 2, review: str = "off", 
     if decide is not None:
         threading.Thread(target=_reviewer, args=(store, decide, stop), daemon=True).start()
     try:
-        return train(
-            store, task=task, forward_model="fake:forward", backward_model="fake:backward",
-            optimizer_model="fake:optimizer", steps=steps, batch_size=4, val_limit=12, test_limit=12,
-            review=review, review_timeout=30, cache_path=cache, providers={"fake": FakeProvider(responder)},
-            **options,
-        )
+        return train(store, make_config(task=task, forward_model="fake:forward", backward_model="fake:backward", optimizer_model="fake:optimizer", steps=steps, batch_size=4, val_limit=12, test_limit=12, review=review, review_timeout=30, **options), cache_path=cache, providers={"fake": FakeProvider(responder)})
     finally:
         stop.set()
 

@@ -31,8 +31,7 @@ def _assert_untouched(store: Store, existing: dict) -> None:
 
 
 def _train(store: Store, tmp_path: Path, **options) -> str:
-    return runner.train(store, **{**TOY_DEFAULTS, **options}, cache_path=tmp_path / "cache.sqlite",
-                        retry=FAST_RETRY)
+    return runner.train(store, make_config(**{**TOY_DEFAULTS, **options}), cache_path=tmp_path / "cache.sqlite", retry=FAST_RETRY)
 
 
 def test_unknown_task_is_named(store: Store, tmp_path: Path, existing: dict) -> None:

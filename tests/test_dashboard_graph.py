@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from autodiff.config import make_config
 from autodiff import graphview as gv
 from autodiff.evals import exact_match
 from autodiff.graph import LLMNode, Loss, Value, function_node
@@ -82,9 +83,8 @@ def multihop_responder(request: Request) -> str:
 
 def multihop_run(store: Store, cache: Path) -> str:
     return train(
-        store, task=MULTIHOP_TASK, forward_model="fake:forward", backward_model="fake:backward",
-        optimizer_model="fake:optimizer", steps=1, batch_size=2, proposals=1, cache_path=cache,
-        providers={"fake": FakeProvider(multihop_responder)},
+        store, make_config(task=MULTIHOP_TASK, forward_model="fake:forward", backward_model="fake:backward", optimizer_model="fake:optimizer", steps=1, batch_size=2, proposals=1),
+        cache_path=cache, providers={"fake": FakeProvider(multihop_responder)},
     )
 
 

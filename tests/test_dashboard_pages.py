@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from autodiff.config import make_config
 from autodiff import compare, review, runner
 from autodiff.metrics import PHASES, run_summary, step_figures
 from autodiff.store import Store
@@ -201,8 +202,7 @@ def test_start_form_runs_in_the_background(tmp_path: Path, monkeypatch: pytest.M
 def test_stop_and_resume_buttons(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AUTODIFF_CACHE", str(tmp_path / "cache.sqlite"))
     store = Store(tmp_path / "runs.sqlite")
-    run_id = runner.create(store, task="object_counting", steps=1, batch_size=2, cache_path=tmp_path / "cache.sqlite",
-                           **FAKE_MODELS)
+    run_id = runner.create(store, make_config(task="object_counting", steps=1, batch_size=2, **FAKE_MODELS), cache_path=tmp_path / "cache.sqlite")
     store.set_run_status(run_id, "running")  # as a trainer in another process would
     at = open_page(store.path, "pages/runs.py")
     assert any(run_id.replace("-", "\\-") in m.value for m in at.markdown)  # the live panel

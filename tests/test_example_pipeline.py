@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from autodiff.config import make_config
 from autodiff import runner
 from autodiff.backward import BackwardContext, backward
 from autodiff.llm.fake import FakeProvider
@@ -69,13 +70,10 @@ def test_example_trains_with_the_same_trainer(monkeypatch, store, tmp_path):
     gold = answers(load_task(EXAMPLE))
     right = set(list(gold)[::2])  # half the questions right, so some go backward
     script = Script(forward=forward_as(lambda q: gold[q] if q in right else "Chelsea"))
-    run_id = runner.train(
-        store, task=EXAMPLE, forward_model="fake:x", backward_model="fake:x", optimizer_model="fake:x", steps=1,
-        val_limit=4, test_limit=4, cache_path=tmp_path / "c.sqlite", providers={"fake": FakeProvider(script)},
-        retry=FAST_RETRY,
-    )
+    run_id = runner.train(store, make_config(task=EXAMPLE, forward_model="fake:x", backward_model="fake:x", optimizer_model="fake:x", steps=1, val_limit=4, test_limit=4), cache_path=tmp_path / "c.sqlite", providers={"fake": FakeProvider(script)}, retry=FAST_RETRY)
     run = store.run(run_id)
-    assert run["task"] == EXAMPLE and run["status"] == "completed"
+    # A task file is stored by its absolute path, so the run resumes from any folder.
+    assert run["task"] == str(ROOT / EXAMPLE.split(":")[0]) + ":make_task" and run["status"] == "completed"
     phases = {c["phase"] for c in store.call_summaries(run_id)}
     assert {"forward", "backward", "propose", "validate", "test"} <= phases
     assert {g["target"] for g in store.gradients(run_id)} >= {"summarizer.instruction", "answerer.instruction"}
@@ -87,11 +85,7 @@ def test_dashboard_graph_page_shows_the_example_like_a_built_in(monkeypatch, sto
     from autodiff import graphview as gv
     monkeypatch.chdir(ROOT)
     script = Script(forward=forward_as(lambda q: "Chelsea"))
-    run_id = runner.train(
-        store, task=EXAMPLE, forward_model="fake:x", backward_model="fake:x", optimizer_model="fake:x", steps=1,
-        batch_size=2, val_limit=2, test_limit=2, cache_path=tmp_path / "c.sqlite",
-        providers={"fake": FakeProvider(script)}, retry=FAST_RETRY,
-    )
+    run_id = runner.train(store, make_config(task=EXAMPLE, forward_model="fake:x", backward_model="fake:x", optimizer_model="fake:x", steps=1, batch_size=2, val_limit=2, test_limit=2), cache_path=tmp_path / "c.sqlite", providers={"fake": FakeProvider(script)}, retry=FAST_RETRY)
     g = gv.build_graph(store.invocations(run_id, 1), store.gradients(run_id, 1), store.parameters(run_id))
     assert gv.node_names(g) == ["summarizer", "clip", "answerer", "exact_match"]
     assert g.nodes["node:summarizer"]["failing"] > 0  # feedback passed through clip

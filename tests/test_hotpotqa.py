@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from autodiff.config import make_config
 from autodiff import runner
 from autodiff.backward import BackwardContext, backward
 from autodiff.evals import exact_match, f1
@@ -252,11 +253,7 @@ def test_multihop_gradients_are_per_call_and_in_order(make_llm):
 def test_multihop_training_step_shows_the_optimizer_both_calls_in_order(store, tmp_path):
     script = Script(forward=forward_as(lambda q: WRONG), backward=backward_note)
     from autodiff.llm.fake import FakeProvider
-    run_id = runner.train(
-        store, task="multihop_rag", forward_model="fake:x", backward_model="fake:x", optimizer_model="fake:x",
-        steps=1, batch_size=2, max_failed=2, val_limit=2, test_limit=2, cache_path=tmp_path / "c.sqlite",
-        providers={"fake": FakeProvider(script)}, retry=FAST_RETRY,
-    )
+    run_id = runner.train(store, make_config(task="multihop_rag", forward_model="fake:x", backward_model="fake:x", optimizer_model="fake:x", steps=1, batch_size=2, max_failed=2, val_limit=2, test_limit=2), cache_path=tmp_path / "c.sqlite", providers={"fake": FakeProvider(script)}, retry=FAST_RETRY)
     stored = store.gradients(run_id, step=1)
     assert {g["call_index"] for g in stored if g["target"] == "query_generator.instruction"} == {0, 1}
     prompt = next(p for p in script.of_kind("optimizer") if "Target parameter: `query_generator.instruction`" in p)
@@ -356,11 +353,7 @@ def test_correct_samples_cause_no_backward_calls(name, store, tmp_path):
     from autodiff.llm.fake import FakeProvider
     answers = {s["question"].strip(): s["answer"] for rows in load_splits().values() for s in rows}
     script = Script(forward=forward_as(lambda q: answers[q]))
-    run_id = runner.train(
-        store, task=name, forward_model="fake:x", backward_model="fake:x", optimizer_model="fake:x", steps=1,
-        val_limit=3, test_limit=3, cache_path=tmp_path / "c.sqlite", providers={"fake": FakeProvider(script)},
-        retry=FAST_RETRY,
-    )
+    run_id = runner.train(store, make_config(task=name, forward_model="fake:x", backward_model="fake:x", optimizer_model="fake:x", steps=1, val_limit=3, test_limit=3), cache_path=tmp_path / "c.sqlite", providers={"fake": FakeProvider(script)}, retry=FAST_RETRY)
     calls = store.call_summaries(run_id)
     assert [c for c in calls if c["phase"] in ("backward", "propose")] == []
     assert any(c["phase"] == "forward" for c in calls)
@@ -384,11 +377,7 @@ def trained(tmp_path_factory) -> tuple:
     planner = lambda prompt, turn: f"Action: finish({WRONG})" if turn == 3 else f"Action: retrieve(hop {turn})"  # noqa: E731
     script = Script(forward=forward_as(lambda q: WRONG, planner=planner), backward=backward_note)
     runs = {
-        name: runner.train(
-            store, task=name, forward_model="fake:x", backward_model="fake:x", optimizer_model="fake:x", steps=1,
-            batch_size=2, val_limit=2, test_limit=2, cache_path=path / "c.sqlite",
-            providers={"fake": FakeProvider(script)}, retry=FAST_RETRY,
-        )
+        name: runner.train(store, make_config(task=name, forward_model="fake:x", backward_model="fake:x", optimizer_model="fake:x", steps=1, batch_size=2, val_limit=2, test_limit=2), cache_path=path / "c.sqlite", providers={"fake": FakeProvider(script)}, retry=FAST_RETRY)
         for name in TASKS
     }
     return store, runs

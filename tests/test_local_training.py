@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from autodiff.config import make_config
 from autodiff.export import export_run
 from autodiff.runner import train
 from autodiff.store import Store
@@ -18,9 +19,8 @@ pytest.importorskip("llama_cpp")
 def test_two_steps_on_the_local_model(tmp_path):
     store = Store(tmp_path / "runs.sqlite")
     run_id = train(
-        store, task="object_counting", forward_model="local:smollm2", backward_model="local:smollm2",
-        optimizer_model="local:smollm2", steps=2, batch_size=2, max_failed=1, proposals=1, positives=1,
-        val_limit=4, test_limit=4, concurrency=2, max_tokens=128, cache_path=tmp_path / "cache.sqlite",
+        store, make_config(task="object_counting", forward_model="local:smollm2", backward_model="local:smollm2", optimizer_model="local:smollm2", steps=2, batch_size=2, max_failed=1, proposals=1, positives=1, val_limit=4, test_limit=4, concurrency=2, max_tokens=128),
+        cache_path=tmp_path / "cache.sqlite",
     )
     run = store.run(run_id)
     assert run["status"] == "completed", run["error"]

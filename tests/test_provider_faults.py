@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from autodiff.config import make_config
 from autodiff import runner
 from autodiff.errors import LLMFatalError
 from autodiff.llm.anthropic_provider import AnthropicProvider
@@ -60,7 +61,7 @@ def test_after_a_429_every_worker_of_the_endpoint_waits() -> None:
         other, _ = _llm(provider, limiter=limiter)
         worker = threading.Thread(target=first.complete, args=("one", CTX))
         worker.start()
-        while not server.requests or server.requests[0].ended is None:
+        while limiter.paused_until <= time.monotonic():  # until the client has read the 429
             time.sleep(0.01)
         rate_limited_at = server.requests[0].ended
         other.complete("another request, from another worker", CTX)
@@ -186,8 +187,7 @@ def test_a_run_with_one_call_in_five_failing_completes_and_counts_every_fault(st
     with FakeOpenAIServer(responder=respond) as server:
         options = {**TOY_DEFAULTS, "forward_model": "openai:toy", "backward_model": "openai:toy",
                    "optimizer_model": "openai:toy", "timeout": 0.5, "max_error_share": 0.5, "steps": 2}
-        run_id = runner.train(store, run_id="faulty", providers={"openai": OpenAIProvider(None, server.base_url)},
-                              cache_path=tmp_path / "cache.sqlite", retry=QUICK, **options)
+        run_id = runner.train(store, make_config(**options), run_id="faulty", providers={"openai": OpenAIProvider(None, server.base_url)}, cache_path=tmp_path / "cache.sqlite", retry=QUICK)
         server.wait_idle()
         reported = server.reported_usage()
     assert store.run(run_id)["status"] == "completed"
@@ -215,8 +215,7 @@ def test_a_wrong_model_fails_at_preflight_before_anything_is_spent(store, tmp_pa
         options = {**TOY_DEFAULTS, "forward_model": "openai:no-such-model"}
         started = time.monotonic()
         with pytest.raises(LLMFatalError, match="forward model openai:no-such-model") as info:
-            runner.train(store, run_id="wrong", providers={"openai": OpenAIProvider(None, server.base_url)},
-                         cache_path=tmp_path / "cache.sqlite", **options)
+            runner.train(store, make_config(**options), run_id="wrong", providers={"openai": OpenAIProvider(None, server.base_url)}, cache_path=tmp_path / "cache.sqlite")
     assert time.monotonic() - started < 10
     assert "404" in str(info.value) and store.run("wrong")["status"] == "failed"
     calls = store.call_summaries("wrong")
@@ -229,8 +228,7 @@ def test_a_rejected_option_names_the_role_the_model_and_the_option(store, tmp_pa
     with FakeOpenAIServer([("error", 400, OPENAI_UNSUPPORTED_TEMPERATURE_BODY)]) as server:
         options = {**TOY_DEFAULTS, "backward_model": "openai:some-model"}
         with pytest.raises(LLMFatalError) as info:
-            runner.train(store, run_id="option", providers={"openai": OpenAIProvider(None, server.base_url)},
-                         cache_path=tmp_path / "cache.sqlite", **options)
+            runner.train(store, make_config(**options), run_id="option", providers={"openai": OpenAIProvider(None, server.base_url)}, cache_path=tmp_path / "cache.sqlite")
     message = str(info.value)
     assert "backward model openai:some-model" in message and "temperature" in message
 
@@ -250,8 +248,7 @@ def test_a_prompt_too_long_is_an_error_on_its_call_record(store, tmp_path: Path)
     with FakeOpenAIServer(responder=respond) as server:
         options = {**TOY_DEFAULTS, "forward_model": "openai:a", "backward_model": "openai:b",
                    "optimizer_model": "openai:c", "concurrency": 1, "max_error_share": 0.2}
-        runner.train(store, run_id="long", providers={"openai": OpenAIProvider(None, server.base_url)},
-                     cache_path=tmp_path / "cache.sqlite", **options)
+        runner.train(store, make_config(**options), run_id="long", providers={"openai": OpenAIProvider(None, server.base_url)}, cache_path=tmp_path / "cache.sqlite")
     [call] = [c for c in store.call_summaries("long") if c["error_kind"] == "context_window"]
     assert (call["phase"], call["node"], call["step"], call["attempts"]) == ("validate", "solver", 0, 1)
     [evaluation] = [e for e in store.evaluations("long") if e["score"] is None and e["step"] == 0]

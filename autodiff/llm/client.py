@@ -163,6 +163,7 @@ class LLM:
             max_tokens=max_tokens or self.max_tokens,
             reasoning_effort=self.reasoning_effort,
             timeout=self.timeout,
+            role=self.role,
         )
 
     def complete(

@@ -58,3 +58,62 @@ class FakeProvider:
     @property
     def calls(self) -> int:
         return len(self.requests)
+
+
+Reply = str | Sequence[str] | Callable[[str], str]
+
+
+class ScriptedModel(FakeProvider):
+    """A scripted model for testing your own pipeline without an API key (like DSPy's dummy LM).
+
+    Each role answers with a fixed text, a list of texts (one per call, the last repeated once
+    the list runs out), or a function of the prompt text (the user messages, joined):
+
+        model = ScriptedModel(
+            forward=lambda prompt: "Answer: 4",
+            backward="<feedback>Say the number only.</feedback>",
+            optimizer=[ScriptedModel.proposal("Answer with the number only.")],
+        )
+        result = autodiff.train(task, model=model, steps=1)
+
+    Defaults: the forward role answers "ok", the backward role writes one short feedback, and
+    the optimizer proposes nothing (it repeats the current value, which the checks reject), so
+    a run completes and shows every phase. Records every request in `requests`, like
+    `FakeProvider`. Replies are counted as tokens by whitespace."""
+
+    def __init__(self, forward: Reply = "ok",
+                 backward: Reply = "<feedback>Be more specific about what the answer must be.</feedback>",
+                 optimizer: Reply | None = None, latency: float = 0.0):
+        self._replies = {"forward": _replies(forward), "backward": _replies(backward),
+                         "optimizer": _replies(optimizer) if optimizer is not None else None}
+        super().__init__(self._answer, latency=latency)
+
+    @staticmethod
+    def proposal(value: str, method: str = "rephrase", reasoning: str = "Scripted.") -> str:
+        """One optimizer proposal in the format the optimizer parses, proposing `value`."""
+        return (f"<proposal>\n<method>{method}</method>\n<reasoning>{reasoning}</reasoning>\n"
+                f"<value>{value}</value>\n</proposal>")
+
+    def _answer(self, request: Request) -> str:
+        prompt = "\n".join(m.content for m in request.messages if m.role == "user")
+        replies = self._replies.get(request.role or "forward", self._replies["forward"])
+        if replies is None:  # the default optimizer: propose the current value, which is refused
+            current = prompt.split("<current_value>", 1)[-1].split("</current_value>", 1)[0].strip()
+            return self.proposal(current)
+        return replies(prompt)
+
+
+def _replies(reply: Reply) -> Callable[[str], str]:
+    if callable(reply):
+        return reply
+    if isinstance(reply, str):
+        return lambda prompt: reply
+    items, lock = list(reply), threading.Lock()
+    if not items:
+        raise ValueError("a scripted reply list needs at least one reply")
+
+    def next_reply(prompt: str) -> str:
+        with lock:
+            return items.pop(0) if len(items) > 1 else items[0]
+
+    return next_reply

@@ -27,6 +27,9 @@ class Request:
     max_tokens: int = 512
     reasoning_effort: str | None = None
     timeout: float | None = field(default=None, compare=False)
+    # Which role asks (forward, backward, optimizer): not sent to providers, not in the cache
+    # key; scripted models answer by it.
+    role: str | None = field(default=None, compare=False)
 
     def as_key_dict(self) -> dict:
         key = {

@@ -6,7 +6,7 @@ import importlib
 import importlib.util
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 from autodiff.errors import ConfigError
 from autodiff.pipeline import Task
@@ -24,7 +24,11 @@ def task_names() -> list[str]:
     return list(BUILTIN)
 
 
-def load_task(name: str) -> Task:
+def load_task(name: str, args: Mapping[str, str] | None = None) -> Task:
+    """The task `name` names: a built-in task, `path/to/file.py:factory` or `module:factory`,
+    the factory called with `args` as keyword arguments. A task file's folder is importable
+    while it loads, so it can import the modules beside it. Raises ConfigError naming what is
+    wrong (unknown name, missing file or factory, a factory that fails or returns no Task)."""
     target = BUILTIN.get(name, name)
     if ":" not in target:
         raise ConfigError(
@@ -34,7 +38,10 @@ def load_task(name: str) -> Task:
     factory = getattr(_import(where), attr, None)
     if not callable(factory):
         raise ConfigError(f"task {name!r}: {where} has no callable {attr!r}")
-    task = factory()
+    try:
+        task = factory(**dict(args or {}))
+    except TypeError as exc:
+        raise ConfigError(f"task {name!r}: {attr}({_args(args)}) failed: {exc}") from None
     if not isinstance(task, Task):
         raise ConfigError(f"task {name!r}: {attr}() returned {type(task).__name__}, not an autodiff Task")
     for split in ("train", "val", "test"):
@@ -45,9 +52,13 @@ def load_task(name: str) -> Task:
     return task
 
 
+def _args(args: Mapping[str, str] | None) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in (args or {}).items())
+
+
 def _import(where: str):
     if where.endswith(".py"):
-        path = Path(where)
+        path = Path(where).expanduser().resolve()
         if not path.exists():
             raise ConfigError(f"task file {where} does not exist")
         spec = importlib.util.spec_from_file_location(f"autodiff_user_{path.stem}", path)
@@ -55,7 +66,13 @@ def _import(where: str):
         # Registered before it runs, as an import would: dataclasses (and pickling) look the
         # module up in sys.modules while the file executes.
         sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
+        folder = str(path.parent)
+        if folder not in sys.path:  # modules beside the task file import as they would from there
+            sys.path.append(folder)
+        try:
+            spec.loader.exec_module(module)
+        except ImportError as exc:
+            raise ConfigError(f"task file {path} failed to import: {exc}") from None
         return module
     try:
         return importlib.import_module(where)

@@ -1,0 +1,42 @@
+"""Progress of a run for people: a bar in a terminal or a notebook (tqdm's auto mode)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+Progress = Callable[[str, dict], None]
+
+
+def progress_bar(total_steps: int, quiet: bool = False, also: Progress | None = None) -> Progress:
+    """A progress callback drawing one bar of `total_steps` steps (on stderr in a terminal, a
+    widget in a notebook), made on the first event so a bad input prints no empty bar. `also`
+    receives every event too. Events: initial, step, backward, accepted, pending, step_done,
+    resumed, stopped, completed; each with a dict of details."""
+    from tqdm.auto import tqdm
+
+    bars: list = []
+
+    def on(event: str, info: dict) -> None:
+        if also is not None:
+            also(event, info)
+        if not bars:
+            bars.append(tqdm(total=total_steps, unit="step", disable=quiet, file=sys.stderr))
+        bar = bars[0]
+        if event == "step":
+            bar.set_description(f"step {info['step']}")
+        elif event == "step_done":
+            bar.update(1)
+            bar.set_postfix(val=f"{info['val']:.3f}", failed=info["failed"])
+        elif event == "resumed":
+            bar.update(info["step"])
+        elif event == "pending":
+            bar.write(f"proposal {info['proposal']} for {info['parameter']} is waiting for review")
+        elif event == "initial":
+            bar.write(f"initial validation score {info['val']:.3f}")
+        elif event == "stopped" and info.get("reason"):
+            bar.write(f"stopped: {info['reason']}")
+        if event in ("completed", "stopped"):
+            bar.close()
+
+    return on
