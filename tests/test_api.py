@@ -1,0 +1,176 @@
+"""Training from Python (`autodiff.train`, `autodiff.resume`), the scripted model for users'
+own tests, which model each role takes, resume checks of the task, and task files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import autodiff
+from autodiff import cli
+from autodiff.errors import ConfigError
+from autodiff.parameter import Parameter
+from autodiff.store import Store
+from conftest import INSTRUCTION, toy_forward, toy_task
+
+BETTER = "Add the two numbers in the question, digit by digit. LEVEL=3"  # val 0.5 -> 1.0
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(steps=1, batch_size=8, max_failed=4, proposals=1, concurrency=4)
+
+
+def scripted(*proposals: str) -> autodiff.ScriptedModel:
+    return autodiff.ScriptedModel(forward=toy_forward,
+                                  optimizer=[autodiff.ScriptedModel.proposal(p) for p in proposals] or None)
+
+
+def test_train_from_python_returns_scores_and_best_values(tmp_path: Path) -> None:
+    events: list[str] = []
+    result = autodiff.train(toy_task(), model=scripted(BETTER), store=tmp_path / "runs.sqlite",
+                            cache=tmp_path / "cache.sqlite", progress=lambda event, info: events.append(event),
+                            **SMALL)
+    assert result.status == "completed" and result.error is None
+    assert [(s.step, s.val_score) for s in result.scores] == [(0, 0.5), (1, 1.0)]
+    assert result.best_step == 1 and result.best_val == 1.0
+    assert result.best_values["toy.instruction"] == BETTER
+    assert set(result.models.values()) == {"fake:scriptedmodel-forward"}
+    assert "initial" in events and "step_done" in events and events[-1] == "completed"
+    # Stored like any other run: the CLI lists it.
+    store = Store(tmp_path / "runs.sqlite")
+    assert [r["id"] for r in store.runs()] == [result.run_id]
+    assert store.run(result.run_id)["config"]["task_in_memory"] is True
+
+
+def test_scripted_model_answers_by_role(tmp_path: Path) -> None:
+    model = autodiff.ScriptedModel(forward=lambda prompt: "Answer: 3", backward=["<feedback>one</feedback>",
+                                   "<feedback>two</feedback>"])
+    result = autodiff.train(toy_task(), model=model, store=tmp_path / "r.sqlite", cache=tmp_path / "c.sqlite",
+                            progress=False, **SMALL)
+    roles = [r.role for _, r in model.requests]
+    assert {"forward", "backward", "optimizer"} <= set(roles)
+    grads = Store(tmp_path / "r.sqlite").gradients(result.run_id)
+    assert {g["text"] for g in grads if g["origin"] != "human"} <= {"one", "two"}
+    # the default optimizer proposes nothing new, so nothing changes
+    assert result.best_values["toy.instruction"] == INSTRUCTION
+
+
+def test_roles_not_given_take_the_forward_model(tmp_path: Path) -> None:
+    assert autodiff.api.resolve_models(forward="openai:a") == {
+        "forward": "openai:a", "backward": "openai:a", "optimizer": "openai:a"}
+    assert autodiff.api.resolve_models(model="openai:m", backward="openai:b") == {
+        "forward": "openai:m", "backward": "openai:b", "optimizer": "openai:m"}
+    parsed = cli.parser().parse_args(["train", "trec", "--forward-model", "fake:only"])
+    assert parsed.backward_model is None  # resolved in cmd_train: see below
+    from autodiff.config import make_config
+    config = make_config(task="trec", forward_model="fake:only")
+    assert (config.backward_model, config.optimizer_model) == ("fake:only", "fake:only")
+
+
+def test_resume_an_in_memory_task_from_python(tmp_path: Path) -> None:
+    store = Store(tmp_path / "runs.sqlite")
+    task = toy_task()
+
+    def stop_after_step_1(event: str, info: dict) -> None:
+        if event == "step_done" and info["step"] == 1:
+            store.request_stop(run_id_of(store))
+
+    first = autodiff.train(task, model=scripted(), store=store, cache=tmp_path / "c.sqlite",
+                           progress=stop_after_step_1, **{**SMALL, "steps": 3})
+    assert first.status == "stopped" and [s.step for s in first.scores] == [0, 1]
+    # From the CLI the in-memory task cannot be found: one clear error.
+    code = cli.main(["--store", str(tmp_path / "runs.sqlite"), "--quiet", "resume", first.run_id])
+    assert code == 2 and "autodiff.resume(run_id, task)" in store.run(first.run_id)["error"]
+    done = autodiff.resume(first.run_id, task, store=store, model=scripted(), cache=tmp_path / "c.sqlite",
+                           progress=False)
+    assert done.status == "completed" and [s.step for s in done.scores] == [0, 1, 2, 3]
+
+
+def run_id_of(store: Store) -> str:
+    return store.runs()[0]["id"]
+
+
+def test_resume_refuses_a_changed_task_unless_accepted(tmp_path: Path) -> None:
+    store = Store(tmp_path / "runs.sqlite")
+
+    def stop_at_once(event: str, info: dict) -> None:
+        if event == "initial":
+            store.request_stop(run_id_of(store))
+
+    first = autodiff.train(toy_task(), model=scripted(), store=store, cache=tmp_path / "c.sqlite",
+                           progress=stop_at_once, **SMALL)
+    assert first.status == "stopped"
+    changed = toy_task()
+    changed.pipeline.hint = Parameter("toy.hint", "Think.", role="A hint.")
+    with pytest.raises(ConfigError, match=r"new parameters \['toy.hint'\]"):
+        autodiff.resume(first.run_id, changed, store=store, model=scripted(), progress=False)
+    other = toy_task()
+    other.splits["val"] = other.splits["val"][:5]
+    with pytest.raises(ConfigError, match="val samples differ"):
+        autodiff.resume(first.run_id, other, store=store, model=scripted(), progress=False)
+    done = autodiff.resume(first.run_id, changed, store=store, model=scripted(), cache=tmp_path / "c.sqlite",
+                           accept_task_changes=True, progress=False)
+    assert done.status == "completed"
+    [event] = store.run_events(first.run_id)
+    assert event["kind"] == "task_changes_accepted" and "toy.hint" in event["text"]
+
+
+TASK_FILE = '''
+from helper_module import make
+
+
+def load(level="1"):
+    return make(int(level))
+'''
+
+HELPER_MODULE = '''
+import sys
+sys.path.insert(0, {tests!r})
+from conftest import toy_task, INSTRUCTION
+
+
+def make(level):
+    task = toy_task()
+    task.pipeline.instruction.value = INSTRUCTION.replace("LEVEL=1", f"LEVEL={{level}}")
+    task.pipeline.instruction.history.clear()
+    task.pipeline.instruction.__post_init__()
+    return task
+'''
+
+
+def test_task_file_imports_its_neighbours_takes_arguments_and_resumes_from_elsewhere(tmp_path: Path) -> None:
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "mytask.py").write_text(TASK_FILE)
+    (folder / "helper_module.py").write_text(HELPER_MODULE.format(tests=str(ROOT / "tests")))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    store = tmp_path / "runs.sqlite"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI", "ANTHROPIC"))}
+    base = [sys.executable, "-m", "autodiff.cli", "--store", str(store), "--cache", str(tmp_path / "c.sqlite"),
+            "--quiet"]
+    run = subprocess.run([*base, "train", "mytask.py:load", "--task-arg", "level=2", "--model", "fake:x",
+                          "--steps", "1", "--run-id", "filetask"], cwd=folder, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    stored = Store(store).run("filetask")
+    assert stored["task"] == f"{folder / 'mytask.py'}:load" and stored["config"]["task_args"] == {"level": "2"}
+    versions = Store(store).parameter_versions("filetask", "toy.instruction")
+    assert "LEVEL=2" in versions[0]["value"]
+    Store(store).set_run_status("filetask", "stopped")
+    with Store(store).connect() as conn:  # as if stopped before its last step
+        conn.execute("UPDATE steps SET status = 'running' WHERE run_id = 'filetask' AND step = 1")
+    again = subprocess.run([*base, "resume", "filetask"], cwd=elsewhere, env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert Store(store).run("filetask")["status"] == "completed"
+
+
+def test_public_api_lists_what_a_user_needs() -> None:
+    for name in ("train", "resume", "TrainResult", "ScriptedModel", "Pipeline", "Task", "LLMNode", "Parameter",
+                 "function_node", "Loss", "Store"):
+        assert name in autodiff.__all__ and getattr(autodiff, name).__doc__
+    assert json.dumps(autodiff.__all__)  # plain names
