@@ -78,7 +78,6 @@ def parser() -> argparse.ArgumentParser:
     which.add_argument("--best", dest="step", action="store_const", const="best",
                        help="the completed step with the highest validation score (the default)")
     which.add_argument("--last", dest="step", action="store_const", const="last", help="the last completed step")
-    prompts.set_defaults(step="best")
     prompts.add_argument("--format", choices=["json", "md"], default="json",
                          help="json: a state file for pipeline.load(path); md: a heading and fenced block each")
     dash = sub.add_parser("dashboard", help="open the dashboard on localhost")
@@ -261,7 +260,7 @@ def cmd_export(args) -> int:
 def cmd_prompts(args) -> int:
     from autodiff import state
 
-    step, values = state.run_state(_store(args), args.run_id, args.step)
+    step, values = state.run_state(_store(args), args.run_id, "best" if args.step is None else args.step)
     if args.format == "md":
         print(state.to_markdown(values, title=f"{args.run_id}, step {step}"), end="")
     else:
