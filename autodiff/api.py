@@ -21,6 +21,7 @@ from autodiff.config import default_model, make_config
 from autodiff.llm.types import Provider
 from autodiff.pipeline import Task
 from autodiff.progress import Progress, progress_bar
+from autodiff.state import resolve_step
 from autodiff.store import Store
 
 ROLES = ("forward", "backward", "optimizer")
@@ -140,8 +141,7 @@ def result_of(store: Store, run_id: str) -> TrainResult:
     run = store.run(run_id)
     done = [s for s in store.steps(run_id) if s["status"] == "completed"]
     scores = [StepScore(s["step"], s["val_score"], s["test_score"]) for s in done]
-    scored = [s for s in scores if s.val_score is not None]
-    best = max(scored, key=lambda s: (s.val_score, -s.step)).step if scored else None
+    best = resolve_step(store, run_id, "best") if any(s.val_score is not None for s in scores) else None
     return TrainResult(
         run_id=run_id, store_path=Path(store.path), status=run["status"], error=run["error"],
         models={role: run["config"][f"{role}_model"] for role in ROLES}, scores=scores, best_step=best,
