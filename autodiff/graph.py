@@ -4,20 +4,30 @@ the graph that backward walks.
 
 Each node kind says right here how gradients flow through it (see `autodiff.backward`):
 LLM nodes ask the backward engine, function nodes hand gradients on unchanged.
+
+User code is isolated: when a function node, an LLM node's `parse` or the loss's metric raises,
+the failing invocation is recorded (its `error` starts with "ExcType: message", then the
+traceback) and `UserCodeError` ends that sample only; `autodiff.pipeline.run_sample` turns it
+into an errored evaluation (no score), never a 0. `ConfigError` and `LLMError` pass through
+unchanged: the first stops the run, the second is a provider fault.
 """
 
 from __future__ import annotations
 
 import contextvars
+import decimal
 import functools
 import inspect
+import math
+import numbers
 import re
+import traceback
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from autodiff.errors import ConfigError, LLMError, LLMFatalError
+from autodiff.errors import AutodiffError, ConfigError, LLMError, LLMFatalError
 from autodiff.llm.client import LLM
 from autodiff.llm.types import CallContext
 from autodiff.parameter import Parameter
@@ -44,6 +54,57 @@ def to_text(data: Any) -> str:
     if isinstance(data, (list, tuple)):
         return "\n".join(f"[{i + 1}] {to_text(x)}" for i, x in enumerate(data))
     return str(data)
+
+
+class UserCodeError(AutodiffError):
+    """The user's code raised on one sample: a function node, an LLM node's parser, the metric
+    or `forward()` itself. The sample is an error (no score, never a 0); the run goes on until
+    more than `max_error_share` of a phase's samples errored, like a provider fault.
+
+    `where` names the code ("function node 'to_int'"), `sample_id` the sample, `cause` the
+    exception raised, `details` "ExcType: message" then its traceback (also kept on the failing
+    invocation's `error`). The message is one line: sample, code, exception type and message."""
+
+    def __init__(self, where: str, sample_id: str, cause: BaseException, details: str, note: str = ""):
+        self.where, self.sample_id, self.cause, self.details = where, sample_id, cause, details
+        super().__init__(f"sample {sample_id!r}: {where} raised {describe_exception(cause)}{note}")
+
+
+# Errors that are not the user's code failing on a sample: a bad configuration stops the run, a
+# provider fault is handled as one, and a user-code error from a nested node is already recorded.
+_PASS_THROUGH = (ConfigError, LLMError, UserCodeError)
+
+
+def describe_exception(exc: BaseException, limit: int = 300) -> str:
+    """ "ExcType: message" on one line, the message shortened to `limit` characters."""
+    message = " ".join(str(exc).split())
+    if len(message) > limit:
+        message = message[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def failure_details(exc: BaseException, skip: int = 1) -> str:
+    """What an invocation's `error` keeps of a user-code exception: "ExcType: message" as the
+    first line (what a table shows), then the full traceback without our own `skip` frames."""
+    tb = exc.__traceback__
+    for _ in range(skip):
+        tb = tb.tb_next if tb is not None and tb.tb_next is not None else tb
+    return describe_exception(exc) + "\n" + "".join(traceback.format_exception(type(exc), exc, tb)).rstrip()
+
+
+def call_user_code(where: str, sample_id: str, on_failure: Callable[[str], object], fn: Callable[[], Any], *,
+                   skip: int = 1, note: str = "") -> Any:
+    """`fn()`; if it raises (anything but `_PASS_THROUGH`), `on_failure(details)` records the
+    failing invocation and UserCodeError ends the sample. `skip` is how many of our own frames
+    lead to the user's code in the traceback (left out of `details`)."""
+    try:
+        return fn()
+    except _PASS_THROUGH:
+        raise
+    except Exception as exc:
+        details = failure_details(exc, skip)
+        on_failure(details)
+        raise UserCodeError(where, sample_id, exc, details, note) from exc
 
 
 @dataclass
@@ -121,8 +182,15 @@ class FunctionNode:
         names = self._arg_names
         refs = [_input_ref(names[i] if i < len(names) else f"arg{i}", a) for i, a in enumerate(args)]
         refs += [_input_ref(k, v) for k, v in kwargs.items()]
-        result = self.fn(*[_raw(a) for a in args], **{k: _raw(v) for k, v in kwargs.items()})
-        inv = rt.record(node=self.name, node_type="function", inputs=tuple(refs), output=to_text(result))
+        record = functools.partial(rt.record, node=self.name, node_type="function", inputs=tuple(refs))
+
+        def run() -> tuple[Any, str]:
+            result = self.fn(*[_raw(a) for a in args], **{k: _raw(v) for k, v in kwargs.items()})
+            return result, to_text(result)  # a result whose str() raises is the function's fault too
+
+        result, text = call_user_code(f"function node {self.name!r}", rt.sample_id,
+                                      lambda details: record(output="", error=details), run, skip=2)
+        inv = record(output=text)
         return Value(result, inv.id, self.name)
 
 
@@ -151,7 +219,12 @@ class LLMNode:
 
     `template` uses `{{name}}` placeholders for parameters (by their short name, the part after
     the last '.') and for inputs. Without a template the peers come first, then each input as
-    `Name: value`. `parse` turns the reply text into the node's output data.
+    `Name: value`. `parse` turns the reply text into the node's output data; if it raises, the
+    sample is an error (UserCodeError naming this node), not a score: write a parser that falls
+    back to something for replies it cannot read if such replies should be scored.
+
+    Two parameters of one node may not share a short name (one placeholder could not tell them
+    apart), and a parameter belongs to one node only (see `autodiff.pipeline.check_pipeline`).
     """
 
     node_type = "llm"
@@ -169,6 +242,7 @@ class LLMNode:
         self.template = template
         self.parse = parse or (lambda text: text.strip())
         self.max_tokens = max_tokens
+        _check_short_names(name, self.parameters)
         names = [p.name for p in self.parameters]
         for p in self.parameters:
             p.node = name
@@ -210,15 +284,17 @@ class LLMNode:
             # run goes on (see autodiff.pipeline.run_sample).
             record(output="", error=str(exc))
             raise
-        error = None
-        try:
-            data = self.parse(reply.text)
-        except Exception as exc:  # a parser fault is the model's garbage, not ours: scored as given
-            data, error = "", f"could not parse reply: {exc}"
-        if reply.cut_off:
-            note = f"reply cut off at the token limit ({self.max_tokens} tokens)"
-            error = f"{error}; {note}" if error else note
-        inv = record(output=to_text(data), llm_call_id=reply.call_id, error=error)
+        cut = f"reply cut off at the token limit ({self.max_tokens} tokens)" if reply.cut_off else None
+        # The parser is user code: if it raises, the sample is an error naming this node (the
+        # reply is on the call record), never an empty answer scored 0.
+        data = call_user_code(
+            f"the parser of LLM node {self.name!r}", rt.sample_id,
+            lambda details: record(output="", llm_call_id=reply.call_id,
+                                   error=f"{details}\n({cut})" if cut else details),
+            lambda: self.parse(reply.text), skip=2,
+            note=f"; its reply was cut off at the token limit ({self.max_tokens} tokens)" if cut else "",
+        )
+        inv = record(output=to_text(data), llm_call_id=reply.call_id, error=cut)
         return Value(data, inv.id, self.name)
 
 
@@ -226,8 +302,27 @@ def short_name(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
 
+def _check_short_names(node: str, parameters: Sequence[Parameter]) -> None:
+    """Each parameter of a node needs its own placeholder name: the part after the last '.'."""
+    for i, p in enumerate(parameters):
+        for q in parameters[:i]:
+            if q is p:
+                raise ConfigError(f"LLM node {node!r}: parameter {p.name!r} is given twice")
+            if short_name(q.name) == short_name(p.name):
+                raise ConfigError(
+                    f"LLM node {node!r}: parameters {q.name!r} and {p.name!r} share the placeholder name "
+                    f"{short_name(p.name)!r} (the part after the last '.'): rename one of them"
+                )
+
+
 class Loss:
-    """Scores a prediction against the gold answer with an evaluation function returning [0, 1]."""
+    """Scores a prediction against the gold answer with an evaluation function `metric(prediction,
+    gold)` that returns a number in [0, 1] (int, float; a bool counts as 0 or 1).
+
+    A metric that returns anything else (None, a dict, a tuple, a string, NaN, a number outside
+    [0, 1]) is a bug that would score every sample wrongly: ConfigError at the first sample,
+    naming the metric and the value. A metric that raises fails only that sample (UserCodeError:
+    the sample is an error, not a score)."""
 
     node_type = "loss"
 
@@ -235,14 +330,52 @@ class Loss:
         self.metric = metric
         self.name = name
 
+    @property
+    def label(self) -> str:
+        """How messages name the metric: its function's name, and the loss's if that differs."""
+        fn = getattr(self.metric, "__name__", None) or type(self.metric).__name__
+        if fn == "<lambda>":
+            return f"metric of loss {self.name!r}"
+        return f"metric {fn!r}" + (f" (loss {self.name!r})" if fn != self.name else "")
+
     def __call__(self, prediction: Value, gold: Any) -> float:
         rt = current_runtime()
-        score = float(self.metric(_raw(prediction), gold))
-        if not 0.0 <= score <= 1.0:
-            raise ConfigError(f"metric {getattr(self.metric, '__name__', self.metric)!r} returned {score}, outside [0, 1]")
-        rt.record(
-            node=self.name, node_type="loss",
+        record = functools.partial(
+            rt.record, node=self.name, node_type="loss",
             inputs=(_input_ref("prediction", prediction), InputRef("gold", to_text(gold))),
-            output=f"{score:.3f}", score=score,
         )
+        value = call_user_code(self.label, rt.sample_id, lambda details: record(output="", error=details),
+                               lambda: self.metric(_raw(prediction), gold), skip=2)
+        score = self._check(value, rt.sample_id)
+        record(output=f"{score:.3f}", score=score)
         return score
+
+    def _check(self, value: Any, sample_id: str) -> float:
+        if not _is_number(value):
+            raise ConfigError(
+                f"{self.label} returned {_short_repr(value)} ({type(value).__name__}) on sample {sample_id!r}: "
+                "a metric must return a number in [0, 1]"
+            )
+        try:
+            score = float(value)
+        except (ValueError, OverflowError):  # Decimal("sNaN") and the like
+            score = math.nan
+        if math.isnan(score) or not 0.0 <= score <= 1.0:
+            raise ConfigError(f"{self.label} returned {_short_repr(value)} on sample {sample_id!r}, outside [0, 1]")
+        return score
+
+
+def _is_number(value: Any) -> bool:
+    """A real number: int, float, bool, Fraction, Decimal, or a numpy scalar (numpy's bool is
+    not a `numbers.Real`, but `pred == gold` on numpy values gives one)."""
+    if isinstance(value, (numbers.Real, decimal.Decimal)):
+        return True
+    return type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0 and hasattr(value, "__float__")
+
+
+def _short_repr(value: Any, limit: int = 120) -> str:
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001 - a broken __repr__ still gets named
+        text = f"<{type(value).__name__} object>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."

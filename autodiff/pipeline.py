@@ -3,12 +3,17 @@ its parameters are found by walking its attributes (named by the parameters them
 
 from __future__ import annotations
 
+import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from autodiff.errors import ConfigError, LLMError, LLMFatalError
-from autodiff.graph import FunctionNode, LLMNode, Loss, Runtime, Value, activate, deactivate, to_text
-from autodiff.llm.client import LLM
+from autodiff.errors import ConfigError, DataError, LLMError, LLMFatalError
+from autodiff.graph import (
+    FunctionNode, LLMNode, Loss, Runtime, UserCodeError, Value, activate, deactivate, failure_details, to_text,
+)
+from autodiff.llm.client import LLM, RetryPolicy
+from autodiff.llm.fake import FakeProvider
 from autodiff.parameter import Parameter
 from autodiff.records import Evaluation, Trace
 
@@ -135,7 +140,15 @@ def _walk_nodes(values: dict) -> Iterator[LLMNode | FunctionNode]:
 
 @dataclass
 class Task:
-    """A pipeline plus its data and metric. Samples are dicts with a unique "id"."""
+    """A pipeline plus its data and metric, checked when built (see `check_pipeline`, `check_data`).
+
+    `splits` maps a split name ("train", "val", "test") to a list of sample dicts. Every sample
+    has a string "id", the `gold_key` (the expected answer) and each of `input_keys` (what
+    forward() reads; the backward and optimizer prompts show them). Ids are unique within a
+    split, and across splits an id means one sample: `sample_index()` merges the splits by id, so
+    two different samples sharing an id would be mixed up (the same sample may sit in two splits).
+    A problem raises one DataError naming the split, the sample's position and the key.
+    """
 
     name: str
     pipeline: Pipeline
@@ -145,6 +158,12 @@ class Task:
     input_keys: tuple[str, ...] = ("question",)
     tau: float = 1.0
     metrics: dict[str, Callable[[Any, Any], float]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.input_keys, str):  # input_keys="question" means one key, not eight letters
+            self.input_keys = (self.input_keys,)
+        check_pipeline(self.pipeline, self.loss)
+        check_data(self)
 
     def gold(self, sample: dict) -> Any:
         return sample[self.gold_key]
@@ -160,24 +179,226 @@ def run_sample(
     task: Task, sample: dict, llm: LLM, *, run_id: str | None = None, step: int | None = None,
     phase: str = "forward", overrides: dict[str, str] | None = None,
 ) -> tuple[Trace, Evaluation]:
-    """Run the pipeline on one sample with tracing on, then score it with the task's loss."""
+    """Run the pipeline on one sample with tracing on, then score it with the task's loss.
+
+    A provider fault (LLMError after retries) or an exception of the user's code (UserCodeError:
+    a function node, a parser, the metric, forward() itself) makes the sample an error: the
+    evaluation has no score and says why, never a 0. LLMFatalError and ConfigError propagate:
+    they must stop the run."""
     trace = Trace(sample_id=sample["id"])
     rt = Runtime(llm=llm, sample_id=sample["id"], run_id=run_id, step=step, phase=phase,
                  overrides=overrides or {}, trace=trace)
     gold = to_text(task.gold(sample))
+    prediction: Value | None = None
     token = activate(rt)
     try:
-        prediction = task.pipeline.forward(sample)
+        prediction = _forward(task.pipeline, sample)
         if not isinstance(prediction, Value):
             prediction = Value(prediction)
         score = task.loss(prediction, task.gold(sample))
     except LLMFatalError:
         raise
-    except LLMError as exc:
-        # A call failed after its retries: the sample is an error, never a wrong answer.
-        trace.error = f"{type(exc).__name__}: {exc}"
-        return trace, Evaluation(sample["id"], "", gold, None, trace.error)
+    except (LLMError, UserCodeError) as exc:
+        # A call failed after its retries, or the user's code raised: the sample is an error,
+        # never a wrong answer (the failing invocation, traceback included, is in the trace).
+        trace.error = str(exc) if isinstance(exc, UserCodeError) else f"{type(exc).__name__}: {exc}"
+        shown = to_text(prediction.data) if isinstance(prediction, Value) else ""
+        return trace, Evaluation(sample["id"], shown, gold, None, trace.error)
     finally:
         deactivate(token)
     errors = [i.error for i in trace.invocations if i.error]
     return trace, Evaluation(sample["id"], to_text(prediction.data), gold, score, "; ".join(errors) or None)
+
+
+def _forward(pipeline: Pipeline, sample: dict) -> Any:
+    """`pipeline.forward(sample)` inside an active runtime. An exception raised by forward()'s
+    own code (not by a node, which records its own failure) is a UserCodeError of the sample,
+    naming forward() and where it was raised (forward() has no invocation to keep a traceback)."""
+    try:
+        return pipeline.forward(sample)
+    except (ConfigError, LLMError, UserCodeError):
+        raise
+    except Exception as exc:
+        frames = traceback.extract_tb(exc.__traceback__)
+        at = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if len(frames) > 1 else ""
+        sample_id = str(sample.get("id", "?"))
+        raise UserCodeError(f"{type(pipeline).__name__}.forward()", sample_id, exc, failure_details(exc), at) from exc
+
+
+# --- checks: the pipeline, the data, and that training can reach the output ---------------------
+
+def check_pipeline(pipeline: Pipeline, loss: Loss | None = None) -> None:
+    """Refuse names that would mix things up, with a ConfigError naming the clash:
+
+    - two nodes with one name (an LLM node and a function node included, and the loss): calls
+      are counted and recorded by node name, so they would share one call counter;
+    - two parameters with one name (see `Pipeline.parameters`);
+    - a parameter used by two LLM nodes: sharing is refused, as a parameter's gradients, peers
+      and proposals belong to one node; give each node its own Parameter.
+
+    (Two parameters of one node sharing a placeholder name are refused when the LLMNode is built.)
+    """
+    if not isinstance(pipeline, Pipeline):
+        raise ConfigError(f"a Task needs an autodiff Pipeline, not {type(pipeline).__name__}")
+    if type(pipeline).forward is Pipeline.forward:
+        raise ConfigError(f"pipeline {type(pipeline).__name__} does not define forward(sample)")
+    if loss is not None and not isinstance(loss, Loss):
+        raise ConfigError(f"a Task's loss must be a Loss, not {type(loss).__name__}: wrap your metric, "
+                          "e.g. Loss(exact_match, 'exact_match')")
+    nodes: list[LLMNode | FunctionNode] = []
+    for node in pipeline.nodes():
+        if not any(node is n for n in nodes):  # one node held by two attributes is one node
+            nodes.append(node)
+    named: dict[str, LLMNode | FunctionNode] = {}
+    for node in nodes:
+        other = named.setdefault(node.name, node)
+        if other is not node:
+            raise ConfigError(f"two nodes are named {node.name!r}: {_describe_node(other)} and "
+                              f"{_describe_node(node)}; a name's calls share one call counter: rename one")
+    if loss is not None and loss.name in named:
+        raise ConfigError(f"the loss is named {loss.name!r}, like {_describe_node(named[loss.name])}: "
+                          "give the loss another name, e.g. Loss(metric, name='score')")
+    pipeline.parameters()  # refuses two parameters with one name
+    users: dict[int, list[str]] = {}
+    for node in nodes:
+        for p in getattr(node, "parameters", []):
+            users.setdefault(id(p), []).append(node.name)
+            if len(users[id(p)]) > 1:
+                first, second = users[id(p)][:2]
+                raise ConfigError(
+                    f"parameter {p.name!r} is used by LLM nodes {first!r} and {second!r}: sharing a parameter "
+                    "is refused (its gradients, peers and proposals belong to one node); give each node its own"
+                )
+
+
+def _describe_node(node: LLMNode | FunctionNode) -> str:
+    if isinstance(node, FunctionNode):
+        fn = getattr(node.fn, "__qualname__", None) or type(node.fn).__name__
+        return f"a function node (wrapping {fn})"
+    return "an LLM node"
+
+
+MAX_SHOWN_PROBLEMS = 5
+
+
+def check_data(task: Task) -> None:
+    """Refuse samples the run cannot use, with one DataError listing the first few problems (and
+    how many there are in all): a split that is not a list of dicts, a sample without a string
+    "id", an id used by two different samples, or a missing `gold_key` or input key."""
+    if not isinstance(task.splits, dict):
+        raise DataError(f"task {task.name!r}: splits must be a dict of split name -> list of sample dicts, "
+                        f"not {type(task.splits).__name__}")
+    problems: list[str] = []
+    seen: dict[str, tuple[str, int, dict]] = {}
+    for split, samples in task.splits.items():
+        if not isinstance(samples, (list, tuple)):
+            problems.append(f"split {split!r} is a {type(samples).__name__}, not a list of sample dicts")
+            continue
+        for i, sample in enumerate(samples):
+            problems += _sample_problems(task, split, i, sample, seen)
+    if problems:
+        shown = "\n".join(f"- {p}" for p in problems[:MAX_SHOWN_PROBLEMS])
+        more = f"\n(and {len(problems) - MAX_SHOWN_PROBLEMS} more)" if len(problems) > MAX_SHOWN_PROBLEMS else ""
+        count = "1 problem" if len(problems) == 1 else f"{len(problems)} problems"
+        raise DataError(f"task {task.name!r}: {count} in the samples:\n{shown}{more}")
+
+
+def _sample_problems(task: Task, split: str, i: int, sample: Any, seen: dict[str, tuple[str, int, dict]]) -> list[str]:
+    where = f"split {split!r}, sample {i}"
+    if not isinstance(sample, dict):
+        return [f"{where} is a {type(sample).__name__}, not a dict"]
+    keys = ", ".join(map(str, sample)) or "none"
+    out = []
+    sid = sample.get("id")
+    if sid is None:
+        out.append(f"{where} has no 'id': give every sample a unique string id (e.g. '{split}-{i}')")
+    elif not isinstance(sid, str) or not sid:
+        out.append(f"{where}: id {sid!r} is not a non-empty string; runs store ids as text: use str(...)")
+    else:
+        where = f"{where} (id {sid!r})"
+        if sid in seen and seen[sid][2] != sample:
+            first_split, first_i, _ = seen[sid]
+            out.append(f"{where}: split {first_split!r}, sample {first_i} has the same id but is another sample; "
+                       "ids must be unique across all splits (the run looks samples up by id)")
+        seen.setdefault(sid, (split, i, sample))
+    if task.gold_key not in sample:
+        out.append(f"{where} has no {task.gold_key!r} (the gold_key): set gold_key= to the key that holds the "
+                   f"expected answer (its keys: {keys})")
+    for key in task.input_keys:
+        if key not in sample:
+            out.append(f"{where} has no {key!r} (one of input_keys): set input_keys= to the keys forward() "
+                       f"reads (its keys: {keys})")
+    return out
+
+
+CHECK_REPLY = "ok"  # what every LLM node hears in check_connected's dry run
+
+
+def check_connected(task: Task) -> None:
+    """Refuse, before anything is spent, a task whose forward() output no trainable parameter
+    feeds: training could never change its score.
+
+    forward() runs once on the first train sample (or the first sample of any split) with a
+    scripted model that answers every call with CHECK_REPLY: no provider, cache or store is
+    touched (code of yours that calls a provider directly, not through a node, still would).
+    The returned Value's sources are followed back through the trace to an LLM call with a
+    trainable parameter. ConfigError when forward() returned a plain value or when no such call
+    feeds the output, or when the pipeline has no trainable parameter at all. An error of your
+    code during this dry run (a parser or function that cannot handle the scripted reply) means
+    "cannot tell": the check passes and the run shows that error on the samples it hits. One
+    sample decides, so a branch the first sample does not take is not checked.
+    """
+    trainable = [p.name for p in task.pipeline.parameters() if p.trainable]
+    if not trainable:
+        raise ConfigError(f"task {task.name!r}: the pipeline has no trainable parameter, so training has "
+                          "nothing to change (Parameter(..., trainable=True) is the default)")
+    sample = next((s for split in ("train", *task.splits) for s in task.splits.get(split, [])), None)
+    if sample is None:
+        return
+    llm = LLM("fake:check", FakeProvider(CHECK_REPLY), retry=RetryPolicy(attempts=1, initial_wait=0, max_wait=0))
+    trace = Trace(sample_id=sample["id"])
+    token = activate(Runtime(llm=llm, sample_id=sample["id"], phase="check", trace=trace))
+    try:
+        output = _forward(task.pipeline, sample)
+    except LLMFatalError:
+        raise
+    except (UserCodeError, LLMError):
+        return  # cannot tell from a scripted reply; the run will show the error where it happens
+    finally:
+        deactivate(token)
+    problem = _disconnection(output, trace, trainable)
+    if problem:
+        raise ConfigError(f"task {task.name!r}: {problem} (found by a dry run of forward() on sample "
+                          f"{sample['id']!r} with scripted replies)")
+
+
+def _disconnection(output: Any, trace: Trace, trainable: list[str]) -> str | None:
+    """Why no trainable parameter feeds `output`, or None when one does."""
+    dropped = "an f-string, str() or .data drops the link to the node that made a value"
+    if not isinstance(output, Value):
+        return (f"forward() returned a plain {type(output).__name__}, not a node's output, so no feedback can "
+                f"reach a parameter: return the Value a node gave back ({dropped})")
+    by_id = {inv.id: inv for inv in trace.invocations}
+    if output.source not in by_id:
+        return "forward() returned a Value that no node made in this call of forward(): return a node's output"
+    reached: list[str] = []
+    stack, seen = [output.source], []
+    while stack:
+        inv = by_id.get(stack.pop())
+        if inv is None or inv.id in seen:
+            continue
+        seen.append(inv.id)
+        if inv.node_type == "llm":
+            if any(name in trainable for name, _ in inv.parameters):
+                return None
+            reached.append(inv.node)
+        stack.extend(ref.source for ref in inv.inputs if ref.source)
+    producer = by_id[output.source]
+    kind = "LLM node" if producer.node_type == "llm" else "function node"
+    why = (f"; the LLM nodes feeding it ({', '.join(dict.fromkeys(reached))}) have no trainable parameter "
+           "that Pipeline.parameters() finds" if reached else "")
+    unused = [i.node for i in trace.invocations if i.node_type == "llm" and i.node not in reached
+              and any(name in trainable for name, _ in i.parameters)]
+    hint = (f"; LLM node(s) {', '.join(repr(n) for n in dict.fromkeys(unused))} ran but do not feed it: pass "
+            f"their output on as a node input ({dropped})" if unused else "")
+    return f"the output comes from {kind} {producer.node!r}, which no trainable parameter feeds{why}{hint}"
