@@ -9,7 +9,7 @@ from autodiff.api import StepScore, TrainResult, resume, train
 from autodiff.errors import (
     AutodiffError, ConfigError, DataError, LLMError, LLMFatalError, ParseError, StoreError, TooManyErrors,
 )
-from autodiff.graph import FunctionNode, LLMNode, Loss, Value, function_node
+from autodiff.graph import FunctionNode, LLMNode, Loss, UserCodeError, Value, function_node
 from autodiff.llm.fake import ScriptedModel
 from autodiff.parameter import Parameter
 from autodiff.pipeline import Pipeline, Task, run_sample
@@ -18,6 +18,6 @@ from autodiff.store import Store
 __all__ = [
     "train", "resume", "TrainResult", "StepScore",
     "AutodiffError", "ConfigError", "DataError", "LLMError", "LLMFatalError", "ParseError", "StoreError",
-    "TooManyErrors", "FunctionNode", "LLMNode", "Loss", "Value", "function_node", "Parameter", "Pipeline", "Task",
+    "TooManyErrors", "UserCodeError", "FunctionNode", "LLMNode", "Loss", "Value", "function_node", "Parameter", "Pipeline", "Task",
     "run_sample", "ScriptedModel", "Store",
 ]

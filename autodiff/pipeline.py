@@ -6,7 +6,7 @@ from __future__ import annotations
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from autodiff.errors import ConfigError, DataError, LLMError, LLMFatalError
 from autodiff.graph import (
@@ -16,6 +16,9 @@ from autodiff.llm.client import LLM, RetryPolicy
 from autodiff.llm.fake import FakeProvider
 from autodiff.parameter import Parameter
 from autodiff.records import Evaluation, Trace
+
+if TYPE_CHECKING:  # the store imports records only; no cycle at run time
+    from autodiff.store import Store
 
 
 class Pipeline:

@@ -113,9 +113,9 @@ class Proposal:
 @dataclass(frozen=True)
 class Evaluation:
     """One sample scored under one set of parameter values. `score` is None when the sample
-    could not be scored because a call failed (a provider fault is never a wrong answer); then
-    `error` says why. A scored sample may still carry an `error` note (a reply its node could
-    not parse is the model's answer, scored as such)."""
+    could not be scored: a call failed (a provider fault is never a wrong answer) or the user's
+    code (a function node, a parser, the metric) raised; then `error` says why. A scored sample
+    may still carry an `error` note (e.g. a reply cut off at the token limit)."""
 
     sample_id: str
     prediction: str

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from autodiff.config import RunConfig, make_config
 from autodiff.errors import AutodiffError, ConfigError, StoreError
-from autodiff.pipeline import Task
+from autodiff.pipeline import Task, check_connected
 from autodiff.llm.cache import ResponseCache
 from autodiff.llm.client import RetryPolicy
 from autodiff.llm.types import Provider
@@ -66,9 +66,11 @@ def train(
 
 def create(store: Store, config: RunConfig, *, task: Task | None = None, run_id: str | None = None,
            cache_path: Path | None = None, providers: dict[str, Provider] | None = None) -> str:
-    """Check the task, models and keys and write the run to the store without starting it."""
-    return prepare(task_for(config, task), config, store, run_id=run_id, cache_path=cache_path,
-                   providers=providers).register()
+    """Check the task (data, names, a forward() connected to its parameters), models and keys,
+    and write the run to the store without starting it. Raises ConfigError or DataError."""
+    task = task_for(config, task)
+    check_connected(task)
+    return prepare(task, config, store, run_id=run_id, cache_path=cache_path, providers=providers).register()
 
 
 def start_background(store_path: Path, run_id: str, cache_path: Path | None = None) -> int:
@@ -142,21 +144,26 @@ def resume(store: Store, run_id: str, *, task: Task | None = None, clear_stop: b
         store.clear_stop(run_id)
     if run["status"] == "completed":
         raise ConfigError(f"run {run_id} is already completed; nothing to resume")
-    config = make_config(**run["config"])
     try:
-        task = task_for(config, task)
+        config = make_config(**run["config"])
+        try:
+            task = task_for(config, task)
+        except AutodiffError as exc:
+            message = f"cannot load the run's task {config.task!r}: {exc}"
+            if run["config"].get("task_in_memory"):
+                message += "; the run was trained from Python: resume it with autodiff.resume(run_id, task)"
+            store.set_run_status(run_id, "failed", error=message)
+            raise ConfigError(message) from exc
+        changes = task_changes(store, run_id, task, config)
+        if changes and not accept_task_changes:
+            raise ConfigError(
+                f"the task of run {run_id} changed since it was stored: {'; '.join(changes)}. Restore the task, "
+                "or resume with --accept-task-changes (autodiff.resume(..., accept_task_changes=True)) to go on "
+                "with the changed task")
     except AutodiffError as exc:
-        message = f"cannot load the run's task {config.task!r}: {exc}"
-        if run["config"].get("task_in_memory"):
-            message += "; the run was trained from Python: resume it with autodiff.resume(run_id, task)"
-        store.set_run_status(run_id, "failed", error=message)
-        raise ConfigError(message) from exc
-    changes = task_changes(store, run_id, task, config)
-    if changes and not accept_task_changes:
-        raise ConfigError(
-            f"the task of run {run_id} changed since it was stored: {'; '.join(changes)}. Restore the task, "
-            "or resume with --accept-task-changes (autodiff.resume(..., accept_task_changes=True)) to go on "
-            "with the changed task")
+        if run["status"] == "created":  # a background start: nobody sees this process's output
+            store.set_run_status(run_id, "failed", error=str(exc))
+        raise
     if changes:
         store.add_run_event(run_id, "task_changes_accepted", "; ".join(changes))
     return prepare(task, config, store, run_id=run_id, **extra).train()

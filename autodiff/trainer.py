@@ -24,9 +24,10 @@ from autodiff.llm.registry import make_provider, provider_of
 from autodiff.llm.types import CallContext, Provider
 from autodiff.optimizer import HistoryEntry, Optimizer, OptimizerInput
 from autodiff.parameter import Parameter
-from autodiff.pipeline import Task
+from autodiff.pipeline import Task, check_connected
 from autodiff.records import Evaluation, Gradient, LLMCall, Proposal, Trace
 from autodiff.scoring import mean_score, run_samples
+from autodiff.state import load_state
 from autodiff.store import Store
 
 Progress = Callable[[str, dict], None]
@@ -167,6 +168,7 @@ class Trainer:
     def _begin(self) -> int:
         """Create the run (step 0: initial validation and test), or resume it. Returns the next step."""
         self.register()
+        check_connected(self.task)  # a forward() cut off from every trainable parameter is refused here
         self.preflight()
         last = self.store.last_completed_step(self.run_id)
         if last is None:
@@ -174,9 +176,10 @@ class Trainer:
             self._initial_step()
             return 1
         self.store.discard_after(self.run_id, last)
-        for name, value in self.store.parameter_values_at(self.run_id, last).items():
-            if name in self.params:
-                self.params[name].value = value
+        stored = self.store.parameter_values_at(self.run_id, last)
+        # Parameters the task gained or lost since (accepted on resume) keep their own values.
+        load_state(self.task.pipeline, {n: v for n, v in stored.items() if n in self.params}, partial=True,
+                   source=f"run {self.run_id!r} step {last}")
         rows = self.store.evaluations(self.run_id, split="val", subject="current")
         latest = max((r["step"] for r in rows), default=0)
         self.current_val_evals = [

@@ -6,7 +6,7 @@ import importlib
 import importlib.util
 import sys
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Mapping
 
 from autodiff.errors import ConfigError
 from autodiff.pipeline import Task
