@@ -6,8 +6,10 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import types
 import typing
 from pathlib import Path
@@ -290,8 +292,34 @@ def cmd_dashboard(args) -> int:
     env = dict(os.environ, AUTODIFF_STORE=str(store_path),
                AUTODIFF_CACHE=str((args.cache or default_cache_path()).resolve()))
     cmd = dashboard_command(args.address, args.port, reload=args.reload)
-    print(f"dashboard on http://{args.address}:{args.port}  (store {store_path})")
-    return subprocess.call(cmd, env=env, cwd=ROOT)
+    print(f"dashboard on http://{args.address}:{args.port}  (store {store_path})", flush=True)
+    return run_until_signalled(cmd, env=env, cwd=ROOT)
+
+
+def run_until_signalled(cmd: list[str], grace: float = 10.0, **popen) -> int:
+    """Run `cmd` as a child; SIGTERM or SIGINT to this process stops the child too (terminate,
+    then kill after `grace` seconds), so a stopped `autodiff dashboard` never leaves its server
+    holding the port. Returns the child's exit code."""
+    proc = subprocess.Popen(cmd, **popen)
+    stopped_at: list[float] = []
+
+    def stop(signum, frame) -> None:
+        if not stopped_at:
+            stopped_at.append(time.monotonic())
+        if proc.poll() is None:
+            proc.terminate()
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while True:
+            try:
+                return proc.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                if stopped_at and time.monotonic() - stopped_at[0] > grace:
+                    proc.kill()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def cmd_sample_runs(args) -> int:

@@ -100,3 +100,41 @@ def test_the_server_preloads_what_the_pages_import() -> None:
     loaded = serve.preload(names)
     assert "plotly.graph_objects" in loaded and "autodiff.graphview" in loaded
     assert "autodiff.metrics.step_figures" not in loaded  # a function, not a module: skipped
+
+
+def test_dashboard_stops_its_server_on_sigterm(tmp_path) -> None:
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from tests.servers import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "autodiff.cli", "--store", str(tmp_path / "runs.sqlite"),
+                             "dashboard", "--port", str(port)], cwd=cli.ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://localhost:{port}/_stcore/health", timeout=2) as r:
+                    if r.read() == b"ok":
+                        break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise AssertionError("the dashboard did not answer")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) is not None
+        time.sleep(0.5)
+        with socket.socket() as s:  # nothing listens any more: no server left behind
+            assert s.connect_ex(("127.0.0.1", port)) != 0
+        with socket.socket() as s:  # and the port can be listened on again
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
