@@ -95,6 +95,14 @@ class RunConfig(BaseModel):
         None, "for reasoning models that take it (OpenAI o-series and gpt-5, Claude with thinking)")
     cache: Literal["use", "refresh", "off"] = _opt("use", "response cache: use it; refresh (ask anew once, "
                                                           "then reuse this run's replies); off (ask every call)")
+    budget_usd: float | None = _opt(None, "stop the run cleanly (resumable) before a call that could take its "
+                                          "cost past this many US dollars", gt=0)
+    budget_tokens: int | None = _opt(None, "stop the run cleanly (resumable) before a call that could take its "
+                                           "tokens (fresh calls, prompt and completion) past this many", gt=0)
+    prices: dict[str, tuple[float, float]] = Field(
+        default_factory=dict,
+        description="your prices in USD per million input and output tokens, by provider:model (a rented GPU "
+                    "server, a model the price table lacks); local models cost 0 otherwise")
 
     @model_validator(mode="before")
     @classmethod
@@ -111,6 +119,20 @@ class RunConfig(BaseModel):
     def timeout_for(self, role: str) -> float | None:
         """The reply time-out in seconds for `role` (forward, backward, optimizer)."""
         return getattr(self, f"{role}_timeout") or self.timeout
+
+    @field_validator("prices", mode="before")
+    @classmethod
+    def _prices(cls, v):
+        from autodiff.llm.pricing import UserPrice
+
+        if not isinstance(v, dict):
+            raise ValueError("prices map provider:model to USD per million tokens")
+        parsed = {}
+        for spec, price in v.items():
+            check_model_spec(spec)
+            rate = UserPrice.parse(price)
+            parsed[spec] = (rate.input, rate.output)
+        return parsed
 
     @field_validator("task")
     @classmethod

@@ -72,6 +72,18 @@ class TooManyErrors(AutodiffError):
     calls are asked again then (failures are never cached)."""
 
 
+class BudgetExceeded(AutodiffError):
+    """The next LLM call would take the run past its budget (`budget_usd`, `budget_tokens`),
+    counting what the run has spent and the calls already in flight. Raised before the call is
+    sent; the run stops cleanly (status stopped, its error starting with "budget"), keeps
+    everything done so far and can be resumed with a larger budget. Not an LLMError: no sample
+    is marked errored for it. `option` names the budget reached: "budget_usd" or "budget_tokens"."""
+
+    def __init__(self, message: str, option: str = "budget_usd"):
+        super().__init__(message)
+        self.option = option
+
+
 class ParseError(AutodiffError):
     """An LLM reply that does not have the shape we asked for."""
 

@@ -27,7 +27,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from autodiff.errors import AutodiffError, ConfigError, LLMError, LLMFatalError
+from autodiff.errors import AutodiffError, BudgetExceeded, ConfigError, LLMError, LLMFatalError
 from autodiff.llm.client import LLM
 from autodiff.llm.types import CallContext
 from autodiff.parameter import Parameter
@@ -71,8 +71,9 @@ class UserCodeError(AutodiffError):
 
 
 # Errors that are not the user's code failing on a sample: a bad configuration stops the run, a
-# provider fault is handled as one, and a user-code error from a nested node is already recorded.
-_PASS_THROUGH = (ConfigError, LLMError, UserCodeError)
+# provider fault is handled as one, a user-code error from a nested node is already recorded, and
+# a budget reached stops the run, not the sample.
+_PASS_THROUGH = (ConfigError, LLMError, UserCodeError, BudgetExceeded)
 
 
 def describe_exception(exc: BaseException, limit: int = 300) -> str:
@@ -118,6 +119,7 @@ class Runtime:
     phase: str = "forward"
     overrides: Mapping[str, str] = field(default_factory=dict)
     trace: Trace | None = None
+    proposal_id: str | None = None  # the proposal whose value is being scored (validation)
     _counts: Counter = field(default_factory=Counter)
 
     def value_of(self, parameter: Parameter) -> str:
@@ -269,7 +271,7 @@ class LLMNode:
         prompt = self.render(rt, inputs)
         ctx = CallContext(
             run_id=rt.run_id, step=rt.step, phase=rt.phase, node=self.name, sample_id=rt.sample_id,
-            call_index=rt.next_call_index(self.name), role="forward",
+            call_index=rt.next_call_index(self.name), role="forward", proposal_id=rt.proposal_id,
         )
         record = functools.partial(
             rt.record, node=self.name, node_type="llm", inputs=tuple(_input_ref(k, v) for k, v in inputs.items()),

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
-from autodiff.errors import ConfigError, DataError, LLMError, LLMFatalError
+from autodiff.errors import BudgetExceeded, ConfigError, DataError, LLMError, LLMFatalError
 from autodiff.graph import (
     FunctionNode, LLMNode, Loss, Runtime, UserCodeError, Value, activate, deactivate, failure_details, to_text,
 )
@@ -180,17 +180,17 @@ class Task:
 
 def run_sample(
     task: Task, sample: dict, llm: LLM, *, run_id: str | None = None, step: int | None = None,
-    phase: str = "forward", overrides: dict[str, str] | None = None,
+    phase: str = "forward", overrides: dict[str, str] | None = None, proposal_id: str | None = None,
 ) -> tuple[Trace, Evaluation]:
     """Run the pipeline on one sample with tracing on, then score it with the task's loss.
 
     A provider fault (LLMError after retries) or an exception of the user's code (UserCodeError:
     a function node, a parser, the metric, forward() itself) makes the sample an error: the
-    evaluation has no score and says why, never a 0. LLMFatalError and ConfigError propagate:
-    they must stop the run."""
+    evaluation has no score and says why, never a 0. LLMFatalError, ConfigError and
+    BudgetExceeded propagate: they must stop the run."""
     trace = Trace(sample_id=sample["id"])
     rt = Runtime(llm=llm, sample_id=sample["id"], run_id=run_id, step=step, phase=phase,
-                 overrides=overrides or {}, trace=trace)
+                 overrides=overrides or {}, trace=trace, proposal_id=proposal_id)
     gold = to_text(task.gold(sample))
     prediction: Value | None = None
     token = activate(rt)
@@ -219,7 +219,7 @@ def _forward(pipeline: Pipeline, sample: dict) -> Any:
     naming forward() and where it was raised (forward() has no invocation to keep a traceback)."""
     try:
         return pipeline.forward(sample)
-    except (ConfigError, LLMError, UserCodeError):
+    except (ConfigError, LLMError, UserCodeError, BudgetExceeded):
         raise
     except Exception as exc:
         frames = traceback.extract_tb(exc.__traceback__)

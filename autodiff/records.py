@@ -34,6 +34,13 @@ class LLMCall:
     cached_prompt_tokens: int = 0  # prompt tokens the provider served from its own prompt cache
     cache_write_tokens: int = 0  # prompt tokens written to the provider's prompt cache
     reasoning_tokens: int = 0  # completion tokens spent on hidden reasoning
+    # USD the call cost (0 when answered from our response cache; None when its price is unknown),
+    # what a call answered from our cache would have cost (0 for other calls), and where the price
+    # came from ("user", "local", or the price table's version): see autodiff.llm.pricing.
+    cost_usd: float | None = None
+    saved_usd: float | None = None
+    price_source: str | None = None
+    proposal_id: str | None = None  # the proposal a validation call scored
 
     @property
     def cut_off(self) -> bool:

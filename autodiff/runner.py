@@ -11,6 +11,7 @@ from pathlib import Path
 from autodiff.config import RunConfig, make_config
 from autodiff.errors import AutodiffError, ConfigError, StoreError
 from autodiff.pipeline import Task, check_connected
+from autodiff.llm.budget import Budget
 from autodiff.llm.cache import ResponseCache
 from autodiff.llm.client import RetryPolicy
 from autodiff.llm.types import Provider
@@ -34,7 +35,8 @@ def prepare(
     providers: dict[str, Provider] | None = None, progress: Progress | None = None,
     retry: RetryPolicy | None = None, use_cache: bool = True,
 ) -> Trainer:
-    """The trainer for `task` under `config`, its LLMs built (providers shared by name)."""
+    """The trainer for `task` under `config`, its LLMs built (providers shared by name) and
+    sharing the run's budget, which counts what a stored run has already spent."""
     buffer = CallBuffer(store)
     cache = ResponseCache(cache_path or default_cache_path()) if use_cache else None
     # "refresh" reads only replies written since the run began (a resume keeps its own).
@@ -42,7 +44,13 @@ def prepare(
         since = store.run(run_id)["created_at"] if run_id else time.time()
     except StoreError:
         since = time.time()
-    roles = make_roles(config, recorder=buffer, cache=cache, providers=providers, retry=retry, cache_since=since)
+    budget = None
+    if config.budget_usd is not None or config.budget_tokens is not None:
+        spent = store.call_totals(run_id) if run_id else []
+        budget = Budget(config.budget_usd, config.budget_tokens, spent_usd=sum(c["cost_usd"] for c in spent),
+                        spent_tokens=sum(c["tokens"] for c in spent))
+    roles = make_roles(config, recorder=buffer, cache=cache, providers=providers, retry=retry, cache_since=since,
+                       budget=budget)
     return Trainer(task, config, store, roles, buffer, run_id=run_id, progress=progress)
 
 
@@ -97,11 +105,17 @@ def launch(store: Store, config: RunConfig, cache_path: Path | None = None) -> s
     return run_id
 
 
-def resume_background(store: Store, run_id: str, cache_path: Path | None = None) -> int:
-    """Resume a stopped or failed run in a background process; it shows as created until it starts."""
-    status = store.run(run_id)["status"]
+def resume_background(store: Store, run_id: str, cache_path: Path | None = None, *, budget_usd: float | None = None,
+                      budget_tokens: int | None = None) -> int:
+    """Resume a stopped or failed run in a background process; it shows as created until it starts.
+    New budgets, if given, replace the run's (see `set_budget`)."""
+    run = store.run(run_id)
+    status = run["status"]
     if status in ("completed", "running"):
         raise ConfigError(f"run {run_id} is {status}; only a stopped or failed run can be resumed")
+    budgets = {k: v for k, v in (("budget_usd", budget_usd), ("budget_tokens", budget_tokens)) if v is not None}
+    if budgets:
+        set_budget(store, run_id, make_config(**run["config"]), **budgets)
     store.clear_stop(run_id)  # a stop asked for before the run got going would end it again at once
     store.set_run_status(run_id, "created")
     return start_background(store.path, run_id, cache_path)
@@ -132,13 +146,16 @@ def mark_dead_runs(store: Store) -> list[str]:
 
 
 def resume(store: Store, run_id: str, *, task: Task | None = None, clear_stop: bool = True,
-           accept_task_changes: bool = False, **extra) -> str:
+           accept_task_changes: bool = False, budget_usd: float | None = None, budget_tokens: int | None = None,
+           **extra) -> str:
     """Train a stored run on from its last completed step, in this process. A person resuming
     overrides an earlier stop request (`clear_stop`); a background process started for the run
     keeps one made while it was starting. The task (given, or loaded by the stored name) must
     match the stored run (see `task_changes`) unless `accept_task_changes`, which is recorded
     in the run's history. A task that cannot be loaded marks the run failed with the reason.
-    Raises ConfigError for a completed run, a task that cannot be loaded, or a changed task."""
+    `budget_usd` / `budget_tokens` replace the run's budgets (for the whole run, what it spent
+    before included), recorded as a "budget_changed" event. Raises ConfigError for a completed
+    run, a task that cannot be loaded, a changed task, or a bad budget."""
     run = store.run(run_id)
     if clear_stop:
         store.clear_stop(run_id)
@@ -146,6 +163,9 @@ def resume(store: Store, run_id: str, *, task: Task | None = None, clear_stop: b
         raise ConfigError(f"run {run_id} is already completed; nothing to resume")
     try:
         config = make_config(**run["config"])
+        budgets = {k: v for k, v in (("budget_usd", budget_usd), ("budget_tokens", budget_tokens)) if v is not None}
+        if budgets:
+            config = set_budget(store, run_id, config, **budgets)
         try:
             task = task_for(config, task)
         except AutodiffError as exc:
@@ -167,6 +187,17 @@ def resume(store: Store, run_id: str, *, task: Task | None = None, clear_stop: b
     if changes:
         store.add_run_event(run_id, "task_changes_accepted", "; ".join(changes))
     return prepare(task, config, store, run_id=run_id, **extra).train()
+
+
+def set_budget(store: Store, run_id: str, config: RunConfig, **budgets: float | int) -> RunConfig:
+    """Store new budgets (`budget_usd`, `budget_tokens`) in a run's config and note the change
+    in its history; returns the new config. Raises ConfigError for an invalid budget."""
+    new = make_config(**(config.model_dump() | budgets))
+    changed = [f"{k} {getattr(config, k)} -> {getattr(new, k)}" for k in budgets if getattr(config, k) != getattr(new, k)]
+    if changed:
+        store.set_run_config(run_id, new.model_dump())
+        store.add_run_event(run_id, "budget_changed", "; ".join(changed))
+    return new
 
 
 def task_changes(store: Store, run_id: str, task: Task, config: RunConfig) -> list[str]:

@@ -17,6 +17,7 @@ StopWhen = Callable[[Sequence[Evaluation], Sequence[str]], bool]
 def run_samples(
     task: Task, samples: Sequence[dict], llm: LLM, pool: Executor, *, window: int, run_id: str | None,
     step: int | None, phase: str, overrides: Mapping[str, str] | None = None, stop_when: StopWhen | None = None,
+    proposal_id: str | None = None,
 ) -> list[Scored]:
     """Trace and score `samples`, keeping `window` of them in flight (a sliding window: a slow
     sample never holds up the ones after it). Returns (trace, evaluation) pairs in sample order.
@@ -32,7 +33,7 @@ def run_samples(
         if upcoming:
             i, sample = upcoming.pop(0)
             running[pool.submit(run_sample, task, sample, llm, run_id=run_id, step=step, phase=phase,
-                                overrides=dict(overrides or {}))] = i
+                                overrides=dict(overrides or {}), proposal_id=proposal_id)] = i
 
     try:
         for _ in range(max(window, 1)):

@@ -131,6 +131,27 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX run_events_run ON run_events (run_id, at);
         """,
     ),
+    (
+        # Money: each call's cost in USD (NULL: unknown price), what a call answered from our
+        # response cache would have cost, where the price came from, and the proposal a validation
+        # call scored. Calls recorded before prices were: local and scripted models cost 0, the
+        # others stay unknown (NULL), never 0.
+        "005_money",
+        """
+        ALTER TABLE llm_calls ADD COLUMN cost_usd REAL;
+        ALTER TABLE llm_calls ADD COLUMN saved_usd REAL;
+        ALTER TABLE llm_calls ADD COLUMN price_source TEXT;
+        ALTER TABLE llm_calls ADD COLUMN proposal_id TEXT;
+        UPDATE llm_calls SET cost_usd = 0, saved_usd = 0, price_source = 'local'
+            WHERE model LIKE 'local:%' OR model LIKE 'fake:%';
+        DROP INDEX llm_calls_accounting;
+        CREATE INDEX llm_calls_accounting ON llm_calls (
+            run_id, step, phase, cached, prompt_tokens, completion_tokens, latency_ms, created_at, error,
+            error_kind, finish_reason, cost_usd, saved_usd
+        );
+        CREATE INDEX llm_calls_proposal ON llm_calls (proposal_id, cost_usd, cached) WHERE proposal_id IS NOT NULL;
+        """,
+    ),
 ]
 
 TERMINAL_STATUSES = ("completed", "failed", "stopped")
@@ -236,6 +257,12 @@ class Store:
                           "llm_calls", "proposals", "evaluations", "run_events"):
                 conn.execute(f"DELETE FROM {table} WHERE run_id = ?", (run_id,))
             conn.execute("DELETE FROM runs WHERE id = ?", (run_id,))
+
+    def set_run_config(self, run_id: str, config: dict) -> None:
+        """Replace a stopped run's stored options (e.g. a larger budget on resume)."""
+        self.run(run_id)
+        with self.connect() as conn:
+            conn.execute("UPDATE runs SET config = ?, updated_at = ? WHERE id = ?", (_json(config), time.time(), run_id))
 
     def add_run_event(self, run_id: str, kind: str, text: str) -> None:
         """Note something that happened to a run (e.g. "task_changes_accepted"), with the time."""
@@ -518,7 +545,8 @@ class Store:
             rows = conn.execute(
                 "SELECT id, step, phase, role, node, sample_id, call_index, model, prompt_tokens,"
                 " completion_tokens, latency_ms, cached, error, created_at, endpoint, finish_reason, attempts,"
-                " error_kind, cached_prompt_tokens, cache_write_tokens, reasoning_tokens FROM llm_calls WHERE run_id = ?"
+                " error_kind, cached_prompt_tokens, cache_write_tokens, reasoning_tokens, cost_usd, saved_usd,"
+                " price_source, proposal_id FROM llm_calls WHERE run_id = ?"
                 " ORDER BY created_at",
                 (run_id,),
             ).fetchall()
@@ -527,8 +555,11 @@ class Store:
     def call_totals(self, run_id: str) -> list[dict]:
         """Per (step, phase) of a run, in that order: calls, cached calls, failed calls, tokens of
         fresh calls, summed latency, and the wall-clock span from the first call's start to the
-        last one's end. Summed in SQL over the accounting index (no call text is read). Calls
-        without a step count under step -1."""
+        last one's end; money: `cost_usd` (USD of the calls with a known price; cached calls cost
+        0), `cost_unknown` (fresh calls whose price is unknown, left out of `cost_usd`) and
+        `saved_usd` (what the calls answered from our response cache would have cost, where
+        known). Summed in SQL over the accounting index (no call text is read). Calls without a
+        step count under step -1."""
         with self.connect() as conn:
             rows = conn.execute(
                 "SELECT COALESCE(step, -1) AS step, phase, COUNT(*) AS calls, SUM(cached) AS cached,"
@@ -537,12 +568,38 @@ class Store:
                 " SUM(CASE WHEN cached THEN 0 ELSE prompt_tokens END) AS prompt_tokens,"
                 " SUM(CASE WHEN cached THEN 0 ELSE completion_tokens END) AS completion_tokens,"
                 " SUM(latency_ms) / 1000.0 AS latency_s,"
-                " MAX(created_at) - MIN(created_at - latency_ms / 1000.0) AS wall_s"
+                " MAX(created_at) - MIN(created_at - latency_ms / 1000.0) AS wall_s,"
+                " COALESCE(SUM(cost_usd), 0.0) AS cost_usd,"
+                " SUM(cost_usd IS NULL AND NOT cached) AS cost_unknown,"
+                " COALESCE(SUM(saved_usd), 0.0) AS saved_usd"
                 " FROM llm_calls WHERE run_id = ? GROUP BY 1, 2 ORDER BY 1, 2",
                 (run_id,),
             ).fetchall()
         return [dict(r, tokens=r["prompt_tokens"] + r["completion_tokens"], cut_off=r["cut_off"] or 0,
-                     context_window=r["context_window"] or 0) for r in rows]
+                     context_window=r["context_window"] or 0, cost_unknown=r["cost_unknown"] or 0) for r in rows]
+
+    def proposal_costs(self, run_id: str) -> dict[str, dict]:
+        """Proposal id -> what it cost in USD: `make_usd` (its optimizer call, shared equally by
+        the proposals that call made), `validate_usd` (the calls that scored it on the mini-batch
+        and on validation), and `unknown` (those calls whose price is unknown, left out)."""
+        with self.connect() as conn:
+            made = conn.execute(
+                "SELECT p.id, c.cost_usd, c.cached, COUNT(*) OVER (PARTITION BY p.llm_call_id) AS shared"
+                " FROM proposals p JOIN llm_calls c ON c.id = p.llm_call_id WHERE p.run_id = ?", (run_id,)).fetchall()
+            scored = conn.execute(
+                "SELECT c.proposal_id AS id, COALESCE(SUM(c.cost_usd), 0.0) AS usd,"
+                " SUM(c.cost_usd IS NULL AND NOT c.cached) AS unknown FROM llm_calls c"
+                " WHERE c.run_id = ? AND c.proposal_id IS NOT NULL GROUP BY c.proposal_id", (run_id,)).fetchall()
+        costs: dict[str, dict] = {}
+        for r in made:
+            unknown = int(r["cost_usd"] is None and not r["cached"])
+            costs[r["id"]] = {"make_usd": (r["cost_usd"] or 0.0) / r["shared"], "validate_usd": 0.0,
+                              "unknown": unknown}
+        for r in scored:
+            entry = costs.setdefault(r["id"], {"make_usd": 0.0, "validate_usd": 0.0, "unknown": 0})
+            entry["validate_usd"] = r["usd"]
+            entry["unknown"] += r["unknown"] or 0
+        return costs
 
     # --- proposals and decisions ------------------------------------------------------------
 

@@ -4,6 +4,7 @@ be watched live and resumed from its last completed step."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import secrets
@@ -15,11 +16,15 @@ from typing import Callable, Sequence
 
 from autodiff.backward import BackwardContext, backward
 from autodiff.config import RunConfig
-from autodiff.errors import LLMFatalError, LLMTransientError, StoreError, TooManyErrors
+from autodiff.estimate import Estimate, estimate
+from autodiff.errors import BudgetExceeded, ConfigError, LLMFatalError, LLMTransientError, StoreError, TooManyErrors
 from autodiff.judge import Rule, judge, out_of_reach
+from autodiff.metrics import projection
+from autodiff.llm.budget import Budget
 from autodiff.llm.cache import ResponseCache
 from autodiff.llm.client import LLM, RetryPolicy
 from autodiff.llm.limits import Limiters
+from autodiff.llm.pricing import Pricing, format_usd, table_version
 from autodiff.llm.registry import make_provider, provider_of
 from autodiff.llm.types import CallContext, Provider
 from autodiff.optimizer import HistoryEntry, Optimizer, OptimizerInput
@@ -60,13 +65,16 @@ class Roles:
 
 def make_roles(
     config: RunConfig, *, recorder, cache: ResponseCache | None, providers: dict[str, Provider] | None = None,
-    retry: RetryPolicy | None = None, cache_since: float | None = None,
+    retry: RetryPolicy | None = None, cache_since: float | None = None, budget: Budget | None = None,
 ) -> Roles:
     """One LLM per role. `providers` maps a model spec ("fake:scripted") or a provider name
     ("openai") to a provider object to use; others are made by name and shared (one local model
     load for all roles), and so is each endpoint's adaptive concurrency limit (see
-    autodiff.llm.limits)."""
+    autodiff.llm.limits). Every role prices its calls with the run's prices and asks `budget`
+    before each call. A budget in USD needs a price for every role's model: ConfigError names
+    the models without one."""
     providers = dict(providers or {})
+    pricing = Pricing(config.prices)
     limiters = Limiters(config.concurrency)
     retry = retry or RetryPolicy(budget_s=config.retry_budget)
     llms = []
@@ -79,7 +87,15 @@ def make_roles(
         llms.append(LLM(spec, provider, cache=cache, recorder=recorder, retry=retry, max_tokens=config.max_tokens,
                         limiter=limiters.for_endpoint(getattr(provider, "endpoint", None) or name),
                         timeout=config.timeout_for(role), reasoning_effort=config.reasoning_effort,
-                        cache_mode=config.cache, cache_since=cache_since, role=role))
+                        cache_mode=config.cache, cache_since=cache_since, role=role, pricing=pricing,
+                        budget=budget))
+    if config.budget_usd is not None:
+        unpriced = list(dict.fromkeys(llm.spec for llm in llms if not pricing.known(llm.spec, llm.endpoint)))
+        if unpriced:
+            raise ConfigError(
+                f"--budget-usd needs a price for every model, and the price table ({table_version()}) "
+                f"has none for {', '.join(unpriced)}: set one with --price {unpriced[0]}=USD_PER_MILLION_TOKENS "
+                "(input/output), or budget in tokens (--budget-tokens)")
     return Roles(*llms)
 
 
@@ -117,9 +133,10 @@ class Trainer:
     # --- the run ----------------------------------------------------------------------------
 
     def train(self) -> str:
-        """Run (or resume) to the end. A stop request, or provider errors past the run's limit
-        (TooManyErrors), stop the run cleanly with the reason, resumable; an LLMFatalError or any
-        other failure marks it failed and is raised."""
+        """Run (or resume) to the end. A stop request, provider errors past the run's limit
+        (TooManyErrors) or the budget reached (BudgetExceeded: the next call might not fit) stop
+        the run cleanly with the reason, resumable; an LLMFatalError or any other failure marks it
+        failed and is raised."""
         try:
             start = self._begin()
             self.store.set_run_status(self.run_id, "running", pid=os.getpid())
@@ -140,6 +157,13 @@ class Trainer:
             self.buffer.flush()
             self.store.set_run_status(self.run_id, "stopped", error=f"{exc}; resume to ask the failed calls again")
             self.progress("stopped", {"reason": str(exc)})
+        except BudgetExceeded as exc:
+            self.pool.shutdown(wait=True, cancel_futures=True)  # calls in flight finish and are recorded
+            self.buffer.flush()
+            flag = "--" + exc.option.replace("_", "-")
+            reason = f"{exc}; resume with a larger budget: autodiff resume {self.run_id} {flag} N"
+            self.store.set_run_status(self.run_id, "stopped", error=reason)
+            self.progress("stopped", {"reason": reason})
         except LLMFatalError as exc:
             self.buffer.flush()
             self.store.set_run_status(self.run_id, "failed", error=str(exc))
@@ -192,17 +216,36 @@ class Trainer:
         return last + 1
 
     def register(self) -> str:
-        """Write the run, its config, sample ids and parameters to the store (once)."""
+        """Write the run, its config, sample ids and parameters to the store (once), with the
+        estimate of what it will cost (a run event "estimate", JSON; see autodiff.estimate). A
+        budget too small for step 0 (the initial validation and test) by that estimate is refused
+        with a ConfigError before anything is written or spent."""
         try:
             self.store.run(self.run_id)
             return self.run_id
         except StoreError:
             pass
+        forecast = self._estimate()
         splits = {name: [s["id"] for s in rows] for name, rows in self.task.splits.items()}
         splits["val"], splits["test"] = [s["id"] for s in self.val], [s["id"] for s in self.test]
         self.store.create_run(self.run_id, self.task.name, self.config.model_dump(), splits)
         self.store.add_parameters(self.run_id, [p.describe() for p in self.params.values()])
+        self.store.add_run_event(self.run_id, "estimate", json.dumps(forecast.as_dict()))
         return self.run_id
+
+    def _estimate(self) -> Estimate:
+        """The run's cost estimate; refuses (ConfigError) a budget step 0 would not fit in."""
+        forecast = estimate(self.task, self.config, pricing=self.roles.forward.pricing)
+        first, c = forecast.step0, self.config
+        what = (f"step 0 (initial validation on {len(self.val)} and test on {len(self.test)} samples) is "
+                f"estimated at {format_usd(first.usd)}, {first.tokens:,.0f} tokens in {first.calls:,.0f} calls")
+        if c.budget_usd is not None and first.usd is not None and first.usd > c.budget_usd:
+            raise ConfigError(f"a budget of {format_usd(c.budget_usd)} is too small: {what}; raise --budget-usd "
+                              "or lower --val-limit/--test-limit (autodiff estimate shows the whole run)")
+        if c.budget_tokens is not None and first.tokens > c.budget_tokens:
+            raise ConfigError(f"a budget of {c.budget_tokens:,} tokens is too small: {what}; raise --budget-tokens "
+                              "or lower --val-limit/--test-limit (autodiff estimate shows the whole run)")
+        return forecast
 
     def _initial_step(self) -> None:
         """Step 0: the baseline on validation and test, errors recorded with it."""
@@ -289,7 +332,10 @@ class Trainer:
             test_score = mean_score(evals)
         self.buffer.flush()
         self.store.finish_step(self.run_id, step, self.best_val, test_score, [t.sample_id for t in failed])
-        self.progress("step_done", {"step": step, "val": self.best_val, "failed": len(failed)})
+        money = projection(self.store, self.run_id)
+        self.progress("step_done", {"step": step, "val": self.best_val, "failed": len(failed),
+                                    "cost_usd": money["spent_usd"], "cost_unknown": money["unknown"],
+                                    "projected_usd": money["projected_usd"]})
 
     def _backward(self, step: int, failed: Sequence[Trace]) -> list[Gradient]:
         index = self.samples
@@ -364,7 +410,7 @@ class Trainer:
         samples decides nothing: the proposal is marked "error" and the run stops (TooManyErrors)."""
         overrides = {param.name: proposal.value}
         review_all = self.config.review == "all"
-        mb = self.evaluate(minibatch, overrides, phase="validate", step=step)
+        mb = self.evaluate(minibatch, overrides, phase="validate", step=step, proposal_id=proposal.id)
         first = judge(mb, baseline, self.minibatch_rule, stage="mini-batch")
         update = {"minibatch_score": first.score, "minibatch_baseline": first.baseline}
         if not first.decided:
@@ -376,7 +422,8 @@ class Trainer:
         current = {e.sample_id: e.score for e in self.current_val_evals}
         stop_when = None if review_all else (
             lambda done, pending: out_of_reach(done, pending, current, self.val_rule, len(self.val)))
-        val = self.evaluate(self.val, overrides, phase="validate", step=step, stop_when=stop_when)
+        val = self.evaluate(self.val, overrides, phase="validate", step=step, stop_when=stop_when,
+                            proposal_id=proposal.id)
         second = judge(val, current, self.val_rule, stage="validation", expected=len(self.val))
         complete = len(val) == len(self.val)
         update |= {"val_score": second.score if complete else None,
@@ -416,8 +463,8 @@ class Trainer:
         reason = f"accepted by {by}" if not by.startswith("timeout") else f"accepted by fallback ({by})"
         if decision == "edit":
             overrides = {param.name: value}
-            val = self.evaluate(self.val, overrides, phase="validate", step=step)
-            mb = self.evaluate(minibatch, overrides, phase="validate", step=step)
+            val = self.evaluate(self.val, overrides, phase="validate", step=step, proposal_id=proposal.id)
+            mb = self.evaluate(minibatch, overrides, phase="validate", step=step, proposal_id=proposal.id)
             reason = f"edited, then accepted by {by}"
         else:
             value = proposal.value
@@ -448,12 +495,13 @@ class Trainer:
     # --- helpers ----------------------------------------------------------------------------
 
     def evaluate(self, samples: Sequence[dict], overrides: dict[str, str], *, phase: str, step: int,
-                 stop_when=None) -> list[Evaluation]:
+                 stop_when=None, proposal_id: str | None = None) -> list[Evaluation]:
         """Score samples under `overrides` (see autodiff.scoring.run_samples); errored samples
-        come back with score None."""
+        come back with score None. `proposal_id` tags the calls with the proposal being scored."""
         return [e for _, e in run_samples(self.task, samples, self.roles.forward, self.pool,
                                           window=self.config.concurrency, run_id=self.run_id, step=step,
-                                          phase=phase, overrides=overrides, stop_when=stop_when)]
+                                          phase=phase, overrides=overrides, stop_when=stop_when,
+                                          proposal_id=proposal_id)]
 
     def _history(self, param: Parameter) -> list[HistoryEntry]:
         versions = self.store.parameter_versions(self.run_id, param.name)

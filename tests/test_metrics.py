@@ -44,6 +44,9 @@ def expected_phases(store: Store, run_id: str) -> list[dict]:
             "latency_s": pytest.approx(sum(c["latency_ms"] for c in calls) / 1000.0),
             "wall_s": pytest.approx(max(c["created_at"] for c in calls)
                                     - min(c["created_at"] - c["latency_ms"] / 1000.0 for c in calls)),
+            "cost_usd": pytest.approx(sum(c["cost_usd"] or 0.0 for c in calls)),
+            "cost_unknown": sum(1 for c in fresh if c["cost_usd"] is None),
+            "saved_usd": pytest.approx(sum(c["saved_usd"] or 0.0 for c in calls)),
         })
     return rows
 

@@ -14,7 +14,9 @@ What a call can end as, and what happens to it:
 - a fatal fault (bad key, unknown model, a rejected option): `LLMFatalError` naming the role.
 
 Every call is recorded once, failed or not, with the usage the server reported for all of its
-attempts, so recorded tokens match the server's count.
+attempts, so recorded tokens match the server's count, and priced once as it is recorded
+(`autodiff.llm.pricing`). A run's `Budget` is asked before each call that our cache does not
+answer; a call that might not fit is never sent (`BudgetExceeded`).
 """
 
 from __future__ import annotations
@@ -36,8 +38,10 @@ from tenacity import (
 )
 
 from autodiff.errors import AutodiffError, LLMError, LLMFatalError, LLMReplyError, LLMTransientError
+from autodiff.llm.budget import Budget
 from autodiff.llm.cache import ResponseCache, cache_key
 from autodiff.llm.limits import EndpointLimiter
+from autodiff.llm.pricing import Pricing
 from autodiff.llm.types import CallContext, Completion, Message, Provider, Request
 from autodiff.records import LLMCall
 
@@ -115,7 +119,9 @@ class LLM:
     `cache_mode`: "use" reads and writes the cache; "refresh" writes it and reads only entries
     written since `cache_since` (a Unix time: the run's start), so a run asks everything anew
     once; "off" never reads it but still writes. `timeout` (seconds, None for the provider's
-    default) and `reasoning_effort` go into every request of this role."""
+    default) and `reasoning_effort` go into every request of this role. `pricing` prices each
+    recorded call (default: the price table, no prices of the user's); `budget`, shared by a
+    run's roles, is asked before each call sent to the provider."""
 
     def __init__(
         self,
@@ -133,6 +139,8 @@ class LLM:
         cache_mode: str = "use",
         cache_since: float | None = None,
         role: str | None = None,
+        pricing: Pricing | None = None,
+        budget: Budget | None = None,
     ):
         if cache_mode not in CACHE_MODES:
             raise ValueError(f"cache mode {cache_mode!r}: use one of {CACHE_MODES}")
@@ -151,6 +159,8 @@ class LLM:
         self.cache_mode = cache_mode
         self.cache_since = cache_since
         self.role = role
+        self.pricing = pricing or Pricing()
+        self.budget = budget
 
     def request(self, messages: Sequence[Message] | str, *, max_tokens: int | None = None,
                 temperature: float | None = None) -> Request:
@@ -190,6 +200,9 @@ class LLM:
         attempts: list[int] = []
         usage = [0, 0]
         error: LLMError | None = None
+        reservation = None
+        if completion is None and self.budget is not None and self.budget.limited:
+            reservation = self.budget.reserve(self.spec, self.endpoint, request, ctx, self.pricing)
         try:
             if completion is None:
                 completion = self._call_with_retries(request, attempts, usage, ctx)
@@ -199,7 +212,9 @@ class LLM:
             error = exc
             raise
         finally:
-            self._record(call_id, ctx, request, completion, cached, started, error, len(attempts), usage)
+            call = self._record(call_id, ctx, request, completion, cached, started, error, len(attempts), usage)
+            if self.budget is not None:
+                self.budget.settle(reservation, call)
         return Reply(completion.text, call_id, completion.prompt_tokens, completion.completion_tokens, cached,
                      completion.finish_reason, completion.reasoning)
 
@@ -216,7 +231,7 @@ class LLM:
                 return
             probe = LLM(self.spec, self.provider, recorder=self.recorder, limiter=self.limiter,
                         retry=PREFLIGHT_RETRY, timeout=self.timeout, reasoning_effort=self.reasoning_effort,
-                        role=self.role)
+                        role=self.role, pricing=self.pricing, budget=self.budget)
             probe.complete("Reply with the word OK.", replace(ctx, phase="preflight"), max_tokens=16)
         except LLMReplyError:
             return  # the model answered; an empty answer to a probe says nothing about the run
@@ -277,40 +292,50 @@ class LLM:
         return replace(completion, text=answer, reasoning=reasoning)
 
     def _record(self, call_id: str, ctx: CallContext, request: Request, completion: Completion | None,
-                cached: bool, started: float, error: LLMError | None, attempts: int, usage: list[int]) -> None:
-        if self.recorder is None:
-            return
+                cached: bool, started: float, error: LLMError | None, attempts: int,
+                usage: list[int]) -> LLMCall | None:
+        """The call's record, priced, handed to the recorder; None when nobody keeps it."""
+        if self.recorder is None and self.budget is None:
+            return None
         fresh = completion is not None and not cached
-        self.recorder(
-            LLMCall(
-                id=call_id,
-                run_id=ctx.run_id,
-                step=ctx.step,
-                phase=ctx.phase,
-                role=ctx.role,
-                node=ctx.node,
-                sample_id=ctx.sample_id,
-                call_index=ctx.call_index,
-                model=self.spec,
-                messages=tuple((m.role, m.content) for m in request.messages),
-                response=completion.text if completion else None,
-                # A cached reply reports what it cost when it was made; accounting counts it as 0.
-                prompt_tokens=completion.prompt_tokens if cached else usage[0],
-                completion_tokens=completion.completion_tokens if cached else usage[1],
-                latency_ms=(time.perf_counter() - started) * 1000.0,
-                cached=cached,
-                error=f"{type(error).__name__}: {error}" if error else None,
-                created_at=time.time(),
-                endpoint=self.endpoint,
-                finish_reason=completion.finish_reason if completion else None,
-                reasoning=(completion.reasoning or None) if completion else None,
-                attempts=attempts,
-                error_kind=error.kind if error else None,
-                cached_prompt_tokens=completion.cached_prompt_tokens if completion else 0,
-                cache_write_tokens=completion.cache_write_tokens if fresh else 0,
-                reasoning_tokens=completion.reasoning_tokens if completion else 0,
-            )
+        call = LLMCall(
+            id=call_id,
+            run_id=ctx.run_id,
+            step=ctx.step,
+            phase=ctx.phase,
+            role=ctx.role,
+            node=ctx.node,
+            sample_id=ctx.sample_id,
+            call_index=ctx.call_index,
+            model=self.spec,
+            messages=tuple((m.role, m.content) for m in request.messages),
+            response=completion.text if completion else None,
+            # A cached reply reports what it cost when it was made; accounting counts it as 0.
+            prompt_tokens=completion.prompt_tokens if cached else usage[0],
+            completion_tokens=completion.completion_tokens if cached else usage[1],
+            latency_ms=(time.perf_counter() - started) * 1000.0,
+            cached=cached,
+            error=f"{type(error).__name__}: {error}" if error else None,
+            created_at=time.time(),
+            endpoint=self.endpoint,
+            finish_reason=completion.finish_reason if completion else None,
+            reasoning=(completion.reasoning or None) if completion else None,
+            attempts=attempts,
+            error_kind=error.kind if error else None,
+            cached_prompt_tokens=completion.cached_prompt_tokens if completion else 0,
+            cache_write_tokens=completion.cache_write_tokens if fresh else 0,
+            reasoning_tokens=completion.reasoning_tokens if completion else 0,
+            proposal_id=ctx.proposal_id,
         )
+        price = self.pricing.price(
+            self.spec, self.endpoint, cached=cached, prompt_tokens=call.prompt_tokens,
+            completion_tokens=call.completion_tokens, cached_prompt_tokens=call.cached_prompt_tokens,
+            cache_write_tokens=completion.cache_write_tokens if completion else 0,
+            reasoning_tokens=call.reasoning_tokens, at=call.created_at)
+        call = replace(call, cost_usd=price.usd, saved_usd=price.saved_usd, price_source=price.source)
+        if self.recorder is not None:
+            self.recorder(call)
+        return call
 
 
 def _valid(validate: Validate | None, text: str) -> bool:

@@ -80,6 +80,7 @@ class CallContext:
     sample_id: str | None = None
     call_index: int | None = None
     role: str = "forward"  # forward | backward | optimizer
+    proposal_id: str | None = None  # the proposal being scored, for validation calls
     extra: dict = field(default_factory=dict, compare=False)
 
 
