@@ -1,4 +1,4 @@
-"""The `autodiff` command: train, resume, runs, show, export, dashboard, sample-runs."""
+"""The `autodiff` command: train, estimate, resume, runs, show, export, dashboard, sample-runs."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ SAMPLE_STORE = ROOT / "sample_data" / "runs" / "sample_runs.sqlite"
 
 
 # Run options with a CLI form of their own (or none): every other RunConfig field becomes --field-name.
-_SPECIAL_OPTIONS = ("task", "task_args", "task_in_memory", "cache")
+_SPECIAL_OPTIONS = ("task", "task_args", "task_in_memory", "cache", "prices")
 _ALIASES = {"max_error_share": ("--max-errors",)}
 
 
@@ -46,6 +46,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
             p.add_argument(*flags, dest=name, type=kind, help=field.description)
     p.add_argument("--task-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="keyword argument of a task factory (repeatable)")
+    p.add_argument("--price", action="append", default=[], metavar="PROVIDER:MODEL=USD[/USD]",
+                   help="your price in USD per million tokens for a model, input/output or one for both (a rented "
+                        "GPU server, a model the price table lacks; repeatable). Local models cost 0 otherwise")
     cache = p.add_mutually_exclusive_group()
     cache.add_argument("--no-cache", dest="cache_mode", action="store_const", const="off",
                        help="ask the provider for every call of this run (replies are still written to the cache)")
@@ -68,6 +71,23 @@ def parser() -> argparse.ArgumentParser:
     resume.add_argument("--keep-stop", action="store_true", help=argparse.SUPPRESS)  # background starts
     resume.add_argument("--accept-task-changes", action="store_true",
                         help="go on although the task's parameters or samples changed (recorded in the run)")
+    resume.add_argument("--budget-usd", type=float, help="a new budget in US dollars for the whole run (what it "
+                                                         "spent before included; recorded in the run)")
+    resume.add_argument("--budget-tokens", type=int, help="a new budget in tokens for the whole run (recorded in "
+                                                          "the run)")
+    estimate = sub.add_parser("estimate", help="expected calls, tokens and cost per phase of a run, without "
+                                               "calling any model")
+    estimate.add_argument("task")
+    _add_train_options(estimate)
+    estimate.add_argument("--failed-share", type=float, default=0.5,
+                          help="assumed share of each mini-batch that fails and goes backward (default 0.5)")
+    estimate.add_argument("--reply-share", type=float, default=0.25,
+                          help="assumed share of their token budget that forward and backward replies use "
+                               "(default 0.25)")
+    estimate.add_argument("--to-validation", type=float, default=0.5,
+                          help="assumed share of proposals that pass the mini-batch and are scored on all of "
+                               "validation (default 0.5)")
+    estimate.add_argument("--json", action="store_true", help="print the estimate as JSON")
     sub.add_parser("runs", help="list runs")
     show = sub.add_parser("show", help="one run: config, steps, proposals")
     show.add_argument("run_id")
@@ -120,16 +140,23 @@ def _progress_bar(total: int, quiet: bool):
     return progress_bar(total, quiet)
 
 
-def cmd_train(args) -> int:
+def _config(args):
+    """The RunConfig that `train`'s (and `estimate`'s) options describe."""
     from autodiff.api import resolve_models
     from autodiff.config import RunConfig, make_config
-    from autodiff.runner import train
 
     options = {name: getattr(args, name) for name in RunConfig.model_fields
                if name not in _SPECIAL_OPTIONS and not name.endswith("_model")}
     models = resolve_models(args.model, args.forward_model, args.backward_model, args.optimizer_model)
-    config = make_config(task=args.task, task_args=_task_args(args.task_arg), cache=args.cache_mode,
-                         **{f"{role}_model": spec for role, spec in models.items()}, **options)
+    return make_config(task=args.task, task_args=_task_args(args.task_arg), cache=args.cache_mode,
+                       prices=_pairs(args.price, "--price", "PROVIDER:MODEL=USD[/USD]"),
+                       **{f"{role}_model": spec for role, spec in models.items()}, **options)
+
+
+def cmd_train(args) -> int:
+    from autodiff.runner import train
+
+    config = _config(args)
     store = _store(args)
     run_id = train(store, config, cache_path=args.cache or default_cache_path(), run_id=args.run_id,
                    progress=_progress_bar(config.steps, args.quiet))
@@ -138,12 +165,27 @@ def cmd_train(args) -> int:
 
 
 def _task_args(pairs: list[str]) -> dict[str, str]:
+    return _pairs(pairs, "--task-arg", "KEY=VALUE")
+
+
+def _pairs(pairs: list[str], option: str, form: str) -> dict[str, str]:
     from autodiff.errors import ConfigError
 
     bad = [p for p in pairs if "=" not in p]
     if bad:
-        raise ConfigError(f"--task-arg takes KEY=VALUE; got {bad}")
-    return dict(p.split("=", 1) for p in pairs)
+        raise ConfigError(f"{option} takes {form}; got {bad}")
+    return dict(p.rsplit("=", 1) if option == "--price" else p.split("=", 1) for p in pairs)
+
+
+def cmd_estimate(args) -> int:
+    from autodiff.estimate import Assumptions, estimate, format_estimate
+    from autodiff.runner import task_for
+
+    config = _config(args)
+    forecast = estimate(task_for(config), config, Assumptions(args.failed_share, args.reply_share,
+                                                               args.to_validation))
+    print(json.dumps(forecast.as_dict(), indent=2) if args.json else format_estimate(forecast, config))
+    return 0
 
 
 def _stopped_exit(store, run_id: str) -> int:
@@ -163,20 +205,24 @@ def cmd_resume(args) -> int:
     store = _store(args)
     run = store.run(args.run_id)
     run_id = resume(store, args.run_id, clear_stop=not args.keep_stop, cache_path=args.cache or default_cache_path(),
-                    accept_task_changes=args.accept_task_changes,
+                    accept_task_changes=args.accept_task_changes, budget_usd=args.budget_usd,
+                    budget_tokens=args.budget_tokens,
                     progress=_progress_bar(run["config"]["steps"], args.quiet))
     _print_summary(store, run_id)
     return _stopped_exit(store, run_id)
 
 
 def _print_summary(store, run_id: str) -> None:
+    from autodiff.llm.pricing import format_usd
     from autodiff.metrics import run_summary
 
     s = run_summary(store, run_id)
     faults = "".join(f", {n} {what}" for n, what in ((s["errors"], "failed"), (s["cut_off"], "cut off")) if n)
+    saved = s["cache_saved_usd"] + s["backward_saved_usd"]
     print(f"run {run_id}: {s['status']}; validation {_f(s['initial_val'])} -> best {_f(s['best_val'])}; "
           f"test {_f(s['initial_test'])} -> {_f(s['final_test'])}; {s['tokens']} tokens in {s['calls']} calls"
-          f"{faults}")
+          f"{faults}; cost {format_usd(s['cost_usd'], s['cost_unknown'])}"
+          + (f" (saved {format_usd(saved)} by the cache and selective backward)" if saved else ""))
 
 
 def _f(x) -> str:
@@ -193,16 +239,22 @@ def cmd_runs(args) -> int:
     if not rows:
         print("no runs yet: start one with `autodiff train object_counting`")
         return 0
+    from autodiff.llm.pricing import format_usd
+
     header = (f"{'run':42} {'task':16} {'status':10} {'steps':>5} {'val0':>6} {'best':>6} {'test':>6} {'tokens':>9}"
-              f" {'errors':>6}")
+              f" {'cost':>17} {'projected':>10} {'errors':>6}")
     print(header)
     for s in rows:
+        projected = format_usd(s["projected_usd"]) if s["status"] != "completed" and s["projected_usd"] is not None \
+            else "-"
         print(f"{s['id']:42} {s['task'][:16]:16} {s['status']:10} {s['steps_done']:>5} {_f(s['initial_val']):>6} "
-              f"{_f(s['best_val']):>6} {_f(s['final_test']):>6} {s['tokens']:>9} {s['errors']:>6}")
+              f"{_f(s['best_val']):>6} {_f(s['final_test']):>6} {s['tokens']:>9} "
+              f"{format_usd(s['cost_usd'], s['cost_unknown']):>17} {projected:>10} {s['errors']:>6}")
     return 0
 
 
 def cmd_show(args) -> int:
+    from autodiff.llm.pricing import format_usd
     from autodiff.metrics import (PHASES, context_window_failures, error_kinds, phase_figures, run_summary,
                                   step_figures)
 
@@ -231,16 +283,30 @@ def cmd_show(args) -> int:
     def score(value: float | None, errored: int) -> str:
         return _f(value) + (f" ({errored} errored)" if errored else "")
 
+    def cost_text(row: dict) -> str:
+        """'cost $0.0123 (forward $0.0010, validate $0.0113); saved $0.0040 by the cache, ...'"""
+        phases = ", ".join(f"{p} {format_usd(row[f'cost_{p}'], row[f'cost_unknown_{p}'])}" for p in PHASES
+                           if row[f"calls_{p}"])
+        saved = [f"{format_usd(usd)} {how}" for usd, how in ((row["cache_saved_usd"], "by the cache"),
+                                                             (row["backward_saved_usd"], "by selective backward"))
+                 if usd]
+        return (f" cost {format_usd(row['cost'], row['cost_unknown'])}" + (f" ({phases})" if phases else "")
+                + (f", saved {' and '.join(saved)}" if saved else ""))
+
     steps = step_figures(store, args.run_id)
     for row in steps:
         print(f"step {row['step']:>3}: val {score(row['val_score'], row['samples_errored_val'])} "
               f"test {score(row['test_score'], row['samples_errored_test'])} "
-              f"failed {row['failed']}/{row['batch']} tokens {row['tokens']} proposals {row['proposed']} "
-              f"accepted {row['accepted']}{fault_text(row['step'])}")
+              f"failed {row['failed']}/{row['batch']} tokens {row['tokens']}{cost_text(row)} proposals "
+              f"{row['proposed']} accepted {row['accepted']}{fault_text(row['step'])}")
     for step in sorted(set(faults) - {row["step"] for row in steps}):  # e.g. preflight before step 0 began
         print(f"{'outside a step' if step < 0 else f'step {step:>3} (no step record)'}: {fault_text(step)[2:]}")
+    costs = store.proposal_costs(args.run_id)
     for p in store.proposals(args.run_id):
-        print(f"  [{p['step']}] {p['parameter']}: {p['fate']} ({p['reason']})")
+        c = costs.get(p["id"])
+        cost = (f"; made for {format_usd(c['make_usd'])}, validated for {format_usd(c['validate_usd'])}"
+                + (f" ({c['unknown']} calls unpriced)" if c["unknown"] else "")) if c else ""
+        print(f"  [{p['step']}] {p['parameter']}: {p['fate']} ({p['reason']}){cost}")
     if overflows := context_window_failures(store, args.run_id):
         print("calls that failed because the prompt did not fit the model's context window:")
         for c in overflows:
@@ -330,7 +396,7 @@ def cmd_sample_runs(args) -> int:
 
 
 COMMANDS = {
-    "train": cmd_train, "resume": cmd_resume, "runs": cmd_runs, "show": cmd_show, "export": cmd_export,
+    "train": cmd_train, "estimate": cmd_estimate, "resume": cmd_resume, "runs": cmd_runs, "show": cmd_show, "export": cmd_export,
     "dashboard": cmd_dashboard, "sample-runs": cmd_sample_runs, "prompts": cmd_prompts,
 }
 

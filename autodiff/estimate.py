@@ -85,6 +85,7 @@ class Estimate:
     steps: int
     assumptions: Assumptions
     notes: list[str] = field(default_factory=list)
+    prices: dict[str, str] = field(default_factory=dict)  # model spec -> where its price comes from, or "unknown"
 
     def _sum(self, parts: Sequence[str], times: dict[str, int] | None = None) -> Row:
         rows = [r for r in self.rows if r.part in parts]
@@ -115,7 +116,7 @@ class Estimate:
                     "usd": r.usd}
         return {"steps": self.steps, "assumptions": self.assumptions.__dict__, "rows": [row(r) for r in self.rows],
                 "step0": row(self.step0), "per_step": row(self.per_step), "total": row(self.total),
-                "notes": self.notes}
+                "prices": self.prices, "notes": self.notes}
 
 
 def tokens_of(text: str) -> float:
@@ -239,8 +240,9 @@ def estimate(task: Task, config: RunConfig, assumptions: Assumptions = Assumptio
             fwd_reply),
         row("final test", "test", fm, test * fwd_per_sample, fwd.mean_prompt(), fwd_reply),
     ]
-    rows = _merge(rows)
-    return Estimate(rows, config.steps, a, notes)
+    prices = {spec: pricing.source(spec, endpoint_of(spec)) if pricing.known(spec, endpoint_of(spec)) else "unknown"
+              for spec in dict.fromkeys((fm, bm, om))}
+    return Estimate(_merge(rows), config.steps, a, notes, prices)
 
 
 def _merge(rows: list[Row]) -> list[Row]:
@@ -273,6 +275,9 @@ def format_estimate(est: Estimate, config: RunConfig) -> str:
     lines += [line(replace(est.step0, part="step 0", phase="total")),
               line(replace(est.per_step, part="each step", phase="total")),
               line(replace(est.total, part=f"run ({est.steps} st)", phase="total"))]
+    lines.append("prices: " + ", ".join(f"{spec} from {source}" if source != "unknown" else f"{spec} unknown (set "
+                                        f"one with --price {spec}=USD_PER_MILLION_TOKENS)"
+                                        for spec, source in est.prices.items()))
     lines.append(f"assumed: {est.assumptions.describe()}")
     lines += [f"note: {n}" for n in est.notes]
     return "\n".join(lines)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from autodiff.metrics import PHASES, SPLITS, error_kinds, step_figures
+from autodiff.llm.pricing import table_version
+from autodiff.metrics import PHASES, SPLITS, error_kinds, projection, step_figures
 from autodiff.store import Store
 
 
@@ -11,6 +12,7 @@ def export_run(store: Store, run_id: str) -> dict:
     figures = {r["step"]: r for r in step_figures(store, run_id)}
     kinds = error_kinds(store, run_id)
     calls = store.call_totals(run_id)
+    money = projection(store, run_id, steps=list(figures.values()), totals=calls)
     steps = []
     for s in store.steps(run_id):
         f = figures[s["step"]]
@@ -19,6 +21,10 @@ def export_run(store: Store, run_id: str) -> dict:
             "parameters": store.parameter_values_at(run_id, s["step"]),
             "val_score": s["val_score"], "test_score": s["test_score"],
             "tokens_by_phase": {p: f[f"tokens_{p}"] for p in PHASES},
+            "cost_by_phase": {p: f[f"cost_{p}"] for p in PHASES},
+            "cost_unknown_by_phase": {p: f[f"cost_unknown_{p}"] for p in PHASES},
+            "savings": {"cache_usd": f["cache_saved_usd"], "backward_usd": f["backward_saved_usd"],
+                        "backward_calls": f["backward_calls_saved"]},
             "errors_by_phase": {p: f[f"errors_{p}"] for p in PHASES},
             "error_kinds_by_phase": {p: k for (step, p), k in sorted(kinds.items(), key=_phase_order)
                                      if step == s["step"]},
@@ -26,6 +32,7 @@ def export_run(store: Store, run_id: str) -> dict:
             "samples_errored": {split: f[f"samples_errored_{split}"] for split in SPLITS},
             "failed_samples": s["failed_samples"],
         })
+    costs = store.proposal_costs(run_id)
     proposals = [
         {
             "id": p["id"], "parameter": p["parameter"], "step": p["step"], "value": p["value"],
@@ -34,6 +41,7 @@ def export_run(store: Store, run_id: str) -> dict:
                        "validation": p["val_score"], "validation_baseline": p["val_baseline"]},
             "fate": p["fate"], "reason": p["reason"], "decided_by": p["decided_by"],
             "edited_value": p["decision_value"] if p["decision"] == "edit" else None,
+            "cost": costs.get(p["id"], {"make_usd": 0.0, "validate_usd": 0.0, "unknown": 0}),
         }
         for p in store.proposals(run_id)
     ]
@@ -49,7 +57,10 @@ def export_run(store: Store, run_id: str) -> dict:
     return {
         "run": {"id": run["id"], "task": run["task"], "config": run["config"], "status": run["status"],
                 "error": run["error"], "created_at": run["created_at"],
-                "errors": sum(c["errors"] for c in calls), "cut_off": sum(c["cut_off"] for c in calls)},
+                "errors": sum(c["errors"] for c in calls), "cut_off": sum(c["cut_off"] for c in calls),
+                "cost_usd": money["spent_usd"], "cost_unknown": money["unknown"],
+                "cache_saved_usd": sum(c["saved_usd"] for c in calls),
+                "projected_usd": money["projected_usd"], "price_table": table_version()},
         "parameters": store.parameters(run_id),
         "steps": steps,
         "proposals": proposals,

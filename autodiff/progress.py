@@ -8,6 +8,19 @@ from typing import Callable
 Progress = Callable[[str, dict], None]
 
 
+def step_line(info: dict) -> str:
+    """The progress line after a step: validation score, failed samples, cost so far and the
+    projected cost of the whole run (from what its steps cost so far)."""
+    from autodiff.llm.pricing import format_usd
+
+    parts = [f"val={info['val']:.3f}", f"failed={info['failed']}"]
+    if "cost_usd" in info:
+        parts.append(f"cost={format_usd(info['cost_usd'], info.get('cost_unknown', 0))}")
+        if info.get("projected_usd") is not None:
+            parts.append(f"projected={format_usd(info['projected_usd'])}")
+    return ", ".join(parts)
+
+
 def progress_bar(total_steps: int, quiet: bool = False, also: Progress | None = None) -> Progress:
     """A progress callback drawing one bar of `total_steps` steps (on stderr in a terminal, a
     widget in a notebook), made on the first event so a bad input prints no empty bar. `also`
@@ -27,7 +40,7 @@ def progress_bar(total_steps: int, quiet: bool = False, also: Progress | None = 
             bar.set_description(f"step {info['step']}")
         elif event == "step_done":
             bar.update(1)
-            bar.set_postfix(val=f"{info['val']:.3f}", failed=info["failed"])
+            bar.set_postfix_str(step_line(info))
         elif event == "resumed":
             bar.update(info["step"])
         elif event == "pending":

@@ -1,0 +1,291 @@
+"""Money: prices per call from the shipped price table (never fetched), cost per phase and step
+summed from the calls, budgets that stop a run before the call that could pass them and resume
+with a larger one, the estimate before a run and the projection during it."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from autodiff import runner
+from autodiff.cli import main
+from autodiff.config import make_config
+from autodiff.errors import ConfigError
+from autodiff.estimate import estimate
+from autodiff.export import export_run
+from autodiff.llm.cache import ResponseCache
+from autodiff.llm.client import LLM
+from autodiff.llm.fake import FakeProvider
+from autodiff.llm.pricing import Pricing, _table, format_usd, table_version
+from autodiff.llm.types import CallContext, Completion, Request
+from autodiff.metrics import PHASES, projection, run_summary, step_figures
+from autodiff.store import Store
+from tests.conftest import FAST_RETRY, TOY_DEFAULTS, Script, proposal, toy_task
+from tests.fake_runs import fake_run
+
+OPENAI = "https://api.openai.com/v1/"
+# Fixed prices for the scripted models: USD per million input and output tokens.
+PRICES = {"fake:fwd": (1000.0, 2000.0), "fake:bwd": (3000.0, 4000.0), "fake:opt": (5000.0, 6000.0)}
+
+
+def rates(provider: str, model: str):
+    """The table's prices for a model, as genai-prices holds them now."""
+    _, info = _table().find_provider_model(model, None, provider, None)
+    return info.get_prices(datetime.now(timezone.utc))
+
+
+class UsageProvider:
+    """Answers "ok" and reports the usage it was given, like a provider's server would."""
+
+    name = "openai"
+    endpoint = OPENAI
+
+    def __init__(self, **usage: int):
+        self.usage = usage
+
+    def complete(self, model: str, request: Request) -> Completion:
+        return Completion("ok", **self.usage)
+
+
+# --- prices -------------------------------------------------------------------------------------
+
+def test_cached_prompt_tokens_are_priced_at_the_cached_rate() -> None:
+    price = rates("openai", "gpt-4o")
+    assert price.cache_read_mtok < price.input_mtok
+    pricing = Pricing()
+    full = pricing.cost("openai:gpt-4o", OPENAI, prompt_tokens=1000, completion_tokens=100)
+    cached = pricing.cost("openai:gpt-4o", OPENAI, prompt_tokens=1000, completion_tokens=100, cached_prompt_tokens=800)
+    assert full == pytest.approx(float(1000 * price.input_mtok + 100 * price.output_mtok) / 1e6)
+    assert cached == pytest.approx(float(200 * price.input_mtok + 800 * price.cache_read_mtok
+                                         + 100 * price.output_mtok) / 1e6)
+
+
+def test_anthropic_cache_reads_and_writes_have_their_own_rates() -> None:
+    price = rates("anthropic", "claude-sonnet-4-5")
+    got = Pricing().cost("anthropic:claude-sonnet-4-5", "https://api.anthropic.com", prompt_tokens=1000,
+                         completion_tokens=50, cached_prompt_tokens=500, cache_write_tokens=300)
+    assert got == pytest.approx(float(200 * price.input_mtok.base + 500 * price.cache_read_mtok.base
+                                      + 300 * price.cache_write_mtok.base + 50 * price.output_mtok.base) / 1e6)
+
+
+def test_a_recorded_call_carries_its_price_and_a_cache_hit_records_what_it_saved(tmp_path: Path) -> None:
+    calls = []
+    provider = UsageProvider(prompt_tokens=1000, completion_tokens=100, cached_prompt_tokens=800)
+    llm = LLM("openai:gpt-4o", provider, cache=ResponseCache(tmp_path / "cache.sqlite"), recorder=calls.append,
+              retry=FAST_RETRY)
+    llm.complete("question", CallContext(phase="forward"))
+    llm.complete("question", CallContext(phase="forward"))
+    fresh, hit = calls
+    expected = Pricing().cost("openai:gpt-4o", OPENAI, prompt_tokens=1000, completion_tokens=100,
+                              cached_prompt_tokens=800)
+    assert fresh.cost_usd == pytest.approx(expected) and fresh.saved_usd == 0.0
+    assert fresh.price_source == table_version() and fresh.price_source.startswith("genai-prices ")
+    assert hit.cached and hit.cost_usd == 0.0 and hit.saved_usd == pytest.approx(expected)
+
+
+def test_an_unknown_model_costs_unknown_never_zero() -> None:
+    pricing = Pricing()
+    assert pricing.cost("openai:no-such-model-xyz", OPENAI, prompt_tokens=10, completion_tokens=10) is None
+    assert not pricing.known("openai:no-such-model-xyz", OPENAI)
+    assert format_usd(None) == "unknown" and format_usd(0.0, unknown_calls=3) == "unknown"
+    assert format_usd(0.5, unknown_calls=1) == "$0.5000 + unknown"
+
+
+def test_local_models_cost_nothing_unless_priced() -> None:
+    pricing = Pricing({"openai:llama3.1": "0.5/1.5"})
+    assert Pricing().cost("local:smollm2", "in-process", prompt_tokens=10**6, completion_tokens=10**6) == 0.0
+    assert Pricing().cost("openai:gpt-4o", "http://localhost:11434/v1", prompt_tokens=10**6,
+                          completion_tokens=0) == 0.0  # a server on this machine
+    assert pricing.cost("openai:llama3.1", "http://gpu.example.com/v1", prompt_tokens=10**6,
+                        completion_tokens=10**6) == pytest.approx(2.0)
+    assert pricing.source("openai:llama3.1", None) == "user"
+
+
+def test_prices_never_come_from_a_network_update(monkeypatch: pytest.MonkeyPatch) -> None:
+    import genai_prices
+    from genai_prices import data_snapshot, update_prices
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("genai-prices tried to fetch prices")
+
+    monkeypatch.setattr(update_prices.UpdatePrices, "fetch", no_network)
+    monkeypatch.setattr(update_prices.httpx2, "get", no_network)
+    # Even a snapshot someone else's code installed (as auto-update does) is not what we read.
+    monkeypatch.setattr(data_snapshot, "_custom_snapshot", data_snapshot.DataSnapshot([], from_auto_update=True))
+    with pytest.raises(LookupError):
+        genai_prices.calc_price(genai_prices.Usage(input_tokens=1), "gpt-4o", provider_id="openai")
+    assert Pricing().cost("openai:gpt-4o", OPENAI, prompt_tokens=1000, completion_tokens=0) > 0
+
+
+# --- cost per phase, step and run -----------------------------------------------------------------
+
+def test_a_priced_runs_cost_per_phase_is_the_sum_of_its_calls(run_toy, store: Store) -> None:
+    script = Script(proposals={"toy.instruction": [proposal("Add the two numbers. LEVEL=3")]})
+    run = run_toy(script, prices=PRICES, steps=2)
+    calls = store.call_summaries(run.run_id)
+    for c in calls:
+        rate_in, rate_out = PRICES[c["model"]]
+        expected = 0.0 if c["cached"] else (c["prompt_tokens"] * rate_in + c["completion_tokens"] * rate_out) / 1e6
+        assert c["cost_usd"] == pytest.approx(expected) and c["price_source"] == "user"
+    rows = step_figures(store, run.run_id)
+    for row in rows:
+        for phase in PHASES:
+            mine = [c for c in calls if c["step"] == row["step"] and c["phase"] == phase]
+            assert row[f"cost_{phase}"] == pytest.approx(sum(c["cost_usd"] for c in mine))
+        assert row["cost"] == pytest.approx(sum(row[f"cost_{p}"] for p in PHASES))
+    assert rows[-1]["cost_cumulative"] == pytest.approx(sum(r["cost"] for r in rows))
+    summary = run_summary(store, run.run_id)
+    assert summary["cost_usd"] == pytest.approx(sum(c["cost_usd"] for c in calls))
+    assert summary["cost_usd"] > 0
+    assert summary["cost_unknown"] == 0
+    # What each proposal cost to make and to validate: every validation call is tagged with its proposal.
+    costs = store.proposal_costs(run.run_id)
+    made = sum(r["cost_propose"] for r in rows)
+    validated = sum(r["cost_validate"] for r in rows if r["step"] > 0)
+    assert sum(c["make_usd"] for c in costs.values()) == pytest.approx(made)
+    assert sum(c["validate_usd"] for c in costs.values()) == pytest.approx(validated)
+    exported = export_run(store, run.run_id)
+    assert exported["run"]["cost_usd"] == pytest.approx(summary["cost_usd"])
+    assert sum(s["cost_by_phase"]["validate"] for s in exported["steps"]) == pytest.approx(
+        sum(r["cost_validate"] for r in rows))
+    assert {"make_usd", "validate_usd"} <= set(exported["proposals"][0]["cost"])
+
+
+def test_selective_backward_and_the_cache_savings_are_in_money(run_toy, store: Store) -> None:
+    first = run_toy(prices=PRICES)
+    again = run_toy(prices=PRICES)  # the same prompts: every reply from the cache
+    row = step_figures(store, first.run_id)[1]
+    assert row["failed"] < row["batch"]
+    assert row["backward_saved_usd"] == pytest.approx(row["cost_backward"] / row["failed"]
+                                                      * (row["batch"] - row["failed"]))
+    summary = run_summary(store, again.run_id)
+    assert summary["cost_usd"] == 0.0
+    before = run_summary(store, first.run_id)  # its repeated prompts were cache hits already
+    assert summary["cache_saved_usd"] == pytest.approx(before["cost_usd"] + before["cache_saved_usd"])
+
+
+def test_a_run_with_an_unknown_model_shows_its_cost_as_unknown(run_toy, store: Store) -> None:
+    provider = FakeProvider(Script())
+    run = run_toy(provider=provider, forward_model="openai:no-such-model-xyz")
+    # run_toy maps the provider name "fake"; give the openai spec the same scripted provider
+    assert run.record["status"] == "completed"
+    summary = run_summary(store, run.run_id)
+    assert summary["cost_unknown"] == len([c for c in run.calls() if c["model"] == "openai:no-such-model-xyz"
+                                           and not c["cached"]]) > 0
+    assert format_usd(summary["cost_usd"], summary["cost_unknown"]).endswith("unknown")
+
+
+@pytest.fixture
+def run_toy(tmp_path: Path, store: Store):
+    """Like conftest's run_toy, with the scripted provider also standing in for openai:* models."""
+    def run(script: Script | None = None, *, provider: FakeProvider | None = None, run_id: str | None = None,
+            budget_error: bool = False, **config):
+        provider = provider or FakeProvider(script or Script())
+        options = {**TOY_DEFAULTS, **config}
+        run_id = run_id or f"toy-{len(store.runs())}"
+        runner.train(store, make_config(**options), run_id=run_id, retry=FAST_RETRY,
+                     providers={"fake": provider, "openai": provider}, cache_path=tmp_path / "cache.sqlite")
+        return _Run(store, run_id)
+    return run
+
+
+class _Run:
+    def __init__(self, store: Store, run_id: str):
+        self.store, self.run_id = store, run_id
+
+    @property
+    def record(self) -> dict:
+        return self.store.run(self.run_id)
+
+    def calls(self) -> list[dict]:
+        return self.store.call_summaries(self.run_id)
+
+
+# --- budgets --------------------------------------------------------------------------------------
+
+def test_a_token_budget_stops_before_the_call_that_could_pass_it_and_resumes_with_a_larger_one(
+        run_toy, store: Store, tmp_path: Path) -> None:
+    script = Script(proposals={"toy.instruction": [proposal("Add the two numbers. LEVEL=3")]})
+    run = run_toy(script, steps=2, budget_tokens=3000, concurrency=2)
+    record = run.record
+    assert record["status"] == "stopped" and record["error"].startswith("budget: ")
+    assert "--budget-tokens" in record["error"]
+    spent = run_summary(store, run.run_id)["tokens"]
+    assert spent <= 3000
+    assert store.last_completed_step(run.run_id) is not None  # what was done is kept
+    assert not any("Budget" in (c["error"] or "") for c in run.calls())  # the refused call was never made
+    assert all(e["score"] is not None for e in store.evaluations(run.run_id, subject="current"))
+
+    runner.resume(store, run.run_id, budget_tokens=100_000, retry=FAST_RETRY,
+                  providers={"fake": FakeProvider(script), "openai": FakeProvider(script)},
+                  cache_path=tmp_path / "cache.sqlite")
+    assert run.record["status"] == "completed"
+    assert run.record["config"]["budget_tokens"] == 100_000
+    [change] = [e for e in store.run_events(run.run_id) if e["kind"] == "budget_changed"]
+    assert change["text"] == "budget_tokens 3000 -> 100000"
+    assert run_summary(store, run.run_id)["tokens"] <= 100_000
+
+
+def test_a_usd_budget_counts_priced_calls_and_stops_cleanly(run_toy, store: Store) -> None:
+    run = run_toy(steps=2, prices=PRICES, budget_usd=3.0, concurrency=2)
+    assert run.record["status"] == "stopped" and run.record["error"].startswith("budget: ")
+    assert "--budget-usd" in run.record["error"]
+    assert run_summary(store, run.run_id)["cost_usd"] <= 3.0
+
+
+def test_a_budget_too_small_for_step_0_is_refused_before_anything_is_spent(run_toy, store: Store) -> None:
+    with pytest.raises(ConfigError, match=r"too small: step 0 .* estimated at .*tokens"):
+        run_toy(budget_tokens=50)
+    with pytest.raises(ConfigError, match=r"budget of \$0\.0100 is too small"):
+        run_toy(prices=PRICES, budget_usd=0.01)
+    assert store.runs() == []
+
+
+def test_a_usd_budget_needs_a_price_for_every_model(run_toy, store: Store) -> None:
+    with pytest.raises(ConfigError, match="no-such-model-xyz.*--price"):
+        run_toy(forward_model="openai:no-such-model-xyz", budget_usd=1.0)
+    assert store.runs() == []
+
+
+# --- estimate and projection ----------------------------------------------------------------------
+
+def test_the_estimate_counts_calls_from_the_configuration_without_calling_a_model() -> None:
+    config = make_config(**{**TOY_DEFAULTS, "prices": PRICES, "steps": 3, "val_limit": 10, "test_limit": 6})
+    forecast = estimate(toy_task(), config)
+    rows = {(r.part, r.phase): r for r in forecast.rows}
+    assert rows[("step 0", "validate")].calls == 10 and rows[("step 0", "test")].calls == 6
+    assert rows[("each step", "forward")].calls == 8
+    assert rows[("each step", "propose")].calls == 2  # the toy task's trainable parameters
+    assert rows[("each step", "backward")].calls > 0 and rows[("each step", "backward")].usd > 0
+    assert forecast.total.calls == pytest.approx(forecast.step0.calls + 3 * forecast.per_step.calls + 6)
+    assert forecast.prices == {"fake:fwd": "user", "fake:bwd": "user", "fake:opt": "user"}
+
+
+def test_autodiff_estimate_prints_the_phases_and_the_total(capsys, tmp_path: Path) -> None:
+    code = main(["--store", str(tmp_path / "runs.sqlite"), "estimate", "object_counting", "--model",
+                 "openai:gpt-4o-mini", "--val-limit", "10", "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["total"]["usd"] > 0 and out["prices"]["openai:gpt-4o-mini"] == table_version()
+    assert [r["phase"] for r in out["rows"] if r["part"] == "each step"] == ["forward", "backward", "propose",
+                                                                            "validate"]
+    assert not (tmp_path / "runs.sqlite").exists()  # nothing stored, nothing run
+
+
+def test_the_projection_follows_what_the_steps_cost(store: Store, tmp_path: Path) -> None:
+    events = []
+    script = Script()
+    provider = FakeProvider(script)
+    config = make_config(**{**TOY_DEFAULTS, "prices": PRICES, "steps": 3})
+    runner.train(store, config, run_id="proj", providers={"fake": provider}, retry=FAST_RETRY,
+                 cache_path=tmp_path / "cache.sqlite", progress=lambda event, info: events.append((event, info)))
+    done = [info for event, info in events if event == "step_done"]
+    assert [d["step"] for d in done] == [1, 2, 3]
+    assert all(d["projected_usd"] is not None and d["cost_usd"] > 0 for d in done), done
+    assert done[-1]["projected_usd"] == pytest.approx(done[-1]["cost_usd"]
+                                                      + step_figures(store, "proj")[0]["cost_test"])
+    final = projection(store, "proj")
+    assert final["to_finish_usd"] == 0.0 and final["remaining"] == 0
