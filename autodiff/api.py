@@ -119,18 +119,22 @@ def train(task: Task | str, *, model: Model | None = None, forward: Model | None
 def resume(run_id: str, task: Task | None = None, *, store: Store | str | Path | None = None,
            model: Model | None = None, forward: Model | None = None, backward: Model | None = None,
            optimizer: Model | None = None, accept_task_changes: bool = False, cache: str | Path | None = None,
-           progress: Progress | bool = True) -> TrainResult:
+           progress: Progress | bool = True, budget_usd: float | None = None,
+           budget_tokens: int | None = None) -> TrainResult:
     """Continue a stopped or failed run from its last completed step. A run trained from a Task
     object needs that task again; provider objects (a ScriptedModel) must be given again for
     the roles that used them. The task must match what the run stored unless
-    `accept_task_changes` (recorded in the run's history). Raises ConfigError otherwise."""
+    `accept_task_changes` (recorded in the run's history). `budget_usd` (US dollars) and
+    `budget_tokens` replace the run's budgets, for the whole run (a run stopped by its budget
+    goes on with a larger one; the change is recorded). Raises ConfigError otherwise."""
     from autodiff import runner
 
     the_store = _store(store)
     stored = the_store.run(run_id)["config"]
     given = {"forward": forward or model, "backward": backward or model, "optimizer": optimizer or model}
     providers = {stored[f"{role}_model"]: obj for role, obj in given.items() if obj is not None and not isinstance(obj, str)}
-    runner.resume(the_store, run_id, task=task, accept_task_changes=accept_task_changes,
+    runner.resume(the_store, run_id, task=task, accept_task_changes=accept_task_changes, budget_usd=budget_usd,
+                  budget_tokens=budget_tokens,
                   cache_path=Path(cache) if cache else None, providers=providers or None,
                   progress=_progress(progress, stored["steps"]))
     return result_of(the_store, run_id)

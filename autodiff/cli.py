@@ -218,7 +218,7 @@ def _print_summary(store, run_id: str) -> None:
 
     s = run_summary(store, run_id)
     faults = "".join(f", {n} {what}" for n, what in ((s["errors"], "failed"), (s["cut_off"], "cut off")) if n)
-    saved = s["cache_saved_usd"] + s["backward_saved_usd"]
+    saved = s["saved_usd"]
     print(f"run {run_id}: {s['status']}; validation {_f(s['initial_val'])} -> best {_f(s['best_val'])}; "
           f"test {_f(s['initial_test'])} -> {_f(s['final_test'])}; {s['tokens']} tokens in {s['calls']} calls"
           f"{faults}; cost {format_usd(s['cost_usd'], s['cost_unknown'])}"

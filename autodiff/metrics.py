@@ -206,7 +206,8 @@ def run_summary(store: Store, run_id: str) -> dict:
     `calls`, `errors` (calls that errored) and `cut_off` (replies cut off at the token limit) are
     summed over every call of the run, preflight and calls outside a step included; so is money:
     `cost_usd` (priced calls), `cost_unknown` (fresh calls without a price), `cache_saved_usd`
-    (what our response cache saved) and `backward_saved_usd` (what selective backward saved);
+    (what our response cache saved), `backward_saved_usd` (what selective backward saved) and
+    `saved_usd` (both);
     `projected_usd` / `to_finish_usd` are the run's projected cost (see `projection`), and
     `budget_usd` / `budget_tokens` its budgets (None: none). `wall_s` is seconds from creation to
     the last status change; `pending` counts proposals awaiting review."""
@@ -219,6 +220,8 @@ def run_summary(store: Store, run_id: str) -> dict:
     cfg = run["config"]
     figures = step_figures(store, run_id)
     money = projection(store, run_id, steps=figures, totals=calls)
+    cache_saved = sum(c["saved_usd"] for c in calls)
+    backward_saved = sum(r["backward_saved_usd"] or 0.0 for r in figures)
     return {
         "id": run_id, "task": run["task"], "status": run["status"], "error": run["error"],
         "forward_model": cfg.get("forward_model"), "backward_model": cfg.get("backward_model"),
@@ -233,8 +236,8 @@ def run_summary(store: Store, run_id: str) -> dict:
         "errors": sum(c["errors"] for c in calls),
         "cut_off": sum(c["cut_off"] for c in calls),
         "cost_usd": money["spent_usd"], "cost_unknown": money["unknown"],
-        "cache_saved_usd": sum(c["saved_usd"] for c in calls),
-        "backward_saved_usd": sum(r["backward_saved_usd"] or 0.0 for r in figures),
+        "cache_saved_usd": cache_saved, "backward_saved_usd": backward_saved,
+        "saved_usd": cache_saved + backward_saved,
         "projected_usd": money["projected_usd"], "to_finish_usd": money["to_finish_usd"],
         "projected_tokens": money["projected_tokens"],
         "budget_usd": cfg.get("budget_usd"), "budget_tokens": cfg.get("budget_tokens"),

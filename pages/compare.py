@@ -6,6 +6,7 @@ import streamlit as st
 
 from autodiff import compare
 from autodiff.diffs import inline_diff_html
+from autodiff.llm.pricing import format_usd
 from autodiff.metrics import step_figures
 from dashboard import charts
 from dashboard.common import md, require_run, summary
@@ -29,8 +30,9 @@ st.dataframe(
     [{"run": s["id"], "task": s["task"], "status": s["status"], "forward model": s["forward_model"],
       "backward model": s["backward_model"], "optimizer model": s["optimizer_model"], "steps": s["steps_done"],
       "initial validation": s["initial_val"], "best validation": s["best_val"], "initial test": s["initial_test"],
-      "latest test": s["final_test"], "tokens": s["tokens"], "LLM calls": s["calls"],
-      "wall time (s)": round(s["wall_s"], 1)} for s in summaries],
+      "latest test": s["final_test"], "tokens": s["tokens"], "cost": format_usd(s["cost_usd"], s["cost_unknown"]),
+      "saved": format_usd(s["saved_usd"]), "LLM calls": s["calls"], "wall time (s)": round(s["wall_s"], 1)}
+     for s in summaries],
     hide_index=True,
 )
 
@@ -45,10 +47,12 @@ if not steps.empty:
               for column, split, dash in (("val_score", "validation", "solid"), ("test_score", "test", "dot"))]
     charts.draw([
         charts.figure("Scores per step (solid: validation, dotted: test)", scores, y="score", y_range=(0, 1.05)),
-        tuple(charts.figure(title, [go.Scatter(x=rows["step"], y=rows[column], name=name, mode="lines+markers")
-                                    for name, rows in runs], y=unit)
-              for title, column, unit in (("Cumulative tokens", "tokens_cumulative", "tokens"),
-                                          ("Cumulative step time", "seconds so far", "seconds"))),
+        *[tuple(charts.figure(title, [go.Scatter(x=rows["step"], y=rows[column], name=name, mode="lines+markers")
+                                      for name, rows in runs], y=unit)
+                for title, column, unit in pair)
+          for pair in ((("Cumulative tokens", "tokens_cumulative", "tokens"),
+                        ("Cumulative cost", "cost_cumulative", "US dollars")),
+                       (("Cumulative step time", "seconds so far", "seconds"),))],
     ])
 
 st.subheader("Final prompts")

@@ -1,10 +1,12 @@
-"""Prompts: each parameter's versions, a word diff of any two, the peers beside it, and why it changed."""
+"""Prompts: each parameter's versions, a word diff of any two, the peers beside it, why it changed, and
+every proposal made for it with what it cost to make and to validate."""
 
 import streamlit as st
 
 from autodiff import graphview as gv
 from autodiff import review
 from autodiff.diffs import word_diff_html
+from autodiff.llm.pricing import format_usd
 from dashboard.common import fmt_score, fmt_time, md, require_run
 
 store, run_id = require_run()
@@ -53,9 +55,25 @@ for peer in param["peers"]:
 if not param["peers"]:
     cols[2].caption("None: this parameter is its node's whole prompt.")
 
+proposals = {p["id"]: p for p in store.proposals(run_id, parameter=name)}
+st.subheader("Proposals")
+if proposals:
+    costs = store.proposal_costs(run_id)
+    none = {"make_usd": 0.0, "validate_usd": 0.0, "unknown": 0}
+    st.dataframe(
+        [{"step": p["step"], "method": p["method"], "fate": p["fate"], "mini-batch": fmt_score(p["minibatch_score"]),
+          "validation": fmt_score(p["val_score"]), "cost to make": format_usd(c["make_usd"]),
+          "cost to validate": format_usd(c["validate_usd"], c["unknown"]), "reason": p["reason"], "value": p["value"]}
+         for p in proposals.values() for c in [costs.get(p["id"], none)]],
+        hide_index=True,
+    )
+    st.caption("Cost to make: the optimizer call that wrote it, shared by the proposals of that call. Cost to "
+               "validate: the calls that scored it on the mini-batch and on validation.")
+else:
+    st.caption("No proposal has been made for this parameter yet.")
+
 st.subheader("How each version came about")
 gradients = store.gradients(run_id, target=name)
-proposals = {p["id"]: p for p in store.proposals(run_id, parameter=name)}
 for n, v in versions.items():
     if v["proposal_id"] is None:
         continue

@@ -5,6 +5,7 @@ import streamlit as st
 from autodiff import review
 from autodiff.diffs import word_diff_html
 from autodiff.errors import AutodiffError
+from autodiff.llm.pricing import format_usd
 from dashboard.common import ACTIVE, fmt_score, md, require_run
 
 store, run_id = require_run()
@@ -29,6 +30,7 @@ def act(action, *args) -> None:
 @st.fragment(run_every=3 if run["status"] in ACTIVE else None)
 def pending() -> None:
     items = review.pending(store, run_id)
+    costs = store.proposal_costs(run_id) if items else {}
     if not items:
         st.info("No proposals are waiting for review." + (" New ones appear here as the trainer makes them."
                                                           if run["status"] == "running" else ""))
@@ -38,7 +40,9 @@ def pending() -> None:
             st.subheader(md(p["parameter"]))
             st.markdown(f"Step {p['step']} · method **{md(p['method'])}** · mini-batch {fmt_score(p['minibatch_score'])} "
                         f"vs {fmt_score(p['minibatch_baseline'])} · validation {fmt_score(p['val_score'])} vs best "
-                        f"{fmt_score(p['val_baseline'])}")
+                        f"{fmt_score(p['val_baseline'])}"
+                        + (f" · cost to make {md(format_usd(c['make_usd']))}, to validate "
+                           f"{md(format_usd(c['validate_usd'], c['unknown']))}" if (c := costs.get(pid)) else ""))
             st.markdown(f"Reasoning: {md(p['reasoning'])}  \nTrainer's note: {md(p['reason'])}")
             old, new = word_diff_html(item.current, p["value"])
             left, right = st.columns(2)

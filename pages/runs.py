@@ -5,6 +5,7 @@ import streamlit as st
 from autodiff.config import default_model
 from autodiff.config import make_config
 from autodiff.errors import AutodiffError
+from autodiff.llm.pricing import format_usd
 from autodiff.runner import launch, resume_background
 from autodiff.tasks import task_names
 from dashboard.common import ACTIVE, cache_path, current_store, fmt_score, fmt_time, html_table, md, summary
@@ -35,12 +36,19 @@ def start_form() -> None:
                                       help="the first N of the task's validation split (the small local "
                                            "model takes about a second per sample)")
         test_limit = right.number_input("Test samples", min_value=1, max_value=1000, value=20)
+        left, right = st.columns(2)
+        budget_usd = left.number_input("Budget (US dollars)", min_value=0.0, value=0.0, step=0.5, format="%.2f",
+                                       help="stop the run cleanly before a call that could take its cost past "
+                                            "this; 0: no budget. It can be resumed with a larger one")
+        budget_tokens = right.number_input("Budget (tokens)", min_value=0, value=0, step=10_000,
+                                           help="the same, in tokens of fresh calls; 0: no budget")
         submitted = st.form_submit_button("Start", type="primary")
     if not submitted:
         return
     try:
         config = make_config(task=task, steps=steps, batch_size=batch_size, review=review, val_limit=val_limit,
-                             test_limit=test_limit, **{f"{role}_model": models[role].strip() for role in ROLES})
+                             test_limit=test_limit, budget_usd=budget_usd or None, budget_tokens=budget_tokens or None,
+                             **{f"{role}_model": models[role].strip() for role in ROLES})
         run_id = launch(store, config, cache_path())
     except AutodiffError as exc:
         st.error(md(exc))
@@ -63,10 +71,28 @@ if not runs:
 if st.button("Start a run", icon=":material/play_arrow:"):
     start_dialog()
 
+def resume(run: dict) -> None:
+    """Resume a run in the background; one its budget stopped, with the new budgets given."""
+    new = {key: st.session_state.get(f"{key}-{run['id']}") or None for key in ("budget_usd", "budget_tokens")}
+    try:
+        resume_background(store, run["id"], cache_path(), **new)
+    except AutodiffError as exc:
+        st.session_state["resume_error"] = str(exc)
+
+
 chosen = next((r for r in runs if r["id"] == st.session_state.get("run_id")), runs[0])
 if chosen["status"] in ("stopped", "failed"):
-    st.button(f"Resume {chosen['id']}", on_click=resume_background, args=(store, chosen["id"], cache_path()),
+    if (chosen["error"] or "").startswith("budget"):
+        st.warning(f"{md(chosen['id'])} stopped at its budget. Give it a larger one to go on:")
+        left, right = st.columns(2)
+        left.number_input("New budget (US dollars)", min_value=0.0, value=chosen["config"].get("budget_usd") or 0.0,
+                          step=0.5, format="%.2f", key=f"budget_usd-{chosen['id']}")
+        right.number_input("New budget (tokens)", min_value=0, value=chosen["config"].get("budget_tokens") or 0,
+                           step=10_000, key=f"budget_tokens-{chosen['id']}")
+    st.button(f"Resume {chosen['id']}", on_click=resume, args=(chosen,),
               help="Goes on from its last completed step, in the background.")
+    if error := st.session_state.pop("resume_error", None):
+        st.error(md(error))
 
 
 @st.fragment(run_every=3 if any(r["status"] in ACTIVE for r in runs) else None)
@@ -79,8 +105,13 @@ def live() -> None:
         if run["status"] not in ACTIVE:
             continue
         with st.container(border=True):
+            projected = (f", projected {md(format_usd(s['projected_usd']))} by the end"
+                         if s["projected_usd"] is not None else "")
+            budget = (f", budget {md(format_usd(s['budget_usd']))}" if s["budget_usd"] else "") + \
+                (f", budget {s['budget_tokens']:,} tokens" if s["budget_tokens"] else "")
             st.markdown(f"**{md(s['id'])}** is {s['status']}: step {s['steps_done']} of {s['steps_planned']} "
-                        f"done, best validation {fmt_score(s['best_val'])}, {s['tokens']} tokens, "
+                        f"done, best validation {fmt_score(s['best_val'])}, {s['tokens']} tokens, cost "
+                        f"{md(format_usd(s['cost_usd'], s['cost_unknown']))}{projected}{budget}, "
                         f"{s['pending']} proposals waiting for review"
                         + (f", {s['errors']} LLM calls failed" if s["errors"] else ""))
             st.progress(min(s["steps_done"] / (s["steps_planned"] or 1), 1.0))
@@ -92,11 +123,17 @@ def live() -> None:
         # the figures first, so they show without scrolling sideways on a narrow screen
         [{"run": s["id"], "task": s["task"], "status": s["status"],
           "steps": f"{s['steps_done']} / {s['steps_planned']}", "best validation": fmt_score(s["best_val"]),
-          "latest test": fmt_score(s["final_test"]), "tokens": f"{s['tokens']:,}", "call errors": f"{s['errors']:,}",
+          "latest test": fmt_score(s["final_test"]), "tokens": f"{s['tokens']:,}",
+          "cost": format_usd(s["cost_usd"], s["cost_unknown"]),
+          "projected": format_usd(s["projected_usd"]) if s["status"] != "completed" and s["projected_usd"] is not None
+          else "",
+          "saved": format_usd(s["saved_usd"]),
+          "call errors": f"{s['errors']:,}",
           "wall time (s)": f"{s['wall_s']:,.1f}", "forward model": s["forward_model"],
           "backward model": s["backward_model"], "optimizer model": s["optimizer_model"], "review": s["review"],
           "started": fmt_time(s["created_at"]), "error": s["error"] or ""} for s in summaries],
-        numeric=("best validation", "latest test", "tokens", "call errors", "wall time (s)"),
+        numeric=("best validation", "latest test", "tokens", "cost", "projected", "saved", "call errors",
+                 "wall time (s)"),
     ))
 
 

@@ -19,6 +19,8 @@ from autodiff.llm.types import Request
 from autodiff.runner import train
 from autodiff.store import Store
 
+# Prices for the scripted models (USD per million input and output tokens), so runs have costs to show.
+FAKE_PRICES = {"fake:forward": (0.15, 0.6), "fake:backward": (2.5, 10.0), "fake:optimizer": (2.5, 10.0)}
 HOSTILE = '<script>alert("x")</script><img src=x onerror=alert(1)>'
 BETTER = "Count every item, including items written as number words like 'two'."
 _versions = itertools.count(1)
@@ -61,6 +63,7 @@ def fake_run(store: Store, cache: Path, *, steps: int = 2, review: str = "off", 
     stop = threading.Event()
     if decide is not None:
         threading.Thread(target=_reviewer, args=(store, decide, stop), daemon=True).start()
+    options.setdefault("prices", FAKE_PRICES)
     try:
         return train(store, make_config(task=task, forward_model="fake:forward", backward_model="fake:backward", optimizer_model="fake:optimizer", steps=steps, batch_size=4, val_limit=12, test_limit=12, review=review, review_timeout=30, **options), cache_path=cache, providers={"fake": FakeProvider(responder)})
     finally:

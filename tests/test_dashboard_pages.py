@@ -17,6 +17,7 @@ from streamlit.testing.v1 import AppTest
 
 from autodiff.config import make_config
 from autodiff import compare, review, runner
+from autodiff.llm.pricing import format_usd
 from autodiff.metrics import PHASES, run_summary, step_figures
 from autodiff.store import Store
 from tests.fake_runs import fake_run, filled_store
@@ -147,8 +148,11 @@ def test_runs_table(filled) -> None:
     assert {row["status"] for row in table} == {"completed"}
     assert {row["forward model"] for row in table} == {"fake:forward"}
     for column in ("task", "backward model", "optimizer model", "steps", "best validation", "latest test",
-                   "tokens", "call errors", "wall time (s)"):
+                   "tokens", "cost", "projected", "saved", "call errors", "wall time (s)"):
         assert column in table[0]
+    assert [row["cost"] for row in table] == [format_usd(run_summary(store, r["id"])["cost_usd"])
+                                              for r in store.runs()]
+    assert all(row["cost"].startswith("$") and row["cost"] != "$0.0000" for row in table)
     assert {row["call errors"] for row in table} == {"0"}  # the scripted fake never fails
     assert max(float(row["best validation"]) for row in table) == pytest.approx(0.75)
     assert not [b for b in at.button if b.label == "Stop"]  # nothing is running
@@ -242,7 +246,8 @@ def test_curves_draws_every_chart(filled) -> None:
     figures = chart_figures(at)
     titles = [f["layout"]["title"]["text"] for f in figures]
     assert titles == ["Score per step", "Tokens per step by phase, and cumulative",
-                      "Seconds per step by phase, and cumulative", "Proposals per step by how far they got",
+                      "Seconds per step by phase, and cumulative", "US dollars per step by phase, and cumulative",
+                      "US dollars saved per step", "Proposals per step by how far they got",
                       "Backward calls made, and saved by selective backward"]
     rows = step_figures(store, ids[0])
     score = {t["name"]: values(t["y"]) for t in figures[0]["data"]}
@@ -250,7 +255,13 @@ def test_curves_draws_every_chart(filled) -> None:
     tokens = {t["name"]: values(t["y"]) for t in figures[1]["data"]}
     assert set(tokens) == {*PHASES, "cumulative (right axis)"}
     assert tokens["cumulative (right axis)"][-1] == sum(r["tokens"] for r in rows) > 0
-    fates = {t["name"]: values(t["y"]) for t in figures[3]["data"]}
+    cost = {t["name"]: values(t["y"]) for t in figures[3]["data"]}
+    assert cost["validate"] == pytest.approx([r["cost_validate"] for r in rows])
+    assert cost["cumulative (right axis)"][-1] == pytest.approx(sum(r["cost"] for r in rows)) != 0
+    saved = {t["name"]: values(t["y"]) for t in figures[4]["data"]}
+    # step 0 has no backward pass: nothing saved there (no bar)
+    assert saved["by selective backward"][1:] == pytest.approx([r["backward_saved_usd"] for r in rows[1:]])
+    fates = {t["name"]: values(t["y"]) for t in figures[5]["data"]}
     assert fates["proposed"] == [r["proposed"] for r in rows] and sum(fates["proposed"]) > 0
     # No fault charts for a run without faults (tests/test_error_counts.py draws them): a caption says so.
     assert any(c.value.startswith("No LLM call errored in the completed steps") for c in at.caption)
@@ -377,8 +388,13 @@ def test_compare_runs(filled) -> None:
     assert at.multiselect(key="compare_runs").value == [ids[0], ids[2]]
     figures = chart_figures(at)
     assert [f["layout"]["title"]["text"] for f in figures] == [
-        "Scores per step (solid: validation, dotted: test)", "Cumulative tokens", "Cumulative step time"]
+        "Scores per step (solid: validation, dotted: test)", "Cumulative tokens", "Cumulative cost",
+        "Cumulative step time"]
     assert {t["name"] for t in figures[1]["data"]} == {ids[0], ids[2]}
+    cost = {t["name"]: values(t["y"]) for t in figures[2]["data"]}
+    assert cost[ids[0]][-1] == pytest.approx(step_figures(store, ids[0])[-1]["cost_cumulative"]) != 0
+    table = at.dataframe[0].value
+    assert list(table["cost"]) == [format_usd(run_summary(store, r)["cost_usd"]) for r in (ids[0], ids[2])]
     assert any("&lt;script&gt;" in h.value for h in at.get("html"))  # a final prompt diffed, escaped
     differing = at.dataframe[-1].value
     assert len(differing) == len(compare.differing_samples(store, [ids[0], ids[2]])) > 0
