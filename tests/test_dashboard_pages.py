@@ -203,6 +203,46 @@ def test_start_form_runs_in_the_background(tmp_path: Path, monkeypatch: pytest.M
     assert store.run(run["id"])["pid"] not in (None, 0)
 
 
+def test_start_form_takes_a_budget_and_refuses_one_too_small_for_step_0(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AUTODIFF_CACHE", str(tmp_path / "cache.sqlite"))
+    at = open_page(tmp_path / "runs.sqlite", "pages/runs.py")
+    for role in ("forward", "backward", "optimizer"):
+        at.text_input(key=f"model_{role}").input(f"fake:{role}")
+    at.number_input[0].set_value(1)
+    budget = next(n for n in at.number_input if n.label == "Budget (tokens)")
+    budget.set_value(10)
+    button(at, "Start").click().run()
+    assert_clean(at)
+    assert any("too small" in e.value and "step 0" in e.value for e in at.error)
+    assert Store(tmp_path / "runs.sqlite").runs() == []
+    next(n for n in at.number_input if n.label == "Budget (tokens)").set_value(1_000_000)
+    button(at, "Start").click().run()
+    assert_clean(at)
+    [run] = Store(tmp_path / "runs.sqlite").runs()
+    assert run["config"]["budget_tokens"] == 1_000_000 and run["config"]["budget_usd"] is None
+
+
+def test_a_run_stopped_at_its_budget_resumes_with_a_larger_one(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AUTODIFF_CACHE", str(tmp_path / "cache.sqlite"))
+    store = Store(tmp_path / "runs.sqlite")
+    run_id = fake_run(store, tmp_path / "cache.sqlite", steps=2, budget_tokens=6000)
+    assert store.run(run_id)["error"].startswith("budget")
+    at = open_page(store.path, "pages/runs.py", run_id)
+    assert any("stopped at its budget" in w.value for w in at.warning)
+    table = html_table_rows(at.get("html")[0].proto.body)
+    assert table[0]["projected"].startswith("$")  # not finished: what it is projected to cost
+    next(n for n in at.number_input if n.label == "New budget (tokens)").set_value(10_000_000)
+    button(at, f"Resume {run_id}").click().run()
+    assert_clean(at)
+    assert store.run(run_id)["config"]["budget_tokens"] == 10_000_000
+    assert [e["text"] for e in store.run_events(run_id) if e["kind"] == "budget_changed"] == [
+        "budget_tokens 6000 -> 10000000"]
+    wait_for(lambda: store.run(run_id)["status"] in ("completed", "failed"), timeout=120)
+    assert store.run(run_id)["status"] == "completed", store.run(run_id)["error"]
+
+
 def test_stop_and_resume_buttons(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AUTODIFF_CACHE", str(tmp_path / "cache.sqlite"))
     store = Store(tmp_path / "runs.sqlite")

@@ -289,3 +289,24 @@ def test_the_projection_follows_what_the_steps_cost(store: Store, tmp_path: Path
                                                       + step_figures(store, "proj")[0]["cost_test"])
     final = projection(store, "proj")
     assert final["to_finish_usd"] == 0.0 and final["remaining"] == 0
+
+
+def test_the_cli_stops_at_a_budget_and_resumes_with_a_larger_one(tmp_path: Path, capsys) -> None:
+    from tests.conftest import TOY_TASK
+
+    common = ["--store", str(tmp_path / "runs.sqlite"), "--cache", str(tmp_path / "cache.sqlite")]
+    code = main([*common, "train", TOY_TASK, "--model", "fake:cli", "--steps", "2", "--batch-size", "8",
+                 "--budget-tokens", "3000", "--run-id", "cli-budget", "--price", "fake:cli=1000/2000"])
+    err = capsys.readouterr().err
+    assert code == 3 and "stopped: budget: " in err and "--budget-tokens" in err
+    store = Store(tmp_path / "runs.sqlite")
+    assert store.run("cli-budget")["config"]["prices"] == {"fake:cli": [1000.0, 2000.0]}
+    assert main([*common, "runs"]) == 0
+    listing = capsys.readouterr().out
+    assert "cli-budget" in listing and "$" in listing
+    assert main([*common, "resume", "cli-budget", "--budget-tokens", "200000"]) == 0
+    out = capsys.readouterr().out
+    assert "completed" in out and "cost $" in out
+    assert main([*common, "show", "cli-budget"]) == 0
+    shown = capsys.readouterr().out
+    assert "step   1:" in shown and " cost $" in shown and "validate $" in shown
