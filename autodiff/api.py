@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from autodiff.config import default_model, make_config
+from autodiff.errors import ConfigError
 from autodiff.llm.types import Provider
 from autodiff.pipeline import Task
 from autodiff.progress import Progress, progress_bar
@@ -66,8 +67,12 @@ def resolve_models(model: Model | None = None, forward: Model | None = None, bac
     return {role: chosen[role] or chosen["forward"] for role in ROLES}
 
 
+OBJECT_MARK = "object"  # provider objects stand in a spec as "<provider>:object-<n>"
+
+
 def _specs(models: dict[str, Model]) -> tuple[dict[str, str], dict[str, Provider]]:
-    """Model specs per role, and the provider objects given, keyed by the spec they stand for."""
+    """Model specs per role, and the provider objects given, keyed by the spec they stand for:
+    the first distinct object is "<provider>:object-1", the next "-2", and so on."""
     specs: dict[str, str] = {}
     providers: dict[str, Provider] = {}
     seen: dict[int, str] = {}
@@ -77,7 +82,7 @@ def _specs(models: dict[str, Model]) -> tuple[dict[str, str], dict[str, Provider
             specs[role] = model
             continue
         if id(model) not in seen:  # one object used by several roles is one model
-            seen[id(model)] = f"{model.name}:{type(model).__name__.lower()}-{role}"
+            seen[id(model)] = f"{model.name}:{OBJECT_MARK}-{len(seen) + 1}"
             providers[seen[id(model)]] = model
         specs[role] = seen[id(model)]
     return specs, providers
@@ -133,6 +138,11 @@ def resume(run_id: str, task: Task | None = None, *, store: Store | str | Path |
     stored = the_store.run(run_id)["config"]
     given = {"forward": forward or model, "backward": backward or model, "optimizer": optimizer or model}
     providers = {stored[f"{role}_model"]: obj for role, obj in given.items() if obj is not None and not isinstance(obj, str)}
+    missing = [role for role in ROLES if f":{OBJECT_MARK}-" in stored[f"{role}_model"]
+               and stored[f"{role}_model"] not in providers]
+    if missing:
+        raise ConfigError(f"run {run_id} was trained with a model object (e.g. a ScriptedModel) for "
+                          f"{', '.join(missing)}: give it again (model=... or {missing[0]}=...) to resume")
     runner.resume(the_store, run_id, task=task, accept_task_changes=accept_task_changes, budget_usd=budget_usd,
                   budget_tokens=budget_tokens,
                   cache_path=Path(cache) if cache else None, providers=providers or None,

@@ -251,7 +251,14 @@ class LLMNode:
             p.peers = [n for n in names if n != p.name]
         if template is not None:
             known = {short_name(p.name) for p in self.parameters}
-            self._inputs = [m for m in _PLACEHOLDER.findall(template) if m not in known]
+            used = _PLACEHOLDER.findall(template)
+            self._inputs = [m for m in used if m not in known]
+            # A parameter the template never places would be trained without reaching the model.
+            unplaced = [p.name for p in self.parameters if short_name(p.name) not in used]
+            if unplaced:
+                raise ConfigError(
+                    f"node {name!r}: the template has no placeholder for parameters {unplaced}; add "
+                    + ", ".join("{{" + short_name(n) + "}}" for n in unplaced) + " to it, or leave them out")
 
     def render(self, rt: Runtime, inputs: Mapping[str, Any]) -> str:
         values = {short_name(p.name): rt.value_of(p) for p in self.parameters}

@@ -103,13 +103,13 @@ class Pipeline:
         state.load_run(self, store, run_id, step)
         return self
 
-    def __call__(self, sample: dict, llm: LLM | str) -> Any:
+    def __call__(self, sample: dict, llm: Any) -> Any:
         """Run the pipeline on one input with its current values and return the output data (not
         a Value). Nothing is traced, scored or stored, so the sample needs no gold answer or id.
 
-        `llm` is an `autodiff.llm.client.LLM`, or a model spec such as "local:smollm2" or
-        "openai:gpt-4o-mini" for which a provider is built on each call, with no cache (for many
-        inputs build the LLM once and pass it). A provider fault raises its LLMError: there is no
+        `llm` is an `autodiff.llm.client.LLM`, a provider object (e.g. `autodiff.ScriptedModel`),
+        or a model spec such as "local:smollm2" or "openai:gpt-4o-mini" for which a provider is
+        built on each call, with no cache (for many inputs build the LLM once and pass it). A provider fault raises its LLMError: there is no
         made-up answer. An exception in your code propagates too (a node's as UserCodeError, the
         original as its cause).
 
@@ -123,6 +123,8 @@ class Pipeline:
             from autodiff.llm.registry import make_provider, provider_of
 
             llm = LLM(llm, make_provider(provider_of(llm)), role="forward")
+        if not isinstance(llm, LLM):  # a provider object, e.g. autodiff.ScriptedModel
+            llm = LLM(f"{llm.name}:object", llm, role="forward")
         token = activate(Runtime(llm=llm, sample_id=str(sample.get("id", "input"))))
         try:
             output = self.forward(sample)
@@ -282,6 +284,22 @@ def _describe_node(node: LLMNode | FunctionNode) -> str:
 
 
 MAX_SHOWN_PROBLEMS = 5
+
+
+SPLITS = ("train", "val", "test")
+
+
+def check_splits(task: Task) -> None:
+    """A task to train needs non-empty "train", "val" and "test" splits and no others (a "dev"
+    split would be silently unused). Raises DataError naming what is missing, empty or unknown."""
+    problems = [f"no {name!r} split" for name in SPLITS if name not in task.splits]
+    problems += [f"the {name!r} split is empty" for name in SPLITS if name in task.splits and not task.splits[name]]
+    unknown = [name for name in task.splits if name not in SPLITS]
+    if unknown:
+        problems.append(f"unknown splits {unknown} (the splits are {', '.join(SPLITS)})")
+    if problems:
+        raise DataError(f"task {task.name!r} cannot be trained: {'; '.join(problems)}. Give lists of samples for "
+                        f"train (mini-batches), val (choosing proposals) and test (reporting)")
 
 
 def check_data(task: Task) -> None:

@@ -29,7 +29,7 @@ from autodiff.llm.registry import make_provider, provider_of
 from autodiff.llm.types import CallContext, Provider
 from autodiff.optimizer import HistoryEntry, Optimizer, OptimizerInput
 from autodiff.parameter import Parameter
-from autodiff.pipeline import Task, check_connected
+from autodiff.pipeline import Task, check_connected, check_splits
 from autodiff.records import Evaluation, Gradient, LLMCall, Proposal, Trace
 from autodiff.scoring import mean_score, run_samples
 from autodiff.state import load_state
@@ -115,7 +115,9 @@ class Trainer:
     ):
         self.task, self.config, self.store, self.roles, self.buffer = task, config, store, roles, buffer
         self.run_id = run_id or new_run_id(task.name)
-        self.progress = progress or (lambda event, info: None)
+        check_splits(task)
+        given = progress or (lambda event, info: None)
+        self.progress = lambda event, info: given(event, {"run_id": self.run_id, **info})  # every event says whose
         self.params = {p.name: p for p in task.pipeline.parameters()}
         self.samples = task.sample_index()
         self.tau = config.tau if config.tau is not None else task.tau
@@ -145,7 +147,9 @@ class Trainer:
             for step in range(start, self.config.steps + 2):
                 if self.store.stop_requested(self.run_id):
                     self.buffer.flush()
-                    self.store.set_run_status(self.run_id, "stopped")
+                    done = self.store.last_completed_step(self.run_id) or 0
+                    self.store.set_run_status(self.run_id, "stopped", error=(
+                        f"stopped on request after step {done}; resume goes on from step {done + 1}"))
                     self.progress("stopped", {"step": step})
                     return self.run_id
                 if step <= self.config.steps:
@@ -155,7 +159,7 @@ class Trainer:
             self.progress("completed", {"best_val": self.best_val})
         except TooManyErrors as exc:
             self.buffer.flush()
-            self.store.set_run_status(self.run_id, "stopped", error=f"{exc}; resume to ask the failed calls again")
+            self.store.set_run_status(self.run_id, "stopped", error=f"{exc}; fix the cause, then resume: failed samples are asked again")
             self.progress("stopped", {"reason": str(exc)})
         except BudgetExceeded as exc:
             self.pool.shutdown(wait=True, cancel_futures=True)  # calls in flight finish and are recorded

@@ -37,7 +37,7 @@ def test_train_from_python_returns_scores_and_best_values(tmp_path: Path) -> Non
     assert [(s.step, s.val_score) for s in result.scores] == [(0, 0.5), (1, 1.0)]
     assert result.best_step == 1 and result.best_val == 1.0
     assert result.best_values["toy.instruction"] == BETTER
-    assert set(result.models.values()) == {"fake:scriptedmodel-forward"}
+    assert set(result.models.values()) == {"fake:object-1"}  # one object for every role
     assert "initial" in events and "step_done" in events and events[-1] == "completed"
     # Stored like any other run: the CLI lists it.
     store = Store(tmp_path / "runs.sqlite")
@@ -174,3 +174,63 @@ def test_public_api_lists_what_a_user_needs() -> None:
                  "function_node", "Loss", "Store"):
         assert name in autodiff.__all__ and getattr(autodiff, name).__doc__
     assert json.dumps(autodiff.__all__)  # plain names
+
+
+def test_scripted_models_never_share_cached_replies(tmp_path: Path) -> None:
+    scores = []
+    for answer in ("Answer: 0", "Answer: 9"):
+        model = autodiff.ScriptedModel(forward=lambda prompt, a=answer: a)
+        result = autodiff.train(toy_task(), model=model, store=tmp_path / "r.sqlite", cache=tmp_path / "c.sqlite",
+                                progress=False, **SMALL)
+        scores.append(result.scores[0].val_score)
+        assert model.requests  # asked itself, not served another script's replies from the cache
+    assert scores == [0.0, 0.0]
+
+
+def test_resume_needs_the_model_object_again(tmp_path: Path) -> None:
+    store = Store(tmp_path / "r.sqlite")
+
+    def stop_at_once(event: str, info: dict) -> None:
+        if event == "initial":
+            store.request_stop(info["run_id"])  # every progress event names its run
+
+    first = autodiff.train(toy_task(), forward=scripted(), backward="fake:plain", store=store,
+                           cache=tmp_path / "c.sqlite", progress=stop_at_once, **SMALL)
+    assert first.status == "stopped" and "stopped on request after step 0" in first.error
+    assert first.models == {"forward": "fake:object-1", "backward": "fake:plain", "optimizer": "fake:object-1"}
+    with pytest.raises(ConfigError, match="give it again"):
+        autodiff.resume(first.run_id, toy_task(), store=store, progress=False)
+
+
+def test_a_scripted_model_runs_a_pipeline_on_a_new_input() -> None:
+    task = toy_task()
+    model = autodiff.ScriptedModel(forward=toy_forward)
+    assert task.pipeline({"question": "What is 2 + 3? [difficulty 1] [split new]"}, llm=model) == "5"
+
+
+def test_tasks_without_the_three_splits_are_refused(tmp_path: Path) -> None:
+    from autodiff.errors import DataError
+
+    for change, words in ((lambda sp: sp.pop("val"), "no 'val' split"), (lambda sp: sp.update(val=[]), "empty"),
+                          (lambda sp: sp.update(dev=sp["val"]), r"unknown splits \['dev'\]")):
+        task = toy_task()
+        change(task.splits)
+        with pytest.raises(DataError, match=words):
+            autodiff.train(task, model=scripted(), store=tmp_path / "r.sqlite", progress=False, **SMALL)
+
+
+def test_a_parameter_missing_from_its_template_is_refused() -> None:
+    from autodiff import LLMNode
+
+    a, b = Parameter("n.instruction", "Do it.", role="r"), Parameter("n.format", "Say X.", role="r")
+    with pytest.raises(ConfigError, match=r"no placeholder for parameters \['n.format'\]"):
+        LLMNode("n", [a, b], template="{{instruction}} {{question}}")
+
+
+def test_a_factory_that_raises_is_one_clear_error(tmp_path: Path) -> None:
+    from autodiff.tasks import load_task
+
+    path = tmp_path / "t.py"
+    path.write_text("def make(n='1'):\n    return int(n)\n")
+    with pytest.raises(ConfigError, match=r"raised ValueError: invalid literal .* arrive as strings"):
+        load_task(f"{path}:make", {"n": "abc"})

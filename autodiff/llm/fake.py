@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from typing import Callable, Sequence
 
 from autodiff.errors import LLMTransientError
@@ -87,6 +88,9 @@ class ScriptedModel(FakeProvider):
         self._replies = {"forward": _replies(forward), "backward": _replies(backward),
                          "optimizer": _replies(optimizer) if optimizer is not None else None}
         super().__init__(self._answer, latency=latency)
+        # An endpoint of its own: the response cache keys on it, so a reply of another script
+        # (an earlier run, another test) is never served in place of this one's.
+        self.endpoint = f"scripted:{uuid.uuid4().hex}"
 
     @staticmethod
     def proposal(value: str, method: str = "rephrase", reasoning: str = "Scripted.") -> str:

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 from typing import Mapping
 
-from autodiff.errors import ConfigError
-from autodiff.pipeline import Task
+from autodiff.errors import AutodiffError, ConfigError
+from autodiff.pipeline import Task, check_splits
 
 BUILTIN: dict[str, str] = {
     "object_counting": "autodiff.tasks.object_counting:load",
@@ -40,13 +40,14 @@ def load_task(name: str, args: Mapping[str, str] | None = None) -> Task:
         raise ConfigError(f"task {name!r}: {where} has no callable {attr!r}")
     try:
         task = factory(**dict(args or {}))
-    except TypeError as exc:
-        raise ConfigError(f"task {name!r}: {attr}({_args(args)}) failed: {exc}") from None
+    except AutodiffError:
+        raise  # the project's own errors (bad data, a bad pipeline) already say what is wrong
+    except Exception as exc:  # noqa: BLE001 - the user's factory; its failure is named, not dumped
+        raise ConfigError(f"task {name!r}: {attr}({_args(args)}) raised {type(exc).__name__}: {exc}"
+                          + (" (--task-arg values arrive as strings)" if args else "")) from None
     if not isinstance(task, Task):
         raise ConfigError(f"task {name!r}: {attr}() returned {type(task).__name__}, not an autodiff Task")
-    for split in ("train", "val", "test"):
-        if not task.splits.get(split):
-            raise ConfigError(f"task {name!r} has no {split!r} samples")
+    check_splits(task)
     if name not in BUILTIN:
         task.name = name
     return task
