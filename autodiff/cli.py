@@ -126,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: resume with `autodiff resume RUN_ID`", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `autodiff runs | head`: the reader left; no traceback for that
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _store(args):

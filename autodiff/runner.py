@@ -186,7 +186,27 @@ def resume(store: Store, run_id: str, *, task: Task | None = None, clear_stop: b
         raise
     if changes:
         store.add_run_event(run_id, "task_changes_accepted", "; ".join(changes))
+        adopt_task(store, run_id, task, config)
     return prepare(task, config, store, run_id=run_id, **extra).train()
+
+
+def adopt_task(store: Store, run_id: str, task: Task, config: RunConfig) -> None:
+    """Make a stored run follow its changed task: parameters it gained are registered, with
+    their values as of the last completed step, and splits whose samples changed are replaced
+    (the trainer scores the current values on a changed validation split before going on).
+    Parameters the run already had keep their stored values: the run goes on from where it was."""
+    last = store.last_completed_step(run_id) or 0
+    known = {p["name"] for p in store.parameters(run_id)}
+    params = task.pipeline.parameters()
+    store.add_parameters(run_id, [p.describe() for p in params])
+    for p in params:
+        if p.name not in known:
+            store.add_parameter_version(run_id, p.name, last, p.value, None)
+    limits = {"val": config.val_limit, "test": config.test_limit}
+    for split in ("train", "val", "test"):
+        ids = [s["id"] for s in task.splits[split]][: limits.get(split)]
+        if ids != store.sample_ids(run_id, split):
+            store.replace_samples(run_id, split, ids)
 
 
 def set_budget(store: Store, run_id: str, config: RunConfig, **budgets: float | int) -> RunConfig:

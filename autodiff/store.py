@@ -280,6 +280,13 @@ class Store:
         with self.connect() as conn:
             return [r[0] for r in conn.execute("SELECT id FROM runs WHERE id LIKE ?", (prefix + "%",))]
 
+    def replace_samples(self, run_id: str, split: str, ids: Sequence[str]) -> None:
+        """A run's sample ids of one split, replaced (a task change accepted on resume)."""
+        with self.connect() as conn:
+            conn.execute("DELETE FROM samples WHERE run_id = ? AND split = ?", (run_id, split))
+            conn.executemany("INSERT INTO samples VALUES (?, ?, ?, ?)",
+                             [(run_id, split, i, sid) for i, sid in enumerate(ids)])
+
     def sample_ids(self, run_id: str, split: str) -> list[str]:
         with self.connect() as conn:
             rows = conn.execute(

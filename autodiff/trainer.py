@@ -216,6 +216,12 @@ class Trainer:
         ]
         stored = self.store.steps(self.run_id)[last]["val_score"]
         self.best_val = stored if stored is not None else (mean_score(self.current_val_evals) or 0.0)
+        if sorted(e.sample_id for e in self.current_val_evals) != sorted(s["id"] for s in self.val):
+            # The validation split changed (accepted on resume): the current values are scored
+            # on it afresh, as part of the next step, before any proposal is judged against them.
+            self.current_val_evals = self.evaluate(self.val, {}, phase="validate", step=last + 1)
+            self._check_errors(self.current_val_evals, last + 1, "validation")
+            self.best_val = mean_score(self.current_val_evals) or 0.0
         self.progress("resumed", {"step": last})
         return last + 1
 

@@ -234,3 +234,26 @@ def test_a_factory_that_raises_is_one_clear_error(tmp_path: Path) -> None:
     path.write_text("def make(n='1'):\n    return int(n)\n")
     with pytest.raises(ConfigError, match=r"raised ValueError: invalid literal .* arrive as strings"):
         load_task(f"{path}:make", {"n": "abc"})
+
+
+def test_accepted_task_changes_are_adopted(tmp_path: Path) -> None:
+    store = Store(tmp_path / "r.sqlite")
+
+    def stop_at_once(event: str, info: dict) -> None:
+        if event == "initial":
+            store.request_stop(info["run_id"])
+
+    model = scripted(BETTER)
+    first = autodiff.train(toy_task(), model=model, store=store, cache=tmp_path / "c.sqlite",
+                           progress=stop_at_once, **SMALL)
+    changed = toy_task()
+    changed.pipeline.hint = Parameter("toy.hint", "Think.", role="A hint.")
+    changed.splits["val"] = changed.splits["val"][:6]  # difficulties 1,1,1,1,1,2: 5 of 6 right at LEVEL=1
+    done = autodiff.resume(first.run_id, changed, store=store, model=model, cache=tmp_path / "c.sqlite",
+                           accept_task_changes=True, progress=False)
+    assert done.status == "completed"
+    assert "toy.hint" in {p["name"] for p in store.parameters(first.run_id)}
+    assert done.best_values["toy.hint"] == "Think."
+    assert store.sample_ids(first.run_id, "val") == [s["id"] for s in changed.splits["val"]]
+    p = store.proposals(first.run_id, step=1)[0]
+    assert p["val_baseline"] == pytest.approx(5 / 6)  # judged against the new split, scored afresh
