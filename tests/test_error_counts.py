@@ -214,9 +214,10 @@ def test_runs_has_an_errors_column_and_the_summary_line_counts_faults(runs, caps
     assert errors == {faulty: "9", clean: "0"}
 
     cli._print_summary(store, faulty)
-    assert capsys.readouterr().out.rstrip().endswith("calls, 9 failed, 2 cut off")
+    # hand-written call records carry no price: their cost is unknown, never 0
+    assert capsys.readouterr().out.rstrip().endswith("calls, 9 failed, 2 cut off; cost unknown")
     cli._print_summary(store, clean)
-    assert capsys.readouterr().out.rstrip().endswith(" calls")
+    assert capsys.readouterr().out.rstrip().endswith(" calls; cost unknown")
 
 
 def test_compare_skips_samples_that_errored(runs) -> None:
@@ -260,6 +261,6 @@ def test_curves_page_says_a_clean_run_had_no_errors(runs) -> None:
     at = open_page(store.path, "pages/curves.py", clean)
     assert_clean(at)
     titles = [f["layout"]["title"]["text"] for f in chart_figures(at)]
-    assert not [t for t in titles if "Errored" in t or "Cut-off" in t] and len(titles) == 5
+    assert not [t for t in titles if "Errored" in t or "Cut-off" in t] and len(titles) == 7
     assert any("No LLM call errored in the completed steps; no reply was cut off at the token limit." in c.value
                for c in at.caption)
