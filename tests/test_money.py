@@ -310,3 +310,39 @@ def test_the_cli_stops_at_a_budget_and_resumes_with_a_larger_one(tmp_path: Path,
     assert main([*common, "show", "cli-budget"]) == 0
     shown = capsys.readouterr().out
     assert "step   1:" in shown and " cost $" in shown and "validate $" in shown
+
+
+def test_a_budget_reached_at_preflight_is_a_budget_stop_not_a_bad_model() -> None:
+    from autodiff.errors import BudgetExceeded
+    from autodiff.llm.budget import Budget
+
+    budget = Budget(tokens=10)  # less than the probe's reply budget
+    llm = LLM("openai:gpt-4o", UsageProvider(prompt_tokens=5, completion_tokens=1), retry=FAST_RETRY,
+              budget=budget, recorder=lambda call: None)
+    with pytest.raises(BudgetExceeded, match="^budget: the next preflight call of openai:gpt-4o"):
+        llm.preflight(CallContext(phase="preflight", step=0))
+    assert budget.spent_tokens == 0 and budget.reserved_tokens == 0
+
+
+def test_the_budget_reserves_for_calls_in_flight_and_settles_with_what_they_spent() -> None:
+    from autodiff.errors import BudgetExceeded
+    from autodiff.llm.budget import GUARD_CHARS_PER_TOKEN, Budget
+
+    budget = Budget(tokens=800)
+    request = Request(messages=(), max_tokens=300)
+    ctx = CallContext(phase="validate", step=1)
+    first = budget.reserve("fake:x", None, request, ctx, Pricing())
+    second = budget.reserve("fake:x", None, request, ctx, Pricing())
+    assert budget.reserved_tokens == 600 and first.tokens == 300
+    with pytest.raises(BudgetExceeded, match="600 reserved by calls in flight"):
+        budget.reserve("fake:x", None, request, ctx, Pricing())  # 600 in flight + 300 > 800
+    with pytest.raises(BudgetExceeded):  # and every later call too, even a smaller one
+        budget.reserve("fake:x", None, Request(messages=(), max_tokens=1), ctx, Pricing())
+    from autodiff.records import LLMCall
+
+    spent = LLMCall("c", None, 1, "validate", "forward", None, None, None, "fake:x", (), "ok", 40, 10, 1.0,
+                    False, None, 0.0)
+    budget.settle(first, spent)
+    budget.settle(second, None)
+    assert (budget.spent_tokens, budget.reserved_tokens) == (50, 0)
+    assert GUARD_CHARS_PER_TOKEN < 4  # prompts are reserved at more tokens than English text usually takes

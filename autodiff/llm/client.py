@@ -37,7 +37,8 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from autodiff.errors import AutodiffError, LLMError, LLMFatalError, LLMReplyError, LLMTransientError
+from autodiff.errors import (AutodiffError, BudgetExceeded, LLMError, LLMFatalError, LLMReplyError,
+                             LLMTransientError)
 from autodiff.llm.budget import Budget
 from autodiff.llm.cache import ResponseCache, cache_key
 from autodiff.llm.limits import EndpointLimiter
@@ -235,8 +236,8 @@ class LLM:
             probe.complete("Reply with the word OK.", replace(ctx, phase="preflight"), max_tokens=16)
         except LLMReplyError:
             return  # the model answered; an empty answer to a probe says nothing about the run
-        except LLMFatalError:
-            raise
+        except (LLMFatalError, BudgetExceeded):
+            raise  # a budget reached says nothing about the model
         except AutodiffError as exc:
             raise LLMFatalError(f"{role} model {self.spec} is not usable: {exc}") from exc
 
