@@ -9,14 +9,15 @@ Progress = Callable[[str, dict], None]
 
 
 def step_line(info: dict) -> str:
-    """The progress line after a step: validation score, failed samples, cost so far and the
-    projected cost of the whole run (from what its steps cost so far)."""
+    """The progress line after a step: validation score, failed samples, cost so far, and the
+    projected cost to finish and of the whole run (from what its steps cost so far)."""
     from autodiff.llm.pricing import format_usd
 
     parts = [f"val={info['val']:.3f}", f"failed={info['failed']}"]
     if "cost_usd" in info:
         parts.append(f"cost={format_usd(info['cost_usd'], info.get('cost_unknown', 0))}")
         if info.get("projected_usd") is not None:
+            parts.append(f"to finish={format_usd(info['to_finish_usd'])}")
             parts.append(f"projected={format_usd(info['projected_usd'])}")
     return ", ".join(parts)
 

@@ -345,7 +345,7 @@ class Trainer:
         money = projection(self.store, self.run_id)
         self.progress("step_done", {"step": step, "val": self.best_val, "failed": len(failed),
                                     "cost_usd": money["spent_usd"], "cost_unknown": money["unknown"],
-                                    "projected_usd": money["projected_usd"]})
+                                    "to_finish_usd": money["to_finish_usd"], "projected_usd": money["projected_usd"]})
 
     def _backward(self, step: int, failed: Sequence[Trace]) -> list[Gradient]:
         index = self.samples

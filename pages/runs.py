@@ -105,8 +105,8 @@ def live() -> None:
         if run["status"] not in ACTIVE:
             continue
         with st.container(border=True):
-            projected = (f", projected {md(format_usd(s['projected_usd']))} by the end"
-                         if s["projected_usd"] is not None else "")
+            projected = (f", about {md(format_usd(s['to_finish_usd']))} more to finish "
+                         f"({md(format_usd(s['projected_usd']))} in all)" if s["projected_usd"] is not None else "")
             budget = (f", budget {md(format_usd(s['budget_usd']))}" if s["budget_usd"] else "") + \
                 (f", budget {s['budget_tokens']:,} tokens" if s["budget_tokens"] else "")
             st.markdown(f"**{md(s['id'])}** is {s['status']}: step {s['steps_done']} of {s['steps_planned']} "

@@ -287,6 +287,11 @@ def test_the_projection_follows_what_the_steps_cost(store: Store, tmp_path: Path
     assert all(d["projected_usd"] is not None and d["cost_usd"] > 0 for d in done), done
     assert done[-1]["projected_usd"] == pytest.approx(done[-1]["cost_usd"]
                                                       + step_figures(store, "proj")[0]["cost_test"])
+    assert done[-1]["to_finish_usd"] == pytest.approx(step_figures(store, "proj")[0]["cost_test"])
+    from autodiff.progress import step_line
+
+    line = step_line(done[0])
+    assert "cost=$" in line and "to finish=$" in line and "projected=$" in line
     final = projection(store, "proj")
     assert final["to_finish_usd"] == 0.0 and final["remaining"] == 0
 
