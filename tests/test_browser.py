@@ -27,7 +27,7 @@ from tests.live_dashboard import (CHROMIUM, PAGES, ROOT, dashboard_server, launc
 SCREENSHOTS = ROOT / "screenshots"
 LOCAL_HOSTS = ("127.0.0.1", "localhost")
 RENDER_TIMEOUT_MS = 60_000
-CHARTS = {"Curves": 5, "Compare": 3}  # plotly figures per page
+CHARTS = {"Curves": 7, "Compare": 4}  # plotly figures per page
 
 pytestmark = [
     pytest.mark.browser,
