@@ -49,7 +49,7 @@ class RunConfig(BaseModel):
     """Every option of a run, validated on the way in and stored with the run as plain JSON
     (never with keys). The CLI's `train` options are made from these fields (`cli_options`)."""
 
-    model_config = {"extra": "forbid", "frozen": True}
+    model_config = {"extra": "forbid", "frozen": True, "allow_inf_nan": False}  # no --timeout inf
 
     task: str = Field(description="built-in task name, file.py:factory or module:factory")
     task_args: dict[str, str] = Field(default_factory=dict, description="keyword arguments of the task factory")

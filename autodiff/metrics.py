@@ -50,7 +50,8 @@ def fault_calls(store: Store, run_id: str) -> list[dict]:
     with store.connect() as conn:
         rows = conn.execute(
             "SELECT id, step, phase, role, node, sample_id, call_index, model, error_kind, finish_reason, error,"
-            " created_at FROM llm_calls WHERE run_id = ? AND (error IS NOT NULL OR finish_reason = 'length')"
+            " created_at FROM llm_calls WHERE run_id = ? AND (error IS NOT NULL"
+            " OR (finish_reason = 'length' AND phase != 'preflight'))"
             " ORDER BY created_at",
             (run_id,),
         ).fetchall()

@@ -13,7 +13,7 @@ def step_line(info: dict) -> str:
     projected cost to finish and of the whole run (from what its steps cost so far)."""
     from autodiff.llm.pricing import format_usd
 
-    parts = [f"val={info['val']:.3f}", f"failed={info['failed']}"]
+    parts = [f"val={_score(info['val'])}", f"failed={info['failed']}"]
     if "cost_usd" in info:
         parts.append(f"cost={format_usd(info['cost_usd'], info.get('cost_unknown', 0))}")
         if info.get("projected_usd") is not None:
@@ -47,10 +47,14 @@ def progress_bar(total_steps: int, quiet: bool = False, also: Progress | None = 
         elif event == "pending":
             bar.write(f"proposal {info['proposal']} for {info['parameter']} is waiting for review")
         elif event == "initial":
-            bar.write(f"initial validation score {info['val']:.3f}")
+            bar.write(f"initial validation score {_score(info['val'])}")
         elif event == "stopped" and info.get("reason"):
             bar.write(f"stopped: {info['reason']}")
         if event in ("completed", "stopped"):
             bar.close()
 
     return on
+
+
+def _score(value: float | None) -> str:
+    return "unscored" if value is None else f"{value:.3f}"

@@ -12,7 +12,7 @@ from autodiff.config import RunConfig, make_config
 from autodiff.errors import AutodiffError, ConfigError, StoreError
 from autodiff.pipeline import Task, check_connected
 from autodiff.llm.budget import Budget
-from autodiff.llm.cache import ResponseCache
+from autodiff.llm.cache import ResponseCache, normalise_endpoint
 from autodiff.llm.client import RetryPolicy
 from autodiff.llm.types import Provider
 from autodiff.store import Store
@@ -187,7 +187,33 @@ def resume(store: Store, run_id: str, *, task: Task | None = None, clear_stop: b
     if changes:
         store.add_run_event(run_id, "task_changes_accepted", "; ".join(changes))
         adopt_task(store, run_id, task, config)
-    return prepare(task, config, store, run_id=run_id, **extra).train()
+    trainer = prepare(task, config, store, run_id=run_id, **extra)
+    moved = endpoint_changes(store, run_id, trainer)
+    if moved and not accept_task_changes:
+        raise ConfigError(
+            f"run {run_id} would go on against another server: {'; '.join(moved)}. Point the provider back "
+            "(e.g. OPENAI_BASE_URL), or resume with --accept-task-changes to mix the two servers' replies")
+    if moved:
+        store.add_run_event(run_id, "endpoint_changes_accepted", "; ".join(moved))
+    return trainer.train()
+
+
+def endpoint_changes(store: Store, run_id: str, trainer: Trainer) -> list[str]:
+    """Roles whose model would now be asked at another HTTP endpoint than the run's calls
+    went to (a resume against another server would mix two servers' replies)."""
+    used: dict[str, str] = {}
+    for call in store.call_summaries(run_id):  # in time order: the last endpoint of each model wins
+        if call["endpoint"]:
+            used[call["model"]] = call["endpoint"]
+    moved: list[str] = []
+    for role in ("forward", "backward", "optimizer"):
+        llm = getattr(trainer.roles, role)
+        before, now = used.get(llm.spec), llm.endpoint
+        if before and now and before.startswith("http") and normalise_endpoint(before) != normalise_endpoint(now):
+            note = f"{llm.spec} at {now} (its calls went to {before})"
+            if note not in moved:
+                moved.append(note)
+    return moved
 
 
 def adopt_task(store: Store, run_id: str, task: Task, config: RunConfig) -> None:

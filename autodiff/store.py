@@ -570,7 +570,7 @@ class Store:
         with self.connect() as conn:
             rows = conn.execute(
                 "SELECT COALESCE(step, -1) AS step, phase, COUNT(*) AS calls, SUM(cached) AS cached,"
-                " COUNT(error) AS errors, SUM(finish_reason = 'length') AS cut_off,"
+                " COUNT(error) AS errors, SUM(finish_reason = 'length' AND phase != 'preflight') AS cut_off,"
                 " SUM(error_kind = 'context_window') AS context_window,"
                 " SUM(CASE WHEN cached THEN 0 ELSE prompt_tokens END) AS prompt_tokens,"
                 " SUM(CASE WHEN cached THEN 0 ELSE completion_tokens END) AS completion_tokens,"

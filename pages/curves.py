@@ -45,7 +45,8 @@ def curves() -> None:
                  f"{md(format_usd(row['cost_' + phase], row['cost_unknown_' + phase]))}"
                  + (f", {row['errors_' + phase]} errored" if row["errors_" + phase] else "")
                  for phase in PHASES if row["calls_" + phase]]
-        st.markdown(f"**Step {row['step']} in progress:** {'; '.join(calls) or 'no LLM calls yet'}.")
+        state = "in progress" if live else "not finished (redone on resume; its calls below are not in the charts)"
+        st.markdown(f"**Step {row['step']} {state}:** {'; '.join(calls) or 'no LLM calls yet'}.")
     df = df[df["status"] == "completed"]
     if df.empty:
         return

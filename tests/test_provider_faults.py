@@ -253,3 +253,73 @@ def test_a_prompt_too_long_is_an_error_on_its_call_record(store, tmp_path: Path)
     assert (call["phase"], call["node"], call["step"], call["attempts"]) == ("validate", "solver", 0, 1)
     [evaluation] = [e for e in store.evaluations("long") if e["score"] is None and e["step"] == 0]
     assert "context" in evaluation["error"].lower()
+
+
+def test_reasoning_whose_opening_tag_was_in_the_prompt_is_kept_apart() -> None:
+    with FakeOpenAIServer([("ok", "Let me count: 2 + 3.</think>\nAnswer: 5")]) as server:
+        llm, calls = _llm(OpenAIProvider(None, server.base_url))
+        reply = llm.complete("q", CTX)
+    assert (reply.text, reply.reasoning) == ("Answer: 5", "Let me count: 2 + 3.")
+
+
+def test_a_reply_cut_off_while_reasoning_is_recorded_as_cut_off() -> None:
+    with FakeOpenAIServer([("cutoff", "<think>Counting the apples one by one")]) as server:
+        llm, calls = _llm(OpenAIProvider(None, server.base_url))
+        with pytest.raises(Exception, match="cut off"):
+            llm.complete("q", CTX)
+    [call] = calls
+    assert call.error_kind == "empty" and call.finish_reason == "length" and call.cut_off
+    assert call.reasoning == "Counting the apples one by one"
+
+
+def test_a_200_reply_without_choices_still_counts_its_tokens() -> None:
+    body = b'{"id": "x", "object": "chat.completion", "choices": [], "usage": {"prompt_tokens": 30, "completion_tokens": 4, "total_tokens": 34}}'
+    with FakeOpenAIServer([("garbage", body), ("ok", "fine")]) as server:
+        llm, calls = _llm(OpenAIProvider(None, server.base_url))
+        llm.complete("q", CTX)
+    assert (calls[0].prompt_tokens, calls[0].completion_tokens) == (30 + 11, 4 + 7)
+
+
+def test_time_queued_before_the_first_failure_does_not_use_up_the_retry_budget() -> None:
+    from autodiff.errors import LLMTransientError
+    from autodiff.llm.fake import FakeProvider
+
+    answers = iter([LLMTransientError("HTTP 500", kind="server"), "fine"])
+
+    def slow_then_fine(request):
+        reply = next(answers)
+        if isinstance(reply, Exception):
+            time.sleep(1.0)  # waited its turn at a one-at-a-time server, then failed
+        return reply
+
+    llm, calls = _llm(FakeProvider(slow_then_fine), retry=RetryPolicy(budget_s=0.5, initial_wait=0.01, max_wait=0.01))
+    assert llm.complete("q", CTX).text == "fine" and calls[0].attempts == 2
+
+
+def test_a_resume_against_another_server_is_refused(store, tmp_path: Path) -> None:
+    from autodiff.config import make_config
+    from autodiff.errors import ConfigError
+    from conftest import toy_forward
+
+    script = Script(forward=toy_forward)
+
+    def respond(request: RecordedRequest):
+        body = request.body
+        return ("ok", script(Request(tuple(Message(m["role"], m["content"]) for m in body["messages"]))))
+
+    options = {**TOY_DEFAULTS, "forward_model": "openai:toy", "backward_model": "openai:toy",
+               "optimizer_model": "openai:toy"}
+    with FakeOpenAIServer(responder=respond) as a, FakeOpenAIServer(responder=respond) as b:
+        def stop_at_once(event: str, info: dict) -> None:
+            if event == "initial":
+                store.request_stop(info["run_id"])
+
+        runner.train(store, make_config(**options), run_id="moved", cache_path=tmp_path / "c.sqlite",
+                     providers={"openai": OpenAIProvider(None, a.base_url)}, progress=stop_at_once)
+        assert store.run("moved")["status"] == "stopped"
+        with pytest.raises(ConfigError, match="another server"):
+            runner.resume(store, "moved", providers={"openai": OpenAIProvider(None, b.base_url)},
+                          cache_path=tmp_path / "c.sqlite")
+        runner.resume(store, "moved", providers={"openai": OpenAIProvider(None, a.base_url)},
+                      cache_path=tmp_path / "c.sqlite")
+    assert store.run("moved")["status"] == "completed"

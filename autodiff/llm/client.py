@@ -27,15 +27,7 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
-from tenacity import (
-    RetryCallState,
-    Retrying,
-    retry_if_exception_type,
-    stop_after_attempt,
-    stop_before_delay,
-    stop_never,
-    wait_exponential_jitter,
-)
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
 
 from autodiff.errors import (AutodiffError, BudgetExceeded, LLMError, LLMFatalError, LLMReplyError,
                              LLMTransientError)
@@ -55,8 +47,8 @@ OVERLOAD_KINDS = ("rate_limit", "timeout", "server", "connection")
 class RetryPolicy:
     """How long one call keeps trying after transient faults.
 
-    `budget_s`: seconds from the first attempt after which no further attempt starts (a wait
-    that would end past it is not begun). `attempts`: an optional cap on requests (None: only
+    `budget_s`: seconds from the first failure after which no further attempt starts (a wait
+    that would end past it is not begun; time queued before the first failure is not counted). `attempts`: an optional cap on requests (None: only
     the time budget). Waits grow exponentially from `initial_wait` to `max_wait` seconds with
     jitter, and are never shorter than what the server asked for in Retry-After."""
 
@@ -90,16 +82,45 @@ Validate = Callable[[str], object]
 
 # Reasoning some models write into the visible reply (DeepSeek-R1, Qwen3 and others served
 # without a reasoning parser): a leading <think> block; unclosed when the reply was cut off.
-_THINK = re.compile(r"^\s*<(think|thinking|reasoning)>(.*?)(?:</\1>|\Z)", re.S | re.I)
+# (<reasoning> is not among them: the optimizer's proposals use that tag for their own field.)
+_THINK = re.compile(r"^\s*<(think|thinking)>(.*?)(?:</\1>|\Z)", re.S | re.I)
+# Chat templates that open the block in the prompt (DeepSeek-R1, Qwen3) leave only its end.
+_THINK_END = re.compile(r"^(.*?)</(think|thinking)>", re.S | re.I)
 
 
 def split_reasoning(text: str) -> tuple[str, str]:
-    """(answer, reasoning) of a visible reply: a leading <think>/<thinking>/<reasoning> block
-    is reasoning, never part of the answer."""
+    """(answer, reasoning) of a visible reply: a leading <think>/<thinking> block,
+    or everything before a closing tag whose opening tag was in the prompt, is reasoning,
+    never part of the answer."""
     match = _THINK.match(text)
-    if not match:
-        return text, ""
-    return text[match.end():].lstrip(), match.group(2).strip()
+    if match:
+        return text[match.end():].lstrip(), match.group(2).strip()
+    match = _THINK_END.match(text)
+    if match:
+        return text[match.end():].lstrip(), match.group(1).strip()
+    return text, ""
+
+
+class _RetryBudget:
+    """tenacity stop: no further attempt once `budget_s` seconds have passed since the first
+    failure, or when the next wait would end past that (time a request spent queued before it
+    first failed does not count), or after `attempts` requests."""
+
+    def __init__(self, budget_s: float, attempts: int | None):
+        self.budget_s, self.attempts = budget_s, attempts
+        self.first_failure: float | None = None
+
+    def __call__(self, state: RetryCallState) -> bool:
+        now = time.monotonic()
+        if self.first_failure is None:  # consulted right after each failed attempt
+            self.first_failure = now
+        if self.attempts and state.attempt_number >= self.attempts:
+            return True
+        return now - self.first_failure + state.upcoming_sleep > self.budget_s
+
+    @property
+    def spent(self) -> float:
+        return time.monotonic() - self.first_failure if self.first_failure is not None else 0.0
 
 
 class _WaitForServer:
@@ -244,9 +265,8 @@ class LLM:
     def _call_with_retries(self, request: Request, attempts: list[int], usage: list[int],
                            ctx: CallContext) -> Completion:
         policy = self.retry
-        stop = stop_before_delay(policy.budget_s)
-        stop = stop | (stop_after_attempt(policy.attempts) if policy.attempts else stop_never)
-        retrying = Retrying(stop=stop, wait=_WaitForServer(policy),
+        budget = _RetryBudget(policy.budget_s, policy.attempts)
+        retrying = Retrying(stop=budget, wait=_WaitForServer(policy),
                             retry=retry_if_exception_type(LLMTransientError), reraise=True)
         try:
             for attempt in retrying:
@@ -257,9 +277,8 @@ class LLM:
             role = ctx.role or self.role or "model"
             raise LLMFatalError(f"{role} model {self.spec}: {exc}", usage=exc.usage) from exc
         except LLMTransientError as exc:
-            spent = retrying.statistics.get("delay_since_first_attempt", 0.0)
             raise LLMTransientError(
-                f"{self.spec}: gave up after {len(attempts)} attempts in {spent:.0f}s: {exc}",
+                f"{self.spec}: gave up after {len(attempts)} attempts in {budget.spent:.0f}s: {exc}",
                 kind=exc.kind, retry_after=exc.retry_after,
             ) from exc
         raise AssertionError("unreachable")
@@ -288,8 +307,10 @@ class LLM:
             cut = " (cut off at the token limit: raise max tokens or lower the reasoning effort)" \
                 if completion.cut_off else ""
             said = "only reasoning" if reasoning else "no text"
-            raise LLMReplyError(f"{self.spec}: the reply held {said}{cut}",
-                                usage=(completion.prompt_tokens, completion.completion_tokens))
+            error = LLMReplyError(f"{self.spec}: the reply held {said}{cut}",
+                                  usage=(completion.prompt_tokens, completion.completion_tokens))
+            error.finish_reason, error.reasoning = completion.finish_reason, reasoning  # for the record
+            raise error
         return replace(completion, text=answer, reasoning=reasoning)
 
     def _record(self, call_id: str, ctx: CallContext, request: Request, completion: Completion | None,
@@ -319,8 +340,8 @@ class LLM:
             error=f"{type(error).__name__}: {error}" if error else None,
             created_at=time.time(),
             endpoint=self.endpoint,
-            finish_reason=completion.finish_reason if completion else None,
-            reasoning=(completion.reasoning or None) if completion else None,
+            finish_reason=completion.finish_reason if completion else getattr(error, "finish_reason", None),
+            reasoning=(completion.reasoning if completion else getattr(error, "reasoning", "")) or None,
             attempts=attempts,
             error_kind=error.kind if error else None,
             cached_prompt_tokens=completion.cached_prompt_tokens if completion else 0,

@@ -71,7 +71,11 @@ class OpenAIProvider:
         # Non-strict parsing lets odd bodies through as strings or half-empty objects.
         choices = getattr(response, "choices", None)
         if not choices:
-            raise self._guard.garbage(model, f"reply has no choices: {excerpt(repr(response))}")
+            error = self._guard.garbage(model, f"reply has no choices: {excerpt(repr(response))}")
+            usage = getattr(response, "usage", None)  # a server that answered still counts its tokens
+            if usage is not None:
+                error.usage = (token_count(usage, "prompt_tokens"), token_count(usage, "completion_tokens"))
+            raise error
         message = getattr(choices[0], "message", None)
         text = getattr(message, "content", None)
         if message is None or not isinstance(text, (str, type(None))):

@@ -133,9 +133,12 @@ class SDKGuard:
             404: f"model {model!r} or endpoint not found {where}: check the model name and {self.url_env}",
         }.get(status, f"request rejected {where}: check the model's options and the messages")
         if option:
+            fix = ("which options a model family takes is set in autodiff/llm/models.py (FAMILIES): add the "
+                   "model's family there, e.g. with temperature=False or token_param='max_completion_tokens'"
+                   if option in ("temperature", "max_tokens", "max_completion_tokens", "reasoning_effort",
+                                 "thinking") else "change that option of the run")
             advice = (f"request rejected {where} (option: {option}): the model does not take this option or "
-                      f"value; change it in the run's settings, or add the model's family to "
-                      f"autodiff/llm/models.py")
+                      f"value; {fix}")
         return LLMFatalError(self.clean(f"{self.name} model {model!r}: HTTP {status}: {advice} ({reason})"))
 
     def transient(self, model: str, detail: str, *, kind: str = "server",
