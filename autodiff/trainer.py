@@ -126,7 +126,7 @@ class Trainer:
         self.pool = ThreadPoolExecutor(max_workers=config.concurrency)
         self.val = task.splits["val"][: config.val_limit]
         self.test = task.splits["test"][: config.test_limit]
-        self.best_val = 0.0
+        self.best_val: float | None = None  # mean over scored samples; None while none was scored
         self.current_val_evals: list[Evaluation] = []
         self.minibatch_rule = Rule(min_gain=0.0, max_error_share=config.max_error_share)
         self.val_rule = Rule(min_gain=config.min_gain, acceptance=config.acceptance, alpha=config.paired_alpha,
@@ -215,13 +215,13 @@ class Trainer:
             for r in rows if r["step"] == latest
         ]
         stored = self.store.steps(self.run_id)[last]["val_score"]
-        self.best_val = stored if stored is not None else (mean_score(self.current_val_evals) or 0.0)
+        self.best_val = stored if stored is not None else mean_score(self.current_val_evals)
         if sorted(e.sample_id for e in self.current_val_evals) != sorted(s["id"] for s in self.val):
             # The validation split changed (accepted on resume): the current values are scored
             # on it afresh, as part of the next step, before any proposal is judged against them.
             self.current_val_evals = self.evaluate(self.val, {}, phase="validate", step=last + 1)
             self._check_errors(self.current_val_evals, last + 1, "validation")
-            self.best_val = mean_score(self.current_val_evals) or 0.0
+            self.best_val = mean_score(self.current_val_evals)
         self.progress("resumed", {"step": last})
         return last + 1
 
@@ -269,7 +269,7 @@ class Trainer:
         self.store.add_evaluations(self.run_id, 0, "test", "current", test_evals)
         self._check_errors(test_evals, 0, "test")
         self.current_val_evals = val_evals
-        self.best_val = mean_score(val_evals) or 0.0
+        self.best_val = mean_score(val_evals)
         self.store.finish_step(self.run_id, 0, mean_score(val_evals), mean_score(test_evals), [])
         self.buffer.flush()
         self.progress("initial", {"val": self.best_val})
@@ -359,6 +359,12 @@ class Trainer:
         gradients = [g for grads in self.pool.map(one, failed) for g in grads]
         self.store.add_gradients(self.run_id, step, gradients)
         self.buffer.flush()
+        # Gradients written by a backward call here (not handed on through a function node).
+        written = [g for g in gradients if g.origin in ("loss", "backward") and not g.path]
+        lost = [g for g in written if (g.error or "").startswith("backward call failed")]
+        if written and len(lost) > self.config.max_error_share * len(written):
+            raise TooManyErrors(f"step {step}: {len(lost)} of {len(written)} backward calls failed (more than "
+                                f"{self.config.max_error_share:.0%}); first: {lost[0].error}")
         self.progress("backward", {"step": step, "gradients": len(gradients)})
         return gradients
 
@@ -499,7 +505,7 @@ class Trainer:
         self.store.add_parameter_version(self.run_id, param.name, step, value, proposal_id)
         if len(val) == len(self.val):
             self.current_val_evals = val
-            self.best_val = mean_score(val) or 0.0
+            self.best_val = mean_score(val)
         self.progress("accepted", {"step": step, "parameter": param.name, "val": self.best_val})
 
     # --- helpers ----------------------------------------------------------------------------
