@@ -15,6 +15,7 @@ PAGES = [
     st.Page("pages/graph.py", title="Graph", icon=":material/account_tree:"),
     st.Page("pages/gradients.py", title="Gradients", icon=":material/feedback:"),
     st.Page("pages/prompts.py", title="Prompts", icon=":material/difference:"),
+    st.Page("pages/proposals.py", title="Proposals", icon=":material/edit_note:"),
     st.Page("pages/curves.py", title="Curves", icon=":material/show_chart:"),
     st.Page("pages/review.py", title="Review", icon=":material/rate_review:"),
     st.Page("pages/compare.py", title="Compare", icon=":material/compare:"),

@@ -7,6 +7,22 @@ from typing import Sequence
 from autodiff.store import Store
 
 
+def default_runs(runs: Sequence[dict], run_id: str) -> list[str]:
+    """What to compare `run_id` with when nobody has chosen yet: it and the newest other run of the
+    same task (`runs` as `Store.runs` lists them, newest first); only it when no other run has that
+    task, since runs of different tasks share no samples."""
+    task = next(r["task"] for r in runs if r["id"] == run_id)
+    same = [r["id"] for r in runs if r["task"] == task and r["id"] != run_id]
+    return [run_id, *same[:1]]
+
+
+def shared_test_samples(store: Store, run_ids: Sequence[str]) -> list[str]:
+    """The test samples every run's test split holds, in the first run's order."""
+    first, *rest = [store.sample_ids(r, "test") for r in run_ids]
+    others = [set(ids) for ids in rest]
+    return [sid for sid in first if all(sid in ids for ids in others)]
+
+
 def final_test(store: Store, run_id: str) -> tuple[int | None, dict[str, dict]]:
     """The latest step with test evaluations of the run's current values, and those rows by sample id."""
     rows = store.evaluations(run_id, split="test", subject="current")

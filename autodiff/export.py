@@ -41,13 +41,14 @@ def export_run(store: Store, run_id: str) -> dict:
                        "validation": p["val_score"], "validation_baseline": p["val_baseline"]},
             "fate": p["fate"], "reason": p["reason"], "decided_by": p["decided_by"],
             "edited_value": p["decision_value"] if p["decision"] == "edit" else None,
+            "held_fate": p["held_fate"], "feedback_ids": p["feedback_ids"],
             "cost": costs.get(p["id"], {"make_usd": 0.0, "validate_usd": 0.0, "unknown": 0}),
         }
         for p in store.proposals(run_id)
     ]
     gradients = [
         {
-            "step": g["step"], "sample": g["sample_id"], "node": g["node"], "target_type": g["target_type"],
+            "id": g["id"], "step": g["step"], "sample": g["sample_id"], "node": g["node"], "target_type": g["target_type"],
             "target": g["target"], "call_index": g["call_index"], "score": g["score"], "text": g["text"],
             "source_node": g["source_node"], "path": g["path"], "origin": g["origin"], "error": g["error"],
             "llm_call_id": g["llm_call_id"],

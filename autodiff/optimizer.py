@@ -41,31 +41,53 @@ class OptimizerInput:
     parameter: Parameter
     peers: Sequence[Parameter]
     others: Sequence[Parameter]
-    gradients: Sequence[dict]  # {sample_id, call_index, score, text, origin, source_node, path}
+    gradients: Sequence[dict]  # {id, sample_id, call_index, score, text, origin, source_node, path}
     positives: Sequence[tuple[str, str]] = ()  # (input, prediction) samples that are right
     history: Sequence[HistoryEntry] = ()
     failed: Sequence[tuple[str, str]] = ()  # (value, reason) of this step's failed proposals
     constraints: Sequence[str] = ()
 
 
-def format_gradients(gradients: Sequence[dict], limit_chars: int = 6000) -> str:
-    """Group by sample and call index, lowest scores first, calls of one sample in order."""
+FEEDBACK_CHARS = 6000  # the feedback an optimizer prompt holds; more is cut
+
+
+def _feedback(gradients: Sequence[dict], limit_chars: int) -> tuple[str, list[dict]]:
+    """The feedback as the optimizer reads it (grouped by sample and call index, lowest scores
+    first, calls of one sample in order, cut at `limit_chars`), and the gradients that made it into
+    that text, in its order (one cut part-way counts as read)."""
     by_sample: dict[str, list[dict]] = defaultdict(list)
     for g in gradients:
         by_sample[g.get("sample_id") or "(no sample)"].append(g)
     order = sorted(by_sample, key=lambda s: (min((g.get("score") or 0.0) for g in by_sample[s]), s))
-    parts = []
+    lines: list[tuple[str, dict | None]] = []
     for sample in order:
         items = sorted(by_sample[sample], key=lambda g: (g.get("call_index") or 0))
         score = min((g.get("score") or 0.0) for g in items)
-        lines = [f'<sample id="{sample}" score="{score:.2f}">']
+        lines.append((f'<sample id="{sample}" score="{score:.2f}">', None))
         for g in items:
             who = "human" if g.get("origin") == "human" else f"call {g.get('call_index') or 0}"
-            lines.append(f"- [{who}] {g['text']}")
-        lines.append("</sample>")
-        parts.append("\n".join(lines))
-    text = "\n".join(parts)
-    return text if len(text) <= limit_chars else text[:limit_chars] + "\n[... more feedback cut ...]"
+            lines.append((f"- [{who}] {g['text']}", g))
+        lines.append(("</sample>", None))
+    text = "\n".join(line for line, _ in lines)
+    read, at = [], 0
+    for line, g in lines:
+        if at >= limit_chars:
+            break
+        if g is not None:
+            read.append(g)
+        at += len(line) + 1
+    return (text if len(text) <= limit_chars else text[:limit_chars] + "\n[... more feedback cut ...]"), read
+
+
+def format_gradients(gradients: Sequence[dict], limit_chars: int = FEEDBACK_CHARS) -> str:
+    """Group by sample and call index, lowest scores first, calls of one sample in order."""
+    return _feedback(gradients, limit_chars)[0]
+
+
+def feedback_read(gradients: Sequence[dict], limit_chars: int = FEEDBACK_CHARS) -> tuple[str, ...]:
+    """The ids of the gradients an optimizer prompt made from `gradients` holds, in its order:
+    what a proposal records as the feedback it was written from."""
+    return tuple(g["id"] for g in _feedback(gradients, limit_chars)[1] if g.get("id"))
 
 
 def build_prompt(inp: OptimizerInput, n: int) -> str:
@@ -153,6 +175,7 @@ class Optimizer:
             Proposal(
                 id=uuid.uuid4().hex, step=step, parameter=inp.parameter.name, value=p.value, method=p.method,
                 reasoning=p.reasoning, llm_call_id=reply.call_id, created_at=now,
+                feedback_ids=feedback_read(inp.gradients),
             )
             for p in parsed[: self.n_proposals]
         ]
@@ -171,6 +194,7 @@ class Optimizer:
         return Proposal(
             id=uuid.uuid4().hex, step=step, parameter=inp.parameter.name, value=(raw or "")[:2000],
             method="none", reasoning="", llm_call_id=call_id, fate=fate, reason=reason, created_at=now,
+            feedback_ids=feedback_read(inp.gradients),
         )
 
     def check(self, proposal: Proposal, parameter: Parameter, tried: Sequence[str]) -> str | None:

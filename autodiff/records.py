@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,24 @@ class Gradient:
     created_at: float = 0.0
 
 
+Fate = Literal["proposed", "malformed", "error", "rejected_check", "failed_minibatch", "failed_val", "pending",
+               "accepted", "rejected"]
+
+# A proposal's lifecycle, in the order a proposal can get through it, with what each fate means.
+PROPOSAL_FATES: dict[str, str] = {
+    "proposed": "written, not yet settled",
+    "error": "the optimizer call failed: no reply, so no value",
+    "malformed": "the optimizer's reply held no usable proposal (its raw reply is kept as the value)",
+    "rejected_check": "refused before validation: empty, a repeat, its parameter's role dropped, or the "
+                      "optimizer's own instructions or tags in it",
+    "failed_minibatch": "did not beat the current value on the step's mini-batch",
+    "failed_val": "did not beat the best validation score",
+    "pending": "waiting for a person's decision (review mode)",
+    "accepted": "became the parameter's new value",
+    "rejected": "rejected by a person, or by the review time-out's fallback",
+}
+
+
 @dataclass(frozen=True)
 class Proposal:
     id: str
@@ -107,7 +126,7 @@ class Proposal:
     method: str
     reasoning: str
     llm_call_id: str | None = None
-    fate: str = "proposed"
+    fate: Fate = "proposed"
     reason: str = ""
     minibatch_score: float | None = None
     minibatch_baseline: float | None = None
@@ -115,6 +134,12 @@ class Proposal:
     val_baseline: float | None = None
     decided_by: str | None = None
     created_at: float = 0.0
+    # The ids of the feedback (gradients, human feedback included) its optimizer call read, in
+    # the order the prompt gave them: recorded when the call was made, never guessed later.
+    feedback_ids: tuple[str, ...] = ()
+    # Review mode "all" holds for a person a proposal that cannot be validated; this says why
+    # ("malformed" or "rejected_check"), and is the fate it gets back if the person rejects it.
+    held_fate: Fate | None = None
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,9 @@ on (see Trainer.wait_for_decision), so the dashboard and the trainer can be diff
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
 
 from autodiff.errors import StoreError
+from autodiff.proposals import feedback_read
 from autodiff.store import Store
 
 
@@ -18,25 +18,15 @@ class PendingReview:
     proposal: dict
     current: str  # the parameter's value the proposal would replace
     peers: tuple[tuple[str, str], ...]  # (name, current value) of the parameter's peers
-    gradients: tuple[dict, ...]  # the feedback the optimizer saw for this parameter at this step
+    gradients: tuple[dict, ...] | None  # the feedback its optimizer call read (None: not recorded)
     decision: tuple[str, str | None, str] | None  # written but not yet applied by the trainer
 
-
-def parameter_feedback(gradients: Iterable[dict], parameter: str, step: int,
-                       read_before: float | None = None) -> list[dict]:
-    """The feedback an optimizer call for `parameter` at `step` read: the step's own gradients on
-    it, and human feedback consumed at that step. The trainer marks human feedback consumed when
-    its step ends, so for a proposal still waiting (`read_before`: its creation time) the human
-    feedback written before it and not consumed yet was read too."""
-    def read(g: dict) -> bool:
-        if g["origin"] != "human":
-            return g["step"] == step
-        if g["consumed_step"] is None:
-            return read_before is not None and g["created_at"] <= read_before
-        return g["consumed_step"] == step
-
-    return [g for g in gradients
-            if g["target_type"] == "parameter" and g["target"] == parameter and g["text"] and read(g)]
+    @property
+    def held(self) -> str | None:
+        """Why it could not be validated, for a proposal review mode "all" held for a person:
+        "malformed" (a reply with no usable value: reject it, or write a value to accept) or
+        "rejected_check" (it failed a check: accepting it overrides the check); None otherwise."""
+        return self.proposal.get("held_fate")
 
 
 def pending(store: Store, run_id: str) -> list[PendingReview]:
@@ -45,7 +35,6 @@ def pending(store: Store, run_id: str) -> list[PendingReview]:
     if not proposals:
         return []
     peers_of = {p["name"]: p["peers"] for p in store.parameters(run_id)}
-    feedback: dict[str, list[dict]] = {}  # per parameter: only feedback aimed at it is read
     values_at: dict[int, dict[str, str]] = {}
     out = []
     for p in proposals:
@@ -53,12 +42,11 @@ def pending(store: Store, run_id: str) -> list[PendingReview]:
             values_at[p["step"]] = store.parameter_values_at(run_id, p["step"])
         values = values_at[p["step"]]
         name = p["parameter"]
-        if name not in feedback:
-            feedback[name] = store.gradients(run_id, target=name)
+        read = feedback_read(store, p)
         out.append(PendingReview(
             proposal=p, current=values.get(name, ""),
             peers=tuple((peer, values.get(peer, "")) for peer in peers_of.get(name, [])),
-            gradients=tuple(parameter_feedback(feedback[name], name, p["step"], read_before=p["created_at"])),
+            gradients=None if read is None else tuple(read),
             decision=(p["decision"], p["decision_value"], p["decision_by"]) if p["decision"] else None,
         ))
     return out

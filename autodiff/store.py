@@ -152,6 +152,17 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX llm_calls_proposal ON llm_calls (proposal_id, cost_usd, cached) WHERE proposal_id IS NOT NULL;
         """,
     ),
+    (
+        # Why a proposal was written: the ids of the feedback its optimizer call read (a JSON list;
+        # NULL for proposals stored before this was recorded: unknown, not "none"), and for a
+        # proposal review mode "all" held for a person though it could not be validated, the fate
+        # it had (malformed, rejected_check).
+        "006_proposal_feedback",
+        """
+        ALTER TABLE proposals ADD COLUMN feedback_ids TEXT;
+        ALTER TABLE proposals ADD COLUMN held_fate TEXT;
+        """,
+    ),
 ]
 
 TERMINAL_STATUSES = ("completed", "failed", "stopped")
@@ -429,6 +440,20 @@ class Store:
         rows = self._select("gradients", run_id, "step, created_at, sample_id, call_index", step=step, target=target)
         return [dict(r, path=json.loads(r["path"])) for r in rows]
 
+    def gradients_by_id(self, run_id: str, ids: Sequence[str]) -> list[dict]:
+        """The run's gradients with these ids, in the order of `ids` (ids not found are left out),
+        each with `about_call` as `find_gradients` gives it."""
+        if not ids:
+            return []
+        marks = ",".join("?" * len(ids))
+        with self.connect() as conn:
+            rows = conn.execute(
+                f"SELECT g.*, {self._ABOUT_CALL} AS about_call FROM gradients g"
+                f" LEFT JOIN invocations t ON t.id = g.target_invocation WHERE g.run_id = ? AND g.id IN ({marks})",
+                [run_id, *ids]).fetchall()
+        found = {r["id"]: dict(r, path=json.loads(r["path"])) for r in rows}
+        return [found[i] for i in dict.fromkeys(ids) if i in found]
+
     # The call index of what a gradient is about: for feedback on an output, the call that wrote
     # that output (the target invocation); else the call of the node whose parameter it is about.
     _ABOUT_CALL = ("CASE WHEN g.target_type = 'output' AND t.id IS NOT NULL THEN t.call_index"
@@ -614,12 +639,12 @@ class Store:
         with self.connect() as conn:
             conn.execute(
                 "INSERT OR REPLACE INTO proposals (id, run_id, step, parameter, value, method, reasoning, llm_call_id,"
-                " fate, reason, minibatch_score, minibatch_baseline, val_score, val_baseline, decided_by, created_at)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " fate, reason, minibatch_score, minibatch_baseline, val_score, val_baseline, decided_by, created_at,"
+                " feedback_ids, held_fate) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     p.id, run_id, p.step, p.parameter, p.value, p.method, p.reasoning, p.llm_call_id, p.fate,
                     p.reason, p.minibatch_score, p.minibatch_baseline, p.val_score, p.val_baseline, p.decided_by,
-                    p.created_at or time.time(),
+                    p.created_at or time.time(), _json(list(p.feedback_ids)), p.held_fate,
                 ),
             )
 
@@ -635,8 +660,28 @@ class Store:
 
     def proposals(self, run_id: str, step: int | None = None, fate: str | None = None,
                   parameter: str | None = None) -> list[dict]:
-        return [dict(r) for r in self._select("proposals", run_id, "step, created_at", step=step, fate=fate,
-                                              parameter=parameter)]
+        """A run's proposals in the order they were made; `feedback_ids` is a list, or None when
+        the proposal was stored before the feedback a proposal read was recorded."""
+        return [_proposal_dict(r) for r in self._select("proposals", run_id, "step, created_at", step=step,
+                                                        fate=fate, parameter=parameter)]
+
+    def proposals_reading(self, run_id: str, gradient_ids: Sequence[str]) -> dict[str, list[dict]]:
+        """Gradient id -> the proposals whose optimizer call read it, in the order they were made
+        (only ids some proposal read are keys)."""
+        if not gradient_ids:
+            return {}
+        marks = ",".join("?" * len(gradient_ids))
+        with self.connect() as conn:
+            rows = conn.execute(
+                "SELECT j.value AS gradient_id, p.* FROM proposals p, json_each(p.feedback_ids) j"
+                f" WHERE p.run_id = ? AND p.feedback_ids IS NOT NULL AND j.value IN ({marks})"
+                " ORDER BY p.step, p.created_at",
+                [run_id, *gradient_ids]).fetchall()
+        readers: dict[str, list[dict]] = {}
+        for r in rows:
+            row = dict(r)
+            readers.setdefault(row.pop("gradient_id"), []).append(_proposal_dict(row))
+        return readers
 
     def proposal_totals(self, run_id: str) -> list[dict]:
         """Per step of a run, in step order: proposals made, how many beat their baseline on the
@@ -660,10 +705,12 @@ class Store:
             row = conn.execute("SELECT * FROM proposals WHERE id = ?", (proposal_id,)).fetchone()
         if row is None:
             raise StoreError(f"no proposal with id {proposal_id!r}")
-        return dict(row)
+        return _proposal_dict(row)
 
     def decide(self, proposal_id: str, decision: str, value: str | None = None, by: str = "human") -> None:
-        """Write a person's decision on a pending proposal. The waiting trainer reads it and goes on."""
+        """Write a person's decision on a pending proposal. The waiting trainer reads it and goes on.
+        A malformed reply held for review has no value: it can be rejected, or edited (a value written
+        in its place), not accepted."""
         if decision not in ("accept", "reject", "edit"):
             raise StoreError(f"unknown decision {decision!r}: use accept, reject or edit")
         if decision == "edit" and not (value and value.strip()):
@@ -671,6 +718,9 @@ class Store:
         p = self.proposal(proposal_id)
         if p["fate"] != "pending":
             raise StoreError(f"proposal {proposal_id} is {p['fate']}, not pending: nothing to decide")
+        if decision == "accept" and p["held_fate"] == "malformed":
+            raise StoreError(f"proposal {proposal_id} is a malformed reply with no value to accept: "
+                             "reject it, or write a value and accept that")
         with self.connect() as conn:
             conn.execute(
                 "UPDATE proposals SET decision = ?, decision_value = ?, decision_by = ? WHERE id = ? AND decision IS NULL",
@@ -694,6 +744,12 @@ class Store:
     def evaluations(self, run_id: str, split: str | None = None, subject: str | None = None) -> list[dict]:
         rows = self._select("evaluations", run_id, "step, sample_id", split=split or None, subject=subject or None)
         return [dict(r) for r in rows]
+
+
+def _proposal_dict(row: sqlite3.Row | dict) -> dict:
+    d = dict(row)
+    d["feedback_ids"] = None if d.get("feedback_ids") is None else json.loads(d["feedback_ids"])
+    return d
 
 
 def _run_dict(row: sqlite3.Row) -> dict:

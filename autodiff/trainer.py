@@ -394,12 +394,17 @@ class Trainer:
                 raise TooManyErrors(f"step {step}: the optimizer call for {param.name} failed: {exc}") from exc
             self.buffer.flush()
             for proposal in proposals:
-                if proposal.fate in ("malformed", "error"):
-                    self.store.add_proposal(self.run_id, proposal)
-                    continue
-                reason = self.optimizer.check(proposal, param, tried)
-                if reason:
-                    self.store.add_proposal(self.run_id, replace(proposal, fate="rejected_check", reason=reason))
+                refused = self._screen(proposal, param, tried)
+                if refused is not None:
+                    if refused.fate == "error" or self.config.review != "all":
+                        self.store.add_proposal(self.run_id, refused)
+                        continue
+                    # Review mode "all": every proposal waits for a person, even one that cannot be validated.
+                    accepted, new_baseline = self._hold(step, param, refused, minibatch, baseline)
+                    if accepted:
+                        return new_baseline
+                    if self.store.stop_requested(self.run_id):
+                        return baseline
                     continue
                 tried.append(proposal.value.strip())
                 self.store.add_proposal(self.run_id, proposal)
@@ -409,6 +414,25 @@ class Trainer:
                 if self.store.stop_requested(self.run_id):
                     return baseline
         return baseline
+
+    def _screen(self, proposal: Proposal, param: Parameter, tried: list[str]) -> Proposal | None:
+        """The proposal marked with why it cannot be validated (a failed optimizer call, a malformed
+        reply, a failed check), or None when it may go on to validation."""
+        if proposal.fate in ("malformed", "error"):
+            return proposal
+        reason = self.optimizer.check(proposal, param, tried)
+        return replace(proposal, fate="rejected_check", reason=reason) if reason else None
+
+    def _hold(
+        self, step: int, param: Parameter, proposal: Proposal, minibatch: list[dict], baseline: dict[str, float],
+    ) -> tuple[bool, dict[str, float]]:
+        """Review mode "all": a malformed reply or a proposal that failed a check waits for a person
+        too, marked with that fate (`held_fate`) and its reason, without validation scores (it was
+        not worth a validation run). Rejecting it gives it that fate back; see `_await_review` for
+        what accepting it means."""
+        self.store.add_proposal(self.run_id, replace(proposal, fate="pending", held_fate=proposal.fate))
+        self.buffer.flush()
+        return self._await_review(step, param, proposal, minibatch, baseline, held=proposal.fate)
 
     def _failed_before(self, param: Parameter, step: int, limit: int = 5) -> list[tuple[str, str]]:
         """Failed proposals for this parameter, this step's first, then the most recent earlier ones.
@@ -458,7 +482,7 @@ class Trainer:
         self.store.update_proposal(proposal.id, fate="pending",
                                    reason=second.reason if second.better else f"for review: {second.reason}",
                                    **update)
-        return self._await_review(step, param, proposal, val, mb, minibatch, baseline)
+        return self._await_review(step, param, proposal, minibatch, baseline, val=val, mb=mb)
 
     def _undecided(self, proposal: Proposal, reason: str, update: dict, step: int) -> None:
         """A comparison spoiled by errors: record why on the proposal, then stop the run."""
@@ -467,23 +491,33 @@ class Trainer:
         raise TooManyErrors(f"step {step}: proposal for {proposal.parameter}: {reason}")
 
     def _await_review(
-        self, step: int, param: Parameter, proposal: Proposal, val: list[Evaluation], mb: list[Evaluation],
-        minibatch: list[dict], baseline: dict[str, float],
+        self, step: int, param: Parameter, proposal: Proposal, minibatch: list[dict], baseline: dict[str, float],
+        val: list[Evaluation] | None = None, mb: list[Evaluation] | None = None, held: str | None = None,
     ) -> tuple[bool, dict[str, float]]:
+        """Wait for a person's decision on a pending proposal and apply it. `val` and `mb` are the
+        proposal's validation and mini-batch evaluations; a proposal `held` for review without
+        them (see `_hold`) has what is accepted scored first, as an edited value always is. A
+        malformed reply has no value to accept, and a time-out's fallback never accepts a held
+        proposal: both count as a rejection, which gives it back its `held` fate."""
         self.progress("pending", {"step": step, "parameter": param.name, "proposal": proposal.id})
         decision, value, by = self.wait_for_decision(proposal.id)
         now = time.time()
+        if held and decision == "accept" and (held == "malformed" or by.startswith("timeout")):
+            decision = "reject"
         if decision == "reject":
-            self.store.update_proposal(proposal.id, fate="rejected", decided_by=by, decided_at=now)
+            self.store.update_proposal(proposal.id, fate=held or "rejected", decided_by=by, decided_at=now)
             return False, baseline
         reason = f"accepted by {by}" if not by.startswith("timeout") else f"accepted by fallback ({by})"
         if decision == "edit":
-            overrides = {param.name: value}
-            val = self.evaluate(self.val, overrides, phase="validate", step=step, proposal_id=proposal.id)
-            mb = self.evaluate(minibatch, overrides, phase="validate", step=step, proposal_id=proposal.id)
             reason = f"edited, then accepted by {by}"
         else:
             value = proposal.value
+            if held:
+                reason = f"accepted by {by} over the check ({proposal.reason})"
+        if decision == "edit" or val is None or mb is None:
+            overrides = {param.name: value}
+            val = self.evaluate(self.val, overrides, phase="validate", step=step, proposal_id=proposal.id)
+            mb = self.evaluate(minibatch, overrides, phase="validate", step=step, proposal_id=proposal.id)
         self.store.update_proposal(proposal.id, fate="accepted", decided_by=by, decided_at=now, reason=reason)
         self._accept(step, param, value, proposal.id, val)
         self.buffer.flush()
@@ -546,5 +580,5 @@ def _prediction(trace: Trace) -> str:
 
 
 def _grad_dict(g: Gradient) -> dict:
-    return {"sample_id": g.sample_id, "call_index": g.call_index, "score": g.score, "text": g.text,
+    return {"id": g.id, "sample_id": g.sample_id, "call_index": g.call_index, "score": g.score, "text": g.text,
             "origin": g.origin, "source_node": g.source_node, "path": list(g.path)}

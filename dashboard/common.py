@@ -7,6 +7,8 @@ import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, NamedTuple
+from urllib.parse import urlencode
 
 import streamlit as st
 
@@ -15,6 +17,7 @@ from autodiff.runner import default_cache_path, default_store_path, mark_dead_ru
 from autodiff.store import Store
 
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:])")
+ALL = "All"  # the choice of a filter that keeps everything
 
 
 @st.cache_resource
@@ -79,6 +82,73 @@ def static_url(name: str = "") -> str:
     return f"/{base}/app/static/{name}" if base else f"/app/static/{name}"
 
 
+def page_url(page: str = "", **params: object) -> str:
+    """The address of a dashboard page ("curves", "proposals"; "" for the first page) with a query
+    string of `params` (None values left out), under the server's base path if it has one."""
+    base = (st.get_option("server.baseUrlPath") or "").strip("/")
+    query = urlencode({k: str(v) for k, v in params.items() if v is not None})
+    return "/" + "/".join(part for part in (base, page) if part) + (f"?{query}" if query else "")
+
+
+# --- choices that follow the user: kept in the URL, reset when what they choose among changes -----
+#
+# A keyed Streamlit widget keeps its value across reruns as long as the value is still among its
+# options, even when the options now mean something else (step 2 of another run, version 0 of
+# another parameter). `reset_when` ties a widget to the scope its options come from; `choose`
+# adds the URL: a choice is read from the query string when the page opens with one (a reload, a
+# shared link), and written back on every run, so the address bar always names the view.
+
+
+def reset_when(key: str, scope: object, value: object) -> None:
+    """Give widget `key` `value` when it is drawn for another `scope` (what its choices depend on:
+    the run, a parameter) than last time, or for the first time. Call it before drawing the
+    widget, which then takes no default of its own."""
+    mark = f"_scope:{key}"
+    if key not in st.session_state or st.session_state.get(mark) != scope:
+        st.session_state[key] = value
+    st.session_state[mark] = scope
+
+
+def from_url(key: str, param: str, options: Sequence, scope: object, value: object) -> None:
+    """`reset_when`, except that a value the URL's query string `param` brought (one this session
+    has not written there itself: a reload, a shared link) is taken when it is among `options`."""
+    wanted = st.query_params.get(param)
+    by_text = {str(o): o for o in options}
+    if wanted is not None and wanted != st.session_state.get(f"_url:{param}") and wanted in by_text:
+        st.session_state[key] = by_text[wanted]
+        st.session_state[f"_scope:{key}"] = scope
+    else:
+        reset_when(key, scope, value)
+
+
+def to_url(param: str, value: object) -> None:
+    """Write a choice into the URL's query string (a choice of `ALL`, or None, takes it out)."""
+    text = None if value is None or value == ALL else str(value)
+    st.session_state[f"_url:{param}"] = text
+    if text is None:
+        if param in st.query_params:
+            del st.query_params[param]
+    elif st.query_params.get(param) != text:
+        st.query_params[param] = text
+
+
+def choose(where: Any, label: str, options: Sequence, *, key: str, scope: object, url: str | None = None,
+           index: int = 0, **kwargs: Any) -> Any:
+    """A selectbox in `where` (st, st.sidebar, a column) that opens on `options[index]` and goes back
+    to it whenever `scope` changes; with `url`, its choice is also kept in that query parameter."""
+    options = list(options)
+    if url:
+        from_url(key, url, options, scope, options[index])
+    else:
+        reset_when(key, scope, options[index])
+    if st.session_state[key] not in options:  # gone from the same scope's choices (a node not traced at this step)
+        st.session_state[key] = options[index]
+    chosen = where.selectbox(label, options, key=key, **kwargs)
+    if url:
+        to_url(url, chosen)
+    return chosen
+
+
 def md(text: object) -> str:
     """Escape untrusted text for st.markdown: no HTML, links, images or formatting survive."""
     return _MD_SPECIAL.sub(r"\\\1", "" if text is None else str(text)).replace("\n", "  \n")
@@ -95,13 +165,22 @@ _TABLE_STYLE = """<style>
 </style>"""
 
 
+class Link(NamedTuple):
+    """A table cell that links somewhere: `text` is escaped like any cell, `href` made by `page_url`."""
+
+    text: str
+    href: str
+
+
 def _cell(value: object) -> str:
-    return "-" if value is None else str(value)
+    if isinstance(value, Link):
+        return f'<a href="{html.escape(value.href, quote=True)}" target="_self">{html.escape(value.text)}</a>'
+    return html.escape("-" if value is None else str(value))
 
 
 def html_table(rows: Sequence[dict], numeric: Sequence[str] = (), wrap: Sequence[str] = ("error",)) -> str:
-    """A plain HTML table of already formatted rows (column name -> text; None shows as "-"), every
-    cell escaped, for st.html. For short tables where st.dataframe's grid (about 1.6 MB of script
+    """A plain HTML table of already formatted rows (column name -> text, or a `Link`; None shows as
+    "-"), every cell escaped, for st.html. For short tables where st.dataframe's grid (about 1.6 MB of script
     that a browser tab loads on its first use) is more than the page needs: the Runs page, which
     every new tab opens on."""
     if not rows:
@@ -112,7 +191,7 @@ def html_table(rows: Sequence[dict], numeric: Sequence[str] = (), wrap: Sequence
         return ' class="num"' if column in numeric else ' class="wrap"' if column in wrap else ""
 
     head = "".join(f"<th{cls(c)}>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td{cls(c)}>{html.escape(_cell(r.get(c)))}</td>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td{cls(c)}>{_cell(r.get(c))}</td>" for c in columns)
                    + "</tr>" for r in rows)
     return (f'{_TABLE_STYLE}<div class="plain-table"><table><thead><tr>{head}</tr></thead>'
             f'<tbody>{body}</tbody></table></div>')
@@ -127,7 +206,8 @@ def fmt_time(ts: float | None) -> str:
 
 
 def sidebar() -> str | None:
-    """Store and run pickers in the sidebar; the chosen run id lives in session state."""
+    """Store and run pickers in the sidebar. The chosen run id lives in session state and in the
+    URL (`?run=`), so a reload or a shared link opens the same run; without one, the newest."""
     store = current_store()
     mark_dead_runs(store)  # before listing: a run whose process died shows as stopped on every page
     runs = store.runs()
@@ -137,11 +217,14 @@ def sidebar() -> str | None:
             st.session_state["run_id"] = None
             return None
         ids = [r["id"] for r in runs]
-        wanted = st.query_params.get("run") or st.session_state.get("run_id")
-        index = ids.index(wanted) if wanted in ids else 0  # newest first
+        linked = st.query_params.get("run")
+        if linked and linked not in ids and linked != st.session_state.get("_url:run"):
+            st.warning(f"No run {md(linked)} in this store: showing the newest.")
         # Plain ids as options: the front end keeps a chosen option's label as its value, so a
         # status in the label went stale when the run's status changed.
-        run_id = st.selectbox("Run", ids, index=index, key="run_picker")
+        known = st.session_state.get("run_id")
+        run_id = choose(st, "Run", ids, key="run_picker", scope=None, url="run",
+                        index=ids.index(known) if known in ids else 0)
         run = next(r for r in runs if r["id"] == run_id)
         st.caption(f"{md(run['task'])}, {run['status']}")
         st.session_state["run_id"] = run_id

@@ -9,7 +9,7 @@ from autodiff.diffs import inline_diff_html
 from autodiff.llm.pricing import format_usd
 from autodiff.metrics import step_figures
 from dashboard import charts
-from dashboard.common import md, require_run, summary
+from dashboard.common import md, require_run, reset_when, summary
 
 store, run_id = require_run()
 st.title("Compare")
@@ -18,12 +18,21 @@ ids = list(by_id)
 if len(ids) < 2:
     st.info("Comparing needs at least two runs and this store has one. Start another on the **Runs** page.")
     st.stop()
-others = [i for i in ids if i != run_id]
-chosen = st.multiselect("Runs", ids, default=[run_id, others[0]], key="compare_runs",
+# Opens on the run and the newest other run of its task, again whenever another run is chosen.
+default = compare.default_runs(list(by_id.values()), run_id)
+reset_when("compare_runs", run_id, default)
+chosen = st.multiselect("Runs", ids, key="compare_runs",
                         help="The first run is the baseline the others' prompts are diffed against.")
 if len(chosen) < 2:
-    st.info("Pick two or more runs.")
+    task = by_id[run_id]["task"]
+    st.info("Pick two or more runs." + ("" if len(default) > 1 else
+            f" No other run in this store is of task {md(task)}; runs of other tasks share no samples with "
+            "it, but their curves and prompts can still be set side by side."))
     st.stop()
+shared = compare.shared_test_samples(store, chosen)
+if not shared:
+    st.warning("These runs share no test samples (their tasks or test splits differ): no sample's outcome can be "
+               "compared between them, only their curves and prompts.")
 
 summaries = [summary(store, by_id[r]) for r in chosen]
 st.dataframe(
@@ -70,5 +79,8 @@ st.subheader("Test samples whose outcome differs")
 differing = compare.differing_samples(store, chosen)
 if differing:
     st.dataframe(differing, hide_index=True)
+elif not shared:
+    st.caption("None to compare: the runs share no test samples.")
 else:
-    st.caption("None: every test sample the runs share scored the same (latest test evaluation of each run).")
+    st.caption(f"None: every one of the {len(shared)} test samples the runs share scored the same, or was not "
+               "scored in all of them (latest test evaluation of each run).")

@@ -1,12 +1,13 @@
-"""Gradients: every piece of feedback, filtered, in the order it was written, with its backward call."""
+"""Gradients: every piece of feedback, filtered, in the order it was written, with its backward call and
+the proposals whose optimizer call read it."""
 
 import streamlit as st
 
 from autodiff import graphview as gv
-from dashboard.common import fmt_score, md, require_run
+from autodiff import proposals as props
+from dashboard.common import ALL, choose, fmt_score, md, page_url, require_run, reset_when
 
 PER_PAGE = 25
-ALL = "All"
 
 store, run_id = require_run()
 st.title("Gradients")
@@ -19,13 +20,14 @@ parameters = store.parameters(run_id)
 nodes = list(dict.fromkeys([p["node"] for p in parameters if p["node"]] + facets["outputs"]))
 targets = [gv.node_id(n) for n in nodes] + [gv.parameter_id(p["name"]) for p in parameters]
 
+# Step and target are kept in the URL; every filter goes back to "All" when another run is chosen.
 cols = st.columns([1, 2, 2, 1, 2])
-step = cols[0].selectbox("Step", [ALL, *facets["steps"]], key="grad_step")
-target = cols[1].selectbox("Node or parameter", [ALL, *targets], key="grad_target",
-                           format_func=lambda t: t if t == ALL else t.replace("node:", "node ").replace("param:", ""))
-sample = cols[2].selectbox("Sample", [ALL, *facets["samples"]], key="grad_sample")
-call_index = cols[3].selectbox("Call index", [ALL, *facets["call_indices"]], key="grad_call",
-                               help="Which call of the target node the feedback is about.")
+step = choose(cols[0], "Step", [ALL, *facets["steps"]], key="grad_step", scope=run_id, url="step")
+target = choose(cols[1], "Node or parameter", [ALL, *targets], key="grad_target", scope=run_id, url="target",
+                format_func=lambda t: t if t == ALL else t.replace("node:", "node ").replace("param:", ""))
+sample = choose(cols[2], "Sample", [ALL, *facets["samples"]], key="grad_sample", scope=run_id)
+call_index = choose(cols[3], "Call index", [ALL, *facets["call_indices"]], key="grad_call", scope=run_id,
+                    help="Which call of the target node the feedback is about.")
 score = cols[4].slider("Score", 0.0, 1.0, (0.0, 1.0), step=0.05, key="grad_score")
 
 if target == ALL:
@@ -39,9 +41,18 @@ filters = {"step": None if step == ALL else step, "targets": wanted, "sample": N
 # Only the page shown is read from the store (a large run holds tens of thousands of gradients).
 matching, _ = store.find_gradients(run_id, **filters, limit=0)
 pages = max(1, -(-matching // PER_PAGE))
-page = st.number_input("Page", 1, pages, 1, key="grad_page") if pages > 1 else 1
+page = 1
+if pages > 1:
+    reset_when("grad_page", (run_id, step, target, sample, call_index, score), 1)
+    page = st.number_input("Page", 1, pages, key="grad_page")
 st.caption(f"{matching} of {facets['total']} gradients, in the order they were written.")
 _, shown = store.find_gradients(run_id, **filters, limit=PER_PAGE, offset=(page - 1) * PER_PAGE)
+read_by = props.readers(store, run_id, [g["id"] for g in shown])
+
+
+def reader_link(p: dict) -> str:
+    return (f"[step {p['step']} · {md(p['parameter'])} · {md(p['fate'])}]"
+            f"({page_url('proposals', run=run_id, step=p['step'], parameter=p['parameter'])})")
 
 for g in shown:
     with st.container(border=True):
@@ -55,6 +66,11 @@ for g in shown:
         st.markdown(md(g["text"]) if g["text"] else "*(empty feedback)*")
         if g["error"]:
             st.warning(md(g["error"]))
+        if readers := read_by.get(g["id"]):
+            st.markdown(f"Read by {len(readers)} proposal{'s' if len(readers) > 1 else ''}: "
+                        + ", ".join(reader_link(p) for p in readers))
+        elif g["text"] and g["target_type"] == "parameter":
+            st.caption("No recorded proposal read it.")
         if g["llm_call_id"]:
             # Loaded and drawn only when opened: 25 calls' prompts drawn up front made the page slow.
             panel = st.expander("Backward call that wrote it", key=f"grad_call_{g['id']}", on_change="rerun")

@@ -3,7 +3,7 @@
 import streamlit as st
 
 from autodiff import graphview as gv
-from dashboard.common import md, require_run, static_url
+from dashboard.common import choose, md, require_run, static_url
 
 store, run_id = require_run()
 st.title("Graph")
@@ -12,7 +12,7 @@ steps = gv.trained_steps(store.steps(run_id))
 if not steps:
     st.info("This run has not traced a training step yet. Come back once step 1 has run.")
     st.stop()
-step = st.selectbox("Step", steps, index=len(steps) - 1, key="graph_step")
+step = choose(st, "Step", steps, index=len(steps) - 1, key="graph_step", scope=run_id, url="step")
 invocations = store.invocations(run_id, step)
 gradients = store.gradients(run_id, step)
 parameters = store.parameters(run_id)
@@ -23,8 +23,8 @@ graph = gv.build_graph(invocations, gradients, parameters, gv.run_tau(store.run(
 
 names = gv.node_names(graph)
 by_failing = max(names, key=lambda n: graph.nodes[gv.node_id(n)]["failing"])
-node = st.selectbox("Node", names, index=names.index(by_failing), key="graph_node",
-                    help="Clicks inside the drawing cannot reach the page: choose the node here.")
+node = choose(st, "Node", names, index=names.index(by_failing), key="graph_node", scope=run_id, url="node",
+              help="Clicks inside the drawing cannot reach the page: choose the node here.")
 
 # vis-network comes from static/ (a copy of pyvis's own files), so redraws send only the graph.
 st.iframe(gv.render_html(graph, height=520, selected=node, assets=static_url()), height=540)

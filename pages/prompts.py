@@ -4,10 +4,10 @@ every proposal made for it with what it cost to make and to validate."""
 import streamlit as st
 
 from autodiff import graphview as gv
-from autodiff import review
-from autodiff.diffs import word_diff_html
+from autodiff import proposals as props
+from autodiff.diffs import inline_diff_html, word_diff_html
 from autodiff.llm.pricing import format_usd
-from dashboard.common import fmt_score, fmt_time, md, require_run
+from dashboard.common import choose, fmt_score, fmt_time, md, page_url, require_run
 
 store, run_id = require_run()
 st.title("Prompts")
@@ -16,12 +16,19 @@ parameters = {p["name"]: p for p in store.parameters(run_id)}
 if not parameters:
     st.info("This run has no parameters stored yet.")
     st.stop()
-name = st.selectbox("Parameter", list(parameters), key="prompt_param")
+every_version = store.parameter_versions(run_id)
+counts = {n: sum(v["name"] == n for v in every_version) for n in parameters}
+names = list(parameters)
+changed = [n for n in names if counts[n] > 1]
+# Opens on the first parameter that changed; the choice is kept in the URL (?parameter=).
+name = choose(st, "Parameter", names, key="prompt_param", scope=run_id, url="parameter",
+              index=names.index(changed[0]) if changed else 0,
+              format_func=lambda n: f"{n} ({counts[n]} version{'' if counts[n] == 1 else 's'})")
 param = parameters[name]
 st.caption(f"{md(param['kind'])} of node {md(param['node'])}"
            f"{'' if param['trainable'] else ' (frozen)'} — {md(param['role'])}")
 
-versions = {v["version"]: v for v in store.parameter_versions(run_id, name)}
+versions = {v["version"]: v for v in every_version if v["name"] == name}
 if not versions:
     st.info("No version of this parameter is stored yet: the run writes them when it starts.")
     st.stop()
@@ -38,9 +45,15 @@ def label(n: int) -> str:
 
 
 numbers = list(versions)
-pick = st.columns(2)
-old = pick[0].selectbox("Compare", numbers, index=max(0, len(numbers) - 2), format_func=label, key="prompt_old")
-new = pick[1].selectbox("with", numbers, index=len(numbers) - 1, format_func=label, key="prompt_new")
+if len(numbers) == 1:
+    old = new = numbers[0]
+    st.caption(f"{label(new)} is its only version: this parameter has not changed.")
+else:  # the pickers open on the last change, again whenever another run or parameter is chosen
+    pick = st.columns(2)
+    old = choose(pick[0], "Compare", numbers, index=len(numbers) - 2, format_func=label, key="prompt_old",
+                 scope=(run_id, name))
+    new = choose(pick[1], "with", numbers, index=len(numbers) - 1, format_func=label, key="prompt_new",
+                 scope=(run_id, name))
 left, right = word_diff_html(versions[old]["value"], versions[new]["value"])
 peers_at = store.parameter_values_at(run_id, versions[new]["step"])
 cols = st.columns(3)
@@ -73,7 +86,7 @@ else:
     st.caption("No proposal has been made for this parameter yet.")
 
 st.subheader("How each version came about")
-gradients = store.gradients(run_id, target=name)
+previous = dict(zip(numbers[1:], numbers))
 for n, v in versions.items():
     if v["proposal_id"] is None:
         continue
@@ -85,6 +98,16 @@ for n, v in versions.items():
             f"decided by {md(p['decision_by'] or p['decided_by'] or 'the trainer')}"
         )
         st.markdown("**Reasoning:** " + md(p["reasoning"]))
-        feedback = review.parameter_feedback(gradients, name, v["step"])
-        st.markdown(f"**Feedback the optimizer read** ({len(feedback)})")
-        st.dataframe(gv.gradient_rows(feedback), hide_index=True)
+        change, why = st.columns(2)
+        change.markdown(f"**{label(previous[n])} → {label(n)}**")
+        change.html(inline_diff_html(versions[previous[n]]["value"], v["value"]))
+        # What its optimizer call read, as recorded with the proposal when the call was made.
+        feedback = props.feedback_read(store, p)
+        why.markdown(f"**Feedback the optimizer read** ({'not recorded' if feedback is None else len(feedback)})")
+        if feedback is None:
+            why.caption("Not recorded: this proposal was stored before proposals kept the ids of the feedback "
+                        "they were written from.")
+        else:
+            why.dataframe(gv.gradient_rows(feedback), hide_index=True)
+        st.markdown(f"[Every proposal for {md(name)} at step {v['step']}]"
+                    f"({page_url('proposals', run=run_id, step=v['step'], parameter=name)})")

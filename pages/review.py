@@ -1,4 +1,9 @@
-"""Review: proposals waiting for a person (accept, reject, or edit then accept), and human feedback."""
+"""Review: proposals waiting for a person (accept, reject, or edit then accept), and human feedback.
+
+In review mode "all" every proposal waits, including those that cannot be validated: a malformed
+reply (no value: dismiss it, or write a value to accept in its place) and a proposal that failed a
+check (unscored: accepting it overrides the check). What is accepted without validation scores is
+scored on validation first, like an edited value."""
 
 import streamlit as st
 
@@ -12,7 +17,11 @@ store, run_id = require_run()
 run = store.run(run_id)
 st.title("Review")
 st.caption(f"Run {md(run_id)} ({run['status']}), review mode: {run['config'].get('review', 'off')}")
-if run["config"].get("review", "off") == "off":
+if run["config"].get("review", "off") == "all":
+    st.caption("Every proposal waits here, also a malformed reply (it has no value: dismiss it, or write a value to "
+               "accept in its place) and one that failed a check before validation (accepting it overrides the "
+               "check). A value accepted without scores, like an edited one, is scored on validation first.")
+elif run["config"].get("review", "off") == "off":
     st.info("This run is not in review mode: the trainer accepts or reverts proposals on its own. Start a run "
             "with review mode *validated* or *all* on the **Runs** page to decide them here.")
 
@@ -44,14 +53,28 @@ def pending() -> None:
                         + (f" · cost to make {md(format_usd(c['make_usd']))}, to validate "
                            f"{md(format_usd(c['validate_usd'], c['unknown']))}" if (c := costs.get(pid)) else ""))
             st.markdown(f"Reasoning: {md(p['reasoning'])}  \nTrainer's note: {md(p['reason'])}")
-            old, new = word_diff_html(item.current, p["value"])
-            left, right = st.columns(2)
-            left.caption("Current value")
-            left.html(old)
-            right.caption("Proposed value")
-            right.html(new)
-            with st.expander(f"Gradients that motivated it ({len(item.gradients)})"):
-                for g in item.gradients:
+            if item.held == "malformed":
+                st.warning(f"Malformed reply: {md(p['reason'])}. There is no value to accept: dismiss it, or write "
+                           "a value below to accept in its place.")
+                call = store.call(p["llm_call_id"]) if p["llm_call_id"] else None
+                st.caption("The optimizer's reply")
+                st.code((call or {}).get("response") or p["value"], language=None, wrap_lines=True)
+            else:
+                if item.held == "rejected_check":
+                    st.warning(f"Failed the check before validation: {md(p['reason'])}. It was not scored; "
+                               "accepting it overrides the check.")
+                old, new = word_diff_html(item.current, p["value"])
+                left, right = st.columns(2)
+                left.caption("Current value")
+                left.html(old)
+                right.caption("Proposed value")
+                right.html(new)
+            read = "not recorded" if item.gradients is None else len(item.gradients)
+            with st.expander(f"Gradients that motivated it ({read})"):
+                if item.gradients is None:
+                    st.caption("Not recorded: this proposal was stored before proposals kept the ids of the "
+                               "feedback they were written from.")
+                for g in item.gradients or ():
                     st.markdown(f"**{md(g['origin'])}** · sample {md(g['sample_id'] or '-')} · call "
                                 f"{g['call_index'] if g['call_index'] is not None else '-'} · score "
                                 f"{fmt_score(g['score'])}  \n{md(g['text'])}")
@@ -63,11 +86,15 @@ def pending() -> None:
                 st.info(f"Decision sent ({md(item.decision[0])}); waiting for the trainer to apply it.")
                 continue
             accept_col, reject_col, _ = st.columns([1, 1, 4])
-            if accept_col.button("Accept", key=f"accept-{pid}", type="primary"):
+            if item.held != "malformed" and accept_col.button("Accept", key=f"accept-{pid}", type="primary"):
                 act(review.accept, pid)
-            if reject_col.button("Reject", key=f"reject-{pid}"):
+            if reject_col.button("Dismiss" if item.held == "malformed" else "Reject", key=f"reject-{pid}"):
                 act(review.reject, pid)
-            edited = st.text_area("Edit the proposed value, then accept it", value=p["value"], key=f"edit-{pid}")
+            if item.held == "malformed":
+                edited = st.text_area("Write a value in its place (the current value to start from), then accept it",
+                                      value=item.current, key=f"edit-{pid}")
+            else:
+                edited = st.text_area("Edit the proposed value, then accept it", value=p["value"], key=f"edit-{pid}")
             if st.button("Accept edited value", key=f"edit-accept-{pid}"):
                 act(review.edit, pid, edited)
 

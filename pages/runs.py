@@ -8,7 +8,8 @@ from autodiff.errors import AutodiffError
 from autodiff.llm.pricing import format_usd
 from autodiff.runner import launch, resume_background
 from autodiff.tasks import task_names
-from dashboard.common import ACTIVE, cache_path, current_store, fmt_score, fmt_time, html_table, md, summary
+from dashboard.common import (ACTIVE, Link, cache_path, current_store, fmt_score, fmt_time, html_table, md,
+                              page_url, summary)
 
 ROLES = ("forward", "backward", "optimizer")
 
@@ -121,7 +122,7 @@ def live() -> None:
                 st.button("Stop", key=f"stop-{run['id']}", on_click=store.request_stop, args=(run["id"],))
     st.html(html_table(
         # the figures first, so they show without scrolling sideways on a narrow screen
-        [{"run": s["id"], "task": s["task"], "status": s["status"],
+        [{"run": Link(s["id"], page_url("curves", run=s["id"])), "task": s["task"], "status": s["status"],
           "steps": f"{s['steps_done']} / {s['steps_planned']}", "best validation": fmt_score(s["best_val"]),
           "latest test": fmt_score(s["final_test"]), "tokens": f"{s['tokens']:,}",
           "cost": format_usd(s["cost_usd"], s["cost_unknown"]),
@@ -135,6 +136,8 @@ def live() -> None:
         numeric=("best validation", "latest test", "tokens", "cost", "projected", "saved", "call errors",
                  "wall time (s)"),
     ))
+    st.caption("A run's id opens its curves. Every page names its run in the address (`?run=`), so a reload "
+               "or a shared link opens the same view.")
 
 
 live()

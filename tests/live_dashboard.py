@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
-PAGES = ("Runs", "Graph", "Gradients", "Prompts", "Curves", "Review", "Compare")  # sidebar order
+PAGES = ("Runs", "Graph", "Gradients", "Prompts", "Proposals", "Curves", "Review", "Compare")  # sidebar order
 PROVIDER_ENV = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL")
 # Grey placeholders Streamlit shows while an element's code is still loading.
 SKELETONS = '[data-testid="stSkeleton"], [data-testid="stSkeletonElement"], [data-testid="stAppSkeleton"]'

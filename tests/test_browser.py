@@ -6,7 +6,9 @@ Checked on every page: it finishes rendering with no exception or error box; no 
 (the hostile text shows as text); nothing is requested from any host but the dashboard's own (such
 requests are aborted and recorded, and the graph must still draw). Also: a deep link opens the page
 inside the frame, even as the very first request a fresh server gets; a gradient's backward call
-opens on a click; and starting a run with a provider model whose key is missing says so in the
+opens on a click; the Proposals page opens on a shared link to its run, keeps that run across a
+reload and opens a proposal's optimizer call on a click; a run's id in the Runs table opens that
+run; and starting a run with a provider model whose key is missing says so in the
 page. Screenshots go to screenshots/<page>.png.
 """
 
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Iterator
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, urlparse
 
 import pytest
 from playwright.sync_api import expect
@@ -183,6 +185,54 @@ def test_hostile_text_shows_as_text(dashboard: str, filled, tab: Tab) -> None:
     for frame in page.frames:
         assert frame.locator("script:has-text('alert(')").count() == 0, frame.url
         assert frame.locator('img[src="x"]').count() == 0, frame.url
+    tab.assert_safe()
+
+
+def run_picker(page):
+    return page.locator('[data-testid="stSidebar"]').get_by_role("combobox", name="Run")
+
+
+def test_proposals_page_on_a_shared_link(dashboard: str, filled, tab: Tab) -> None:
+    _store, ids = filled
+    page = tab.page
+    page.goto(f"{dashboard}/proposals?run={ids[0]}&fate=accepted")  # not the newest run
+    wait_rendered(page, "Proposals")
+    assert_no_errors(page)
+    assert_frame(page)
+    expect(run_picker(page)).to_have_value(ids[0])
+    main = page.locator('[data-testid="stMain"]')
+    expect(main).to_contain_text("1 of ")
+    assert page.get_by_text(HOSTILE).first.is_visible()  # the proposed value, in its word diff, as text
+    code = main.locator('[data-testid="stCode"]')
+    assert code.count() == 0  # the optimizer call is loaded only when its panel is opened
+    page.get_by_text("Optimizer call that wrote it").first.click()
+    code.filter(has_text="Target parameter").first.wait_for(state="visible")
+    wait_rendered(page, "Proposals")
+    assert_no_errors(page)
+    screenshot(page, "Proposals-call")
+
+    page.reload()  # the address names the view: the same run and filter after a reload
+    wait_rendered(page, "Proposals")
+    expect(run_picker(page)).to_have_value(ids[0])
+    query = parse_qs(urlparse(page.url).query)
+    assert query["run"] == [ids[0]] and query["fate"] == ["accepted"]
+    for frame in page.frames:
+        assert frame.locator("script:has-text('alert(')").count() == 0, frame.url
+        assert frame.locator('img[src="x"]').count() == 0, frame.url
+    tab.assert_safe()
+
+
+def test_a_run_in_the_runs_table_opens_that_run(dashboard: str, filled, tab: Tab) -> None:
+    _store, ids = filled
+    page = tab.page
+    page.goto(dashboard)
+    wait_rendered(page, "Runs")
+    expect(run_picker(page)).to_have_value(ids[-1])  # the newest
+    page.locator('[data-testid="stMain"] table a', has_text=ids[0]).click()
+    wait_rendered(page, "Curves")
+    expect(run_picker(page)).to_have_value(ids[0])
+    assert urlparse(page.url).path == "/curves" and parse_qs(urlparse(page.url).query)["run"] == [ids[0]]
+    assert_no_errors(page)
     tab.assert_safe()
 
 

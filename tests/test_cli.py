@@ -37,7 +37,10 @@ def test_runs_show_and_export(one_run, capsys) -> None:
     assert {"parameter", "step", "value", "method", "reasoning", "scores", "fate", "decided_by"} <= set(proposal)
     assert {"minibatch", "validation"} <= set(proposal["scores"])
     gradient = doc["gradients"][0]
-    assert {"step", "sample", "node", "target", "call_index", "score", "text"} <= set(gradient)
+    assert {"id", "step", "sample", "node", "target", "call_index", "score", "text"} <= set(gradient)
+    # Why each proposal was made: the ids of the gradients its optimizer call read.
+    ids = {g["id"] for g in doc["gradients"]}
+    assert all(p["feedback_ids"] and set(p["feedback_ids"]) <= ids for p in doc["proposals"])
 
 
 def test_bad_input_is_one_clear_error_and_exit_code_2(tmp_path: Path, capsys) -> None:

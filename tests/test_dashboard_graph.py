@@ -292,7 +292,7 @@ def test_prompts_page_shows_a_diff_and_why(counting, monkeypatch):
     at.selectbox(key="prompt_param").select("counter.instruction").run()
     assert not at.exception
     diff = [h.value for h in at.get("html") if "<del" in h.value or "<ins" in h.value]
-    assert len(diff) == 2
+    assert len(diff) == 3  # the two versions picked, and the accepted version against the one before it
     assert any("Reasoning" in m.value for m in at.markdown)
     assert any("Peers at step" in m.value for m in at.markdown)
     peers = [c.value for c in at.code]
@@ -304,7 +304,10 @@ def test_prompts_page_shows_a_diff_and_why(counting, monkeypatch):
 def test_prompts_page_multi_node(multihop, monkeypatch):
     store, run_id = multihop
     at = open_page("prompts.py", store, monkeypatch, run_id)
-    assert at.selectbox(key="prompt_param").options == ["query_generator.instruction", "answer_generator.instruction"]
+    assert at.selectbox(key="prompt_param").options == [  # each with its number of versions
+        f"{name} ({n} version{'' if n == 1 else 's'})" for name in ("query_generator.instruction",
+                                                                    "answer_generator.instruction")
+        for n in [len(store.parameter_versions(run_id, name))]]
     at.selectbox(key="prompt_param").select("answer_generator.instruction").run()
     assert not at.exception
     assert any("None: this parameter is its node's whole prompt." in c.value for c in at.caption)

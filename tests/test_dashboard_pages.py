@@ -16,14 +16,14 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from autodiff.config import make_config
-from autodiff import compare, review, runner
+from autodiff import compare, runner
 from autodiff.llm.pricing import format_usd
 from autodiff.metrics import PHASES, run_summary, step_figures
 from autodiff.store import Store
 from tests.fake_runs import fake_run, filled_store
 
 APP = "../app.py"
-MY_PAGES = ("pages/runs.py", "pages/curves.py", "pages/review.py", "pages/compare.py")
+MY_PAGES = ("pages/runs.py", "pages/curves.py", "pages/review.py", "pages/compare.py", "pages/proposals.py")
 # Elements whose text Streamlit renders as markdown or HTML: untrusted text must arrive escaped.
 RENDERED = ("markdown", "caption", "title", "header", "subheader", "info", "success", "warning", "error",
             "html", "toast")
@@ -466,16 +466,3 @@ def test_differing_samples_uses_the_latest_test_evaluation(filled) -> None:
         assert row[f"{ids[0]} prediction"] == latest[row["sample"]]["prediction"]
         assert row[f"{ids[2]} score"] == rejected_all[row["sample"]]["score"]
     assert compare.differing_samples(store, [ids[0], ids[0]]) == []
-
-
-def test_feedback_the_optimizer_read_includes_human_feedback_not_yet_marked_consumed() -> None:
-    """The trainer marks human feedback consumed when its step ends; a proposal waiting for review
-    at that step was written after reading it, so Review shows it with the step's gradients."""
-    def grad(origin: str, step: int, created: float, consumed: int | None = None, target: str = "p") -> dict:
-        return {"origin": origin, "step": step, "created_at": created, "consumed_step": consumed,
-                "target_type": "parameter", "target": target, "text": f"{origin} {step} {created}"}
-    rows = [grad("backward", 2, 10.0), grad("backward", 1, 5.0), grad("human", 1, 8.0),
-            grad("human", 1, 3.0, consumed=1), grad("human", 1, 20.0), grad("backward", 2, 11.0, target="q")]
-    assert [g["text"] for g in review.parameter_feedback(rows, "p", 2, read_before=12.0)] == [
-        "backward 2 10.0", "human 1 8.0"]
-    assert [g["text"] for g in review.parameter_feedback(rows, "p", 1)] == ["backward 1 5.0", "human 1 3.0"]

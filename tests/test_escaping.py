@@ -1,5 +1,5 @@
-"""Untrusted text (from an LLM or a dataset) stays inert everywhere the Graph, Gradients and
-Prompts pages put it: the pyvis HTML (HTML text, HTML titles, JSON inside a <script> block) and
+"""Untrusted text (from an LLM or a dataset) stays inert everywhere the Graph, Gradients, Prompts,
+Proposals and Review pages put it: the pyvis HTML (HTML text, HTML titles, JSON inside a <script> block) and
 markdown. The graph page also loads nothing from outside."""
 
 from __future__ import annotations
@@ -73,7 +73,11 @@ def hostile_store(tmp_path: Path) -> tuple[Store, str]:
                  (f"tidy{HOSTILE}",), "c1", "backward", None, now + 2),
     ])
     store.add_proposal(run, Proposal("p1", 1, "counter.instruction", f"Count the items. {CLOSER}",
-                                     f"add{HOSTILE}", HOSTILE, "c1", "accepted", HOSTILE, 1.0, 0.0, 1.0, 0.0))
+                                     f"add{HOSTILE}", HOSTILE, "c1", "accepted", HOSTILE, 1.0, 0.0, 1.0, 0.0,
+                                     feedback_ids=("g2", "g3")))
+    # A malformed reply held for review (review mode "all"): its raw reply is the hostile text.
+    store.add_proposal(run, Proposal("p2", 1, "counter.examples", f"{HOSTILE}{CLOSER}", "none", "", "c1",
+                                     "pending", HOSTILE, feedback_ids=("g2",), held_fate="malformed"))
     store.add_parameter_version(run, "counter.instruction", 1, f"Count the items. {CLOSER}", "p1")
     store.finish_step(run, 1, 1.0, None, [sample])
     store.set_run_status(run, "failed", error=f"the model said {HOSTILE}")  # the Runs table shows errors
@@ -184,7 +188,8 @@ def run_page(name: str, store: Store, run_id: str, monkeypatch, **choices) -> Ap
 
 @pytest.mark.parametrize("page,choices", [
     ("runs.py", {}), ("graph.py", {}), ("graph.py", {"graph_node": "tidy"}), ("gradients.py", {}),
-    ("prompts.py", {}), ("prompts.py", {"prompt_param": "counter.examples"}),
+    ("prompts.py", {}), ("prompts.py", {"prompt_param": "counter.examples"}), ("proposals.py", {}),
+    ("proposals.py", {"props_fate": "pending"}), ("review.py", {}),
 ])
 def test_pages_never_show_hostile_text_raw(page, choices, tmp_path, monkeypatch):
     store, run = hostile_store(tmp_path)
@@ -207,7 +212,32 @@ def counting(tmp_path_factory):
     return filled_store(tmp_path_factory.mktemp("counting"))
 
 
-@pytest.mark.parametrize("page", ["graph.py", "gradients.py", "prompts.py"])
+def test_proposals_page_shows_hostile_proposals_as_text(tmp_path, monkeypatch):
+    store, run = hostile_store(tmp_path)
+    at = run_page("proposals.py", store, run, monkeypatch)
+    for p in store.proposals(run):  # every optimizer call panel opened
+        at.session_state[f"prop_call_{p['id']}"] = True
+    at.run()
+    assert not at.exception
+    shown = texts(at)
+    for text in shown:
+        assert unescaped(text) == [], text[:300]
+    assert any("&lt;/script&gt;&lt;script&gt;alert(&#x27;closed&#x27;)" in h.value for h in at.get("html"))  # the diff
+    assert any("\\<script\\>alert" in m.value for m in at.markdown)  # the feedback it read, the reason
+    assert any(c.value == f"{HOSTILE}{CLOSER}" for c in at.code)  # the malformed reply, as plain text
+    assert any(c.value == CLOSER for c in at.code)  # its optimizer call's prompt, as plain text
+
+
+def test_review_page_shows_a_hostile_malformed_reply_as_text(tmp_path, monkeypatch):
+    store, run = hostile_store(tmp_path)
+    at = run_page("review.py", store, run, monkeypatch)
+    assert any(w.value.startswith("Malformed reply") for w in at.warning)
+    assert any(c.value == HOSTILE for c in at.code)  # the call's full reply
+    for text in texts(at):
+        assert unescaped(text) == [], text[:300]
+
+
+@pytest.mark.parametrize("page", ["graph.py", "gradients.py", "prompts.py", "proposals.py"])
 def test_real_runs_never_show_hostile_text_raw(page, counting, monkeypatch):
     store, run_ids = counting
     for run_id in run_ids:

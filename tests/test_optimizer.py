@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from autodiff.errors import LLMFatalError
-from autodiff.optimizer import Optimizer, OptimizerInput, build_prompt, format_gradients, parse_proposals
+from autodiff.optimizer import (Optimizer, OptimizerInput, build_prompt, feedback_read, format_gradients,
+                                parse_proposals)
 from autodiff.parameter import Parameter
 from autodiff.prompts import OPTIMIZER_PROMPT, OPTIMIZER_SYSTEM
 from autodiff.records import Proposal
@@ -142,3 +143,15 @@ def test_lenient_parsing_takes_bare_values_and_untagged_replies() -> None:
     assert [p.value for p in parsed] == ["Count twice."]
     # A reply with stray tags but no value is still malformed: it is probably our template echoed.
     assert parse_proposals("<feedback>nothing</feedback>", lenient=True)[0] == []
+
+
+def test_feedback_read_is_the_feedback_the_prompt_holds() -> None:
+    """A proposal records the ids of the gradients its prompt held, in the prompt's order (lowest
+    score first); when the feedback is cut to fit, the ids cut away are not recorded."""
+    grads = [{"id": f"g{i}", "sample_id": f"s{i}", "call_index": 0, "score": (9 - i) / 10, "text": "x" * 100,
+              "origin": "backward"} for i in range(10)]
+    assert feedback_read(grads) == tuple(f"g{i}" for i in reversed(range(10)))
+    text = format_gradients(grads, limit_chars=300)
+    assert feedback_read(grads, limit_chars=300) == ("g9", "g8")
+    assert 'id="s8"' in text and 'id="s7"' not in text and "more feedback cut" in text
+    assert feedback_read([{k: v for k, v in grads[0].items() if k != "id"}]) == ()  # no id, nothing to record

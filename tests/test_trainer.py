@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 
 from autodiff import runner
-from autodiff.errors import LLMFatalError, LLMTransientError
+from autodiff.errors import LLMFatalError, LLMTransientError, StoreError
 from autodiff.llm.fake import FakeProvider
 from conftest import FAST_RETRY, INSTRUCTION, OUTPUT_FORMAT, Script, proposal, toy_forward
 
@@ -410,3 +410,117 @@ def test_a_background_start_keeps_a_stop_asked_for_while_it_was_starting(run_toy
                   cache_path=tmp_path / "cache.sqlite", retry=FAST_RETRY)
     assert store.run("early")["status"] == "stopped"  # the stop still stands
     assert [s["step"] for s in store.steps("early") if s["status"] == "completed"] == trained
+
+
+# --- 11. what each proposal read, and review mode "all" -----------------------------------------
+
+def _feedback_lines(prompt: str) -> int:
+    return sum(line.startswith(("- [call ", "- [human] ")) for line in prompt.splitlines())
+
+
+def test_a_proposal_records_the_feedback_its_optimizer_call_read(run_toy, store) -> None:
+    """Stored with the proposal when its optimizer call is made (the step's gradients on its
+    parameter and the human feedback not yet consumed), and readable the other way round."""
+    human: list[str] = []
+
+    def progress(event: str, info: dict) -> None:
+        if event == "initial":
+            human.append(store.add_human_feedback("read", "Carry the tens.", node="solver", target="toy.instruction"))
+
+    script = Script(proposals={"toy.instruction": [proposal(BETTER)]})
+    run = run_toy(script, run_id="read", progress=progress)
+    p = _only(run.proposals("toy.instruction"))
+    own = [g["id"] for g in store.gradients("read", step=1, target="toy.instruction")
+           if g["text"] and g["origin"] != "human"]
+    assert own and sorted(p["feedback_ids"]) == sorted(own + human)
+    [prompt] = [x for x in script.of_kind("optimizer") if "Target parameter: `toy.instruction`" in x]
+    assert _feedback_lines(prompt) == len(p["feedback_ids"])  # every line the prompt held, no more
+    assert [g["id"] for g in store.gradients_by_id("read", p["feedback_ids"])] == p["feedback_ids"]
+    readers = store.proposals_reading("read", [*p["feedback_ids"], "not-a-gradient"])
+    assert {gid: [r["id"] for r in rows] for gid, rows in readers.items()} == {gid: [p["id"]] for gid in p["feedback_ids"]}
+    other = _only(run.proposals("toy.output_format"))
+    assert other["feedback_ids"] and human[0] not in other["feedback_ids"]  # it was written on the instruction
+
+
+def _next_pending(store, seen: list[str], timeout: float = 10.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pending = [p for p in store.proposals("review", fate="pending") if p["id"] not in seen]
+        if pending:
+            return pending[0]
+        time.sleep(0.02)
+    raise AssertionError("no new proposal became pending")
+
+
+def test_review_all_holds_malformed_and_check_failed_proposals_for_a_person(run_toy, store) -> None:
+    human: list[str] = []
+
+    def progress(event: str, info: dict) -> None:
+        if event == "initial":
+            human.append(store.add_human_feedback("review", "Use LEVEL=2.", node="solver", target="toy.instruction"))
+
+    # The instruction's optimizer call replies with garbage; the output format's echoes its value (a failed check).
+    out: list = []
+    script = Script(proposals={"toy.instruction": ["%%% garbage !!!"]})
+    thread = threading.Thread(target=lambda: out.append(run_toy(script, run_id="review", review="all",
+                                                                progress=progress)), daemon=True)
+    thread.start()
+    malformed = _next_pending(store, [])
+    assert (malformed["parameter"], malformed["held_fate"], malformed["value"]) == (
+        "toy.instruction", "malformed", "%%% garbage !!!")
+    assert malformed["val_score"] is None and "no <proposal> block" in malformed["reason"]
+    # What it read is on record while it waits, the human feedback included (consumed only when the step ends).
+    assert human[0] in malformed["feedback_ids"]
+    assert _only([g for g in store.gradients("review") if g["id"] == human[0]])["consumed_step"] is None
+    with pytest.raises(StoreError, match="no value to accept"):
+        store.decide(malformed["id"], "accept")
+    store.decide(malformed["id"], "edit", value=LEVEL2)  # a value written in its place
+
+    failed_check = _next_pending(store, [malformed["id"]])
+    assert (failed_check["parameter"], failed_check["held_fate"]) == ("toy.output_format", "rejected_check")
+    assert failed_check["reason"] == "same as the current value"
+    store.decide(failed_check["id"], "reject")
+    thread.join(timeout=30)
+    assert not thread.is_alive() and out and out[0].record["status"] == "completed"
+
+    edited, dismissed = store.proposal(malformed["id"]), store.proposal(failed_check["id"])
+    assert (edited["fate"], edited["decided_by"], edited["decision_value"]) == ("accepted", "human", LEVEL2)
+    assert "edited" in edited["reason"]
+    assert store.parameter_values_at("review", 1)["toy.instruction"] == LEVEL2
+    assert store.steps("review")[1]["val_score"] == 0.8  # the written value was scored on validation first
+    assert (dismissed["fate"], dismissed["decided_by"], dismissed["held_fate"]) == (
+        "rejected_check", "human", "rejected_check")  # a rejection gives it back the fate it was held with
+
+
+def test_review_all_accepting_a_check_failed_proposal_overrides_the_check(run_toy, store) -> None:
+    plain = "Reply with the number alone."  # drops the 'Answer:' the output format must keep: refused
+    thread, out = _train_in_background(run_toy, Script(proposals={"toy.output_format": [proposal(plain)]}),
+                                       review="all")
+    echo = _wait_for_pending(store)  # the instruction's optimizer call echoes its value
+    assert (echo["parameter"], echo["held_fate"]) == ("toy.instruction", "rejected_check")
+    store.decide(echo["id"], "reject")
+    held = _next_pending(store, [echo["id"]])
+    assert held["held_fate"] == "rejected_check" and "drops what the parameter's role needs" in held["reason"]
+    store.decide(held["id"], "accept")
+    thread.join(timeout=30)
+    assert not thread.is_alive() and out[0].record["status"] == "completed"
+    p = store.proposal(held["id"])
+    assert p["fate"] == "accepted" and "over the check (drops what" in p["reason"]
+    assert store.parameter_values_at("review", 1)["toy.output_format"] == plain
+    scored = [c for c in store.call_summaries("review") if c["proposal_id"] == held["id"]]
+    assert len(scored) == 10 + 6 and {c["phase"] for c in scored} == {"validate"}  # validation and mini-batch
+
+
+def test_review_all_time_out_never_accepts_a_held_proposal(run_toy, store) -> None:
+    run = run_toy(Script(proposals={"toy.instruction": ["%%% garbage !!!"]}), review="all", review_timeout=0.3,
+                  review_fallback="accept")
+    fates = [(p["parameter"], p["fate"], p["held_fate"]) for p in run.proposals()]
+    assert fates == [("toy.instruction", "malformed", "malformed"),
+                     ("toy.output_format", "rejected_check", "rejected_check")]
+    assert all(p["decided_by"].startswith("timeout") for p in run.proposals())
+    assert run.values()["toy.instruction"] == INSTRUCTION and run.record["status"] == "completed"
+
+
+def test_review_off_never_holds_a_proposal(run_toy) -> None:
+    run = run_toy(Script(proposals={"toy.instruction": ["%%% garbage !!!"]}))
+    assert [(p["fate"], p["held_fate"]) for p in run.proposals()] == [("malformed", None), ("rejected_check", None)]

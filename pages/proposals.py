@@ -1,0 +1,108 @@
+"""Proposals: every proposal of the run, whatever became of it: its scores at each stage, the word diff
+against the value it would have replaced, the feedback its optimizer call read, and that call."""
+
+import streamlit as st
+
+from autodiff import proposals as props
+from autodiff.diffs import inline_diff_html, word_diff_html
+from autodiff.records import PROPOSAL_FATES
+from dashboard.common import ALL, choose, fmt_score, md, page_url, require_run, reset_when
+
+PER_PAGE = 20
+
+store, run_id = require_run()
+st.title("Proposals")
+every = store.proposals(run_id)
+if not every:
+    st.info("No proposals yet: the optimizer writes them for each trainable parameter from the feedback of a "
+            "training step's failing samples.")
+    st.stop()
+
+cols = st.columns([1, 3, 2])
+step = choose(cols[0], "Step", [ALL, *dict.fromkeys(p["step"] for p in every)], key="props_step", scope=run_id,
+              url="step")
+parameter = choose(cols[1], "Parameter", [ALL, *dict.fromkeys(p["parameter"] for p in every)], key="props_param",
+                   scope=run_id, url="parameter")
+fate = choose(cols[2], "Fate", [ALL, *props.fates_in(every)], key="props_fate", scope=run_id, url="fate",
+              help="; ".join(f"{name}: {meaning}" for name, meaning in PROPOSAL_FATES.items()))
+shown = props.select(every, step=None if step == ALL else step, parameter=None if parameter == ALL else parameter,
+                     fate=None if fate == ALL else fate)
+st.caption(f"{len(shown)} of {len(every)} proposals, in the order they were made.")
+if not shown:
+    st.stop()
+st.dataframe([{"step": p["step"], "parameter": p["parameter"], "method": p["method"], "fate": p["fate"],
+               "mini-batch": p["minibatch_score"], "its baseline": p["minibatch_baseline"],
+               "validation": p["val_score"], "best before": p["val_baseline"], "reason": p["reason"]}
+              for p in shown], hide_index=True)
+
+pages = max(1, -(-len(shown) // PER_PAGE))
+page = 1
+if pages > 1:
+    reset_when("props_page", (run_id, step, parameter, fate), 1)
+    page = st.number_input("Page", 1, pages, key="props_page")
+current = shown[(page - 1) * PER_PAGE: page * PER_PAGE]
+
+
+def scores(p: dict) -> str:
+    stages = [f"{name} {fmt_score(p[score])} vs {fmt_score(p[base])}" for name, score, base in
+              (("mini-batch", "minibatch_score", "minibatch_baseline"), ("validation", "val_score", "val_baseline"))
+              if p[score] is not None]
+    return " · ".join(stages) or "not scored"
+
+
+for p, old in zip(current, props.replaced_values(store, run_id, current)):
+    with st.container(border=True):
+        held = f" (held for review as {md(p['held_fate'])})" if p["held_fate"] else ""
+        st.markdown(f"**Step {p['step']} · {md(p['parameter'])}** · method {md(p['method'])} · "
+                    f"**{md(p['fate'])}**{held} · {scores(p)}"
+                    + (f" · decided by {md(p['decision_by'] or p['decided_by'])}" if p["decided_by"] else ""))
+        st.markdown(f"Why: {md(p['reason']) or '-'}")
+        if p["reasoning"]:
+            st.markdown(f"Optimizer's reasoning: {md(p['reasoning'])}")
+        if p["fate"] == "error":
+            st.caption("No value: the optimizer call gave no reply.")
+        elif p["method"] == "none":  # a malformed reply: what the optimizer wrote, as it wrote it
+            st.caption("The optimizer's reply, which held no usable proposal")
+            st.code(p["value"], language=None, wrap_lines=True)
+        else:
+            left, right = st.columns(2)
+            before, after = word_diff_html(old, p["value"])
+            left.caption("The value it would have replaced")
+            left.html(before)
+            right.caption("Proposed value")
+            right.html(after)
+        if p["decision"] == "edit" and p["decision_value"]:
+            st.caption("Edited by a person before accepting: their value against the proposed one")
+            st.html(inline_diff_html(p["value"] if p["method"] != "none" else old, p["decision_value"]))
+
+        feedback = props.feedback_read(store, p)
+        with st.expander(f"Feedback its optimizer call read ({'not recorded' if feedback is None else len(feedback)})"):
+            if feedback is None:
+                st.caption("Not recorded: this proposal was stored before proposals kept the ids of the feedback "
+                           "they were written from.")
+            for g in feedback or ():
+                about = "-" if g["about_call"] is None else g["about_call"]
+                st.markdown(f"**{md(g['origin'])}** · step {g['step']} · sample {md(g['sample_id'] or '-')} · "
+                            f"call {about} · score {fmt_score(g['score'])}  \n{md(g['text'])}")
+            if feedback:
+                st.markdown(f"[Every gradient of step {p['step']} on the Gradients page]"
+                            f"({page_url('gradients', run=run_id, step=p['step'])})")
+
+        if not p["llm_call_id"]:
+            continue
+        # Loaded and drawn only when opened: optimizer prompts are long.
+        panel = st.expander("Optimizer call that wrote it", key=f"prop_call_{p['id']}", on_change="rerun")
+        if not panel.open:
+            continue
+        with panel:
+            call = store.call(p["llm_call_id"])
+            if call is None:
+                st.caption("The call record is missing from the store.")
+                continue
+            st.caption(f"{md(call['model'])} · {call['prompt_tokens']}+{call['completion_tokens']} tokens"
+                       f"{' · cached' if call['cached'] else ''}{' · cut off at the token limit' if call['finish_reason'] == 'length' else ''}")
+            for role, content in call["messages"]:
+                st.caption(md(role))
+                st.code(content, language=None, wrap_lines=True)
+            st.caption("reply")
+            st.code(call["response"] or "", language=None, wrap_lines=True)
