@@ -48,8 +48,8 @@ def export_run(store: Store, run_id: str) -> dict:
     ]
     gradients = [
         {
-            "id": g["id"], "step": g["step"], "sample": g["sample_id"], "node": g["node"], "target_type": g["target_type"],
-            "target": g["target"], "call_index": g["call_index"], "score": g["score"], "text": g["text"],
+            "id": g["id"], "step": g["step"], "sample": g["sample_id"], "node": g["node"],
+            "target_type": g["target_type"], "target": g["target"], "call_index": g["call_index"], "score": g["score"], "text": g["text"],
             "source_node": g["source_node"], "path": g["path"], "origin": g["origin"], "error": g["error"],
             "llm_call_id": g["llm_call_id"],
         }

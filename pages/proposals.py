@@ -99,8 +99,10 @@ for p, old in zip(current, props.replaced_values(store, run_id, current)):
             if call is None:
                 st.caption("The call record is missing from the store.")
                 continue
-            st.caption(f"{md(call['model'])} · {call['prompt_tokens']}+{call['completion_tokens']} tokens"
-                       f"{' · cached' if call['cached'] else ''}{' · cut off at the token limit' if call['finish_reason'] == 'length' else ''}")
+            notes = [note for note, flag in (("cached", call["cached"]),
+                                             ("cut off at the token limit", call["finish_reason"] == "length")) if flag]
+            st.caption(" · ".join([f"{md(call['model'])}", f"{call['prompt_tokens']}+{call['completion_tokens']} tokens",
+                                   *notes]))
             for role, content in call["messages"]:
                 st.caption(md(role))
                 st.code(content, language=None, wrap_lines=True)

@@ -192,7 +192,8 @@ def test_the_feedback_a_proposal_read_is_shown_with_it_and_from_each_gradient(ru
     at.selectbox(key="grad_step").select(accepted["step"]).run()
     at.selectbox(key="grad_target").select(f"param:{accepted['parameter']}").run()
     assert_clean(at)
-    assert at.query_params["step"] == str(accepted["step"]) and at.query_params["target"] == f"param:{accepted['parameter']}"
+    assert at.query_params["step"] == str(accepted["step"])
+    assert at.query_params["target"] == f"param:{accepted['parameter']}"
     link = f"/proposals?run={ids[0]}&step={accepted['step']}&parameter={accepted['parameter']}"
     lines = [m.value for m in at.markdown if m.value.startswith("Read by")]
     readers = store.proposals_reading(ids[0], read)
@@ -283,7 +284,7 @@ def test_the_url_opens_the_same_parameter_and_step(runs) -> None:
     assert_clean(at)
     assert at.selectbox(key="prompt_param").value == "counter.examples"  # not the parameter that changed
     at.run()
-    assert at.selectbox(key="prompt_param").value == "counter.examples" and at.query_params["parameter"] == "counter.examples"
+    assert at.selectbox(key="prompt_param").value == at.query_params["parameter"] == "counter.examples"
     at.switch_page("pages/proposals.py").run()
     assert_clean(at)
     assert at.selectbox(key="props_step").value == 2

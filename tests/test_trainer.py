@@ -437,7 +437,8 @@ def test_a_proposal_records_the_feedback_its_optimizer_call_read(run_toy, store)
     assert _feedback_lines(prompt) == len(p["feedback_ids"])  # every line the prompt held, no more
     assert [g["id"] for g in store.gradients_by_id("read", p["feedback_ids"])] == p["feedback_ids"]
     readers = store.proposals_reading("read", [*p["feedback_ids"], "not-a-gradient"])
-    assert {gid: [r["id"] for r in rows] for gid, rows in readers.items()} == {gid: [p["id"]] for gid in p["feedback_ids"]}
+    assert {gid: [r["id"] for r in rows] for gid, rows in readers.items()} == {
+        gid: [p["id"]] for gid in p["feedback_ids"]}
     other = _only(run.proposals("toy.output_format"))
     assert other["feedback_ids"] and human[0] not in other["feedback_ids"]  # it was written on the instruction
 
