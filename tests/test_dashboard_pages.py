@@ -466,3 +466,17 @@ def test_differing_samples_uses_the_latest_test_evaluation(filled) -> None:
         assert row[f"{ids[0]} prediction"] == latest[row["sample"]]["prediction"]
         assert row[f"{ids[2]} score"] == rejected_all[row["sample"]]["score"]
     assert compare.differing_samples(store, [ids[0], ids[0]]) == []
+
+
+def test_proposals_page_shows_what_each_proposal_cost(filled) -> None:
+    store, ids = filled
+    every = store.proposals(ids[0])
+    costs = store.proposal_costs(ids[0])
+    at = open_page(store.path, "pages/proposals.py", ids[0])
+    assert_clean(at)
+    table = at.dataframe[0].value
+    assert list(table["cost to make"]) == [format_usd(costs[p["id"]]["make_usd"]) for p in every]
+    assert list(table["cost to validate"]) == [format_usd(costs[p["id"]]["validate_usd"]) for p in every]
+    validated = [p for p in every if p["minibatch_score"] is not None]
+    assert validated and all(costs[p["id"]]["validate_usd"] > 0 for p in validated)
+    assert any("cost to make \\$" in m.value and "to validate \\$" in m.value for m in at.markdown)
