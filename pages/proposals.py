@@ -5,6 +5,7 @@ import streamlit as st
 
 from autodiff import proposals as props
 from autodiff.diffs import inline_diff_html, word_diff_html
+from autodiff.llm.pricing import format_usd
 from autodiff.records import PROPOSAL_FATES
 from dashboard.common import ALL, choose, fmt_score, md, page_url, require_run, reset_when
 
@@ -30,10 +31,14 @@ shown = props.select(every, step=None if step == ALL else step, parameter=None i
 st.caption(f"{len(shown)} of {len(every)} proposals, in the order they were made.")
 if not shown:
     st.stop()
+costs = store.proposal_costs(run_id)  # what each cost to make (its optimizer call) and to validate
+NO_COST = {"make_usd": 0.0, "validate_usd": 0.0, "unknown": 0}
 st.dataframe([{"step": p["step"], "parameter": p["parameter"], "method": p["method"], "fate": p["fate"],
                "mini-batch": p["minibatch_score"], "its baseline": p["minibatch_baseline"],
-               "validation": p["val_score"], "best before": p["val_baseline"], "reason": p["reason"]}
-              for p in shown], hide_index=True)
+               "validation": p["val_score"], "best before": p["val_baseline"],
+               "cost to make": format_usd(c["make_usd"]),
+               "cost to validate": format_usd(c["validate_usd"], c["unknown"]), "reason": p["reason"]}
+              for p in shown for c in [costs.get(p["id"], NO_COST)]], hide_index=True)
 
 pages = max(1, -(-len(shown) // PER_PAGE))
 page = 1
@@ -50,11 +55,17 @@ def scores(p: dict) -> str:
     return " · ".join(stages) or "not scored"
 
 
+def cost(p: dict) -> str:
+    c = costs.get(p["id"], NO_COST)
+    return (f"cost to make {md(format_usd(c['make_usd']))}, to validate "
+            f"{md(format_usd(c['validate_usd'], c['unknown']))}")
+
+
 for p, old in zip(current, props.replaced_values(store, run_id, current)):
     with st.container(border=True):
         held = f" (held for review as {md(p['held_fate'])})" if p["held_fate"] else ""
         st.markdown(f"**Step {p['step']} · {md(p['parameter'])}** · method {md(p['method'])} · "
-                    f"**{md(p['fate'])}**{held} · {scores(p)}"
+                    f"**{md(p['fate'])}**{held} · {scores(p)} · {cost(p)}"
                     + (f" · decided by {md(p['decision_by'] or p['decided_by'])}" if p["decided_by"] else ""))
         st.markdown(f"Why: {md(p['reason']) or '-'}")
         if p["reasoning"]:
