@@ -459,6 +459,7 @@ class Trainer:
             self.store.update_proposal(proposal.id, fate="failed_minibatch", reason=first.reason, **update)
             self.buffer.flush()
             return False, baseline
+        self._fill_baseline(step)
         current = {e.sample_id: e.score for e in self.current_val_evals}
         stop_when = None if review_all else (
             lambda done, pending: out_of_reach(done, pending, current, self.val_rule, len(self.val)))
@@ -483,6 +484,18 @@ class Trainer:
                                    reason=second.reason if second.better else f"for review: {second.reason}",
                                    **update)
         return self._await_review(step, param, proposal, minibatch, baseline, val=val, mb=mb)
+
+    def _fill_baseline(self, step: int) -> None:
+        """Validation samples of the current values that errored are asked again before a
+        proposal is judged against them: a passing fault must not take a sample out of the
+        comparison (and so tilt it). Still errored past the allowed share: the run stops."""
+        holes = [self.samples[e.sample_id] for e in self.current_val_evals if e.errored]
+        if not holes:
+            return
+        again = {e.sample_id: e for e in self.evaluate(holes, {}, phase="validate", step=step)}
+        self.current_val_evals = [again.get(e.sample_id, e) for e in self.current_val_evals]
+        self._check_errors(self.current_val_evals, step, "validation (current values)")
+        self.best_val = mean_score(self.current_val_evals)
 
     def _undecided(self, proposal: Proposal, reason: str, update: dict, step: int) -> None:
         """A comparison spoiled by errors: record why on the proposal, then stop the run."""

@@ -125,3 +125,36 @@ def test_out_of_reach_counts_errors_and_headroom() -> None:
     assert out_of_reach([Evaluation("a", "", "", 0.0), Evaluation("b", "", "", 0.0)], ["c"], base, rule, 3)
     errs = [Evaluation("a", "", "", None, "x"), Evaluation("b", "", "", None, "x")]
     assert out_of_reach(errs, ["c"], base, rule, 3)  # 2 of 3 errored: can never be judged
+
+
+def test_errored_baseline_samples_are_asked_again_before_a_proposal_is_judged(run_toy) -> None:
+    # One validation sample fails at step 0 (within a 20% share); the proposal at step 1 is
+    # judged on all 10 samples, the failed one asked again first, not on the 9 left.
+    outage = Outage({_val_question(0)})
+
+    def forward(prompt: str):
+        reply = outage(prompt)
+        if not isinstance(reply, Exception) and "digit by digit" in prompt:
+            outage.end()  # the fault has passed by the time a proposal is validated
+        return reply
+
+    run = run_toy(Script(forward=forward, proposals={"toy.instruction": [proposal(BETTER)]}), max_error_share=0.2)
+    p = run.proposals("toy.instruction")[0]
+    assert p["fate"] == "accepted" and "on 10 samples scored on both sides" in p["reason"]
+    assert p["val_baseline"] == 0.5  # the baseline with the re-asked sample, not 4/9
+
+
+def test_failed_backward_calls_past_the_share_stop_the_run(run_toy) -> None:
+    def backward(prompt: str):
+        return LLMTransientError("HTTP 500", kind="server")
+
+    run = run_toy(Script(backward=backward), run_id="nobackward")
+    assert run.record["status"] == "stopped" and "backward calls failed" in run.record["error"]
+    assert run.proposals() == [] and run.store.last_completed_step("nobackward") == 0
+
+
+def test_a_validation_with_no_sample_scored_is_no_score(run_toy) -> None:
+    run = run_toy(Script(forward=lambda prompt: LLMTransientError("HTTP 503", kind="server")),
+                  run_id="unscored", max_error_share=1.0, steps=1)
+    steps = run.store.steps("unscored")
+    assert steps[0]["val_score"] is None and steps[0]["test_score"] is None  # never shown as 0
