@@ -242,3 +242,28 @@ def require_run() -> tuple[Store, str]:
         )
         st.stop()
     return store, run_id
+
+
+def show_call(call: dict | None) -> None:
+    """One recorded LLM call, as stored: model, tokens, how it ended, every message, the reasoning
+    the model wrote (kept apart from its reply) and the reply or the error. All text is shown as
+    code, never as markdown or HTML (it came from an LLM or a dataset)."""
+    if call is None:
+        st.caption("The call record is missing from the store.")
+        return
+    notes = [note for note, flag in (("cached", call["cached"]),
+                                     ("cut off at the token limit", call.get("finish_reason") == "length"),
+                                     (f"{call.get('attempts')} requests", (call.get("attempts") or 1) > 1)) if flag]
+    st.caption(" · ".join([md(call["model"]), f"{call['prompt_tokens']}+{call['completion_tokens']} tokens", *notes]))
+    for role, content in call["messages"]:
+        st.caption(md(role))
+        st.code(content, language=None, wrap_lines=True)
+    if call.get("reasoning"):
+        st.caption("reasoning (not part of the reply)")
+        st.code(call["reasoning"], language=None, wrap_lines=True)
+    if call.get("error"):
+        st.caption(f"error ({md(call.get('error_kind') or 'unknown kind')})")
+        st.code(call["error"], language=None, wrap_lines=True)
+    else:
+        st.caption("reply")
+        st.code(call["response"] or "", language=None, wrap_lines=True)

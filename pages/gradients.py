@@ -5,7 +5,7 @@ import streamlit as st
 
 from autodiff import graphview as gv
 from autodiff import proposals as props
-from dashboard.common import ALL, choose, fmt_score, md, page_url, require_run, reset_when
+from dashboard.common import ALL, choose, fmt_score, md, page_url, require_run, reset_when, show_call
 
 PER_PAGE = 25
 
@@ -77,14 +77,4 @@ for g in shown:
             if not panel.open:
                 continue
             with panel:
-                call = store.call(g["llm_call_id"])
-                if call is None:
-                    st.caption("The call record is missing from the store.")
-                else:
-                    st.caption(f"{md(call['model'])} · {call['prompt_tokens']}+{call['completion_tokens']} tokens"
-                               f"{' · cached' if call['cached'] else ''}")
-                    for role, content in call["messages"]:
-                        st.caption(md(role))
-                        st.code(content, language=None, wrap_lines=True)
-                    st.caption("reply")
-                    st.code(call["response"] or "", language=None, wrap_lines=True)
+                show_call(store.call(g["llm_call_id"]))

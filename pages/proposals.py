@@ -7,7 +7,7 @@ from autodiff import proposals as props
 from autodiff.diffs import inline_diff_html, word_diff_html
 from autodiff.llm.pricing import format_usd
 from autodiff.records import PROPOSAL_FATES
-from dashboard.common import ALL, choose, fmt_score, md, page_url, require_run, reset_when
+from dashboard.common import ALL, choose, fmt_score, md, page_url, require_run, reset_when, show_call
 
 PER_PAGE = 20
 
@@ -106,16 +106,4 @@ for p, old in zip(current, props.replaced_values(store, run_id, current)):
         if not panel.open:
             continue
         with panel:
-            call = store.call(p["llm_call_id"])
-            if call is None:
-                st.caption("The call record is missing from the store.")
-                continue
-            notes = [note for note, flag in (("cached", call["cached"]),
-                                             ("cut off at the token limit", call["finish_reason"] == "length")) if flag]
-            st.caption(" · ".join([f"{md(call['model'])}", f"{call['prompt_tokens']}+{call['completion_tokens']} tokens",
-                                   *notes]))
-            for role, content in call["messages"]:
-                st.caption(md(role))
-                st.code(content, language=None, wrap_lines=True)
-            st.caption("reply")
-            st.code(call["response"] or "", language=None, wrap_lines=True)
+            show_call(store.call(p["llm_call_id"]))
