@@ -351,3 +351,36 @@ def test_the_budget_reserves_for_calls_in_flight_and_settles_with_what_they_spen
     budget.settle(second, None)
     assert (budget.spent_tokens, budget.reserved_tokens) == (50, 0)
     assert GUARD_CHARS_PER_TOKEN < 4  # prompts are reserved at more tokens than English text usually takes
+
+
+def test_a_reply_without_usage_costs_unknown_and_budgets_still_count_it() -> None:
+    """A server that answers but reports no usage: the call's cost is unknown (with the reason),
+    never $0, and a budget counts it at its reservation (the most it could have cost)."""
+    from autodiff.errors import BudgetExceeded
+    from autodiff.llm.budget import Budget
+    from autodiff.llm.pricing import NO_USAGE_SOURCE
+
+    calls = []
+    budget = Budget(tokens=1000)
+    llm = LLM("openai:gpt-4o", UsageProvider(prompt_tokens=0, completion_tokens=0), retry=FAST_RETRY,
+              budget=budget, recorder=calls.append)
+    llm.complete("question", CallContext(phase="forward", step=0), max_tokens=300)
+    assert calls[0].cost_usd is None and calls[0].price_source == NO_USAGE_SOURCE
+    assert budget.spent_tokens >= 300 and budget.reserved_tokens == 0
+    llm.complete("question", CallContext(phase="forward", step=0), max_tokens=300)
+    with pytest.raises(BudgetExceeded):  # the budget binds although the server never counted a token
+        for _ in range(3):
+            llm.complete("question", CallContext(phase="forward", step=0), max_tokens=300)
+
+    usd = Budget(usd=1.0)
+    llm = LLM("openai:gpt-4o", UsageProvider(prompt_tokens=0, completion_tokens=0), retry=FAST_RETRY,
+              budget=usd, recorder=lambda call: None)
+    llm.complete("question", CallContext(phase="forward", step=0), max_tokens=300)
+    assert usd.spent_usd > 0  # not free
+    # A local model stays free whatever it reported.
+    local = []
+    provider = UsageProvider(prompt_tokens=0, completion_tokens=0)
+    provider.endpoint = "http://localhost:11434/v1"
+    LLM("openai:llama3", provider, retry=FAST_RETRY, recorder=local.append).complete(
+        "q", CallContext(phase="forward"))
+    assert local[0].cost_usd == 0.0

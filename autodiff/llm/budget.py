@@ -11,7 +11,9 @@ call, `settle` replaces the reservation with the call's recorded tokens and pric
 
 So a run stops at the first call that might not fit, never after spending past its budget
 (unless a call costs more than its reservation: a prompt of unusually many tokens per
-character). Token budgets count prompt and completion tokens of fresh calls, as the rest of
+character). A fresh reply whose server reported no token usage is counted at its reservation,
+the worst case the call could have been (tokens, and dollars for a USD budget): never as free;
+without a reservation, at its text's length at GUARD_CHARS_PER_TOKEN. Token budgets count prompt and completion tokens of fresh calls, as the rest of
 the accounting does.
 """
 
@@ -90,13 +92,24 @@ class Budget:
                 f"flight, this call up to {want.tokens:,})", "budget_tokens")
         return None
 
-    def settle(self, reservation: Reservation | None, call: LLMCall | None) -> None:
+    def settle(self, reservation: Reservation | None, call: LLMCall | None, *,
+               usage_unknown: bool = False) -> None:
         """Release `reservation` and count what the call really spent (its record; None when the
-        call was never made). A cached call spends nothing."""
+        call was never made). A cached call spends nothing. `usage_unknown`: the server reported
+        no tokens for this fresh reply, so it is counted at its reservation (the most it could
+        have cost), or without one at its text's length."""
         with self._lock:
             if reservation is not None:
                 self.reserved_usd -= reservation.usd
                 self.reserved_tokens -= reservation.tokens
-            if call is not None and not call.cached:
+            if call is not None and not call.cached and usage_unknown:
+                if reservation is not None:
+                    self.spent_usd += reservation.usd
+                    self.spent_tokens += reservation.tokens
+                else:
+                    text = sum(len(content) for _, content in call.messages) + len(call.response or "") \
+                        + len(call.reasoning or "")
+                    self.spent_tokens += math.ceil(text / GUARD_CHARS_PER_TOKEN)
+            elif call is not None and not call.cached:
                 self.spent_usd += call.cost_usd or 0.0
                 self.spent_tokens += call.prompt_tokens + call.completion_tokens

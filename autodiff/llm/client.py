@@ -34,7 +34,7 @@ from autodiff.errors import (AutodiffError, BudgetExceeded, LLMError, LLMFatalEr
 from autodiff.llm.budget import Budget
 from autodiff.llm.cache import ResponseCache, cache_key
 from autodiff.llm.limits import EndpointLimiter
-from autodiff.llm.pricing import Pricing
+from autodiff.llm.pricing import NO_USAGE_SOURCE, SOURCE_LOCAL, Price, Pricing
 from autodiff.llm.types import CallContext, Completion, Message, Provider, Request
 from autodiff.records import LLMCall
 
@@ -236,7 +236,7 @@ class LLM:
         finally:
             call = self._record(call_id, ctx, request, completion, cached, started, error, len(attempts), usage)
             if self.budget is not None:
-                self.budget.settle(reservation, call)
+                self.budget.settle(reservation, call, usage_unknown=_no_usage(completion, cached, usage))
         return Reply(completion.text, call_id, completion.prompt_tokens, completion.completion_tokens, cached,
                      completion.finish_reason, completion.reasoning)
 
@@ -354,10 +354,19 @@ class LLM:
             completion_tokens=call.completion_tokens, cached_prompt_tokens=call.cached_prompt_tokens,
             cache_write_tokens=completion.cache_write_tokens if completion else 0,
             reasoning_tokens=call.reasoning_tokens, at=call.created_at)
+        if _no_usage(completion, cached, usage) and price.source != SOURCE_LOCAL:
+            # The server answered but said nothing of the tokens it billed: the cost is unknown, not 0.
+            price = Price(None, 0.0, NO_USAGE_SOURCE)
         call = replace(call, cost_usd=price.usd, saved_usd=price.saved_usd, price_source=price.source)
         if self.recorder is not None:
             self.recorder(call)
         return call
+
+
+def _no_usage(completion: Completion | None, cached: bool, usage: list[int]) -> bool:
+    """A fresh reply whose server reported no token usage at all (no `usage`, or zero tokens both
+    ways for a reply it did send): its tokens, and so its cost, are unknown."""
+    return completion is not None and not cached and usage[0] == 0 and usage[1] == 0
 
 
 def _valid(validate: Validate | None, text: str) -> bool:

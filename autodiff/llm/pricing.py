@@ -17,6 +17,10 @@ Which price a call gets, in this order:
    behind the OpenAI-compatible API), else by the provider's name: source the table's version;
 4. otherwise unknown: `usd` None, shown as unknown, never as 0.
 
+A fresh reply whose server reported no token usage (no `usage`, or 0 tokens both ways) has an
+unknown cost whatever its price (source NO_USAGE_SOURCE says why), unless its model is local
+(free whatever it used); a budget counts such a call at its reservation (`autodiff.llm.budget`).
+
 Token counts are the server's: prompt tokens include those served from the provider's prompt
 cache (OpenAI cached tokens, Anthropic cache reads), priced at the cache-read rate, and those
 written to it (Anthropic), priced at the cache-write rate; completion tokens include hidden
@@ -39,6 +43,8 @@ from autodiff.llm.sdk_errors import is_local
 
 SOURCE_USER = "user"
 SOURCE_LOCAL = "local"
+# The price source of a fresh call whose server reported no token usage: its cost is unknown.
+NO_USAGE_SOURCE = "unknown: the server reported no token usage"
 # Providers whose models run on this machine: the embedded GGUF model and the scripted fakes.
 LOCAL_PROVIDERS = ("local", "fake")
 MILLION = 1_000_000
