@@ -97,7 +97,7 @@ def test_an_unknown_model_costs_unknown_never_zero() -> None:
 def test_local_models_cost_nothing_unless_priced() -> None:
     pricing = Pricing({"openai:llama3.1": "0.5/1.5"})
     assert Pricing().cost("local:smollm2", "in-process", prompt_tokens=10**6, completion_tokens=10**6) == 0.0
-    assert Pricing().cost("openai:gpt-4o", "http://localhost:11434/v1", prompt_tokens=10**6,
+    assert Pricing().cost("openai:llama3.1", "http://localhost:11434/v1", prompt_tokens=10**6,
                           completion_tokens=0) == 0.0  # a server on this machine
     assert pricing.cost("openai:llama3.1", "http://gpu.example.com/v1", prompt_tokens=10**6,
                         completion_tokens=10**6) == pytest.approx(2.0)
@@ -384,3 +384,23 @@ def test_a_reply_without_usage_costs_unknown_and_budgets_still_count_it() -> Non
     LLM("openai:llama3", provider, retry=FAST_RETRY, recorder=local.append).complete(
         "q", CallContext(phase="forward"))
     assert local[0].cost_usd == 0.0
+
+
+@pytest.mark.parametrize("endpoint", ["http://llm-gateway:4000/v1", "http://10.1.2.3/v1", "http://localhost:4000/v1"])
+def test_a_hosted_model_behind_a_local_gateway_is_priced_from_the_table(endpoint: str) -> None:
+    """On a local or private endpoint a model the table knows is priced (a gateway in front of the
+    paid API), a model it does not know is a local model (0), and the user's price still wins."""
+    from autodiff.llm.pricing import LOCAL_GATEWAY_NOTE
+
+    pricing = Pricing()
+    hosted = pricing.cost("openai:gpt-4o-mini", endpoint, prompt_tokens=10**6, completion_tokens=10**6)
+    assert hosted == pytest.approx(Pricing().cost("openai:gpt-4o-mini", OPENAI, prompt_tokens=10**6,
+                                                  completion_tokens=10**6)) and hosted > 0
+    assert pricing.source("openai:gpt-4o-mini", endpoint) == table_version() + LOCAL_GATEWAY_NOTE
+    assert "gateway" in pricing.source("openai:gpt-4o-mini", endpoint)
+    assert pricing.cost("openai:qwen2.5-7b-instruct-local", endpoint, prompt_tokens=10**6,
+                        completion_tokens=10**6) == 0.0
+    assert pricing.source("openai:qwen2.5-7b-instruct-local", endpoint) == "local"
+    mine = Pricing({"openai:gpt-4o-mini": 1.0})
+    assert mine.cost("openai:gpt-4o-mini", endpoint, prompt_tokens=10**6, completion_tokens=0) == pytest.approx(1.0)
+    assert mine.source("openai:gpt-4o-mini", endpoint) == "user"

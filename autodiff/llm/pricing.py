@@ -11,11 +11,15 @@ Which price a call gets, in this order:
 
 1. a price the user set for its model (`RunConfig.prices`: USD per million input and output
    tokens; for a rented GPU server, say): source "user";
-2. the embedded model, the scripted test models, and any server on this machine or the local
-   network (`is_local` of its endpoint): 0, source "local";
-3. the table, by the endpoint's URL when a provider of the table serves it (Groq, Together, ...
+2. the embedded model and the scripted test models: 0, source "local";
+3. a server on this machine or the local network (`is_local` of its endpoint: loopback, private
+   address, a one-label name such as a Compose service): a model the table knows is priced from
+   the table, as a gateway (LiteLLM and the like) in front of a paid API is the likely case there
+   (source: the table's version plus LOCAL_GATEWAY_NOTE); a model the table does not know is a
+   local model and costs 0, source "local";
+4. the table, by the endpoint's URL when a provider of the table serves it (Groq, Together, ...
    behind the OpenAI-compatible API), else by the provider's name: source the table's version;
-4. otherwise unknown: `usd` None, shown as unknown, never as 0.
+5. otherwise unknown: `usd` None, shown as unknown, never as 0.
 
 A fresh reply whose server reported no token usage (no `usage`, or 0 tokens both ways) has an
 unknown cost whatever its price (source NO_USAGE_SOURCE says why), unless its model is local
@@ -48,6 +52,9 @@ NO_USAGE_SOURCE = "unknown: the server reported no token usage"
 # Providers whose models run on this machine: the embedded GGUF model and the scripted fakes.
 LOCAL_PROVIDERS = ("local", "fake")
 MILLION = 1_000_000
+# Added to the table's version as the price source of a model the table knows, served at a local
+# or private address: most likely a gateway in front of the paid API.
+LOCAL_GATEWAY_NOTE = " (local/private endpoint: priced as the hosted model, likely a gateway in front of its API)"
 
 
 def table_version() -> str:
@@ -100,9 +107,18 @@ class Pricing:
         if spec in self.user_prices:
             return SOURCE_USER
         provider = spec.split(":", 1)[0]
-        if provider in LOCAL_PROVIDERS or (endpoint and is_local(endpoint)):
+        if provider in LOCAL_PROVIDERS:
+            return SOURCE_LOCAL
+        if endpoint and is_local(endpoint):
+            if self._table_knows(spec, endpoint):
+                return table_version() + LOCAL_GATEWAY_NOTE
             return SOURCE_LOCAL
         return table_version()
+
+    @staticmethod
+    def _table_knows(spec: str, endpoint: str | None) -> bool:
+        provider, model = spec.split(":", 1)
+        return _table_cost(provider, _table_model(model), endpoint, 1, 1, 0, 0, 0, None) is not None
 
     def known(self, spec: str, endpoint: str | None) -> bool:
         """Whether calls of `spec` at `endpoint` get a price (not unknown)."""
@@ -120,7 +136,7 @@ class Pricing:
             rate = self.user_prices[spec]
             return (prompt_tokens * rate.input + completion_tokens * rate.output) / MILLION
         provider, model = spec.split(":", 1)
-        return _table_cost(provider, model.removeprefix("ft:"), endpoint, prompt_tokens, completion_tokens,
+        return _table_cost(provider, _table_model(model), endpoint, prompt_tokens, completion_tokens,
                            min(cached_prompt_tokens, prompt_tokens),
                            min(cache_write_tokens, max(prompt_tokens - cached_prompt_tokens, 0)),
                            min(reasoning_tokens, completion_tokens), at)
@@ -135,6 +151,11 @@ class Pricing:
         if cached:
             return Price(0.0, usd, self.source(spec, endpoint))
         return Price(usd, 0.0, self.source(spec, endpoint))
+
+
+def _table_model(model: str) -> str:
+    """The model name the table prices `model` under (see `_table_cost`)."""
+    return model.removeprefix("ft:")
 
 
 @functools.cache
