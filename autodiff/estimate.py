@@ -16,6 +16,12 @@ estimate assumes (`Assumptions`, printed with it):
 - one optimizer call per trainable parameter per step; no reply comes from the response cache
   and no prompt from a provider's prompt cache; `test_each_accept` is not counted.
 
+Besides the expected figures, `step0_worst` is step 0 at its worst case, the case a run's budget
+reserves before each call (`autodiff.llm.budget`): every prompt at GUARD_CHARS_PER_TOKEN
+characters per token and every reply at its whole budget, plus the hidden reasoning allowance of a
+reasoning model (`completion_budget` in `autodiff.llm.models`). A budget below it is refused before
+a run starts, so a run that starts cannot be stopped by its reservations in step 0.
+
 Prices are those the run would use (`autodiff.llm.pricing`): a model without a known price
 makes its phases' cost unknown.
 """
@@ -30,7 +36,9 @@ from typing import Sequence
 from autodiff.backward import BackwardContext, backward
 from autodiff.config import RunConfig
 from autodiff.llm.client import LLM, RetryPolicy
+from autodiff.llm.budget import GUARD_CHARS_PER_TOKEN
 from autodiff.llm.fake import FakeProvider
+from autodiff.llm.models import family_of
 from autodiff.llm.pricing import Pricing
 from autodiff.llm.types import Request
 from autodiff.optimizer import HistoryEntry, Optimizer, OptimizerInput
@@ -39,6 +47,7 @@ from autodiff.pipeline import CHECK_REPLY, Task, run_sample
 CHARS_PER_TOKEN = 4
 DRY_RUN_SAMPLES = 3
 PREFLIGHT_TOKENS = (8, 16)  # the probe question and its reply budget
+PREFLIGHT_QUESTION = "Reply with the word OK."  # as `LLM.preflight` asks it
 # An optimizer reply's words besides the proposed values (method, reasoning, tags), in tokens.
 PROPOSAL_NOTE_TOKENS = 60
 # Providers whose models are checked without a question before a run (see `LLM.preflight`).
@@ -86,6 +95,12 @@ class Estimate:
     assumptions: Assumptions
     notes: list[str] = field(default_factory=list)
     prices: dict[str, str] = field(default_factory=dict)  # model spec -> where its price comes from, or "unknown"
+    # Step 0 at the worst case a budget reserves (see the module doc); None in estimates stored
+    # before it was kept.
+    step0_worst: Row | None = None
+    # Model spec -> hidden reasoning tokens allowed per call on top of the reply budget (reasoning
+    # models only): part of `step0_worst`.
+    reasoning_allowance: dict[str, int] = field(default_factory=dict)
 
     def _sum(self, parts: Sequence[str], times: dict[str, int] | None = None) -> Row:
         rows = [r for r in self.rows if r.part in parts]
@@ -116,7 +131,9 @@ class Estimate:
                     "usd": r.usd}
         return {"steps": self.steps, "assumptions": self.assumptions.__dict__, "rows": [row(r) for r in self.rows],
                 "step0": row(self.step0), "per_step": row(self.per_step), "total": row(self.total),
-                "prices": self.prices, "notes": self.notes}
+                "prices": self.prices, "notes": self.notes,
+                "step0_worst": row(self.step0_worst) if self.step0_worst else None,
+                "reasoning_allowance": self.reasoning_allowance}
 
 
 def tokens_of(text: str) -> float:
@@ -163,7 +180,8 @@ def estimate(task: Task, config: RunConfig, assumptions: Assumptions = Assumptio
 
     # forward on a few samples, scripted
     fwd_provider = FakeProvider(CHECK_REPLY)
-    fwd_llm = LLM("fake:estimate", fwd_provider, retry=RetryPolicy(attempts=1, initial_wait=0, max_wait=0))
+    fwd_llm = LLM("fake:estimate", fwd_provider, retry=RetryPolicy(attempts=1, initial_wait=0, max_wait=0),
+                  max_tokens=config.max_tokens)
     traces = []
     for sample in dry:
         trace, _ = run_sample(task, sample, fwd_llm, phase="estimate")
@@ -242,7 +260,29 @@ def estimate(task: Task, config: RunConfig, assumptions: Assumptions = Assumptio
     ]
     prices = {spec: pricing.source(spec, endpoint_of(spec)) if pricing.known(spec, endpoint_of(spec)) else "unknown"
               for spec in dict.fromkeys((fm, bm, om))}
-    return Estimate(_merge(rows), config.steps, a, notes, prices)
+
+    # Step 0 at the worst case the budget reserves per call: the longest dry-run prompt at
+    # GUARD_CHARS_PER_TOKEN, the largest reply budget plus any hidden reasoning allowance.
+    def allowance(spec: str, max_tokens: int) -> int:
+        provider, model = spec.split(":", 1)
+        return family_of(provider, model).completion_budget(max_tokens, config.reasoning_effort)
+
+    def worst(phase: str, spec: str, calls: float, prompt_chars: int, max_tokens: int) -> Row:
+        prompt = math.ceil(prompt_chars / GUARD_CHARS_PER_TOKEN)
+        reply = allowance(spec, max_tokens)
+        usd = pricing.cost(spec, endpoint_of(spec), prompt_tokens=math.ceil(calls * prompt),
+                           completion_tokens=math.ceil(calls * reply))
+        return Row("step 0", phase, calls, calls * prompt, calls * reply, usd)
+
+    longest = max((sum(len(m.content) for m in r.messages) for r in fwd.requests), default=0)
+    budget = max((r.max_tokens for r in fwd.requests), default=config.max_tokens)
+    worst_rows = [*[worst("preflight", spec, 1, len(PREFLIGHT_QUESTION), PREFLIGHT_TOKENS[1]) for spec in probed],
+                  worst("validate", fm, val * fwd_per_sample, longest, budget),
+                  worst("test", fm, test * fwd_per_sample, longest, budget)]
+    allowances = {spec: extra for spec in dict.fromkeys((fm, bm, om))
+                  if (extra := allowance(spec, config.max_tokens) - config.max_tokens) > 0}
+    est = Estimate(_merge(rows), config.steps, a, notes, prices, reasoning_allowance=allowances)
+    return replace(est, step0_worst=replace(Estimate(worst_rows, 0, a).step0, part="step 0 worst case"))
 
 
 def _merge(rows: list[Row]) -> list[Row]:
@@ -278,6 +318,13 @@ def format_estimate(est: Estimate, config: RunConfig) -> str:
     lines.append("prices: " + ", ".join(f"{spec} from {source}" if source != "unknown" else f"{spec} unknown (set "
                                         f"one with --price {spec}=USD_PER_MILLION_TOKENS)"
                                         for spec, source in est.prices.items()))
+    if est.step0_worst is not None:
+        w = est.step0_worst
+        hidden = "".join(f"; {spec}'s replies include up to {extra:,} hidden reasoning tokens per call"
+                         for spec, extra in est.reasoning_allowance.items())
+        lines.append(f"step 0 worst case (what a budget must allow before the run starts: prompts at "
+                     f"{GUARD_CHARS_PER_TOKEN} characters per token, every reply at its whole token budget{hidden}): "
+                     f"{w.tokens:,.0f} tokens, {format_usd(w.usd)}")
     lines.append(f"assumed: {est.assumptions.describe()}")
     lines += [f"note: {n}" for n in est.notes]
     return "\n".join(lines)

@@ -246,9 +246,12 @@ class Trainer:
     def _estimate(self) -> Estimate:
         """The run's cost estimate; refuses (ConfigError) a budget step 0 would not fit in."""
         forecast = estimate(self.task, self.config, pricing=self.roles.forward.pricing)
-        first, c = forecast.step0, self.config
-        what = (f"step 0 (initial validation on {len(self.val)} and test on {len(self.test)} samples) is "
-                f"estimated at {format_usd(first.usd)}, {first.tokens:,.0f} tokens in {first.calls:,.0f} calls")
+        # The worst case, as the budget reserves before each call: a run that passes this check
+        # cannot be stopped by its reservations in step 0.
+        first, c = forecast.step0_worst or forecast.step0, self.config
+        what = (f"step 0 (initial validation on {len(self.val)} and test on {len(self.test)} samples) may take "
+                f"up to {format_usd(first.usd)}, {first.tokens:,.0f} tokens in {first.calls:,.0f} calls (the worst "
+                "case the budget reserves: every reply at its whole token budget, hidden reasoning included)")
         if c.budget_usd is not None and first.usd is not None and first.usd > c.budget_usd:
             raise ConfigError(f"a budget of {format_usd(c.budget_usd)} is too small: {what}; raise --budget-usd "
                               "or lower --val-limit/--test-limit (autodiff estimate shows the whole run)")

@@ -227,7 +227,7 @@ def test_a_run_stopped_at_its_budget_resumes_with_a_larger_one(tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AUTODIFF_CACHE", str(tmp_path / "cache.sqlite"))
     store = Store(tmp_path / "runs.sqlite")
-    run_id = fake_run(store, tmp_path / "cache.sqlite", steps=2, budget_tokens=6000)
+    run_id = fake_run(store, tmp_path / "cache.sqlite", steps=3, budget_tokens=10_500)
     assert store.run(run_id)["error"].startswith("budget")
     at = open_page(store.path, "pages/runs.py", run_id)
     assert any("stopped at its budget" in w.value for w in at.warning)
@@ -238,7 +238,7 @@ def test_a_run_stopped_at_its_budget_resumes_with_a_larger_one(tmp_path: Path,
     assert_clean(at)
     assert store.run(run_id)["config"]["budget_tokens"] == 10_000_000
     assert [e["text"] for e in store.run_events(run_id) if e["kind"] == "budget_changed"] == [
-        "budget_tokens 6000 -> 10000000"]
+        "budget_tokens 10500 -> 10000000"]
     wait_for(lambda: store.run(run_id)["status"] in ("completed", "failed"), timeout=120)
     assert store.run(run_id)["status"] == "completed", store.run(run_id)["error"]
 

@@ -209,12 +209,12 @@ class _Run:
 def test_a_token_budget_stops_before_the_call_that_could_pass_it_and_resumes_with_a_larger_one(
         run_toy, store: Store, tmp_path: Path) -> None:
     script = Script(proposals={"toy.instruction": [proposal("Add the two numbers. LEVEL=3")]})
-    run = run_toy(script, steps=2, budget_tokens=3000, concurrency=2)
+    run = run_toy(script, steps=4, budget_tokens=5100, concurrency=2)
     record = run.record
     assert record["status"] == "stopped" and record["error"].startswith("budget: ")
     assert "--budget-tokens" in record["error"]
     spent = run_summary(store, run.run_id)["tokens"]
-    assert spent <= 3000
+    assert spent <= 5100
     assert store.last_completed_step(run.run_id) is not None  # what was done is kept
     assert not any("Budget" in (c["error"] or "") for c in run.calls())  # the refused call was never made
     assert all(e["score"] is not None for e in store.evaluations(run.run_id, subject="current"))
@@ -225,19 +225,19 @@ def test_a_token_budget_stops_before_the_call_that_could_pass_it_and_resumes_wit
     assert run.record["status"] == "completed"
     assert run.record["config"]["budget_tokens"] == 100_000
     [change] = [e for e in store.run_events(run.run_id) if e["kind"] == "budget_changed"]
-    assert change["text"] == "budget_tokens 3000 -> 100000"
+    assert change["text"] == "budget_tokens 5100 -> 100000"
     assert run_summary(store, run.run_id)["tokens"] <= 100_000
 
 
 def test_a_usd_budget_counts_priced_calls_and_stops_cleanly(run_toy, store: Store) -> None:
-    run = run_toy(steps=2, prices=PRICES, budget_usd=3.0, concurrency=2)
+    run = run_toy(steps=4, prices=PRICES, budget_usd=9.5, concurrency=2)
     assert run.record["status"] == "stopped" and run.record["error"].startswith("budget: ")
     assert "--budget-usd" in run.record["error"]
-    assert run_summary(store, run.run_id)["cost_usd"] <= 3.0
+    assert run_summary(store, run.run_id)["cost_usd"] <= 9.5
 
 
 def test_a_budget_too_small_for_step_0_is_refused_before_anything_is_spent(run_toy, store: Store) -> None:
-    with pytest.raises(ConfigError, match=r"too small: step 0 .* estimated at .*tokens"):
+    with pytest.raises(ConfigError, match=r"too small: step 0 .* may take up to .*tokens"):
         run_toy(budget_tokens=50)
     with pytest.raises(ConfigError, match=r"budget of \$0\.0100 is too small"):
         run_toy(prices=PRICES, budget_usd=0.01)
@@ -300,8 +300,8 @@ def test_the_cli_stops_at_a_budget_and_resumes_with_a_larger_one(tmp_path: Path,
     from tests.conftest import TOY_TASK
 
     common = ["--store", str(tmp_path / "runs.sqlite"), "--cache", str(tmp_path / "cache.sqlite")]
-    code = main([*common, "train", TOY_TASK, "--model", "fake:cli", "--steps", "2", "--batch-size", "8",
-                 "--budget-tokens", "3000", "--run-id", "cli-budget", "--price", "fake:cli=1000/2000"])
+    code = main([*common, "train", TOY_TASK, "--model", "fake:cli", "--steps", "4", "--batch-size", "8",
+                 "--budget-tokens", "5100", "--run-id", "cli-budget", "--price", "fake:cli=1000/2000"])
     err = capsys.readouterr().err
     assert code == 3 and "stopped: budget: " in err and "--budget-tokens" in err
     store = Store(tmp_path / "runs.sqlite")
@@ -404,3 +404,29 @@ def test_a_hosted_model_behind_a_local_gateway_is_priced_from_the_table(endpoint
     mine = Pricing({"openai:gpt-4o-mini": 1.0})
     assert mine.cost("openai:gpt-4o-mini", endpoint, prompt_tokens=10**6, completion_tokens=0) == pytest.approx(1.0)
     assert mine.source("openai:gpt-4o-mini", endpoint) == "user"
+
+
+def test_the_step_0_check_refuses_what_the_reservations_would_stop(run_toy, store: Store, capsys) -> None:
+    """The step-0 check uses the worst case the run reserves (every reply at its whole budget), so a
+    budget between the expected and the worst case is refused up front, and a run that passes the
+    check is never stopped by a reservation in step 0."""
+    config = make_config(**TOY_DEFAULTS)
+    forecast = estimate(toy_task(), config)
+    worst = forecast.step0_worst
+    assert worst.tokens > forecast.step0.tokens
+    between = round((worst.tokens + forecast.step0.tokens) / 2)
+    with pytest.raises(ConfigError, match=r"too small: step 0 .* may take up to"):
+        run_toy(budget_tokens=between)
+    run = run_toy(budget_tokens=round(worst.tokens) + 1, steps=1)
+    assert store.last_completed_step(run.run_id) is not None  # step 0 finished
+    # a reasoning model's hidden reasoning is in the worst case, and the estimate says so
+    reasoning = make_config(**{**TOY_DEFAULTS, "forward_model": "openai:o4-mini", "reasoning_effort": "low"})
+    est = estimate(toy_task(), reasoning)
+    from autodiff.llm.models import family_of
+
+    extra = family_of("openai", "o4-mini").completion_budget(reasoning.max_tokens, "low") - reasoning.max_tokens
+    assert est.reasoning_allowance["openai:o4-mini"] == extra > 0
+    assert est.step0_worst.completion_tokens > est.step0_worst.calls * extra  # every call, reasoning allowed
+    from autodiff.estimate import format_estimate
+
+    assert f"up to {extra:,} hidden reasoning tokens per call" in format_estimate(est, reasoning)
