@@ -307,7 +307,8 @@ def cmd_show(args) -> int:
     costs = store.proposal_costs(args.run_id)
     for p in store.proposals(args.run_id):
         c = costs.get(p["id"])
-        cost = (f"; made for {format_usd(c['make_usd'])}, validated for {format_usd(c['validate_usd'])}"
+        cost = (f"; made for {format_usd(c['make_usd'], c['make_unknown'])}, validated for "
+                f"{format_usd(c['validate_usd'], c['validate_unknown'])}"
                 + (f" ({c['unknown']} calls unpriced)" if c["unknown"] else "")) if c else ""
         print(f"  [{p['step']}] {p['parameter']}: {p['fate']} ({p['reason']}){cost}")
     if overflows := context_window_failures(store, args.run_id):

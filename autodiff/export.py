@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from autodiff.llm.pricing import table_version
 from autodiff.metrics import PHASES, SPLITS, error_kinds, projection, step_figures
-from autodiff.store import Store
+from autodiff.store import NO_PROPOSAL_COST, Store
 
 
 def export_run(store: Store, run_id: str) -> dict:
@@ -42,7 +42,7 @@ def export_run(store: Store, run_id: str) -> dict:
             "fate": p["fate"], "reason": p["reason"], "decided_by": p["decided_by"],
             "edited_value": p["decision_value"] if p["decision"] == "edit" else None,
             "held_fate": p["held_fate"], "feedback_ids": p["feedback_ids"],
-            "cost": costs.get(p["id"], {"make_usd": 0.0, "validate_usd": 0.0, "unknown": 0}),
+            "cost": costs.get(p["id"], NO_PROPOSAL_COST),
         }
         for p in store.proposals(run_id)
     ]

@@ -172,6 +172,10 @@ def _json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
+# A proposal's cost when no call of it was recorded (see `Store.proposal_costs`).
+NO_PROPOSAL_COST = {"make_usd": 0.0, "make_unknown": 0, "validate_usd": 0.0, "validate_unknown": 0, "unknown": 0}
+
+
 class Store:
     """A run store at `path`. Open one per process; it opens a short-lived connection per use."""
 
@@ -612,8 +616,11 @@ class Store:
 
     def proposal_costs(self, run_id: str) -> dict[str, dict]:
         """Proposal id -> what it cost in USD: `make_usd` (its optimizer call, shared equally by
-        the proposals that call made), `validate_usd` (the calls that scored it on the mini-batch
-        and on validation), and `unknown` (those calls whose price is unknown, left out)."""
+        the proposals that call made) and `make_unknown` (1 when that call's price is unknown,
+        left out of `make_usd`), `validate_usd` (the calls that scored it on the mini-batch and
+        on validation) and `validate_unknown` (those calls whose price is unknown, left out), and
+        `unknown` (both unknown counts). Show them with `format_usd(make_usd, make_unknown)`:
+        "unknown", or "$x + unknown"."""
         with self.connect() as conn:
             made = conn.execute(
                 "SELECT p.id, c.cost_usd, c.cached, COUNT(*) OVER (PARTITION BY p.llm_call_id) AS shared"
@@ -625,12 +632,13 @@ class Store:
         costs: dict[str, dict] = {}
         for r in made:
             unknown = int(r["cost_usd"] is None and not r["cached"])
-            costs[r["id"]] = {"make_usd": (r["cost_usd"] or 0.0) / r["shared"], "validate_usd": 0.0,
-                              "unknown": unknown}
+            costs[r["id"]] = {**NO_PROPOSAL_COST, "make_usd": (r["cost_usd"] or 0.0) / r["shared"],
+                              "make_unknown": unknown, "unknown": unknown}
         for r in scored:
-            entry = costs.setdefault(r["id"], {"make_usd": 0.0, "validate_usd": 0.0, "unknown": 0})
+            entry = costs.setdefault(r["id"], dict(NO_PROPOSAL_COST))
             entry["validate_usd"] = r["usd"]
-            entry["unknown"] += r["unknown"] or 0
+            entry["validate_unknown"] = r["unknown"] or 0
+            entry["unknown"] = entry["make_unknown"] + entry["validate_unknown"]
         return costs
 
     # --- proposals and decisions ------------------------------------------------------------

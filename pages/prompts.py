@@ -7,6 +7,7 @@ from autodiff import graphview as gv
 from autodiff import proposals as props
 from autodiff.diffs import inline_diff_html, word_diff_html
 from autodiff.llm.pricing import format_usd
+from autodiff.store import NO_PROPOSAL_COST
 from dashboard.common import choose, fmt_score, fmt_time, md, page_url, require_run
 
 store, run_id = require_run()
@@ -72,11 +73,11 @@ proposals = {p["id"]: p for p in store.proposals(run_id, parameter=name)}
 st.subheader("Proposals")
 if proposals:
     costs = store.proposal_costs(run_id)
-    none = {"make_usd": 0.0, "validate_usd": 0.0, "unknown": 0}
+    none = NO_PROPOSAL_COST
     st.dataframe(
         [{"step": p["step"], "method": p["method"], "fate": p["fate"], "mini-batch": fmt_score(p["minibatch_score"]),
-          "validation": fmt_score(p["val_score"]), "cost to make": format_usd(c["make_usd"]),
-          "cost to validate": format_usd(c["validate_usd"], c["unknown"]), "reason": p["reason"], "value": p["value"]}
+          "validation": fmt_score(p["val_score"]), "cost to make": format_usd(c["make_usd"], c["make_unknown"]),
+          "cost to validate": format_usd(c["validate_usd"], c["validate_unknown"]), "reason": p["reason"], "value": p["value"]}
          for p in proposals.values() for c in [costs.get(p["id"], none)]],
         hide_index=True,
     )

@@ -6,6 +6,7 @@ import streamlit as st
 from autodiff import proposals as props
 from autodiff.diffs import inline_diff_html, word_diff_html
 from autodiff.llm.pricing import format_usd
+from autodiff.store import NO_PROPOSAL_COST
 from autodiff.records import PROPOSAL_FATES
 from dashboard.common import ALL, choose, fmt_score, md, page_url, require_run, reset_when, show_call
 
@@ -32,12 +33,12 @@ st.caption(f"{len(shown)} of {len(every)} proposals, in the order they were made
 if not shown:
     st.stop()
 costs = store.proposal_costs(run_id)  # what each cost to make (its optimizer call) and to validate
-NO_COST = {"make_usd": 0.0, "validate_usd": 0.0, "unknown": 0}
+NO_COST = NO_PROPOSAL_COST
 st.dataframe([{"step": p["step"], "parameter": p["parameter"], "method": p["method"], "fate": p["fate"],
                "mini-batch": p["minibatch_score"], "its baseline": p["minibatch_baseline"],
                "validation": p["val_score"], "best before": p["val_baseline"],
-               "cost to make": format_usd(c["make_usd"]),
-               "cost to validate": format_usd(c["validate_usd"], c["unknown"]), "reason": p["reason"]}
+               "cost to make": format_usd(c["make_usd"], c["make_unknown"]),
+               "cost to validate": format_usd(c["validate_usd"], c["validate_unknown"]), "reason": p["reason"]}
               for p in shown for c in [costs.get(p["id"], NO_COST)]], hide_index=True)
 
 pages = max(1, -(-len(shown) // PER_PAGE))
@@ -57,8 +58,8 @@ def scores(p: dict) -> str:
 
 def cost(p: dict) -> str:
     c = costs.get(p["id"], NO_COST)
-    return (f"cost to make {md(format_usd(c['make_usd']))}, to validate "
-            f"{md(format_usd(c['validate_usd'], c['unknown']))}")
+    return (f"cost to make {md(format_usd(c['make_usd'], c['make_unknown']))}, to validate "
+            f"{md(format_usd(c['validate_usd'], c['validate_unknown']))}")
 
 
 for p, old in zip(current, props.replaced_values(store, run_id, current)):

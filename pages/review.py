@@ -50,8 +50,9 @@ def pending() -> None:
             st.markdown(f"Step {p['step']} · method **{md(p['method'])}** · mini-batch {fmt_score(p['minibatch_score'])} "
                         f"vs {fmt_score(p['minibatch_baseline'])} · validation {fmt_score(p['val_score'])} vs best "
                         f"{fmt_score(p['val_baseline'])}"
-                        + (f" · cost to make {md(format_usd(c['make_usd']))}, to validate "
-                           f"{md(format_usd(c['validate_usd'], c['unknown']))}" if (c := costs.get(pid)) else ""))
+                        + (f" · cost to make {md(format_usd(c['make_usd'], c['make_unknown']))}, to validate "
+                           f"{md(format_usd(c['validate_usd'], c['validate_unknown']))}"
+                           if (c := costs.get(pid)) else ""))
             st.markdown(f"Reasoning: {md(p['reasoning'])}  \nTrainer's note: {md(p['reason'])}")
             if item.held == "malformed":
                 st.warning(f"Malformed reply: {md(p['reason'])}. There is no value to accept: dismiss it, or write "

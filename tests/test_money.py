@@ -430,3 +430,32 @@ def test_the_step_0_check_refuses_what_the_reservations_would_stop(run_toy, stor
     from autodiff.estimate import format_estimate
 
     assert f"up to {extra:,} hidden reasoning tokens per call" in format_estimate(est, reasoning)
+
+
+def test_a_proposal_made_by_an_unpriced_optimizer_costs_unknown_to_make(run_toy, store: Store, capsys) -> None:
+    """Making and validating keep their own unknown counts: an optimizer without a price makes
+    each proposal's cost to make unknown (never $0.0000), while its validation stays priced."""
+    from tests.test_dashboard_pages import assert_clean, open_page
+
+    script = Script(proposals={"toy.instruction": [proposal("Add the two numbers. LEVEL=3")]})
+    run = run_toy(script, optimizer_model="openai:no-such-model-xyz", prices=PRICES)
+    costs = store.proposal_costs(run.run_id)
+    validated = [c for c in costs.values() if c["validate_usd"] > 0]
+    assert costs and validated
+    for c in costs.values():
+        assert c["make_unknown"] == 1 and c["make_usd"] == 0.0 and c["validate_unknown"] == 0
+        assert c["unknown"] == 1
+        assert format_usd(c["make_usd"], c["make_unknown"]) == "unknown"
+    assert main(["--store", str(store.path), "show", run.run_id]) == 0
+    shown = capsys.readouterr().out
+    assert "made for unknown, validated for $" in shown and "made for $0.0000" not in shown
+    exported = export_run(store, run.run_id)["proposals"]
+    assert all(p["cost"]["make_unknown"] == 1 and p["cost"]["validate_unknown"] == 0 for p in exported)
+    for page in ("pages/proposals.py", "pages/prompts.py"):
+        at = open_page(store.path, page, run.run_id)
+        assert_clean(at)
+        texts = [m.value for m in at.markdown] + [str(d.value) for d in at.dataframe]
+        assert not any("cost to make \\$0.0000" in t for t in texts), page
+    at = open_page(store.path, "pages/proposals.py", run.run_id)
+    assert set(at.dataframe[0].value["cost to make"]) == {"unknown"}
+    assert any("cost to make unknown, to validate \\$" in m.value for m in at.markdown)
