@@ -109,7 +109,7 @@ def step_figures(store: Store, run_id: str) -> list[dict]:
     proposals = {r["step"]: r for r in proposal_figures(store, run_id)}
     unscored = errored_samples(store, run_id)
     rows = []
-    cumulative_tokens, cumulative_cost = 0, 0.0
+    cumulative_tokens, cumulative_cost, cumulative_unknown = 0, 0.0, 0
     for s in store.steps(run_id):
         step = s["step"]
         row = {"step": step, "status": s["status"], "val_score": s["val_score"], "test_score": s["test_score"],
@@ -138,6 +138,8 @@ def step_figures(store: Store, run_id: str) -> list[dict]:
         cumulative_cost += row["cost"]
         row["tokens_cumulative"] = cumulative_tokens
         row["cost_cumulative"] = cumulative_cost
+        cumulative_unknown += row["cost_unknown"]
+        row["cost_unknown_cumulative"] = cumulative_unknown  # calls so far without a price
         row["wall_s"] = (s["finished_at"] - s["started_at"]) if s["finished_at"] else None
         per_failed = row["calls_backward"] / row["failed"] if row["failed"] else None
         row["backward_calls_saved"] = (
@@ -208,7 +210,8 @@ def run_summary(store: Store, run_id: str) -> dict:
     summed over every call of the run, preflight and calls outside a step included; so is money:
     `cost_usd` (priced calls), `cost_unknown` (fresh calls without a price), `cache_saved_usd`
     (what our response cache saved), `backward_saved_usd` (what selective backward saved) and
-    `saved_usd` (both);
+    `saved_usd` (both), with `saved_unknown` (cache hits, and steps' backward savings, whose
+    price is unknown: left out of `saved_usd`);
     `projected_usd` / `to_finish_usd` are the run's projected cost (see `projection`), and
     `budget_usd` / `budget_tokens` its budgets (None: none). `wall_s` is seconds from creation to
     the last status change; `pending` counts proposals awaiting review."""
@@ -223,6 +226,8 @@ def run_summary(store: Store, run_id: str) -> dict:
     money = projection(store, run_id, steps=figures, totals=calls)
     cache_saved = sum(c["saved_usd"] for c in calls)
     backward_saved = sum(r["backward_saved_usd"] or 0.0 for r in figures)
+    saved_unknown = sum(c["saved_unknown"] for c in calls) + sum(
+        1 for r in figures if r["backward_calls_saved"] and r["cost_unknown_backward"])
     return {
         "id": run_id, "task": run["task"], "status": run["status"], "error": run["error"],
         "forward_model": cfg.get("forward_model"), "backward_model": cfg.get("backward_model"),
@@ -238,7 +243,7 @@ def run_summary(store: Store, run_id: str) -> dict:
         "cut_off": sum(c["cut_off"] for c in calls),
         "cost_usd": money["spent_usd"], "cost_unknown": money["unknown"],
         "cache_saved_usd": cache_saved, "backward_saved_usd": backward_saved,
-        "saved_usd": cache_saved + backward_saved,
+        "saved_usd": cache_saved + backward_saved, "saved_unknown": saved_unknown,
         "projected_usd": money["projected_usd"], "to_finish_usd": money["to_finish_usd"],
         "projected_tokens": money["projected_tokens"],
         "budget_usd": cfg.get("budget_usd"), "budget_tokens": cfg.get("budget_tokens"),

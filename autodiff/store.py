@@ -594,7 +594,7 @@ class Store:
         last one's end; money: `cost_usd` (USD of the calls with a known price; cached calls cost
         0), `cost_unknown` (fresh calls whose price is unknown, left out of `cost_usd`) and
         `saved_usd` (what the calls answered from our response cache would have cost, where
-        known). Summed in SQL over the accounting index (no call text is read). Calls without a
+        known) with `saved_unknown` (cache hits whose price is unknown, left out of it). Summed in SQL over the accounting index (no call text is read). Calls without a
         step count under step -1."""
         with self.connect() as conn:
             rows = conn.execute(
@@ -607,12 +607,14 @@ class Store:
                 " MAX(created_at) - MIN(created_at - latency_ms / 1000.0) AS wall_s,"
                 " COALESCE(SUM(cost_usd), 0.0) AS cost_usd,"
                 " SUM(cost_usd IS NULL AND NOT cached) AS cost_unknown,"
-                " COALESCE(SUM(saved_usd), 0.0) AS saved_usd"
+                " COALESCE(SUM(saved_usd), 0.0) AS saved_usd,"
+                " SUM(cached AND saved_usd IS NULL) AS saved_unknown"
                 " FROM llm_calls WHERE run_id = ? GROUP BY 1, 2 ORDER BY 1, 2",
                 (run_id,),
             ).fetchall()
         return [dict(r, tokens=r["prompt_tokens"] + r["completion_tokens"], cut_off=r["cut_off"] or 0,
-                     context_window=r["context_window"] or 0, cost_unknown=r["cost_unknown"] or 0) for r in rows]
+                     context_window=r["context_window"] or 0, cost_unknown=r["cost_unknown"] or 0,
+                     saved_unknown=r["saved_unknown"] or 0) for r in rows]
 
     def proposal_costs(self, run_id: str) -> dict[str, dict]:
         """Proposal id -> what it cost in USD: `make_usd` (its optimizer call, shared equally by

@@ -40,7 +40,7 @@ st.dataframe(
       "backward model": s["backward_model"], "optimizer model": s["optimizer_model"], "steps": s["steps_done"],
       "initial validation": s["initial_val"], "best validation": s["best_val"], "initial test": s["initial_test"],
       "latest test": s["final_test"], "tokens": s["tokens"], "cost": format_usd(s["cost_usd"], s["cost_unknown"]),
-      "saved": format_usd(s["saved_usd"]), "LLM calls": s["calls"], "wall time (s)": round(s["wall_s"], 1)}
+      "saved": format_usd(s["saved_usd"], s["saved_unknown"]), "LLM calls": s["calls"], "wall time (s)": round(s["wall_s"], 1)}
      for s in summaries],
     hide_index=True,
 )
@@ -48,6 +48,9 @@ st.dataframe(
 steps = pd.DataFrame([{**row, "run": r} for r in chosen for row in step_figures(store, r)])
 if not steps.empty:
     steps["seconds so far"] = steps.fillna({"wall_s": 0}).groupby("run")["wall_s"].cumsum()
+    # A step where the cost so far is unknown (no call of it priced) is left out: a gap, never $0.
+    steps["cost_cumulative"] = steps["cost_cumulative"].astype(float).where(
+        (steps["cost_cumulative"] > 0) | (steps["cost_unknown_cumulative"] == 0))
     runs = [(charts.label(r), steps[steps["run"] == r]) for r in chosen]
     scores = [go.Scatter(x=rows["step"], y=rows[column].astype(float), name=f"{name} {split}", legendgroup=name,
                          mode="lines+markers", connectgaps=True, line={"dash": dash, "color": colour},
@@ -63,6 +66,9 @@ if not steps.empty:
                         ("Cumulative cost", "cost_cumulative", "US dollars")),
                        (("Cumulative step time", "seconds so far", "seconds"),))],
     ])
+    st.caption("Cumulative cost: steps whose cost so far is unknown (calls of a model without a price, none "
+               "priced) are left out, a gap in the line, never drawn as $0; where only some calls have a price, "
+               "the line counts the priced ones.")
 
 st.subheader("Final prompts")
 st.caption(f"Each run's final value against the baseline {md(chosen[0])}: struck out was removed, green was added.")

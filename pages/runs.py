@@ -128,7 +128,7 @@ def live() -> None:
           "cost": format_usd(s["cost_usd"], s["cost_unknown"]),
           "projected": format_usd(s["projected_usd"]) if s["status"] != "completed" and s["projected_usd"] is not None
           else "",
-          "saved": format_usd(s["saved_usd"]),
+          "saved": format_usd(s["saved_usd"], s["saved_unknown"]),
           "call errors": f"{s['errors']:,}",
           "wall time (s)": f"{s['wall_s']:,.1f}", "forward model": s["forward_model"],
           "backward model": s["backward_model"], "optimizer model": s["optimizer_model"], "review": s["review"],

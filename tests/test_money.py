@@ -459,3 +459,28 @@ def test_a_proposal_made_by_an_unpriced_optimizer_costs_unknown_to_make(run_toy,
     at = open_page(store.path, "pages/proposals.py", run.run_id)
     assert set(at.dataframe[0].value["cost to make"]) == {"unknown"}
     assert any("cost to make unknown, to validate \\$" in m.value for m in at.markdown)
+
+
+def test_an_unpriced_run_draws_no_cost_line_and_its_cache_savings_are_unknown(run_toy, store: Store) -> None:
+    """Compare leaves the unknown points of the cumulative cost out (a gap, said in the caption),
+    never a flat $0 line; the Runs table's "saved" is unknown for cache hits of an unpriced model."""
+    import math
+
+    from tests.test_dashboard_pages import assert_clean, chart_figures, html_table_rows, open_page, values
+
+    unpriced = dict(forward_model="openai:no-such-model-xyz", backward_model="openai:no-such-model-xyz",
+                    optimizer_model="openai:no-such-model-xyz")
+    first = run_toy(run_id="unpriced-a", **unpriced)
+    second = run_toy(run_id="unpriced-b", **unpriced)  # answered from the response cache
+    assert run_summary(store, second.run_id)["saved_unknown"] > 0
+    at = open_page(store.path, "pages/compare.py", first.run_id)
+    assert_clean(at)
+    [cost] = [f for f in chart_figures(at) if f["layout"]["title"]["text"] == "Cumulative cost"]
+    lines = {t["name"]: values(t["y"]) for t in cost["data"]}
+    assert all(y is None or math.isnan(y) for y in lines[first.run_id]), lines  # no flat $0 line
+    assert lines[second.run_id] == [0.0, 0.0]  # answered from the cache: really nothing spent
+    assert any("left out, a gap" in c.value for c in at.caption)
+    runs = open_page(store.path, "pages/runs.py")
+    rows = {r["run"]: r for r in html_table_rows(runs.get("html")[0].proto.body)}
+    assert rows[second.run_id]["saved"] == "unknown"
+    assert rows[first.run_id]["cost"] == "unknown"
