@@ -48,6 +48,7 @@ def expected_phases(store: Store, run_id: str) -> list[dict]:
             "cost_usd": pytest.approx(sum(c["cost_usd"] or 0.0 for c in calls)),
             "cost_unknown": sum(1 for c in fresh if c["cost_usd"] is None),
             "saved_usd": pytest.approx(sum(c["saved_usd"] or 0.0 for c in calls)),
+            "saved_unknown": sum(1 for c in calls if c["cached"] and c["saved_usd"] is None),
         })
     return rows
 
