@@ -35,6 +35,7 @@ from typing import Sequence
 
 from autodiff.backward import BackwardContext, backward
 from autodiff.config import RunConfig
+from autodiff.errors import ConfigError
 from autodiff.llm.client import LLM, RetryPolicy
 from autodiff.llm.budget import GUARD_CHARS_PER_TOKEN
 from autodiff.llm.fake import FakeProvider
@@ -59,6 +60,14 @@ class Assumptions:
     failed_share: float = 0.5
     reply_share: float = 0.25
     to_validation: float = 0.5
+
+    def __post_init__(self) -> None:
+        """Each assumption is a share, 0 to 1: ConfigError naming every one that is not."""
+        bad = [f"--{name.replace('_', '-')} {value!r}" for name, value in self.__dict__.items()
+               if not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value <= 1]
+        if bad:
+            raise ConfigError(f"{', '.join(bad)}: each of --failed-share, --reply-share and --to-validation is a "
+                              "share, a number from 0 to 1")
 
     def describe(self) -> str:
         return (f"{self.failed_share:.0%} of each mini-batch fails; forward and backward replies use "

@@ -484,3 +484,14 @@ def test_an_unpriced_run_draws_no_cost_line_and_its_cache_savings_are_unknown(ru
     rows = {r["run"]: r for r in html_table_rows(runs.get("html")[0].proto.body)}
     assert rows[second.run_id]["saved"] == "unknown"
     assert rows[first.run_id]["cost"] == "unknown"
+
+
+@pytest.mark.parametrize("option,value", [("--failed-share", "2"), ("--reply-share", "5"), ("--to-validation", "1.5"),
+                                          ("--failed-share", "-0.5"), ("--reply-share", "nan"),
+                                          ("--to-validation", "inf")])
+def test_autodiff_estimate_refuses_a_share_outside_0_to_1(option: str, value: str, capsys, tmp_path: Path) -> None:
+    code = main(["--store", str(tmp_path / "runs.sqlite"), "estimate", "object_counting", "--model",
+                 "openai:gpt-4o-mini", f"{option}={value}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("error:") == 1 and option in err and "from 0 to 1" in err and "Traceback" not in err
