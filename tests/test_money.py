@@ -495,3 +495,12 @@ def test_autodiff_estimate_refuses_a_share_outside_0_to_1(option: str, value: st
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("error:") == 1 and option in err and "from 0 to 1" in err and "Traceback" not in err
+
+
+def test_a_fine_tuned_model_is_priced_as_the_table_prices_fine_tunes() -> None:
+    spec = "openai:ft:gpt-4o-mini-2024-07-18:org::id"
+    price = rates("openai", "ft:gpt-4o-mini-2024-07-18:org::id")
+    usd = Pricing().cost(spec, OPENAI, prompt_tokens=10**6, completion_tokens=10**6)
+    assert usd == pytest.approx(float(price.input_mtok + price.output_mtok))
+    assert usd != Pricing().cost("openai:gpt-4o-mini", OPENAI, prompt_tokens=10**6, completion_tokens=10**6)
+    assert Pricing().known(spec, OPENAI)

@@ -154,8 +154,10 @@ class Pricing:
 
 
 def _table_model(model: str) -> str:
-    """The model name the table prices `model` under (see `_table_cost`)."""
-    return model.removeprefix("ft:")
+    """The model name the table prices `model` under: the name itself. A fine-tune keeps its
+    `ft:` prefix, since the table prices fine-tunes (`ft:gpt-4o-mini-2024-07-18:org::id`) at their
+    own, higher rates; a fine-tune the table does not know is unknown, never its base model's price."""
+    return model
 
 
 @functools.cache
