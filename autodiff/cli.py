@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
+import shlex
 import signal
 import subprocess
 import sys
@@ -198,8 +200,33 @@ def _stopped_exit(store, run_id: str) -> int:
         return 0
     if run["error"]:
         print(f"run {run_id} stopped: {run['error']}", file=sys.stderr)
-    print(f"continue with: autodiff resume {run_id}", file=sys.stderr)
+    command = f"autodiff resume {shlex.quote(run_id)}"
+    if Path(store.path).resolve() != default_store_path().resolve():
+        command += f" --store {shlex.quote(str(store.path))}"
+    if (run["error"] or "").startswith("budget"):  # the same budget would stop it again at once
+        command += " " + _larger_budget(store, run)
+    print(f"continue with: {command}", file=sys.stderr)
     return 3
+
+
+def _larger_budget(store, run: dict) -> str:
+    """The option of a budget larger than the one a run stopped at: at least twice it, and at
+    least the run's projected cost, rounded up."""
+    from autodiff.metrics import run_summary
+
+    summary = run_summary(store, run["id"])
+    if "--budget-tokens" in run["error"]:
+        current = run["config"].get("budget_tokens") or 0
+        want = max(2 * current, summary["projected_tokens"] or 0, summary["tokens"] + 1)
+        return f"--budget-tokens {_round_up(want, 1000):.0f}"
+    current = run["config"].get("budget_usd") or 0.0
+    want = max(2 * current, summary["projected_usd"] or 0.0, summary["cost_usd"] * 1.01)
+    step = 10 ** (math.floor(math.log10(want)) - 1) if want > 0 else 0.01
+    return f"--budget-usd {_round_up(want, step):.6g}"
+
+
+def _round_up(value: float, step: float) -> float:
+    return math.ceil(round(value / step, 9)) * step
 
 
 def cmd_resume(args) -> int:

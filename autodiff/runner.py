@@ -237,8 +237,21 @@ def adopt_task(store: Store, run_id: str, task: Task, config: RunConfig) -> None
 
 def set_budget(store: Store, run_id: str, config: RunConfig, **budgets: float | int) -> RunConfig:
     """Store new budgets (`budget_usd`, `budget_tokens`) in a run's config and note the change
-    in its history; returns the new config. Raises ConfigError for an invalid budget."""
+    in its history; returns the new config. Raises ConfigError for an invalid budget, and for
+    one below what the run has already spent (a budget is for the whole run: it would stop at
+    once), naming the spent figure."""
+    from autodiff.llm.pricing import format_usd_exact
+
     new = make_config(**(config.model_dump() | budgets))
+    spent = store.call_totals(run_id)
+    spent_usd, spent_tokens = sum(c["cost_usd"] for c in spent), sum(c["tokens"] for c in spent)
+    if "budget_usd" in budgets and new.budget_usd is not None and new.budget_usd < spent_usd:
+        raise ConfigError(f"a budget of {format_usd_exact(new.budget_usd)} is below what run {run_id} has already "
+                          f"spent, {format_usd_exact(spent_usd)}: a budget is for the whole run, so give more than "
+                          "that")
+    if "budget_tokens" in budgets and new.budget_tokens is not None and new.budget_tokens < spent_tokens:
+        raise ConfigError(f"a budget of {new.budget_tokens:,} tokens is below what run {run_id} has already spent, "
+                          f"{spent_tokens:,} tokens: a budget is for the whole run, so give more than that")
     changed = [f"{k} {getattr(config, k)} -> {getattr(new, k)}" for k in budgets if getattr(config, k) != getattr(new, k)]
     if changed:
         store.set_run_config(run_id, new.model_dump())

@@ -24,7 +24,7 @@ from autodiff.llm.budget import Budget
 from autodiff.llm.cache import ResponseCache
 from autodiff.llm.client import LLM, RetryPolicy
 from autodiff.llm.limits import Limiters
-from autodiff.llm.pricing import Pricing, format_usd, table_version
+from autodiff.llm.pricing import Pricing, format_usd_exact, table_version
 from autodiff.llm.registry import make_provider, provider_of
 from autodiff.llm.types import CallContext, Provider
 from autodiff.optimizer import HistoryEntry, Optimizer, OptimizerInput
@@ -250,10 +250,10 @@ class Trainer:
         # cannot be stopped by its reservations in step 0.
         first, c = forecast.step0_worst or forecast.step0, self.config
         what = (f"step 0 (initial validation on {len(self.val)} and test on {len(self.test)} samples) may take "
-                f"up to {format_usd(first.usd)}, {first.tokens:,.0f} tokens in {first.calls:,.0f} calls (the worst "
+                f"up to {format_usd_exact(first.usd)}, {first.tokens:,.0f} tokens in {first.calls:,.0f} calls (the worst "
                 "case the budget reserves: every reply at its whole token budget, hidden reasoning included)")
         if c.budget_usd is not None and first.usd is not None and first.usd > c.budget_usd:
-            raise ConfigError(f"a budget of {format_usd(c.budget_usd)} is too small: {what}; raise --budget-usd "
+            raise ConfigError(f"a budget of {format_usd_exact(c.budget_usd)} is too small: {what}; raise --budget-usd "
                               "or lower --val-limit/--test-limit (autodiff estimate shows the whole run)")
         if c.budget_tokens is not None and first.tokens > c.budget_tokens:
             raise ConfigError(f"a budget of {c.budget_tokens:,} tokens is too small: {what}; raise --budget-tokens "

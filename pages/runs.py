@@ -38,7 +38,7 @@ def start_form() -> None:
                                            "model takes about a second per sample)")
         test_limit = right.number_input("Test samples", min_value=1, max_value=1000, value=20)
         left, right = st.columns(2)
-        budget_usd = left.number_input("Budget (US dollars)", min_value=0.0, value=0.0, step=0.5, format="%.2f",
+        budget_usd = left.number_input("Budget (US dollars)", min_value=0.0, value=0.0, step=0.5, format="%.4f",
                                        help="stop the run cleanly before a call that could take its cost past "
                                             "this; 0: no budget. It can be resumed with a larger one")
         budget_tokens = right.number_input("Budget (tokens)", min_value=0, value=0, step=10_000,
@@ -87,7 +87,7 @@ if chosen["status"] in ("stopped", "failed"):
         st.warning(f"{md(chosen['id'])} stopped at its budget. Give it a larger one to go on:")
         left, right = st.columns(2)
         left.number_input("New budget (US dollars)", min_value=0.0, value=chosen["config"].get("budget_usd") or 0.0,
-                          step=0.5, format="%.2f", key=f"budget_usd-{chosen['id']}")
+                          step=0.5, format="%.4f", key=f"budget_usd-{chosen['id']}")
         right.number_input("New budget (tokens)", min_value=0, value=chosen["config"].get("budget_tokens") or 0,
                            step=10_000, key=f"budget_tokens-{chosen['id']}")
     st.button(f"Resume {chosen['id']}", on_click=resume, args=(chosen,),

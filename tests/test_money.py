@@ -504,3 +504,54 @@ def test_a_fine_tuned_model_is_priced_as_the_table_prices_fine_tunes() -> None:
     assert usd == pytest.approx(float(price.input_mtok + price.output_mtok))
     assert usd != Pricing().cost("openai:gpt-4o-mini", OPENAI, prompt_tokens=10**6, completion_tokens=10**6)
     assert Pricing().known(spec, OPENAI)
+
+
+def test_after_a_budget_stop_the_cli_says_how_to_go_on_with_a_larger_budget(tmp_path: Path, capsys) -> None:
+    """The stop names a resume that can go on (a larger budget, and --store for a store that is
+    not the default); a resume with a budget below what was spent is refused up front, with the
+    spent figure; money in budget messages has its digits."""
+    from autodiff.llm.pricing import format_usd_exact
+    from tests.conftest import TOY_TASK
+
+    store_path = tmp_path / "runs.sqlite"
+    common = ["--store", str(store_path), "--cache", str(tmp_path / "cache.sqlite")]
+    code = main([*common, "train", TOY_TASK, "--model", "fake:cli", "--steps", "4", "--batch-size", "8",
+                 "--budget-tokens", "5100", "--run-id", "cli-budget"])
+    err = capsys.readouterr().err
+    assert code == 3
+    hint = next(line for line in err.splitlines() if line.startswith("continue with: "))
+    assert hint.startswith(f"continue with: autodiff resume cli-budget --store {store_path} --budget-tokens ")
+    larger = int(hint.rsplit(" ", 1)[1])
+    assert larger > 5100
+    spent = run_summary(Store(store_path), "cli-budget")["tokens"]
+    assert main([*common, "resume", "cli-budget", "--budget-tokens", str(spent - 1)]) == 2
+    err = capsys.readouterr().err
+    assert f"already spent, {spent:,} tokens" in err
+    assert Store(store_path).run("cli-budget")["status"] == "stopped"  # nothing ran
+    assert main([*common, "resume", *hint.split()[4:]]) == 0  # the suggested resume goes on to the end
+    capsys.readouterr()
+
+    assert format_usd_exact(0.0031234567) == "$0.00312346" and format_usd_exact(0.5) == "$0.5000"
+    assert format_usd_exact(0.0000123456789) == "$0.0000123457"
+
+
+def test_a_usd_budget_stop_suggests_a_larger_usd_budget_and_refuses_one_below_the_spent(tmp_path: Path,
+                                                                                      capsys) -> None:
+    from tests.conftest import TOY_TASK
+
+    common = ["--store", str(tmp_path / "runs.sqlite"), "--cache", str(tmp_path / "cache.sqlite")]
+    code = main([*common, "train", TOY_TASK, "--model", "fake:cli", "--steps", "4", "--batch-size", "8",
+                 "--budget-usd", "0.0012", "--price", "fake:cli=1/0", "--run-id", "usd"])
+    err = capsys.readouterr().err
+    assert code == 3, err
+    assert "$0.0000 " not in err and "$0.00120000" in err  # the budget, with its digits
+    hint = next(line for line in err.splitlines() if line.startswith("continue with: "))
+    assert float(hint.split("--budget-usd ")[1]) > 0.0012
+    assert main([*common, "resume", "usd", "--budget-usd", "0.0000001"]) == 2
+    assert "already spent, $0.00" in capsys.readouterr().err
+    from tests.test_dashboard_pages import assert_clean, open_page
+
+    at = open_page(tmp_path / "runs.sqlite", "pages/runs.py", "usd")
+    assert_clean(at)
+    field = next(n for n in at.number_input if n.label == "New budget (US dollars)")
+    assert field.proto.format == "%.4f" and field.value == pytest.approx(0.0012)  # not "0.00"

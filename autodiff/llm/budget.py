@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from autodiff.errors import BudgetExceeded
 from autodiff.llm.models import family_of
-from autodiff.llm.pricing import Pricing, format_usd
+from autodiff.llm.pricing import Pricing, format_usd_exact as format_usd
 from autodiff.llm.types import CallContext, Request
 from autodiff.records import LLMCall
 

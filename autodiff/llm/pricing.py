@@ -195,6 +195,18 @@ def _serves(table, endpoint: str) -> bool:
     return True
 
 
+def format_usd_exact(usd: float | None) -> str:
+    """Money where the digits matter (budgets and what was spent against them): like
+    `format_usd`, but an amount under a cent shows 6 significant digits ("$0.00312346", never
+    "$0.0000"); "unknown" for None."""
+    if usd is None:
+        return "unknown"
+    if usd and abs(usd) < 0.01:
+        decimals = 5 - math.floor(math.log10(abs(usd)))
+        return f"${usd:.{decimals}f}"
+    return format_usd(usd)
+
+
 def format_usd(usd: float | None, unknown_calls: int = 0) -> str:
     """Money for people: "$0.0123" (four decimals under a dollar, two above), "unknown" when
     nothing is known, and "$0.0123 + unknown" when some calls had no price."""
