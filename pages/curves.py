@@ -61,10 +61,12 @@ def curves() -> None:
     faults = tuple(by_phase(df, f"{total}_", unit) for total, unit in (("errors", "errored calls"),
                                                                     ("cut_off", "cut-off replies"))
                    if df[total].sum())
+    priced = not (df["cost_unknown"].sum() and not df["cost"].sum())
     charts.draw([
         charts.figure("Score per step", score, y="score", y_range=(0, 1.05)),
         (by_phase(df, "tokens_", "tokens", "tokens_cumulative"), by_phase(df, "wall_s_", "seconds")),
-        (by_phase(df, "cost_", "US dollars", "cost_cumulative"),
+        # A run whose calls have no known price draws no cost line at $0: the caption says unknown.
+        (*([by_phase(df, "cost_", "US dollars", "cost_cumulative")] if priced else []),
          charts.figure("US dollars saved per step", saved, y="US dollars", barmode="stack")),
         (charts.figure("Proposals per step by how far they got", proposals, y="proposals", barmode="group"),
          charts.figure("Backward calls made, and saved by selective backward", backward, y="calls",

@@ -480,3 +480,15 @@ def test_proposals_page_shows_what_each_proposal_cost(filled) -> None:
     validated = [p for p in every if p["minibatch_score"] is not None]
     assert validated and all(costs[p["id"]]["validate_usd"] > 0 for p in validated)
     assert any("cost to make \\$" in m.value and "to validate \\$" in m.value for m in at.markdown)
+
+
+def test_curves_draws_no_cost_line_for_a_run_with_no_known_price(tmp_path: Path) -> None:
+    store = Store(tmp_path / "runs.sqlite")
+    run_id = fake_run(store, tmp_path / "cache.sqlite", steps=1)
+    with store.connect() as conn:  # as if no call's model were in the price table
+        conn.execute("UPDATE llm_calls SET cost_usd = NULL WHERE run_id = ? AND cached = 0", (run_id,))
+    at = open_page(store.path, "pages/curves.py", run_id)
+    assert_clean(at)
+    titles = [f["layout"]["title"]["text"] for f in chart_figures(at)]
+    assert "US dollars per step by phase, and cumulative" not in titles  # never a flat $0 line
+    assert any("no known price" in c.value for c in at.caption)
