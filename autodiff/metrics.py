@@ -46,16 +46,7 @@ def fault_calls(store: Store, run_id: str) -> list[dict]:
     reply: `id`, `step` (None before the first step), `phase`, `role`, `node`, `sample_id`,
     `call_index`, `model`, `error_kind` (None on records made before kinds were recorded),
     `finish_reason`, `error` (the message), `created_at`."""
-    # Read here until Store has a reader for it; only the few fault rows are returned.
-    with store.connect() as conn:
-        rows = conn.execute(
-            "SELECT id, step, phase, role, node, sample_id, call_index, model, error_kind, finish_reason, error,"
-            " created_at FROM llm_calls WHERE run_id = ? AND (error IS NOT NULL"
-            " OR (finish_reason = 'length' AND phase != 'preflight'))"
-            " ORDER BY created_at",
-            (run_id,),
-        ).fetchall()
-    return [dict(r) for r in rows]
+    return store.fault_calls(run_id)
 
 
 def error_kinds(store: Store, run_id: str) -> dict[tuple[int, str], dict[str, int]]:
@@ -79,14 +70,7 @@ def context_window_failures(store: Store, run_id: str) -> list[dict]:
 def errored_samples(store: Store, run_id: str) -> dict[tuple[int, str], int]:
     """(step, split) -> samples of the run's current values whose evaluation at that step has no
     score (the sample errored), for the pairs that have any."""
-    # Read here until Store has a reader for it: a count, no prediction text.
-    with store.connect() as conn:
-        rows = conn.execute(
-            "SELECT step, split, COUNT(*) - COUNT(score) AS errored FROM evaluations"
-            " WHERE run_id = ? AND subject = 'current' GROUP BY step, split",
-            (run_id,),
-        ).fetchall()
-    return {(r["step"], r["split"]): r["errored"] for r in rows if r["errored"]}
+    return store.errored_sample_counts(run_id)
 
 
 def step_figures(store: Store, run_id: str) -> list[dict]:

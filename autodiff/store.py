@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from autodiff.errors import StoreError
-from autodiff.records import Evaluation, Gradient, Invocation, LLMCall, Proposal, Trace
+from autodiff.records import Evaluation, Gradient, LLMCall, Proposal, Trace
 
 MIGRATIONS: list[tuple[str, str]] = [
     (
@@ -587,6 +587,32 @@ class Store:
                 (run_id,),
             ).fetchall()
         return [dict(r) for r in rows]
+
+    def fault_calls(self, run_id: str) -> list[dict]:
+        """Calls of a run that errored or were cut off (the preflight probe's cut-off is by
+        design and left out), in the order made, without prompt or reply: `id`, `step`, `phase`,
+        `role`, `node`, `sample_id`, `call_index`, `model`, `error_kind`, `finish_reason`,
+        `error`, `created_at`."""
+        with self.connect() as conn:
+            rows = conn.execute(
+                "SELECT id, step, phase, role, node, sample_id, call_index, model, error_kind, finish_reason, error,"
+                " created_at FROM llm_calls WHERE run_id = ? AND (error IS NOT NULL"
+                " OR (finish_reason = 'length' AND phase != 'preflight'))"
+                " ORDER BY created_at",
+                (run_id,),
+            ).fetchall()
+        return [dict(r) for r in rows]
+
+    def errored_sample_counts(self, run_id: str) -> dict[tuple[int, str], int]:
+        """(step, split) -> evaluations of the current values at that step with no score (the
+        sample errored), for the pairs that have any. Counted in SQL: no prediction text read."""
+        with self.connect() as conn:
+            rows = conn.execute(
+                "SELECT step, split, COUNT(*) - COUNT(score) AS errored FROM evaluations"
+                " WHERE run_id = ? AND subject = 'current' GROUP BY step, split",
+                (run_id,),
+            ).fetchall()
+        return {(r["step"], r["split"]): r["errored"] for r in rows if r["errored"]}
 
     def call_totals(self, run_id: str) -> list[dict]:
         """Per (step, phase) of a run, in that order: calls, cached calls, failed calls, tokens of

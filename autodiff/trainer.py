@@ -104,10 +104,6 @@ def new_run_id(task: str) -> str:
     return f"{safe}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
-def mean(xs: Sequence[float]) -> float:
-    return sum(xs) / len(xs) if xs else 0.0
-
-
 class Trainer:
     def __init__(
         self, task: Task, config: RunConfig, store: Store, roles: Roles, buffer: CallBuffer,
