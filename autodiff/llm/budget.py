@@ -78,18 +78,17 @@ class Budget:
     def _over(self, want: Reservation, spec: str, ctx: CallContext) -> BudgetExceeded | None:
         """Why this call may not be sent, or None when it fits. Caller holds the lock."""
         where = f"{ctx.phase} call of {spec} in step {ctx.step}"
-        if self.usd is not None and self.spent_usd + self.reserved_usd + want.usd > self.usd:
-            return BudgetExceeded(
-                f"budget: the next {where} could bring the run to "
-                f"{format_usd(self.spent_usd + self.reserved_usd + want.usd)}, past its budget of "
-                f"{format_usd(self.usd)} (spent {format_usd(self.spent_usd)}, {format_usd(self.reserved_usd)} "
-                f"reserved by calls in flight, this call up to {format_usd(want.usd)})", "budget_usd")
-        if self.tokens is not None and self.spent_tokens + self.reserved_tokens + want.tokens > self.tokens:
-            return BudgetExceeded(
-                f"budget: the next {where} could bring the run to "
-                f"{self.spent_tokens + self.reserved_tokens + want.tokens:,} tokens, past its budget of "
-                f"{self.tokens:,} (spent {self.spent_tokens:,}, {self.reserved_tokens:,} reserved by calls in "
-                f"flight, this call up to {want.tokens:,})", "budget_tokens")
+        # (option, limit, spent, reserved, this call, how an amount reads, how the run's total reads)
+        for option, limit, spent, reserved, this, show, total in (
+            ("budget_usd", self.usd, self.spent_usd, self.reserved_usd, want.usd, format_usd, format_usd),
+            ("budget_tokens", self.tokens, self.spent_tokens, self.reserved_tokens, want.tokens,
+             "{:,}".format, "{:,} tokens".format),
+        ):
+            if limit is not None and spent + reserved + this > limit:
+                return BudgetExceeded(
+                    f"budget: the next {where} could bring the run to {total(spent + reserved + this)}, past its "
+                    f"budget of {show(limit)} (spent {show(spent)}, {show(reserved)} reserved by calls in flight, "
+                    f"this call up to {show(this)})", option)
         return None
 
     def settle(self, reservation: Reservation | None, call: LLMCall | None, *,
