@@ -13,6 +13,7 @@ flows through it:
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 import uuid
@@ -68,6 +69,7 @@ def backward(trace: Trace, llm: LLM, ctx: BackwardContext, workers: int = 4) -> 
         on_output[first.target_invocation].append(first)
     counts = _call_counts(trace)
     node_of = {i.id: i.node for i in trace.invocations}
+    call_of = {i.id: i.call_index for i in trace.invocations}
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for inv in reversed(trace.invocations):
             incoming = on_output.get(inv.id)
@@ -81,7 +83,13 @@ def backward(trace: Trace, llm: LLM, ctx: BackwardContext, workers: int = 4) -> 
                 written.append(g)
                 if g.target_type == "output" and g.target_invocation:
                     on_output[g.target_invocation].append(g)
-    return written
+    return [_with_about_call(g, call_of) for g in written]
+
+
+def _with_about_call(g: Gradient, call_of: dict[str, int]) -> Gradient:
+    """`g` with `about_call` set: the call index of the output it is about, else its own call."""
+    about = call_of.get(g.target_invocation, g.call_index) if g.target_type == "output" else g.call_index
+    return dataclasses.replace(g, about_call=about)
 
 
 def _call_counts(trace: Trace) -> dict[str, int]:

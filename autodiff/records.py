@@ -97,6 +97,10 @@ class Gradient:
     origin: str = "backward"  # backward | loss | human
     error: str | None = None
     created_at: float = 0.0
+    # The call index of what the feedback is about, fixed when it is written: for feedback on an
+    # output, the call that wrote that output (the target invocation's call index); else the call
+    # of the node whose parameter it is about. None for feedback not tied to a call (human).
+    about_call: int | None = None
 
 
 Fate = Literal["proposed", "malformed", "error", "rejected_check", "failed_minibatch", "failed_val", "pending",

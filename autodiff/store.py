@@ -163,6 +163,20 @@ MIGRATIONS: list[tuple[str, str]] = [
         ALTER TABLE proposals ADD COLUMN held_fate TEXT;
         """,
     ),
+    (
+        # The call index a gradient is about, stored when the gradient is written (see
+        # `Gradient.about_call`) instead of joined from the invocations on every read. Older rows
+        # are filled by that same join, once.
+        "007_gradient_about_call",
+        """
+        ALTER TABLE gradients ADD COLUMN about_call INTEGER;
+        UPDATE gradients SET about_call = CASE
+            WHEN target_type = 'output' AND target_invocation IS NOT NULL THEN COALESCE(
+                (SELECT t.call_index FROM invocations t WHERE t.id = gradients.target_invocation), call_index)
+            ELSE call_index END;
+        CREATE INDEX gradients_run_about ON gradients (run_id, about_call);
+        """,
+    ),
 ]
 
 TERMINAL_STATUSES = ("completed", "failed", "stopped")
@@ -433,12 +447,16 @@ class Store:
             (
                 g.id, run_id, step, g.sample_id, g.node, g.invocation_id, g.call_index, g.target_type, g.target,
                 g.target_invocation, g.score, g.text, g.source_node, _json(list(g.path)), g.llm_call_id,
-                g.origin, g.error, g.created_at or time.time(), None,
+                g.origin, g.error, g.created_at or time.time(), None, g.about_call,
             )
             for g in gradients
         ]
         with self.connect() as conn:
-            conn.executemany("INSERT OR REPLACE INTO gradients VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+            conn.executemany(
+                "INSERT OR REPLACE INTO gradients (id, run_id, step, sample_id, node, invocation_id, call_index,"
+                " target_type, target, target_invocation, score, text, source_node, path, llm_call_id, origin,"
+                " error, created_at, consumed_step, about_call) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                rows)
 
     def gradients(self, run_id: str, step: int | None = None, target: str | None = None) -> list[dict]:
         rows = self._select("gradients", run_id, "step, created_at, sample_id, call_index", step=step, target=target)
@@ -452,16 +470,10 @@ class Store:
         marks = ",".join("?" * len(ids))
         with self.connect() as conn:
             rows = conn.execute(
-                f"SELECT g.*, {self._ABOUT_CALL} AS about_call FROM gradients g"
-                f" LEFT JOIN invocations t ON t.id = g.target_invocation WHERE g.run_id = ? AND g.id IN ({marks})",
+                f"SELECT g.* FROM gradients g WHERE g.run_id = ? AND g.id IN ({marks})",
                 [run_id, *ids]).fetchall()
         found = {r["id"]: dict(r, path=json.loads(r["path"])) for r in rows}
         return [found[i] for i in dict.fromkeys(ids) if i in found]
-
-    # The call index of what a gradient is about: for feedback on an output, the call that wrote
-    # that output (the target invocation); else the call of the node whose parameter it is about.
-    _ABOUT_CALL = ("CASE WHEN g.target_type = 'output' AND t.id IS NOT NULL THEN t.call_index"
-                   " ELSE g.call_index END")
 
     def find_gradients(
         self, run_id: str, *, step: int | None = None, targets: Sequence[str] | None = None,
@@ -484,20 +496,19 @@ class Store:
             where.append("g.sample_id = ?")
             args.append(sample)
         if call_index is not None:
-            where.append(f"{self._ABOUT_CALL} = ?")
+            where.append("g.about_call = ?")
             args.append(call_index)
         if score is not None:
             lo, hi = score
             where.append("(g.score BETWEEN ? AND ?" + (" OR g.score IS NULL)" if (lo, hi) == (0.0, 1.0) else ")"))
             args += [lo, hi]
-        body = (f" FROM gradients g LEFT JOIN invocations t ON t.id = g.target_invocation"
-                f" WHERE {' AND '.join(where)}")
+        body = f" FROM gradients g WHERE {' AND '.join(where)}"
         with self.connect() as conn:
             total = conn.execute(f"SELECT COUNT(*){body}", args).fetchone()[0]
             if limit == 0:  # only the count wanted
                 return total, []
             rows = conn.execute(
-                f"SELECT g.*, {self._ABOUT_CALL} AS about_call{body} ORDER BY g.created_at, g.step, g.sample_id, g.call_index LIMIT ? OFFSET ?",
+                f"SELECT g.*{body} ORDER BY g.created_at, g.step, g.sample_id, g.call_index LIMIT ? OFFSET ?",
                 [*args, -1 if limit is None else limit, offset],
             ).fetchall()
         return total, [dict(r, path=json.loads(r["path"])) for r in rows]
@@ -505,16 +516,15 @@ class Store:
     def gradient_facets(self, run_id: str) -> dict[str, Any]:
         """How many gradients a run has ("total") and what they can be filtered by, each sorted:
         steps, samples, the call indices they are about, and the nodes whose output received feedback."""
-        def distinct(conn: sqlite3.Connection, column: str, where: str = "", join: str = "") -> list:
+        def distinct(conn: sqlite3.Connection, column: str, where: str = "") -> list:
             return [r[0] for r in conn.execute(
-                f"SELECT DISTINCT {column} AS v FROM gradients g{join} WHERE g.run_id = ? AND v IS NOT NULL{where}"
+                f"SELECT DISTINCT {column} AS v FROM gradients g WHERE g.run_id = ? AND v IS NOT NULL{where}"
                 " ORDER BY v", (run_id,))]
 
         with self.connect() as conn:
             total = conn.execute("SELECT COUNT(*) FROM gradients WHERE run_id = ?", (run_id,)).fetchone()[0]
             return {"total": total, "steps": distinct(conn, "g.step"), "samples": distinct(conn, "g.sample_id"),
-                    "call_indices": distinct(conn, self._ABOUT_CALL,
-                                             join=" LEFT JOIN invocations t ON t.id = g.target_invocation"),
+                    "call_indices": distinct(conn, "g.about_call"),
                     "outputs": distinct(conn, "g.target", " AND g.target_type = 'output'")}
 
     def add_human_feedback(
@@ -531,9 +541,10 @@ class Store:
         gid = uuid.uuid4().hex
         with self.connect() as conn:
             conn.execute(
-                "INSERT INTO gradients VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (gid, run["id"], step, sample_id, node, None, None, "parameter", target, None, None, text.strip(),
-                 author, "[]", None, "human", None, time.time(), None),
+                "INSERT INTO gradients (id, run_id, step, sample_id, node, target_type, target, text, source_node,"
+                " path, origin, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (gid, run["id"], step, sample_id, node, "parameter", target, text.strip(), author, "[]", "human",
+                 time.time()),
             )
         return gid
 

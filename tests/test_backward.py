@@ -149,6 +149,10 @@ def test_repeated_node_gets_one_gradient_per_call_in_order(make_llm, store) -> N
     # Each call's output gradient goes to the call before it.
     chained = [g for g in grads if g.node == "hop" and g.target_type == "output"]
     assert sorted((g.call_index, g.target_invocation) for g in chained) == [(1, hops[0].id), (2, hops[1].id)]
+    # What each gradient is about is fixed when it is written: feedback on an output is about the
+    # call that wrote it, feedback on a parameter about its own call.
+    assert sorted((g.call_index, g.about_call) for g in chained) == [(1, 0), (2, 1)]
+    assert all(g.about_call == g.call_index for g in on_param)
 
     # The backward prompt says the calls are successive and which one is being judged.
     param_prompts = [user_text(r) for _, r in fake.provider.requests if "Your target is the peer" in user_text(r)]
@@ -162,6 +166,8 @@ def test_repeated_node_gets_one_gradient_per_call_in_order(make_llm, store) -> N
     store.add_gradients("run", 1, grads)
     stored = [g for g in store.gradients("run", 1) if g["target"] == "hop.instruction"]
     assert sorted(g["call_index"] for g in stored) == [0, 1, 2]
+    total, about_first = store.find_gradients("run", call_index=0)
+    assert {g["id"] for g in about_first} == {g.id for g in grads if g.about_call == 0} and total == len(about_first)
     text = format_gradients([_grad_dict(g) for g in on_param])
     assert text.index("[call 0]") < text.index("[call 1]") < text.index("[call 2]")
 
