@@ -4,6 +4,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from dashboard.auth import require_sign_in
 from dashboard.common import sidebar
 
 # A local file, not a material icon name: the browser would fetch that favicon from a font CDN.
@@ -21,6 +22,7 @@ PAGES = [
     st.Page("pages/compare.py", title="Compare", icon=":material/compare:"),
 ]
 
+require_sign_in()  # only when a team configured it: see dashboard/auth.py
 navigation = st.navigation(PAGES)
 sidebar()
 navigation.run()

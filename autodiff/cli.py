@@ -389,6 +389,11 @@ def cmd_dashboard(args) -> int:
     env = dict(os.environ, AUTODIFF_STORE=str(store_path),
                AUTODIFF_CACHE=str((args.cache or default_cache_path()).resolve()))
     cmd = dashboard_command(args.address, args.port, reload=args.reload)
+    from dashboard.auth import exposure_warning  # here: it imports streamlit, which only this command needs
+
+    warning = exposure_warning(args.address, ROOT)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     print(f"dashboard on http://{args.address}:{args.port}  (store {store_path})", flush=True)
     return run_until_signalled(cmd, env=env, cwd=ROOT)
 
