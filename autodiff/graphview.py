@@ -4,7 +4,7 @@ One vertex per node name (not per invocation), one per parameter attached to its
 Edges go from producer node to consumer node, aggregated over samples; when a node runs more
 than once per sample, each edge carries the (producer call, consumer call) index pairs it was
 seen with, so query_generator#0 -> retrieve#0 -> query_generator#1 reads off the labels.
-Vertices count the failing gradients that targeted them.
+Vertices count the failing samples whose feedback targeted them.
 
 Rendering uses pyvis with its own in-line copy of vis-network: no CDN, no Bootstrap, and every
 string from an LLM or a dataset escaped for where it lands (see `render_html`).
@@ -22,6 +22,7 @@ from typing import Iterable, Sequence
 import networkx as nx
 from pyvis.network import Network
 
+from autodiff import metrics
 from autodiff.errors import AutodiffError
 
 NODE_STYLE = {  # shape and border colour by node kind; fill shows failing feedback
@@ -42,13 +43,10 @@ def parameter_id(name: str) -> str:
 
 def is_failing(gradient: dict, tau: float = 1.0) -> bool:
     """Feedback from a sample that scored below tau (human feedback has no score: not counted)."""
-    return gradient.get("score") is not None and gradient["score"] < tau
+    return metrics.is_failing(gradient.get("score"), tau)
 
 
-def run_tau(run: dict) -> float:
-    """The run's threshold, or 1.0 when it used the task default (stored configs keep None)."""
-    tau = (run.get("config") or {}).get("tau")
-    return 1.0 if tau is None else float(tau)
+run_tau = metrics.run_tau  # one definition of the run's threshold, shared with the figures
 
 
 # --- the graph ---------------------------------------------------------------------------------
@@ -61,10 +59,11 @@ def build_graph(
 
     Vertex attributes: kind (llm/function/loss/parameter), name, node (the owning node, for
     parameters), value (a parameter's value as these invocations used it), calls (call indices
-    seen), samples, invocations, failing (gradients below tau that targeted it), feedback (all
-    gradients that did), and for the loss failed_samples. Edge attributes: kind (data/parameter),
-    calls ((producer, consumer) call-index pairs), repeated (an end runs more than once per
-    sample), samples, inputs.
+    seen), samples, invocations, failing (samples below tau whose feedback targeted it: samples,
+    like the loss, not feedback messages), feedback (all gradients that did), and for the loss
+    failed_samples (`metrics.is_failing`, as every page counts them). Edge attributes: kind
+    (data/parameter), calls ((producer, consumer) call-index pairs), repeated (an end runs more
+    than once per sample), samples, inputs.
     """
     g = nx.DiGraph()
     by_id = {inv["id"]: inv for inv in invocations}
@@ -79,7 +78,7 @@ def build_graph(
         calls[name].add(inv["call_index"])
         samples[name].add(inv["sample_id"])
         counts[name] += 1
-        if inv["node_type"] == "loss" and inv.get("score") is not None and inv["score"] < tau:
+        if inv["node_type"] == "loss" and metrics.is_failing(inv.get("score"), tau):
             failed_samples[name].add(inv["sample_id"])
         for input_name, _text, source in inv["inputs"]:
             producer = by_id.get(source) if source else None
@@ -99,11 +98,15 @@ def build_graph(
             data.update(calls=sorted(calls[name]), samples=len(samples[name]), invocations=counts[name])
         if data["kind"] == "loss":
             data["failed_samples"] = len(failed_samples[name])
+    failing: dict[str, set] = defaultdict(set)  # vertex -> failing samples whose feedback reached it
     for grad in gradients:
         v = parameter_id(grad["target"]) if grad["target_type"] == "parameter" else node_id(grad["target"])
         if g.has_node(v):
             g.nodes[v]["feedback"] += 1
-            g.nodes[v]["failing"] += int(is_failing(grad, tau))
+            if is_failing(grad, tau):
+                failing[v].add(grad["sample_id"])
+    for v, samples_failing in failing.items():
+        g.nodes[v]["failing"] = len(samples_failing)
     for u, v, data in g.edges(data=True):
         if data["kind"] == "data":
             data["repeated"] = len(calls[g.nodes[u]["name"]]) > 1 or len(calls[g.nodes[v]["name"]]) > 1
@@ -430,7 +433,7 @@ def _title(d: dict) -> str:
         rows.append(f"{d.get('invocations', 0)} calls over {d.get('samples', 0)} samples")
         if len(d.get("calls", [])) > 1:
             rows.append(f"call indices: {esc(', '.join(map(str, d['calls'])))}")
-    rows.append(f"failing feedback received: {d['failing']} (of {d['feedback']})")
+    rows.append(f"failing samples whose feedback reached it: {d['failing']} ({d['feedback']} feedback messages)")
     return "<br>".join(rows)
 
 

@@ -12,19 +12,47 @@ Money is summed from the calls' recorded prices (`autodiff.llm.pricing`, one pri
 it was recorded), in US dollars. A call with no known price is counted apart (`cost_unknown`),
 never as 0: `cost_*` figures are what the priced calls cost, and come with how many were not.
 Calls answered from our response cache cost 0; what they would have cost is "saved".
+
+Every figure the dashboard shows comes from one function here, so pages cannot disagree:
+
+- **Attempts.** A step stopped part-way is redone whole on resume; the store keeps the records of
+  the attempt that ran last and every call ever made (`Store.attempt_totals` says which calls
+  belong to the kept attempt). Per-step figures of the work (calls by phase, backward calls made
+  and saved, time) count the kept attempt only, so a resumed step is never counted twice. Money
+  and tokens count everything actually spent: the calls of a discarded attempt appear apart, as
+  "redone" (`calls_redone`, `tokens_redone`, `cost_redone`), in the step's totals and the run's.
+- **Run time** (`step_figures` `wall_s`, `run_summary` `wall_s`): the seconds the run spent on
+  its steps as kept: for each step, from its start to its end (or its last call's end, when
+  later: the final test is recorded under the last step), summed over the steps. Time between a
+  stop and a resume, a discarded attempt and the preflight check are not in it.
+- **Mini-batch outcomes** (`batch_outcome`): each sample of a step's mini-batch is correct
+  (scored at or above the run's tau), failing (below tau) or errored (no score). Failing samples
+  are sent backward up to the per-step cap (`max_failed`), the lowest scores first; the rest are
+  *over the cap*. "Saved by selective backward" counts the correct samples only.
+- **Proposal stages** (`Store.proposal_totals`): each stage counts the proposals that reached
+  it, so the stages never grow from one to the next.
+- **Scores**: the step records' validation and test scores (errored samples left out); a step
+  whose test set was not scored has no test score (None), never the previous one.
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 from autodiff.store import Store
 
 # "preflight" is the tiny question put to each model before a run spends anything (step 0).
 PHASES = ("preflight", "forward", "backward", "propose", "validate", "test")
 SPLITS = ("val", "test")
-FATES = ("proposed", "passed_minibatch", "passed_validation", "accepted", "rejected_by_person")
+# Proposal stages, each counting the proposals that reached it (monotone), then one outcome.
+STAGES = ("proposed", "passed_minibatch", "passed_validation", "accepted")
+FATES = (*STAGES, "rejected_by_person")
+STAGE_LABELS = {"proposed": "proposed", "passed_minibatch": "passed mini-batch",
+                "passed_validation": "passed validation", "accepted": "accepted",
+                "rejected_by_person": "rejected by a person"}
 
 
 def phase_figures(store: Store, run_id: str) -> list[dict]:
@@ -34,11 +62,79 @@ def phase_figures(store: Store, run_id: str) -> list[dict]:
 
 
 def proposal_figures(store: Store, run_id: str) -> list[dict]:
-    """Per step, proposals by how far they got. Stages are cumulative: an accepted proposal also
-    counts as proposed and (unless a person edited it in) as having passed both checks. A proposal
-    passed a check when its score beat the baseline it was compared with; "rejected by a person"
-    counts decisions written by `Store.decide` (the trainer writes none)."""
+    """Per step, proposals by how far they got (`STAGES`). Each stage counts the proposals that
+    reached it, so the counts never grow from one stage to the next: an accepted proposal also
+    counts as proposed and as past both checks (a value a person accepted without them included:
+    the person stood in for the checks). A proposal passed a check when its score beat the
+    baseline it was compared with; "rejected by a person" (not a stage) counts decisions written
+    by `Store.decide` (the trainer writes none)."""
     return store.proposal_totals(run_id)
+
+
+def funnel(rows: Iterable[dict]) -> dict[str, int]:
+    """Stage -> proposals that reached it (plus "rejected_by_person"), summed over `rows` (rows of
+    `proposal_figures` or `step_figures`: pass a run's, or one step's)."""
+    rows = list(rows)
+    return {fate: sum(r.get(fate, 0) or 0 for r in rows) for fate in FATES}
+
+
+def run_tau(run: dict) -> float:
+    """The run's threshold: samples scoring below it are failing. The task default, when the run
+    kept None, is 1.0 for every bundled task."""
+    tau = (run.get("config") or {}).get("tau")
+    return 1.0 if tau is None else float(tau)
+
+
+def is_failing(score: float | None, tau: float) -> bool:
+    """A scored sample below tau (a sample without a score errored: neither failing nor correct)."""
+    return score is not None and score < tau
+
+
+@dataclass(frozen=True)
+class BatchOutcome:
+    """What became of one step's mini-batch, in samples: `batch` = `correct` + `failing` +
+    `errored`, and `failing` = `sent_backward` + `over_cap`."""
+
+    batch: int  # samples in the mini-batch
+    correct: int  # scored at or above tau: no backward call needed (what selective backward saves)
+    failing: int  # scored below tau
+    sent_backward: int  # failing samples the backward pass was run for (lowest scores first, up to the cap)
+    over_cap: int  # failing samples beyond the per-step cap: no backward call, and not a saving
+    errored: int  # no score: a call failed (left out, neither failing nor correct)
+
+
+def batch_outcome(batch: Sequence[str], scores: Mapping[str, float | None], tau: float, *,
+                  sent: Sequence[str] | None = None, cap: int | None = None) -> BatchOutcome:
+    """The outcome of a mini-batch (sample ids) from its samples' scores (sample id -> score in
+    [0, 1], None or absent: errored). `sent`: the failing samples the trainer sent backward, as a
+    completed step records them (failing whatever `scores` say: the trainer's decision stands);
+    for a step still running, `cap` (the run's `max_failed`) gives how many it sends."""
+    was_sent = set(sent or ())
+    failing = errored = 0
+    for sid in batch:
+        score = scores.get(sid)
+        if sid in was_sent or is_failing(score, tau):
+            failing += 1
+        elif score is None:
+            errored += 1
+    if sent is not None:
+        sent_backward = sum(1 for sid in batch if sid in was_sent)
+    else:
+        sent_backward = failing if cap is None else min(failing, cap)
+    return BatchOutcome(batch=len(batch), correct=len(batch) - failing - errored, failing=failing,
+                        sent_backward=sent_backward, over_cap=failing - sent_backward, errored=errored)
+
+
+def busy_seconds(spans: Iterable[tuple[float, float]], start: float, end: float) -> float:
+    """Seconds within [start, end] during which at least one of the (start, end) spans ran:
+    overlapping calls (concurrent samples) count once."""
+    total, reached = 0.0, start
+    for a, b in sorted(spans):
+        a, b = max(a, reached), min(b, end)
+        if b > a:
+            total += b - a
+            reached = b
+    return total
 
 
 def fault_calls(store: Store, run_id: str) -> list[dict]:
@@ -74,68 +170,104 @@ def errored_samples(store: Store, run_id: str) -> dict[tuple[int, str], int]:
 
 
 def step_figures(store: Store, run_id: str) -> list[dict]:
-    """One row per step: scores, tokens, money and time by phase, proposals by stage, backward
-    savings, and faults. Per phase p: `tokens_p` (prompt + completion tokens of fresh calls; cached
-    calls count 0), `cost_p` (USD of its priced calls), `cost_unknown_p` (its fresh calls with no
-    known price), `calls_p` (calls made, cached ones included), `wall_s_p` (seconds from the
-    phase's first call's start to its last call's end), `errors_p` (calls that errored),
-    `cut_off_p` (replies cut off at the token limit). Totals: `tokens`, `cost` and `cost_unknown`
-    (over PHASES), `tokens_cumulative` and `cost_cumulative` (this step and those before it), and
-    over every phase recorded `errors`, `cut_off` and `context_window` (calls that failed because
-    the prompt did not fit the model's context window). Savings: `cache_saved_usd` (what the
-    step's calls answered from our response cache would have cost), `backward_calls_saved` and
-    `backward_saved_usd` (the backward calls, and their cost at this step's cost per failed
-    sample, that the correct samples of the batch did not need: selective backward).
-    `samples_errored_val` and `samples_errored_test`: samples left unscored in the step's
-    validation and test evaluations (its `val_score` and `test_score` leave them out);
-    `samples_errored` is their sum."""
-    phases = phase_figures(store, run_id)
+    """One row per stored step, in step order: scores, tokens, money and time by phase, the
+    mini-batch's outcome, backward calls made and saved, proposals by stage, and faults.
+
+    Per phase p, over the calls of the step's kept attempt (see the module docstring): `calls_p`
+    (calls made, cached ones included), `tokens_p` (prompt + completion tokens of fresh calls;
+    cached calls count 0), `cost_p` (USD of its priced calls), `cost_unknown_p` (its fresh calls
+    with no known price), `errors_p` (calls that errored), `cut_off_p` (replies cut off at the
+    token limit), `wall_s_p` (seconds of the step during which a call of the phase was running;
+    concurrent calls count once). The calls of discarded attempts of the step (stopped part-way,
+    redone on resume) are `calls_redone`, `tokens_redone`, `cost_redone`, `cost_unknown_redone`,
+    `errors_redone` and `cut_off_redone`.
+
+    Totals, over everything the step spent (kept and redone): `tokens`, `cost`, `cost_unknown`,
+    `tokens_cumulative`, `cost_cumulative` and `cost_unknown_cumulative` (this step and those
+    before it), `errors`, `cut_off` and `context_window` (calls that failed because the prompt
+    did not fit the model's context window), `cache_saved_usd` (what calls answered from our
+    response cache would have cost).
+
+    Time, in seconds: `wall_s` (the step's time: start to end, or to its last call's end when
+    later; a step still running: to its last call so far), `wall_s_other` (the part of it with no
+    LLM call running: the trainer's own work, a wait for review), `wall_s_cumulative` (run time
+    so far). Scores: `val_score`, `test_score` (None where the test set was not scored).
+
+    The mini-batch (`batch_outcome`): `batch`, `correct`, `failed` (failing samples),
+    `sent_backward`, `over_cap`, `errored_batch`. Backward calls: `calls_backward` (made, kept
+    attempt), `backward_calls_saved` (what the correct samples would have needed at the step's
+    calls per sample sent; None when no sample was sent, so there is no rate to go by),
+    `backward_calls_over_cap` (the same for the samples over the cap: not made, not a saving),
+    `backward_saved_usd` (the saved calls' cost at the step's cost per sample sent). Proposals:
+    one column per `FATES` entry (see `proposal_figures`). `samples_errored_val` and
+    `samples_errored_test`: samples left unscored in the step's validation and test evaluations
+    (the scores leave them out); `samples_errored` is their sum."""
+    run = store.run(run_id)
+    tau, cap = run_tau(run), (run["config"] or {}).get("max_failed")
     proposals = {r["step"]: r for r in proposal_figures(store, run_id)}
     unscored = errored_samples(store, run_id)
+    scores = store.loss_scores(run_id)
+    totals: dict[int, list[dict]] = defaultdict(list)
+    for t in store.attempt_totals(run_id):
+        totals[t["step"]].append(t)
+    spans: dict[int, list[tuple[str, float, float]]] = defaultdict(list)
+    for step, phase, a, b in store.kept_call_spans(run_id):
+        spans[step].append((phase, a, b))
     rows = []
-    cumulative_tokens, cumulative_cost, cumulative_unknown = 0, 0.0, 0
+    cumulative = {"tokens": 0, "cost": 0.0, "cost_unknown": 0, "wall_s": 0.0}
     for s in store.steps(run_id):
         step = s["step"]
-        row = {"step": step, "status": s["status"], "val_score": s["val_score"], "test_score": s["test_score"],
-               "batch": len(s["batch"]), "failed": len(s["failed_samples"])}
-        mine = [p for p in phases if p["step"] == step]
-        for phase in PHASES:
-            match = [p for p in mine if p["phase"] == phase]
-            row[f"tokens_{phase}"] = sum(p["tokens"] for p in match)
-            row[f"calls_{phase}"] = sum(p["calls"] for p in match)
-            row[f"wall_s_{phase}"] = sum(p["wall_s"] for p in match)
-            row[f"errors_{phase}"] = sum(p["errors"] for p in match)
-            row[f"cut_off_{phase}"] = sum(p["cut_off"] for p in match)
-            row[f"cost_{phase}"] = sum(p["cost_usd"] for p in match)
-            row[f"cost_unknown_{phase}"] = sum(p["cost_unknown"] for p in match)
-        row["tokens"] = sum(row[f"tokens_{p}"] for p in PHASES)
-        row["cost"] = sum(row[f"cost_{p}"] for p in PHASES)
-        row["cost_unknown"] = sum(row[f"cost_unknown_{p}"] for p in PHASES)
-        row["cache_saved_usd"] = sum(p["saved_usd"] for p in mine)
-        row["errors"] = sum(p["errors"] for p in mine)  # every phase: a fault is never hidden
-        row["cut_off"] = sum(p["cut_off"] for p in mine)
-        row["context_window"] = sum(p["context_window"] for p in mine)
+        row = {"step": step, "status": s["status"], "val_score": s["val_score"], "test_score": s["test_score"]}
+        mine = totals.get(step, [])
+        for phase in (*PHASES, "redone"):
+            match = [t for t in mine if (not t["kept"] if phase == "redone" else t["kept"] and t["phase"] == phase)]
+            for column, source in (("tokens", "tokens"), ("calls", "calls"), ("errors", "errors"),
+                                   ("cut_off", "cut_off"), ("cost", "cost_usd"), ("cost_unknown", "cost_unknown")):
+                row[f"{column}_{phase}"] = sum(t[source] for t in match)
+        for column in ("tokens", "cost", "cost_unknown"):
+            row[column] = sum(row[f"{column}_{p}"] for p in (*PHASES, "redone"))
+        row["cache_saved_usd"] = sum(t["saved_usd"] for t in mine)
+        row["errors"] = sum(t["errors"] for t in mine)  # every phase and attempt: a fault is never hidden
+        row["cut_off"] = sum(t["cut_off"] for t in mine)
+        row["context_window"] = sum(t["context_window"] for t in mine)
         for split in SPLITS:
             row[f"samples_errored_{split}"] = unscored.get((step, split), 0)
         row["samples_errored"] = sum(row[f"samples_errored_{split}"] for split in SPLITS)
-        cumulative_tokens += row["tokens"]
-        cumulative_cost += row["cost"]
-        row["tokens_cumulative"] = cumulative_tokens
-        row["cost_cumulative"] = cumulative_cost
-        cumulative_unknown += row["cost_unknown"]
-        row["cost_unknown_cumulative"] = cumulative_unknown  # calls so far without a price
-        row["wall_s"] = (s["finished_at"] - s["started_at"]) if s["finished_at"] else None
-        per_failed = row["calls_backward"] / row["failed"] if row["failed"] else None
-        row["backward_calls_saved"] = (
-            round(per_failed * (row["batch"] - row["failed"])) if per_failed is not None else None
-        )
-        row["backward_saved_usd"] = (
-            row["cost_backward"] / row["failed"] * (row["batch"] - row["failed"]) if row["failed"] else None
-        )
+
+        # Time: the step's span, and within it the time each phase had a call running.
+        kept = spans.get(step, [])
+        last_call = max((b for phase, _a, b in kept if phase != "preflight"), default=s["started_at"])
+        ended = max(s["finished_at"] or s["started_at"], last_call)
+        row["wall_s"] = ended - s["started_at"]
+        for phase in PHASES:
+            row[f"wall_s_{phase}"] = busy_seconds(((a, b) for p, a, b in kept if p == phase), s["started_at"], ended)
+        row["wall_s_other"] = max(row["wall_s"] - sum(row[f"wall_s_{p}"] for p in PHASES), 0.0)
+
+        for column in cumulative:
+            cumulative[column] += row[column]
+            row[f"{column}_cumulative"] = cumulative[column]
+
+        outcome = batch_outcome(s["batch"], scores.get(step, {}), tau,
+                                sent=s["failed_samples"] if s["status"] == "completed" else None, cap=cap)
+        row.update(batch=outcome.batch, correct=outcome.correct, failed=outcome.failing,
+                   sent_backward=outcome.sent_backward, over_cap=outcome.over_cap, errored_batch=outcome.errored)
+        per_sample = row["calls_backward"] / outcome.sent_backward if outcome.sent_backward else None
+        row["backward_calls_saved"] = _estimate(per_sample, outcome.correct)
+        row["backward_calls_over_cap"] = _estimate(per_sample, outcome.over_cap)
+        row["backward_saved_usd"] = (row["cost_backward"] / outcome.sent_backward * outcome.correct
+                                     if outcome.sent_backward else None)
         for fate in FATES:
-            row[fate] = proposals.get(step, {}).get(fate, 0)
+            row[fate] = proposals.get(step, {}).get(fate, 0) or 0
         rows.append(row)
     return rows
+
+
+def _estimate(per_sample: float | None, samples: int) -> int | None:
+    """Calls `samples` would have needed at `per_sample` calls each; 0 for no samples, None when
+    there is no rate to go by."""
+    if not samples:
+        return 0
+    return None if per_sample is None else round(per_sample * samples)
 
 
 def estimate_of(store: Store, run_id: str) -> dict | None:
@@ -197,8 +329,9 @@ def run_summary(store: Store, run_id: str) -> dict:
     `saved_usd` (both), with `saved_unknown` (cache hits, and steps' backward savings, whose
     price is unknown: left out of `saved_usd`);
     `projected_usd` / `to_finish_usd` are the run's projected cost (see `projection`), and
-    `budget_usd` / `budget_tokens` its budgets (None: none). `wall_s` is seconds from creation to
-    the last status change; `pending` counts proposals awaiting review."""
+    `budget_usd` / `budget_tokens` its budgets (None: none). `wall_s` is the run time in seconds
+    (see the module docstring: its steps' times, summed; `step_figures`' `wall_s_cumulative` at
+    the last step); `pending` counts proposals awaiting review."""
     run = store.run(run_id)
     steps = store.steps(run_id)
     calls = store.call_totals(run_id)
@@ -231,7 +364,7 @@ def run_summary(store: Store, run_id: str) -> dict:
         "projected_usd": money["projected_usd"], "to_finish_usd": money["to_finish_usd"],
         "projected_tokens": money["projected_tokens"],
         "budget_usd": cfg.get("budget_usd"), "budget_tokens": cfg.get("budget_tokens"),
-        "wall_s": (run["updated_at"] - run["created_at"]),
+        "wall_s": figures[-1]["wall_s_cumulative"] if figures else 0.0,
         "created_at": run["created_at"], "review": cfg.get("review"),
         "pending": len(store.proposals(run_id, fate="pending")),
     }

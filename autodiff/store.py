@@ -181,6 +181,29 @@ MIGRATIONS: list[tuple[str, str]] = [
 
 TERMINAL_STATUSES = ("completed", "failed", "stopped")
 
+# What `call_totals` and `attempt_totals` sum over a group of call records (see `call_totals`).
+_CALL_SUMS = (
+    "COUNT(*) AS calls, SUM(cached) AS cached,"
+    " COUNT(error) AS errors, SUM(finish_reason = 'length' AND phase != 'preflight') AS cut_off,"
+    " SUM(error_kind = 'context_window') AS context_window,"
+    " SUM(CASE WHEN cached THEN 0 ELSE prompt_tokens END) AS prompt_tokens,"
+    " SUM(CASE WHEN cached THEN 0 ELSE completion_tokens END) AS completion_tokens,"
+    " SUM(latency_ms) / 1000.0 AS latency_s,"
+    " MAX(created_at) - MIN(created_at - latency_ms / 1000.0) AS wall_s,"
+    " COALESCE(SUM(cost_usd), 0.0) AS cost_usd,"
+    " SUM(cost_usd IS NULL AND NOT cached) AS cost_unknown,"
+    " COALESCE(SUM(saved_usd), 0.0) AS saved_usd,"
+    " SUM(cached AND saved_usd IS NULL) AS saved_unknown"
+)
+# A call (alias c) belongs to the kept attempt of its step (alias s, LEFT JOINed): see `attempt_totals`.
+_KEPT = "(c.phase = 'preflight' OR COALESCE(c.created_at >= s.started_at, 0))"
+
+
+def _call_sums(row: sqlite3.Row) -> dict:
+    return dict(row, tokens=row["prompt_tokens"] + row["completion_tokens"], cut_off=row["cut_off"] or 0,
+                context_window=row["context_window"] or 0, cost_unknown=row["cost_unknown"] or 0,
+                saved_unknown=row["saved_unknown"] or 0)
+
 
 def _json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
@@ -635,23 +658,57 @@ class Store:
         step count under step -1."""
         with self.connect() as conn:
             rows = conn.execute(
-                "SELECT COALESCE(step, -1) AS step, phase, COUNT(*) AS calls, SUM(cached) AS cached,"
-                " COUNT(error) AS errors, SUM(finish_reason = 'length' AND phase != 'preflight') AS cut_off,"
-                " SUM(error_kind = 'context_window') AS context_window,"
-                " SUM(CASE WHEN cached THEN 0 ELSE prompt_tokens END) AS prompt_tokens,"
-                " SUM(CASE WHEN cached THEN 0 ELSE completion_tokens END) AS completion_tokens,"
-                " SUM(latency_ms) / 1000.0 AS latency_s,"
-                " MAX(created_at) - MIN(created_at - latency_ms / 1000.0) AS wall_s,"
-                " COALESCE(SUM(cost_usd), 0.0) AS cost_usd,"
-                " SUM(cost_usd IS NULL AND NOT cached) AS cost_unknown,"
-                " COALESCE(SUM(saved_usd), 0.0) AS saved_usd,"
-                " SUM(cached AND saved_usd IS NULL) AS saved_unknown"
+                f"SELECT COALESCE(step, -1) AS step, phase, {_CALL_SUMS}"
                 " FROM llm_calls WHERE run_id = ? GROUP BY 1, 2 ORDER BY 1, 2",
                 (run_id,),
             ).fetchall()
-        return [dict(r, tokens=r["prompt_tokens"] + r["completion_tokens"], cut_off=r["cut_off"] or 0,
-                     context_window=r["context_window"] or 0, cost_unknown=r["cost_unknown"] or 0,
-                     saved_unknown=r["saved_unknown"] or 0) for r in rows]
+        return [_call_sums(r) for r in rows]
+
+    def attempt_totals(self, run_id: str) -> list[dict]:
+        """`call_totals` split by attempt: per (step, phase, kept), in that order, the same
+        figures, where `kept` (1 or 0) says whether the calls belong to the attempt of their step
+        that the store keeps. A step redone on resume starts again (`start_step` replaces its row),
+        so a call belongs to the kept attempt when it ended after that attempt started; the calls
+        of an attempt that was stopped part-way and redone, and of a step with no stored row (a
+        step discarded and not yet redone), have kept 0. The preflight probe, asked at every start,
+        belongs to no attempt and is always kept. Calls without a step count under step -1 (kept
+        0). Summed in SQL from the accounting index and the steps' start times."""
+        with self.connect() as conn:
+            rows = conn.execute(
+                f"SELECT COALESCE(c.step, -1) AS step, c.phase, {_KEPT} AS kept, {_CALL_SUMS}"
+                " FROM llm_calls c LEFT JOIN steps s ON s.run_id = c.run_id AND s.step = c.step"
+                " WHERE c.run_id = ? GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+                (run_id,),
+            ).fetchall()
+        return [_call_sums(r) for r in rows]
+
+    def kept_call_spans(self, run_id: str) -> list[tuple[int, str, float, float]]:
+        """(step, phase, start, end) of every call of a run that belongs to its step's kept attempt
+        (see `attempt_totals`), in that order; times in seconds since the epoch (a call's record
+        is written when it ends, `latency_ms` after it started). Read from the accounting index."""
+        with self.connect() as conn:
+            rows = conn.execute(
+                "SELECT c.step, c.phase, c.created_at - c.latency_ms / 1000.0 AS start, c.created_at AS end"
+                " FROM llm_calls c JOIN steps s ON s.run_id = c.run_id AND s.step = c.step"
+                f" WHERE c.run_id = ? AND {_KEPT} ORDER BY 1, 2, 3",
+                (run_id,),
+            ).fetchall()
+        return [(r["step"], r["phase"], r["start"], r["end"]) for r in rows]
+
+    def loss_scores(self, run_id: str) -> dict[int, dict[str, float | None]]:
+        """Step -> {sample id: the score its loss gave it at that step (None: no score)}, for the
+        training samples traced at each stored step (a step's mini-batch as the kept attempt ran
+        it). Samples that errored before their loss are absent. No trace text is read."""
+        with self.connect() as conn:
+            rows = conn.execute(
+                "SELECT step, sample_id, MIN(score) AS score FROM invocations"
+                " WHERE run_id = ? AND node_type = 'loss' GROUP BY step, sample_id ORDER BY step, sample_id",
+                (run_id,),
+            ).fetchall()
+        scores: dict[int, dict[str, float | None]] = {}
+        for r in rows:
+            scores.setdefault(r["step"], {})[r["sample_id"]] = r["score"]
+        return scores
 
     def proposal_costs(self, run_id: str) -> dict[str, dict]:
         """Proposal id -> what it cost in USD: `make_usd` (its optimizer call, shared equally by
@@ -731,14 +788,19 @@ class Store:
         return readers
 
     def proposal_totals(self, run_id: str) -> list[dict]:
-        """Per step of a run, in step order: proposals made, how many beat their baseline on the
-        mini-batch and on validation, how many were accepted, rejected by a person's decision,
-        malformed, or rejected by a check. Counted in SQL (no proposal text is read)."""
+        """Per step of a run, in step order, the proposals that reached each stage: made
+        (`proposed`), past the mini-batch (`passed_minibatch`: beat their baseline there, or got
+        further), past validation (`passed_validation`: beat the best validation score, or were
+        accepted), `accepted`; so the stages never grow from one to the next (a value a person
+        accepted without the checks counts as past them: the person stood in for them). Besides
+        the stages: rejected by a person's decision, malformed, or rejected by a check. Counted
+        in SQL (no proposal text is read)."""
+        passed_val = "(fate = 'accepted' OR COALESCE(val_score > val_baseline, 0))"
         with self.connect() as conn:
             rows = conn.execute(
                 "SELECT step, COUNT(*) AS proposed,"
-                " COALESCE(SUM(minibatch_score > minibatch_baseline), 0) AS passed_minibatch,"
-                " COALESCE(SUM(val_score > val_baseline), 0) AS passed_validation,"
+                f" SUM({passed_val} OR COALESCE(minibatch_score > minibatch_baseline, 0)) AS passed_minibatch,"
+                f" SUM({passed_val}) AS passed_validation,"
                 " SUM(fate = 'accepted') AS accepted,"
                 " SUM(fate = 'rejected' AND COALESCE(decision = 'reject', 0)) AS rejected_by_person,"
                 " SUM(fate = 'malformed') AS malformed, SUM(fate = 'rejected_check') AS rejected_check"

@@ -158,9 +158,10 @@ def test_selective_backward_and_the_cache_savings_are_in_money(run_toy, store: S
     first = run_toy(prices=PRICES)
     again = run_toy(prices=PRICES)  # the same prompts: every reply from the cache
     row = step_figures(store, first.run_id)[1]
-    assert row["failed"] < row["batch"]
-    assert row["backward_saved_usd"] == pytest.approx(row["cost_backward"] / row["failed"]
-                                                      * (row["batch"] - row["failed"]))
+    assert 0 < row["correct"] < row["batch"]
+    # Saved: the correct samples only, at the cost per sample sent backward (not the samples
+    # over the per-step cap: they failed, and no call was made for them).
+    assert row["backward_saved_usd"] == pytest.approx(row["cost_backward"] / row["sent_backward"] * row["correct"])
     summary = run_summary(store, again.run_id)
     assert summary["cost_usd"] == 0.0
     before = run_summary(store, first.run_id)  # its repeated prompts were cache hits already
