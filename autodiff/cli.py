@@ -68,6 +68,9 @@ def parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a task (built-in name, file.py:factory or module:factory)")
     train.add_argument("task")
     _add_train_options(train)
+    train.add_argument("--queue", action="store_true",
+                       help="register the run and queue it for a worker (`autodiff worker`) instead of training it "
+                            "here; needs a PostgreSQL store")
     resume = sub.add_parser("resume", help="resume a run from its last completed step")
     resume.add_argument("run_id")
     resume.add_argument("--keep-stop", action="store_true", help=argparse.SUPPRESS)  # background starts
@@ -109,9 +112,20 @@ def parser() -> argparse.ArgumentParser:
     dash.add_argument("--address", default="localhost")
     dash.add_argument("--reload", action="store_true",
                       help="reload pages when their source files change (for working on the dashboard)")
+    worker = sub.add_parser("worker", help="train queued runs of a PostgreSQL store until stopped (SIGTERM or "
+                                           "Ctrl-C stop its runs at a step boundary and queue them again)")
+    worker.add_argument("--concurrency", type=int, default=1, help="runs trained at once (default 1)")
+    worker.add_argument("--name", help="how the worker is named in runs' history and logs (default host:pid)")
+    worker.add_argument("--heartbeat", type=float, default=10.0,
+                        help="seconds between the worker's signs of life in the database (default 10)")
+    worker.add_argument("--stalled-after", type=float, default=60.0,
+                        help="seconds without a sign of life after which a worker is taken as dead and its runs "
+                             "are queued again for another worker (default 60)")
+    worker.add_argument("--poll", type=float, default=5.0,
+                        help="seconds between looks at the queue when no notice of a new run came (default 5)")
     samples = sub.add_parser("sample-runs", help="regenerate the bundled sample runs with the local model")
     samples.add_argument("--only", type=int, nargs="*", help="redo only these entries of SAMPLE_RUNS (0-based)")
-    for p in (resume,):
+    for p in (resume, worker):
         for a in ("--store", "--cache"):
             p.add_argument(a, type=Path, default=argparse.SUPPRESS)
         p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS)
@@ -163,10 +177,39 @@ def cmd_train(args) -> int:
 
     config = _config(args)
     store = _store(args)
+    if args.queue:
+        return _queue(args, store, config)
     run_id = train(store, config, cache_path=args.cache or default_cache_path(), run_id=args.run_id,
                    progress=_progress_bar(config.steps, args.quiet))
     _print_summary(store, run_id)
     return _stopped_exit(store, run_id)
+
+
+def _queue(args, store, config) -> int:
+    """`train --queue`: check and register the run here, then leave it to a worker."""
+    from autodiff.runner import create
+    from autodiff.workers import database_url, queue_run
+
+    database_url(store)  # a SQLite store is refused before anything is registered
+    run_id = create(store, config, run_id=args.run_id, cache_path=args.cache or default_cache_path())
+    queue_run(store, run_id)
+    print(f"run {run_id} queued: a worker trains it (autodiff worker); follow it with autodiff show {run_id} "
+          "or in the dashboard")
+    return 0
+
+
+def cmd_worker(args) -> int:
+    import logging
+
+    from autodiff.workers import WorkerOptions, serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("procrastinate").setLevel(logging.WARNING)  # its per-job lines repeat ours
+    options = {"name": args.name} if args.name else {}
+    serve(_store(args), WorkerOptions(concurrency=args.concurrency, heartbeat_s=args.heartbeat,
+                                      stalled_s=args.stalled_after, poll_s=args.poll,
+                                      cache_path=args.cache or default_cache_path(), **options))
+    return 0
 
 
 def _task_args(pairs: list[str]) -> dict[str, str]:
@@ -433,7 +476,7 @@ def cmd_sample_runs(args) -> int:
 
 COMMANDS = {
     "train": cmd_train, "estimate": cmd_estimate, "resume": cmd_resume, "runs": cmd_runs, "show": cmd_show, "export": cmd_export,
-    "dashboard": cmd_dashboard, "sample-runs": cmd_sample_runs, "prompts": cmd_prompts,
+    "dashboard": cmd_dashboard, "sample-runs": cmd_sample_runs, "prompts": cmd_prompts, "worker": cmd_worker,
 }
 
 if __name__ == "__main__":

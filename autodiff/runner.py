@@ -99,26 +99,38 @@ def start_background(store_path: Path, run_id: str, cache_path: Path | None = No
 
 
 def launch(store: Store, config: RunConfig, cache_path: Path | None = None) -> str:
-    """Validate and register a run (see `create`), then train it in a background process."""
+    """Validate and register a run (see `create`), then start it: on a PostgreSQL store it is
+    queued for a worker (see autodiff.workers), on SQLite it trains in a background process."""
     run_id = create(store, config, cache_path=cache_path)
-    start_background(store.path, run_id, cache_path)
+    start(store, run_id, cache_path)
     return run_id
 
 
+def start(store: Store, run_id: str, cache_path: Path | None = None) -> None:
+    """Train a registered run away from the caller: queued for the workers of a PostgreSQL
+    store, or in a background process on this machine for a SQLite store."""
+    from autodiff import workers
+
+    if workers.shared(store):
+        workers.queue_run(store, run_id)
+    else:
+        start_background(store.path, run_id, cache_path)
+
+
 def resume_background(store: Store, run_id: str, cache_path: Path | None = None, *, budget_usd: float | None = None,
-                      budget_tokens: int | None = None) -> int:
-    """Resume a stopped or failed run in a background process; it shows as created until it starts.
-    New budgets, if given, replace the run's (see `set_budget`)."""
+                      budget_tokens: int | None = None) -> None:
+    """Resume a stopped or failed run away from the caller (see `start`); it shows as created
+    (or queued) until it starts. New budgets, if given, replace the run's (see `set_budget`)."""
     run = store.run(run_id)
     status = run["status"]
-    if status in ("completed", "running"):
+    if status in ("completed", "running", "queued"):
         raise ConfigError(f"run {run_id} is {status}; only a stopped or failed run can be resumed")
     budgets = {k: v for k, v in (("budget_usd", budget_usd), ("budget_tokens", budget_tokens)) if v is not None}
     if budgets:
         set_budget(store, run_id, make_config(**run["config"]), **budgets)
     store.clear_stop(run_id)  # a stop asked for before the run got going would end it again at once
     store.set_run_status(run_id, "created")
-    return start_background(store.path, run_id, cache_path)
+    start(store, run_id, cache_path)
 
 
 def pid_alive(pid: int | None) -> bool:
@@ -135,8 +147,14 @@ def pid_alive(pid: int | None) -> bool:
 
 def mark_dead_runs(store: Store) -> list[str]:
     """Runs that say `running` but whose process is gone (killed, machine restarted) become
-    `stopped`, with a note, so they can be resumed instead of looking alive forever."""
+    `stopped`, with a note, so they can be resumed instead of looking alive forever. Only on a
+    SQLite store: a shared store's runs may run on other machines, whose process ids mean nothing
+    here; its workers hand back the runs of a worker that died (see autodiff.workers)."""
+    from autodiff import workers
+
     dead = []
+    if workers.shared(store):
+        return dead
     for run in store.runs():
         if run["status"] == "running" and run["pid"] and not pid_alive(run["pid"]):
             store.set_run_status(run["id"], "stopped",
@@ -181,7 +199,7 @@ def resume(store: Store, run_id: str, *, task: Task | None = None, clear_stop: b
                 "or resume with --accept-task-changes (autodiff.resume(..., accept_task_changes=True)) to go on "
                 "with the changed task")
     except AutodiffError as exc:
-        if run["status"] == "created":  # a background start: nobody sees this process's output
+        if run["status"] in ("created", "queued"):  # a background start or a worker: nobody sees this output
             store.set_run_status(run_id, "failed", error=str(exc))
         raise
     if changes:

@@ -1,0 +1,344 @@
+"""Queued runs and the workers that train them, on a PostgreSQL store.
+
+The queue is procrastinate's (a maintained job queue that lives in PostgreSQL and runs on
+psycopg 3), in the store's own database: a queued run is one job on the queue `autodiff_runs`
+whose only argument is the run id; the run's task, config and progress are in the store. Any
+number of workers (`autodiff worker --store postgresql://...`), on any machine that reaches the
+database, take jobs one at a time and train them with `runner.resume`, which goes on from a run's
+last completed step. How a run moves:
+
+- queued (`queue_run`): the run says "queued" until a worker takes it. A job's lock is its run
+  id, so two workers never train one run at once, and its queueing lock is the run id too, so a
+  run is queued at most once.
+- a stop asked for in the dashboard reaches the worker through the store's stop flag, which the
+  trainer reads at every step boundary, wherever it runs; the run ends "stopped", its job done.
+- SIGTERM or SIGINT to a worker: it takes no new job, its runs stop at their next boundary, and
+  each goes back on the queue ("queued", saying after which step) for another worker.
+- a worker killed outright (SIGKILL, a machine gone) stops sending heartbeats; after
+  `stalled_s` seconds without one, any other worker puts its runs back on the queue, and the
+  next worker resumes them from their last completed step (the unfinished step is redone).
+
+The queue's tables are made once, idempotently, by the first `queue_run` or worker start on a
+database (`ensure_queue_schema`), not by the store's migrations: a team that never queues a run
+never gets them. Job arguments hold only the run id; the database URL (and any password in it)
+stays in the processes that were given it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from autodiff.errors import AutodiffError, ConfigError, StoreError
+
+QUEUE = "autodiff_runs"
+TASK = "autodiff.train_run"
+QUEUED = "queued"
+# Both ends of the queue agree on the schema's version: the last migration procrastinate ships.
+_SCHEMA_NOTE = "autodiff: procrastinate schema up to migration "
+_SCHEMA_LOCK = 0x6175746f64696666  # "autodiff": serializes schema set-up and stalled-job sweeps
+_SWEEP_LOCK = _SCHEMA_LOCK + 1
+
+log = logging.getLogger("autodiff.worker")
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """How a worker runs. Times in seconds. A run counts as abandoned when its worker has sent
+    no heartbeat for `stalled_s`: keep it several heartbeats long (a busy machine or a slow
+    network must not look dead)."""
+
+    name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    concurrency: int = 1  # runs trained at once (each in its own thread)
+    heartbeat_s: float = 10.0
+    stalled_s: float = 60.0
+    poll_s: float = 5.0  # how often to look for jobs when no notification came (a fallback)
+    cache_path: Path | None = None  # this machine's response cache; None: the default one
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise ConfigError(f"a worker trains at least one run at a time; got --concurrency {self.concurrency}")
+        for name in ("heartbeat_s", "stalled_s", "poll_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be a positive number of seconds; got {getattr(self, name)}")
+        if self.stalled_s < 2 * self.heartbeat_s:
+            raise ConfigError(f"a worker is taken as dead after {self.stalled_s:g} s without a heartbeat, but it "
+                              f"sends one only every {self.heartbeat_s:g} s: give at least two heartbeats' time "
+                              f"(--stalled-after {2 * self.heartbeat_s:g} or more)")
+
+
+# --- the store's database -------------------------------------------------------------------
+
+def shared(store) -> bool:
+    """Whether `store` is a PostgreSQL store, whose runs are queued for workers."""
+    return bool(getattr(store, "url", None))
+
+
+def database_url(store) -> str:
+    """The connection URL of a PostgreSQL store. Raises ConfigError for any other store: queues
+    need the shared database that workers on other machines reach."""
+    url = getattr(store, "url", None)
+    if not url:
+        raise ConfigError(f"queued runs and workers need a PostgreSQL store (--store postgresql://user@host/db or "
+                          f"AUTODIFF_STORE), not {store.path}: on a SQLite store a run trains in this process, or "
+                          "from the dashboard in a background process on this machine")
+    return url
+
+
+def _procrastinate():
+    try:
+        import procrastinate
+    except ImportError as exc:  # pragma: no cover - a dependency of the project
+        raise ConfigError(f"queued runs need the procrastinate package ({exc}): reinstall the project") from None
+    return procrastinate
+
+
+def _app(url: str, **pool):
+    procrastinate = _procrastinate()
+    return procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=url, **pool))
+
+
+def _latest_migration() -> str:
+    from procrastinate.schema import SchemaManager
+
+    names = sorted(p.stem for p in Path(SchemaManager.get_migrations_path()).glob("*.sql"))
+    return names[-1] if names else "none"
+
+
+def ensure_queue_schema(url: str) -> None:
+    """Make procrastinate's tables in the database of `url` unless they are there (one process
+    at a time, under an advisory lock), and check that they match the installed procrastinate.
+    Raises ConfigError when they were made by an older procrastinate, saying what to do."""
+    import psycopg
+    from procrastinate.schema import SchemaManager
+
+    want = _latest_migration()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SELECT pg_advisory_lock(%s)", (_SCHEMA_LOCK,))
+        try:
+            (exists,) = conn.execute("SELECT to_regclass('procrastinate_jobs') IS NOT NULL").fetchone()
+            if not exists:
+                with conn.transaction():
+                    conn.execute(SchemaManager.get_schema())
+                    conn.execute(f"COMMENT ON TABLE procrastinate_jobs IS '{_SCHEMA_NOTE}{want}'")
+                log.info("made the queue's tables (procrastinate, up to migration %s)", want)
+                return
+            (note,) = conn.execute("SELECT obj_description('procrastinate_jobs'::regclass, 'pg_class')").fetchone()
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (_SCHEMA_LOCK,))
+    if note and note.startswith(_SCHEMA_NOTE) and note[len(_SCHEMA_NOTE):] != want:
+        have = note[len(_SCHEMA_NOTE):]
+        raise ConfigError(
+            f"the queue's tables in this database were made by a procrastinate whose last migration is {have}; the "
+            f"installed one expects {want}. Stop every worker, apply procrastinate's migration files after {have} "
+            f"from {SchemaManager.get_migrations_path()} in order (psql -f), then run: COMMENT ON TABLE "
+            f"procrastinate_jobs IS '{_SCHEMA_NOTE}{want}'")
+
+
+# --- queueing -------------------------------------------------------------------------------
+
+def queue_run(store, run_id: str, note: str = "waiting for a worker") -> None:
+    """Put a registered run on the queue: it says "queued" (with `note`) until a worker takes it.
+    Queuing a run that is already queued does nothing. Raises ConfigError on a store that is not
+    PostgreSQL (see `database_url`)."""
+    procrastinate = _procrastinate()
+    url = database_url(store)
+    ensure_queue_schema(url)
+    store.set_run_status(run_id, QUEUED, error=note)
+    with _app(url, min_size=1, max_size=1).open() as app:
+        try:
+            _defer(app, run_id)
+        except procrastinate.exceptions.AlreadyEnqueued:
+            pass  # queued twice (a double click, two people): one job is enough
+
+
+def _defer(app, run_id: str) -> None:
+    app.configure_task(TASK, queue=QUEUE, lock=run_id, queueing_lock=run_id).defer(run_id=run_id)
+
+
+# --- the worker -----------------------------------------------------------------------------
+
+class Worker:
+    """Takes queued runs from the store's database and trains them; see the module's doc.
+    `store` is the PostgreSQL store to train in (its URL also reaches the queue)."""
+
+    def __init__(self, store, options: WorkerOptions | None = None):
+        self.store = store
+        self.url = database_url(store)
+        self.options = options or WorkerOptions()
+        self.app = _app(self.url, min_size=1, max_size=4 + 2 * self.options.concurrency)
+        self.app.task(name=TASK, queue=QUEUE, pass_context=True)(self._job)
+        self._running: set[str] = set()  # runs this worker is training
+        self._handing_back: set[str] = set()  # runs it stopped to shut down: they go back on the queue
+        self._shutting_down = False
+
+    def serve(self) -> None:
+        """Work until SIGTERM or SIGINT, then stop the runs in hand at their next step boundary
+        and queue them again before exiting."""
+        ensure_queue_schema(self.url)
+        asyncio.run(self._serve())
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        async with self.app.open_async():
+            work = asyncio.create_task(self.app.run_worker_async(
+                queues=[QUEUE], name=self.options.name, concurrency=self.options.concurrency,
+                install_signal_handlers=False, update_heartbeat_interval=self.options.heartbeat_s,
+                stalled_worker_timeout=self.options.stalled_s, fetch_job_polling_interval=self.options.poll_s,
+                abort_job_polling_interval=self.options.poll_s, delete_jobs="successful"))
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._shut_down, work)
+            sweeper = asyncio.create_task(self._sweep_forever())
+            log.info("worker %s taking runs from the queue (%d at a time)", self.options.name, self.options.concurrency)
+            try:
+                await work
+            except asyncio.CancelledError:
+                pass  # the graceful stop asked for in _shut_down: the runs in hand have ended
+            finally:
+                sweeper.cancel()
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+        log.info("worker %s stopped", self.options.name)
+
+    def _shut_down(self, work: asyncio.Task) -> None:
+        if self._shutting_down:
+            log.info("already stopping: the runs in hand end at their next step boundary")
+            return
+        self._shutting_down = True
+        for run_id in list(self._running):
+            try:
+                if self.store.stop_requested(run_id):
+                    continue  # a person's stop: it stays stopped, it does not go back on the queue
+                self._handing_back.add(run_id)
+                self.store.request_stop(run_id)
+            except AutodiffError as exc:
+                log.error("could not ask run %s to stop: %s", run_id, exc)
+        log.info("stopping: %s", f"runs {', '.join(sorted(self._running))} stop at their next step boundary and "
+                 "go back on the queue" if self._running else "no run in hand")
+        work.cancel()  # procrastinate takes no new job and waits for the ones running
+
+    # --- one job: one run ---
+
+    def _job(self, context, run_id: str) -> str:
+        """Train run `run_id` (in a thread of its own). Returns what became of it."""
+        try:
+            run = self.store.run(run_id)
+        except StoreError:
+            log.warning("run %s is not in the store any more; its job is dropped", run_id)
+            return "gone"
+        if run["status"] != QUEUED:  # trained meanwhile (a resume by hand), or requeued after it ended
+            log.info("run %s is %s, not queued: nothing to do", run_id, run["status"])
+            return run["status"]
+        if self._shutting_down:  # taken in the moment the worker was told to stop
+            _defer(self.app, run_id)
+            return "handed back"
+        if self.store.stop_requested(run_id):
+            self.store.set_run_status(run_id, "stopped", error="stopped on request before a worker took it; "
+                                                               "resume to start it")
+            return "stopped"
+        self._running.add(run_id)
+        try:
+            self.store.add_run_event(run_id, "worker", f"trained by worker {self.options.name}"
+                                     + (f" (attempt {context.job.attempts + 1})" if context.job.attempts else ""))
+            log.info("run %s: taken", run_id)
+            self._train(run_id)
+        finally:
+            self._running.discard(run_id)
+        status = self.store.run(run_id)["status"]
+        if run_id in self._handing_back:
+            self._handing_back.discard(run_id)
+            if status == "stopped":
+                done = self.store.last_completed_step(run_id) or 0
+                self.store.clear_stop(run_id)
+                self.store.set_run_status(run_id, QUEUED, error=f"worker {self.options.name} shut down after step "
+                                          f"{done}; waiting for another worker, which goes on from step {done + 1}")
+                _defer(self.app, run_id)  # runs after this job ends: the lock holds it back till then
+                log.info("run %s: stopped after step %d, back on the queue", run_id, done)
+                return "handed back"
+        log.info("run %s: %s", run_id, status)
+        return status
+
+    def _train(self, run_id: str) -> None:
+        from autodiff.runner import default_cache_path, resume
+
+        def progress(event: str, info: dict) -> None:
+            if event == "step_done":
+                log.info("run %s: step %s done", run_id, info.get("step"))
+
+        try:
+            # clear_stop=False: a stop asked for since the run was queued must still stop it.
+            resume(self.store, run_id, clear_stop=False, cache_path=self.options.cache_path or default_cache_path(),
+                   progress=progress)
+        except AutodiffError as exc:  # the run is marked failed with the reason; the job ends here
+            log.error("run %s: %s", run_id, exc)
+
+    # --- runs whose worker died ---
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.heartbeat_s)
+            try:
+                await self.requeue_stalled()
+            except Exception as exc:  # noqa: BLE001 - a database hiccup: the next sweep tries again
+                log.warning("looking for runs of dead workers failed: %s: %s", type(exc).__name__, exc)
+
+    async def requeue_stalled(self) -> list[str]:
+        """Put back on the queue the runs of workers that sent no heartbeat for `stalled_s`
+        seconds (killed, or their machine gone); returns their ids. One worker at a time sweeps
+        (an advisory lock), so a job is never handed back twice."""
+        import psycopg
+
+        requeued: list[str] = []
+        async with await psycopg.AsyncConnection.connect(self.url, autocommit=True) as conn:
+            (locked,) = await (await conn.execute("SELECT pg_try_advisory_lock(%s)", (_SWEEP_LOCK,))).fetchone()
+            if not locked:
+                return requeued  # another worker is sweeping right now
+            try:
+                stalled = await self.app.job_manager.get_stalled_jobs(
+                    queue=QUEUE, task_name=TASK, seconds_since_heartbeat=self.options.stalled_s)
+                for job in stalled:
+                    run_id = job.task_kwargs["run_id"]
+                    # The run first, the job second: once the job is back, a worker may take it at once.
+                    await asyncio.to_thread(self._mark_abandoned, run_id)
+                    await self.app.job_manager.retry_job(job)
+                    requeued.append(run_id)
+                    log.info("run %s: its worker stopped answering; back on the queue", run_id)
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock(%s)", (_SWEEP_LOCK,))
+        return requeued
+
+    def _mark_abandoned(self, run_id: str) -> None:
+        try:
+            run = self.store.run(run_id)
+        except StoreError:
+            return
+        if run["status"] not in ("running", QUEUED, "created"):
+            return  # it ended before its worker died; the next worker sees that and drops the job
+        done = self.store.last_completed_step(run_id) or 0
+        self.store.set_run_status(run_id, QUEUED, error=(
+            f"its worker stopped answering (killed, or its machine went down) after step {done}; waiting for another "
+            f"worker, which goes on from step {done + 1}"))
+
+
+def serve(store, options: WorkerOptions | None = None) -> None:
+    """Run a worker on `store` (PostgreSQL) until SIGTERM or SIGINT; see `Worker`."""
+    Worker(store, options).serve()
+
+
+def queued_jobs(store) -> dict[str, Any]:
+    """Counts of this queue's jobs by procrastinate status (todo, doing, succeeded, failed, ...),
+    for a worker's start-up line and for tests."""
+    import psycopg
+
+    with psycopg.connect(database_url(store)) as conn:
+        if not conn.execute("SELECT to_regclass('procrastinate_jobs') IS NOT NULL").fetchone()[0]:
+            return {}
+        rows = conn.execute("SELECT status::text, COUNT(*) FROM procrastinate_jobs WHERE queue_name = %s "
+                            "GROUP BY 1 ORDER BY 1", (QUEUE,)).fetchall()
+    return dict(rows)
