@@ -21,10 +21,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def page_imports(root: Path = ROOT) -> list[str]:
-    """Modules app.py and the pages import, in the order they first appear. For `from a import b`
+    """Modules app.py, the pages and the dashboard's own modules import, in the order they first
+    appear (so what dashboard.graphview draws with, pyvis, is among them). For `from a import b`
     both `a` and `a.b` are listed: `b` may be a submodule (`from dashboard import charts`)."""
     names: list[str] = []
-    for path in [root / "app.py", *sorted((root / "pages").glob("*.py"))]:
+    for path in [root / "app.py", *sorted((root / "pages").glob("*.py")), *sorted((root / "dashboard").glob("*.py"))]:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
             if isinstance(node, ast.Import):
                 names += [alias.name for alias in node.names]

@@ -1,11 +1,13 @@
-"""Gradients: every piece of feedback, filtered, in the order it was written, with its backward call and
-the proposals whose optimizer call read it."""
+"""Gradients: every piece of feedback, filtered, in the order it was written (and when), with its
+backward call and the proposals whose optimizer call read it. Repeated and long text is folded."""
 
 import streamlit as st
 
 from autodiff import graphview as gv
 from autodiff import proposals as props
-from dashboard.common import ALL, choose, fmt_score, md, page_url, require_run, reset_when, show_call
+from dashboard import textfold
+from dashboard.common import ALL, choose, fmt_score, fmt_time, md, page_url, require_run, reset_when, show_call
+from dashboard.graphview import gradient_origin
 
 PER_PAGE = 25
 
@@ -48,11 +50,39 @@ if pages > 1:
 st.caption(f"{matching} of {facets['total']} gradients, in the order they were written.")
 _, shown = store.find_gradients(run_id, **filters, limit=PER_PAGE, offset=(page - 1) * PER_PAGE)
 read_by = props.readers(store, run_id, [g["id"] for g in shown])
+step_start = {s["step"]: s["started_at"] for s in store.steps(run_id)}
 
 
 def reader_link(p: dict) -> str:
     return (f"[step {p['step']} · {md(p['parameter'])} · {md(p['fate'])}]"
             f"({page_url('proposals', run=run_id, step=p['step'], parameter=p['parameter'])})")
+
+
+def written(g: dict) -> str:
+    """When the gradient was stored, and how far into its step (the step's start as last recorded:
+    a resumed step starts again, so an earlier gradient gets no offset)."""
+    when = fmt_time(g["created_at"])
+    start = step_start.get(g["step"])
+    if g["created_at"] and start and g["created_at"] >= start:
+        return f"{when} (+{g['created_at'] - start:.1f} s into step {g['step']})"
+    return when
+
+
+def folded_markdown(text: str) -> tuple[str, str]:
+    """The feedback as escaped markdown (never markup), each run of a repeated line or sentence
+    drawn once with its count, a long text as its start; and what was left out ("" for nothing)."""
+    pieces = textfold.fold(text)
+    if not (hidden := textfold.folded_chars(pieces)):
+        return (md(textfold.preview(text)), "shortened") if textfold.is_long(text) else (md(text), "")
+    lines = []
+    for piece in pieces:
+        if piece.times > 1:
+            cut = ", the last cut off" if piece.cut_off else ""
+            lines.append(f"{md(piece.text)} :gray-badge[↻ repeated ×{piece.times} in a row{cut}]")
+        elif piece.text.strip():
+            lines.append(md(piece.text.strip()))
+    return "  \n".join(lines), f"{hidden:,} repeated characters folded"
+
 
 for g in shown:
     with st.container(border=True):
@@ -62,19 +92,29 @@ for g in shown:
             f"**Step {g['step']} · sample {md(g['sample_id'] or '-')} · call {'-' if about is None else about}** — "
             f"on {kind} **{md(g['target'])}** · score {fmt_score(g['score'])} · {md(g['origin'])}"
         )
-        st.markdown(f"From {md(gv.gradient_origin(g))}, written at {md(g['node'])} call {'-' if g['call_index'] is None else g['call_index']}.")
-        st.markdown(md(g["text"]) if g["text"] else "*(empty feedback)*")
+        read = "" if read_by.get(g["id"]) or not (g["text"] and g["target_type"] == "parameter") \
+            else " No recorded proposal read it."
+        st.caption(f"From {md(gradient_origin(g))}, written at {md(g['node'])} call "
+                   f"{'-' if g['call_index'] is None else g['call_index']}, at {written(g)}.{read}")
+        text, left_out = folded_markdown(g["text"] or "")
+        st.markdown(text or "*(empty feedback)*")
         if g["error"]:
             st.warning(md(g["error"]))
         if readers := read_by.get(g["id"]):
             st.markdown(f"Read by {len(readers)} proposal{'s' if len(readers) > 1 else ''}: "
                         + ", ".join(reader_link(p) for p in readers))
-        elif g["text"] and g["target_type"] == "parameter":
-            st.caption("No recorded proposal read it.")
-        if g["llm_call_id"]:
-            # Loaded and drawn only when opened: 25 calls' prompts drawn up front made the page slow.
-            panel = st.expander("Backward call that wrote it", key=f"grad_call_{g['id']}", on_change="rerun")
-            if not panel.open:
-                continue
-            with panel:
+        # One panel, loaded and drawn only when opened (25 calls' prompts drawn up front made the
+        # page slow): the full text when the card shows less of it, and the backward call.
+        if not (g["llm_call_id"] or left_out):
+            continue
+        full = f"full text ({len(g['text']):,} characters, {left_out})" if left_out else ""
+        label = " · ".join(x for x in ("Backward call that wrote it" if g["llm_call_id"] else "", full) if x)
+        panel = st.expander(label, key=f"grad_call_{g['id']}", on_change="rerun")
+        if not panel.open:
+            continue
+        with panel:
+            if left_out:
+                st.caption("Full text")
+                st.code(g["text"], language=None, wrap_lines=True)
+            if g["llm_call_id"]:
                 show_call(store.call(g["llm_call_id"]))

@@ -3,6 +3,7 @@
 import streamlit as st
 
 from autodiff import graphview as gv
+from dashboard import graphview as draw
 from dashboard.common import choose, md, require_run, static_url
 
 store, run_id = require_run()
@@ -26,12 +27,17 @@ by_failing = max(names, key=lambda n: graph.nodes[gv.node_id(n)]["failing"])
 node = choose(st, "Node", names, index=names.index(by_failing), key="graph_node", scope=run_id, url="node",
               help="Clicks inside the drawing cannot reach the page: choose the node here.")
 
-# vis-network comes from static/ (a copy of pyvis's own files), so redraws send only the graph.
-st.iframe(gv.render_html(graph, height=520, selected=node, assets=static_url()), height=540)
+# Drawn at scale 1 in a frame as tall as the drawing, in the colours of the app's theme; vis-network
+# comes from static/ (a copy of pyvis's own files), so redraws send only the graph.
+where = draw.layout(graph)
+st.iframe(draw.render_html(graph, selected=node, assets=static_url(), theme=st.context.theme.type, where=where,
+                           background=st.get_option("theme.backgroundColor")), height=where.height + 4)
 st.caption(
-    "Boxes are LLM nodes, ellipses function nodes, the diamond the loss; dashed boxes are parameters. "
-    "Redder means more failing feedback at this step. Edge labels are producer→consumer call indices; "
-    "red curved edges go back to an earlier node (a loop)."
+    "Top to bottom in the order the nodes ran. Boxes are LLM nodes, ellipses function nodes, the diamond "
+    "the loss; dashed boxes on the left are each node's parameters. Redder means more failing samples whose "
+    "feedback reached it at this step. Edge labels are producer→consumer call indices of nodes that ran "
+    "more than once per sample; red arcs on the right go back to an earlier node (a loop). Hover over "
+    "anything for details."
 )
 
 own = [p for p in parameters if p["node"] == node]
@@ -44,12 +50,12 @@ else:
     st.caption("None: this node has nothing to train.")
 
 st.subheader(f"Calls of {md(node)} at step {step}")
-st.dataframe(gv.call_rows(invocations, node), hide_index=True)
+st.dataframe(draw.call_rows(invocations, node), hide_index=True)
 
 st.subheader(f"Gradients on {md(node)} at step {step}")
-received = gv.node_gradients(gradients, node, parameters)
+_, received = store.find_gradients(run_id, step=step, targets=gv.targets_of(node, parameters))
 if received:
-    st.dataframe(gv.gradient_rows(received, gv.call_indices(invocations)), hide_index=True)
+    st.dataframe(draw.gradient_rows(received), hide_index=True)
     st.caption("The Gradients page shows each one with the backward call that wrote it.")
 else:
     st.caption("No feedback reached this node at this step.")

@@ -3,12 +3,12 @@ every proposal made for it with what it cost to make and to validate."""
 
 import streamlit as st
 
-from autodiff import graphview as gv
 from autodiff import proposals as props
 from autodiff.diffs import inline_diff_html, word_diff_html
 from autodiff.llm.pricing import format_usd
 from autodiff.store import NO_PROPOSAL_COST
 from dashboard.common import choose, fmt_score, fmt_time, md, page_url, require_run
+from dashboard.graphview import gradient_rows
 
 store, run_id = require_run()
 st.title("Prompts")
@@ -109,6 +109,6 @@ for n, v in versions.items():
             why.caption("Not recorded: this proposal was stored before proposals kept the ids of the feedback "
                         "they were written from.")
         else:
-            why.dataframe(gv.gradient_rows(feedback), hide_index=True)
+            why.dataframe(gradient_rows(feedback), hide_index=True)
         st.markdown(f"[Every proposal for {md(name)} at step {v['step']}]"
                     f"({page_url('proposals', run=run_id, step=v['step'], parameter=name)})")

@@ -1,4 +1,5 @@
-"""The pipeline graph (autodiff.graphview) and the Graph, Gradients and Prompts pages.
+"""The pipeline graph (the model in autodiff.graphview, its drawing in dashboard.graphview) and the
+Graph, Gradients and Prompts pages.
 
 Stores come from real engine runs on scripted fakes: tests.fake_runs.filled_store for object
 counting, and a multi-hop pipeline below (query generator called twice around a retriever, then
@@ -7,6 +8,7 @@ de-duplication and an answer generator) for repeated calls and function nodes.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -24,6 +26,8 @@ from autodiff.pipeline import Pipeline, Task
 from autodiff.prompts import BACKWARD_SYSTEM, OPTIMIZER_SYSTEM
 from autodiff.runner import train
 from autodiff.store import Store
+from dashboard import graphview as draw
+from dashboard import textfold
 from tests.fake_runs import HOSTILE, filled_store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,7 +115,7 @@ def test_object_counting_graph(counting):
     assert sorted(g.edges) == sorted([("node:counter", "node:integer_match"),
                                       *((f"param:{p}", "node:counter") for p in params)])
     edge = g.edges["node:counter", "node:integer_match"]
-    assert edge["calls"] == [(0, 0)] and gv.edge_label(edge) == ""
+    assert edge["calls"] == [(0, 0)] and draw.edge_label(edge) == ""
     assert edge["samples"] == 4
     failed = store.steps(run_id)[1]["failed_samples"]
     assert g.nodes["node:integer_match"]["failed_samples"] == len(failed) > 0
@@ -127,7 +131,7 @@ def test_repeated_calls_are_labelled_with_call_indices(multihop):
     kinds = {d["name"]: d["kind"] for _v, d in g.nodes(data=True)}
     assert kinds["retrieve"] == kinds["dedupe"] == "function" and kinds["exact_match"] == "loss"
     assert g.nodes["node:query_generator"]["calls"] == [0, 1]
-    label = {(g.nodes[u]["name"], g.nodes[v]["name"]): gv.edge_label(d) for u, v, d in g.edges(data=True)}
+    label = {(g.nodes[u]["name"], g.nodes[v]["name"]): draw.edge_label(d) for u, v, d in g.edges(data=True)}
     assert label[("query_generator", "retrieve")] == "0→0, 1→1"
     assert label[("retrieve", "query_generator")] == "0→1"
     assert label[("retrieve", "dedupe")] == "0→0, 1→0"
@@ -137,72 +141,190 @@ def test_repeated_calls_are_labelled_with_call_indices(multihop):
     assert g.nodes["node:query_generator"]["failing"] > 0 and g.nodes["node:retrieve"]["failing"] > 0
     passed = [x for x in store.gradients(run_id, 1) if x["target"] == "query_generator" and x["path"]]
     assert passed and "retrieve" in passed[0]["path"]
-    page = gv.render_html(g, selected="query_generator")
+    page = draw.render_html(g, selected="query_generator")
     assert '"label": "0\\u21920, 1\\u21921"' in page and '"label": "0\\u21921"' in page
-    assert gv.external_resources(page) == []
+    assert draw.external_resources(page) == []
     # Linked instead of in-lined: the same page less vis-network's 690 KB, nothing from outside.
-    linked = gv.render_html(g, selected="query_generator", assets="/app/static/")
+    linked = draw.render_html(g, selected="query_generator", assets="/app/static/")
     assert '<script src="/app/static/vis-network.min.js"></script>' in linked
     assert '<link rel="stylesheet" href="/app/static/vis-network.css">' in linked
-    assert gv.external_resources(linked) == [] and len(linked) < len(page) - 600_000
+    assert draw.external_resources(linked) == [] and len(linked) < len(page) - 600_000
     assert linked.split("<body>")[1] == page.split("<body>")[1]
 
 
 def test_the_served_vis_network_is_pyvis_own_copy():
     """The dashboard serves static/vis-network.*; they must be the files pyvis in-lines (pyproject
     pins pyvis; copy them again from its lib/ folder when moving the pin)."""
-    for name, text in gv.vis_assets().items():
+    for name, text in draw.vis_assets().items():
         assert (ROOT / "static" / name).read_text(encoding="utf-8") == text, name
 
 
-def test_selections(multihop):
+def agent_invocations() -> list[dict]:
+    """One sample's trace of a ReAct-like agent: planner#0 -> retrieve#0 -> planner#1 -> retrieve#1
+    (which also reads retrieve#0) -> planner#2 -> finish -> loss: a loop, a self-loop and an edge
+    that skips a node."""
+    def inv(i: str, node: str, kind: str, call: int, inputs=(), parameters=(), score=None) -> dict:
+        return {"id": i, "node": node, "node_type": kind, "call_index": call, "sample_id": "s",
+                "inputs": [[name, "text", src] for name, src in inputs], "parameters": list(parameters), "score": score}
+
+    plan = [["planner.instruction", "Plan."], ["planner.tools", "retrieve, finish"]]
+    return [inv("p0", "planner", "llm", 0, [("question", None)], plan),
+            inv("r0", "retrieve", "function", 0, [("query", "p0")]),
+            inv("p1", "planner", "llm", 1, [("observation", "r0")], plan),
+            inv("r1", "retrieve", "function", 1, [("query", "p1"), ("seen", "r0")]),
+            inv("p2", "planner", "llm", 2, [("observation", "r1")], plan),
+            inv("f0", "finish", "function", 0, [("answer", "p2")]),
+            inv("l0", "exact_match", "loss", 0, [("prediction", "f0")], score=0.0)]
+
+
+def assert_readable(g) -> draw.Layout:
+    """Every node and edge label has its own place: no two boxes overlap, no arc crosses a node
+    other than its ends, and every edge label sits beside an edge that has one."""
+    where = draw.layout(g)
+    boxes = [*where.boxes.items(), *((f"label {lab.text}", lab.box) for lab in where.labels)]
+    for i, (a, box_a) in enumerate(boxes):
+        for b, box_b in boxes[i + 1:]:
+            assert not box_a.overlaps(box_b, gap=0), (a, b)
+    for (u, v), points in where.curves.items():
+        for w, box in where.boxes.items():
+            if w not in (u, v):
+                assert not any(box.contains(x, y) for x, y in points), (u, v, w)
+    labelled = {(u, v) for u, v, d in g.edges(data=True) if d["kind"] == "data" and draw.edge_label(d)}
+    assert sorted(lab.edge for lab in where.labels) == sorted(labelled)
+    assert set(where.smooth) == {(u, v) for u, v, d in g.edges(data=True) if d["kind"] == "data"}
+    return where
+
+
+def test_the_layout_keeps_every_label_clear(counting, multihop):
+    store, (run_id, _) = counting
+    assert_readable(gv.build_graph(store.invocations(run_id, 1), store.gradients(run_id, 1), store.parameters(run_id)))
     store, run_id = multihop
-    gradients, parameters = store.gradients(run_id), store.parameters(run_id)
-    qg = gv.node_gradients(gradients, "query_generator", parameters)
+    g = gv.build_graph(store.invocations(run_id, 1), store.gradients(run_id, 1), store.parameters(run_id))
+    where = assert_readable(g)
+    assert where.smooth[("node:retrieve", "node:query_generator")]["type"] == "curvedCCW"  # the loop arcs
+    assert where.smooth[("node:query_generator", "node:retrieve")] == {"enabled": False}
+
+
+def test_the_drawing_is_shown_at_full_size_in_the_themes_colours(multihop):
+    """Fonts of at least 14 px, shown at scale 1 (never below MIN_SCALE: 12 px), in a frame as tall
+    as the drawing; every colour from the theme's palette."""
+    store, run_id = multihop
+    g = gv.build_graph(store.invocations(run_id, 1), store.gradients(run_id, 1), store.parameters(run_id))
+    where = draw.layout(g)
+    pages = {theme: draw.render_html(g, selected="query_generator", theme=theme, where=where)
+             for theme in ("light", "dark")}
+    for theme, page in pages.items():
+        colours = draw.palette(theme)
+        nodes = json.loads(re.search(r"nodes = new vis\.DataSet\((\[.*?\])\);\n", page)[1])
+        edges = json.loads(re.search(r"edges = new vis\.DataSet\((\[.*?\])\);\n", page)[1])
+        assert min(n["font"]["size"] for n in nodes) >= 14
+        assert min(n["font"]["size"] for n in nodes) * draw.MIN_SCALE >= 12
+        assert {n["font"]["color"] for n in nodes} == {colours.text}
+        assert {n["font"]["strokeColor"] for n in nodes if n["shape"] == "text"} == {colours.background}
+        assert {e["color"] for e in edges} <= {colours.edge, colours.loop, colours.border["parameter"]}
+        fills = {n["color"]["background"] for n in nodes if n["shape"] != "text"}
+        assert draw.heat(0, 1, colours) in fills or draw.heat(1, 1, colours) in fills
+        assert [n["color"]["border"] for n in nodes if n["id"] == "node:query_generator"] == [colours.selected]
+        assert f"height: {where.height}px" in page
+        assert '"scale": 1' not in page and '"min": 0.86' in page
+    assert draw.palette("dark").text != draw.palette("light").text
+    assert draw.palette(None) == draw.LIGHT  # before the browser has told the theme
+    assert draw.palette("dark", "#202020").background == "#202020"  # a theme's own background
+    assert draw.palette("dark", "red; }").background == draw.DARK.background  # not a colour: ignored
+
+
+def test_repeated_text_is_folded():
+    line = "The input `context` should have been different."
+    pieces = textfold.fold("Intro.\n\n" + "\n\n".join([line] * 37) + "\n\nThe input `cont")
+    assert pieces == [textfold.Piece("Intro.\n\n"), textfold.Piece(line, 37, cut_off=True)]
+    assert textfold.folded_chars(pieces) == 36 * len(line)
+    # a block of two lines, repeated
+    block = "```\nThe instruction is not to blame."
+    pieces = textfold.fold("Change it to:\n" + "\n".join([block] * 5))
+    assert [(p.text, p.times) for p in pieces] == [("Change it to:\n", 1), (block, 5)]
+    # a sentence repeated inside one line, then something else
+    pieces = textfold.fold("Be exact about it. " * 4 + "Then stop.")
+    assert [(p.text.strip(), p.times) for p in pieces] == [("Be exact about it.", 4), ("Then stop.", 1)]
+    # ordinary writing is left alone: a phrase said twice, short repeats, no repeats
+    for text in ("Count every item. Count every item. Be brief.", "no no no no", "One line.\nAnother line.", ""):
+        assert textfold.fold(text) == [textfold.Piece(text)]
+    long = "word " * 400
+    assert not textfold.is_long("short") and textfold.is_long(long) and textfold.is_long("a\n" * 12)
+    assert textfold.preview(long).endswith(" …") and len(textfold.preview(long)) <= textfold.PREVIEW_CHARS + 2
+
+
+def about_call(gradient: dict, calls: dict[str, int]) -> int | None:
+    """What a gradient is about, worked out here from the traces: for feedback on an output, the
+    call that wrote the output; else the call of the node whose parameter it is about."""
+    if gradient["target_type"] == "output" and gradient["target_invocation"] in calls:
+        return calls[gradient["target_invocation"]]
+    return gradient["call_index"]
+
+
+def test_the_store_gives_a_nodes_gradients(multihop):
+    """The Graph page asks the store for the gradients on a node: its output and its parameters."""
+    store, run_id = multihop
+    parameters = store.parameters(run_id)
+    assert gv.targets_of("query_generator", parameters) == ["query_generator", "query_generator.instruction"]
+    total, qg = store.find_gradients(run_id, targets=gv.targets_of("query_generator", parameters))
+    assert total == len(qg) > 0
     assert {x["target"] for x in qg} == {"query_generator", "query_generator.instruction"}
-    calls = gv.call_indices(store.invocations(run_id))
-    second = gv.filter_gradients(gradients, targets=["query_generator"], call_index=1, calls=calls)
+    calls = store.invocation_call_indices(run_id)
+    _, second = store.find_gradients(run_id, targets=["query_generator"], call_index=1)
     assert second and all(calls[x["target_invocation"]] == 1 for x in second) and len(second) < len(qg)
-    # dedupe#0 hands feedback to both retrieve calls: the filter goes by the call it is about
-    handed = [x for x in gradients if x["node"] == "dedupe"]
-    assert sorted(gv.target_call(x, calls) for x in handed) == [0, 0, 1, 1]
+    # dedupe#0 hands feedback to both retrieve calls: each is about the call it reached
+    handed = [x for x in store.find_gradients(run_id)[1] if x["node"] == "dedupe"]
+    assert sorted(x["about_call"] for x in handed) == [0, 0, 1, 1]
     assert {x["call_index"] for x in handed} == {0}
-    assert gv.filter_gradients(gradients, score=(0.5, 1.0)) == []  # every traced sample failed
-    times = [x["created_at"] for x in gv.filter_gradients(gradients)]
-    assert times == sorted(times)
-    rows = gv.call_rows(store.invocations(run_id, 1), "query_generator")
+    rows = draw.gradient_rows(qg)
+    assert [r["call"] for r in rows] == [x["about_call"] for x in qg]
+    assert all(r["from"] for r in rows)
+    rows = draw.call_rows(store.invocations(run_id, 1), "query_generator")
     assert sorted(r["call"] for r in rows) == [0, 0, 1, 1]
     assert any("context ← retrieve#0" in r["inputs"] for r in rows)
 
 
-def test_gradients_filtered_in_sql_match_the_in_memory_filter(multihop):
-    """The Gradients page reads one page of matches from the store (`find_gradients`); the Graph and
-    Prompts pages filter loaded rows (`filter_gradients`). Both must pick the same gradients."""
+def test_find_gradients_filters(multihop):
+    """`Store.find_gradients` is the one reader of gradients for the pages: each filter checked
+    against the gradients worked out here from every stored row."""
     store, run_id = multihop
     store.add_human_feedback(run_id, "be brief", node="query_generator", target="query_generator.instruction")
     gradients = store.gradients(run_id)
-    calls = gv.call_indices(store.invocations(run_id))
+    calls = store.invocation_call_indices(run_id)
     sample = next(x["sample_id"] for x in gradients if x["sample_id"])
+
+    def expected(step=None, targets=None, sample=None, call_index=None, score=None) -> list[dict]:
+        keep = [g for g in gradients
+                if (step is None or g["step"] == step) and (targets is None or g["target"] in targets)
+                and (sample is None or g["sample_id"] == sample)
+                and (call_index is None or about_call(g, calls) == call_index)
+                and (score is None or (g["score"] is None and score == (0.0, 1.0))
+                     or (g["score"] is not None and score[0] <= g["score"] <= score[1]))]
+        return sorted(keep, key=lambda g: g["created_at"])
+
     cases = [{}, {"step": 1}, {"targets": ["query_generator"]}, {"targets": ["query_generator"], "call_index": 1},
              {"targets": ["query_generator", "query_generator.instruction"]}, {"sample": sample}, {"call_index": 0},
              {"score": (0.0, 1.0)}, {"score": (0.0, 0.5)}, {"score": (0.5, 1.0)}, {"targets": []}]
     for case in cases:
-        expected = gv.filter_gradients(gradients, calls=calls, **case)
+        want = expected(**case)
         total, rows = store.find_gradients(run_id, **case)
-        assert total == len(expected), case
-        assert [x["id"] for x in rows] == [x["id"] for x in expected], case
-        assert [x["about_call"] for x in rows] == [gv.target_call(x, calls) for x in expected], case
+        assert total == len(want), case
+        assert [x["id"] for x in rows] == [x["id"] for x in want], case
+        assert [x["about_call"] for x in rows] == [about_call(x, calls) for x in want], case
+    assert expected(score=(0.5, 1.0)) == []  # every traced sample failed
     assert any(x["origin"] == "human" for x in store.find_gradients(run_id, score=(0.0, 1.0))[1])
     assert not any(x["origin"] == "human" for x in store.find_gradients(run_id, score=(0.0, 0.5))[1])
     # a page: `limit` rows from `offset`, the total still counting every match
     total, page = store.find_gradients(run_id, limit=3, offset=2)
-    assert total == len(gradients) and [x["id"] for x in page] == [x["id"] for x in
-                                                                   gv.filter_gradients(gradients)[2:5]]
+    assert total == len(gradients) and [x["id"] for x in page] == [x["id"] for x in expected()[2:5]]
+    by_id = store.gradients_by_id(run_id, [page[1]["id"], page[0]["id"], "missing"])
+    assert [x["id"] for x in by_id] == [page[1]["id"], page[0]["id"]]
+    assert [x["about_call"] for x in by_id] == [page[1]["about_call"], page[0]["about_call"]]
     facets = store.gradient_facets(run_id)
     assert facets["total"] == len(gradients)
     assert facets["steps"] == sorted({x["step"] for x in gradients})
     assert facets["samples"] == sorted({x["sample_id"] for x in gradients if x["sample_id"]})
-    assert facets["call_indices"] == sorted({gv.target_call(x, calls) for x in gradients} - {None})
+    assert facets["call_indices"] == sorted({about_call(x, calls) for x in gradients} - {None})
     assert facets["outputs"] == sorted({x["target"] for x in gradients if x["target_type"] == "output"})
 
 
@@ -237,7 +359,7 @@ def test_graph_page_shows_the_chosen_node(multihop, monkeypatch):
     store, run_id = multihop
     at = open_page("graph.py", store, monkeypatch, run_id)
     [frame] = [e for e in at.main.children.values() if e.type == "iframe"]
-    assert "new vis.Network" in frame.proto.srcdoc and gv.external_resources(frame.proto.srcdoc) == []
+    assert "new vis.Network" in frame.proto.srcdoc and draw.external_resources(frame.proto.srcdoc) == []
     at.selectbox(key="graph_node").select("query_generator").run()
     assert not at.exception
     params, calls, grads = (df.value for df in at.dataframe)
@@ -283,7 +405,7 @@ def test_gradient_shows_its_backward_call(multihop, monkeypatch):
     assert not at.exception
     assert any(c.value == BACKWARD_SYSTEM for c in at.code)  # the prompt it was sent
     assert any(c.value.startswith("<feedback>Look for the birthplace") for c in at.code)  # and the reply
-    assert any("answer_generator (via dedupe → retrieve)" in m.value.replace("\\", "") for m in at.markdown)
+    assert any("answer_generator (via dedupe → retrieve)" in c.value.replace("\\", "") for c in at.caption)
 
 
 def test_prompts_page_shows_a_diff_and_why(counting, monkeypatch):

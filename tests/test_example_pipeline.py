@@ -83,6 +83,7 @@ def test_dashboard_graph_page_shows_the_example_like_a_built_in(monkeypatch, sto
     from streamlit.testing.v1 import AppTest
 
     from autodiff import graphview as gv
+    from dashboard.graphview import external_resources
     monkeypatch.chdir(ROOT)
     script = Script(forward=forward_as(lambda q: "Chelsea"))
     run_id = runner.train(store, make_config(task=EXAMPLE, forward_model="fake:x", backward_model="fake:x", optimizer_model="fake:x", steps=1, batch_size=2, val_limit=2, test_limit=2), cache_path=tmp_path / "c.sqlite", providers={"fake": FakeProvider(script)}, retry=FAST_RETRY)
@@ -95,4 +96,4 @@ def test_dashboard_graph_page_shows_the_example_like_a_built_in(monkeypatch, sto
     at.run()
     assert not at.exception
     [frame] = [e for e in at.main.children.values() if e.type == "iframe"]
-    assert '"node:clip"' in frame.proto.srcdoc and gv.external_resources(frame.proto.srcdoc) == []
+    assert '"node:clip"' in frame.proto.srcdoc and external_resources(frame.proto.srcdoc) == []

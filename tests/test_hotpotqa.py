@@ -389,8 +389,8 @@ def stored_graph(store, run_id):
 
 
 def labelled_edges(g) -> dict[tuple[str, str], str]:
-    from autodiff import graphview as gv
-    return {(g.nodes[u]["name"], g.nodes[v]["name"]): gv.edge_label(d)
+    from dashboard.graphview import edge_label
+    return {(g.nodes[u]["name"], g.nodes[v]["name"]): edge_label(d)
             for u, v, d in g.edges(data=True) if d["kind"] == "data"}
 
 
@@ -424,6 +424,7 @@ def test_graph_page_renders_each_pipeline(name, trained, monkeypatch):
     from streamlit.testing.v1 import AppTest
 
     from autodiff import graphview as gv
+    from dashboard.graphview import external_resources
     store, runs = trained
     monkeypatch.setenv("AUTODIFF_STORE", str(store.path))
     at = AppTest.from_file(str(PAGES / "graph.py"), default_timeout=60)
@@ -432,7 +433,7 @@ def test_graph_page_renders_each_pipeline(name, trained, monkeypatch):
     assert not at.exception
     [frame] = [e for e in at.main.children.values() if e.type == "iframe"]
     page = frame.proto.srcdoc
-    assert "new vis.Network" in page and gv.external_resources(page) == []
+    assert "new vis.Network" in page and external_resources(page) == []
     names = gv.node_names(stored_graph(store, runs[name]))
     assert at.selectbox(key="graph_node").options == names
     for node in names:
