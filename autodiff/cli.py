@@ -17,11 +17,15 @@ import typing
 from pathlib import Path
 
 from autodiff.errors import AutodiffError
-from autodiff.runner import default_cache_path, default_store_path
+from autodiff.runner import default_cache_path
+from autodiff.store.spec import is_url, mask_secrets, resolve_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_STORE = ROOT / "sample_data" / "runs" / "sample_runs.sqlite"
 
+
+STORE_HELP = ("run store: a SQLite file or a postgresql://user@host/db URL (password in the URL, PGPASSWORD or "
+              "~/.pgpass); default AUTODIFF_STORE, else .autodiff/runs.sqlite")
 
 # Run options with a CLI form of their own (or none): every other RunConfig field becomes --field-name.
 _SPECIAL_OPTIONS = ("task", "task_args", "task_in_memory", "cache", "prices")
@@ -61,7 +65,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="autodiff", description="Textual autodiff for LLM pipelines.")
-    ap.add_argument("--store", type=Path, default=None, help="run store (SQLite); default .autodiff/runs.sqlite")
+    ap.add_argument("--store", default=None, help=STORE_HELP)
     ap.add_argument("--cache", type=Path, default=None, help="response cache; default .autodiff/cache.sqlite")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -123,11 +127,19 @@ def parser() -> argparse.ArgumentParser:
                              "are queued again for another worker (default 60)")
     worker.add_argument("--poll", type=float, default=5.0,
                         help="seconds between looks at the queue when no notice of a new run came (default 5)")
+    stores = sub.add_parser("store", help="work on stores: copy runs between them")
+    copy = stores.add_subparsers(dest="store_command", required=True).add_parser(
+        "copy", help="copy runs from one store to another (a SQLite path or a postgresql:// URL each), checking "
+                     "each table's row count and content hash after the copy")
+    copy.add_argument("source", metavar="SRC", help="the store to copy from")
+    copy.add_argument("target", metavar="DST", help="the store to copy into (created if a new SQLite path)")
+    copy.add_argument("run_ids", metavar="RUN", nargs="*", help="runs to copy (default: every run of SRC)")
+    copy.add_argument("--replace", action="store_true", help="overwrite runs that already exist in DST")
     samples = sub.add_parser("sample-runs", help="regenerate the bundled sample runs with the local model")
     samples.add_argument("--only", type=int, nargs="*", help="redo only these entries of SAMPLE_RUNS (0-based)")
     for p in (resume, worker):
-        for a in ("--store", "--cache"):
-            p.add_argument(a, type=Path, default=argparse.SUPPRESS)
+        p.add_argument("--store", default=argparse.SUPPRESS, help=STORE_HELP)
+        p.add_argument("--cache", type=Path, default=argparse.SUPPRESS)
         p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS)
     return ap
 
@@ -148,9 +160,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _store(args):
-    from autodiff.store import Store
+    from autodiff.store import open_store
 
-    return Store(args.store or default_store_path())
+    return open_store(args.store)
 
 
 def _progress_bar(total: int, quiet: bool):
@@ -212,6 +224,27 @@ def cmd_worker(args) -> int:
     return 0
 
 
+def cmd_store(args) -> int:
+    """`store copy`: copy runs, then print each run's tables with row counts and content hashes
+    as read back from both stores."""
+    from autodiff.store import open_store
+    from autodiff.store.copy import copy_runs
+
+    source, target = open_store(args.source), open_store(args.target)
+    try:
+        copied = copy_runs(source, target, args.run_ids, replace=args.replace)
+    finally:
+        source.close()
+        target.close()
+    for run in copied:
+        print(f"run {run.run_id}{' (replaced)' if run.replaced else ''}: {source.display} -> {target.display}")
+        for t in run.tables:
+            print(f"  {t.table:<19} rows {t.source_rows:>7} -> {t.copied_rows:<7} sha256 {t.source_hash[:16]} -> "
+                  f"{t.copied_hash[:16]}  {'equal' if t.equal else 'DIFFERENT'}")
+    print(f"{len(copied)} run{'s' if len(copied) != 1 else ''} copied; every table equal in both stores")
+    return 0
+
+
 def _task_args(pairs: list[str]) -> dict[str, str]:
     return _pairs(pairs, "--task-arg", "KEY=VALUE")
 
@@ -244,8 +277,8 @@ def _stopped_exit(store, run_id: str) -> int:
     if run["error"]:
         print(f"run {run_id} stopped: {run['error']}", file=sys.stderr)
     command = f"autodiff resume {shlex.quote(run_id)}"
-    if Path(store.path).resolve() != default_store_path().resolve():
-        command += f" --store {shlex.quote(str(store.path))}"
+    if store.spec != resolve_spec():
+        command += f" --store {shlex.quote(store.display)}"  # a password in the URL shows as ***
     if (run["error"] or "").startswith("budget"):  # the same budget would stop it again at once
         command += " " + _larger_budget(store, run)
     print(f"continue with: {command}", file=sys.stderr)
@@ -427,9 +460,11 @@ def dashboard_command(address: str, port: int, reload: bool = False) -> list[str
 
 
 def cmd_dashboard(args) -> int:
-    store_path = (args.store or default_store_path()).resolve()
-    seed_store(store_path)
-    env = dict(os.environ, AUTODIFF_STORE=str(store_path),
+    spec = resolve_spec(args.store)
+    if not is_url(spec):
+        spec = str(Path(spec).resolve())
+        seed_store(Path(spec))
+    env = dict(os.environ, AUTODIFF_STORE=spec,  # the environment, not argv: a password stays out of `ps`
                AUTODIFF_CACHE=str((args.cache or default_cache_path()).resolve()))
     cmd = dashboard_command(args.address, args.port, reload=args.reload)
     from dashboard.auth import exposure_warning  # here: it imports streamlit, which only this command needs
@@ -437,7 +472,7 @@ def cmd_dashboard(args) -> int:
     warning = exposure_warning(args.address, ROOT)
     if warning:
         print(warning, file=sys.stderr, flush=True)
-    print(f"dashboard on http://{args.address}:{args.port}  (store {store_path})", flush=True)
+    print(f"dashboard on http://{args.address}:{args.port}  (store {mask_secrets(spec)})", flush=True)
     return run_until_signalled(cmd, env=env, cwd=ROOT)
 
 
@@ -477,6 +512,7 @@ def cmd_sample_runs(args) -> int:
 COMMANDS = {
     "train": cmd_train, "estimate": cmd_estimate, "resume": cmd_resume, "runs": cmd_runs, "show": cmd_show, "export": cmd_export,
     "dashboard": cmd_dashboard, "sample-runs": cmd_sample_runs, "prompts": cmd_prompts, "worker": cmd_worker,
+    "store": cmd_store,
 }
 
 if __name__ == "__main__":

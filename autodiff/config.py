@@ -10,7 +10,8 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from autodiff.errors import ConfigError
 
-PROVIDERS = ("openai", "anthropic", "local", "fake")
+PROVIDERS = ("openai", "anthropic", "local")  # what a user names, and what messages offer
+TEST_PROVIDERS = ("fake",)  # scripted replies for tests: accepted, never offered
 
 
 def default_model() -> str:
@@ -26,7 +27,7 @@ def check_model_spec(spec: str) -> str:
     provider, sep, model = spec.partition(":")
     if not sep or not model:
         raise ValueError(f"model {spec!r} must be written provider:model, e.g. openai:gpt-4o-mini")
-    if provider not in PROVIDERS:
+    if provider not in PROVIDERS + TEST_PROVIDERS:
         raise ValueError(f"unknown provider {provider!r} in {spec!r}; known: {', '.join(PROVIDERS)}")
     return spec
 
@@ -145,14 +146,53 @@ class RunConfig(BaseModel):
         return check_model_spec(v)
 
 
+def limits(name: str) -> tuple[float | None, float | None, bool, bool]:
+    """The bounds RunConfig sets on a numeric option: (low, high, low_strict, high_strict), None
+    where open; strict when the bound itself is refused (gt, lt). For forms that say the range."""
+    low = high = None
+    low_strict = high_strict = False
+    for rule in RunConfig.model_fields[name].metadata:
+        if getattr(rule, "ge", None) is not None:
+            low = rule.ge
+        if getattr(rule, "gt", None) is not None:
+            low, low_strict = rule.gt, True
+        if getattr(rule, "le", None) is not None:
+            high = rule.le
+        if getattr(rule, "lt", None) is not None:
+            high, high_strict = rule.lt, True
+    return low, high, low_strict, high_strict
+
+
+def describe_limits(name: str) -> str:
+    """The range of a numeric option in words ("1 to 1000", "more than 0"), "" when open."""
+    low, high, low_strict, high_strict = limits(name)
+    if low is not None and high is not None and not (low_strict or high_strict):
+        return f"{low:g} to {high:g}"
+    parts = []
+    if low is not None:
+        parts.append(f"more than {low:g}" if low_strict else f"at least {low:g}")
+    if high is not None:
+        parts.append(f"less than {high:g}" if high_strict else f"at most {high:g}")
+    return " and ".join(parts)
+
+
 def make_config(**options) -> RunConfig:
-    """Build a RunConfig, turning validation errors into one clear ConfigError."""
+    """Build a RunConfig, turning validation errors into one clear ConfigError. Its message names
+    every bad option, what it takes and the value given; `problems` lists them as (option, text)."""
     options = {k: v for k, v in options.items() if v is not None}
     try:
         return RunConfig(**options)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg'].removeprefix('Value error, ')}"
-            for e in exc.errors()
-        )
-        raise ConfigError(f"invalid run configuration: {problems}") from None
+        problems = [(".".join(str(p) for p in e["loc"]) or "config", _problem(e)) for e in exc.errors()]
+        error = ConfigError("invalid run configuration: " + "; ".join(f"{name}: {text}" for name, text in problems))
+        error.problems = problems
+        raise error from None
+
+
+def _problem(error: dict) -> str:
+    text = error["msg"].removeprefix("Value error, ")
+    given = error.get("input")
+    if error["loc"] and error["loc"][0] in RunConfig.model_fields and isinstance(given, (int, float)) \
+            and not isinstance(given, bool):
+        text += f" (given: {given:g})"
+    return text

@@ -6,11 +6,15 @@ on (see Trainer.wait_for_decision), so the dashboard and the trainer can be diff
 
 from __future__ import annotations
 
+import json
+import time
 from dataclasses import dataclass
 
 from autodiff.errors import StoreError
 from autodiff.proposals import feedback_read
 from autodiff.store import Store
+
+REVIEW_WAIT = "review_wait"  # run event the trainer writes as a wait begins: JSON proposal, until, fallback
 
 
 @dataclass(frozen=True)
@@ -20,6 +24,14 @@ class PendingReview:
     peers: tuple[tuple[str, str], ...]  # (name, current value) of the parameter's peers
     gradients: tuple[dict, ...] | None  # the feedback its optimizer call read (None: not recorded)
     decision: tuple[str, str | None, str] | None  # written but not yet applied by the trainer
+    waits_until: float | None = None  # Unix time the trainer stops waiting (None: not recorded)
+    fallback: str | None = None  # what it then does: "accept" or "reject"
+
+    def seconds_left(self, now: float | None = None) -> float | None:
+        """Seconds until the wait's fallback decides (0 once past), None when not recorded."""
+        if self.waits_until is None:
+            return None
+        return max(0.0, self.waits_until - (time.time() if now is None else now))
 
     @property
     def held(self) -> str | None:
@@ -35,6 +47,8 @@ def pending(store: Store, run_id: str) -> list[PendingReview]:
     if not proposals:
         return []
     peers_of = {p["name"]: p["peers"] for p in store.parameters(run_id)}
+    waits = {w["proposal"]: w for w in (json.loads(e["text"]) for e in store.run_events(run_id)
+                                        if e["kind"] == REVIEW_WAIT)}  # a later wait (a resume) wins
     values_at: dict[int, dict[str, str]] = {}
     out = []
     for p in proposals:
@@ -48,6 +62,7 @@ def pending(store: Store, run_id: str) -> list[PendingReview]:
             peers=tuple((peer, values.get(peer, "")) for peer in peers_of.get(name, [])),
             gradients=None if read is None else tuple(read),
             decision=(p["decision"], p["decision_value"], p["decision_by"]) if p["decision"] else None,
+            waits_until=waits.get(p["id"], {}).get("until"), fallback=waits.get(p["id"], {}).get("fallback"),
         ))
     return out
 

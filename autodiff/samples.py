@@ -9,7 +9,9 @@ stored token counts and latencies are the model's own, not cache hits.
 
 from __future__ import annotations
 
+import functools
 import shutil
+import sqlite3
 import tempfile
 import threading
 import time
@@ -20,6 +22,8 @@ from autodiff.runner import train
 from autodiff.store import Store
 
 LOCAL = "local:smollm2"
+# The bundled sample runs; a new store starts as a copy of this file (autodiff dashboard).
+SAMPLE_STORE = Path(__file__).resolve().parents[1] / "sample_data" / "runs" / "sample_runs.sqlite"
 REVIEWER = "sample-script reviewer (accepts if validation is no worse)"
 
 # Small on purpose: the 135M model reads ~60 and writes ~40 tokens a second on two cores.
@@ -36,6 +40,24 @@ SAMPLE_RUNS: list[dict] = [
     {"task": "object_counting", "steps": 3, "batch_size": 3, "max_failed": 2, "proposals": 1, "val_limit": 6,
      "test_limit": 6, "review": "all", "seed": 7, "lenient_proposals": True, "optimizer_max_tokens": 160},
 ]
+
+
+def sample_run_ids(path: Path = SAMPLE_STORE) -> tuple[str, ...]:
+    """Ids of the runs in the bundled sample store (so a copy of them can say what it is), read
+    without writing to the file; () when it is missing or unreadable."""
+    try:
+        return _ids(str(path), path.stat().st_mtime)
+    except OSError:
+        return ()
+
+
+@functools.lru_cache(maxsize=4)
+def _ids(path: str, mtime: float) -> tuple[str, ...]:
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+            return tuple(row[0] for row in conn.execute("SELECT id FROM runs ORDER BY created_at"))
+    except sqlite3.Error:
+        return ()
 
 
 def _same(config: dict, options: dict) -> bool:

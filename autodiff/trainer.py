@@ -25,11 +25,12 @@ from autodiff.llm.cache import ResponseCache
 from autodiff.llm.client import LLM, RetryPolicy
 from autodiff.llm.limits import Limiters
 from autodiff.llm.pricing import Pricing, format_usd_exact, table_version
-from autodiff.llm.registry import make_provider, provider_of
+from autodiff.llm.registry import check_model, make_provider, provider_of
 from autodiff.llm.types import CallContext, Provider
 from autodiff.optimizer import HistoryEntry, Optimizer, OptimizerInput
 from autodiff.parameter import Parameter
 from autodiff.pipeline import Task, check_connected, check_splits
+from autodiff.review import REVIEW_WAIT
 from autodiff.records import Evaluation, Gradient, LLMCall, Proposal, Trace
 from autodiff.scoring import mean_score, run_samples
 from autodiff.state import load_state
@@ -142,11 +143,7 @@ class Trainer:
             # resume to redo), and the run must then say stopped, not completed.
             for step in range(start, self.config.steps + 2):
                 if self.store.stop_requested(self.run_id):
-                    self.buffer.flush()
-                    done = self.store.last_completed_step(self.run_id) or 0
-                    self.store.set_run_status(self.run_id, "stopped", error=(
-                        f"stopped on request after step {done}; resume goes on from step {done + 1}"))
-                    self.progress("stopped", {"step": step})
+                    self._stop(step)
                     return self.run_id
                 if step <= self.config.steps:
                     self.run_step(step)
@@ -175,6 +172,19 @@ class Trainer:
         finally:
             self.pool.shutdown(wait=False)
         return self.run_id
+
+    def _stop(self, step: int) -> None:
+        """End the run on a stop request, noticed before `step`: what finished is kept (completed
+        steps; every LLM call, in the store and the response cache); a step left unfinished is
+        redone from its start on resume (see autodiff.recovery.stop_effect), and the reason says so."""
+        self.buffer.flush()
+        done = self.store.last_completed_step(self.run_id) or 0
+        replay = (", its finished LLM calls answered from the response cache" if self.config.cache != "off"
+                  else ", its calls asked again (the run's response cache is off)")
+        redo = (f"resume redoes step {done + 1} from its start{replay}" if step > done + 1
+                else f"resume goes on from step {done + 1}")
+        self.store.set_run_status(self.run_id, "stopped", error=f"stopped on request after step {done}; {redo}")
+        self.progress("stopped", {"step": step})
 
     def preflight(self) -> None:
         """Ask each distinct model one tiny question (or let its provider check it) before
@@ -224,13 +234,20 @@ class Trainer:
     def register(self) -> str:
         """Write the run, its config, sample ids and parameters to the store (once), with the
         estimate of what it will cost (a run event "estimate", JSON; see autodiff.estimate). A
-        budget too small for step 0 (the initial validation and test) by that estimate is refused
-        with a ConfigError before anything is written or spent."""
+        model spec that cannot work (see `check_model`: an unknown provider, a GGUF file that is
+        not there) and a budget too small for step 0 (the initial validation and test) by that
+        estimate are refused with a ConfigError before anything is written or spent."""
         try:
             self.store.run(self.run_id)
             return self.run_id
         except StoreError:
             pass
+        for role in ("forward", "backward", "optimizer"):
+            spec = getattr(self.roles, role).spec
+            try:
+                check_model(spec)
+            except ConfigError as exc:
+                raise ConfigError(f"{role} model {spec}: {exc}") from None
         forecast = self._estimate()
         splits = {name: [s["id"] for s in rows] for name, rows in self.task.splits.items()}
         splits["val"], splits["test"] = [s["id"] for s in self.val], [s["id"] for s in self.test]
@@ -512,7 +529,8 @@ class Trainer:
         malformed reply has no value to accept, and a time-out's fallback never accepts a held
         proposal: both count as a rejection, which gives it back its `held` fate."""
         self.progress("pending", {"step": step, "parameter": param.name, "proposal": proposal.id})
-        decision, value, by = self.wait_for_decision(proposal.id)
+        # The time-out's fallback never accepts a held proposal (see below): say so while it waits.
+        decision, value, by = self.wait_for_decision(proposal.id, fallback="reject" if held else None)
         now = time.time()
         if held and decision == "accept" and (held == "malformed" or by.startswith("timeout")):
             decision = "reject"
@@ -535,8 +553,15 @@ class Trainer:
         self.buffer.flush()
         return True, _scores(mb)
 
-    def wait_for_decision(self, proposal_id: str) -> tuple[str, str | None, str]:
+    def wait_for_decision(self, proposal_id: str, fallback: str | None = None) -> tuple[str, str | None, str]:
+        """Poll the store for a person's decision on a pending proposal: (decision, value, by).
+        A stop request rejects it; after `review_timeout` seconds the run's `review_fallback` (or
+        `fallback`) decides. The wait's end is recorded first as a "review_wait" run event (JSON:
+        proposal, until in Unix time, fallback), so the Review page can show the time left."""
         deadline = time.monotonic() + self.config.review_timeout
+        self.store.add_run_event(self.run_id, REVIEW_WAIT, json.dumps({
+            "proposal": proposal_id, "until": time.time() + self.config.review_timeout,
+            "fallback": fallback or self.config.review_fallback}))
         while time.monotonic() < deadline:
             decision = self.store.decision(proposal_id)
             if decision:

@@ -13,6 +13,7 @@ from urllib.parse import urlencode
 import streamlit as st
 
 from autodiff.metrics import run_summary
+from autodiff.recovery import Recovery, recovery
 from autodiff.runner import default_cache_path, default_store_path, mark_dead_runs
 from autodiff.store import Store
 
@@ -232,7 +233,8 @@ def sidebar() -> str | None:
 
 
 def require_run() -> tuple[Store, str]:
-    """The store and the chosen run, or a note on how to start one (and the page stops)."""
+    """The store and the chosen run, or a note on how to start one (and the page stops). A run
+    that stopped or failed has its reason and what to do on top of the page (`run_problem`)."""
     store = current_store()
     run_id = st.session_state.get("run_id")
     if not run_id:
@@ -241,7 +243,24 @@ def require_run() -> tuple[Store, str]:
             "`autodiff train object_counting`."
         )
         st.stop()
+    run_problem(store.run(run_id))
     return store, run_id
+
+
+def run_problem(run: dict, here: bool = False) -> Recovery | None:
+    """Why `run` stopped or failed and what to do (see autodiff.recovery), drawn as an error
+    (failed) or a warning (stopped); nothing for a run that is going or completed. Every page of
+    a run draws it first (through `require_run`); the Runs page (`here`) draws it above Resume."""
+    what = recovery(run)
+    if what is None:
+        return None
+    where = "below" if here else "on the **Runs** page"
+    resume = {"go": f"Resume it {where}.", "fix_first": f"Then resume it {where}.",
+              "new_run": f"Start a new run {where} (a resume would fail the same way)."}[what.outlook]
+    text = f"**Run {md(run['id'])} {what.status}:** {md(what.error or 'no reason recorded')}  \n" \
+           f"**What to do:** {md(what.advice)} {resume}"
+    (st.error if what.status == "failed" else st.warning)(text, icon=":material/error:")
+    return what
 
 
 def show_call(call: dict | None) -> None:

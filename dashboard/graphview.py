@@ -123,8 +123,9 @@ NODE_FONT, PARAM_FONT, EDGE_FONT = 16, 14, 14  # px on screen: the drawing is sh
 # Text size estimates, checked against what vis-network draws (tests/test_browser.py measures it):
 LINE = 1.25  # line height, in font sizes (plus LEADING px)
 LEADING = 2.5
-CHAR = 0.62  # width of a character, in font sizes; an arrow counts WIDE characters
-WIDE = 1.6
+# Widths of characters in vis-network's font (Arial), in font sizes, with 10% to spare.
+_NARROW, _BROAD, _SYMBOL = frozenset("il.,:;'|!·()[]ftjrI "), frozenset("mwMW@%"), frozenset("→✗…")
+SPARE = 1.1
 MARGIN = 10  # inside a box, around its text (vis-network's margin option)
 TEXT_MARGIN = 5  # vis-network's default margin around a text item
 ROW_GAP, PARAM_GAP, STACK_GAP = 64, 48, 10  # between node rows, parameters and their node, stacked parameters
@@ -138,8 +139,12 @@ ROUNDNESS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 def text_size(text: str, font: int) -> tuple[float, float]:
     """Estimated width and height (px) of `text` drawn at `font` px."""
     lines = text.split("\n") or [""]
-    chars = max(len(line) + (WIDE - 1) * line.count("→") for line in lines)
-    return chars * font * CHAR, len(lines) * (font * LINE + LEADING)
+    return max(map(_em, lines)) * font * SPARE, len(lines) * (font * LINE + LEADING)
+
+
+def _em(line: str) -> float:
+    return sum(0.3 if c in _NARROW else 0.85 if c in _BROAD else 1.0 if c in _SYMBOL
+               else 0.68 if c.isupper() else 0.56 for c in line)
 
 
 @dataclass(frozen=True)
@@ -172,6 +177,7 @@ class Layout:
     labels: list[EdgeLabel] = field(default_factory=list)
     smooth: dict[tuple[str, str], dict] = field(default_factory=dict)  # edge -> vis-network "smooth"
     curves: dict[tuple[str, str], list[tuple[float, float]]] = field(default_factory=dict)  # sampled arcs
+    routes: dict[tuple[str, str], list[tuple[float, float]]] = field(default_factory=dict)  # detour corners
 
     def bounds(self) -> tuple[float, float, float, float]:
         """left, top, right, bottom of every box, label and arc."""
@@ -286,23 +292,52 @@ def _bezier(a: Box, via: tuple[float, float], b: Box, t: float) -> tuple[float, 
 
 def _place_arc(out: Layout, u: str, v: str, text: str, clockwise: bool) -> None:
     """The least roundness whose arc misses every other node and whose label (right of the arc's
-    middle) is clear; failing that, the roundest arc with its label moved right until clear."""
+    middle) is clear; else the least that misses every node, its label moved right until clear;
+    else (an arc from node to node cannot bulge past a wide node between them) a detour."""
     a, b = out.boxes[u], out.boxes[v]
     others = [box for w, box in out.boxes.items() if w not in (u, v)]
     w, h = (size + 2 * TEXT_MARGIN for size in text_size(text, EDGE_FONT)) if text else (0.0, 0.0)
+    chosen = None
     for roundness in ROUNDNESS:
-        via = _via(a, b, roundness, clockwise)
-        points = [_bezier(a, via, b, i / 32) for i in range(33)]
-        mid = points[16]
+        points = [_bezier(a, _via(a, b, roundness, clockwise), b, i / 32) for i in range(33)]
         if any(box.contains(x, y, CLEAR) for box in others for x, y in points):
             continue
-        label = Box(mid[0] + CLEAR + w / 2, mid[1], w, h)
-        if not text or not _blocked(out, label):
+        chosen = chosen or (roundness, points)
+        if not text or not _blocked(out, Box(points[16][0] + CLEAR + w / 2, points[16][1], w, h)):
+            chosen = (roundness, points)
             break
+    if chosen is None:
+        _detour(out, u, v, text)
+        return
+    roundness, points = chosen
     out.smooth[(u, v)] = {"enabled": True, "type": "curvedCW" if clockwise else "curvedCCW", "roundness": roundness}
     out.curves[(u, v)] = points
     if text:
-        _place(out, (u, v), text, lambda _w: (mid[0] + CLEAR + w / 2, mid[1]))
+        _place(out, (u, v), text, lambda _w: (points[16][0] + CLEAR + w / 2, points[16][1]))
+
+
+def _detour(out: Layout, u: str, v: str, text: str) -> None:
+    """Route u -> v through two corners right of everything drawn between them: out of u into the
+    gap beside it, down (or up) past the nodes between, into v from the gap beside v."""
+    a, b = out.boxes[u], out.boxes[v]
+    down = b.y > a.y
+    step = 1 if down else -1
+    start = a.y + step * (a.h / 2 + ROW_GAP / 2)
+    end = b.y - step * (b.h / 2 + ROW_GAP / 2)
+    top, bottom = min(start, end), max(start, end)
+    beside = [box for box in [*out.boxes.values(), *(lab.box for lab in out.labels)]
+              if box.y + box.h / 2 >= top and box.y - box.h / 2 <= bottom]
+    beside += [Box(x, y, 0, 0) for points in out.curves.values() for x, y in points if top <= y <= bottom]
+    x = max(box.x + box.w / 2 for box in beside) + 3 * CLEAR
+    corners = [(x, start), (x, end)]
+    out.smooth[(u, v)] = {"enabled": False}
+    out.routes[(u, v)] = corners
+    path = [(a.x, a.y), *corners, (b.x, b.y)]
+    out.curves[(u, v)] = [(x0 + (x1 - x0) * i / 16, y0 + (y1 - y0) * i / 16)
+                          for (x0, y0), (x1, y1) in zip(path, path[1:]) for i in range(17)]
+    if text:
+        w, _h = (size + 2 * TEXT_MARGIN for size in text_size(text, EDGE_FONT))
+        _place(out, (u, v), text, lambda _w: (x + CLEAR + w / 2, (start + end) / 2))
 
 
 # --- the page ------------------------------------------------------------------------------------
@@ -421,10 +456,19 @@ def render_html(
             net.add_edge(u, v, color=colours.border["parameter"], dashes=True, arrows="to",
                          title=esc("peer parameter of this node"), smooth={"enabled": False})
             continue
-        back = u == v or where.smooth[(u, v)].get("type") == "curvedCCW"
-        titles[(u, v)] = _edge_title(u, v, g, d)
-        net.add_edge(u, v, title=titles[(u, v)], arrows="to", width=1 + min(d["samples"], 8) / 4,
-                     color=colours.loop if back else colours.edge, smooth=where.smooth[(u, v)])
+        back = u == v or where.boxes[v].y < where.boxes[u].y
+        titles[(u, v)] = title = _edge_title(u, v, g, d)
+        style = {"title": title, "width": 1 + min(d["samples"], 8) / 4, "color": colours.loop if back else colours.edge}
+        ends = [u]
+        for x, y in where.routes.get((u, v), []):  # a detour: straight segments through its corners
+            corner = f"corner:{len(net.get_nodes())}"
+            net.add_node(corner, label=" ", title=title, shape="dot", size=1, x=x, y=y, physics=False, chosen=False,
+                         color={"background": style["color"], "border": style["color"]}, borderWidth=0)
+            ends.append(corner)
+        for end in ends[1:]:
+            net.add_edge(ends[ends.index(end) - 1], end, smooth={"enabled": False}, arrows={"to": {"enabled": False}},
+                         **style)
+        net.add_edge(ends[-1], v, arrows="to", smooth=where.smooth[(u, v)], **style)
     for i, lab in enumerate(where.labels):
         net.add_node(f"label:{i}", label=lab.text, title=titles[lab.edge], shape="text", x=lab.box.x, y=lab.box.y,
                      physics=False, chosen=False,

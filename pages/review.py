@@ -11,7 +11,7 @@ from autodiff import review
 from autodiff.diffs import word_diff_html
 from autodiff.errors import AutodiffError
 from autodiff.llm.pricing import format_usd
-from dashboard.common import ACTIVE, fmt_score, md, require_run
+from dashboard.common import ACTIVE, fmt_score, fmt_time, md, require_run
 
 store, run_id = require_run()
 run = store.run(run_id)
@@ -36,9 +36,35 @@ def act(action, *args) -> None:
         st.rerun()
 
 
+def wait_note(item: review.PendingReview, status: str) -> None:
+    """How long the trainer still waits for a decision, and what it then does on its own; `status`
+    is the run's as this panel refreshes."""
+    left = item.seconds_left()
+    if left is None:
+        return
+    fallback = {"accept": "accepts it", "reject": "rejects it"}.get(item.fallback, md(item.fallback))
+    if status not in ACTIVE:
+        st.caption(f"The run is {status}: nothing waits for this decision now. A resume redoes the step, "
+                   "and the proposal comes back here to be decided.")
+    elif left > 0:
+        st.warning(f"**{_duration(left)} left** to decide (until {fmt_time(item.waits_until)}): then the trainer "
+                   f"{fallback} on its own (the run's review fallback).", icon=":material/timer:")
+    else:
+        st.warning(f"The wait ran out at {fmt_time(item.waits_until)}: the trainer {fallback} on its own now.",
+                   icon=":material/timer_off:")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours} h {minutes} min" if hours else f"{minutes} min {secs} s" if minutes else f"{secs} s"
+
+
 @st.fragment(run_every=3 if run["status"] in ACTIVE else None)
 def pending() -> None:
     items = review.pending(store, run_id)
+    status = store.run(run_id)["status"]
     costs = store.proposal_costs(run_id) if items else {}
     if not items:
         st.info("No proposals are waiting for review." + (" New ones appear here as the trainer makes them."
@@ -86,6 +112,7 @@ def pending() -> None:
             if item.decision:
                 st.info(f"Decision sent ({md(item.decision[0])}); waiting for the trainer to apply it.")
                 continue
+            wait_note(item, status)
             accept_col, reject_col, _ = st.columns([1, 1, 4])
             if item.held != "malformed" and accept_col.button("Accept", key=f"accept-{pid}", type="primary"):
                 act(review.accept, pid)
@@ -108,9 +135,22 @@ if decided:
     st.dataframe([{"step": p["step"], "parameter": p["parameter"], "decision": p["decision"], "by": p["decision_by"],
                    "fate": p["fate"], "value": p["decision_value"] or p["value"]} for p in decided], hide_index=True)
 
+# Who reads feedback written now: only a run that trains again has optimizer calls to come.
+READER = {
+    "running": "the next optimizer call for that parameter reads it (on a node, every trainable parameter of the "
+               "node does)",
+    "created": "the first optimizer call for that parameter reads it, once the run starts",
+    "stopped": "this run is stopped: no optimizer call reads it unless you resume the run (**Runs** page); then the "
+               "first optimizer call for that parameter does",
+    "failed": "this run failed: no optimizer call reads it unless the run is resumed (**Runs** page, once the cause "
+              "at the top of this page is fixed); then the first optimizer call for that parameter does",
+    "completed": "this run is completed and will not train again: no optimizer call will read it. It stays "
+                 "recorded with the run. To have feedback read, start a new run (**Runs** page, *New run with "
+                 "these settings*) and write it there while that run trains",
+}
+reader = READER.get(run["status"], READER["stopped"])
 st.subheader("Add feedback")
-st.caption("Written like a gradient and marked as human: the next optimizer call for that parameter reads it "
-           "(on a node, every trainable parameter of the node does), so the run must still be going or be resumed.")
+st.caption(f"Written like a gradient and marked as human: {reader}.")
 with st.form("feedback", clear_on_submit=True):
     target = st.selectbox("On node or parameter", review.feedback_targets(store, run_id))
     sample = st.selectbox("About sample (optional)", ["", *review.trained_samples(store, run_id)],
@@ -119,6 +159,6 @@ with st.form("feedback", clear_on_submit=True):
     if st.form_submit_button("Add feedback"):
         try:
             review.add_feedback(store, run_id, text, target, sample)
-            st.success("Feedback stored: the next optimizer call for it will read it.")
+            (st.success if run["status"] in ACTIVE else st.warning)(f"Feedback stored: {reader}.")
         except AutodiffError as exc:
             st.error(md(exc))

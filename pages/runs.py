@@ -2,16 +2,28 @@
 
 import streamlit as st
 
-from autodiff.config import default_model
-from autodiff.config import make_config
+from autodiff.config import RunConfig, default_model, describe_limits, make_config
 from autodiff.errors import AutodiffError
 from autodiff.llm.pricing import format_usd
+from autodiff.recovery import stop_effect
 from autodiff.runner import launch, resume_background
+from autodiff.samples import LOCAL, sample_run_ids
 from autodiff.tasks import task_names
 from dashboard.common import (ACTIVE, Link, cache_path, current_store, fmt_score, fmt_time, html_table, md,
-                              page_url, summary)
+                              page_url, run_problem, summary)
 
 ROLES = ("forward", "backward", "optimizer")
+# The form's fields: RunConfig option -> label. Each says its range, taken from RunConfig (the one
+# source of limits), and an out-of-range value is named by its label when Start refuses it.
+LABELS = {"task": "Task", "forward_model": "Forward model", "backward_model": "Backward model",
+          "optimizer_model": "Optimizer model", "steps": "Steps", "batch_size": "Batch size", "review": "Review mode",
+          "val_limit": "Validation samples", "test_limit": "Test samples", "max_failed": "Failed samples per step",
+          "tau": "Tau (pass score)", "lenient_proposals": "Lenient proposals", "budget_usd": "Budget (US dollars)",
+          "budget_tokens": "Budget (tokens)"}
+FORM_DEFAULTS = {"steps": 3, "batch_size": 4, "review": "off", "val_limit": 20, "test_limit": 20,
+                 "max_failed": RunConfig.model_fields["max_failed"].default, "tau": None, "lenient_proposals": False,
+                 "budget_usd": 0.0, "budget_tokens": 0}
+NO_BUDGET = {"budget_usd": 0.0, "budget_tokens": 0}  # what the form shows for "no budget"
 
 store = current_store()
 st.title("Runs")
@@ -19,40 +31,89 @@ if started := st.session_state.pop("started_run", None):
     st.success(f"Started run {md(started)} in the background: it goes on if you close this tab.")
 
 
+def key_of(name: str) -> str:
+    """The form field of RunConfig option `name`: model_forward, ..., else opt_<name>."""
+    return f"model_{name.removesuffix('_model')}" if name.endswith("_model") else f"opt_{name}"
+
+
+def explain(name: str, extra: str = "") -> str:
+    """A field's help: RunConfig's description of the option, its range, and `extra`."""
+    limits = describe_limits(name) if RunConfig.model_fields[name].metadata else ""
+    return RunConfig.model_fields[name].description + (f" ({limits})" if limits else "") + extra
+
+
+def prefill(config: dict | None = None) -> None:
+    """Put `config`'s values (a stored run's) in the form's fields, or the defaults for the ones
+    not filled yet; the fields then take their values from here, never from a default of their own."""
+    values = {"task": task_names()[0], **FORM_DEFAULTS,
+              **{f"{role}_model": default_model() for role in ROLES}}
+    if config is not None:
+        values |= {k: config[k] for k in values if config.get(k) is not None}
+        values |= {k: v for k, v in NO_BUDGET.items() if config.get(k) is None}
+    for name, value in values.items():
+        if config is not None or key_of(name) not in st.session_state:
+            st.session_state[key_of(name)] = value
+
+
+def like(run: dict) -> None:
+    """Open the form filled with `run`'s settings."""
+    prefill(run["config"])
+    st.session_state["open_start"] = True
+
+
+def problems_text(exc: AutodiffError) -> str:
+    """A refusal as markdown: one line per bad field, by its label in the form."""
+    problems = getattr(exc, "problems", None)
+    if not problems:
+        return md(exc)
+    return "Start refused:  \n" + "  \n".join(
+        f"- **{md(LABELS.get(name, name))}**: {md(text)}"
+        + (" (0 means no budget)" if name in NO_BUDGET else "") for name, text in problems)
+
+
 def start_form() -> None:
-    """Task, models per role and sizes; Start launches the run in the background and follows it."""
+    """Task, models per role, sizes and the options a small local model needs; Start checks all
+    of them (model names and files included) before it registers a run, then launches it in the
+    background and follows it."""
+    prefill()
     with st.form("new_run"):
-        task = st.selectbox("Task", task_names())
-        models = {role: col.text_input(f"{role.capitalize()} model", value=default_model(), key=f"model_{role}",
-                                       help="provider:model, e.g. local:smollm2, openai:gpt-4o-mini")
-                  for role, col in zip(ROLES, st.columns(3))}
+        st.selectbox("Task", task_names(), key="opt_task")
+        for role, col in zip(ROLES, st.columns(3)):
+            col.text_input(LABELS[f"{role}_model"], key=key_of(f"{role}_model"),
+                           help="provider:model: local:smollm2 (the embedded 135M model), local:/path/to/model.gguf, "
+                                "openai:gpt-4o-mini, anthropic:claude-sonnet-4-5, or a model of an OpenAI-compatible "
+                                "server (set OPENAI_BASE_URL). Checked before the run is created.")
         left, middle, right = st.columns(3)
-        steps = left.number_input("Steps", min_value=1, max_value=1000, value=3)
-        batch_size = middle.number_input("Batch size", min_value=1, max_value=256, value=4)
-        review = right.selectbox("Review mode", ["off", "validated", "all"],
-                                 help="validated: proposals that pass validation wait for a person; "
-                                      "all: every proposal waits")
+        left.number_input(LABELS["steps"], step=1, key="opt_steps", help=explain("steps"))
+        middle.number_input(LABELS["batch_size"], step=1, key="opt_batch_size", help=explain("batch_size"))
+        right.selectbox(LABELS["review"], ["off", "validated", "all"], key="opt_review",
+                        help="validated: proposals that pass validation wait for a person; all: every proposal waits")
         left, right = st.columns(2)
-        val_limit = left.number_input("Validation samples", min_value=1, max_value=1000, value=20,
-                                      help="the first N of the task's validation split (the small local "
-                                           "model takes about a second per sample)")
-        test_limit = right.number_input("Test samples", min_value=1, max_value=1000, value=20)
+        left.number_input(LABELS["val_limit"], step=1, key="opt_val_limit",
+                          help=explain("val_limit", "; the small local model takes about a second per sample"))
+        right.number_input(LABELS["test_limit"], step=1, key="opt_test_limit", help=explain("test_limit"))
+        st.caption(f"For a small optimizer model such as {LOCAL}: lenient proposals takes its untagged replies as "
+                   "candidates, and fewer failed samples per step keep each step short.")
+        left, middle, right = st.columns(3)
+        left.number_input(LABELS["max_failed"], step=1, key="opt_max_failed", help=explain("max_failed"))
+        middle.number_input(LABELS["tau"], value=None, step=0.05, format="%.2f", key="opt_tau",
+                            placeholder="the task's", help=explain("tau"))
+        right.checkbox(LABELS["lenient_proposals"], key="opt_lenient_proposals", help=explain("lenient_proposals"))
         left, right = st.columns(2)
-        budget_usd = left.number_input("Budget (US dollars)", min_value=0.0, value=0.0, step=0.5, format="%.4f",
-                                       help="stop the run cleanly before a call that could take its cost past "
-                                            "this; 0: no budget. It can be resumed with a larger one")
-        budget_tokens = right.number_input("Budget (tokens)", min_value=0, value=0, step=10_000,
-                                           help="the same, in tokens of fresh calls; 0: no budget")
+        left.number_input(LABELS["budget_usd"], step=0.5, format="%.4f", key="opt_budget_usd",
+                          help=explain("budget_usd", "; 0: no budget. It can be resumed with a larger one"))
+        right.number_input(LABELS["budget_tokens"], step=10_000, key="opt_budget_tokens",
+                           help=explain("budget_tokens", "; 0: no budget"))
         submitted = st.form_submit_button("Start", type="primary")
     if not submitted:
         return
+    options = {name: st.session_state[key_of(name)] for name in LABELS}
+    options |= {name: options[name] or None for name in NO_BUDGET}  # 0: no budget
+    options |= {f"{role}_model": (options[f"{role}_model"] or "").strip() for role in ROLES}
     try:
-        config = make_config(task=task, steps=steps, batch_size=batch_size, review=review, val_limit=val_limit,
-                             test_limit=test_limit, budget_usd=budget_usd or None, budget_tokens=budget_tokens or None,
-                             **{f"{role}_model": models[role].strip() for role in ROLES})
-        run_id = launch(store, config, cache_path())
+        run_id = launch(store, make_config(**options), cache_path())
     except AutodiffError as exc:
-        st.error(md(exc))
+        st.error(problems_text(exc))
     else:
         st.session_state["started_run"] = run_id
         st.session_state["run_picker"] = run_id  # follow the new run in the sidebar
@@ -69,8 +130,18 @@ if not runs:
     st.info("No runs in this store yet. Start one with the form above, or from a shell: "
             "`autodiff train object_counting`.")
     st.stop()
-if st.button("Start a run", icon=":material/play_arrow:"):
+if st.button("Start a run", icon=":material/play_arrow:") or st.session_state.pop("open_start", False):
     start_dialog()
+
+samples = [r["id"] for r in runs if r["id"] in sample_run_ids()]
+if samples:
+    st.info(f"**The bundled sample runs** ({', '.join(md(r) for r in samples)}) were made by the embedded "
+            f"135M-parameter model ({md(LOCAL)}) in every role. They show the mechanics (gradients, proposals, "
+            "checks, validation, review), not the gains a stronger backward and optimizer model brings: that small "
+            "model writes weak feedback and mostly malformed proposals. To see those gains, start a run with a "
+            "provider model as backward and optimizer (e.g. openai:gpt-4o), or a larger GGUF file "
+            "(local:/path/to/model.gguf).", icon=":material/info:")
+
 
 def resume(run: dict) -> None:
     """Resume a run in the background; one its budget stopped, with the new budgets given."""
@@ -82,16 +153,21 @@ def resume(run: dict) -> None:
 
 
 chosen = next((r for r in runs if r["id"] == st.session_state.get("run_id")), runs[0])
-if chosen["status"] in ("stopped", "failed"):
-    if (chosen["error"] or "").startswith("budget"):
-        st.warning(f"{md(chosen['id'])} stopped at its budget. Give it a larger one to go on:")
+if what := run_problem(chosen, here=True):
+    if what.budget:
         left, right = st.columns(2)
         left.number_input("New budget (US dollars)", min_value=0.0, value=chosen["config"].get("budget_usd") or 0.0,
                           step=0.5, format="%.4f", key=f"budget_usd-{chosen['id']}")
         right.number_input("New budget (tokens)", min_value=0, value=chosen["config"].get("budget_tokens") or 0,
                            step=10_000, key=f"budget_tokens-{chosen['id']}")
-    st.button(f"Resume {chosen['id']}", on_click=resume, args=(chosen,),
-              help="Goes on from its last completed step, in the background.")
+    left, right, _ = st.columns([2, 2, 3])
+    if what.outlook != "new_run":
+        left.button(f"Resume {chosen['id']}" if what.outlook == "go" else f"Resume {chosen['id']} after the fix",
+                    on_click=resume, args=(chosen,), type="primary" if what.outlook == "go" else "secondary",
+                    help="Goes on from its last completed step, in the background, with the run's own models and "
+                         "options (only budgets can change).")
+    right.button("New run with these settings", on_click=like, args=(chosen,), key="like-chosen",
+                 help="Opens the Start form filled with this run's task, models and options, to change and start.")
     if error := st.session_state.pop("resume_error", None):
         st.error(md(error))
 
@@ -116,10 +192,13 @@ def live() -> None:
                         f"{s['pending']} proposals waiting for review"
                         + (f", {s['errors']} LLM calls failed" if s["errors"] else ""))
             st.progress(min(s["steps_done"] / (s["steps_planned"] or 1), 1.0))
+            effect = stop_effect(run["config"])
             if run["stop_requested"]:
-                st.caption("Stop requested: the run stops at the next step boundary.")
+                st.caption(f"Stop requested. {md(effect)}")
             else:
-                st.button("Stop", key=f"stop-{run['id']}", on_click=store.request_stop, args=(run["id"],))
+                st.button("Stop", key=f"stop-{run['id']}", on_click=store.request_stop, args=(run["id"],),
+                          help=effect)
+                st.caption(f"Stop: {md(effect)}")
     st.html(html_table(
         # the figures first, so they show without scrolling sideways on a narrow screen
         [{"run": Link(s["id"], page_url("curves", run=s["id"])), "task": s["task"], "status": s["status"],
@@ -130,11 +209,11 @@ def live() -> None:
           else "",
           "saved": format_usd(s["saved_usd"], s["saved_unknown"]),
           "call errors": f"{s['errors']:,}",
-          "wall time (s)": f"{s['wall_s']:,.1f}", "forward model": s["forward_model"],
+          "run time (s)": f"{s['wall_s']:,.1f}", "forward model": s["forward_model"],
           "backward model": s["backward_model"], "optimizer model": s["optimizer_model"], "review": s["review"],
           "started": fmt_time(s["created_at"]), "error": s["error"] or ""} for s in summaries],
         numeric=("best validation", "latest test", "tokens", "cost", "projected", "saved", "call errors",
-                 "wall time (s)"),
+                 "run time (s)"),
     ))
     st.caption("A run's id opens its curves. Every page names its run in the address (`?run=`), so a reload "
                "or a shared link opens the same view.")

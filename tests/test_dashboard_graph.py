@@ -203,6 +203,17 @@ def test_the_layout_keeps_every_label_clear(counting, multihop):
     where = assert_readable(g)
     assert where.smooth[("node:retrieve", "node:query_generator")]["type"] == "curvedCCW"  # the loop arcs
     assert where.smooth[("node:query_generator", "node:retrieve")] == {"enabled": False}
+    agent = gv.build_graph(agent_invocations())
+    where = assert_readable(agent)
+    # planner -> finish skips retrieve, too wide for an arc: a detour right of it and its self-loop's label
+    [top, bottom] = where.routes[("node:planner", "node:finish")]
+    assert top[0] == bottom[0] > max(b.x + b.w / 2 for b in [where.boxes["node:retrieve"], *(
+        lab.box for lab in where.labels if lab.edge == ("node:retrieve", "node:retrieve"))])
+    assert ("node:retrieve", "node:retrieve") in where.curves  # the self-loop's label clears its circle
+    # parameters stacked left of their node, nodes top to bottom in the order they ran
+    ys = [where.boxes[gv.node_id(n)].y for n in gv.node_names(agent)]
+    assert ys == sorted(ys)
+    assert all(where.boxes[f"param:planner.{p}"].x < where.boxes["node:planner"].x for p in ("instruction", "tools"))
 
 
 def test_the_drawing_is_shown_at_full_size_in_the_themes_colours(multihop):

@@ -409,7 +409,8 @@ def test_review_feedback_form(tmp_path: Path) -> None:
     at.text_area[-1].input("Number words <b>count</b> too.")
     button(at, "Add feedback").click().run()
     assert_clean(at)
-    assert any("Feedback stored" in s.value for s in at.success)
+    # a completed run: stored, and the page says no optimizer call will read it
+    assert any("Feedback stored" in w.value and "will not train again" in w.value for w in at.warning)
     params = [p["name"] for p in store.parameters(ids[1])]
     rows = store.pending_human_feedback(ids[1], params)
     assert sorted(r["target"] for r in rows) == sorted(params)

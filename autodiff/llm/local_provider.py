@@ -23,6 +23,7 @@ from autodiff.errors import ConfigError, LLMContextWindowError, LLMReplyError, L
 from autodiff.llm.types import Completion, Request
 
 DEFAULT_MODEL = "smollm2"
+GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file
 # The default context window (tokens) is the model's training context up to this many: room
 # for ordinary prompts without the memory a 128k-token window would take.
 MAX_DEFAULT_N_CTX = 8192
@@ -238,8 +239,11 @@ def resolve_model_path(model: str) -> Path:
         return default_model_path().resolve()
     path = Path(name).expanduser().resolve()
     if not path.is_file():
-        raise ConfigError(
-            f"local model file not found: {path}. "
-            f"Use local:{DEFAULT_MODEL} or local:/path/to/model.gguf"
-        )
+        what = (f"no embedded model is named {name!r} (the embedded one is local:{DEFAULT_MODEL})"
+                if "/" not in name and not name.endswith(".gguf") else f"local model file not found: {path}")
+        raise ConfigError(f"{what}. Use local:{DEFAULT_MODEL} or local:/path/to/model.gguf")
+    with path.open("rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise ConfigError(f"{path} is not a GGUF model file (its first bytes are not GGUF): "
+                              "name a .gguf file, e.g. one converted by llama.cpp")
     return path

@@ -27,6 +27,17 @@ def make_provider(name: str, **options) -> Provider:
     raise ConfigError(f"unknown provider {name!r}; known: {', '.join(PROVIDERS)}")
 
 
+def check_model(spec: str) -> None:
+    """Check a model spec before anything is stored or asked: a known provider, and for the
+    embedded provider a model name it knows or a GGUF file that exists. Raises ConfigError
+    naming the problem and what to do. Keys are checked when a provider is made, and whether
+    the model answers by the run's preflight."""
+    if provider_of(spec) == "local":
+        from autodiff.llm.local_provider import resolve_model_path
+
+        resolve_model_path(spec)
+
+
 def provider_of(spec: str) -> str:
     try:
         check_model_spec(spec)

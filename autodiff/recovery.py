@@ -1,0 +1,109 @@
+"""What a person can do about a run that stopped or failed: whether resuming, as things stand,
+can go on, and what must change first when it cannot.
+
+A resumed run keeps its task, its models and its options (only its budgets can change), and
+reads keys and server addresses from the environment of the process that resumes it. So a
+missing key or a server that was down is fixed outside the run, then the run resumes; a wrong
+model name, a model file that is not there or a prompt too long for the model's context window
+fail the same way on every resume: those need a new run. The reasons are read from the errors the
+engine itself writes (trainer, runner, LLM providers), whose wording tests/test_dashboard_controls.py
+holds to these rules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+# How far Resume gets: "go" resumes as things stand; "fix_first" fails the same way until
+# something outside the run is fixed; "new_run" fails the same way whatever is fixed outside it.
+Outlook = Literal["go", "fix_first", "new_run"]
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """Why a run ended early and what to do. `outlook`: see `Outlook`; `advice` is one or two
+    sentences for a person (plain text, may contain the run id and shell commands)."""
+
+    status: str  # stopped | failed
+    error: str  # the run's own error text, as stored
+    outlook: Outlook
+    advice: str
+    budget: bool = False  # stopped by its budget: resume with a larger one
+
+
+# (words in the error, outlook, advice), first match wins. The advice says what to change; the
+# run's error, shown above it, says what happened.
+_RULES: tuple[tuple[tuple[str, ...], Outlook, str], ...] = (
+    (("stopped on request",), "go",
+     "Resume goes on from its last completed step; the unfinished step is redone, its LLM calls that "
+     "finished answered from the response cache."),
+    (("ended without finishing",), "go",
+     "Its process ended (killed, or the machine restarted). Resume goes on from its last completed step."),
+    (("context window",), "new_run",
+     "A prompt does not fit the model's context window, and a resumed run keeps its models and task: "
+     "resuming fails the same way. Start a new run with shorter inputs (fewer examples or passages) or a "
+     "model with a larger context window."),
+    (("local model file not found", "no embedded model is named", "is not a GGUF model file",
+      "cannot load GGUF model"), "fix_first",
+     "A resumed run keeps its models: resuming fails the same way until that GGUF file is back at that "
+     "path. Otherwise start a new run with a model that exists (local:smollm2 or local:/path/to/model.gguf)."),
+    (("api key", "authentication failed", "permission denied", "quota used up"), "fix_first",
+     "Resuming fails the same way until the key or the account is fixed. A resumed run reads the key from "
+     "the environment of the process that resumes it: set it where the dashboard was started (then restart "
+     "it) and press Resume, or resume from a shell where it is set: autodiff resume {run_id}"),
+    (("option:",), "fix_first",
+     "The model refused an option the run sends. Resuming fails the same way until that is changed (where "
+     "model families are set: autodiff/llm/models.py); or start a new run without that option."),
+    (("not found at", "http 404"), "fix_first",
+     "A resumed run keeps its model names: if the model name is wrong, resuming fails the same way; start a "
+     "new run with the right name. If the server address is wrong (OPENAI_BASE_URL, ANTHROPIC_BASE_URL), fix "
+     "it where the dashboard was started, then resume."),
+    (("cannot connect",), "fix_first",
+     "The model's server could not be reached. Start it (or fix its address), then resume: resuming before "
+     "fails the same way."),
+    (("cannot load the run's task",), "fix_first",
+     "Resuming fails the same way until the task loads again (its file or module, as named in the run)."),
+    (("fix the cause, then resume",), "fix_first",
+     "Too many LLM calls or samples failed in one phase (the Curves page counts them by kind). Once the cause "
+     "is gone (a server back up, rate limits passed, a bug in your pipeline fixed), resume: the failed samples "
+     "are asked again."),
+)
+
+
+def recovery(run: dict) -> Recovery | None:
+    """What to do about `run` (a row of `Store.runs`/`Store.run`), or None when it is not stopped
+    or failed. A stop without a stored reason is taken as resumable."""
+    status, error = run["status"], run.get("error") or ""
+    if status not in ("stopped", "failed"):
+        return None
+    if error.startswith("budget"):
+        return Recovery(status, error, "go", "The run stopped at its budget: give it a larger one (for the whole "
+                                             "run, what it spent included), then resume.", budget=True)
+    low = error.lower()
+    for words, outlook, advice in _RULES:
+        if any(w in low for w in words):
+            return Recovery(status, error, outlook, advice.format(run_id=run["id"]))
+    if status == "stopped":
+        return Recovery(status, error, "go", "Resume goes on from its last completed step.")
+    return Recovery(status, error, "fix_first",
+                    "Resuming goes on from its last completed step, and fails the same way until the cause above "
+                    f"is fixed (a run started from the dashboard writes its traceback to logs/{run['id']}.log beside the "
+                    "store).")
+
+
+def stop_effect(config: dict) -> str:
+    """What Stop does to a run with `config` (its stored RunConfig as a dict), in words: the
+    trainer notices a stop request before each step, before each parameter's optimization, after
+    each proposal is settled and while it waits for a review; it never cuts an LLM call or a
+    forward and backward pass short. What it left unfinished is dropped on resume and the step
+    redone from its start with the same mini-batch, so the calls it had finished are asked
+    again with the same prompts: the response cache answers them (unless the run's cache is off)."""
+    replay = ("its LLM calls that had finished are asked again and paid again (this run's response cache is off)"
+              if config.get("cache") == "off" else
+              "its LLM calls that had finished are answered from the response cache, with no new tokens")
+    review = (" A proposal waiting for review is rejected by the stop, and the review decisions of the "
+              "unfinished step are asked again." if config.get("review", "off") != "off" else "")
+    return ("The run stops after the work in progress: the forward and backward passes of the step, or the "
+            "proposal being scored. Every completed step is kept. The unfinished step is redone from its "
+            f"start on resume (same samples); {replay}.{review}")
