@@ -45,7 +45,7 @@ class TrainResult:
     best parameter values (those of the completed step with the highest validation score)."""
 
     run_id: str
-    store_path: Path
+    store_path: Path | str  # the store's SQLite file, or its postgresql:// URL (what Store() opens again)
     status: str  # completed | stopped | failed
     error: str | None  # why it stopped or failed
     models: dict[str, str]  # role -> provider:model it used
@@ -89,9 +89,9 @@ def _specs(models: dict[str, Model]) -> tuple[dict[str, str], dict[str, Provider
 
 
 def _store(store: Store | str | Path | None) -> Store:
-    from autodiff.runner import default_store_path
+    from autodiff.store import open_store
 
-    return store if isinstance(store, Store) else Store(store or default_store_path())
+    return store if isinstance(store, Store) else open_store(store)
 
 
 def train(task: Task | str, *, model: Model | None = None, forward: Model | None = None,
@@ -157,7 +157,8 @@ def result_of(store: Store, run_id: str) -> TrainResult:
     scores = [StepScore(s["step"], s["val_score"], s["test_score"]) for s in done]
     best = resolve_step(store, run_id, "best") if any(s.val_score is not None for s in scores) else None
     return TrainResult(
-        run_id=run_id, store_path=Path(store.path), status=run["status"], error=run["error"],
+        run_id=run_id, store_path=store.path if store.backend == "sqlite" else store.spec, status=run["status"],
+        error=run["error"],
         models={role: run["config"][f"{role}_model"] for role in ROLES}, scores=scores, best_step=best,
         best_values=store.parameter_values_at(run_id, best) if best is not None else {},
     )

@@ -133,7 +133,7 @@ def resolve_step(store: Store, run_id: str, step: Step = "best") -> int:
     except StoreError:
         runs = [r["id"] for r in store.runs()]
         shown = ", ".join(runs[:10]) + (f" and {len(runs) - 10} more" if len(runs) > 10 else "")
-        raise ConfigError(f"no run {run_id!r} in {store.path}; runs there: {shown or 'none'}") from None
+        raise ConfigError(f"no run {run_id!r} in {store.display}; runs there: {shown or 'none'}") from None
     done = [s for s in store.steps(run_id) if s["status"] == "completed"]
     if not done:
         raise ConfigError(f"run {run_id!r} has no completed step yet")

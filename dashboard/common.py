@@ -14,21 +14,25 @@ import streamlit as st
 
 from autodiff.metrics import run_summary
 from autodiff.recovery import Recovery, recovery
-from autodiff.runner import default_cache_path, default_store_path, mark_dead_runs
-from autodiff.store import Store
+from autodiff.runner import default_cache_path, mark_dead_runs
+from autodiff.store import Store, is_url, resolve_spec
 
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:])")
 ALL = "All"  # the choice of a filter that keeps everything
 
 
 @st.cache_resource
-def get_store(path: str) -> Store:
-    """One Store object per path, shared across sessions; it opens short-lived connections."""
-    return Store(path)
+def get_store(spec: str) -> Store:
+    """One Store object per store (SQLite path or PostgreSQL URL), shared across sessions; it
+    opens short-lived connections (SQLite) or borrows them from its pool (PostgreSQL)."""
+    return Store(spec)
 
 
-def store_path() -> Path:
-    return Path(st.session_state.get("store_path") or default_store_path()).resolve()
+def store_path() -> str:
+    """This session's store: a SQLite file's absolute path, or a postgresql:// URL (may hold a
+    password: show `current_store().display`, never this)."""
+    spec = resolve_spec(st.session_state.get("store_path") or None)
+    return spec if is_url(spec) else str(Path(spec).resolve())
 
 
 def cache_path() -> Path:
@@ -39,7 +43,7 @@ def current_store() -> Store:
     """The store of this session. Every page starts here, so this is also where a page run that
     bypassed the frame (see `_leave_legacy_pages_mode`) is sent back through app.py."""
     _leave_legacy_pages_mode()
-    return get_store(str(store_path()))
+    return get_store(store_path())
 
 
 def _leave_legacy_pages_mode() -> None:
@@ -73,7 +77,7 @@ def summary(store: Store, run: dict) -> dict:
     computed once and kept: a store of many runs does not sum every run's calls on each visit."""
     if run["status"] in ACTIVE:
         return run_summary(store, run["id"])
-    return _settled_summary(str(store.path), run["id"], run["status"], run["updated_at"])
+    return _settled_summary(store.spec, run["id"], run["status"], run["updated_at"])
 
 
 def static_url(name: str = "") -> str:
@@ -213,7 +217,7 @@ def sidebar() -> str | None:
     mark_dead_runs(store)  # before listing: a run whose process died shows as stopped on every page
     runs = store.runs()
     with st.sidebar:
-        st.caption(f"Store: `{store_path()}`")
+        st.caption(f"Store: `{store.display}`")  # a database password masked
         if not runs:
             st.session_state["run_id"] = None
             return None

@@ -10,11 +10,12 @@ one scores on the mini-batch and on validation.
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import pytest
 
@@ -173,9 +174,37 @@ def _no_keys(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Store:
-    return Store(tmp_path / "runs.sqlite")
+@pytest.fixture(scope="session")
+def postgres() -> Iterator["postgres_server.Server"]:  # noqa: F821 - imported here, see below
+    """The session's PostgreSQL server (see tests/postgres_server.py). Without one the tests that
+    need it are skipped, with the reason; in CI (CI=true) they fail instead."""
+    # Imported here: this file is also loaded on its own, as the toy task's module, by processes
+    # that have no `tests` package on their path.
+    from tests import postgres_server
+
+    try:
+        yield from postgres_server.server()
+    except postgres_server.Unavailable as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"PostgreSQL is required in CI: {exc}")
+        pytest.skip(f"no PostgreSQL server: {exc}")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """A fresh, empty store of this test's own, once on each backend: a SQLite file in tmp_path,
+    and a database of its own on the session's PostgreSQL server."""
+    if request.param == "sqlite":
+        yield Store(tmp_path / "runs.sqlite")
+        return
+    server = request.getfixturevalue("postgres")
+    url = server.new_database()
+    opened = Store(url)
+    try:
+        yield opened
+    finally:
+        opened.close()
+        server.drop(url)
 
 
 @dataclass

@@ -90,7 +90,7 @@ def test_dashboard_graph_page_shows_the_example_like_a_built_in(monkeypatch, sto
     g = gv.build_graph(store.invocations(run_id, 1), store.gradients(run_id, 1), store.parameters(run_id))
     assert gv.node_names(g) == ["summarizer", "clip", "answerer", "exact_match"]
     assert g.nodes["node:summarizer"]["failing"] > 0  # feedback passed through clip
-    monkeypatch.setenv("AUTODIFF_STORE", str(store.path))
+    monkeypatch.setenv("AUTODIFF_STORE", store.spec)
     at = AppTest.from_file(str(ROOT / "pages" / "graph.py"), default_timeout=60)
     at.session_state["run_id"] = run_id
     at.run()

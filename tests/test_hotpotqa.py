@@ -426,7 +426,7 @@ def test_graph_page_renders_each_pipeline(name, trained, monkeypatch):
     from autodiff import graphview as gv
     from dashboard.graphview import external_resources
     store, runs = trained
-    monkeypatch.setenv("AUTODIFF_STORE", str(store.path))
+    monkeypatch.setenv("AUTODIFF_STORE", store.spec)
     at = AppTest.from_file(str(PAGES / "graph.py"), default_timeout=60)
     at.session_state["run_id"] = runs[name]
     at.run()

@@ -447,17 +447,17 @@ def test_a_proposal_made_by_an_unpriced_optimizer_costs_unknown_to_make(run_toy,
         assert c["make_unknown"] == 1 and c["make_usd"] == 0.0 and c["validate_unknown"] == 0
         assert c["unknown"] == 1
         assert format_usd(c["make_usd"], c["make_unknown"]) == "unknown"
-    assert main(["--store", str(store.path), "show", run.run_id]) == 0
+    assert main(["--store", store.spec, "show", run.run_id]) == 0
     shown = capsys.readouterr().out
     assert "made for unknown, validated for $" in shown and "made for $0.0000" not in shown
     exported = export_run(store, run.run_id)["proposals"]
     assert all(p["cost"]["make_unknown"] == 1 and p["cost"]["validate_unknown"] == 0 for p in exported)
     for page in ("pages/proposals.py", "pages/prompts.py"):
-        at = open_page(store.path, page, run.run_id)
+        at = open_page(store.spec, page, run.run_id)
         assert_clean(at)
         texts = [m.value for m in at.markdown] + [str(d.value) for d in at.dataframe]
         assert not any("cost to make \\$0.0000" in t for t in texts), page
-    at = open_page(store.path, "pages/proposals.py", run.run_id)
+    at = open_page(store.spec, "pages/proposals.py", run.run_id)
     assert set(at.dataframe[0].value["cost to make"]) == {"unknown"}
     assert any("cost to make unknown, to validate \\$" in m.value for m in at.markdown)
 
@@ -474,14 +474,14 @@ def test_an_unpriced_run_draws_no_cost_line_and_its_cache_savings_are_unknown(ru
     first = run_toy(run_id="unpriced-a", **unpriced)
     second = run_toy(run_id="unpriced-b", **unpriced)  # answered from the response cache
     assert run_summary(store, second.run_id)["saved_unknown"] > 0
-    at = open_page(store.path, "pages/compare.py", first.run_id)
+    at = open_page(store.spec, "pages/compare.py", first.run_id)
     assert_clean(at)
     [cost] = [f for f in chart_figures(at) if f["layout"]["title"]["text"] == "Cumulative cost"]
     lines = {t["name"]: values(t["y"]) for t in cost["data"]}
     assert all(y is None or math.isnan(y) for y in lines[first.run_id]), lines  # no flat $0 line
     assert lines[second.run_id] == [0.0, 0.0]  # answered from the cache: really nothing spent
     assert any("left out, a gap" in c.value for c in at.caption)
-    runs = open_page(store.path, "pages/runs.py")
+    runs = open_page(store.spec, "pages/runs.py")
     rows = {r["run"]: r for r in html_table_rows(runs.get("html")[0].proto.body)}
     assert rows[second.run_id]["saved"] == "unknown"
     assert rows[first.run_id]["cost"] == "unknown"

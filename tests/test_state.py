@@ -170,7 +170,7 @@ def test_load_run_refuses_an_unknown_run_or_step_or_other_names(trained) -> None
 
 
 def test_prompts_command_prints_a_loadable_state_file(trained, tmp_path: Path, capsys) -> None:
-    store = str(trained.store.path)
+    store = trained.store.spec
     assert cli.main(["--store", store, "prompts", trained.run_id]) == 0
     out = capsys.readouterr().out
     assert json.loads(out) == {"format": state.FORMAT, "parameters": trained.values(1)}
@@ -188,7 +188,7 @@ def test_prompts_command_prints_a_loadable_state_file(trained, tmp_path: Path, c
 
 
 def test_prompts_command_as_markdown(trained, capsys) -> None:
-    assert cli.main(["--store", str(trained.store.path), "prompts", trained.run_id, "--format", "md"]) == 0
+    assert cli.main(["--store", trained.store.spec, "prompts", trained.run_id, "--format", "md"]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"# {trained.run_id}, step 1\n")
     for name in NAMES:
@@ -203,7 +203,7 @@ def test_markdown_fences_outgrow_backticks_in_values() -> None:
 
 
 def test_prompts_command_bad_run_or_step_is_one_clear_error(trained, capsys) -> None:
-    store = str(trained.store.path)
+    store = trained.store.spec
     assert cli.main(["--store", store, "prompts", "missing-run"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no run 'missing-run'") and trained.run_id in err and "Traceback" not in err

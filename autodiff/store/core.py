@@ -1,205 +1,93 @@
-"""The run store: SQLite in WAL mode, ordered named migrations, short-lived connections.
+"""The Store: every read and write of runs, in SQL that SQLite and PostgreSQL both accept.
 
-The trainer and the dashboard may be different processes; this is where they meet. Every figure
-the dashboard shows is derived from the rows here. API keys never enter it.
+The trainer and the dashboard may be different processes (on a PostgreSQL store, different
+machines); this is where they meet. Every figure the dashboard shows is derived from the rows
+here. API keys and database passwords never enter it. The backend (`sqlite.SQLiteBackend`,
+`postgres.PostgresBackend`) holds the connections and every difference between the two
+databases; this class holds no dialect of its own beyond `?` placeholders, portable SQL and the
+upsert below.
+
+Readers return dicts today; each reader turns its rows into values in one place (`_run_dict`,
+`_proposal_dict`, the `dict(r, ...)` of each method), which is where records will replace them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
-import sqlite3
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from autodiff.errors import StoreError
 from autodiff.records import Evaluation, Gradient, LLMCall, Proposal, Trace
-
-MIGRATIONS: list[tuple[str, str]] = [
-    (
-        "001_initial",
-        """
-        CREATE TABLE runs (
-            id TEXT PRIMARY KEY, task TEXT NOT NULL, config TEXT NOT NULL, status TEXT NOT NULL,
-            error TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL,
-            stop_requested INTEGER NOT NULL DEFAULT 0, pid INTEGER
-        );
-        CREATE TABLE samples (
-            run_id TEXT NOT NULL, split TEXT NOT NULL, position INTEGER NOT NULL, sample_id TEXT NOT NULL,
-            PRIMARY KEY (run_id, split, position)
-        );
-        CREATE TABLE parameters (
-            run_id TEXT NOT NULL, name TEXT NOT NULL, node TEXT, kind TEXT NOT NULL, role TEXT NOT NULL,
-            trainable INTEGER NOT NULL, peers TEXT NOT NULL, position INTEGER NOT NULL,
-            PRIMARY KEY (run_id, name)
-        );
-        CREATE TABLE parameter_versions (
-            run_id TEXT NOT NULL, name TEXT NOT NULL, version INTEGER NOT NULL, step INTEGER NOT NULL,
-            value TEXT NOT NULL, proposal_id TEXT, created_at REAL NOT NULL,
-            PRIMARY KEY (run_id, name, version)
-        );
-        CREATE TABLE steps (
-            run_id TEXT NOT NULL, step INTEGER NOT NULL, status TEXT NOT NULL,
-            started_at REAL NOT NULL, finished_at REAL, val_score REAL, test_score REAL,
-            batch TEXT NOT NULL DEFAULT '[]', failed_samples TEXT NOT NULL DEFAULT '[]',
-            PRIMARY KEY (run_id, step)
-        );
-        CREATE TABLE invocations (
-            id TEXT PRIMARY KEY, run_id TEXT NOT NULL, step INTEGER NOT NULL, sample_id TEXT NOT NULL,
-            seq INTEGER NOT NULL, node TEXT NOT NULL, node_type TEXT NOT NULL, call_index INTEGER NOT NULL,
-            inputs TEXT NOT NULL, output TEXT NOT NULL, parameters TEXT NOT NULL, prompt TEXT,
-            llm_call_id TEXT, score REAL, error TEXT
-        );
-        CREATE INDEX invocations_run_step ON invocations (run_id, step);
-        CREATE TABLE gradients (
-            id TEXT PRIMARY KEY, run_id TEXT NOT NULL, step INTEGER NOT NULL, sample_id TEXT,
-            node TEXT NOT NULL, invocation_id TEXT, call_index INTEGER, target_type TEXT NOT NULL,
-            target TEXT NOT NULL, target_invocation TEXT, score REAL, text TEXT NOT NULL,
-            source_node TEXT, path TEXT NOT NULL, llm_call_id TEXT, origin TEXT NOT NULL,
-            error TEXT, created_at REAL NOT NULL, consumed_step INTEGER
-        );
-        CREATE INDEX gradients_run_step ON gradients (run_id, step);
-        CREATE TABLE llm_calls (
-            id TEXT PRIMARY KEY, run_id TEXT, step INTEGER, phase TEXT NOT NULL, role TEXT NOT NULL,
-            node TEXT, sample_id TEXT, call_index INTEGER, model TEXT NOT NULL, messages TEXT NOT NULL,
-            response TEXT, prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL,
-            latency_ms REAL NOT NULL, cached INTEGER NOT NULL, error TEXT, created_at REAL NOT NULL
-        );
-        CREATE INDEX llm_calls_run_step ON llm_calls (run_id, step);
-        CREATE TABLE proposals (
-            id TEXT PRIMARY KEY, run_id TEXT NOT NULL, step INTEGER NOT NULL, parameter TEXT NOT NULL,
-            value TEXT NOT NULL, method TEXT NOT NULL, reasoning TEXT NOT NULL, llm_call_id TEXT,
-            fate TEXT NOT NULL, reason TEXT NOT NULL, minibatch_score REAL, minibatch_baseline REAL,
-            val_score REAL, val_baseline REAL, decided_by TEXT, created_at REAL NOT NULL,
-            decided_at REAL, decision TEXT, decision_value TEXT, decision_by TEXT
-        );
-        CREATE INDEX proposals_run_step ON proposals (run_id, step);
-        CREATE TABLE evaluations (
-            run_id TEXT NOT NULL, step INTEGER NOT NULL, split TEXT NOT NULL, subject TEXT NOT NULL,
-            sample_id TEXT NOT NULL, prediction TEXT NOT NULL, gold TEXT NOT NULL, score REAL NOT NULL,
-            error TEXT, PRIMARY KEY (run_id, step, split, subject, sample_id)
-        );
-        """,
-    ),
-    (
-        # Per-step accounting (tokens, time, calls by phase) reads only these columns; from the
-        # index alone it never touches the calls' long message text.
-        "002_llm_calls_accounting_index",
-        """
-        CREATE INDEX llm_calls_accounting ON llm_calls (
-            run_id, step, phase, cached, prompt_tokens, completion_tokens, latency_ms, created_at, error
-        );
-        """,
-    ),
-    (
-        # Provider faults are never scores: an evaluation that errored has no score. Calls record
-        # where they went, how they ended, how many requests they took and the usage details.
-        "003_errors_and_reply_shapes",
-        """
-        CREATE TABLE evaluations_new (
-            run_id TEXT NOT NULL, step INTEGER NOT NULL, split TEXT NOT NULL, subject TEXT NOT NULL,
-            sample_id TEXT NOT NULL, prediction TEXT NOT NULL, gold TEXT NOT NULL, score REAL,
-            error TEXT, PRIMARY KEY (run_id, step, split, subject, sample_id)
-        );
-        INSERT INTO evaluations_new SELECT * FROM evaluations;
-        DROP TABLE evaluations;
-        ALTER TABLE evaluations_new RENAME TO evaluations;
-        ALTER TABLE llm_calls ADD COLUMN endpoint TEXT;
-        ALTER TABLE llm_calls ADD COLUMN finish_reason TEXT;
-        ALTER TABLE llm_calls ADD COLUMN reasoning TEXT;
-        ALTER TABLE llm_calls ADD COLUMN attempts INTEGER NOT NULL DEFAULT 1;
-        ALTER TABLE llm_calls ADD COLUMN error_kind TEXT;
-        ALTER TABLE llm_calls ADD COLUMN cached_prompt_tokens INTEGER NOT NULL DEFAULT 0;
-        ALTER TABLE llm_calls ADD COLUMN cache_write_tokens INTEGER NOT NULL DEFAULT 0;
-        ALTER TABLE llm_calls ADD COLUMN reasoning_tokens INTEGER NOT NULL DEFAULT 0;
-        DROP INDEX llm_calls_accounting;
-        CREATE INDEX llm_calls_accounting ON llm_calls (
-            run_id, step, phase, cached, prompt_tokens, completion_tokens, latency_ms, created_at, error,
-            error_kind, finish_reason
-        );
-        """,
-    ),
-    (
-        # What happened to a run besides its steps: task changes accepted on resume, and the like.
-        "004_run_events",
-        """
-        CREATE TABLE run_events (
-            run_id TEXT NOT NULL, at REAL NOT NULL, kind TEXT NOT NULL, text TEXT NOT NULL
-        );
-        CREATE INDEX run_events_run ON run_events (run_id, at);
-        """,
-    ),
-    (
-        # Money: each call's cost in USD (NULL: unknown price), what a call answered from our
-        # response cache would have cost, where the price came from, and the proposal a validation
-        # call scored. Calls recorded before prices were: local and scripted models cost 0, the
-        # others stay unknown (NULL), never 0.
-        "005_money",
-        """
-        ALTER TABLE llm_calls ADD COLUMN cost_usd REAL;
-        ALTER TABLE llm_calls ADD COLUMN saved_usd REAL;
-        ALTER TABLE llm_calls ADD COLUMN price_source TEXT;
-        ALTER TABLE llm_calls ADD COLUMN proposal_id TEXT;
-        UPDATE llm_calls SET cost_usd = 0, saved_usd = 0, price_source = 'local'
-            WHERE model LIKE 'local:%' OR model LIKE 'fake:%';
-        DROP INDEX llm_calls_accounting;
-        CREATE INDEX llm_calls_accounting ON llm_calls (
-            run_id, step, phase, cached, prompt_tokens, completion_tokens, latency_ms, created_at, error,
-            error_kind, finish_reason, cost_usd, saved_usd
-        );
-        CREATE INDEX llm_calls_proposal ON llm_calls (proposal_id, cost_usd, cached) WHERE proposal_id IS NOT NULL;
-        """,
-    ),
-    (
-        # Why a proposal was written: the ids of the feedback its optimizer call read (a JSON list;
-        # NULL for proposals stored before this was recorded: unknown, not "none"), and for a
-        # proposal review mode "all" held for a person though it could not be validated, the fate
-        # it had (malformed, rejected_check).
-        "006_proposal_feedback",
-        """
-        ALTER TABLE proposals ADD COLUMN feedback_ids TEXT;
-        ALTER TABLE proposals ADD COLUMN held_fate TEXT;
-        """,
-    ),
-    (
-        # The call index a gradient is about, stored when the gradient is written (see
-        # `Gradient.about_call`) instead of joined from the invocations on every read. Older rows
-        # are filled by that same join, once.
-        "007_gradient_about_call",
-        """
-        ALTER TABLE gradients ADD COLUMN about_call INTEGER;
-        UPDATE gradients SET about_call = CASE
-            WHEN target_type = 'output' AND target_invocation IS NOT NULL THEN COALESCE(
-                (SELECT t.call_index FROM invocations t WHERE t.id = gradients.target_invocation), call_index)
-            ELSE call_index END;
-        CREATE INDEX gradients_run_about ON gradients (run_id, about_call);
-        """,
-    ),
-]
+from autodiff.store.schema import MIGRATIONS
+from autodiff.store.spec import is_url
 
 TERMINAL_STATUSES = ("completed", "failed", "stopped")
+
+# Every column of the tables written by upsert, in table order (see `_upsert`).
+_STEP_COLUMNS = ("run_id", "step", "status", "started_at", "finished_at", "val_score", "test_score", "batch",
+                 "failed_samples")
+_INVOCATION_COLUMNS = ("id", "run_id", "step", "sample_id", "seq", "node", "node_type", "call_index", "inputs",
+                       "output", "parameters", "prompt", "llm_call_id", "score", "error")
+_GRADIENT_COLUMNS = ("id", "run_id", "step", "sample_id", "node", "invocation_id", "call_index", "target_type",
+                     "target", "target_invocation", "score", "text", "source_node", "path", "llm_call_id", "origin",
+                     "error", "created_at", "consumed_step", "about_call")
+_PROPOSAL_COLUMNS = ("id", "run_id", "step", "parameter", "value", "method", "reasoning", "llm_call_id", "fate",
+                     "reason", "minibatch_score", "minibatch_baseline", "val_score", "val_baseline", "decided_by",
+                     "created_at", "decided_at", "decision", "decision_value", "decision_by", "feedback_ids",
+                     "held_fate")
+_EVALUATION_COLUMNS = ("run_id", "step", "split", "subject", "sample_id", "prediction", "gold", "score", "error")
+
+
+def _writes(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A store call that writes (one transaction): the backend may run it again after a
+    conflict it resolved by aborting it (a PostgreSQL deadlock), so none reaches the caller."""
+    @functools.wraps(method)
+    def call(self: "Store", *args: Any, **kwargs: Any) -> Any:
+        return self.db.retrying(method, self, *args, **kwargs)
+    return call
+
+
+def _count(condition: str) -> str:
+    """SQL counting the rows of a group where `condition` holds (NULL counts as false)."""
+    return f"SUM(CASE WHEN {condition} THEN 1 ELSE 0 END)"
+
+
+def _flag(condition: str) -> str:
+    """SQL for 1 where `condition` holds, else 0 (NULL too): SQLite's value of a comparison."""
+    return f"(CASE WHEN {condition} THEN 1 ELSE 0 END)"
+
+
+def _upsert(table: str, columns: Sequence[str], key: Sequence[str]) -> str:
+    """INSERT of one row that replaces the row with the same `key`. Give every column of the
+    table, so a replaced row keeps nothing of the old one (SQLite's INSERT OR REPLACE)."""
+    updates = ", ".join(f"{c} = excluded.{c}" for c in columns if c not in key)
+    return (f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+            f" ON CONFLICT ({', '.join(key)}) DO UPDATE SET {updates}")
+
 
 # What `call_totals` and `attempt_totals` sum over a group of call records (see `call_totals`).
 _CALL_SUMS = (
     "COUNT(*) AS calls, SUM(cached) AS cached,"
-    " COUNT(error) AS errors, SUM(finish_reason = 'length' AND phase != 'preflight') AS cut_off,"
-    " SUM(error_kind = 'context_window') AS context_window,"
-    " SUM(CASE WHEN cached THEN 0 ELSE prompt_tokens END) AS prompt_tokens,"
-    " SUM(CASE WHEN cached THEN 0 ELSE completion_tokens END) AS completion_tokens,"
+    " COUNT(error) AS errors, " + _count("finish_reason = 'length' AND phase != 'preflight'") + " AS cut_off, "
+    + _count("error_kind = 'context_window'") + " AS context_window,"
+    " SUM(CASE WHEN cached <> 0 THEN 0 ELSE prompt_tokens END) AS prompt_tokens,"
+    " SUM(CASE WHEN cached <> 0 THEN 0 ELSE completion_tokens END) AS completion_tokens,"
     " SUM(latency_ms) / 1000.0 AS latency_s,"
     " MAX(created_at) - MIN(created_at - latency_ms / 1000.0) AS wall_s,"
     " COALESCE(SUM(cost_usd), 0.0) AS cost_usd,"
-    " SUM(cost_usd IS NULL AND NOT cached) AS cost_unknown,"
+    f" {_count('cost_usd IS NULL AND cached = 0')} AS cost_unknown,"
     " COALESCE(SUM(saved_usd), 0.0) AS saved_usd,"
-    " SUM(cached AND saved_usd IS NULL) AS saved_unknown"
+    f" {_count('cached <> 0 AND saved_usd IS NULL')} AS saved_unknown"
 )
 # A call (alias c) belongs to the kept attempt of its step (alias s, LEFT JOINed): see `attempt_totals`.
-_KEPT = "(c.phase = 'preflight' OR COALESCE(c.created_at >= s.started_at, 0))"
+_KEPT = "(c.phase = 'preflight' OR (s.started_at IS NOT NULL AND c.created_at >= s.started_at))"
 
 
-def _call_sums(row: sqlite3.Row) -> dict:
+def _call_sums(row: Any) -> dict:
     return dict(row, tokens=row["prompt_tokens"] + row["completion_tokens"], cut_off=row["cut_off"] or 0,
                 context_window=row["context_window"] or 0, cost_unknown=row["cost_unknown"] or 0,
                 saved_unknown=row["saved_unknown"] or 0)
@@ -214,48 +102,54 @@ NO_PROPOSAL_COST = {"make_usd": 0.0, "make_unknown": 0, "validate_usd": 0.0, "va
 
 
 class Store:
-    """A run store at `path`. Open one per process; it opens a short-lived connection per use."""
+    """A run store: a SQLite file's path, or a PostgreSQL URL (postgresql://user@host/db; the
+    password, if any, in the URL, PGPASSWORD or ~/.pgpass). Open one per process: SQLite opens a
+    short-lived connection per use, PostgreSQL borrows one from the store's pool. The schema is
+    migrated on opening. `spec` opens the same store again (it may hold the password: pass it
+    on, never show it); `display` is what to show (password masked); `backend` is "sqlite" or
+    "postgresql". Raises StoreError when the database cannot be reached."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, spec: str | Path):
+        if is_url(spec):
+            from autodiff.store.postgres import PostgresBackend
+
+            self.db: Any = PostgresBackend(str(spec))
+        else:
+            from autodiff.store.sqlite import SQLiteBackend
+
+            self.db = SQLiteBackend(spec)
+        self.spec: str = self.db.spec
+        self.display: str = self.db.display
+        self.backend: str = self.db.name
+        self.db.open()
         self.migrate()
-        # Held open, never queried: while one connection stays open, closing a short-lived one
-        # does not checkpoint and delete the WAL file, which made every store call ~15x slower.
-        self._anchor = sqlite3.connect(self.path, check_same_thread=False)
-        self._anchor.execute("PRAGMA journal_mode").fetchone()
+
+    @property
+    def path(self) -> Path:
+        """A SQLite store's file. A PostgreSQL store has none: use `spec` (to reopen) or `display`."""
+        if self.backend != "sqlite":
+            raise StoreError(f"the store {self.display} is a PostgreSQL database, not a file: use its spec")
+        return self.db.path
 
     def close(self) -> None:
-        """Checkpoint and let go of the file (also happens when the Store is garbage-collected)."""
-        self._anchor.close()
+        """Let go of the database: SQLite checkpoints the file (also done when the Store is
+        garbage-collected); PostgreSQL closes the pool's connections."""
+        self.db.close()
 
-    @contextmanager
-    def connect(self) -> Iterator[sqlite3.Connection]:
-        conn = sqlite3.connect(self.path, timeout=30)
-        conn.row_factory = sqlite3.Row
-        try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            with conn:
-                yield conn
-        finally:
-            conn.close()
+    def connect(self) -> Any:
+        """A context manager: a connection in one transaction (committed when the block ends
+        without error), with sqlite3's `execute(sql, params)`, `?` placeholders and rows read by
+        name or position. For the store's own methods and tests; nothing else holds SQL."""
+        return self.db.connect()
 
     def migrate(self) -> None:
+        """Apply the schema migrations this store has not had yet (see `schema.MIGRATIONS`)."""
         with self.connect() as conn:
-            conn.execute("CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied_at REAL)")
-            done = {row[0] for row in conn.execute("SELECT name FROM migrations")}
-            for name, sql in MIGRATIONS:
-                if name in done:
-                    continue
-                for statement in sql.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                conn.execute("INSERT INTO migrations VALUES (?, ?)", (name, time.time()))
+            self.db.migrate(conn, MIGRATIONS)
 
     # --- runs -------------------------------------------------------------------------------
 
+    @_writes
     def create_run(self, run_id: str, task: str, config: dict, splits: dict[str, Sequence[str]]) -> None:
         now = time.time()
         with self.connect() as conn:
@@ -268,6 +162,7 @@ class Store:
                 [(run_id, split, i, sid) for split, ids in splits.items() for i, sid in enumerate(ids)],
             )
 
+    @_writes
     def set_run_status(self, run_id: str, status: str, error: str | None = None, pid: int | None = None) -> None:
         with self.connect() as conn:
             conn.execute(
@@ -275,6 +170,7 @@ class Store:
                 (status, error, time.time(), pid, run_id),
             )
 
+    @_writes
     def request_stop(self, run_id: str) -> None:
         self.run(run_id)
         with self.connect() as conn:
@@ -285,6 +181,7 @@ class Store:
             row = conn.execute("SELECT stop_requested FROM runs WHERE id = ?", (run_id,)).fetchone()
         return bool(row and row[0])
 
+    @_writes
     def clear_stop(self, run_id: str) -> None:
         with self.connect() as conn:
             conn.execute("UPDATE runs SET stop_requested = 0 WHERE id = ?", (run_id,))
@@ -293,7 +190,7 @@ class Store:
         with self.connect() as conn:
             row = conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
         if row is None:
-            raise StoreError(f"no run with id {run_id!r} in {self.path}")
+            raise StoreError(f"no run with id {run_id!r} in {self.display}")
         return _run_dict(row)
 
     def runs(self) -> list[dict]:
@@ -301,6 +198,7 @@ class Store:
             rows = conn.execute("SELECT * FROM runs ORDER BY created_at DESC").fetchall()
         return [_run_dict(r) for r in rows]
 
+    @_writes
     def delete_run(self, run_id: str) -> None:
         """Remove a run and every record of it."""
         self.run(run_id)
@@ -310,12 +208,14 @@ class Store:
                 conn.execute(f"DELETE FROM {table} WHERE run_id = ?", (run_id,))
             conn.execute("DELETE FROM runs WHERE id = ?", (run_id,))
 
+    @_writes
     def set_run_config(self, run_id: str, config: dict) -> None:
         """Replace a stopped run's stored options (e.g. a larger budget on resume)."""
         self.run(run_id)
         with self.connect() as conn:
             conn.execute("UPDATE runs SET config = ?, updated_at = ? WHERE id = ?", (_json(config), time.time(), run_id))
 
+    @_writes
     def add_run_event(self, run_id: str, kind: str, text: str) -> None:
         """Note something that happened to a run (e.g. "task_changes_accepted"), with the time."""
         with self.connect() as conn:
@@ -332,6 +232,7 @@ class Store:
         with self.connect() as conn:
             return [r[0] for r in conn.execute("SELECT id FROM runs WHERE id LIKE ?", (prefix + "%",))]
 
+    @_writes
     def replace_samples(self, run_id: str, split: str, ids: Sequence[str]) -> None:
         """A run's sample ids of one split, replaced (a task change accepted on resume)."""
         with self.connect() as conn:
@@ -348,10 +249,12 @@ class Store:
 
     # --- parameters -------------------------------------------------------------------------
 
+    @_writes
     def add_parameters(self, run_id: str, parameters: Iterable[dict]) -> None:
         with self.connect() as conn:
             conn.executemany(
-                "INSERT OR REPLACE INTO parameters VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                _upsert("parameters", ("run_id", "name", "node", "kind", "role", "trainable", "peers", "position"),
+                        ("run_id", "name")),
                 [
                     (run_id, p["name"], p["node"], p["kind"], p["role"], int(p["trainable"]), _json(p["peers"]), i)
                     for i, p in enumerate(parameters)
@@ -363,10 +266,11 @@ class Store:
             rows = conn.execute("SELECT * FROM parameters WHERE run_id = ? ORDER BY position", (run_id,)).fetchall()
         return [dict(r, trainable=bool(r["trainable"]), peers=json.loads(r["peers"])) for r in rows]
 
+    @_writes
     def add_parameter_version(self, run_id: str, name: str, step: int, value: str, proposal_id: str | None) -> int:
         with self.connect() as conn:
             row = conn.execute(
-                "SELECT COALESCE(MAX(version), -1) FROM parameter_versions WHERE run_id = ? AND name = ?",
+                "SELECT COALESCE(MAX(version), -1) AS last FROM parameter_versions WHERE run_id = ? AND name = ?",
                 (run_id, name),
             ).fetchone()
             version = row[0] + 1
@@ -389,13 +293,15 @@ class Store:
 
     # --- steps ------------------------------------------------------------------------------
 
+    @_writes
     def start_step(self, run_id: str, step: int, batch: Sequence[str]) -> None:
         with self.connect() as conn:
             conn.execute(
-                "INSERT OR REPLACE INTO steps (run_id, step, status, started_at, batch) VALUES (?, ?, 'running', ?, ?)",
-                (run_id, step, time.time(), _json(list(batch))),
+                _upsert("steps", _STEP_COLUMNS, ("run_id", "step")),
+                (run_id, step, "running", time.time(), None, None, None, _json(list(batch)), "[]"),
             )
 
+    @_writes
     def finish_step(
         self, run_id: str, step: int, val_score: float | None, test_score: float | None, failed: Sequence[str]
     ) -> None:
@@ -406,6 +312,7 @@ class Store:
                 (time.time(), val_score, test_score, _json(list(failed)), run_id, step),
             )
 
+    @_writes
     def set_step_test_score(self, run_id: str, step: int, test_score: float) -> None:
         with self.connect() as conn:
             conn.execute("UPDATE steps SET test_score = ? WHERE run_id = ? AND step = ?", (test_score, run_id, step))
@@ -422,6 +329,7 @@ class Store:
             ).fetchone()
         return row[0]
 
+    @_writes
     def discard_after(self, run_id: str, step: int) -> None:
         """Drop the partial records of steps after `step` so a resumed run redoes them cleanly.
         LLM calls are kept: they were really made, and their replies are in the cache."""
@@ -431,6 +339,7 @@ class Store:
 
     # --- traces, gradients, calls -----------------------------------------------------------
 
+    @_writes
     def add_traces(self, run_id: str, step: int, traces: Iterable[Trace]) -> None:
         rows = [
             (
@@ -442,9 +351,9 @@ class Store:
             for inv in trace.invocations
         ]
         with self.connect() as conn:
-            conn.executemany("INSERT OR REPLACE INTO invocations VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+            conn.executemany(_upsert("invocations", _INVOCATION_COLUMNS, ("id",)), rows)
 
-    def _select(self, table: str, run_id: str, order: str, **filters: Any) -> list[sqlite3.Row]:
+    def _select(self, table: str, run_id: str, order: str, **filters: Any) -> list[Any]:
         """Rows of one run, filtered by the given columns (None means any), in `order`."""
         used = {k: v for k, v in filters.items() if v is not None}
         where = "".join(f" AND {column} = ?" for column in used)
@@ -465,6 +374,7 @@ class Store:
             rows = conn.execute("SELECT id, call_index FROM invocations WHERE run_id = ?", (run_id,)).fetchall()
         return {r[0]: r[1] for r in rows}
 
+    @_writes
     def add_gradients(self, run_id: str, step: int, gradients: Iterable[Gradient]) -> None:
         rows = [
             (
@@ -476,10 +386,7 @@ class Store:
         ]
         with self.connect() as conn:
             conn.executemany(
-                "INSERT OR REPLACE INTO gradients (id, run_id, step, sample_id, node, invocation_id, call_index,"
-                " target_type, target, target_invocation, score, text, source_node, path, llm_call_id, origin,"
-                " error, created_at, consumed_step, about_call) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                rows)
+                _upsert("gradients", _GRADIENT_COLUMNS, ("id",)), rows)
 
     def gradients(self, run_id: str, step: int | None = None, target: str | None = None) -> list[dict]:
         rows = self._select("gradients", run_id, "step, created_at, sample_id, call_index", step=step, target=target)
@@ -513,7 +420,7 @@ class Store:
             where.append("g.step = ?")
             args.append(step)
         if targets is not None:
-            where.append(f"g.target IN ({','.join('?' * len(targets))})" if targets else "0")
+            where.append(f"g.target IN ({','.join('?' * len(targets))})" if targets else "1 = 0")
             args += list(targets)
         if sample is not None:
             where.append("g.sample_id = ?")
@@ -531,17 +438,18 @@ class Store:
             if limit == 0:  # only the count wanted
                 return total, []
             rows = conn.execute(
-                f"SELECT g.*{body} ORDER BY g.created_at, g.step, g.sample_id, g.call_index LIMIT ? OFFSET ?",
-                [*args, -1 if limit is None else limit, offset],
+                f"SELECT g.*{body} ORDER BY g.created_at, g.step, g.sample_id, g.call_index"
+                f" LIMIT {self.db.no_limit if limit is None else '?'} OFFSET ?",
+                [*args, *([] if limit is None else [limit]), offset],
             ).fetchall()
         return total, [dict(r, path=json.loads(r["path"])) for r in rows]
 
     def gradient_facets(self, run_id: str) -> dict[str, Any]:
         """How many gradients a run has ("total") and what they can be filtered by, each sorted:
         steps, samples, the call indices they are about, and the nodes whose output received feedback."""
-        def distinct(conn: sqlite3.Connection, column: str, where: str = "") -> list:
+        def distinct(conn: Any, column: str, where: str = "") -> list:
             return [r[0] for r in conn.execute(
-                f"SELECT DISTINCT {column} AS v FROM gradients g WHERE g.run_id = ? AND v IS NOT NULL{where}"
+                f"SELECT DISTINCT {column} AS v FROM gradients g WHERE g.run_id = ? AND {column} IS NOT NULL{where}"
                 " ORDER BY v", (run_id,))]
 
         with self.connect() as conn:
@@ -550,6 +458,7 @@ class Store:
                     "call_indices": distinct(conn, "g.about_call"),
                     "outputs": distinct(conn, "g.target", " AND g.target_type = 'output'")}
 
+    @_writes
     def add_human_feedback(
         self, run_id: str, text: str, *, node: str, target: str, sample_id: str | None = None, author: str = "human"
     ) -> str:
@@ -583,12 +492,14 @@ class Store:
             ).fetchall()
         return [dict(r, path=json.loads(r["path"])) for r in rows]
 
+    @_writes
     def mark_feedback_consumed(self, ids: Sequence[str], step: int) -> None:
         with self.connect() as conn:
             conn.executemany("UPDATE gradients SET consumed_step = ? WHERE id = ?", [(step, i) for i in ids])
 
     _CALL_COLUMNS = tuple(f.name for f in dataclasses.fields(LLMCall))
 
+    @_writes
     def add_calls(self, calls: Iterable[LLMCall]) -> None:
         rows = [
             tuple(
@@ -602,7 +513,7 @@ class Store:
             columns = ", ".join(self._CALL_COLUMNS)
             marks = ",".join("?" * len(self._CALL_COLUMNS))
             with self.connect() as conn:
-                conn.executemany(f"INSERT OR REPLACE INTO llm_calls ({columns}) VALUES ({marks})", rows)
+                conn.executemany(_upsert("llm_calls", self._CALL_COLUMNS, ("id",)), rows)
 
     def call(self, call_id: str) -> dict | None:
         with self.connect() as conn:
@@ -675,7 +586,7 @@ class Store:
         0). Summed in SQL from the accounting index and the steps' start times."""
         with self.connect() as conn:
             rows = conn.execute(
-                f"SELECT COALESCE(c.step, -1) AS step, c.phase, {_KEPT} AS kept, {_CALL_SUMS}"
+                f"SELECT COALESCE(c.step, -1) AS step, c.phase, {_flag(_KEPT)} AS kept, {_CALL_SUMS}"
                 " FROM llm_calls c LEFT JOIN steps s ON s.run_id = c.run_id AND s.step = c.step"
                 " WHERE c.run_id = ? GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
                 (run_id,),
@@ -723,7 +634,7 @@ class Store:
                 " FROM proposals p JOIN llm_calls c ON c.id = p.llm_call_id WHERE p.run_id = ?", (run_id,)).fetchall()
             scored = conn.execute(
                 "SELECT c.proposal_id AS id, COALESCE(SUM(c.cost_usd), 0.0) AS usd,"
-                " SUM(c.cost_usd IS NULL AND NOT c.cached) AS unknown FROM llm_calls c"
+                f" {_count('c.cost_usd IS NULL AND c.cached = 0')} AS unknown FROM llm_calls c"
                 " WHERE c.run_id = ? AND c.proposal_id IS NOT NULL GROUP BY c.proposal_id", (run_id,)).fetchall()
         costs: dict[str, dict] = {}
         for r in made:
@@ -739,19 +650,19 @@ class Store:
 
     # --- proposals and decisions ------------------------------------------------------------
 
+    @_writes
     def add_proposal(self, run_id: str, p: Proposal) -> None:
         with self.connect() as conn:
             conn.execute(
-                "INSERT OR REPLACE INTO proposals (id, run_id, step, parameter, value, method, reasoning, llm_call_id,"
-                " fate, reason, minibatch_score, minibatch_baseline, val_score, val_baseline, decided_by, created_at,"
-                " feedback_ids, held_fate) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                _upsert("proposals", _PROPOSAL_COLUMNS, ("id",)),
                 (
                     p.id, run_id, p.step, p.parameter, p.value, p.method, p.reasoning, p.llm_call_id, p.fate,
                     p.reason, p.minibatch_score, p.minibatch_baseline, p.val_score, p.val_baseline, p.decided_by,
-                    p.created_at or time.time(), _json(list(p.feedback_ids)), p.held_fate,
+                    p.created_at or time.time(), None, None, None, None, _json(list(p.feedback_ids)), p.held_fate,
                 ),
             )
 
+    @_writes
     def update_proposal(self, proposal_id: str, **fields: Any) -> None:
         allowed = {"fate", "reason", "minibatch_score", "minibatch_baseline", "val_score", "val_baseline",
                    "decided_by", "decided_at", "value"}
@@ -777,7 +688,7 @@ class Store:
         marks = ",".join("?" * len(gradient_ids))
         with self.connect() as conn:
             rows = conn.execute(
-                "SELECT j.value AS gradient_id, p.* FROM proposals p, json_each(p.feedback_ids) j"
+                f"SELECT j.value AS gradient_id, p.* FROM proposals p, {self.db.json_elements('p.feedback_ids', 'j')}"
                 f" WHERE p.run_id = ? AND p.feedback_ids IS NOT NULL AND j.value IN ({marks})"
                 " ORDER BY p.step, p.created_at",
                 [run_id, *gradient_ids]).fetchall()
@@ -795,15 +706,17 @@ class Store:
         accepted without the checks counts as past them: the person stood in for them). Besides
         the stages: rejected by a person's decision, malformed, or rejected by a check. Counted
         in SQL (no proposal text is read)."""
-        passed_val = "(fate = 'accepted' OR COALESCE(val_score > val_baseline, 0))"
+        passed_val = "(fate = 'accepted' OR COALESCE(val_score > val_baseline, FALSE))"
+        accepted, malformed = _count("fate = 'accepted'"), _count("fate = 'malformed'")
+        rejected_check = _count("fate = 'rejected_check'")
+        by_person = _count("fate = 'rejected' AND COALESCE(decision = 'reject', FALSE)")
         with self.connect() as conn:
             rows = conn.execute(
                 "SELECT step, COUNT(*) AS proposed,"
-                f" SUM({passed_val} OR COALESCE(minibatch_score > minibatch_baseline, 0)) AS passed_minibatch,"
-                f" SUM({passed_val}) AS passed_validation,"
-                " SUM(fate = 'accepted') AS accepted,"
-                " SUM(fate = 'rejected' AND COALESCE(decision = 'reject', 0)) AS rejected_by_person,"
-                " SUM(fate = 'malformed') AS malformed, SUM(fate = 'rejected_check') AS rejected_check"
+                f" {_count(passed_val + ' OR COALESCE(minibatch_score > minibatch_baseline, FALSE)')}"
+                f" AS passed_minibatch, {_count(passed_val)} AS passed_validation,"
+                f" {accepted} AS accepted, {by_person} AS rejected_by_person,"
+                f" {malformed} AS malformed, {rejected_check} AS rejected_check"
                 " FROM proposals WHERE run_id = ? GROUP BY step ORDER BY step",
                 (run_id,),
             ).fetchall()
@@ -816,6 +729,7 @@ class Store:
             raise StoreError(f"no proposal with id {proposal_id!r}")
         return _proposal_dict(row)
 
+    @_writes
     def decide(self, proposal_id: str, decision: str, value: str | None = None, by: str = "human") -> None:
         """Write a person's decision on a pending proposal. The waiting trainer reads it and goes on.
         A malformed reply held for review has no value: it can be rejected, or edited (a value written
@@ -845,23 +759,25 @@ class Store:
 
     # --- evaluations ------------------------------------------------------------------------
 
+    @_writes
     def add_evaluations(self, run_id: str, step: int, split: str, subject: str, evals: Iterable[Evaluation]) -> None:
         rows = [(run_id, step, split, subject, e.sample_id, e.prediction, e.gold, e.score, e.error) for e in evals]
         with self.connect() as conn:
-            conn.executemany("INSERT OR REPLACE INTO evaluations VALUES (?,?,?,?,?,?,?,?,?)", rows)
+            conn.executemany(_upsert("evaluations", _EVALUATION_COLUMNS,
+                                     ("run_id", "step", "split", "subject", "sample_id")), rows)
 
     def evaluations(self, run_id: str, split: str | None = None, subject: str | None = None) -> list[dict]:
         rows = self._select("evaluations", run_id, "step, sample_id", split=split or None, subject=subject or None)
         return [dict(r) for r in rows]
 
 
-def _proposal_dict(row: sqlite3.Row | dict) -> dict:
+def _proposal_dict(row: Any) -> dict:
     d = dict(row)
     d["feedback_ids"] = None if d.get("feedback_ids") is None else json.loads(d["feedback_ids"])
     return d
 
 
-def _run_dict(row: sqlite3.Row) -> dict:
+def _run_dict(row: Any) -> dict:
     d = dict(row)
     d["config"] = json.loads(d["config"])
     d["stop_requested"] = bool(d["stop_requested"])
