@@ -159,7 +159,7 @@ def test_the_served_vis_network_is_pyvis_own_copy():
         assert (ROOT / "static" / name).read_text(encoding="utf-8") == text, name
 
 
-def agent_invocations() -> list[dict]:
+def agent_invocations(retrieve: str = "retrieve") -> list[dict]:
     """One sample's trace of a ReAct-like agent: planner#0 -> retrieve#0 -> planner#1 -> retrieve#1
     (which also reads retrieve#0) -> planner#2 -> finish -> loss: a loop, a self-loop and an edge
     that skips a node."""
@@ -169,9 +169,9 @@ def agent_invocations() -> list[dict]:
 
     plan = [["planner.instruction", "Plan."], ["planner.tools", "retrieve, finish"]]
     return [inv("p0", "planner", "llm", 0, [("question", None)], plan),
-            inv("r0", "retrieve", "function", 0, [("query", "p0")]),
+            inv("r0", retrieve, "function", 0, [("query", "p0")]),
             inv("p1", "planner", "llm", 1, [("observation", "r0")], plan),
-            inv("r1", "retrieve", "function", 1, [("query", "p1"), ("seen", "r0")]),
+            inv("r1", retrieve, "function", 1, [("query", "p1"), ("seen", "r0")]),
             inv("p2", "planner", "llm", 2, [("observation", "r1")], plan),
             inv("f0", "finish", "function", 0, [("answer", "p2")]),
             inv("l0", "exact_match", "loss", 0, [("prediction", "f0")], score=0.0)]
@@ -205,15 +205,18 @@ def test_the_layout_keeps_every_label_clear(counting, multihop):
     assert where.smooth[("node:query_generator", "node:retrieve")] == {"enabled": False}
     agent = gv.build_graph(agent_invocations())
     where = assert_readable(agent)
-    # planner -> finish skips retrieve, too wide for an arc: a detour right of it and its self-loop's label
-    [top, bottom] = where.routes[("node:planner", "node:finish")]
-    assert top[0] == bottom[0] > max(b.x + b.w / 2 for b in [where.boxes["node:retrieve"], *(
-        lab.box for lab in where.labels if lab.edge == ("node:retrieve", "node:retrieve"))])
     assert ("node:retrieve", "node:retrieve") in where.curves  # the self-loop's label clears its circle
+    assert where.smooth[("node:planner", "node:finish")]["type"] == "curvedCW"  # skips retrieve, on the right
     # parameters stacked left of their node, nodes top to bottom in the order they ran
     ys = [where.boxes[gv.node_id(n)].y for n in gv.node_names(agent)]
     assert ys == sorted(ys)
     assert all(where.boxes[f"param:planner.{p}"].x < where.boxes["node:planner"].x for p in ("instruction", "tools"))
+    # a node between too wide for an arc to pass: a detour right of it and of its self-loop's label
+    wide = "retrieve_passages_from_the_whole_corpus_with_bm25"
+    where = assert_readable(gv.build_graph(agent_invocations(wide)))
+    [top, bottom] = where.routes[("node:planner", "node:finish")]
+    assert top[0] == bottom[0] > max(b.x + b.w / 2 for b in [where.boxes[f"node:{wide}"], *(
+        lab.box for lab in where.labels if lab.edge == (f"node:{wide}", f"node:{wide}"))])
 
 
 def test_the_drawing_is_shown_at_full_size_in_the_themes_colours(multihop):
