@@ -19,9 +19,9 @@ from pathlib import Path
 from autodiff.errors import AutodiffError
 from autodiff.runner import default_cache_path
 from autodiff.store.spec import is_url, mask_secrets, resolve_spec
+from autodiff.samples import SAMPLE_STORE  # the bundled sample runs: a new store starts as a copy
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLE_STORE = ROOT / "sample_data" / "runs" / "sample_runs.sqlite"
 
 
 STORE_HELP = ("run store: a SQLite file or a postgresql://user@host/db URL (password in the URL, PGPASSWORD or "
