@@ -213,14 +213,17 @@ def _queue(args, store, config) -> int:
 def cmd_worker(args) -> int:
     import logging
 
-    from autodiff.workers import WorkerOptions, serve
+    from autodiff.workers import MaskPasswords, WorkerOptions, serve
 
+    options = WorkerOptions(concurrency=args.concurrency, heartbeat_s=args.heartbeat, stalled_s=args.stalled_after,
+                            poll_s=args.poll, cache_path=args.cache or default_cache_path(),
+                            **({"name": args.name} if args.name else {}))
+    store = _store(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(MaskPasswords(store))
     logging.getLogger("procrastinate").setLevel(logging.WARNING)  # its per-job lines repeat ours
-    options = {"name": args.name} if args.name else {}
-    serve(_store(args), WorkerOptions(concurrency=args.concurrency, heartbeat_s=args.heartbeat,
-                                      stalled_s=args.stalled_after, poll_s=args.poll,
-                                      cache_path=args.cache or default_cache_path(), **options))
+    serve(store, options)
     return 0
 
 

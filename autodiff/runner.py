@@ -165,16 +165,20 @@ def mark_dead_runs(store: Store) -> list[str]:
 
 def resume(store: Store, run_id: str, *, task: Task | None = None, clear_stop: bool = True,
            accept_task_changes: bool = False, budget_usd: float | None = None, budget_tokens: int | None = None,
-           **extra) -> str:
+           from_queue: bool = False, **extra) -> str:
     """Train a stored run on from its last completed step, in this process. A person resuming
     overrides an earlier stop request (`clear_stop`); a background process started for the run
     keeps one made while it was starting. The task (given, or loaded by the stored name) must
     match the stored run (see `task_changes`) unless `accept_task_changes`, which is recorded
     in the run's history. A task that cannot be loaded marks the run failed with the reason.
     `budget_usd` / `budget_tokens` replace the run's budgets (for the whole run, what it spent
-    before included), recorded as a "budget_changed" event. Raises ConfigError for a completed
-    run, a task that cannot be loaded, a changed task, or a bad budget."""
+    before included), recorded as a "budget_changed" event. On a PostgreSQL store, a run that
+    waits on the queue or that a worker holds is refused unless this is that worker
+    (`from_queue`): one run is never trained by two processes at once. Raises ConfigError for a
+    completed or queued run, a task that cannot be loaded, a changed task, or a bad budget."""
     run = store.run(run_id)
+    if not from_queue:
+        _refuse_if_queued(store, run_id)
     if clear_stop:
         store.clear_stop(run_id)
     if run["status"] == "completed":
@@ -214,6 +218,23 @@ def resume(store: Store, run_id: str, *, task: Task | None = None, clear_stop: b
     if moved:
         store.add_run_event(run_id, "endpoint_changes_accepted", "; ".join(moved))
     return trainer.train()
+
+
+def _refuse_if_queued(store: Store, run_id: str) -> None:
+    """On a PostgreSQL store, refuse a run that a worker holds, or that waits on the queue
+    (unless a stop was asked for it: then it is taken off the queue, to be resumed here)."""
+    from autodiff import workers
+
+    if not workers.shared(store) or (job := workers.open_job(store, run_id)) is None:
+        return
+    if job[1] == "todo" and store.stop_requested(run_id) and workers.take_off_queue(store, run_id):
+        return
+    if job[1] == "todo":
+        raise ConfigError(f"run {run_id} waits on the queue for a worker: start one (autodiff worker), or stop the "
+                          "run first (the dashboard's Stop) to resume it here")
+    raise ConfigError(f"a worker holds run {run_id}: stop it first (the dashboard's Stop) to resume it here. If "
+                      "that worker is gone, a running worker hands the run to the queue again after its "
+                      "--stalled-after time")
 
 
 def endpoint_changes(store: Store, run_id: str, trainer: Trainer) -> list[str]:

@@ -77,18 +77,34 @@ class WorkerOptions:
 
 def shared(store) -> bool:
     """Whether `store` is a PostgreSQL store, whose runs are queued for workers."""
-    return bool(getattr(store, "url", None))
+    return store.backend == "postgresql"
 
 
 def database_url(store) -> str:
-    """The connection URL of a PostgreSQL store. Raises ConfigError for any other store: queues
-    need the shared database that workers on other machines reach."""
-    url = getattr(store, "url", None)
-    if not url:
+    """The connection URL of a PostgreSQL store (it may hold the password: pass it on, never
+    show it). Raises ConfigError for any other store: queues need the shared database that
+    workers on other machines reach."""
+    if not shared(store):
         raise ConfigError(f"queued runs and workers need a PostgreSQL store (--store postgresql://user@host/db or "
-                          f"AUTODIFF_STORE), not {store.path}: on a SQLite store a run trains in this process, or "
+                          f"AUTODIFF_STORE), not {store.display}: on a SQLite store a run trains in this process, or "
                           "from the dashboard in a background process on this machine")
-    return url
+    return store.spec
+
+
+class MaskPasswords(logging.Filter):
+    """Masks the store's password (see autodiff.store.mask_secrets) in every record a handler
+    writes: a driver's or procrastinate's error text included."""
+
+    def __init__(self, store):
+        super().__init__()
+        self.mask = store.db.mask
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = self.mask(record.getMessage()), None
+        if record.exc_info:
+            record.exc_text = self.mask(logging.Formatter().formatException(record.exc_info))
+            record.exc_info = None
+        return True
 
 
 def _procrastinate():
@@ -195,7 +211,8 @@ class Worker:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._shut_down, work)
             sweeper = asyncio.create_task(self._sweep_forever())
-            log.info("worker %s taking runs from the queue (%d at a time)", self.options.name, self.options.concurrency)
+            log.info("worker %s taking runs from the queue of %s (%d at a time)", self.options.name,
+                     self.store.display, self.options.concurrency)
             try:
                 await work
             except asyncio.CancelledError:
@@ -256,8 +273,10 @@ class Worker:
             if status == "stopped":
                 done = self.store.last_completed_step(run_id) or 0
                 self.store.clear_stop(run_id)
-                self.store.set_run_status(run_id, QUEUED, error=f"worker {self.options.name} shut down after step "
-                                          f"{done}; waiting for another worker, which goes on from step {done + 1}")
+                why = (f"worker {self.options.name} shut down after step {done}; waiting for another worker, which "
+                       "goes on from there")
+                self.store.set_run_status(run_id, QUEUED, error=why)
+                self.store.add_run_event(run_id, "requeued", why)
                 _defer(self.app, run_id)  # runs after this job ends: the lock holds it back till then
                 log.info("run %s: stopped after step %d, back on the queue", run_id, done)
                 return "handed back"
@@ -274,7 +293,7 @@ class Worker:
         try:
             # clear_stop=False: a stop asked for since the run was queued must still stop it.
             resume(self.store, run_id, clear_stop=False, cache_path=self.options.cache_path or default_cache_path(),
-                   progress=progress)
+                   progress=progress, from_queue=True)
         except AutodiffError as exc:  # the run is marked failed with the reason; the job ends here
             log.error("run %s: %s", run_id, exc)
 
@@ -321,14 +340,40 @@ class Worker:
         if run["status"] not in ("running", QUEUED, "created"):
             return  # it ended before its worker died; the next worker sees that and drops the job
         done = self.store.last_completed_step(run_id) or 0
-        self.store.set_run_status(run_id, QUEUED, error=(
-            f"its worker stopped answering (killed, or its machine went down) after step {done}; waiting for another "
-            f"worker, which goes on from step {done + 1}"))
+        why = (f"its worker stopped answering (killed, or its machine went down) after step {done}; waiting for "
+               "another worker, which goes on from there")
+        self.store.set_run_status(run_id, QUEUED, error=why)
+        self.store.add_run_event(run_id, "requeued", why)
 
 
 def serve(store, options: WorkerOptions | None = None) -> None:
     """Run a worker on `store` (PostgreSQL) until SIGTERM or SIGINT; see `Worker`."""
     Worker(store, options).serve()
+
+
+def open_job(store, run_id: str) -> tuple[int, str] | None:
+    """The id and status of run `run_id`'s job while it is on the queue: "todo" while it waits,
+    "doing" while a worker holds it (or held it, until a sweep hands it back); else None (never
+    queued, or its job is over)."""
+    import psycopg
+
+    with psycopg.connect(database_url(store)) as conn:
+        if not conn.execute("SELECT to_regclass('procrastinate_jobs') IS NOT NULL").fetchone()[0]:
+            return None
+        row = conn.execute("SELECT id, status::text FROM procrastinate_jobs WHERE queue_name = %s AND "
+                           "args->>'run_id' = %s AND status IN ('todo', 'doing') ORDER BY id DESC LIMIT 1",
+                           (QUEUE, run_id)).fetchone()
+    return (row[0], row[1]) if row else None
+
+
+def take_off_queue(store, run_id: str) -> bool:
+    """Cancel run `run_id`'s waiting job, so no worker takes it. False when there is none
+    waiting (a worker took it meanwhile, or it was never queued)."""
+    job = open_job(store, run_id)
+    if job is None or job[1] != "todo":
+        return False
+    with _app(database_url(store), min_size=1, max_size=1).open() as app:
+        return app.job_manager.cancel_job_by_id(job[0])
 
 
 def queued_jobs(store) -> dict[str, Any]:

@@ -63,7 +63,7 @@ def _leave_legacy_pages_mode() -> None:
         st.rerun()
 
 
-ACTIVE = ("created", "running")
+ACTIVE = ("created", "queued", "running")  # queued: waiting for a worker (a PostgreSQL store)
 
 
 @st.cache_data(max_entries=1000, show_spinner=False)
@@ -259,7 +259,7 @@ def run_problem(run: dict, here: bool = False) -> Recovery | None:
     if what is None:
         return None
     where = "below" if here else "on the **Runs** page"
-    resume = {"go": f"Resume it {where}.", "fix_first": f"Then resume it {where}.",
+    resume = {"go": f"Resume it {where}.", "fix_first": f"Resume is {where}.",
               "new_run": f"Start a new run {where} (a resume would fail the same way)."}[what.outlook]
     text = f"**Run {md(run['id'])} {what.status}:** {md(what.error or 'no reason recorded')}  \n" \
            f"**What to do:** {md(what.advice)} {resume}"

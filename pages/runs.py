@@ -7,6 +7,7 @@ from autodiff.errors import AutodiffError
 from autodiff.llm.pricing import format_usd
 from autodiff.recovery import stop_effect
 from autodiff.runner import launch, resume_background
+from autodiff.workers import shared
 from autodiff.samples import LOCAL, sample_run_ids
 from autodiff.tasks import task_names
 from dashboard.common import (ACTIVE, Link, cache_path, current_store, fmt_score, fmt_time, html_table, md,
@@ -28,7 +29,10 @@ NO_BUDGET = {"budget_usd": 0.0, "budget_tokens": 0}  # what the form shows for "
 store = current_store()
 st.title("Runs")
 if started := st.session_state.pop("started_run", None):
-    st.success(f"Started run {md(started)} in the background: it goes on if you close this tab.")
+    if shared(store):
+        st.success(f"Queued run {md(started)}: the next free worker (`autodiff worker`) trains it.")
+    else:
+        st.success(f"Started run {md(started)} in the background: it goes on if you close this tab.")
 
 
 def key_of(name: str) -> str:
@@ -192,6 +196,9 @@ def live() -> None:
                         f"{s['pending']} proposals waiting for review"
                         + (f", {s['errors']} LLM calls failed" if s["errors"] else ""))
             st.progress(min(s["steps_done"] / (s["steps_planned"] or 1), 1.0))
+            if run["status"] == "queued":
+                st.caption(f"Waiting for a worker: {md(run['error'] or 'queued')}. A worker is `autodiff worker` "
+                           "on any machine that reaches this store's database (AUTODIFF_STORE set to it).")
             effect = stop_effect(run["config"])
             if run["stop_requested"]:
                 st.caption(f"Stop requested. {md(effect)}")
