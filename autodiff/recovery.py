@@ -50,8 +50,8 @@ _RULES: tuple[tuple[tuple[str, ...], Outlook, str], ...] = (
      "path. Otherwise start a new run with a model that exists (local:smollm2 or local:/path/to/model.gguf)."),
     (("api key", "authentication failed", "permission denied", "quota used up"), "fix_first",
      "Resuming fails the same way until the key or the account is fixed. A resumed run reads the key from "
-     "the environment of the process that resumes it: set it where the dashboard was started (then restart "
-     "it) and press Resume, or resume from a shell where it is set: autodiff resume {run_id}"),
+     "the environment of the process that resumes it: set it where the dashboard was started and restart the "
+     "dashboard, then resume; or resume from a shell where it is set: autodiff resume {run_id}."),
     (("option:",), "fix_first",
      "The model refused an option the run sends. Resuming fails the same way until that is changed (where "
      "model families are set: autodiff/llm/models.py); or start a new run without that option."),

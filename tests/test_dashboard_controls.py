@@ -127,7 +127,7 @@ def test_every_page_of_a_failed_run_opens_on_its_error_and_what_to_do(ended, pag
     [error] = [e for e in at.error if "What to do" in e.value]
     assert getattr(first, "value", None) == error.value, first
     assert "HTTP 401" in error.value and "OPENAI\\_API\\_KEY" in error.value
-    assert "Then resume it on the **Runs** page" in error.value
+    assert "Resume is on the **Runs** page." in error.value
 
 
 def test_the_runs_page_offers_resume_only_where_it_can_help(ended) -> None:
