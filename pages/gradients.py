@@ -23,7 +23,8 @@ nodes = list(dict.fromkeys([p["node"] for p in parameters if p["node"]] + facets
 targets = [gv.node_id(n) for n in nodes] + [gv.parameter_id(p["name"]) for p in parameters]
 
 # Step and target are kept in the URL; every filter goes back to "All" when another run is chosen.
-cols = st.columns([1, 2, 2, 1, 2])
+# Two rows of filters: five in one row left each too narrow to show its choice at 1024 px.
+cols = st.columns([1, 2, 2]) + st.columns([1, 2, 2])
 step = choose(cols[0], "Step", [ALL, *facets["steps"]], key="grad_step", scope=run_id, url="step")
 target = choose(cols[1], "Node or parameter", [ALL, *targets], key="grad_target", scope=run_id, url="target",
                 format_func=lambda t: t if t == ALL else t.replace("node:", "node ").replace("param:", ""))

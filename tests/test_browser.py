@@ -2,18 +2,23 @@
 runs on the scripted fake (whose feedback and proposals carry <script> and <img onerror> text),
 driven by headless Chromium the way a person would click through it.
 
-Checked on every page: it finishes rendering with no exception or error box; no alert ever fires
-(the hostile text shows as text); nothing is requested from any host but the dashboard's own (such
-requests are aborted and recorded, and the graph must still draw). Also: a deep link opens the page
-inside the frame, even as the very first request a fresh server gets; a gradient's backward call
-opens on a click; the Proposals page opens on a shared link to its run, keeps that run across a
-reload and opens a proposal's optimizer call on a click; a run's id in the Runs table opens that
-run; and starting a run with a provider model whose key is missing says so in the
-page. Screenshots go to screenshots/<page>.png.
+Checked on every page, in Streamlit's light and dark themes at 1024 and 1400 px wide: it finishes
+rendering with no exception or error box; no alert ever fires (the hostile text shows as text);
+nothing is requested from any host but the dashboard's own (such requests are aborted and
+recorded, and the graph must still draw); no script error and no console error from our own code.
+The graph is measured as vis-network draws it: its text at least 14 px on screen, no two labels or
+nodes overlapping, all of it inside its frame, in the theme's colours. Also: a deep link with run,
+step and parameter in its query string opens that view inside the frame, even as the very first
+request a fresh server gets (the legacy pages mode workaround in dashboard/common.py), and again
+after a reload; a gradient's backward call opens on a click; the Proposals page opens on a shared
+link to its run, keeps that run across a reload and opens a proposal's optimizer call on a click;
+a run's id in the Runs table opens that run; and starting a run with a provider model whose key
+is missing says so in the page. Screenshots go to screenshots/<page>[-<theme>-<width>].png.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import parse_qs, urlparse
@@ -22,6 +27,7 @@ import pytest
 from playwright.sync_api import expect
 
 from autodiff.store import Store
+from dashboard.graphview import palette
 from tests.fake_runs import HOSTILE, filled_store
 from tests.live_dashboard import (CHROMIUM, PAGES, ROOT, dashboard_server, launch_chromium, nav_link,
                                   wait_charts_drawn, wait_graph_drawn, wait_rendered)
@@ -29,6 +35,11 @@ from tests.live_dashboard import (CHROMIUM, PAGES, ROOT, dashboard_server, launc
 SCREENSHOTS = ROOT / "screenshots"
 LOCAL_HOSTS = ("127.0.0.1", "localhost")
 RENDER_TIMEOUT_MS = 60_000
+THEMES, WIDTHS = ("light", "dark"), (1024, 1400)
+# Streamlit's front end, opened on a page's own path (/graph), first asks that path for its health
+# and host config to learn whether the server sits under a base path; the two 404s answer that it
+# does not. That probe is Streamlit's; any other console error fails the test.
+STREAMLIT_PROBE = re.compile(r"^https?://[^/]+/[^/?#]+/_stcore/(?:health|host-config)$")
 CHARTS = {"Curves": 7, "Compare": 4}  # plotly figures per page
 
 pytestmark = [
@@ -66,19 +77,30 @@ def browser():
 # --- a watched browser tab -----------------------------------------------------------------------
 
 class Tab:
-    """A page in a fresh browser context that records alerts, outside requests and script errors."""
+    """A page in a fresh browser context (`width` px wide, the system's colour scheme `theme`, which
+    Streamlit's default theme follows) that records alerts, outside requests, script errors and
+    console errors."""
 
-    def __init__(self, browser) -> None:
-        self.context = browser.new_context(viewport={"width": 1400, "height": 1000}, service_workers="block")
+    def __init__(self, browser, width: int = 1400, theme: str = "light") -> None:
+        self.context = browser.new_context(viewport={"width": width, "height": 1000}, color_scheme=theme,
+                                           service_workers="block")
         self.dialogs: list[str] = []
         self.outside: list[str] = []
         self.script_errors: list[str] = []
+        self.console_errors: list[str] = []
         self.context.route("**/*", self._route)
         self.page = self.context.new_page()
         self.page.set_default_timeout(RENDER_TIMEOUT_MS)
         self.page.on("dialog", self._dialog)
         self.page.on("pageerror", lambda exc: self.script_errors.append(str(exc)))
+        self.page.on("console", self._console)
         self.page.on("websocket", lambda ws: self._check(ws.url))
+
+    def _console(self, message) -> None:
+        url = (message.location or {}).get("url", "")
+        if message.type != "error" or (message.text.startswith("Failed to load resource") and STREAMLIT_PROBE.match(url)):
+            return
+        self.console_errors.append(f"{message.text} (at {url or 'the page'})")
 
     def _route(self, route) -> None:
         if self._check(route.request.url):
@@ -104,6 +126,7 @@ class Tab:
         assert not self.dialogs, f"a dialog fired: {self.dialogs}"
         assert not self.outside, f"requests to outside hosts: {self.outside}"
         assert not self.script_errors, f"uncaught script errors in the page: {self.script_errors}"
+        assert not self.console_errors, f"console errors: {self.console_errors}"
 
 
 @pytest.fixture
@@ -133,6 +156,39 @@ def assert_frame(page) -> None:
     assert "No runs in this store yet" not in page.locator('[data-testid="stMain"]').inner_text()
 
 
+def assert_theme(page, theme: str) -> None:
+    """The app is drawn in `theme`: its background is dark or light."""
+    rgb = page.locator('[data-testid="stApp"]').evaluate(
+        "e => getComputedStyle(e).backgroundColor.match(/\\d+/g).slice(0, 3).map(Number)")
+    luminance = (0.2126 * rgb[0] + 0.7152 * rgb[1] + 0.0722 * rgb[2]) / 255
+    assert (luminance < 0.5) == (theme == "dark"), (theme, rgb)
+
+
+def assert_graph_readable(page, theme: str) -> dict:
+    """The graph as vis-network drew it: every node and edge label at least 14 px on screen, no
+    two of them overlapping, all inside the frame, its text in the theme's colour."""
+    frame = page.locator('[data-testid="stMain"] iframe').first.element_handle().content_frame()
+    drawn = frame.evaluate("""() => {
+        const scale = network.getScale();
+        const items = nodes.get().filter(n => !String(n.id).startsWith("corner:")).map(n => {
+            const b = network.getBoundingBox(n.id);
+            const a = network.canvasToDOM({x: b.left, y: b.top}), z = network.canvasToDOM({x: b.right, y: b.bottom});
+            return {id: n.id, px: n.font.size * scale, color: n.font.color, left: a.x, top: a.y, right: z.x, bottom: z.y};
+        });
+        const frame = document.getElementById("mynetwork").getBoundingClientRect();
+        return {items: items, width: frame.width, height: frame.height, scale: scale};
+    }""")
+    items = drawn["items"]
+    assert items and min(i["px"] for i in items) >= 14, drawn
+    for n, a in enumerate(items):
+        assert a["left"] >= 0 and a["top"] >= 0 and a["right"] <= drawn["width"] and a["bottom"] <= drawn["height"], a
+        for b in items[n + 1:]:
+            apart = a["right"] <= b["left"] or b["right"] <= a["left"] or a["bottom"] <= b["top"] or b["bottom"] <= a["top"]
+            assert apart, (a, b)
+    assert {i["color"] for i in items} == {palette(theme).text}
+    return drawn
+
+
 def screenshot(page, name: str) -> None:
     SCREENSHOTS.mkdir(exist_ok=True)
     page.screenshot(path=SCREENSHOTS / f"{name.lower()}.png", full_page=True)
@@ -156,6 +212,66 @@ def test_every_page_by_its_sidebar_link(dashboard: str, tab: Tab) -> None:
             wait_charts_drawn(page, CHARTS[title])
         screenshot(page, title)
     tab.assert_safe()
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("theme", THEMES)
+def test_every_page_in_each_theme_and_width(dashboard: str, browser, theme: str, width: int) -> None:
+    tab = Tab(browser, width=width, theme=theme)
+    try:
+        page = tab.page
+        page.goto(dashboard)
+        wait_rendered(page, "Runs")
+        for title in PAGES:
+            if title != "Runs":
+                nav_link(page, title).click()
+                wait_rendered(page, title)
+            assert_no_errors(page)
+            assert_frame(page)
+            assert_theme(page, theme)
+            if title == "Graph":
+                wait_graph_drawn(page)
+                assert_graph_readable(page, theme)
+            if title in CHARTS:
+                wait_charts_drawn(page, CHARTS[title])
+            screenshot(page, f"{title}-{theme}-{width}")
+        tab.assert_safe()
+    finally:
+        tab.close()
+
+
+@pytest.fixture(scope="session")
+def multihop_dashboard(tmp_path_factory) -> Iterator[tuple[str, str]]:
+    """A dashboard on a run of a multi-hop pipeline: a loop, repeated calls, edge labels."""
+    from tests.test_dashboard_graph import multihop_run
+
+    path = tmp_path_factory.mktemp("multihop_store")
+    store = Store(path / "runs.sqlite")
+    run_id = multihop_run(store, path / "cache.sqlite")
+    with dashboard_server(store.path, path / "dashboard.log") as url:
+        yield url, run_id
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("theme", THEMES)
+def test_a_graph_with_loops_is_readable(multihop_dashboard, browser, theme: str, width: int) -> None:
+    url, run_id = multihop_dashboard
+    tab = Tab(browser, width=width, theme=theme)
+    try:
+        page = tab.page
+        page.goto(f"{url}/graph?run={run_id}&node=retrieve")
+        wait_rendered(page, "Graph")
+        wait_graph_drawn(page)
+        drawn = assert_graph_readable(page, theme)
+        assert drawn["scale"] == 1
+        labels = [i for i in drawn["items"] if str(i["id"]).startswith("label:")]
+        assert len(labels) >= 3  # call-index pairs of the repeated nodes, each in its own place
+        assert_no_errors(page)
+        page.locator('[data-testid="stMain"] iframe').first.screenshot(
+            path=SCREENSHOTS / f"graph-loops-{theme}-{width}.png")
+        tab.assert_safe()
+    finally:
+        tab.close()
 
 
 def test_a_gradients_backward_call_opens_on_click(dashboard: str, tab: Tab) -> None:
@@ -251,24 +367,40 @@ def test_deep_link_opens_inside_the_frame(dashboard: str, tab: Tab, title: str) 
 
 def test_deep_link_as_a_fresh_servers_first_request(filled, tab: Tab, tmp_path: Path) -> None:
     """A pages/ folder beside app.py puts a fresh Streamlit server in its legacy multipage mode
-    until st.navigation first runs; a first request for /graph then ran pages/graph.py without
-    app.py: no sidebar, no run chosen, "No runs". The frame must draw it all the same."""
-    store, _ids = filled
+    until st.navigation first runs; a first request for /proposals?run=... then ran
+    pages/proposals.py without app.py: no sidebar, no run chosen, "No runs". The frame must draw
+    it all the same, on the run, step and parameter the link names, and again after a reload
+    (this guards `_leave_legacy_pages_mode` in dashboard/common.py)."""
+    store, ids = filled
+    link = {"run": ids[0], "step": "1", "parameter": "counter.instruction"}  # not the newest run
+
+    def assert_linked_view() -> None:
+        wait_rendered(page, "Proposals")
+        assert_frame(page)
+        assert_no_errors(page)
+        assert urlparse(page.url).path == "/proposals"
+        assert page.get_by_text("Page not found").count() == 0
+        expect(run_picker(page)).to_have_value(ids[0])
+        main = page.locator('[data-testid="stMain"]')
+        expect(main.get_by_role("combobox", name="Step")).to_have_value("1")
+        expect(main.get_by_role("combobox", name="Parameter")).to_have_value("counter.instruction")
+        query = parse_qs(urlparse(page.url).query)
+        assert {k: query[k] for k in link} == {k: [v] for k, v in link.items()}, page.url
+
     with dashboard_server(store.path, tmp_path / "dashboard.log") as url:
         page = tab.page
-        page.goto(f"{url}/graph")
+        page.goto(f"{url}/proposals?run={ids[0]}&step=1&parameter=counter.instruction")
         page.locator('h1, [data-testid="stAlert"]').first.wait_for(state="visible")  # a title, or "No runs"
         page.locator('[data-testid="stApp"][data-test-script-state="notRunning"]').wait_for(state="attached")
+        assert_linked_view()
+        page.reload()
+        assert_linked_view()
+        nav_link(page, "Graph").click()  # and the session goes on normally, on the same run
         wait_rendered(page, "Graph")
-        assert_frame(page)
         assert_no_errors(page)
-        assert urlparse(page.url).path == "/graph"
-        assert page.get_by_text("Page not found").count() == 0
+        assert_frame(page)
+        expect(run_picker(page)).to_have_value(ids[0])
         wait_graph_drawn(page)
-        nav_link(page, "Curves").click()  # and the session goes on normally
-        wait_rendered(page, "Curves")
-        assert_no_errors(page)
-        assert_frame(page)
     tab.assert_safe()
 
 
