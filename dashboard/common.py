@@ -53,7 +53,13 @@ def _leave_legacy_pages_mode() -> None:
     so no sidebar and no run chosen. For a session that has not been through the frame yet (so no
     click can be lost), clear the flag st.navigation itself clears and rerun: the run then goes
     through app.py, on the same page (page ids are their URL paths). Streamlit calls the flag a
-    relic kept for old apps; should it go, this does nothing (tests/test_browser.py would tell)."""
+    relic kept for old apps; should it go, this does nothing.
+
+    Upstream: the flag came with https://github.com/streamlit/streamlit/pull/10276 (MPA v2 by
+    default), whose review reports this very case: a pages/ folder plus st.navigation, opened on a
+    page's URL, "completely switch[es] back to MPAv1". Remove this function once a fresh server
+    opened on a deep link draws the frame without it: the guard is
+    tests/test_browser.py::test_deep_link_as_a_fresh_servers_first_request."""
     try:
         from streamlit.runtime.pages_manager import PagesManager
     except ImportError:  # a Streamlit without the legacy mode has nothing to leave
