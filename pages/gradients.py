@@ -110,6 +110,7 @@ for g in shown:
             continue
         full = f"full text ({len(g['text']):,} characters, {left_out})" if left_out else ""
         label = " · ".join(x for x in ("Backward call that wrote it" if g["llm_call_id"] else "", full) if x)
+        label = label[0].upper() + label[1:]
         panel = st.expander(label, key=f"grad_call_{g['id']}", on_change="rerun")
         if not panel.open:
             continue

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -447,3 +448,32 @@ def test_prompts_page_multi_node(multihop, monkeypatch):
     at.selectbox(key="prompt_param").select("answer_generator.instruction").run()
     assert not at.exception
     assert any("None: this parameter is its node's whole prompt." in c.value for c in at.caption)
+
+
+def test_gradients_say_when_they_were_written_and_fold_repeats(multihop, monkeypatch):
+    store, run_id = multihop
+    line = f"Answer with the city only. {HOSTILE}"
+    gid = store.add_human_feedback(run_id, "\n".join([line] * 40) + "\nAnswer with the ci", node="answer_generator",
+                                   target="answer_generator.instruction")
+    at = open_page("gradients.py", store, monkeypatch, run_id)
+    at.selectbox(key="grad_target").select("param:answer_generator.instruction").run()
+    assert not at.exception
+    [card] = [m.value for m in at.markdown if "Answer with the city only" in m.value]
+    assert card.count("Answer with the city only") == 1  # drawn once, with its count
+    assert ":gray-badge[↻ repeated ×40 in a row, the last cut off]" in card
+    assert "<script>" not in card and "\\<script\\>" in card  # escaped markdown, not markup
+    written = store.gradients_by_id(run_id, [gid])[0]["created_at"]
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(written))
+    assert any(stamp in c.value for c in at.caption)
+    # every backward gradient says how far into its step it was written
+    starts = {s["step"]: s["started_at"] for s in store.steps(run_id)}
+    g = next(x for x in store.find_gradients(run_id, targets=["answer_generator.instruction"])[1] if x["llm_call_id"])
+    assert any(f"(+{g['created_at'] - starts[g['step']]:.1f} s into step {g['step']})" in c.value for c in at.caption)
+    # the full text is a click away, loaded only then
+    [panel] = [e for e in at.expander if e.label.startswith("Full text")]
+    text = store.gradients_by_id(run_id, [gid])[0]["text"]
+    assert panel.label == f"Full text ({len(text):,} characters, {39 * len(line):,} repeated characters folded)"
+    assert not [c for c in at.code if line in c.value]
+    at.session_state[f"grad_call_{gid}"] = True
+    at.run()
+    assert [c.value for c in at.code if line in c.value] == [text]
