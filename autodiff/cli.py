@@ -203,6 +203,9 @@ def _queue(args, store, config) -> int:
     from autodiff.workers import database_url, queue_run
 
     database_url(store)  # a SQLite store is refused before anything is registered
+    where, _, factory = config.task.rpartition(":")
+    if where.endswith(".py") and not Path(where).is_absolute():  # a worker's folder is not this shell's
+        config = config.model_copy(update={"task": f"{Path(where).resolve()}:{factory}"})
     run_id = create(store, config, run_id=args.run_id, cache_path=args.cache or default_cache_path())
     queue_run(store, run_id)
     print(f"run {run_id} queued: a worker trains it (autodiff worker); follow it with autodiff show {run_id} "

@@ -211,7 +211,8 @@ def test_queueing_twice_makes_one_job(pg_store) -> None:
 
 def test_the_password_reaches_no_log_history_or_job(pg_store, tmp_path) -> None:
     """A password in the store's URL (the test server trusts loopback, so any password does)
-    stays out of the worker's log, the run's config, history and error, and the job."""
+    stays out of `train --queue`'s output, the worker's log, the run's config, history and error,
+    and the job, whose only argument is the run id."""
     import psycopg
 
     secret = "Pa55-w0rd-never-shown"
@@ -220,11 +221,12 @@ def test_the_password_reaches_no_log_history_or_job(pg_store, tmp_path) -> None:
     store = Store(url)
     pool = Workers(url, tmp_path)
     try:
-        result = subprocess.run([sys.executable, "-m", "autodiff.cli", "--store", url, "train", SLOW_TASK,
-                                 "--model", "fake:x", "--steps", "1", "--val-limit", "3", "--test-limit", "2",
-                                 "--queue"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        result = subprocess.run([sys.executable, "-m", "autodiff.cli", "--store", url, "train",
+                                 "tests/worker_task.py:make", "--model", "fake:x", "--steps", "1", "--val-limit", "3",
+                                 "--test-limit", "2", "--queue"], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
         [run_id] = [r["id"] for r in store.runs()]
+        assert store.run(run_id)["config"]["task"] == SLOW_TASK  # a relative task file, made absolute for workers
         assert secret not in result.stdout + result.stderr
         with psycopg.connect(url) as conn:
             [(args,)] = conn.execute("SELECT args::text FROM procrastinate_jobs").fetchall()
