@@ -200,9 +200,9 @@ def cmd_train(args) -> int:
 def _queue(args, store, config) -> int:
     """`train --queue`: check and register the run here, then leave it to a worker."""
     from autodiff.runner import create
-    from autodiff.workers import database_url, queue_run
+    from autodiff.workers import check_queue, queue_run
 
-    database_url(store)  # a SQLite store is refused before anything is registered
+    check_queue(store)  # a SQLite store (or unusable queue tables) is refused before anything is registered
     where, _, factory = config.task.rpartition(":")
     if where.endswith(".py") and not Path(where).is_absolute():  # a worker's folder is not this shell's
         config = config.model_copy(update={"task": f"{Path(where).resolve()}:{factory}"})

@@ -101,6 +101,10 @@ def start_background(store_path: Path, run_id: str, cache_path: Path | None = No
 def launch(store: Store, config: RunConfig, cache_path: Path | None = None) -> str:
     """Validate and register a run (see `create`), then start it: on a PostgreSQL store it is
     queued for a worker (see autodiff.workers), on SQLite it trains in a background process."""
+    from autodiff import workers
+
+    if workers.shared(store):
+        workers.check_queue(store)  # unusable queue tables are refused before the run is registered
     run_id = create(store, config, cache_path=cache_path)
     start(store, run_id, cache_path)
     return run_id

@@ -4,8 +4,8 @@ The queue is procrastinate's (a maintained job queue that lives in PostgreSQL an
 psycopg 3), in the store's own database: a queued run is one job on the queue `autodiff_runs`
 whose only argument is the run id; the run's task, config and progress are in the store. Any
 number of workers (`autodiff worker --store postgresql://...`), on any machine that reaches the
-database, take jobs one at a time and train them with `runner.resume`, which goes on from a run's
-last completed step. How a run moves:
+database, take jobs (`concurrency` at a time each) and train them with `runner.resume`, which goes
+on from a run's last completed step. How a run moves:
 
 - queued (`queue_run`): the run says "queued" until a worker takes it. A job's lock is its run
   id, so two workers never train one run at once, and its queueing lock is the run id too, so a
@@ -31,6 +31,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,6 +160,12 @@ def ensure_queue_schema(url: str) -> None:
 
 # --- queueing -------------------------------------------------------------------------------
 
+def check_queue(store) -> None:
+    """Before a run is registered to be queued: the store is PostgreSQL and its queue's tables
+    are there (made if not) and fit the installed procrastinate. Raises ConfigError otherwise."""
+    ensure_queue_schema(database_url(store))
+
+
 def queue_run(store, run_id: str, note: str = "waiting for a worker") -> None:
     """Put a registered run on the queue: it says "queued" (with `note`) until a worker takes it.
     Queuing a run that is already queued does nothing. Raises ConfigError on a store that is not
@@ -182,7 +189,8 @@ def _defer(app, run_id: str) -> None:
 
 class Worker:
     """Takes queued runs from the store's database and trains them; see the module's doc.
-    `store` is the PostgreSQL store to train in (its URL also reaches the queue)."""
+    `store` is the PostgreSQL store to train in (its URL also reaches the queue); any other
+    store raises ConfigError."""
 
     def __init__(self, store, options: WorkerOptions | None = None):
         self.store = store
@@ -193,6 +201,7 @@ class Worker:
         self._running: set[str] = set()  # runs this worker is training
         self._handing_back: set[str] = set()  # runs it stopped to shut down: they go back on the queue
         self._shutting_down = False
+        self._lock = threading.Lock()  # a run is either in _running or seen by the shut-down, never neither
 
     def serve(self) -> None:
         """Work until SIGTERM or SIGINT, then stop the runs in hand at their next step boundary
@@ -224,11 +233,13 @@ class Worker:
         log.info("worker %s stopped", self.options.name)
 
     def _shut_down(self, work: asyncio.Task) -> None:
-        if self._shutting_down:
-            log.info("already stopping: the runs in hand end at their next step boundary")
-            return
-        self._shutting_down = True
-        for run_id in list(self._running):
+        with self._lock:
+            if self._shutting_down:
+                log.info("already stopping: the runs in hand end at their next step boundary")
+                return
+            self._shutting_down = True
+            running = sorted(self._running)
+        for run_id in running:
             try:
                 if self.store.stop_requested(run_id):
                     continue  # a person's stop: it stays stopped, it does not go back on the queue
@@ -236,8 +247,8 @@ class Worker:
                 self.store.request_stop(run_id)
             except AutodiffError as exc:
                 log.error("could not ask run %s to stop: %s", run_id, exc)
-        log.info("stopping: %s", f"runs {', '.join(sorted(self._running))} stop at their next step boundary and "
-                 "go back on the queue" if self._running else "no run in hand")
+        log.info("stopping: %s", f"runs {', '.join(running)} stop at their next step boundary and go back on the "
+                 "queue" if running else "no run in hand")
         work.cancel()  # procrastinate takes no new job and waits for the ones running
 
     # --- one job: one run ---
@@ -252,14 +263,16 @@ class Worker:
         if run["status"] != QUEUED:  # trained meanwhile (a resume by hand), or requeued after it ended
             log.info("run %s is %s, not queued: nothing to do", run_id, run["status"])
             return run["status"]
-        if self._shutting_down:  # taken in the moment the worker was told to stop
-            _defer(self.app, run_id)
-            return "handed back"
         if self.store.stop_requested(run_id):
             self.store.set_run_status(run_id, "stopped", error="stopped on request before a worker took it; "
                                                                "resume to start it")
             return "stopped"
-        self._running.add(run_id)
+        with self._lock:
+            if not self._shutting_down:
+                self._running.add(run_id)
+        if run_id not in self._running:  # taken in the moment the worker was told to stop
+            _defer(self.app, run_id)  # runs after this job ends: the lock holds it back till then
+            return "handed back"
         try:
             self.store.add_run_event(run_id, "worker", f"trained by worker {self.options.name}"
                                      + (f" (attempt {context.job.attempts + 1})" if context.job.attempts else ""))
@@ -377,8 +390,9 @@ def take_off_queue(store, run_id: str) -> bool:
 
 
 def queued_jobs(store) -> dict[str, Any]:
-    """Counts of this queue's jobs by procrastinate status (todo, doing, succeeded, failed, ...),
-    for a worker's start-up line and for tests."""
+    """Counts of this queue's jobs by procrastinate status ("todo", "doing", "failed",
+    "cancelled"; succeeded jobs are deleted), e.g. {"todo": 2, "doing": 1}; {} before the queue's
+    tables exist."""
     import psycopg
 
     with psycopg.connect(database_url(store)) as conn:

@@ -297,3 +297,29 @@ def test_the_runs_page_queues_a_run_and_shows_it_waiting(pg_store, pool, tmp_pat
     assert any("Waiting for a worker" in c.value for c in at.caption), [c.value for c in at.caption]
     pool.start("w")
     wait_for(lambda: pg_store.run(run["id"])["status"] == "completed", 60, lambda: pool.log("w"))
+
+
+def test_a_worker_refuses_a_sqlite_store_and_a_stall_time_shorter_than_two_heartbeats(tmp_path) -> None:
+    def worker(*options: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "autodiff.cli", "worker", "--store", str(tmp_path / "runs.sqlite"),
+                               *options], cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+    result = worker()
+    assert result.returncode == 2 and "need a PostgreSQL store" in result.stderr, result.stderr
+    result = worker("--heartbeat", "5", "--stalled-after", "6")
+    assert result.returncode == 2 and "--stalled-after 10 or more" in result.stderr, result.stderr
+
+
+def test_queue_tables_of_another_procrastinate_are_named_not_used(pg_store) -> None:
+    """The queue's tables carry the last migration of the procrastinate that made them; another
+    one refuses them with what to do instead of failing later on a missing column."""
+    import psycopg
+
+    queue(pg_store)  # makes the tables
+    with psycopg.connect(workers.database_url(pg_store), autocommit=True) as conn:
+        conn.execute("COMMENT ON TABLE procrastinate_jobs IS 'autodiff: procrastinate schema up to migration "
+                     "02.00.00_01_pre_old'")
+    before = pg_store.runs()
+    with pytest.raises(ConfigError, match="02.00.00_01_pre_old.*apply procrastinate's migration files"):
+        runner.launch(pg_store, config())  # the Runs page's Start
+    assert pg_store.runs() == before  # refused before a run was registered
