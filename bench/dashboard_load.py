@@ -40,7 +40,7 @@ from autodiff.store import Store  # noqa: E402
 from tests.live_dashboard import (CHROMIUM, PAGES, ROOT, dashboard_server, launch_chromium, nav_link,  # noqa: E402
                                   wait_charts_drawn, wait_graph_drawn, wait_rendered)
 
-CHARTS = {"Curves": 7, "Compare": 4}
+CHARTS = {"Curves": 8, "Compare": 4}
 # Seconds between closing a tab and opening the next: the browser and the server tear the closed
 # tab's pages and session down in that time, which would otherwise count against the next load.
 SETTLE = 1.0  # plotly figures each page draws (in one iframe)

@@ -16,6 +16,16 @@ from outside.
 Untrusted text: labels that came from the store pass through `label` (plotly.js renders a few HTML
 tags in text; escaped, they show as written); the figures' JSON sits in a JSON script block with
 <, > and & written as \\u escapes, so no string can end the block.
+
+Themes: Streamlit's own chart element would follow the app's light or dark theme
+(`theme="streamlit"`); drawn in our frame, the figures follow it themselves. Their template has
+transparent backgrounds and no colour of its own for text, grid or axes: the frame (same origin as
+the page) reads the app's text and background colours when it draws, and again whenever the
+person switches theme, so no chart stays white in dark mode. Where the page cannot be read, the
+theme Streamlit reported for the session (`st.context.theme`) decides.
+
+Axes carry units (`Unit`: a score as %, seconds, tokens, US dollars, counts) and whole-step ticks;
+a figure with nothing to draw yet shows a message instead of plotly's empty -1..1 axes.
 """
 
 from __future__ import annotations
@@ -23,7 +33,9 @@ from __future__ import annotations
 import functools
 import html
 import json
+import math
 from collections.abc import Sequence
+from typing import Literal
 from pathlib import Path
 
 import plotly.graph_objects as go
@@ -50,24 +62,88 @@ LAYOUT = {"margin": {"l": 60, "r": 60, "t": 40, "b": 40},
           "legend": {"title": {"text": ""}, "orientation": "h", "x": 0, "y": -0.22, "yanchor": "top"}}
 
 
-def figure(title: str, traces: Sequence, *, y: str, x: str = "step", barmode: str | None = None,
-           y_range: tuple[float, float] | None = None, layout: dict | None = None) -> go.Figure:
-    """A figure of graph-object traces with its title and axis names; `layout` adds to (or
-    overrides) the rest of the layout. Colours come from the template `page_html` applies (plotly
-    express is not used: under Streamlit its default template holds placeholder colours that only
-    Streamlit's own chart element fills in)."""
+Unit = Literal["score", "seconds", "tokens", "usd", "count"]
+# Axis formats by unit: a score in [0, 1] reads as a percentage; money in dollars; counts in whole
+# numbers. d3-format strings, as plotly.js takes them.
+UNITS: dict[str, dict] = {
+    "score": {"tickformat": ".0%"},
+    "seconds": {"ticksuffix": " s", "tickformat": ",~r"},
+    "tokens": {"tickformat": ",~s"},
+    "usd": {"tickprefix": "$"},
+    "count": {"tickformat": ",d"},
+}
+EMPTY = "Nothing to draw yet."
+
+
+def _finite(values) -> list[float]:
+    out = []
+    for v in values if values is not None else ():
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(f):
+            out.append(f)
+    return out
+
+
+def _nice_step(span: float, ticks: int = 8) -> int:
+    """A whole tick spacing (1, 2, 5, 10, 20, ...) giving about `ticks` ticks over `span`."""
+    raw = max(span / ticks, 1.0)
+    power = 10 ** math.floor(math.log10(raw))
+    return int(next(m * power for m in (1, 2, 5, 10) if m * power >= raw))
+
+
+def axis(unit: Unit | None, values: Sequence[float] = ()) -> dict:
+    """Tick format for an axis of `unit` holding `values` (for the money's decimals and whole
+    count ticks)."""
+    out = dict(UNITS.get(unit, {})) if unit else {}
+    top = max((abs(v) for v in values), default=0.0)
+    if unit == "usd":
+        # enough decimals that the largest value shows two significant digits ($0.0012, $1.50, $120)
+        decimals = 2 if top >= 1 or top == 0 else min(-math.floor(math.log10(top)) + 1, 8)
+        out["tickformat"] = f",.{decimals}f"
+    if unit == "count" and top <= 10:
+        out["dtick"] = 1  # no half calls
+    if unit in ("seconds", "tokens", "usd", "count"):
+        out["rangemode"] = "tozero"
+        if top == 0:
+            out["range"] = [0, 1]  # all zeros: an axis from 0, not plotly's -1..1
+    return out
+
+
+def figure(title: str, traces: Sequence, *, y: str, x: str = "step", unit: Unit | None = None,
+           barmode: str | None = None, y_range: tuple[float, float] | None = None, layout: dict | None = None,
+           empty: str = EMPTY) -> go.Figure:
+    """A figure of graph-object traces with its title and axis names; `y` names the y axis with its
+    unit in words ("time (s)"), `unit` formats its ticks (see `UNITS`). `layout` adds to (or
+    overrides) the rest of the layout. A figure none of whose traces has a value to draw shows
+    `empty` in its place, with no axes. Colours come from the template `page_html` applies and
+    the page's theme (plotly express is not used: under Streamlit its default template holds
+    placeholder colours that only Streamlit's own chart element fills in)."""
     traces = list(traces)
-    steps = {v for t in traces for v in (t.x if t.x is not None else ())}
+    ys = [v for t in traces for v in _finite(t.y)]
+    if not ys:
+        return go.Figure(layout={
+            **LAYOUT, "template": {}, "title": {"text": title},
+            "xaxis": {"visible": False}, "yaxis": {"visible": False},
+            "annotations": [{"text": html.escape(empty, quote=False), "showarrow": False,
+                             "xref": "paper", "yref": "paper", "x": 0.5, "y": 0.5}]})
+    steps = _finite(v for t in traces for v in (t.x if t.x is not None else ()))
     xaxis = {"title": {"text": x}, "rangemode": "tozero"}
-    if len(steps) <= 20:  # whole steps only; with many steps plotly's own spacing reads better
-        xaxis["dtick"] = 1
-    yaxis = {"title": {"text": y}}
+    if x == "step":
+        span = (max(steps) - min(steps)) if steps else 0
+        xaxis.update(dtick=1 if span <= 20 else _nice_step(span), tickformat="d")  # whole steps only
+    yaxis = {"title": {"text": y}, **axis(unit, ys)}
     if y_range:
         yaxis["range"] = list(y_range)
     return go.Figure(traces, layout={
         **LAYOUT, "template": {},  # the page's one template applies (page_html)
         "title": {"text": title}, "barmode": barmode, "xaxis": xaxis, "yaxis": yaxis, **(layout or {}),
     })
+
+
+FOREGROUND = "foreground"  # a trace whose `meta` says this is drawn in the theme's text colour
 
 
 def label(text: object) -> str:
@@ -90,18 +166,107 @@ def _script_json(text: str) -> str:
 
 @functools.cache
 def _template() -> str:
-    """plotly's plotly_white template, serialised once and given to every figure in the browser
-    (assigning it to each figure in Python cost more than building the figures). Axes keep the
-    margins `LAYOUT` gives them: plotly's automatic margins measure the tick labels and lay each
-    figure out a second time, a fifth of the drawing time of the Curves page."""
-    template = go.layout.Template(pio.templates["plotly_white"])  # a copy: the registered one stays as it is
-    template.layout.xaxis.automargin = False
-    template.layout.yaxis.automargin = False
+    """plotly's plotly_white template without its colours for backgrounds, text, grid and axes
+    (the page's theme gives them, see `page_html`), serialised once and given to every figure in
+    the browser (assigning it to each figure in Python cost more than building the figures). Axes
+    keep the margins `LAYOUT` gives them: plotly's automatic margins measure the tick labels and
+    lay each figure out a second time, a fifth of the drawing time of the Curves page."""
+    white = pio.templates["plotly_white"]
+    layout = white.layout.to_plotly_json()
+    # Only what cartesian scatter, bar and pie charts use (no geo, polar, 3-D or ternary layout,
+    # each with a white background of its own).
+    keep = ("annotationdefaults", "autotypenumbers", "colorway", "font", "hoverlabel", "hovermode",
+            "shapedefaults", "title", "xaxis", "yaxis")
+    template = go.layout.Template(layout={k: v for k, v in layout.items() if k in keep},
+                                  data={kind: white.data[kind] for kind in ("scatter", "bar", "pie")})
+    template.layout.paper_bgcolor = template.layout.plot_bgcolor = TRANSPARENT
+    template.layout.font.color = None
+    for name in ("xaxis", "yaxis"):
+        ax = template.layout[name]
+        ax.automargin = False
+        ax.gridcolor = ax.linecolor = ax.zerolinecolor = None
+    for bar in template.data.bar:
+        bar.marker.line.color = TRANSPARENT  # white outlines would ring each bar in dark mode
     return _json(template)
 
 
-def page_html(rows: Sequence[Row], *, height: int = 380, bundle: str | None = None) -> str:
-    """One HTML document drawing every figure; a row is a figure or a tuple shown side by side."""
+TRANSPARENT = "rgba(0,0,0,0)"
+# Streamlit's default theme colours (text, background), for when the page cannot be read.
+THEMES = {"light": ("rgb(49, 51, 63)", "rgb(255, 255, 255)"), "dark": ("rgb(250, 250, 250)", "rgb(14, 17, 23)")}
+
+
+def theme_type() -> str:
+    """"dark" or "light": the theme Streamlit reported for this session (light when unknown)."""
+    try:
+        kind = st.context.theme.type
+    except Exception:  # outside a Streamlit session (tests building pages directly)
+        kind = None
+    return kind if kind in THEMES else "light"
+
+
+# Draws the figures in the app's theme: text in its text colour, grid and axes a faint shade of
+# it, backgrounds transparent over the app's own; redrawn when the person switches theme.
+_DRAW_JS = """
+const FALLBACK = %(fallback)s;
+function readTheme() {
+  try {
+    const doc = window.parent.document;
+    const el = doc.querySelector(".stApp") || doc.body;
+    const cs = window.parent.getComputedStyle(el);
+    if (cs.color && cs.backgroundColor && cs.backgroundColor !== "rgba(0, 0, 0, 0)") {
+      return {fg: cs.color, bg: cs.backgroundColor};
+    }
+  } catch (e) { /* the page cannot be read: the session's theme decides */ }
+  return FALLBACK;
+}
+function shade(colour, alpha) {
+  const n = (colour.match(/[\\d.]+/g) || []).slice(0, 3);
+  return n.length === 3 ? `rgba(${n[0]}, ${n[1]}, ${n[2]}, ${alpha})` : colour;
+}
+function themed(layout, t) {
+  const out = {...layout, paper_bgcolor: "rgba(0,0,0,0)", plot_bgcolor: "rgba(0,0,0,0)",
+               font: {...(layout.font || {}), color: t.fg}};
+  for (const key of Object.keys(layout)) {
+    if (/^[xy]axis\\d*$/.test(key)) {
+      out[key] = {...layout[key], gridcolor: shade(t.fg, 0.12), zerolinecolor: shade(t.fg, 0.3),
+                  linecolor: shade(t.fg, 0.3)};
+    }
+  }
+  return out;
+}
+function themedData(data, t) {
+  return data.map(tr => tr.meta === "%(foreground)s" ? {...tr, line: {...(tr.line || {}), color: t.fg},
+                                                         marker: {...(tr.marker || {}), color: t.fg}} : tr);
+}
+if (window.Plotly) {
+  const figures = JSON.parse(document.getElementById("figures").textContent);
+  const template = JSON.parse(document.getElementById("template").textContent);
+  let current = readTheme();
+  const paint = t => { document.body.style.background = t.bg; document.body.style.color = t.fg;
+                       document.documentElement.style.colorScheme = t.dark ? "dark" : "light"; };
+  paint(current);
+  figures.forEach((f, i) => Plotly.newPlot("fig" + i, themedData(f.data, current),
+                                           {...themed(f.layout, current), height: %(height)d, template},
+                                           {responsive: true, displaylogo: false}));
+  setInterval(() => {
+    const next = readTheme();
+    if (next.fg === current.fg && next.bg === current.bg) return;
+    current = next;
+    paint(current);
+    figures.forEach((f, i) => Plotly.react("fig" + i, themedData(f.data, current),
+                                           {...themed(f.layout, current), height: %(height)d, template}));
+  }, 1000);
+} else {
+  document.body.textContent = "The charts need plotly.js from this dashboard's /app/static/ folder, and it "
+    + "did not load: start the dashboard from the project folder (its .streamlit/config.toml turns on "
+    + "static serving).";
+}
+"""
+
+
+def page_html(rows: Sequence[Row], *, height: int = 380, bundle: str | None = None, theme: str = "light") -> str:
+    """One HTML document drawing every figure; a row is a figure or a tuple shown side by side.
+    `theme` ("light" or "dark") colours the figures where the app's own colours cannot be read."""
     rows = [r if isinstance(r, tuple) else (r,) for r in rows]
     divs, figures = [], []
     for row in rows:
@@ -110,9 +275,12 @@ def page_html(rows: Sequence[Row], *, height: int = 380, bundle: str | None = No
             cells.append(f'<div class="fig" id="fig{len(figures)}"></div>')
             figures.append(_json(fig))
         divs.append(f'<div class="row">{"".join(cells)}</div>')
+    fg, bg = THEMES.get(theme, THEMES["light"])
+    fallback = json.dumps({"fg": fg, "bg": bg, "dark": theme == "dark"})
+    script = _DRAW_JS % {"fallback": fallback, "foreground": FOREGROUND, "height": int(height)}
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><style>
-body {{ margin: 0; font-family: sans-serif; }}
+body {{ margin: 0; font-family: sans-serif; background: transparent; }}
 .row {{ display: flex; gap: 16px; margin-bottom: {ROW_GAP}px; }}
 .fig {{ flex: 1 1 0; min-width: 0; height: {height}px; }}
 </style></head><body>
@@ -120,22 +288,11 @@ body {{ margin: 0; font-family: sans-serif; }}
 <script type="application/json" id="figures">[{_script_json(",".join(figures))}]</script>
 <script type="application/json" id="template">{_script_json(_template())}</script>
 <script src="{html.escape(bundle or bundle_url())}"></script>
-<script>
-if (window.Plotly) {{
-  const figures = JSON.parse(document.getElementById("figures").textContent);
-  const template = JSON.parse(document.getElementById("template").textContent);
-  figures.forEach((f, i) => Plotly.newPlot("fig" + i, f.data, {{...f.layout, height: {int(height)}, template}},
-                                         {{responsive: true, displaylogo: false}}));
-}} else {{
-  document.body.textContent = "The charts need plotly.js from this dashboard's /app/static/ folder, and it "
-    + "did not load: start the dashboard from the project folder (its .streamlit/config.toml turns on "
-    + "static serving).";
-}}
-</script>
+<script>{script}</script>
 </body></html>"""
 
 
 def draw(rows: Sequence[Row], *, height: int = 380) -> None:
     """Draw the figures in the page, in one frame sized to fit them."""
     n = len(rows)
-    st.iframe(page_html(rows, height=height), height=n * (height + ROW_GAP) + 8)
+    st.iframe(page_html(rows, height=height, theme=theme_type()), height=n * (height + ROW_GAP) + 8)

@@ -40,33 +40,36 @@ st.dataframe(
       "backward model": s["backward_model"], "optimizer model": s["optimizer_model"], "steps": s["steps_done"],
       "initial validation": s["initial_val"], "best validation": s["best_val"], "initial test": s["initial_test"],
       "latest test": s["final_test"], "tokens": s["tokens"], "cost": format_usd(s["cost_usd"], s["cost_unknown"]),
-      "saved": format_usd(s["saved_usd"], s["saved_unknown"]), "LLM calls": s["calls"], "wall time (s)": round(s["wall_s"], 1)}
+      "saved": format_usd(s["saved_usd"], s["saved_unknown"]), "LLM calls": s["calls"],
+      "run time (s)": round(s["wall_s"], 1)}
      for s in summaries],
     hide_index=True,
 )
 
 steps = pd.DataFrame([{**row, "run": r} for r in chosen for row in step_figures(store, r)])
 if not steps.empty:
-    steps["seconds so far"] = steps.fillna({"wall_s": 0}).groupby("run")["wall_s"].cumsum()
     # A step where the cost so far is unknown (no call of it priced) is left out: a gap, never $0.
     steps["cost_cumulative"] = steps["cost_cumulative"].astype(float).where(
         (steps["cost_cumulative"] > 0) | (steps["cost_unknown_cumulative"] == 0))
     runs = [(charts.label(r), steps[steps["run"] == r]) for r in chosen]
     scores = [go.Scatter(x=rows["step"], y=rows[column].astype(float), name=f"{name} {split}", legendgroup=name,
-                         mode="lines+markers", connectgaps=True, line={"dash": dash, "color": colour},
+                         mode="lines+markers", connectgaps=False, line={"dash": dash, "color": colour},
                          marker={"color": colour})
               for (name, rows), colour in zip(runs, charts.COLOURS * 4)
               for column, split, dash in (("val_score", "validation", "solid"), ("test_score", "test", "dot"))]
     charts.draw([
-        charts.figure("Scores per step (solid: validation, dotted: test)", scores, y="score", y_range=(0, 1.05)),
+        charts.figure("Scores per step (solid: validation, dotted: test, only where measured)", scores,
+                      y="score (%)", unit="score", y_range=(0, 1.05)),
         *[tuple(charts.figure(title, [go.Scatter(x=rows["step"], y=rows[column], name=name, mode="lines+markers")
-                                      for name, rows in runs], y=unit)
-                for title, column, unit in pair)
-          for pair in ((("Cumulative tokens", "tokens_cumulative", "tokens"),
-                        ("Cumulative cost", "cost_cumulative", "US dollars")),
-                       (("Cumulative step time", "seconds so far", "seconds"),))],
+                                      for name, rows in runs], y=y, unit=unit)
+                for title, column, y, unit in pair)
+          for pair in ((("Cumulative tokens", "tokens_cumulative", "tokens", "tokens"),
+                        ("Cumulative cost", "cost_cumulative", "cost (USD)", "usd")),
+                       (("Run time so far", "wall_s_cumulative", "run time (s)", "seconds"),))],
     ])
-    st.caption("Cumulative cost: steps whose cost so far is unknown (calls of a model without a price, none "
+    st.caption("Run time: each step's time from its start to its end, summed (time between a stop and a resume "
+               "and a redone attempt left out), as on the Runs and Curves pages. "
+               "Cumulative cost: steps whose cost so far is unknown (calls of a model without a price, none "
                "priced) are left out, a gap in the line, never drawn as $0; where only some calls have a price, "
                "the line counts the priced ones.")
 

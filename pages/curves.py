@@ -1,17 +1,18 @@
-"""Curves: scores, tokens, cost and time by phase, proposals by fate, backward calls saved, money saved,
-and LLM calls that errored or were cut off by phase, per step."""
+"""Curves: per step, scores, the mini-batch's outcome, tokens, time and cost by phase, money saved,
+proposals by the stage they reached, backward calls made and saved, and LLM calls that errored or
+were cut off. Every figure comes from `autodiff.metrics.step_figures` (its docstring defines them)."""
 
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
 from autodiff.llm.pricing import format_usd
-from autodiff.metrics import FATES, PHASES, step_figures
+from autodiff.metrics import FATES, PHASES, STAGE_LABELS, step_figures
 from dashboard import charts
 from dashboard.common import ACTIVE, md, require_run
 
-FATE_LABELS = dict(zip(FATES, ("proposed", "passed mini-batch", "passed validation", "accepted",
-                               "rejected by a person")))
+REDONE = "redone"  # calls of an attempt stopped part-way and redone on resume: spent, not the step's work
+OTHER = "other"  # step time with no LLM call running
 
 store, run_id = require_run()
 st.title("Curves")
@@ -19,17 +20,19 @@ st.caption(f"Run {md(run_id)}")
 live = store.run(run_id)["status"] in ACTIVE
 
 
-def by_phase(df: pd.DataFrame, prefix: str, unit: str, cumulative: str | None = None) -> go.Figure:
-    """Per step, stacked bars by phase; the running total (the `cumulative` column when the
-    figures have one, else the bars summed) as a line on the right-hand axis."""
-    bars = [go.Bar(x=df["step"], y=df[prefix + p], name=p) for p in PHASES]
-    total = df[cumulative] if cumulative else df[[prefix + p for p in PHASES]].sum(axis=1).cumsum()
-    line = go.Scatter(x=df["step"], y=total, name="cumulative (right axis)", yaxis="y2", mode="lines",
-                      line={"color": "#444444", "dash": "dot"})
-    right = {"title": {"text": f"{unit} so far"}, "overlaying": "y", "side": "right", "rangemode": "tozero",
-             "showgrid": False}
-    return charts.figure(f"{unit[:1].upper()}{unit[1:]} per step by phase, and cumulative", [*bars, line], y=unit,
-                         barmode="stack", layout={"yaxis2": right})
+def by_phase(df: pd.DataFrame, prefix: str, title: str, y: str, unit: charts.Unit, cumulative: str | None = None,
+             extra: tuple[str, ...] = (REDONE,), right: str = "cumulative") -> go.Figure:
+    """Per step, stacked bars by phase (and the `extra` parts that are not phases, when any is
+    non-zero); the running total (the `cumulative` column, else the bars summed) as a line on the
+    right-hand axis."""
+    parts = [*PHASES, *(e for e in extra if f"{prefix}{e}" in df and df[f"{prefix}{e}"].any())]
+    bars = [go.Bar(x=df["step"], y=df[prefix + p], name=p) for p in parts]
+    total = df[cumulative] if cumulative else df[[prefix + p for p in parts]].sum(axis=1).cumsum()
+    line = go.Scatter(x=df["step"], y=total, name=f"{right} (right axis)", yaxis="y2", mode="lines",
+                      line={"dash": "dot"}, meta=charts.FOREGROUND)
+    y2 = {"title": {"text": right}, "overlaying": "y", "side": "right", "showgrid": False,
+          **charts.axis(unit, list(total))}
+    return charts.figure(title, [*bars, line], y=y, unit=unit, barmode="stack", layout={"yaxis2": y2})
 
 
 @st.fragment(run_every=5 if live else None)
@@ -50,34 +53,65 @@ def curves() -> None:
     df = df[df["status"] == "completed"]
     if df.empty:
         return
-    score = [go.Scatter(x=df["step"], y=df[column].astype(float), name=name, mode="lines+markers", connectgaps=True)
+    steps = df["step"]
+    score = [go.Scatter(x=steps, y=df[column].astype(float), name=name, mode="lines+markers", connectgaps=False)
              for column, name in (("val_score", "validation"), ("test_score", "test"))]
-    proposals = [go.Bar(x=df["step"], y=df[fate], name=name) for fate, name in FATE_LABELS.items()]
-    backward = [go.Bar(x=df["step"], y=df["calls_backward"], name="made (failed samples)"),
-                go.Bar(x=df["step"], y=df["backward_calls_saved"].astype(float), name="saved (correct samples)")]
-    saved = [go.Bar(x=df["step"], y=df["cache_saved_usd"], name="by the response cache"),
-             go.Bar(x=df["step"], y=df["backward_saved_usd"].astype(float), name="by selective backward")]
+    samples = [go.Bar(x=steps, y=df[column], name=name) for column, name in (
+        ("correct", "correct"), ("sent_backward", "failing, sent backward"),
+        ("over_cap", "failing, over the per-step cap"), ("errored_batch", "errored (no score)"))]
+    proposals = [go.Bar(x=steps, y=df[fate], name=STAGE_LABELS[fate]) for fate in FATES]
+    backward = [go.Bar(x=steps, y=df["calls_backward"], name="made (failing samples sent)"),
+                go.Bar(x=steps, y=df["backward_calls_saved"].astype(float), name="saved (correct samples)"),
+                go.Bar(x=steps, y=df["backward_calls_over_cap"].astype(float),
+                       name="not made (failing samples over the cap)")]
+    saved = [go.Bar(x=steps, y=df["cache_saved_usd"], name="by the response cache"),
+             go.Bar(x=steps, y=df["backward_saved_usd"].astype(float), name="by selective backward")]
     # Faults: a chart only for what happened; a caption says what did not.
-    faults = tuple(by_phase(df, f"{total}_", unit) for total, unit in (("errors", "errored calls"),
-                                                                    ("cut_off", "cut-off replies"))
+    faults = tuple(by_phase(df, f"{total}_", f"{what.capitalize()} per step by phase, and cumulative", what,
+                            "count")
+                   for total, what in (("errors", "errored calls"), ("cut_off", "cut-off replies"))
                    if df[total].sum())
     priced = not (df["cost_unknown"].sum() and not df["cost"].sum())
     charts.draw([
-        charts.figure("Score per step", score, y="score", y_range=(0, 1.05)),
-        (by_phase(df, "tokens_", "tokens", "tokens_cumulative"), by_phase(df, "wall_s_", "seconds")),
+        (charts.figure("Score per step (test: only where it was measured)", score, y="score (%)", unit="score",
+                       y_range=(0, 1.05)),
+         charts.figure("Mini-batch samples per step", samples, y="samples", unit="count", barmode="stack")),
+        (by_phase(df, "tokens_", "Tokens per step by phase, and cumulative", "tokens", "tokens", "tokens_cumulative"),
+         by_phase(df, "wall_s_", "Time per step by phase, and run time", "time (s)", "seconds", "wall_s_cumulative",
+                  extra=(OTHER,), right="run time so far")),
         # A run whose calls have no known price draws no cost line at $0: the caption says unknown.
-        (*([by_phase(df, "cost_", "US dollars", "cost_cumulative")] if priced else []),
-         charts.figure("US dollars saved per step", saved, y="US dollars", barmode="stack")),
-        (charts.figure("Proposals per step by how far they got", proposals, y="proposals", barmode="group"),
-         charts.figure("Backward calls made, and saved by selective backward", backward, y="calls",
-                       barmode="group")),
+        (*([by_phase(df, "cost_", "Cost per step by phase, and cumulative", "cost (USD)", "usd", "cost_cumulative")]
+           if priced else []),
+         charts.figure("Money saved per step", saved, y="saved (USD)", unit="usd", barmode="stack")),
+        (charts.figure("Proposals per step by the stage they reached", proposals, y="proposals", unit="count",
+                       barmode="group"),
+         charts.figure("Backward calls per step: made, saved by selective backward, not made over the cap",
+                       backward, y="calls", unit="count", barmode="group")),
         *([faults] if faults else []),
     ])
     st.caption("Tokens and cost count fresh calls only (cache hits cost nothing; what they would have cost is "
-               "shown as saved, with the backward calls correct samples did not need at the step's cost per "
-               "failed sample). Time per phase is the wall-clock span of its calls; phases of one step may overlap.")
+               "shown as saved). Saved by selective backward: the backward calls the correct samples of the "
+               "mini-batch did not need, at the step's calls (and cost) per failing sample sent backward; failing "
+               "samples beyond the per-step cap got no call either, and are not a saving. Time per phase: the part "
+               "of the step during which a call of that phase was running; other: no call running (the trainer's "
+               "own work, a wait for review); run time: the steps' times summed, as on the Runs and Compare pages. "
+               "Proposal stages count the proposals that reached them, so no stage is higher than the one "
+               "before.")
+    st.caption(redone_note(df))
     st.caption(cost_note(df))
     st.caption(fault_note(df))
+
+
+def redone_note(df: pd.DataFrame) -> str:
+    """Which steps were stopped part-way and redone on resume, and what their first attempts spent."""
+    redone = df[df["calls_redone"] > 0]
+    if redone.empty:
+        return "No step was redone after a stop: every call counts in its step as shown."
+    parts = [f"step {r['step']}: {r['calls_redone']:,} calls, {r['tokens_redone']:,} tokens, "
+             f"{md(format_usd(r['cost_redone'], r['cost_unknown_redone']))}" for _, r in redone.iterrows()]
+    return ("Redone after a stop (the attempt stopped part-way, then redone whole on resume): "
+            + "; ".join(parts) + ". Its calls were really made, so their tokens and cost are in the bars (as "
+            "'redone') and the totals; the step's calls by phase, backward counts and time are its final attempt's.")
 
 
 def cost_note(df: pd.DataFrame) -> str:

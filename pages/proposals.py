@@ -6,9 +6,11 @@ import streamlit as st
 from autodiff import proposals as props
 from autodiff.diffs import inline_diff_html, word_diff_html
 from autodiff.llm.pricing import format_usd
+from autodiff.metrics import funnel, proposal_figures
 from autodiff.store import NO_PROPOSAL_COST
 from autodiff.records import PROPOSAL_FATES
 from dashboard.common import ALL, choose, fmt_score, md, page_url, require_run, reset_when, show_call
+from dashboard.figures import funnel_sentence
 
 PER_PAGE = 20
 
@@ -30,6 +32,9 @@ fate = choose(cols[2], "Fate", [ALL, *props.fates_in(every)], key="props_fate", 
 shown = props.select(every, step=None if step == ALL else step, parameter=None if parameter == ALL else parameter,
                      fate=None if fate == ALL else fate)
 st.caption(f"{len(shown)} of {len(every)} proposals, in the order they were made.")
+stages = funnel(r for r in proposal_figures(store, run_id) if step == ALL or r["step"] == step)
+st.caption(f"{'Every step' if step == ALL else f'Step {step}'}, by the stage each proposal reached (each stage "
+           f"counts those that got at least that far, as on the Curves page): {funnel_sentence(stages)}.")
 if not shown:
     st.stop()
 costs = store.proposal_costs(run_id)  # what each cost to make (its optimizer call) and to validate

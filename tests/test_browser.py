@@ -40,7 +40,7 @@ THEMES, WIDTHS = ("light", "dark"), (1024, 1400)
 # and host config to learn whether the server sits under a base path; the two 404s answer that it
 # does not. That probe is Streamlit's; any other console error fails the test.
 STREAMLIT_PROBE = re.compile(r"^https?://[^/]+/[^/?#]+/_stcore/(?:health|host-config)$")
-CHARTS = {"Curves": 7, "Compare": 4}  # plotly figures per page
+CHARTS = {"Curves": 8, "Compare": 4}  # plotly figures per page
 
 pytestmark = [
     pytest.mark.browser,

@@ -58,7 +58,48 @@ def test_bundle_url_follows_the_base_path(monkeypatch, base, url) -> None:
     assert charts.bundle_url() == url
 
 
-def test_few_steps_get_whole_step_ticks() -> None:
+def test_steps_get_whole_ticks() -> None:
     few = charts.figure("t", [go.Bar(x=[0, 1, 2], y=[1, 2, 3])], y="v")
     many = charts.figure("t", [go.Bar(x=list(range(50)), y=list(range(50)))], y="v")
-    assert few.layout.xaxis.dtick == 1 and many.layout.xaxis.dtick is None
+    assert few.layout.xaxis.dtick == 1 and many.layout.xaxis.dtick == 10
+    assert few.layout.xaxis.tickformat == many.layout.xaxis.tickformat == "d"
+
+
+@pytest.mark.parametrize("unit,values,expected", [
+    ("score", [0.5, 1.0], {"tickformat": ".0%"}),
+    ("seconds", [3.5], {"ticksuffix": " s", "rangemode": "tozero"}),
+    ("usd", [0.0012], {"tickprefix": "$", "tickformat": ",.4f"}),
+    ("usd", [12.5], {"tickprefix": "$", "tickformat": ",.2f"}),
+    ("count", [0, 3], {"tickformat": ",d", "dtick": 1}),
+    ("tokens", [0, 0], {"range": [0, 1], "rangemode": "tozero"}),  # all zeros: from 0, never -1..1
+])
+def test_axes_carry_their_units(unit, values, expected) -> None:
+    fig = charts.figure("t", [go.Bar(x=list(range(len(values))), y=values)], y="axis title", unit=unit)
+    yaxis = fig.layout.yaxis.to_plotly_json()
+    assert yaxis["title"]["text"] == "axis title"
+    assert expected.items() <= yaxis.items(), yaxis
+
+
+def test_a_figure_with_nothing_to_draw_says_so_instead_of_empty_axes() -> None:
+    fig = charts.figure("Score per step", [go.Scatter(x=[0, 1], y=[None, float("nan")])], y="score",
+                        empty="No test score yet.")
+    assert fig.layout.xaxis.visible is False and fig.layout.yaxis.visible is False
+    assert [a.text for a in fig.layout.annotations] == ["No test score yet."]
+    assert not fig.data
+
+
+def test_the_charts_follow_the_app_theme_and_force_no_white() -> None:
+    """Transparent backgrounds and no text, grid or axis colour of their own: the frame takes them
+    from the app's theme when it draws (and again when the theme changes), falling back on the
+    theme Streamlit reported for the session."""
+    template = json.loads(charts._template())["layout"]
+    assert template["paper_bgcolor"] == template["plot_bgcolor"] == charts.TRANSPARENT
+    assert "color" not in template.get("font", {})
+    for name in ("xaxis", "yaxis"):
+        assert not {"gridcolor", "linecolor", "zerolinecolor"} & set(template[name])
+    fig = charts.figure("t", [go.Bar(x=[0, 1], y=[1, 2])], y="v")
+    for theme, (fg, bg) in charts.THEMES.items():
+        page = charts.page_html([fig], bundle="/app/static/plotly-basic.min.js", theme=theme)
+        assert "background: transparent" in page and "white" not in page.lower()
+        assert json.dumps({"fg": fg, "bg": bg, "dark": theme == "dark"}) in page
+        assert "getComputedStyle" in page and "Plotly.react" in page  # read, and redrawn on a switch

@@ -148,7 +148,7 @@ def test_runs_table(filled) -> None:
     assert {row["status"] for row in table} == {"completed"}
     assert {row["forward model"] for row in table} == {"fake:forward"}
     for column in ("task", "backward model", "optimizer model", "steps", "best validation", "latest test",
-                   "tokens", "cost", "projected", "saved", "call errors", "wall time (s)"):
+                   "tokens", "cost", "projected", "saved", "call errors", "run time (s)"):
         assert column in table[0]
     assert [row["cost"] for row in table] == [format_usd(run_summary(store, r["id"])["cost_usd"])
                                               for r in store.runs()]
@@ -285,23 +285,24 @@ def test_curves_draws_every_chart(filled) -> None:
     assert_clean(at)
     figures = chart_figures(at)
     titles = [f["layout"]["title"]["text"] for f in figures]
-    assert titles == ["Score per step", "Tokens per step by phase, and cumulative",
-                      "Seconds per step by phase, and cumulative", "US dollars per step by phase, and cumulative",
-                      "US dollars saved per step", "Proposals per step by how far they got",
-                      "Backward calls made, and saved by selective backward"]
+    assert titles == ["Score per step (test: only where it was measured)", "Mini-batch samples per step",
+                      "Tokens per step by phase, and cumulative", "Time per step by phase, and run time",
+                      "Cost per step by phase, and cumulative", "Money saved per step",
+                      "Proposals per step by the stage they reached",
+                      "Backward calls per step: made, saved by selective backward, not made over the cap"]
     rows = step_figures(store, ids[0])
     score = {t["name"]: values(t["y"]) for t in figures[0]["data"]}
     assert score["validation"] == [r["val_score"] for r in rows]
-    tokens = {t["name"]: values(t["y"]) for t in figures[1]["data"]}
+    tokens = {t["name"]: values(t["y"]) for t in figures[2]["data"]}
     assert set(tokens) == {*PHASES, "cumulative (right axis)"}
     assert tokens["cumulative (right axis)"][-1] == sum(r["tokens"] for r in rows) > 0
-    cost = {t["name"]: values(t["y"]) for t in figures[3]["data"]}
+    cost = {t["name"]: values(t["y"]) for t in figures[4]["data"]}
     assert cost["validate"] == pytest.approx([r["cost_validate"] for r in rows])
     assert cost["cumulative (right axis)"][-1] == pytest.approx(sum(r["cost"] for r in rows)) != 0
-    saved = {t["name"]: values(t["y"]) for t in figures[4]["data"]}
+    saved = {t["name"]: values(t["y"]) for t in figures[5]["data"]}
     # step 0 has no backward pass: nothing saved there (no bar)
     assert saved["by selective backward"][1:] == pytest.approx([r["backward_saved_usd"] for r in rows[1:]])
-    fates = {t["name"]: values(t["y"]) for t in figures[5]["data"]}
+    fates = {t["name"]: values(t["y"]) for t in figures[6]["data"]}
     assert fates["proposed"] == [r["proposed"] for r in rows] and sum(fates["proposed"]) > 0
     # No fault charts for a run without faults (tests/test_error_counts.py draws them): a caption says so.
     assert any(c.value.startswith("No LLM call errored in the completed steps") for c in at.caption)
@@ -429,8 +430,8 @@ def test_compare_runs(filled) -> None:
     assert at.multiselect(key="compare_runs").value == [ids[0], ids[2]]
     figures = chart_figures(at)
     assert [f["layout"]["title"]["text"] for f in figures] == [
-        "Scores per step (solid: validation, dotted: test)", "Cumulative tokens", "Cumulative cost",
-        "Cumulative step time"]
+        "Scores per step (solid: validation, dotted: test, only where measured)", "Cumulative tokens",
+        "Cumulative cost", "Run time so far"]
     assert {t["name"] for t in figures[1]["data"]} == {ids[0], ids[2]}
     cost = {t["name"]: values(t["y"]) for t in figures[2]["data"]}
     assert cost[ids[0]][-1] == pytest.approx(step_figures(store, ids[0])[-1]["cost_cumulative"]) != 0
@@ -491,5 +492,5 @@ def test_curves_draws_no_cost_line_for_a_run_with_no_known_price(tmp_path: Path)
     at = open_page(store.path, "pages/curves.py", run_id)
     assert_clean(at)
     titles = [f["layout"]["title"]["text"] for f in chart_figures(at)]
-    assert "US dollars per step by phase, and cumulative" not in titles  # never a flat $0 line
+    assert "Cost per step by phase, and cumulative" not in titles  # never a flat $0 line
     assert any("no known price" in c.value for c in at.caption)

@@ -261,7 +261,7 @@ def test_curves_page_says_a_clean_run_had_no_errors(runs) -> None:
     at = open_page(store.path, "pages/curves.py", clean)
     assert_clean(at)
     titles = [f["layout"]["title"]["text"] for f in chart_figures(at)]
-    # 6 charts: no fault charts, and no cost line (these hand-written calls have no known price)
-    assert not [t for t in titles if "Errored" in t or "Cut-off" in t] and len(titles) == 6
+    # 7 charts: no fault charts, and no cost line (these hand-written calls have no known price)
+    assert not [t for t in titles if "Errored" in t or "Cut-off" in t] and len(titles) == 7
     assert any("No LLM call errored in the completed steps; no reply was cut off at the token limit." in c.value
                for c in at.caption)

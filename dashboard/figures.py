@@ -1,0 +1,31 @@
+"""Figures of `autodiff.metrics` written as sentences, for the pages that show them as text rather
+than in a chart: the same numbers as the Curves charts, in one wording everywhere."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from autodiff.metrics import STAGE_LABELS, STAGES
+
+
+def _n(value: int | None, unit: str = "") -> str:
+    return "unknown" if value is None else f"{value:,}{unit}"
+
+
+def batch_sentence(row: Mapping) -> str:
+    """A step's mini-batch and backward calls, from its `step_figures` row: "4 samples in the
+    mini-batch: 1 correct, 3 failing (2 sent backward, 1 over the per-step cap), 0 errored.
+    Backward calls: 4 made, 2 saved by selective backward (correct samples), 2 not made (over the
+    cap)." Calls saved and not made are at the step's calls per failing sample sent."""
+    return (f"{row['batch']:,} samples in the mini-batch: {row['correct']:,} correct, {row['failed']:,} failing "
+            f"({row['sent_backward']:,} sent backward, {row['over_cap']:,} over the per-step cap), "
+            f"{row['errored_batch']:,} errored. Backward calls: {row['calls_backward']:,} made, "
+            f"{_n(row['backward_calls_saved'])} saved by selective backward (correct samples), "
+            f"{_n(row['backward_calls_over_cap'])} not made (over the cap).")
+
+
+def funnel_sentence(counts: Mapping[str, int]) -> str:
+    """Proposals by the stage they reached (`metrics.funnel`): "5 proposed → 3 passed mini-batch →
+    2 passed validation → 1 accepted; 0 rejected by a person"."""
+    stages = " → ".join(f"{counts[s]:,} {STAGE_LABELS[s]}" for s in STAGES)
+    return f"{stages}; {counts['rejected_by_person']:,} {STAGE_LABELS['rejected_by_person']}"
