@@ -101,14 +101,17 @@ def trained_samples(store: Store, run_id: str) -> list[str]:
     return list(seen)
 
 
-def add_feedback(store: Store, run_id: str, text: str, target: str, sample_id: str | None = None) -> list[str]:
+def add_feedback(store: Store, run_id: str, text: str, target: str, sample_id: str | None = None,
+                 by: str = "human") -> list[str]:
     """Feedback on a parameter, or on a node (then every trainable parameter of it reads it), optionally
-    about one sample. The next optimizer call for each parameter reads it like a gradient."""
+    about one sample, written by `by` (the signed-in user on a shared dashboard). The next optimizer
+    call for each parameter reads it like a gradient."""
     params = [p for p in store.parameters(run_id) if p["trainable"]]
     chosen = [p for p in params if p["name"] == target] or [p for p in params if p["node"] == target]
     if not chosen:
         raise StoreError(f"run {run_id} has no trainable parameter or node named {target!r}")
     return [
-        store.add_human_feedback(run_id, text, node=p["node"] or p["name"], target=p["name"], sample_id=sample_id or None)
+        store.add_human_feedback(run_id, text, node=p["node"] or p["name"], target=p["name"],
+                                 sample_id=sample_id or None, author=by)
         for p in chosen
     ]

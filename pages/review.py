@@ -11,6 +11,7 @@ from autodiff import review
 from autodiff.diffs import word_diff_html
 from autodiff.errors import AutodiffError
 from autodiff.llm.pricing import format_usd
+from dashboard.auth import reviewer
 from dashboard.common import ACTIVE, fmt_score, fmt_time, md, require_run
 
 store, run_id = require_run()
@@ -27,9 +28,10 @@ elif run["config"].get("review", "off") == "off":
 
 
 def act(action, *args) -> None:
-    """Send a decision; the waiting trainer picks it up within a second."""
+    """Send a decision, recorded under the signed-in user's name (see dashboard/auth.py); the waiting
+    trainer picks it up within a second."""
     try:
-        action(store, *args)
+        action(store, *args, by=reviewer())
     except AutodiffError as exc:
         st.error(md(exc))
     else:
@@ -158,7 +160,7 @@ with st.form("feedback", clear_on_submit=True):
     text = st.text_area("Feedback")
     if st.form_submit_button("Add feedback"):
         try:
-            review.add_feedback(store, run_id, text, target, sample)
+            review.add_feedback(store, run_id, text, target, sample, by=reviewer())
             (st.success if run["status"] in ACTIVE else st.warning)(f"Feedback stored: {reader}.")
         except AutodiffError as exc:
             st.error(md(exc))

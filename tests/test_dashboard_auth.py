@@ -75,3 +75,44 @@ def test_without_sign_in_the_reviewer_is_anonymous(tmp_path: Path) -> None:
     at.run()
     assert not at.exception and "Sign in" not in [b.label for b in at.button]
     assert ANONYMOUS == "human"
+
+
+def signed_in(store_path: Path, page: str, run_id: str | None = None, name: str = "Ada Lovelace") -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=30)
+    at.secrets["auth"] = AUTH
+    at.user = {"is_logged_in": True, "name": name, "email": "ada@team.example"}
+    at.session_state["store_path"] = str(store_path)
+    if run_id:
+        at.query_params["run"] = run_id
+    at.run()
+    at.switch_page(page).run()
+    return at
+
+
+def test_a_signed_in_reviewer_decides_under_their_name(tmp_path: Path) -> None:
+    from tests.test_dashboard_pages import next_pending, start_review_run
+
+    store, thread, errors = start_review_run(tmp_path, "validated")
+    first = next_pending(store, [])
+    at = signed_in(store.path, "pages/review.py", first["run_id"])
+    assert not at.exception
+    at.button(key=f"reject-{first['id']}").click().run()
+    assert not at.exception
+    assert store.proposal(first["id"])["decision_by"] == "Ada Lovelace"
+    second = next_pending(store, [first["id"]])
+    at.run()
+    at.button(key=f"accept-{second['id']}").click().run()
+    thread.join(timeout=30)
+    assert not thread.is_alive() and not errors, errors
+    assert [store.proposal(p["id"])["decided_by"] for p in (first, second)] == ["Ada Lovelace"] * 2
+
+
+def test_a_signed_in_users_feedback_carries_their_name(tmp_path: Path) -> None:
+    store, ids = filled_store(tmp_path)
+    at = signed_in(store.path, "pages/review.py", ids[1])
+    at.selectbox[-2].select("counter")
+    at.text_area[-1].input("Number words count too.")
+    next(b for b in at.button if b.label == "Add feedback").click().run()
+    assert not at.exception
+    params = [p["name"] for p in store.parameters(ids[1])]
+    assert {r["source_node"] for r in store.pending_human_feedback(ids[1], params)} == {"Ada Lovelace"}
