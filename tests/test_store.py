@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,6 +19,7 @@ from autodiff.store.copy import RUN_TABLES
 from autodiff.store.core import (_EVALUATION_COLUMNS, _GRADIENT_COLUMNS, _INVOCATION_COLUMNS, _PROPOSAL_COLUMNS,
                                  _STEP_COLUMNS)
 from autodiff.store.sqlite import SQLiteBackend
+from tests.postgres_server import with_database
 
 
 def every_row(store: Store) -> str:
@@ -198,3 +202,31 @@ def test_booleans_are_stored_as_integers(store: Store) -> None:
     assert store.parameters("r")[0]["trainable"] is True and store.stop_requested("r") is True
     with store.connect() as conn:
         assert conn.execute("SELECT trainable FROM parameters").fetchone()[0] == 1
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_processes_opening_a_new_store_at_once_migrate_it_once(backend: str, tmp_path: Path, request) -> None:
+    """Trainers, workers and a dashboard started together on a new store: each migration is
+    applied once, none fails on tables another process just made."""
+    if backend == "sqlite":
+        spec, drop = str(tmp_path / "new.sqlite"), None
+    else:
+        server = request.getfixturevalue("postgres")
+        name = f"autodiff_fresh_{os.getpid()}"
+        server.admin.execute(f"DROP DATABASE IF EXISTS {name}")
+        server.admin.execute(f"CREATE DATABASE {name}")  # empty: not from the migrated template
+        spec = with_database(server.url, name)
+        drop = lambda: server.admin.execute(f"DROP DATABASE {name} WITH (FORCE)")  # noqa: E731
+    code = ("import sys, time; from autodiff.store import Store; time.sleep(max(0, float(sys.argv[2]) - time.time()));"
+            " Store(sys.argv[1]).close()")
+    at = str(time.time() + 4)  # all imported by then: they open the store together
+    procs = [subprocess.Popen([sys.executable, "-c", code, spec, at], stderr=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[1]) for _ in range(6)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 6, errors
+    store = Store(spec)
+    with store.connect() as conn:
+        assert [r[0] for r in conn.execute("SELECT name FROM migrations ORDER BY name")] == [n for n, _ in MIGRATIONS]
+    store.close()
+    if drop:
+        drop()

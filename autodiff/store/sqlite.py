@@ -52,6 +52,9 @@ class SQLiteBackend:
             conn.close()
 
     def migrate(self, conn: sqlite3.Connection, migrations: Sequence[tuple[str, str]]) -> None:
+        """Apply the migrations not yet applied, in one transaction taken with the write lock
+        first, so processes opening a new store at once apply each migration once."""
+        conn.execute("BEGIN IMMEDIATE")
         conn.execute("CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied_at REAL)")
         done = {row[0] for row in conn.execute("SELECT name FROM migrations")}
         for name, sql in migrations:
