@@ -210,9 +210,9 @@ def step_figures(store: Store, run_id: str) -> list[dict]:
     totals: dict[int, list[dict]] = defaultdict(list)
     for t in store.attempt_totals(run_id):
         totals[t["step"]].append(t)
-    spans: dict[int, list[tuple[str, float, float]]] = defaultdict(list)
+    spans: dict[tuple[int, str], list[tuple[float, float]]] = defaultdict(list)  # sorted by start (the reader's order)
     for step, phase, a, b in store.kept_call_spans(run_id):
-        spans[step].append((phase, a, b))
+        spans[(step, phase)].append((a, b))
     rows = []
     cumulative = {"tokens": 0, "cost": 0.0, "cost_unknown": 0, "wall_s": 0.0}
     for s in store.steps(run_id):
@@ -235,12 +235,12 @@ def step_figures(store: Store, run_id: str) -> list[dict]:
         row["samples_errored"] = sum(row[f"samples_errored_{split}"] for split in SPLITS)
 
         # Time: the step's span, and within it the time each phase had a call running.
-        kept = spans.get(step, [])
-        last_call = max((b for phase, _a, b in kept if phase != "preflight"), default=s["started_at"])
+        last_call = max((b for p in PHASES if p != "preflight" for _a, b in spans.get((step, p), ())),
+                        default=s["started_at"])
         ended = max(s["finished_at"] or s["started_at"], last_call)
         row["wall_s"] = ended - s["started_at"]
         for phase in PHASES:
-            row[f"wall_s_{phase}"] = busy_seconds(((a, b) for p, a, b in kept if p == phase), s["started_at"], ended)
+            row[f"wall_s_{phase}"] = busy_seconds(spans.get((step, phase), ()), s["started_at"], ended)
         row["wall_s_other"] = max(row["wall_s"] - sum(row[f"wall_s_{p}"] for p in PHASES), 0.0)
 
         for column in cumulative:

@@ -1,11 +1,30 @@
-"""Figures of `autodiff.metrics` written as sentences, for the pages that show them as text rather
-than in a chart: the same numbers as the Curves charts, in one wording everywhere."""
+"""Figures of `autodiff.metrics` for the pages: kept for runs that no longer change, and written as
+sentences for the pages that show them as text rather than in a chart (the same numbers as the
+Curves charts, in one wording everywhere)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-from autodiff.metrics import STAGE_LABELS, STAGES
+import streamlit as st
+
+from autodiff.metrics import STAGE_LABELS, STAGES, step_figures
+from autodiff.store import Store
+from dashboard.common import ACTIVE, get_store
+
+
+@st.cache_data(max_entries=200, show_spinner=False)
+def _settled_steps(path: str, run_id: str, status: str, updated_at: float) -> list[dict]:
+    return step_figures(get_store(path), run_id)
+
+
+def steps_of(store: Store, run: dict) -> list[dict]:
+    """`step_figures` of a run (a row of `Store.runs`). A run no process writes to changes only
+    along with its row's status and time stamp (as `dashboard.common.summary` relies on too), so
+    its figures are computed once and kept; a live run's are computed on every call."""
+    if run["status"] in ACTIVE:
+        return step_figures(store, run["id"])
+    return _settled_steps(store.spec, run["id"], run["status"], run["updated_at"])
 
 
 def _n(value: int | None, unit: str = "") -> str:

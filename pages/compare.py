@@ -7,9 +7,9 @@ import streamlit as st
 from autodiff import compare
 from autodiff.diffs import inline_diff_html
 from autodiff.llm.pricing import format_usd
-from autodiff.metrics import step_figures
 from dashboard import charts
 from dashboard.common import md, require_run, reset_when, summary
+from dashboard.figures import steps_of
 
 store, run_id = require_run()
 st.title("Compare")
@@ -46,7 +46,7 @@ st.dataframe(
     hide_index=True,
 )
 
-steps = pd.DataFrame([{**row, "run": r} for r in chosen for row in step_figures(store, r)])
+steps = pd.DataFrame([{**row, "run": r} for r in chosen for row in steps_of(store, by_id[r])])
 if not steps.empty:
     # A step where the cost so far is unknown (no call of it priced) is left out: a gap, never $0.
     steps["cost_cumulative"] = steps["cost_cumulative"].astype(float).where(

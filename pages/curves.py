@@ -7,9 +7,10 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from autodiff.llm.pricing import format_usd
-from autodiff.metrics import FATES, PHASES, STAGE_LABELS, step_figures
+from autodiff.metrics import FATES, PHASES, STAGE_LABELS
 from dashboard import charts
 from dashboard.common import ACTIVE, md, require_run
+from dashboard.figures import steps_of
 
 REDONE = "redone"  # calls of an attempt stopped part-way and redone on resume: spent, not the step's work
 OTHER = "other"  # step time with no LLM call running
@@ -37,7 +38,7 @@ def by_phase(df: pd.DataFrame, prefix: str, title: str, y: str, unit: charts.Uni
 
 @st.fragment(run_every=5 if live else None)
 def curves() -> None:
-    df = pd.DataFrame(step_figures(store, run_id))
+    df = pd.DataFrame(steps_of(store, store.run(run_id)))
     if df.empty:
         st.info("This run has no steps yet; the curves appear once its first step (the initial evaluation) ends.")
         return

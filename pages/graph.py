@@ -3,10 +3,9 @@
 import streamlit as st
 
 from autodiff import graphview as gv
-from autodiff.metrics import step_figures
 from dashboard import graphview as draw
 from dashboard.common import choose, md, require_run, static_url
-from dashboard.figures import batch_sentence
+from dashboard.figures import batch_sentence, steps_of
 
 store, run_id = require_run()
 st.title("Graph")
@@ -23,7 +22,7 @@ if not invocations:
     st.info(f"No traces stored for step {step} yet.")
     st.stop()
 graph = gv.build_graph(invocations, gradients, parameters, gv.run_tau(store.run(run_id)))
-figures = next((r for r in step_figures(store, run_id) if r["step"] == step), None)
+figures = next((r for r in steps_of(store, store.run(run_id)) if r["step"] == step), None)
 if figures:  # the same figures as the Curves charts (autodiff.metrics)
     st.caption(f"Step {step}: {batch_sentence(figures)}")
 
