@@ -22,10 +22,6 @@ from autodiff.trainer import CallBuffer, Progress, Trainer, make_roles
 DEFAULT_HOME = Path(os.environ.get("AUTODIFF_HOME", ".autodiff"))
 
 
-def default_store_path() -> Path:
-    return Path(os.environ.get("AUTODIFF_STORE", DEFAULT_HOME / "runs.sqlite"))
-
-
 def default_cache_path() -> Path:
     return Path(os.environ.get("AUTODIFF_CACHE", DEFAULT_HOME / "cache.sqlite"))
 
