@@ -7,13 +7,14 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from autodiff.errors import StoreError
-from autodiff.records import Evaluation, Proposal
+from autodiff.records import Evaluation, LLMCall, Proposal
 from autodiff.store import MIGRATIONS, Store
 from autodiff.store.copy import RUN_TABLES
 from autodiff.store.core import (_EVALUATION_COLUMNS, _GRADIENT_COLUMNS, _INVOCATION_COLUMNS, _PROPOSAL_COLUMNS,
@@ -230,3 +231,76 @@ def test_processes_opening_a_new_store_at_once_migrate_it_once(backend: str, tmp
     store.close()
     if drop:
         drop()
+
+
+def test_writers_and_readers_at_once_lose_nothing(store: Store) -> None:
+    """Several trainers (threads here, sharing the store's connections) write their runs while a
+    page reads: every row each writer saw committed is there, no write or read raised."""
+    def calls(run_id: str, n: int, start: int) -> list[LLMCall]:
+        return [LLMCall(id=f"{run_id}-{i}", run_id=run_id, step=i % 5, phase="forward", role="forward", node="n",
+                        sample_id=f"s{i}", call_index=0, model="fake:m", messages=(("user", "q" * 500),),
+                        response="a", prompt_tokens=10, completion_tokens=2, latency_ms=1.0, cached=i % 3 == 0,
+                        error=None, created_at=time.time()) for i in range(start, start + n)]
+
+    failures: list[BaseException] = []
+    done = threading.Event()
+
+    def write(run_id: str) -> None:
+        try:
+            store.create_run(run_id, "toy", {}, {"val": ["a"]})
+            for batch in range(10):
+                store.add_calls(calls(run_id, 20, batch * 20))
+                store.add_run_event(run_id, "batch", str(batch))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failures.append(exc)
+
+    def read() -> None:
+        try:
+            while not done.is_set():
+                for run in store.runs():
+                    store.call_totals(run["id"])
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failures.append(exc)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    writers = [threading.Thread(target=write, args=(f"w{i}",)) for i in range(6)]
+    for t in writers:
+        t.start()
+    for t in writers:
+        t.join()
+    done.set()
+    reader.join()
+    assert not failures, failures
+    for i in range(6):
+        assert sum(t["calls"] for t in store.call_totals(f"w{i}")) == 200
+        assert len(store.run_events(f"w{i}")) == 10
+
+
+def test_a_postgresql_deadlock_is_retried_other_errors_are_not(postgres) -> None:
+    """A store call the server aborted to break a deadlock runs again; any other error is raised."""
+    from psycopg import errors
+
+    url = postgres.new_database()
+    store = Store(url)
+
+    tries: list[int] = []
+
+    def deadlocked_once() -> str:
+        tries.append(1)
+        if len(tries) == 1:
+            raise errors.DeadlockDetected("deadlock detected")
+        return "done"
+
+    assert store.db.retrying(deadlocked_once) == "done" and len(tries) == 2
+    tries.clear()
+
+    def duplicate() -> None:
+        tries.append(1)
+        raise errors.UniqueViolation("duplicate key")
+
+    with pytest.raises(errors.UniqueViolation):
+        store.db.retrying(duplicate)
+    assert len(tries) == 1
+    store.close()
+    postgres.drop(url)
