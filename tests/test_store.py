@@ -304,3 +304,28 @@ def test_a_postgresql_deadlock_is_retried_other_errors_are_not(postgres) -> None
     assert len(tries) == 1
     store.close()
     postgres.drop(url)
+
+
+def test_a_retried_write_writes_rows_given_as_a_generator(postgres) -> None:
+    """The second attempt of a write the server aborted (a deadlock) still has its rows."""
+    from psycopg import errors
+
+    url = postgres.new_database()
+    store = Store(url)
+    store.create_run("r", "toy", {}, {})
+    real, attempts = store.db.retrying, []
+
+    def deadlock_first(method, *args, **kwargs):
+        def once(*a, **k):
+            attempts.append(1)
+            if len(attempts) == 1:
+                list(a[-1])  # the first attempt read its rows, then the server aborted it
+                raise errors.DeadlockDetected("deadlock detected")
+            return method(*a, **k)
+        return real(once, *args, **kwargs)
+
+    store.db.retrying = deadlock_first
+    store.add_evaluations("r", 0, "val", "current", (Evaluation(f"s{i}", "p", "g", 1.0) for i in range(3)))
+    assert len(attempts) == 2 and [e["sample_id"] for e in store.evaluations("r")] == ["s0", "s1", "s2"]
+    store.close()
+    postgres.drop(url)

@@ -18,7 +18,7 @@ import functools
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from autodiff.errors import StoreError
 from autodiff.records import Evaluation, Gradient, LLMCall, Proposal, Trace
@@ -47,6 +47,9 @@ def _writes(method: Callable[..., Any]) -> Callable[..., Any]:
     conflict it resolved by aborting it (a PostgreSQL deadlock), so none reaches the caller."""
     @functools.wraps(method)
     def call(self: "Store", *args: Any, **kwargs: Any) -> Any:
+        # A generator of rows is read once: kept as a list, so a second attempt writes them too.
+        args = tuple(list(a) if isinstance(a, Iterator) else a for a in args)
+        kwargs = {k: list(v) if isinstance(v, Iterator) else v for k, v in kwargs.items()}
         return self.db.retrying(method, self, *args, **kwargs)
     return call
 
