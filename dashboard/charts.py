@@ -59,7 +59,11 @@ Row = go.Figure | tuple[go.Figure, ...]
 # re-validates property paths, and five of them cost more than building the figure.
 LAYOUT = {"margin": {"l": 60, "r": 60, "t": 40, "b": 40},
           "font": {"family": "'Source Sans Pro', 'Source Sans', sans-serif"},
-          "legend": {"title": {"text": ""}, "orientation": "h", "x": 0, "y": -0.22, "yanchor": "top"}}
+          # The legend sits to the right of the plot, one entry a line (plotly's own place for it): under
+          # the plot, a long legend grew the bottom margin, shrank the plot and rode up over the step
+          # axis's title.
+          "legend": {"title": {"text": ""}, "x": 1.02, "xanchor": "left", "y": 1, "yanchor": "top"}}
+HEIGHT = 380  # px of each figure (`page_html`, `draw`)
 
 
 Unit = Literal["score", "seconds", "tokens", "usd", "count"]
@@ -67,8 +71,8 @@ Unit = Literal["score", "seconds", "tokens", "usd", "count"]
 # numbers. d3-format strings, as plotly.js takes them.
 UNITS: dict[str, dict] = {
     "score": {"tickformat": ".0%"},
-    "seconds": {"ticksuffix": " s", "tickformat": ",~r"},
-    "tokens": {"tickformat": ",~s"},
+    "seconds": {"ticksuffix": " s", "tickformat": ",.3~r"},
+    "tokens": {"tickformat": ",.3~s"},
     "usd": {"tickprefix": "$"},
     "count": {"tickformat": ",d"},
 }
@@ -264,7 +268,7 @@ if (window.Plotly) {
 """
 
 
-def page_html(rows: Sequence[Row], *, height: int = 380, bundle: str | None = None, theme: str = "light") -> str:
+def page_html(rows: Sequence[Row], *, height: int = HEIGHT, bundle: str | None = None, theme: str = "light") -> str:
     """One HTML document drawing every figure; a row is a figure or a tuple shown side by side.
     `theme` ("light" or "dark") colours the figures where the app's own colours cannot be read."""
     rows = [r if isinstance(r, tuple) else (r,) for r in rows]
@@ -292,7 +296,7 @@ body {{ margin: 0; font-family: sans-serif; background: transparent; }}
 </body></html>"""
 
 
-def draw(rows: Sequence[Row], *, height: int = 380) -> None:
+def draw(rows: Sequence[Row], *, height: int = HEIGHT) -> None:
     """Draw the figures in the page, in one frame sized to fit them."""
     n = len(rows)
     st.iframe(page_html(rows, height=height, theme=theme_type()), height=n * (height + ROW_GAP) + 8)

@@ -31,9 +31,10 @@ def by_phase(df: pd.DataFrame, prefix: str, title: str, y: str, unit: charts.Uni
     total = df[cumulative] if cumulative else df[[prefix + p for p in parts]].sum(axis=1).cumsum()
     line = go.Scatter(x=df["step"], y=total, name=f"{right} (right axis)", yaxis="y2", mode="lines",
                       line={"dash": "dot"}, meta=charts.FOREGROUND)
-    y2 = {"title": {"text": right}, "overlaying": "y", "side": "right", "showgrid": False,
-          **charts.axis(unit, list(total))}
-    return charts.figure(title, [*bars, line], y=y, unit=unit, barmode="stack", layout={"yaxis2": y2})
+    # The right axis's unit is in its ticks, its name in the line's legend entry.
+    y2 = {"overlaying": "y", "side": "right", "showgrid": False, "tickmode": "auto", **charts.axis(unit, list(total))}
+    return charts.figure(title, [*bars, line], y=y, unit=unit, barmode="stack",
+                         layout={"yaxis2": y2, "legend": {**charts.LAYOUT["legend"], "x": 1.16}})
 
 
 @st.fragment(run_every=5 if live else None)
@@ -86,8 +87,8 @@ def curves() -> None:
          charts.figure("Money saved per step", saved, y="saved (USD)", unit="usd", barmode="stack")),
         (charts.figure("Proposals per step by the stage they reached", proposals, y="proposals", unit="count",
                        barmode="group"),
-         charts.figure("Backward calls per step: made, saved by selective backward, not made over the cap",
-                       backward, y="calls", unit="count", barmode="group")),
+         charts.figure("Backward calls per step: made, saved, over the cap", backward, y="calls", unit="count",
+                       barmode="group")),
         *([faults] if faults else []),
     ])
     st.caption("Tokens and cost count fresh calls only (cache hits cost nothing; what they would have cost is "

@@ -289,7 +289,7 @@ def test_curves_draws_every_chart(filled) -> None:
                       "Tokens per step by phase, and cumulative", "Time per step by phase, and run time",
                       "Cost per step by phase, and cumulative", "Money saved per step",
                       "Proposals per step by the stage they reached",
-                      "Backward calls per step: made, saved by selective backward, not made over the cap"]
+                      "Backward calls per step: made, saved, over the cap"]
     rows = step_figures(store, ids[0])
     score = {t["name"]: values(t["y"]) for t in figures[0]["data"]}
     assert score["validation"] == [r["val_score"] for r in rows]

@@ -150,7 +150,7 @@ def test_failing_samples_and_backward_calls_agree_between_curves_and_graph(runs)
     for run_id in (plain, resumed):
         figures = charts_by_title(page(store, "curves", run_id))
         samples = figures["Mini-batch samples per step"]
-        backward = figures["Backward calls per step: made, saved by selective backward, not made over the cap"]
+        backward = figures["Backward calls per step: made, saved, over the cap"]
         rows = {r["step"]: r for r in step_figures(store, run_id)}
         for step in range(1, STEPS + 1):
             at = page(store, "graph", run_id, step=str(step))
@@ -184,7 +184,7 @@ def test_a_resumed_step_is_counted_once(runs) -> None:
     rows = step_figures(store, resumed)
     assert rows[1]["calls_backward"] == made and rows[1]["calls_redone"] > 0
     figures = charts_by_title(page(store, "curves", resumed))
-    backward = figures["Backward calls per step: made, saved by selective backward, not made over the cap"]
+    backward = figures["Backward calls per step: made, saved, over the cap"]
     assert series(backward, "made (failing samples sent)")[1] == made
     # What the first attempt spent is shown, apart, and the totals agree with the Runs page.
     tokens = traces(figures["Tokens per step by phase, and cumulative"])
@@ -270,7 +270,7 @@ def test_scores_agree_and_unmeasured_test_steps_are_gaps(runs) -> None:
 def test_every_chart_has_units_whole_step_ticks_and_no_white(runs) -> None:
     store, plain, _ = runs
     units = {"score (%)": {"tickformat": ".0%"}, "time (s)": {"ticksuffix": " s"}, "cost (USD)": {"tickprefix": "$"},
-             "saved (USD)": {"tickprefix": "$"}, "tokens": {"tickformat": ",~s"}, "samples": {"tickformat": ",d"},
+             "saved (USD)": {"tickprefix": "$"}, "tokens": {"tickformat": ",.3~s"}, "samples": {"tickformat": ",d"},
              "calls": {"tickformat": ",d"}, "proposals": {"tickformat": ",d"}, "run time (s)": {"ticksuffix": " s"}}
     for name in ("curves", "compare"):
         at = page(store, name, plain)
