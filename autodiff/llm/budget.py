@@ -85,10 +85,10 @@ class Budget:
              "{:,}".format, "{:,} tokens".format),
         ):
             if limit is not None and spent + reserved + this > limit:
+                in_flight = f", {show(reserved)} reserved by calls in flight" if reserved else ""
                 return BudgetExceeded(
                     f"budget: the next {where} could bring the run to {total(spent + reserved + this)}, past its "
-                    f"budget of {show(limit)} (spent {show(spent)}, {show(reserved)} reserved by calls in flight, "
-                    f"this call up to {show(this)})", option)
+                    f"budget of {show(limit)} (spent {show(spent)}{in_flight}, this call up to {show(this)})", option)
         return None
 
     def settle(self, reservation: Reservation | None, call: LLMCall | None, *,
