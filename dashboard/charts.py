@@ -64,6 +64,8 @@ LAYOUT = {"margin": {"l": 60, "r": 60, "t": 40, "b": 40},
           # axis's title.
           "legend": {"title": {"text": ""}, "x": 1.02, "xanchor": "left", "y": 1, "yanchor": "top"}}
 HEIGHT = 380  # px of each figure (`page_html`, `draw`)
+# px a figure needs beside another (legend on the right included); a narrower page stacks a row's figures
+MIN_WIDTH = 440
 
 
 Unit = Literal["score", "seconds", "tokens", "usd", "count"]
@@ -285,8 +287,8 @@ def page_html(rows: Sequence[Row], *, height: int = HEIGHT, bundle: str | None =
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><style>
 body {{ margin: 0; font-family: sans-serif; background: transparent; }}
-.row {{ display: flex; gap: 16px; margin-bottom: {ROW_GAP}px; }}
-.fig {{ flex: 1 1 0; min-width: 0; height: {height}px; }}
+.row {{ display: flex; flex-wrap: wrap; gap: {ROW_GAP}px 16px; margin-bottom: {ROW_GAP}px; }}
+.fig {{ flex: 1 1 {MIN_WIDTH}px; min-width: 0; height: {height}px; }}
 </style></head><body>
 {"".join(divs)}
 <script type="application/json" id="figures">[{_script_json(",".join(figures))}]</script>
@@ -297,6 +299,6 @@ body {{ margin: 0; font-family: sans-serif; background: transparent; }}
 
 
 def draw(rows: Sequence[Row], *, height: int = HEIGHT) -> None:
-    """Draw the figures in the page, in one frame sized to fit them."""
-    n = len(rows)
-    st.iframe(page_html(rows, height=height, theme=theme_type()), height=n * (height + ROW_GAP) + 8)
+    """Draw the figures in the page, in one frame that Streamlit sizes to fit them (figures of a row
+    go one under the other where the page is too narrow for them side by side)."""
+    st.iframe(page_html(rows, height=height, theme=theme_type()), height="content")
