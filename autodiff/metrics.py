@@ -197,7 +197,8 @@ def step_figures(store: Store, run_id: str) -> list[dict]:
     `sent_backward`, `over_cap`, `errored_batch`. Backward calls: `calls_backward` (made, kept
     attempt), `backward_calls_saved` (what the correct samples would have needed at the step's
     calls per sample sent; None when no sample was sent, so there is no rate to go by),
-    `backward_calls_over_cap` (the same for the samples over the cap: not made, not a saving),
+    `backward_calls_over_cap` (the same for the samples over the cap: not made, not a saving;
+    both None at a step without a mini-batch, step 0),
     `backward_saved_usd` (the saved calls' cost at the step's cost per sample sent). Proposals:
     one column per `FATES` entry (see `proposal_figures`). `samples_errored_val` and
     `samples_errored_test`: samples left unscored in the step's validation and test evaluations
@@ -252,8 +253,9 @@ def step_figures(store: Store, run_id: str) -> list[dict]:
         row.update(batch=outcome.batch, correct=outcome.correct, failed=outcome.failing,
                    sent_backward=outcome.sent_backward, over_cap=outcome.over_cap, errored_batch=outcome.errored)
         per_sample = row["calls_backward"] / outcome.sent_backward if outcome.sent_backward else None
-        row["backward_calls_saved"] = _estimate(per_sample, outcome.correct)
-        row["backward_calls_over_cap"] = _estimate(per_sample, outcome.over_cap)
+        trained = outcome.batch > 0  # step 0 (the initial evaluation) has no mini-batch: nothing to save
+        row["backward_calls_saved"] = _estimate(per_sample, outcome.correct) if trained else None
+        row["backward_calls_over_cap"] = _estimate(per_sample, outcome.over_cap) if trained else None
         row["backward_saved_usd"] = (row["cost_backward"] / outcome.sent_backward * outcome.correct
                                      if outcome.sent_backward else None)
         for fate in FATES:
