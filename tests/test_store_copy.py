@@ -83,7 +83,8 @@ def test_a_run_already_there_is_refused_unless_replaced(tmp_path: Path, pg_url: 
     assert team.run_events(run_id) == copied  # nothing written by the refused copy
     assert cli.main(["store", "copy", str(source.path), pg_url, run_id, "--replace"]) == 0
     assert "(replaced)" in capsys.readouterr().out
-    assert [e["text"] for e in team.run_events(run_id)] == [e["text"] for e in copied] + ["written after the first copy"]
+    texts = [e["text"] for e in team.run_events(run_id)]
+    assert texts == [e["text"] for e in copied] + ["written after the first copy"]
     assert run_digest(team, run_id) == run_digest(source, run_id)
     team.close()
     source.close()

@@ -513,8 +513,6 @@ class Store:
             for c in calls
         ]
         if rows:
-            columns = ", ".join(self._CALL_COLUMNS)
-            marks = ",".join("?" * len(self._CALL_COLUMNS))
             with self.connect() as conn:
                 conn.executemany(_upsert("llm_calls", self._CALL_COLUMNS, ("id",)), rows)
 

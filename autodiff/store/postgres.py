@@ -111,7 +111,7 @@ class PostgresBackend:
     insertion_order = "ctid"
 
     def __init__(self, url: str):
-        try:
+        try:  # installed with the project; a clear word if not
             import psycopg  # noqa: F401
             import psycopg_pool  # noqa: F401
         except ImportError:

@@ -50,5 +50,6 @@ def resolve_spec(spec: str | Path | None = None, home: Path | None = None) -> st
     """The store to open: `spec`, else AUTODIFF_STORE, else runs.sqlite under `home` (default
     AUTODIFF_HOME or .autodiff). A URL is returned as given; a path is not resolved."""
     if spec is None or spec == "":
-        spec = os.environ.get("AUTODIFF_STORE") or (home or Path(os.environ.get("AUTODIFF_HOME", ".autodiff"))) / "runs.sqlite"
+        home = home or Path(os.environ.get("AUTODIFF_HOME", ".autodiff"))
+        spec = os.environ.get("AUTODIFF_STORE") or home / "runs.sqlite"
     return spec if is_url(spec) else str(spec)
