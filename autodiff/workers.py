@@ -230,6 +230,10 @@ class Worker:
                 sweeper.cancel()
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(sig)
+        if not self._shutting_down:  # procrastinate stopped on its own: its heartbeat or listener failed
+            raise StoreError(f"worker {self.options.name} stopped: it lost its connection to the queue's database "
+                             "(see the log above); its runs go back on the queue once it is seen as dead. Start it "
+                             "again when the database answers")
         log.info("worker %s stopped", self.options.name)
 
     def _shut_down(self, work: asyncio.Task) -> None:
@@ -313,12 +317,20 @@ class Worker:
     # --- runs whose worker died ---
 
     async def _sweep_forever(self) -> None:
+        failing = False
         while True:
             await asyncio.sleep(self.options.heartbeat_s)
             try:
                 await self.requeue_stalled()
             except Exception as exc:  # noqa: BLE001 - a database hiccup: the next sweep tries again
-                log.warning("looking for runs of dead workers failed: %s: %s", type(exc).__name__, exc)
+                if not failing:  # said once per outage, not at every heartbeat
+                    log.warning("looking for runs of dead workers failed (trying again every %g s): %s: %s",
+                                self.options.heartbeat_s, type(exc).__name__, exc)
+                failing = True
+            else:
+                if failing:
+                    log.info("looking for runs of dead workers works again")
+                failing = False
 
     async def requeue_stalled(self) -> list[str]:
         """Put back on the queue the runs of workers that sent no heartbeat for `stalled_s`
