@@ -157,12 +157,17 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `autodiff runs | head`: the reader left; no traceback for that
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    finally:  # a PostgreSQL store's pool is closed here, not left to the garbage collector's thread
+        for store in getattr(args, "opened_stores", ()):
+            store.close()
 
 
 def _store(args):
     from autodiff.store import open_store
 
-    return open_store(args.store)
+    store = open_store(args.store)
+    args.opened_stores = [*getattr(args, "opened_stores", ()), store]
+    return store
 
 
 def _progress_bar(total: int, quiet: bool):
