@@ -61,11 +61,12 @@ if not steps.empty:
         charts.figure("Scores per step (solid: validation, dotted: test, only where measured)", scores,
                       y="score (%)", unit="score", y_range=(0, 1.05)),
         *[tuple(charts.figure(title, [go.Scatter(x=rows["step"], y=rows[column], name=name, mode="lines+markers")
-                                      for name, rows in runs], y=y, unit=unit)
-                for title, column, y, unit in pair)
-          for pair in ((("Cumulative tokens", "tokens_cumulative", "tokens", "tokens"),
-                        ("Cumulative cost", "cost_cumulative", "cost (USD)", "usd")),
-                       (("Run time so far", "wall_s_cumulative", "run time (s)", "seconds"),))],
+                                      for name, rows in runs], y=y, unit=unit, empty=empty)
+                for title, column, y, unit, empty in pair)
+          for pair in ((("Cumulative tokens", "tokens_cumulative", "tokens", "tokens", charts.EMPTY),
+                        ("Cumulative cost", "cost_cumulative", "cost (USD)", "usd",
+                         "No cost to draw: no call of these runs has a known price.")),
+                       (("Run time so far", "wall_s_cumulative", "run time (s)", "seconds", charts.EMPTY),))],
     ])
     st.caption("Run time: each step's time from its start to its end, summed (time between a stop and a resume "
                "and a redone attempt left out), as on the Runs and Curves pages. "

@@ -305,3 +305,20 @@ def test_busy_seconds_counts_overlapping_calls_once_within_the_window() -> None:
     assert busy_seconds([(0, 2), (1, 3), (5, 6)], 0, 10) == 4
     assert busy_seconds([(-5, 1), (9, 20)], 0, 10) == 2
     assert busy_seconds([], 0, 10) == 0
+
+
+def test_a_chart_with_nothing_to_draw_says_so(tmp_path: Path) -> None:
+    """Runs none of whose calls has a known price: Compare's cost chart says so, with no axes
+    (plotly would draw empty -1..1 axes)."""
+    from tests.fake_runs import fake_run
+
+    store = Store(tmp_path / "runs.sqlite")
+    first = fake_run(store, tmp_path / "cache.sqlite", steps=1)
+    fake_run(store, tmp_path / "other-cache.sqlite", steps=1, seed=1)  # no cache hits: every call unpriced
+    with store.connect() as conn:
+        conn.execute("UPDATE llm_calls SET cost_usd = NULL, saved_usd = NULL, price_source = NULL")
+    cost = charts_by_title(page(store, "compare", first))["Cumulative cost"]
+    assert cost["layout"]["xaxis"]["visible"] is False and cost["layout"]["yaxis"]["visible"] is False
+    assert [a["text"] for a in cost["layout"]["annotations"]] == [
+        "No cost to draw: no call of these runs has a known price."]
+    assert not cost["data"]
