@@ -21,6 +21,9 @@ Every figure the dashboard shows comes from one function here, so pages cannot d
   and saved, time) count the kept attempt only, so a resumed step is never counted twice. Money
   and tokens count everything actually spent: the calls of a discarded attempt appear apart, as
   "redone" (`calls_redone`, `tokens_redone`, `cost_redone`), in the step's totals and the run's.
+  Two edges: calls made for a step before its attempt started (a resume re-scoring a changed
+  validation split) count as redone; calls of no stored step (one a resume discarded and then
+  stopped before redoing) count in the run's totals (`run_summary`) only.
 - **Run time** (`step_figures` `wall_s`, `run_summary` `wall_s`): the seconds the run spent on
   its steps as kept: for each step, from its start to its end (or its last call's end, when
   later: the final test is recorded under the last step), summed over the steps. Time between a
