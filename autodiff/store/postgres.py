@@ -3,10 +3,10 @@ store (several trainers writing, dashboards reading, on any machine that reaches
 
 Every difference from SQLite lives here: placeholders (`?` -> `%s`), column types (REAL is
 DOUBLE PRECISION; text compares byte-wise, as in SQLite), the covering index SQLite needs,
-booleans (stored as 0/1 integers, as in SQLite), reading JSON text arrays, and numbers that
-PostgreSQL sums into NUMERIC. Transactions run at READ COMMITTED (PostgreSQL's default): each
-store call is one short transaction on rows no other writer touches, so no serialization
-failures arise; a deadlock the server breaks is retried (tenacity) instead of reaching a user.
+booleans (stored as 0/1 integers, as in SQLite), text holding NUL characters (`escape_text`),
+reading JSON text arrays, and numbers that PostgreSQL sums into NUMERIC. Transactions run at
+READ COMMITTED (PostgreSQL's default): each store call is one short transaction on rows no other
+writer touches, so no serialization failures arise; a deadlock the server breaks is retried (tenacity) instead of reaching a user.
 Passwords come from the URL, PGPASSWORD, ~/.pgpass or the libpq environment and are masked
 (`spec.mask_secrets`) in everything this backend shows or raises.
 """
@@ -49,13 +49,39 @@ def translate_query(sql: str) -> str:
     return sql.replace("%", "%%").replace("?", "%s")
 
 
+# PostgreSQL text cannot hold NUL ("\x00"); SQLite's can, and an LLM reply, a dataset or a user's
+# code may carry one. So every text value this backend writes is escaped, one character at a time
+# and reversibly, and every text value it reads is unescaped: NUL becomes ESC "0" and ESC itself
+# ESC "e", where ESC is U+E000 (a private-use character, next to never in text). The store's API,
+# `store copy` and its content hashes see the text as written, on both backends; equality and
+# prefixes (`=`, `IN`, `LIKE 'x%'`) hold on the escaped text as on the original. Only SQL run
+# outside the store (psql) sees the escapes, and text with NUL or ESC in it may sort differently
+# there than in SQLite.
+ESC = "\ue000"
+_ESCAPES = {"\x00": ESC + "0", ESC: ESC + "e"}
+_UNESCAPES = {"0": "\x00", "e": ESC}
+_ESCAPED = re.compile("[\x00\ue000]")
+_ESCAPE_PAIR = re.compile("\ue000(.)", re.DOTALL)
+
+
+def escape_text(text: str) -> str:
+    """`text` as this backend stores it: with no NUL (see ESC above)."""
+    return _ESCAPED.sub(lambda m: _ESCAPES[m.group()], text) if "\x00" in text or ESC in text else text
+
+
+def unescape_text(text: str) -> str:
+    """The text `escape_text` was given. A lone ESC (a row written by something else) is kept."""
+    return _ESCAPE_PAIR.sub(lambda m: _UNESCAPES.get(m.group(1), m.group()), text) if ESC in text else text
+
+
 def _adapt(params: Sequence[Any]) -> tuple:
-    """Booleans are stored as 0/1 integers, as in SQLite."""
-    return tuple(int(v) if isinstance(v, bool) else v for v in params)
+    """Booleans are stored as 0/1 integers, as in SQLite; text is escaped (`escape_text`)."""
+    return tuple(int(v) if isinstance(v, bool) else escape_text(v) if isinstance(v, str) else v for v in params)
 
 
 class Row:
-    """A result row that reads like sqlite3.Row: by column name or position, `keys()`, `dict(row)`."""
+    """A result row that reads like sqlite3.Row: by column name or position, `keys()`, `dict(row)`;
+    text values come back unescaped (`unescape_text`), when read."""
 
     __slots__ = ("_values", "_index")
 
@@ -64,13 +90,14 @@ class Row:
         self._index = index
 
     def __getitem__(self, key: int | str) -> Any:
-        return self._values[self._index[key]] if isinstance(key, str) else self._values[key]
+        value = self._values[self._index[key]] if isinstance(key, str) else self._values[key]
+        return unescape_text(value) if value.__class__ is str else value
 
     def keys(self) -> list[str]:
         return list(self._index)
 
     def __iter__(self) -> Iterator[Any]:
-        return iter(self._values)
+        return (unescape_text(v) if v.__class__ is str else v for v in self._values)
 
     def __len__(self) -> int:
         return len(self._values)
