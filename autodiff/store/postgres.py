@@ -6,9 +6,9 @@ DOUBLE PRECISION; text compares byte-wise, as in SQLite), the covering index SQL
 booleans (stored as 0/1 integers, as in SQLite), text holding NUL characters (`escape_text`),
 reading JSON text arrays, and numbers that PostgreSQL sums into NUMERIC. Transactions run at
 READ COMMITTED (PostgreSQL's default): each store call is one short transaction on rows no other
-writer touches, so no serialization failures arise; a deadlock the server breaks is retried (tenacity) instead of reaching a user.
-Passwords come from the URL, PGPASSWORD, ~/.pgpass or the libpq environment and are masked
-(`spec.mask_secrets`) in everything this backend shows or raises.
+writer touches, so no serialization failures arise; a deadlock the server breaks is retried
+(tenacity) instead of reaching a user. Passwords come from the URL, PGPASSWORD, ~/.pgpass or the
+libpq environment and are masked (`spec.mask_secrets`) in everything this backend shows or raises.
 """
 
 from __future__ import annotations
