@@ -17,6 +17,7 @@ import typing
 from pathlib import Path
 
 from autodiff.errors import AutodiffError
+from autodiff.exposure import exposure_warning
 from autodiff.runner import default_cache_path
 from autodiff.store.spec import is_url, mask_secrets, resolve_spec
 from autodiff.samples import SAMPLE_STORE  # the bundled sample runs: a new store starts as a copy
@@ -478,8 +479,6 @@ def cmd_dashboard(args) -> int:
     env = dict(os.environ, AUTODIFF_STORE=spec,  # the environment, not argv: a password stays out of `ps`
                AUTODIFF_CACHE=str((args.cache or default_cache_path()).resolve()))
     cmd = dashboard_command(args.address, args.port, reload=args.reload)
-    from dashboard.auth import exposure_warning  # here: it imports streamlit, which only this command needs
-
     warning = exposure_warning(args.address, ROOT)
     if warning:
         print(warning, file=sys.stderr, flush=True)

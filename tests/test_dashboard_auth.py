@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from dashboard.auth import ANONYMOUS, auth_section, exposure_warning, is_loopback
+from autodiff.exposure import auth_section, exposure_warning, is_loopback
+from dashboard.auth import ANONYMOUS
 from tests.fake_runs import filled_store
 
 APP = "../app.py"
@@ -28,13 +29,13 @@ def test_loopback_addresses_get_no_warning(address: str, tmp_path: Path) -> None
 
 @pytest.mark.parametrize("address", ["0.0.0.0", "192.168.1.20", "::", "team-box"])
 def test_serving_beyond_this_machine_without_sign_in_warns(address: str, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr("dashboard.auth.SECRETS_FILES", (Path(".streamlit/secrets.toml"), tmp_path / "none.toml"))
+    monkeypatch.setattr("autodiff.exposure.SECRETS_FILES", (Path(".streamlit/secrets.toml"), tmp_path / "none.toml"))
     warning = exposure_warning(address, tmp_path)
     assert warning and address in warning and "[auth]" in warning and "anyone who reaches it" in warning
 
 
 def test_a_configured_sign_in_silences_the_warning(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr("dashboard.auth.SECRETS_FILES", (Path(".streamlit/secrets.toml"), tmp_path / "none.toml"))
+    monkeypatch.setattr("autodiff.exposure.SECRETS_FILES", (Path(".streamlit/secrets.toml"), tmp_path / "none.toml"))
     secrets = tmp_path / ".streamlit" / "secrets.toml"
     secrets.parent.mkdir()
     secrets.write_text('[auth]\nredirect_uri = "http://x/oauth2callback"\ncookie_secret = "s"\n', encoding="utf-8")
@@ -53,6 +54,17 @@ def test_the_dashboard_command_prints_the_warning(tmp_path: Path) -> None:
          "--address", "0.0.0.0", "--port", "-1"],
         capture_output=True, text=True, timeout=120, env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
     )
+    assert "beyond this machine, and no sign-in is configured" in out.stderr
+
+
+def test_the_installed_command_warns_from_any_folder(tmp_path: Path) -> None:
+    """The console script (what ./dashboard.sh runs) outside the project folder: only the autodiff
+    package is importable there, and the check must not need more."""
+    script = Path(sys.executable).with_name("autodiff")
+    out = subprocess.run([str(script), "--store", str(tmp_path / "runs.sqlite"), "dashboard", "--address", "0.0.0.0",
+                          "--port", "-1"], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                         env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert "Error" not in out.stderr.split("beyond this machine")[0], out.stderr
     assert "beyond this machine, and no sign-in is configured" in out.stderr
 
 
@@ -94,17 +106,17 @@ def test_a_signed_in_reviewer_decides_under_their_name(tmp_path: Path) -> None:
 
     store, thread, errors = start_review_run(tmp_path, "validated")
     first = next_pending(store, [])
-    at = signed_in(store.path, "pages/review.py", first["run_id"])
+    at = signed_in(store.path, "pages/review.py", first.run_id)
     assert not at.exception
-    at.button(key=f"reject-{first['id']}").click().run()
+    at.button(key=f"reject-{first.id}").click().run()
     assert not at.exception
-    assert store.proposal(first["id"])["decision_by"] == "Ada Lovelace"
-    second = next_pending(store, [first["id"]])
+    assert store.proposal(first.id).decision_by == "Ada Lovelace"
+    second = next_pending(store, [first.id])
     at.run()
-    at.button(key=f"accept-{second['id']}").click().run()
+    at.button(key=f"accept-{second.id}").click().run()
     thread.join(timeout=30)
     assert not thread.is_alive() and not errors, errors
-    assert [store.proposal(p["id"])["decided_by"] for p in (first, second)] == ["Ada Lovelace"] * 2
+    assert [store.proposal(p.id).decided_by for p in (first, second)] == ["Ada Lovelace"] * 2
 
 
 def test_a_signed_in_users_feedback_carries_their_name(tmp_path: Path) -> None:
@@ -114,5 +126,5 @@ def test_a_signed_in_users_feedback_carries_their_name(tmp_path: Path) -> None:
     at.text_area[-1].input("Number words count too.")
     next(b for b in at.button if b.label == "Add feedback").click().run()
     assert not at.exception
-    params = [p["name"] for p in store.parameters(ids[1])]
-    assert {r["source_node"] for r in store.pending_human_feedback(ids[1], params)} == {"Ada Lovelace"}
+    params = [p.name for p in store.parameters(ids[1])]
+    assert {r.source_node for r in store.pending_human_feedback(ids[1], params)} == {"Ada Lovelace"}
