@@ -13,9 +13,10 @@ the dashboard and in `autodiff runs`.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from autodiff.config import default_model, make_config
 from autodiff.errors import ConfigError
@@ -88,10 +89,21 @@ def _specs(models: dict[str, Model]) -> tuple[dict[str, str], dict[str, Provider
     return specs, providers
 
 
-def _store(store: Store | str | Path | None) -> Store:
+@contextmanager
+def _store(store: Store | str | Path | None) -> Iterator[Store]:
+    """The Store given, or the one `store` names (a path or URL; None: the default), opened for
+    the call and closed when it ends (a PostgreSQL store's pool is let go of then, not by the
+    garbage collector)."""
+    if isinstance(store, Store):
+        yield store
+        return
     from autodiff.store import open_store
 
-    return store if isinstance(store, Store) else open_store(store)
+    opened = open_store(store)
+    try:
+        yield opened
+    finally:
+        opened.close()
 
 
 def train(task: Task | str, *, model: Model | None = None, forward: Model | None = None,
@@ -114,11 +126,11 @@ def train(task: Task | str, *, model: Model | None = None, forward: Model | None
     name = task if isinstance(task, str) else task.name
     config = make_config(task=name, task_in_memory=not isinstance(task, str),
                          **{f"{role}_model": spec for role, spec in specs.items()}, **options)
-    the_store = _store(store)
-    run_id = runner.train(the_store, config, task=None if isinstance(task, str) else task, run_id=run_id,
-                          cache_path=Path(cache) if cache else None, providers=providers or None,
-                          progress=_progress(progress, config.steps))
-    return result_of(the_store, run_id)
+    with _store(store) as the_store:
+        run_id = runner.train(the_store, config, task=None if isinstance(task, str) else task, run_id=run_id,
+                              cache_path=Path(cache) if cache else None, providers=providers or None,
+                              progress=_progress(progress, config.steps))
+        return result_of(the_store, run_id)
 
 
 def resume(run_id: str, task: Task | None = None, *, store: Store | str | Path | None = None,
@@ -134,32 +146,33 @@ def resume(run_id: str, task: Task | None = None, *, store: Store | str | Path |
     goes on with a larger one; the change is recorded). Raises ConfigError otherwise."""
     from autodiff import runner
 
-    the_store = _store(store)
-    stored = the_store.run(run_id)["config"]
-    given = {"forward": forward or model, "backward": backward or model, "optimizer": optimizer or model}
-    providers = {stored[f"{role}_model"]: obj for role, obj in given.items() if obj is not None and not isinstance(obj, str)}
-    missing = [role for role in ROLES if f":{OBJECT_MARK}-" in stored[f"{role}_model"]
-               and stored[f"{role}_model"] not in providers]
-    if missing:
-        raise ConfigError(f"run {run_id} was trained with a model object (e.g. a ScriptedModel) for "
-                          f"{', '.join(missing)}: give it again (model=... or {missing[0]}=...) to resume")
-    runner.resume(the_store, run_id, task=task, accept_task_changes=accept_task_changes, budget_usd=budget_usd,
-                  budget_tokens=budget_tokens,
-                  cache_path=Path(cache) if cache else None, providers=providers or None,
-                  progress=_progress(progress, stored["steps"]))
-    return result_of(the_store, run_id)
+    with _store(store) as the_store:
+        stored = the_store.run(run_id).config
+        given = {"forward": forward or model, "backward": backward or model, "optimizer": optimizer or model}
+        providers = {stored[f"{role}_model"]: obj for role, obj in given.items()
+                     if obj is not None and not isinstance(obj, str)}
+        missing = [role for role in ROLES if f":{OBJECT_MARK}-" in stored[f"{role}_model"]
+                   and stored[f"{role}_model"] not in providers]
+        if missing:
+            raise ConfigError(f"run {run_id} was trained with a model object (e.g. a ScriptedModel) for "
+                              f"{', '.join(missing)}: give it again (model=... or {missing[0]}=...) to resume")
+        runner.resume(the_store, run_id, task=task, accept_task_changes=accept_task_changes, budget_usd=budget_usd,
+                      budget_tokens=budget_tokens,
+                      cache_path=Path(cache) if cache else None, providers=providers or None,
+                      progress=_progress(progress, stored["steps"]))
+        return result_of(the_store, run_id)
 
 
 def result_of(store: Store, run_id: str) -> TrainResult:
     """The `TrainResult` of a stored run, whatever process trained it."""
     run = store.run(run_id)
-    done = [s for s in store.steps(run_id) if s["status"] == "completed"]
-    scores = [StepScore(s["step"], s["val_score"], s["test_score"]) for s in done]
+    done = [s for s in store.steps(run_id) if s.status == "completed"]
+    scores = [StepScore(s.step, s.val_score, s.test_score) for s in done]
     best = resolve_step(store, run_id, "best") if any(s.val_score is not None for s in scores) else None
     return TrainResult(
-        run_id=run_id, store_path=store.path if store.backend == "sqlite" else store.spec, status=run["status"],
-        error=run["error"],
-        models={role: run["config"][f"{role}_model"] for role in ROLES}, scores=scores, best_step=best,
+        run_id=run_id, store_path=store.path if store.backend == "sqlite" else store.spec, status=run.status,
+        error=run.error,
+        models={role: run.config[f"{role}_model"] for role in ROLES}, scores=scores, best_step=best,
         best_values=store.parameter_values_at(run_id, best) if best is not None else {},
     )
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from autodiff.errors import AutodiffError
 from autodiff.exposure import exposure_warning
+from autodiff.records import Run
 from autodiff.runner import default_cache_path
 from autodiff.store.spec import is_url, mask_secrets, resolve_spec
 from autodiff.samples import SAMPLE_STORE  # the bundled sample runs: a new store starts as a copy
@@ -284,30 +285,30 @@ def cmd_estimate(args) -> int:
 def _stopped_exit(store, run_id: str) -> int:
     """0 for a completed run; 3, with the reason and how to go on, for one that stopped itself."""
     run = store.run(run_id)
-    if run["status"] == "completed":
+    if run.status == "completed":
         return 0
-    if run["error"]:
-        print(f"run {run_id} stopped: {run['error']}", file=sys.stderr)
+    if run.error:
+        print(f"run {run_id} stopped: {run.error}", file=sys.stderr)
     command = f"autodiff resume {shlex.quote(run_id)}"
     if store.spec != resolve_spec():
         command += f" --store {shlex.quote(store.display)}"  # a password in the URL shows as ***
-    if (run["error"] or "").startswith("budget"):  # the same budget would stop it again at once
+    if (run.error or "").startswith("budget"):  # the same budget would stop it again at once
         command += " " + _larger_budget(store, run)
     print(f"continue with: {command}", file=sys.stderr)
     return 3
 
 
-def _larger_budget(store, run: dict) -> str:
+def _larger_budget(store, run: Run) -> str:
     """The option of a budget larger than the one a run stopped at: at least twice it, and at
     least the run's projected cost, rounded up."""
     from autodiff.metrics import run_summary
 
-    summary = run_summary(store, run["id"])
-    if "--budget-tokens" in run["error"]:
-        current = run["config"].get("budget_tokens") or 0
+    summary = run_summary(store, run.id)
+    if "--budget-tokens" in (run.error or ""):
+        current = run.config.get("budget_tokens") or 0
         want = max(2 * current, summary["projected_tokens"] or 0, summary["tokens"] + 1)
         return f"--budget-tokens {_round_up(want, 1000):.0f}"
-    current = run["config"].get("budget_usd") or 0.0
+    current = run.config.get("budget_usd") or 0.0
     want = max(2 * current, summary["projected_usd"] or 0.0, summary["cost_usd"] * 1.01)
     step = 10 ** (math.floor(math.log10(want)) - 1) if want > 0 else 0.01
     return f"--budget-usd {_round_up(want, step):.6g}"
@@ -325,7 +326,7 @@ def cmd_resume(args) -> int:
     run_id = resume(store, args.run_id, clear_stop=not args.keep_stop, cache_path=args.cache or default_cache_path(),
                     accept_task_changes=args.accept_task_changes, budget_usd=args.budget_usd,
                     budget_tokens=args.budget_tokens,
-                    progress=_progress_bar(run["config"]["steps"], args.quiet))
+                    progress=_progress_bar(run.config["steps"], args.quiet))
     _print_summary(store, run_id)
     return _stopped_exit(store, run_id)
 
@@ -353,7 +354,7 @@ def cmd_runs(args) -> int:
 
     store = _store(args)
     mark_dead_runs(store)
-    rows = [run_summary(store, r["id"]) for r in store.runs()]
+    rows = [run_summary(store, r.id) for r in store.runs()]
     if not rows:
         print("no runs yet: start one with `autodiff train object_counting`")
         return 0
@@ -379,7 +380,7 @@ def cmd_show(args) -> int:
     store = _store(args)
     run = store.run(args.run_id)
     print(json.dumps(run_summary(store, args.run_id), indent=2, default=str))
-    print("config:", json.dumps(run["config"], indent=2))
+    print("config:", json.dumps(run.config, indent=2))
     kinds = error_kinds(store, args.run_id)
     faults: dict[int, list[dict]] = {}  # step -> its phases' call totals that had a fault, in PHASES order
     order = {phase: i for i, phase in enumerate(PHASES)}
@@ -421,19 +422,18 @@ def cmd_show(args) -> int:
         print(f"{'outside a step' if step < 0 else f'step {step:>3} (no step record)'}: {fault_text(step)[2:]}")
     costs = store.proposal_costs(args.run_id)
     for p in store.proposals(args.run_id):
-        c = costs.get(p["id"])
+        c = costs.get(p.id)
         cost = (f"; made for {format_usd(c['make_usd'], c['make_unknown'])}, validated for "
                 f"{format_usd(c['validate_usd'], c['validate_unknown'])}"
                 + (f" ({c['unknown']} calls unpriced)" if c["unknown"] else "")) if c else ""
-        print(f"  [{p['step']}] {p['parameter']}: {p['fate']} ({p['reason']}){cost}")
+        print(f"  [{p.step}] {p.parameter}: {p.fate} ({p.reason}){cost}")
     if overflows := context_window_failures(store, args.run_id):
         print("calls that failed because the prompt did not fit the model's context window:")
         for c in overflows:
-            sample = f" sample {c['sample_id']}" if c["sample_id"] else ""
-            print(f"  step {'-' if c['step'] is None else c['step']} {c['phase']} node {c['node'] or '-'}"
-                  f"{sample}: {c['error']}")
-    if run["error"]:
-        print(f"run {run['status']}: {run['error']}")
+            sample = f" sample {c.sample_id}" if c.sample_id else ""
+            print(f"  step {'-' if c.step is None else c.step} {c.phase} node {c.node or '-'}{sample}: {c.error}")
+    if run.error:
+        print(f"run {run.status}: {run.error}")
     return 0
 
 

@@ -233,8 +233,7 @@ def estimate(task: Task, config: RunConfig, assumptions: Assumptions = Assumptio
         # feedback on this parameter for `failed` samples: the dry-run samples' feedback, repeated
         per_sample = [[g for g in gradients if g.sample_id == t.sample_id and g.target_type == "parameter"
                        and g.target == p.name and g.text] for t in scored]
-        own = [{"sample_id": f"{g.sample_id}#{i}", "call_index": g.call_index, "score": g.score, "text": g.text,
-                "origin": g.origin, "source_node": g.source_node, "path": list(g.path)}
+        own = [replace(g, sample_id=f"{g.sample_id}#{i}")
                for i in range(failed if per_sample else 0) for g in per_sample[i % len(per_sample)]]
         optimizer.propose(OptimizerInput(p, peers, others, own, shown, [HistoryEntry(p.value, None, 0)]), None, 1)
         opt_replies.append(min(config.optimizer_max_tokens,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from autodiff.llm.pricing import table_version
 from autodiff.metrics import PHASES, SPLITS, error_kinds, projection, step_figures
 from autodiff.store import NO_PROPOSAL_COST, Store
@@ -15,11 +17,11 @@ def export_run(store: Store, run_id: str) -> dict:
     money = projection(store, run_id, steps=list(figures.values()), totals=calls)
     steps = []
     for s in store.steps(run_id):
-        f = figures[s["step"]]
+        f = figures[s.step]
         steps.append({
-            "step": s["step"], "status": s["status"],
-            "parameters": store.parameter_values_at(run_id, s["step"]),
-            "val_score": s["val_score"], "test_score": s["test_score"],
+            "step": s.step, "status": s.status,
+            "parameters": store.parameter_values_at(run_id, s.step),
+            "val_score": s.val_score, "test_score": s.test_score,
             "tokens_by_phase": {p: f[f"tokens_{p}"] for p in PHASES},
             "cost_by_phase": {p: f[f"cost_{p}"] for p in PHASES},
             "cost_unknown_by_phase": {p: f[f"cost_unknown_{p}"] for p in PHASES},
@@ -27,42 +29,44 @@ def export_run(store: Store, run_id: str) -> dict:
                         "backward_calls": f["backward_calls_saved"]},
             "errors_by_phase": {p: f[f"errors_{p}"] for p in PHASES},
             "error_kinds_by_phase": {p: k for (step, p), k in sorted(kinds.items(), key=_phase_order)
-                                     if step == s["step"]},
+                                     if step == s.step},
             "cut_off_by_phase": {p: f[f"cut_off_{p}"] for p in PHASES},
             "samples_errored": {split: f[f"samples_errored_{split}"] for split in SPLITS},
-            "failed_samples": s["failed_samples"],
+            "failed_samples": list(s.failed_samples),
         })
     costs = store.proposal_costs(run_id)
     proposals = [
         {
-            "id": p["id"], "parameter": p["parameter"], "step": p["step"], "value": p["value"],
-            "method": p["method"], "reasoning": p["reasoning"],
-            "scores": {"minibatch": p["minibatch_score"], "minibatch_baseline": p["minibatch_baseline"],
-                       "validation": p["val_score"], "validation_baseline": p["val_baseline"]},
-            "fate": p["fate"], "reason": p["reason"], "decided_by": p["decided_by"],
-            "edited_value": p["decision_value"] if p["decision"] == "edit" else None,
-            "held_fate": p["held_fate"], "feedback_ids": p["feedback_ids"],
-            "cost": costs.get(p["id"], NO_PROPOSAL_COST),
+            "id": p.id, "parameter": p.parameter, "step": p.step, "value": p.value,
+            "method": p.method, "reasoning": p.reasoning,
+            "scores": {"minibatch": p.minibatch_score, "minibatch_baseline": p.minibatch_baseline,
+                       "validation": p.val_score, "validation_baseline": p.val_baseline},
+            "fate": p.fate, "reason": p.reason, "decided_by": p.decided_by,
+            "edited_value": p.decision_value if p.decision == "edit" else None,
+            "held_fate": p.held_fate, "feedback_ids": None if p.feedback_ids is None else list(p.feedback_ids),
+            "cost": costs.get(p.id, NO_PROPOSAL_COST),
         }
         for p in store.proposals(run_id)
     ]
     gradients = [
         {
-            "id": g["id"], "step": g["step"], "sample": g["sample_id"], "node": g["node"],
-            "target_type": g["target_type"], "target": g["target"], "call_index": g["call_index"], "score": g["score"], "text": g["text"],
-            "source_node": g["source_node"], "path": g["path"], "origin": g["origin"], "error": g["error"],
-            "llm_call_id": g["llm_call_id"],
+            "id": g.id, "step": g.step, "sample": g.sample_id, "node": g.node,
+            "target_type": g.target_type, "target": g.target, "call_index": g.call_index, "score": g.score,
+            "text": g.text, "source_node": g.source_node, "path": list(g.path), "origin": g.origin, "error": g.error,
+            "llm_call_id": g.llm_call_id,
         }
         for g in store.gradients(run_id)
     ]
     return {
-        "run": {"id": run["id"], "task": run["task"], "config": run["config"], "status": run["status"],
-                "error": run["error"], "created_at": run["created_at"],
+        "run": {"id": run.id, "task": run.task, "config": run.config, "status": run.status,
+                "error": run.error, "created_at": run.created_at,
                 "errors": sum(c["errors"] for c in calls), "cut_off": sum(c["cut_off"] for c in calls),
                 "cost_usd": money["spent_usd"], "cost_unknown": money["unknown"],
                 "cache_saved_usd": sum(c["saved_usd"] for c in calls),
                 "projected_usd": money["projected_usd"], "price_table": table_version()},
-        "parameters": store.parameters(run_id),
+        # As the table holds them: the run's id first, then every field of the record.
+        "parameters": [{"run_id": run_id, **dataclasses.asdict(p), "peers": list(p.peers)}
+                       for p in store.parameters(run_id)],
         "steps": steps,
         "proposals": proposals,
         "gradients": gradients,

@@ -15,6 +15,7 @@ from typing import Sequence
 import networkx as nx
 
 from autodiff import metrics
+from autodiff.records import Gradient, Invocation, ParameterSpec, Step
 
 
 def node_id(name: str) -> str:
@@ -25,9 +26,9 @@ def parameter_id(name: str) -> str:
     return f"param:{name}"
 
 
-def is_failing(gradient: dict, tau: float = 1.0) -> bool:
+def is_failing(gradient: Gradient, tau: float = 1.0) -> bool:
     """Feedback from a sample that scored below tau (human feedback has no score: not counted)."""
-    return metrics.is_failing(gradient.get("score"), tau)
+    return metrics.is_failing(gradient.score, tau)
 
 
 run_tau = metrics.run_tau  # one definition of the run's threshold, shared with the figures
@@ -36,7 +37,7 @@ run_tau = metrics.run_tau  # one definition of the run's threshold, shared with 
 # --- the graph ---------------------------------------------------------------------------------
 
 def build_graph(
-    invocations: Sequence[dict], gradients: Sequence[dict] = (), parameters: Sequence[dict] = (),
+    invocations: Sequence[Invocation], gradients: Sequence[Gradient] = (), parameters: Sequence[ParameterSpec] = (),
     tau: float = 1.0,
 ) -> nx.DiGraph:
     """The aggregated pipeline graph of the given invocations, annotated with the given gradients.
@@ -50,30 +51,30 @@ def build_graph(
     than once per sample), samples, inputs.
     """
     g = nx.DiGraph()
-    by_id = {inv["id"]: inv for inv in invocations}
+    by_id = {inv.id: inv for inv in invocations}
     calls: dict[str, set[int]] = defaultdict(set)
     samples: dict[str, set[str]] = defaultdict(set)
     counts: dict[str, int] = defaultdict(int)
     failed_samples: dict[str, set[str]] = defaultdict(set)
     for inv in invocations:
-        name = inv["node"]
+        name = inv.node
         if not g.has_node(node_id(name)):
-            g.add_node(node_id(name), kind=inv["node_type"], name=name, node=name)
-        calls[name].add(inv["call_index"])
-        samples[name].add(inv["sample_id"])
+            g.add_node(node_id(name), kind=inv.node_type, name=name, node=name)
+        calls[name].add(inv.call_index)
+        samples[name].add(inv.sample_id)
         counts[name] += 1
-        if inv["node_type"] == "loss" and metrics.is_failing(inv.get("score"), tau):
-            failed_samples[name].add(inv["sample_id"])
-        for input_name, _text, source in inv["inputs"]:
-            producer = by_id.get(source) if source else None
+        if inv.node_type == "loss" and metrics.is_failing(inv.score, tau):
+            failed_samples[name].add(inv.sample_id)
+        for ref in inv.inputs:
+            producer = by_id.get(ref.source) if ref.source else None
             if producer is not None:
-                _add_data_edge(g, producer, inv, input_name)
-        for pname, value in inv.get("parameters") or ():
+                _add_data_edge(g, producer, inv, ref.name)
+        for pname, value in inv.parameters:
             _attach_parameter(g, pname, name)
             g.nodes[parameter_id(pname)]["value"] = value  # as this step ran it
     for p in parameters:
-        if p.get("node") and g.has_node(node_id(p["node"])):
-            _attach_parameter(g, p["name"], p["node"], trainable=p.get("trainable", True))
+        if p.node and g.has_node(node_id(p.node)):
+            _attach_parameter(g, p.name, p.node, trainable=p.trainable)
     for v, data in g.nodes(data=True):
         name = data["name"]
         data.setdefault("failing", 0)
@@ -84,11 +85,11 @@ def build_graph(
             data["failed_samples"] = len(failed_samples[name])
     failing: dict[str, set] = defaultdict(set)  # vertex -> failing samples whose feedback reached it
     for grad in gradients:
-        v = parameter_id(grad["target"]) if grad["target_type"] == "parameter" else node_id(grad["target"])
+        v = parameter_id(grad.target) if grad.target_type == "parameter" else node_id(grad.target)
         if g.has_node(v):
             g.nodes[v]["feedback"] += 1
             if is_failing(grad, tau):
-                failing[v].add(grad["sample_id"])
+                failing[v].add(grad.sample_id)
     for v, samples_failing in failing.items():
         g.nodes[v]["failing"] = len(samples_failing)
     for u, v, data in g.edges(data=True):
@@ -100,13 +101,13 @@ def build_graph(
     return g
 
 
-def _add_data_edge(g: nx.DiGraph, producer: dict, consumer: dict, input_name: str) -> None:
-    u, v = node_id(producer["node"]), node_id(consumer["node"])
+def _add_data_edge(g: nx.DiGraph, producer: Invocation, consumer: Invocation, input_name: str) -> None:
+    u, v = node_id(producer.node), node_id(consumer.node)
     if not g.has_edge(u, v):
         g.add_edge(u, v, kind="data", calls=set(), sample_set=set(), inputs=set())
     data = g.edges[u, v]
-    data["calls"].add((producer["call_index"], consumer["call_index"]))
-    data["sample_set"].add(consumer["sample_id"])
+    data["calls"].add((producer.call_index, consumer.call_index))
+    data["sample_set"].add(consumer.sample_id)
     data["inputs"].add(input_name)
 
 
@@ -126,12 +127,12 @@ def node_names(g: nx.DiGraph) -> list[str]:
 
 # --- what the pages choose among ----------------------------------------------------------------
 
-def targets_of(node: str, parameters: Sequence[dict]) -> list[str]:
+def targets_of(node: str, parameters: Sequence[ParameterSpec]) -> list[str]:
     """What feedback on a node can target: its output and each of its parameters (the `targets` of
     `Store.find_gradients`)."""
-    return [node, *(p["name"] for p in parameters if p.get("node") == node)]
+    return [node, *(p.name for p in parameters if p.node == node)]
 
 
-def trained_steps(steps: Sequence[dict]) -> list[int]:
+def trained_steps(steps: Sequence[Step]) -> list[int]:
     """Steps that ran a training batch (step 0 only scores the initial prompts)."""
-    return [s["step"] for s in steps if s["batch"]]
+    return [s.step for s in steps if s.batch]

@@ -45,6 +45,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from autodiff.records import CallSummary, Run
 from autodiff.store import Store
 
 # "preflight" is the tiny question put to each model before a run spends anything (step 0).
@@ -81,10 +82,10 @@ def funnel(rows: Iterable[dict]) -> dict[str, int]:
     return {fate: sum(r.get(fate, 0) or 0 for r in rows) for fate in FATES}
 
 
-def run_tau(run: dict) -> float:
+def run_tau(run: Run) -> float:
     """The run's threshold: samples scoring below it are failing. The task default, when the run
     kept None, is 1.0 for every bundled task."""
-    tau = (run.get("config") or {}).get("tau")
+    tau = run.config.get("tau")
     return 1.0 if tau is None else float(tau)
 
 
@@ -140,11 +141,10 @@ def busy_seconds(spans: Iterable[tuple[float, float]], start: float, end: float)
     return total
 
 
-def fault_calls(store: Store, run_id: str) -> list[dict]:
+def fault_calls(store: Store, run_id: str) -> list[CallSummary]:
     """Every call of the run that errored or was cut off, in the order made, without its prompt or
-    reply: `id`, `step` (None before the first step), `phase`, `role`, `node`, `sample_id`,
-    `call_index`, `model`, `error_kind` (None on records made before kinds were recorded),
-    `finish_reason`, `error` (the message), `created_at`."""
+    reply (`step` is None before the first step; `error_kind` None on records made before kinds
+    were recorded)."""
     return store.fault_calls(run_id)
 
 
@@ -154,16 +154,16 @@ def error_kinds(store: Store, run_id: str) -> dict[tuple[int, str], dict[str, in
     `Store.call_totals`; an error recorded without a kind counts as "unknown"."""
     counts: dict[tuple[int, str], Counter] = defaultdict(Counter)
     for c in fault_calls(store, run_id):
-        if c["error"] is not None:
-            step = -1 if c["step"] is None else c["step"]
-            counts[(step, c["phase"])][c["error_kind"] or "unknown"] += 1
+        if c.error is not None:
+            step = -1 if c.step is None else c.step
+            counts[(step, c.phase)][c.error_kind or "unknown"] += 1
     return {key: dict(sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0]))) for key, kinds in counts.items()}
 
 
-def context_window_failures(store: Store, run_id: str) -> list[dict]:
-    """The calls that failed because their prompt did not fit the model's context window (rows of
+def context_window_failures(store: Store, run_id: str) -> list[CallSummary]:
+    """The calls that failed because their prompt did not fit the model's context window (of
     `fault_calls`), in the order made."""
-    return [c for c in fault_calls(store, run_id) if c["error_kind"] == "context_window"]
+    return [c for c in fault_calls(store, run_id) if c.error_kind == "context_window"]
 
 
 def errored_samples(store: Store, run_id: str) -> dict[tuple[int, str], int]:
@@ -207,7 +207,7 @@ def step_figures(store: Store, run_id: str) -> list[dict]:
     `samples_errored_test`: samples left unscored in the step's validation and test evaluations
     (the scores leave them out); `samples_errored` is their sum."""
     run = store.run(run_id)
-    tau, cap = run_tau(run), (run["config"] or {}).get("max_failed")
+    tau, cap = run_tau(run), run.config.get("max_failed")
     proposals = {r["step"]: r for r in proposal_figures(store, run_id)}
     unscored = errored_samples(store, run_id)
     scores = store.loss_scores(run_id)
@@ -220,8 +220,8 @@ def step_figures(store: Store, run_id: str) -> list[dict]:
     rows = []
     cumulative = {"tokens": 0, "cost": 0.0, "cost_unknown": 0, "wall_s": 0.0}
     for s in store.steps(run_id):
-        step = s["step"]
-        row = {"step": step, "status": s["status"], "val_score": s["val_score"], "test_score": s["test_score"]}
+        step = s.step
+        row = {"step": step, "status": s.status, "val_score": s.val_score, "test_score": s.test_score}
         mine = totals.get(step, [])
         for phase in (*PHASES, "redone"):
             match = [t for t in mine if (not t["kept"] if phase == "redone" else t["kept"] and t["phase"] == phase)]
@@ -240,19 +240,19 @@ def step_figures(store: Store, run_id: str) -> list[dict]:
 
         # Time: the step's span, and within it the time each phase had a call running.
         last_call = max((b for p in PHASES if p != "preflight" for _a, b in spans.get((step, p), ())),
-                        default=s["started_at"])
-        ended = max(s["finished_at"] or s["started_at"], last_call)
-        row["wall_s"] = ended - s["started_at"]
+                        default=s.started_at)
+        ended = max(s.finished_at or s.started_at, last_call)
+        row["wall_s"] = ended - s.started_at
         for phase in PHASES:
-            row[f"wall_s_{phase}"] = busy_seconds(spans.get((step, phase), ()), s["started_at"], ended)
+            row[f"wall_s_{phase}"] = busy_seconds(spans.get((step, phase), ()), s.started_at, ended)
         row["wall_s_other"] = max(row["wall_s"] - sum(row[f"wall_s_{p}"] for p in PHASES), 0.0)
 
         for column in cumulative:
             cumulative[column] += row[column]
             row[f"{column}_cumulative"] = cumulative[column]
 
-        outcome = batch_outcome(s["batch"], scores.get(step, {}), tau,
-                                sent=s["failed_samples"] if s["status"] == "completed" else None, cap=cap)
+        outcome = batch_outcome(s.batch, scores.get(step, {}), tau,
+                                sent=s.failed_samples if s.status == "completed" else None, cap=cap)
         row.update(batch=outcome.batch, correct=outcome.correct, failed=outcome.failing,
                    sent_backward=outcome.sent_backward, over_cap=outcome.over_cap, errored_batch=outcome.errored)
         per_sample = row["calls_backward"] / outcome.sent_backward if outcome.sent_backward else None
@@ -278,8 +278,8 @@ def _estimate(per_sample: float | None, samples: int) -> int | None:
 def estimate_of(store: Store, run_id: str) -> dict | None:
     """The cost estimate stored when the run was created (see `autodiff.estimate.Estimate.as_dict`),
     or None for a run made before estimates were stored."""
-    events = [e for e in store.run_events(run_id) if e["kind"] == "estimate"]
-    return json.loads(events[-1]["text"]) if events else None
+    events = [e for e in store.run_events(run_id) if e.kind == "estimate"]
+    return json.loads(events[-1].text) if events else None
 
 
 def projection(store: Store, run_id: str, *, steps: list[dict] | None = None,
@@ -302,8 +302,8 @@ def projection(store: Store, run_id: str, *, steps: list[dict] | None = None,
     unknown = sum(c["cost_unknown"] for c in totals)
     steps = step_figures(store, run_id) if steps is None else steps
     done = [r for r in steps if r["status"] == "completed" and r["step"] > 0]
-    planned = run["config"].get("steps") or 0
-    remaining = max(planned - len(done), 0) if run["status"] != "completed" else 0
+    planned = run.config.get("steps") or 0
+    remaining = max(planned - len(done), 0) if run.status != "completed" else 0
     per_usd = per_tokens = None
     if done:
         per_usd = sum(r["cost"] for r in done) / len(done)
@@ -312,8 +312,8 @@ def projection(store: Store, run_id: str, *, steps: list[dict] | None = None,
         per_usd, per_tokens = forecast["per_step"]["usd"], forecast["per_step"]["prompt_tokens"] + \
             forecast["per_step"]["completion_tokens"]
     first = next((r for r in steps if r["step"] == 0), None)
-    final_test_usd = first["cost_test"] if first and run["status"] != "completed" else 0.0
-    final_test_tokens = first["tokens_test"] if first and run["status"] != "completed" else 0
+    final_test_usd = first["cost_test"] if first and run.status != "completed" else 0.0
+    final_test_tokens = first["tokens_test"] if first and run.status != "completed" else 0
     to_usd = None if per_usd is None or unknown else per_usd * remaining + final_test_usd
     to_tokens = None if per_tokens is None else round(per_tokens * remaining + final_test_tokens)
     return {
@@ -340,10 +340,10 @@ def run_summary(store: Store, run_id: str) -> dict:
     run = store.run(run_id)
     steps = store.steps(run_id)
     calls = store.call_totals(run_id)
-    done = [s for s in steps if s["status"] == "completed"]
-    vals = [s["val_score"] for s in done if s["val_score"] is not None]
-    tests = [s for s in done if s["test_score"] is not None]
-    cfg = run["config"]
+    done = [s for s in steps if s.status == "completed"]
+    vals = [s.val_score for s in done if s.val_score is not None]
+    tests = [s for s in done if s.test_score is not None]
+    cfg = run.config
     figures = step_figures(store, run_id)
     money = projection(store, run_id, steps=figures, totals=calls)
     cache_saved = sum(c["saved_usd"] for c in calls)
@@ -351,14 +351,14 @@ def run_summary(store: Store, run_id: str) -> dict:
     saved_unknown = sum(c["saved_unknown"] for c in calls) + sum(
         1 for r in figures if r["backward_calls_saved"] and r["cost_unknown_backward"])
     return {
-        "id": run_id, "task": run["task"], "status": run["status"], "error": run["error"],
+        "id": run_id, "task": run.task, "status": run.status, "error": run.error,
         "forward_model": cfg.get("forward_model"), "backward_model": cfg.get("backward_model"),
         "optimizer_model": cfg.get("optimizer_model"),
-        "steps_done": max((s["step"] for s in done), default=0), "steps_planned": cfg.get("steps"),
-        "initial_val": done[0]["val_score"] if done else None,
+        "steps_done": max((s.step for s in done), default=0), "steps_planned": cfg.get("steps"),
+        "initial_val": done[0].val_score if done else None,
         "best_val": max(vals) if vals else None,
-        "initial_test": tests[0]["test_score"] if tests else None,
-        "final_test": tests[-1]["test_score"] if tests else None,
+        "initial_test": tests[0].test_score if tests else None,
+        "final_test": tests[-1].test_score if tests else None,
         "tokens": sum(c["tokens"] for c in calls),
         "calls": sum(c["calls"] for c in calls),
         "errors": sum(c["errors"] for c in calls),
@@ -370,6 +370,6 @@ def run_summary(store: Store, run_id: str) -> dict:
         "projected_tokens": money["projected_tokens"],
         "budget_usd": cfg.get("budget_usd"), "budget_tokens": cfg.get("budget_tokens"),
         "wall_s": figures[-1]["wall_s_cumulative"] if figures else 0.0,
-        "created_at": run["created_at"], "review": cfg.get("review"),
+        "created_at": run.created_at, "review": cfg.get("review"),
         "pending": len(store.proposals(run_id, fate="pending")),
     }

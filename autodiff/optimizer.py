@@ -14,7 +14,7 @@ from autodiff.llm.client import LLM
 from autodiff.llm.types import CallContext, Message
 from autodiff.parameter import Parameter
 from autodiff.prompts import OPTIMIZER_PROMPT, OPTIMIZER_SYSTEM, TEMPLATE_TAGS, fill, template_lines
-from autodiff.records import Proposal
+from autodiff.records import Gradient, Proposal
 
 METHODS = ("add", "rephrase", "remove", "add_example", "restructure")  # plus "untagged" (lenient parsing)
 _BLOCK = re.compile(r"<proposal>(.*?)(?:</proposal>|(?=<proposal>)|$)", re.S | re.I)
@@ -41,7 +41,7 @@ class OptimizerInput:
     parameter: Parameter
     peers: Sequence[Parameter]
     others: Sequence[Parameter]
-    gradients: Sequence[dict]  # {id, sample_id, call_index, score, text, origin, source_node, path}
+    gradients: Sequence[Gradient]  # the feedback on the parameter: from the backward pass and from people
     positives: Sequence[tuple[str, str]] = ()  # (input, prediction) samples that are right
     history: Sequence[HistoryEntry] = ()
     failed: Sequence[tuple[str, str]] = ()  # (value, reason) of this step's failed proposals
@@ -51,22 +51,22 @@ class OptimizerInput:
 FEEDBACK_CHARS = 6000  # the feedback an optimizer prompt holds; more is cut
 
 
-def _feedback(gradients: Sequence[dict], limit_chars: int) -> tuple[str, list[dict]]:
+def _feedback(gradients: Sequence[Gradient], limit_chars: int) -> tuple[str, list[Gradient]]:
     """The feedback as the optimizer reads it (grouped by sample and call index, lowest scores
     first, calls of one sample in order, cut at `limit_chars`), and the gradients that made it into
     that text, in its order (one cut part-way counts as read)."""
-    by_sample: dict[str, list[dict]] = defaultdict(list)
+    by_sample: dict[str, list[Gradient]] = defaultdict(list)
     for g in gradients:
-        by_sample[g.get("sample_id") or "(no sample)"].append(g)
-    order = sorted(by_sample, key=lambda s: (min((g.get("score") or 0.0) for g in by_sample[s]), s))
-    lines: list[tuple[str, dict | None]] = []
+        by_sample[g.sample_id or "(no sample)"].append(g)
+    order = sorted(by_sample, key=lambda s: (min((g.score or 0.0) for g in by_sample[s]), s))
+    lines: list[tuple[str, Gradient | None]] = []
     for sample in order:
-        items = sorted(by_sample[sample], key=lambda g: (g.get("call_index") or 0))
-        score = min((g.get("score") or 0.0) for g in items)
+        items = sorted(by_sample[sample], key=lambda g: (g.call_index or 0))
+        score = min((g.score or 0.0) for g in items)
         lines.append((f'<sample id="{sample}" score="{score:.2f}">', None))
         for g in items:
-            who = "human" if g.get("origin") == "human" else f"call {g.get('call_index') or 0}"
-            lines.append((f"- [{who}] {g['text']}", g))
+            who = "human" if g.origin == "human" else f"call {g.call_index or 0}"
+            lines.append((f"- [{who}] {g.text}", g))
         lines.append(("</sample>", None))
     text = "\n".join(line for line, _ in lines)
     read, at = [], 0
@@ -79,15 +79,15 @@ def _feedback(gradients: Sequence[dict], limit_chars: int) -> tuple[str, list[di
     return (text if len(text) <= limit_chars else text[:limit_chars] + "\n[... more feedback cut ...]"), read
 
 
-def format_gradients(gradients: Sequence[dict], limit_chars: int = FEEDBACK_CHARS) -> str:
+def format_gradients(gradients: Sequence[Gradient], limit_chars: int = FEEDBACK_CHARS) -> str:
     """Group by sample and call index, lowest scores first, calls of one sample in order."""
     return _feedback(gradients, limit_chars)[0]
 
 
-def feedback_read(gradients: Sequence[dict], limit_chars: int = FEEDBACK_CHARS) -> tuple[str, ...]:
+def feedback_read(gradients: Sequence[Gradient], limit_chars: int = FEEDBACK_CHARS) -> tuple[str, ...]:
     """The ids of the gradients an optimizer prompt made from `gradients` holds, in its order:
     what a proposal records as the feedback it was written from."""
-    return tuple(g["id"] for g in _feedback(gradients, limit_chars)[1] if g.get("id"))
+    return tuple(g.id for g in _feedback(gradients, limit_chars)[1] if g.id)
 
 
 def build_prompt(inp: OptimizerInput, n: int) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from autodiff.errors import ConfigError
+from autodiff.records import ParameterSpec
 
 KINDS = ("instruction", "output_format", "examples", "other")
 
@@ -45,6 +46,8 @@ class Parameter:
         self.value = value
         self.history.append(Version(step, value, proposal_id))
 
-    def describe(self) -> dict:
-        return {"name": self.name, "node": self.node, "kind": self.kind, "role": self.role,
-                "trainable": self.trainable, "peers": list(self.peers)}
+    def spec(self, position: int) -> ParameterSpec:
+        """What a run stores of this parameter (its values are stored as versions), at `position`
+        in the pipeline's order."""
+        return ParameterSpec(name=self.name, node=self.node, kind=self.kind, role=self.role, trainable=self.trainable,
+                             peers=tuple(self.peers), position=position)

@@ -49,6 +49,50 @@ class LLMCall:
         return self.finish_reason == "length"
 
 
+# The fields of an LLMCall that hold its text: what a CallSummary leaves out.
+CALL_TEXT_FIELDS = ("messages", "response", "reasoning")
+
+
+@dataclass(frozen=True)
+class CallSummary:
+    """An LLMCall as stored, without its text (`CALL_TEXT_FIELDS`): what accounting and the lists
+    of faults read (`Store.call_summaries`, `Store.fault_calls`), so a long run's prompts and
+    replies are never loaded for a sum. Its fields are LLMCall's others, in the same order, with
+    the same meaning (see LLMCall); read the text with `Store.call(id)`."""
+
+    id: str
+    run_id: str | None
+    step: int | None
+    phase: str
+    role: str
+    node: str | None
+    sample_id: str | None
+    call_index: int | None
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    latency_ms: float
+    cached: bool
+    error: str | None
+    created_at: float
+    endpoint: str | None = None
+    finish_reason: str | None = None
+    attempts: int = 1
+    error_kind: str | None = None
+    cached_prompt_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost_usd: float | None = None
+    saved_usd: float | None = None
+    price_source: str | None = None
+    proposal_id: str | None = None
+
+    @property
+    def cut_off(self) -> bool:
+        """The reply stopped at the token limit, not where the model ended it."""
+        return self.finish_reason == "length"
+
+
 @dataclass(frozen=True)
 class InputRef:
     """One input of a node invocation: its name, its text, and the invocation that produced it."""
@@ -75,6 +119,7 @@ class Invocation:
     score: float | None = None  # set on loss invocations
     error: str | None = None
     seq: int = 0  # order of execution within the sample
+    step: int | None = None  # the training step that traced it: set by the store (None until stored)
 
 
 @dataclass(frozen=True)
@@ -101,7 +146,13 @@ class Gradient:
     # output, the call that wrote that output (the target invocation's call index); else the call
     # of the node whose parameter it is about. None for feedback not tied to a call (human).
     about_call: int | None = None
+    # Set by the store (None until stored): the step it was written at, and for human feedback
+    # the step whose optimizer call read it (None while it waits to be read).
+    step: int | None = None
+    consumed_step: int | None = None
 
+
+Decision = Literal["accept", "reject", "edit"]  # what a person can decide on a pending proposal
 
 Fate = Literal["proposed", "malformed", "error", "rejected_check", "failed_minibatch", "failed_val", "pending",
                "accepted", "rejected"]
@@ -140,10 +191,19 @@ class Proposal:
     created_at: float = 0.0
     # The ids of the feedback (gradients, human feedback included) its optimizer call read, in
     # the order the prompt gave them: recorded when the call was made, never guessed later.
-    feedback_ids: tuple[str, ...] = ()
+    feedback_ids: tuple[str, ...] | None = ()
     # Review mode "all" holds for a person a proposal that cannot be validated; this says why
     # ("malformed" or "rejected_check"), and is the fate it gets back if the person rejects it.
     held_fate: Fate | None = None
+    # Set by the store (None until stored or decided): the run, when its fate was settled by a
+    # decision, and a person's decision on it while pending: "accept", "reject" or "edit", the
+    # value an edit wrote, and who decided. `feedback_ids` read back from the store is None for a
+    # proposal stored before the feedback a proposal read was recorded (unknown, not "none").
+    run_id: str | None = None
+    decided_at: float | None = None
+    decision: Decision | None = None
+    decision_value: str | None = None
+    decision_by: str | None = None
 
 
 @dataclass(frozen=True)
@@ -158,6 +218,11 @@ class Evaluation:
     gold: str
     score: float | None
     error: str | None = None
+    # Set by the store (None until stored): the step whose values were scored, the split
+    # ("train", "val" or "test") and the subject ("current", or the id of the proposal scored).
+    step: int | None = None
+    split: str | None = None
+    subject: str | None = None
 
     @property
     def errored(self) -> bool:
@@ -183,3 +248,80 @@ class Trace:
         """The loss's score, or None when the sample errored before it was scored."""
         loss = self.loss
         return loss.score if loss and loss.score is not None else None
+
+
+# --- runs: a run, its steps, its parameters as stored, their versions, its events ------------
+# What the store gives back for a run (`Store.run`, `steps`, `parameters`, ...). Times are Unix
+# seconds (time.time()); scores are fractions in [0, 1].
+
+
+@dataclass(frozen=True)
+class Run:
+    """A training run as the store holds it. `config` is the run's options (a
+    `RunConfig.model_dump()`, never an API key); `status` is one of created, queued, running,
+    completed, stopped, failed; `error` says why a run failed or stopped (or, while queued, a
+    note); `pid` is the process that last trained it (None before any did)."""
+
+    id: str
+    task: str
+    config: dict
+    status: str
+    error: str | None
+    created_at: float
+    updated_at: float
+    stop_requested: bool
+    pid: int | None
+
+
+@dataclass(frozen=True)
+class Step:
+    """One training step of a run (0 is the initial evaluation). `status` is running or
+    completed; `val_score`/`test_score` are None when not measured at that step; `batch` holds
+    the step's mini-batch sample ids, `failed_samples` those it sent backward."""
+
+    step: int
+    status: str
+    started_at: float
+    finished_at: float | None
+    val_score: float | None
+    test_score: float | None
+    batch: tuple[str, ...]
+    failed_samples: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ParameterSpec:
+    """A parameter as a run stored it (its values are `ParameterVersion`s): `position` is its
+    place in the pipeline's order, `peers` the names of the parameters sharing its prompt."""
+
+    name: str
+    node: str | None
+    kind: str  # instruction | output_format | examples | other
+    role: str
+    trainable: bool
+    peers: tuple[str, ...]
+    position: int
+
+
+@dataclass(frozen=True)
+class ParameterVersion:
+    """One value a parameter had: `version` counts from 0 (the initial value) per parameter;
+    `step` is the step that set it; `proposal_id` the accepted proposal it came from (None for
+    the initial value and values set outside a proposal)."""
+
+    name: str
+    version: int
+    step: int
+    value: str
+    proposal_id: str | None
+    created_at: float
+
+
+@dataclass(frozen=True)
+class RunEvent:
+    """Something that happened to a run besides its steps: `at` (Unix seconds), `kind` (e.g.
+    "estimate", "budget_changed", "task_changes_accepted") and a free `text`."""
+
+    at: float
+    kind: str
+    text: str

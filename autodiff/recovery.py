@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from autodiff.records import Run
+
 # How far Resume gets: "go" resumes as things stand; "fix_first" fails the same way until
 # something outside the run is fixed; "new_run" fails the same way whatever is fixed outside it.
 Outlook = Literal["go", "fix_first", "new_run"]
@@ -71,10 +73,10 @@ _RULES: tuple[tuple[tuple[str, ...], Outlook, str], ...] = (
 )
 
 
-def recovery(run: dict) -> Recovery | None:
-    """What to do about `run` (a row of `Store.runs`/`Store.run`), or None when it is not stopped
+def recovery(run: Run) -> Recovery | None:
+    """What to do about `run` (as `Store.runs`/`Store.run` give it), or None when it is not stopped
     or failed. A stop without a stored reason is taken as resumable."""
-    status, error = run["status"], run.get("error") or ""
+    status, error = run.status, run.error or ""
     if status not in ("stopped", "failed"):
         return None
     if error.startswith("budget"):
@@ -83,12 +85,12 @@ def recovery(run: dict) -> Recovery | None:
     low = error.lower()
     for words, outlook, advice in _RULES:
         if any(w in low for w in words):
-            return Recovery(status, error, outlook, advice.format(run_id=run["id"]))
+            return Recovery(status, error, outlook, advice.format(run_id=run.id))
     if status == "stopped":
         return Recovery(status, error, "go", "Resume goes on from its last completed step.")
     return Recovery(status, error, "fix_first",
                     "Resuming goes on from its last completed step, and fails the same way until the cause above "
-                    f"is fixed (a run started from the dashboard writes its traceback to logs/{run['id']}.log beside the "
+                    f"is fixed (a run started from the dashboard writes its traceback to logs/{run.id}.log beside the "
                     "store).")
 
 

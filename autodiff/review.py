@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from autodiff.errors import StoreError
 from autodiff.proposals import feedback_read
+from autodiff.records import Gradient, Proposal
 from autodiff.store import Store
 
 REVIEW_WAIT = "review_wait"  # run event the trainer writes as a wait begins: JSON proposal, until, fallback
@@ -19,10 +20,10 @@ REVIEW_WAIT = "review_wait"  # run event the trainer writes as a wait begins: JS
 
 @dataclass(frozen=True)
 class PendingReview:
-    proposal: dict
+    proposal: Proposal
     current: str  # the parameter's value the proposal would replace
     peers: tuple[tuple[str, str], ...]  # (name, current value) of the parameter's peers
-    gradients: tuple[dict, ...] | None  # the feedback its optimizer call read (None: not recorded)
+    gradients: tuple[Gradient, ...] | None  # the feedback its optimizer call read (None: not recorded)
     decision: tuple[str, str | None, str] | None  # written but not yet applied by the trainer
     waits_until: float | None = None  # Unix time the trainer stops waiting (None: not recorded)
     fallback: str | None = None  # what it then does: "accept" or "reject"
@@ -38,7 +39,7 @@ class PendingReview:
         """Why it could not be validated, for a proposal review mode "all" held for a person:
         "malformed" (a reply with no usable value: reject it, or write a value to accept) or
         "rejected_check" (it failed a check: accepting it overrides the check); None otherwise."""
-        return self.proposal.get("held_fate")
+        return self.proposal.held_fate
 
 
 def pending(store: Store, run_id: str) -> list[PendingReview]:
@@ -46,23 +47,23 @@ def pending(store: Store, run_id: str) -> list[PendingReview]:
     proposals = store.proposals(run_id, fate="pending")
     if not proposals:
         return []
-    peers_of = {p["name"]: p["peers"] for p in store.parameters(run_id)}
-    waits = {w["proposal"]: w for w in (json.loads(e["text"]) for e in store.run_events(run_id)
-                                        if e["kind"] == REVIEW_WAIT)}  # a later wait (a resume) wins
+    peers_of = {p.name: p.peers for p in store.parameters(run_id)}
+    waits = {w["proposal"]: w for w in (json.loads(e.text) for e in store.run_events(run_id)
+                                        if e.kind == REVIEW_WAIT)}  # a later wait (a resume) wins
     values_at: dict[int, dict[str, str]] = {}
     out = []
     for p in proposals:
-        if p["step"] not in values_at:
-            values_at[p["step"]] = store.parameter_values_at(run_id, p["step"])
-        values = values_at[p["step"]]
-        name = p["parameter"]
+        if p.step not in values_at:
+            values_at[p.step] = store.parameter_values_at(run_id, p.step)
+        values = values_at[p.step]
+        name = p.parameter
         read = feedback_read(store, p)
         out.append(PendingReview(
             proposal=p, current=values.get(name, ""),
-            peers=tuple((peer, values.get(peer, "")) for peer in peers_of.get(name, [])),
+            peers=tuple((peer, values.get(peer, "")) for peer in peers_of.get(name, ())),
             gradients=None if read is None else tuple(read),
-            decision=(p["decision"], p["decision_value"], p["decision_by"]) if p["decision"] else None,
-            waits_until=waits.get(p["id"], {}).get("until"), fallback=waits.get(p["id"], {}).get("fallback"),
+            decision=(p.decision, p.decision_value, p.decision_by) if p.decision else None,
+            waits_until=waits.get(p.id, {}).get("until"), fallback=waits.get(p.id, {}).get("fallback"),
         ))
     return out
 
@@ -80,23 +81,23 @@ def edit(store: Store, proposal_id: str, value: str, by: str = "human") -> None:
     store.decide(proposal_id, "edit", value=value, by=by)
 
 
-def decisions(store: Store, run_id: str) -> list[dict]:
+def decisions(store: Store, run_id: str) -> list[Proposal]:
     """Proposals a decision was written for, oldest first."""
-    return [p for p in store.proposals(run_id) if p["decision"]]
+    return [p for p in store.proposals(run_id) if p.decision]
 
 
 def feedback_targets(store: Store, run_id: str) -> list[str]:
     """What a person can write feedback on: each node with trainable parameters, then each of them."""
-    params = [p for p in store.parameters(run_id) if p["trainable"]]
-    nodes = list(dict.fromkeys(p["node"] for p in params if p["node"]))
-    return nodes + [p["name"] for p in params]
+    params = [p for p in store.parameters(run_id) if p.trainable]
+    nodes = list(dict.fromkeys(p.node for p in params if p.node))
+    return nodes + [p.name for p in params]
 
 
 def trained_samples(store: Store, run_id: str) -> list[str]:
     """Training samples the run has seen, latest step first (failed ones of a step before the rest)."""
     seen: dict[str, None] = {}
     for s in reversed(store.steps(run_id)):
-        for sid in [*s["failed_samples"], *s["batch"]]:
+        for sid in [*s.failed_samples, *s.batch]:
             seen.setdefault(sid, None)
     return list(seen)
 
@@ -106,12 +107,12 @@ def add_feedback(store: Store, run_id: str, text: str, target: str, sample_id: s
     """Feedback on a parameter, or on a node (then every trainable parameter of it reads it), optionally
     about one sample, written by `by` (the signed-in user on a shared dashboard). The next optimizer
     call for each parameter reads it like a gradient."""
-    params = [p for p in store.parameters(run_id) if p["trainable"]]
-    chosen = [p for p in params if p["name"] == target] or [p for p in params if p["node"] == target]
+    params = [p for p in store.parameters(run_id) if p.trainable]
+    chosen = [p for p in params if p.name == target] or [p for p in params if p.node == target]
     if not chosen:
         raise StoreError(f"run {run_id} has no trainable parameter or node named {target!r}")
     return [
-        store.add_human_feedback(run_id, text, node=p["node"] or p["name"], target=p["name"],
+        store.add_human_feedback(run_id, text, node=p.node or p.name, target=p.name,
                                  sample_id=sample_id or None, author=by)
         for p in chosen
     ]

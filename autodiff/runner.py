@@ -37,7 +37,7 @@ def prepare(
     cache = ResponseCache(cache_path or default_cache_path()) if use_cache else None
     # "refresh" reads only replies written since the run began (a resume keeps its own).
     try:
-        since = store.run(run_id)["created_at"] if run_id else time.time()
+        since = store.run(run_id).created_at if run_id else time.time()
     except StoreError:
         since = time.time()
     budget = None
@@ -122,12 +122,12 @@ def resume_background(store: Store, run_id: str, cache_path: Path | None = None,
     """Resume a stopped or failed run away from the caller (see `start`); it shows as created
     (or queued) until it starts. New budgets, if given, replace the run's (see `set_budget`)."""
     run = store.run(run_id)
-    status = run["status"]
+    status = run.status
     if status in ("completed", "running", "queued"):
         raise ConfigError(f"run {run_id} is {status}; only a stopped or failed run can be resumed")
     budgets = {k: v for k, v in (("budget_usd", budget_usd), ("budget_tokens", budget_tokens)) if v is not None}
     if budgets:
-        set_budget(store, run_id, make_config(**run["config"]), **budgets)
+        set_budget(store, run_id, make_config(**run.config), **budgets)
     store.clear_stop(run_id)  # a stop asked for before the run got going would end it again at once
     store.set_run_status(run_id, "created")
     start(store, run_id, cache_path)
@@ -156,10 +156,9 @@ def mark_dead_runs(store: Store) -> list[str]:
     if workers.shared(store):
         return dead
     for run in store.runs():
-        if run["status"] == "running" and run["pid"] and not pid_alive(run["pid"]):
-            store.set_run_status(run["id"], "stopped",
-                                 error=f"process {run['pid']} ended without finishing; resume to continue")
-            dead.append(run["id"])
+        if run.status == "running" and run.pid and not pid_alive(run.pid):
+            store.set_run_status(run.id, "stopped", error=f"process {run.pid} ended without finishing; resume to continue")
+            dead.append(run.id)
     return dead
 
 
@@ -181,10 +180,10 @@ def resume(store: Store, run_id: str, *, task: Task | None = None, clear_stop: b
         _refuse_if_queued(store, run_id)
     if clear_stop:
         store.clear_stop(run_id)
-    if run["status"] == "completed":
+    if run.status == "completed":
         raise ConfigError(f"run {run_id} is already completed; nothing to resume")
     try:
-        config = make_config(**run["config"])
+        config = make_config(**run.config)
         budgets = {k: v for k, v in (("budget_usd", budget_usd), ("budget_tokens", budget_tokens)) if v is not None}
         if budgets:
             config = set_budget(store, run_id, config, **budgets)
@@ -192,7 +191,7 @@ def resume(store: Store, run_id: str, *, task: Task | None = None, clear_stop: b
             task = task_for(config, task)
         except AutodiffError as exc:
             message = f"cannot load the run's task {config.task!r}: {exc}"
-            if run["config"].get("task_in_memory"):
+            if run.config.get("task_in_memory"):
                 message += "; the run was trained from Python: resume it with autodiff.resume(run_id, task)"
             store.set_run_status(run_id, "failed", error=message)
             raise ConfigError(message) from exc
@@ -203,7 +202,7 @@ def resume(store: Store, run_id: str, *, task: Task | None = None, clear_stop: b
                 "or resume with --accept-task-changes (autodiff.resume(..., accept_task_changes=True)) to go on "
                 "with the changed task")
     except AutodiffError as exc:
-        if run["status"] in ("created", "queued"):  # a background start or a worker: nobody sees this output
+        if run.status in ("created", "queued"):  # a background start or a worker: nobody sees this output
             store.set_run_status(run_id, "failed", error=str(exc))
         raise
     if changes:
@@ -242,8 +241,8 @@ def endpoint_changes(store: Store, run_id: str, trainer: Trainer) -> list[str]:
     went to (a resume against another server would mix two servers' replies)."""
     used: dict[str, str] = {}
     for call in store.call_summaries(run_id):  # in time order: the last endpoint of each model wins
-        if call["endpoint"]:
-            used[call["model"]] = call["endpoint"]
+        if call.endpoint:
+            used[call.model] = call.endpoint
     moved: list[str] = []
     for role in ("forward", "backward", "optimizer"):
         llm = getattr(trainer.roles, role)
@@ -261,9 +260,9 @@ def adopt_task(store: Store, run_id: str, task: Task, config: RunConfig) -> None
     (the trainer scores the current values on a changed validation split before going on).
     Parameters the run already had keep their stored values: the run goes on from where it was."""
     last = store.last_completed_step(run_id) or 0
-    known = {p["name"] for p in store.parameters(run_id)}
+    known = {p.name for p in store.parameters(run_id)}
     params = task.pipeline.parameters()
-    store.add_parameters(run_id, [p.describe() for p in params])
+    store.add_parameters(run_id, [p.spec(i) for i, p in enumerate(params)])
     for p in params:
         if p.name not in known:
             store.add_parameter_version(run_id, p.name, last, p.value, None)
@@ -302,17 +301,17 @@ def task_changes(store: Store, run_id: str, task: Task, config: RunConfig) -> li
     """How `task` differs from what run `run_id` stored: parameter names, kinds and initial
     values, and the sample ids of each split. Empty when they agree."""
     changes: list[str] = []
-    stored = {p["name"]: p for p in store.parameters(run_id)}
+    stored = {p.name: p for p in store.parameters(run_id)}
     params = {p.name: p for p in task.pipeline.parameters()}
     added, removed = [n for n in params if n not in stored], [n for n in stored if n not in params]
     if added:
         changes.append(f"new parameters {added}")
     if removed:
         changes.append(f"parameters gone {removed}")
-    initial = {v["name"]: v["value"] for v in store.parameter_versions(run_id) if v["version"] == 0}
+    initial = {v.name: v.value for v in store.parameter_versions(run_id) if v.version == 0}
     for name in [n for n in params if n in stored]:
-        if params[name].kind != stored[name]["kind"]:
-            changes.append(f"{name}: kind {stored[name]['kind']} -> {params[name].kind}")
+        if params[name].kind != stored[name].kind:
+            changes.append(f"{name}: kind {stored[name].kind} -> {params[name].kind}")
         first = params[name].history[0].value if params[name].history else params[name].value
         if name in initial and first != initial[name]:
             changes.append(f"{name}: initial value changed")

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from autodiff.config import make_config
+from autodiff.records import Proposal
 from autodiff.runner import train
 from autodiff.store import Store
 
@@ -64,17 +65,17 @@ def _same(config: dict, options: dict) -> bool:
     return config["task"] == options["task"] and config.get("review", "off") == options.get("review", "off")
 
 
-def _verdict(proposal: dict) -> str:
-    score, baseline = proposal["val_score"], proposal["val_baseline"]
+def _verdict(proposal: Proposal) -> str:
+    score, baseline = proposal.val_score, proposal.val_baseline
     return "accept" if score is not None and baseline is not None and score >= baseline else "reject"
 
 
 def _reviewer(store: Store, stop: threading.Event) -> None:
     while not stop.is_set():
         for run in store.runs():
-            for p in store.proposals(run["id"], fate="pending"):
-                if store.decision(p["id"]) is None:
-                    store.decide(p["id"], _verdict(p), by=REVIEWER)
+            for p in store.proposals(run.id, fate="pending"):
+                if store.decision(p.id) is None:
+                    store.decide(p.id, _verdict(p), by=REVIEWER)
         time.sleep(0.2)
 
 
@@ -87,8 +88,8 @@ def regenerate(target: Path, quiet: bool = False, only: list[int] | None = None)
         shutil.copyfile(target, work / "runs.sqlite")
     store = Store(work / "runs.sqlite")
     for old in store.runs():
-        if any(_same(old["config"], options) for options in runs):
-            store.delete_run(old["id"])
+        if any(_same(old.config, options) for options in runs):
+            store.delete_run(old.id)
     stop = threading.Event()
     threading.Thread(target=_reviewer, args=(store, stop), daemon=True).start()
     ids = []

@@ -131,21 +131,21 @@ def resolve_step(store: Store, run_id: str, step: Step = "best") -> int:
     try:
         store.run(run_id)
     except StoreError:
-        runs = [r["id"] for r in store.runs()]
+        runs = [r.id for r in store.runs()]
         shown = ", ".join(runs[:10]) + (f" and {len(runs) - 10} more" if len(runs) > 10 else "")
         raise ConfigError(f"no run {run_id!r} in {store.display}; runs there: {shown or 'none'}") from None
-    done = [s for s in store.steps(run_id) if s["status"] == "completed"]
+    done = [s for s in store.steps(run_id) if s.status == "completed"]
     if not done:
         raise ConfigError(f"run {run_id!r} has no completed step yet")
-    numbers = [s["step"] for s in done]
+    numbers = [s.step for s in done]
     if step == "last":
         return numbers[-1]
     if step == "best":
-        scored = [s for s in done if s["val_score"] is not None]
+        scored = [s for s in done if s.val_score is not None]
         if not scored:
             raise ConfigError(f"run {run_id!r}: no completed step has a validation score; "
                               f"ask for a step number (completed: {numbers})")
-        return max(scored, key=lambda s: (s["val_score"], -s["step"]))["step"]
+        return max(scored, key=lambda s: (s.val_score, -s.step)).step
     if isinstance(step, bool) or not isinstance(step, int):
         raise ConfigError(f"step {step!r}: use 'best', 'last' or a step number")
     if step not in numbers:
@@ -158,7 +158,7 @@ def run_state(store: Store, run_id: str, step: Step = "best") -> tuple[int, dict
     `resolve_step`), parameters in the order the run registered them."""
     number = resolve_step(store, run_id, step)
     values = store.parameter_values_at(run_id, number)
-    order = [p["name"] for p in store.parameters(run_id)]
+    order = [p.name for p in store.parameters(run_id)]
     names = [n for n in order if n in values] + [n for n in values if n not in order]
     return number, {n: values[n] for n in names}
 

@@ -214,13 +214,10 @@ class Trainer:
         # Parameters the task gained or lost since (accepted on resume) keep their own values.
         load_state(self.task.pipeline, {n: v for n, v in stored.items() if n in self.params}, partial=True,
                    source=f"run {self.run_id!r} step {last}")
-        rows = self.store.evaluations(self.run_id, split="val", subject="current")
-        latest = max((r["step"] for r in rows), default=0)
-        self.current_val_evals = [
-            Evaluation(r["sample_id"], r["prediction"], r["gold"], r["score"], r["error"])
-            for r in rows if r["step"] == latest
-        ]
-        stored = self.store.steps(self.run_id)[last]["val_score"]
+        stored_evals = self.store.evaluations(self.run_id, split="val", subject="current")
+        latest = max((e.step for e in stored_evals), default=0)
+        self.current_val_evals = [e for e in stored_evals if e.step == latest]
+        stored = self.store.steps(self.run_id)[last].val_score
         self.best_val = stored if stored is not None else mean_score(self.current_val_evals)
         if sorted(e.sample_id for e in self.current_val_evals) != sorted(s["id"] for s in self.val):
             # The validation split changed (accepted on resume): the current values are scored
@@ -252,7 +249,7 @@ class Trainer:
         splits = {name: [s["id"] for s in rows] for name, rows in self.task.splits.items()}
         splits["val"], splits["test"] = [s["id"] for s in self.val], [s["id"] for s in self.test]
         self.store.create_run(self.run_id, self.task.name, self.config.model_dump(), splits)
-        self.store.add_parameters(self.run_id, [p.describe() for p in self.params.values()])
+        self.store.add_parameters(self.run_id, [p.spec(i) for i, p in enumerate(self.params.values())])
         self.store.add_run_event(self.run_id, "estimate", json.dumps(forecast.as_dict()))
         return self.run_id
 
@@ -350,7 +347,7 @@ class Trainer:
         self.store.add_evaluations(self.run_id, step, "val", "current", self.current_val_evals)
         test_score = None
         if self.config.test_each_accept and any(
-            p["fate"] == "accepted" for p in self.store.proposals(self.run_id, step=step)
+            p.fate == "accepted" for p in self.store.proposals(self.run_id, step=step)
         ):
             evals = self.evaluate(self.test, {}, phase="test", step=step)
             self.store.add_evaluations(self.run_id, step, "test", "current", evals)
@@ -389,15 +386,14 @@ class Trainer:
         baseline: dict[str, float], positives: list[tuple[str, str]],
     ) -> dict[str, float]:
         """Propose for one parameter and validate; returns the (possibly new) mini-batch baseline."""
-        own = [_grad_dict(g) for g in gradients if g.target_type == "parameter" and g.target == param.name
-               and g.text]
+        own = [g for g in gradients if g.target_type == "parameter" and g.target == param.name and g.text]
         human = self.store.pending_human_feedback(self.run_id, [param.name])
         if not own and not human:
             return baseline
         peers = [self.params[n] for n in param.peers if n in self.params]
         others = [p for p in self.params.values() if p.trainable and p is not param and p not in peers]
         feedback = own + human
-        self._human_read.extend(h["id"] for h in human if h["id"] not in self._human_read)
+        self._human_read.extend(h.id for h in human if h.id not in self._human_read)
         tried = self._tried_values(param)
         for _ in range(self.config.rounds):
             inp = OptimizerInput(param, peers, others, feedback, positives, self._history(param),
@@ -454,9 +450,9 @@ class Trainer:
         """Failed proposals for this parameter, this step's first, then the most recent earlier ones.
         Proposals that errored say nothing about their value and are left out."""
         failed = [p for p in self.store.proposals(self.run_id, parameter=param.name)
-                  if p["fate"] not in ("accepted", "pending", "proposed", "error") and p["method"] != "none"]
-        failed.sort(key=lambda p: (p["step"] != step, -p["step"], -p["created_at"]))
-        return [(p["value"], p["reason"]) for p in failed[:limit]]
+                  if p.fate not in ("accepted", "pending", "proposed", "error") and p.method != "none"]
+        failed.sort(key=lambda p: (p.step != step, -p.step, -p.created_at))
+        return [(p.value, p.reason) for p in failed[:limit]]
 
     def _validate(
         self, step: int, param: Parameter, proposal: Proposal, minibatch: list[dict], baseline: dict[str, float],
@@ -592,18 +588,18 @@ class Trainer:
 
     def _history(self, param: Parameter) -> list[HistoryEntry]:
         versions = self.store.parameter_versions(self.run_id, param.name)
-        steps = {s["step"]: s["val_score"] for s in self.store.steps(self.run_id)}
-        props = {p["id"]: p for p in self.store.proposals(self.run_id, parameter=param.name)}
+        steps = {s.step: s.val_score for s in self.store.steps(self.run_id)}
+        props = {p.id: p for p in self.store.proposals(self.run_id, parameter=param.name)}
         entries = []
         for v in versions:
-            score = props[v["proposal_id"]]["val_score"] if v["proposal_id"] in props else steps.get(v["step"])
-            entries.append(HistoryEntry(v["value"], score, v["step"]))
+            score = props[v.proposal_id].val_score if v.proposal_id in props else steps.get(v.step)
+            entries.append(HistoryEntry(v.value, score, v.step))
         entries.sort(key=lambda h: -(h.val_score or 0.0))
         return entries[:3]
 
     def _tried_values(self, param: Parameter) -> list[str]:
-        values = [v["value"].strip() for v in self.store.parameter_versions(self.run_id, param.name)]
-        values += [p["value"].strip() for p in self.store.proposals(self.run_id, parameter=param.name)]
+        values = [v.value.strip() for v in self.store.parameter_versions(self.run_id, param.name)]
+        values += [p.value.strip() for p in self.store.proposals(self.run_id, parameter=param.name)]
         return values
 
 
@@ -615,7 +611,3 @@ def _prediction(trace: Trace) -> str:
     loss = trace.loss
     return loss.inputs[0].text if loss else ""
 
-
-def _grad_dict(g: Gradient) -> dict:
-    return {"id": g.id, "sample_id": g.sample_id, "call_index": g.call_index, "score": g.score, "text": g.text,
-            "origin": g.origin, "source_node": g.source_node, "path": list(g.path)}

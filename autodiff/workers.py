@@ -264,9 +264,9 @@ class Worker:
         except StoreError:
             log.warning("run %s is not in the store any more; its job is dropped", run_id)
             return "gone"
-        if run["status"] != QUEUED:  # trained meanwhile (a resume by hand), or requeued after it ended
-            log.info("run %s is %s, not queued: nothing to do", run_id, run["status"])
-            return run["status"]
+        if run.status != QUEUED:  # trained meanwhile (a resume by hand), or requeued after it ended
+            log.info("run %s is %s, not queued: nothing to do", run_id, run.status)
+            return run.status
         if self.store.stop_requested(run_id):
             self.store.set_run_status(run_id, "stopped", error="stopped on request before a worker took it; "
                                                                "resume to start it")
@@ -284,7 +284,7 @@ class Worker:
             self._train(run_id)
         finally:
             self._running.discard(run_id)
-        status = self.store.run(run_id)["status"]
+        status = self.store.run(run_id).status
         if run_id in self._handing_back:
             self._handing_back.discard(run_id)
             if status == "stopped":
@@ -362,7 +362,7 @@ class Worker:
             run = self.store.run(run_id)
         except StoreError:
             return
-        if run["status"] not in ("running", QUEUED, "created"):
+        if run.status not in ("running", QUEUED, "created"):
             return  # it ended before its worker died; the next worker sees that and drops the job
         done = self.store.last_completed_step(run_id) or 0
         why = (f"its worker stopped answering (killed, or its machine went down) after step {done}; waiting for "

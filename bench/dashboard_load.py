@@ -35,7 +35,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from autodiff.config import make_config  # noqa: E402
-from autodiff.records import Evaluation, Gradient, InputRef, Invocation, LLMCall, Proposal, Trace  # noqa: E402
+from autodiff.records import (Evaluation, Gradient, InputRef, Invocation, LLMCall, ParameterSpec, Proposal,  # noqa: E402
+                              Trace)
 from autodiff.store import Store  # noqa: E402
 from tests.live_dashboard import (CHROMIUM, PAGES, ROOT, dashboard_server, launch_chromium, nav_link,  # noqa: E402
                                   wait_charts_drawn, wait_graph_drawn, wait_rendered)
@@ -118,12 +119,13 @@ class Writer:
                              optimizer_model="openai:gpt-4o", steps=self.steps, batch_size=self.batch,
                              max_failed=self.failing, review="validated").model_dump()
         s.create_run(self.run_id, "multihop_rag", config, {"train": self.train, "val": self.val, "test": self.test})
+        specs = [(node, p, ps) for node, (_kind, _n, ps) in NODES.items() for p in ps]
         s.add_parameters(self.run_id, [
-            {"name": p, "node": node, "kind": p.split(".")[1] if p.split(".")[1] in ("instruction", "output_format",
-                                                                                        "examples") else "other",
-             "role": f"The {p.split('.')[1].replace('_', ' ')} of the {node}.", "trainable": p not in FROZEN,
-             "peers": [q for q in ps if q != p]}
-            for node, (_kind, _n, ps) in NODES.items() for p in ps
+            ParameterSpec(name=p, node=node, kind=p.split(".")[1] if p.split(".")[1] in (
+                              "instruction", "output_format", "examples") else "other",
+                          role=f"The {p.split('.')[1].replace('_', ' ')} of the {node}.", trainable=p not in FROZEN,
+                          peers=tuple(q for q in ps if q != p), position=i)
+            for i, (node, p, ps) in enumerate(specs)
         ])
         s.set_run_status(self.run_id, "running", pid=os.getpid())
         s.start_step(self.run_id, 0, [])

@@ -42,6 +42,7 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -52,6 +53,7 @@ from autodiff.llm.client import RetryPolicy  # noqa: E402
 from autodiff.llm.fake import FakeProvider  # noqa: E402
 from autodiff.llm.types import Completion, Request  # noqa: E402
 from autodiff.prompts import BACKWARD_SYSTEM, OPTIMIZER_SYSTEM  # noqa: E402
+from autodiff.records import CallSummary  # noqa: E402
 from autodiff.store import Store  # noqa: E402
 from autodiff.tasks import load_task  # noqa: E402
 from autodiff.tasks.object_counting import EXAMPLES, INSTRUCTION, OUTPUT_FORMAT  # noqa: E402
@@ -117,19 +119,19 @@ class TimedProvider:
         return sum(b - a for a, b in self.spans if start <= a <= end)
 
 
-def stages(calls: list[dict], val_ids: set[str]) -> list[tuple[str, list[dict]]]:
+def stages(calls: list[CallSummary], val_ids: set[str]) -> list[tuple[str, list[CallSummary]]]:
     """Split a step's calls into the sequential stages described in the module docstring."""
-    out: list[tuple[str, list[dict]]] = []
+    out: list[tuple[str, list[CallSummary]]] = []
     seen: set[tuple] = set()
-    for call in sorted(calls, key=lambda c: c.get("start", c["created_at"] - c["latency_ms"] / 1000)):
-        if call["phase"] in ("forward", "backward"):
-            key = call["phase"]
-        elif call["phase"] == "propose":
-            key = f"propose:{call['id']}"  # each optimizer call waits for the one before
+    for call in sorted(calls, key=lambda c: c.created_at - c.latency_ms / 1000):  # by start
+        if call.phase in ("forward", "backward"):
+            key = call.phase
+        elif call.phase == "propose":
+            key = f"propose:{call.id}"  # each optimizer call waits for the one before
         else:
-            key = f"{call['phase']}:{'val' if call['sample_id'] in val_ids else 'minibatch'}"
-        ident = (call["sample_id"], call["node"], call["call_index"])
-        repeat = call["phase"] != "backward" and ident in seen
+            key = f"{call.phase}:{'val' if call.sample_id in val_ids else 'minibatch'}"
+        ident = (call.sample_id, call.node, call.call_index)
+        repeat = call.phase != "backward" and ident in seen
         if not out or out[-1][0] != key or repeat:
             out.append((key, []))
             seen = set()
@@ -138,26 +140,26 @@ def stages(calls: list[dict], val_ids: set[str]) -> list[tuple[str, list[dict]]]
     return out
 
 
-def chain_seconds(key: str, calls: list[dict]) -> float:
-    by_sample: dict[str, list[dict]] = defaultdict(list)
+def chain_seconds(key: str, calls: list[CallSummary]) -> float:
+    by_sample: dict[str, list[CallSummary]] = defaultdict(list)
     for c in calls:
-        by_sample[c["sample_id"]].append(c)
+        by_sample[c.sample_id].append(c)
     if key != "backward":
-        return max(sum(c["latency_ms"] for c in cs) for cs in by_sample.values()) / 1000
+        return max(sum(c.latency_ms for c in cs) for cs in by_sample.values()) / 1000
     chains = []
     for cs in by_sample.values():  # per invocation, its per-peer calls run in parallel
         groups: dict[tuple, float] = defaultdict(float)
         for c in cs:
-            groups[(c["node"], c["call_index"])] = max(groups[(c["node"], c["call_index"])], c["latency_ms"])
+            groups[(c.node, c.call_index)] = max(groups[(c.node, c.call_index)], c.latency_ms)
         chains.append(sum(groups.values()))
     return max(chains) / 1000
 
 
-def critical_path(calls: list[dict], val_ids: set[str], concurrency: int) -> tuple[float, list[str]]:
+def critical_path(calls: list[CallSummary], val_ids: set[str], concurrency: int) -> tuple[float, list[str]]:
     total, lines = 0.0, []
     for key, cs in stages(calls, val_ids):
         chain = chain_seconds(key, cs)
-        spread = sum(c["latency_ms"] for c in cs) / 1000 / concurrency
+        spread = sum(c.latency_ms for c in cs) / 1000 / concurrency
         total += max(chain, spread)
         lines.append(f"    {key.split(':')[0] if key.startswith('propose') else key:<20} {len(cs):>4} calls"
                      f"  chain {chain * 1000:7.1f} ms  total/concurrency {spread * 1000:7.1f} ms")
@@ -177,10 +179,10 @@ def run_once(latency_ms: float, concurrency: int) -> dict:
         provider = TimedProvider(latency_ms / 1000)
         run_id = runner.train(store, make_config(task="object_counting", forward_model="fake:forward", backward_model="fake:backward", optimizer_model="fake:optimizer", steps=1, batch_size=4, max_failed=4, positives=2, proposals=2, concurrency=concurrency, test_limit=16), cache_path=Path(tmp) / "cache.sqlite", providers={"fake": provider}, retry=RetryPolicy(attempts=2, initial_wait=0, max_wait=0), progress=progress)
         step = store.steps(run_id)[1]
-        calls = [c for c in store.call_summaries(run_id) if c["phase"] != "test" and c["step"] == 1]
+        calls = [c for c in store.call_summaries(run_id) if c.phase != "test" and c.step == 1]
         figures = {
             "step": step, "calls": calls, "val_ids": set(store.sample_ids(run_id, "val")),
-            "fates": [p["fate"] for p in store.proposals(run_id, step=1)],
+            "fates": [p.fate for p in store.proposals(run_id, step=1)],
             "wall": marks["step_done"][0] - marks["step"][0],
             "cpu": marks["step_done"][1] - marks["step"][1],
             "in_provider": provider.seconds_between(*(marks[e][0] for e in ("step", "step_done"))),
@@ -195,15 +197,15 @@ def report(latency_ms: float, concurrency: int, repeats: int, show_stages: bool)
     calls, n = f["calls"], len(f["calls"])
     print(f"\n=== fake latency {latency_ms:g} ms, concurrency {concurrency}"
           f" (median of {repeats} runs by wall time) ===")
-    print(f"  batch {len(f['step']['batch'])}, failed {len(f['step']['failed_samples'])}, proposals: "
+    print(f"  batch {len(f['step'].batch)}, failed {len(f['step'].failed_samples)}, proposals: "
           + ", ".join(f"{fate} x{f['fates'].count(fate)}" for fate in dict.fromkeys(f["fates"])))
     print(f"  {'phase':<10} {'calls':>6} {'prompt tok':>11} {'completion tok':>15}")
     for phase in ("forward", "backward", "propose", "validate"):
-        cs = [c for c in calls if c["phase"] == phase]
-        print(f"  {phase:<10} {len(cs):>6} {sum(c['prompt_tokens'] for c in cs):>11}"
-              f" {sum(c['completion_tokens'] for c in cs):>15}")
-    print(f"  {'total':<10} {n:>6} {sum(c['prompt_tokens'] for c in calls):>11}"
-          f" {sum(c['completion_tokens'] for c in calls):>15}")
+        cs = [c for c in calls if c.phase == phase]
+        print(f"  {phase:<10} {len(cs):>6} {sum(c.prompt_tokens for c in cs):>11}"
+              f" {sum(c.completion_tokens for c in cs):>15}")
+    print(f"  {'total':<10} {n:>6} {sum(c.prompt_tokens for c in calls):>11}"
+          f" {sum(c.completion_tokens for c in calls):>15}")
     walls = ", ".join(f"{r['wall'] * 1000:.0f}" for r in runs)
     print(f"  step wall time: {f['wall'] * 1000:.1f} ms" + (f"  (all runs: {walls} ms)" if repeats > 1 else ""))
     if latency_ms == 0:
@@ -212,8 +214,9 @@ def report(latency_ms: float, concurrency: int, repeats: int, show_stages: bool)
               f" {engine / n * 1000:.3f} ms (wall - time inside the fake)/calls;"
               f" {f['cpu'] / n * 1000:.3f} ms process CPU/calls   target < 1 ms")
     else:
-        nominal = [dict(c, start=c["created_at"] - c["latency_ms"] / 1000, latency_ms=0.0 if c["cached"] else latency_ms)
-                   for c in calls]
+        # Each call at its recorded start, lasting what the provider was told to take.
+        nominal = [replace(c, latency_ms=nominal_ms, created_at=c.created_at - (c.latency_ms - nominal_ms) / 1000)
+                   for c in calls for nominal_ms in [0.0 if c.cached else latency_ms]]
         path, lines = critical_path(nominal, f["val_ids"], concurrency)
         recorded, _ = critical_path(calls, f["val_ids"], concurrency)
         if show_stages:

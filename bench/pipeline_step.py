@@ -68,11 +68,11 @@ def make_responder(answers: dict[str, str]):
 def figures(store: Store, run_id: str) -> dict[tuple[int, str], list[int]]:
     out: dict[tuple[int, str], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
     for c in store.call_summaries(run_id):
-        row = out[(c["step"], c["phase"])]
+        row = out[(c.step, c.phase)]
         row[0] += 1
-        row[1] += int(c["cached"])
-        row[2] += c["prompt_tokens"]
-        row[3] += c["completion_tokens"]
+        row[1] += int(c.cached)
+        row[2] += c.prompt_tokens
+        row[3] += c.completion_tokens
     return out
 
 
@@ -91,10 +91,10 @@ def main() -> None:
             wall = time.perf_counter() - started
             steps = store.steps(run_id)
             proposals = store.proposals(run_id)
-            fates = ", ".join(f"{f} {sum(p['fate'] == f for p in proposals)}" for f in dict.fromkeys(
-                p["fate"] for p in proposals)) or "none"
-            print(f"\n== {task}  (wall {wall:.1f}s; val {steps[0]['val_score']:.2f} -> {steps[-1]['val_score']:.2f};"
-                  f" failed in batch {len(steps[-1]['failed_samples'])}/{args.batch_size};"
+            fates = ", ".join(f"{f} {sum(p.fate == f for p in proposals)}" for f in dict.fromkeys(
+                p.fate for p in proposals)) or "none"
+            print(f"\n== {task}  (wall {wall:.1f}s; val {steps[0].val_score:.2f} -> {steps[-1].val_score:.2f};"
+                  f" failed in batch {len(steps[-1].failed_samples)}/{args.batch_size};"
                   f" gradients {len(store.gradients(run_id))}; proposals: {fates})")
             print(f"   {'step':>4} {'phase':<9} {'calls':>6} {'cached':>6} {'prompt_tok':>11} {'compl_tok':>10}")
             table = figures(store, run_id)

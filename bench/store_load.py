@@ -90,7 +90,7 @@ class CountingStore:
     def add_parameters(self, run_id, parameters):
         parameters = list(parameters)
         self._store.add_parameters(run_id, parameters)
-        self._wrote("parameters", [p["name"] for p in parameters])
+        self._wrote("parameters", [p.name for p in parameters])
 
     def add_parameter_version(self, run_id, name, step, value, proposal_id):
         version = self._store.add_parameter_version(run_id, name, step, value, proposal_id)
@@ -187,11 +187,11 @@ def reader(spec: str, index: int, start: float, seconds: float, out: Any) -> Non
     while time.time() < start:
         time.sleep(0.01)
     while time.time() < start + seconds:
-        runs = timed("runs_summary", lambda: [metrics.run_summary(store, r["id"]) and r for r in store.runs()])
+        runs = timed("runs_summary", lambda: [metrics.run_summary(store, r.id) and r for r in store.runs()])
         if not runs:
             time.sleep(0.05)
             continue
-        run_id = rng.choice(runs)["id"]
+        run_id = rng.choice(runs).id
         timed("curves", lambda: metrics.step_figures(store, run_id))
         timed("gradients", lambda: (store.find_gradients(run_id, limit=50, offset=0), store.gradient_facets(run_id)))
         timed("proposals", lambda: (store.proposals(run_id), store.proposal_costs(run_id)))

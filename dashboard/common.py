@@ -13,6 +13,7 @@ from urllib.parse import urlencode
 import streamlit as st
 
 from autodiff.metrics import run_summary
+from autodiff.records import LLMCall, Run
 from autodiff.recovery import Recovery, recovery
 from autodiff.runner import default_cache_path, mark_dead_runs
 from autodiff.store import Store, is_url, resolve_spec
@@ -77,13 +78,13 @@ def _settled_summary(path: str, run_id: str, status: str, updated_at: float) -> 
     return run_summary(get_store(path), run_id)
 
 
-def summary(store: Store, run: dict) -> dict:
-    """`run_summary` of a run (a row of `Store.runs`). A run no process writes to (completed,
-    stopped, failed) changes only along with its row's status and time stamp, so its summary is
+def summary(store: Store, run: Run) -> dict:
+    """`run_summary` of a run (as `Store.runs` gives it). A run no process writes to (completed,
+    stopped, failed) changes only along with its status and time stamp, so its summary is
     computed once and kept: a store of many runs does not sum every run's calls on each visit."""
-    if run["status"] in ACTIVE:
-        return run_summary(store, run["id"])
-    return _settled_summary(store.spec, run["id"], run["status"], run["updated_at"])
+    if run.status in ACTIVE:
+        return run_summary(store, run.id)
+    return _settled_summary(store.spec, run.id, run.status, run.updated_at)
 
 
 def static_url(name: str = "") -> str:
@@ -227,7 +228,7 @@ def sidebar() -> str | None:
         if not runs:
             st.session_state["run_id"] = None
             return None
-        ids = [r["id"] for r in runs]
+        ids = [r.id for r in runs]
         linked = st.query_params.get("run")
         if linked and linked not in ids and linked != st.session_state.get("_url:run"):
             st.warning(f"No run {md(linked)} in this store: showing the newest.")
@@ -236,8 +237,8 @@ def sidebar() -> str | None:
         known = st.session_state.get("run_id")
         run_id = choose(st, "Run", ids, key="run_picker", scope=None, url="run",
                         index=ids.index(known) if known in ids else 0)
-        run = next(r for r in runs if r["id"] == run_id)
-        st.caption(f"{md(run['task'])}, {run['status']}")
+        run = next(r for r in runs if r.id == run_id)
+        st.caption(f"{md(run.task)}, {run.status}")
         st.session_state["run_id"] = run_id
         return run_id
 
@@ -257,7 +258,7 @@ def require_run() -> tuple[Store, str]:
     return store, run_id
 
 
-def run_problem(run: dict, here: bool = False) -> Recovery | None:
+def run_problem(run: Run, here: bool = False) -> Recovery | None:
     """Why `run` stopped or failed and what to do (see autodiff.recovery), drawn as an error
     (failed) or a warning (stopped); nothing for a run that is going or completed. Every page of
     a run draws it first (through `require_run`); the Runs page (`here`) draws it above Resume."""
@@ -267,32 +268,31 @@ def run_problem(run: dict, here: bool = False) -> Recovery | None:
     where = "below" if here else "on the **Runs** page"
     resume = {"go": f"Resume it {where}.", "fix_first": f"Resume is {where}.",
               "new_run": f"Start a new run {where} (a resume would fail the same way)."}[what.outlook]
-    text = f"**Run {md(run['id'])} {what.status}:** {md(what.error or 'no reason recorded')}  \n" \
+    text = f"**Run {md(run.id)} {what.status}:** {md(what.error or 'no reason recorded')}  \n" \
            f"**What to do:** {md(what.advice)} {resume}"
     (st.error if what.status == "failed" else st.warning)(text, icon=":material/error:")
     return what
 
 
-def show_call(call: dict | None) -> None:
+def show_call(call: LLMCall | None) -> None:
     """One recorded LLM call, as stored: model, tokens, how it ended, every message, the reasoning
     the model wrote (kept apart from its reply) and the reply or the error. All text is shown as
     code, never as markdown or HTML (it came from an LLM or a dataset)."""
     if call is None:
         st.caption("The call record is missing from the store.")
         return
-    notes = [note for note, flag in (("cached", call["cached"]),
-                                     ("cut off at the token limit", call.get("finish_reason") == "length"),
-                                     (f"{call.get('attempts')} requests", (call.get("attempts") or 1) > 1)) if flag]
-    st.caption(" · ".join([md(call["model"]), f"{call['prompt_tokens']}+{call['completion_tokens']} tokens", *notes]))
-    for role, content in call["messages"]:
+    notes = [note for note, flag in (("cached", call.cached), ("cut off at the token limit", call.cut_off),
+                                     (f"{call.attempts} requests", call.attempts > 1)) if flag]
+    st.caption(" · ".join([md(call.model), f"{call.prompt_tokens}+{call.completion_tokens} tokens", *notes]))
+    for role, content in call.messages:
         st.caption(md(role))
         st.code(content, language=None, wrap_lines=True)
-    if call.get("reasoning"):
+    if call.reasoning:
         st.caption("reasoning (not part of the reply)")
-        st.code(call["reasoning"], language=None, wrap_lines=True)
-    if call.get("error"):
-        st.caption(f"error ({md(call.get('error_kind') or 'unknown kind')})")
-        st.code(call["error"], language=None, wrap_lines=True)
+        st.code(call.reasoning, language=None, wrap_lines=True)
+    if call.error:
+        st.caption(f"error ({md(call.error_kind or 'unknown kind')})")
+        st.code(call.error, language=None, wrap_lines=True)
     else:
         st.caption("reply")
-        st.code(call["response"] or "", language=None, wrap_lines=True)
+        st.code(call.response or "", language=None, wrap_lines=True)

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 import streamlit as st
 
 from autodiff.metrics import STAGE_LABELS, STAGES, step_figures
+from autodiff.records import Run
 from autodiff.store import Store
 from dashboard.common import ACTIVE, get_store
 
@@ -18,13 +19,13 @@ def _settled_steps(path: str, run_id: str, status: str, updated_at: float) -> li
     return step_figures(get_store(path), run_id)
 
 
-def steps_of(store: Store, run: dict) -> list[dict]:
-    """`step_figures` of a run (a row of `Store.runs`). A run no process writes to changes only
-    along with its row's status and time stamp (as `dashboard.common.summary` relies on too), so
-    its figures are computed once and kept; a live run's are computed on every call."""
-    if run["status"] in ACTIVE:
-        return step_figures(store, run["id"])
-    return _settled_steps(store.spec, run["id"], run["status"], run["updated_at"])
+def steps_of(store: Store, run: Run) -> list[dict]:
+    """`step_figures` of a run (as `Store.runs` gives it). A run no process writes to changes only
+    along with its status and time stamp (as `dashboard.common.summary` relies on too), so its
+    figures are computed once and kept; a live run's are computed on every call."""
+    if run.status in ACTIVE:
+        return step_figures(store, run.id)
+    return _settled_steps(store.spec, run.id, run.status, run.updated_at)
 
 
 def _n(value: int | None, unit: str = "") -> str:

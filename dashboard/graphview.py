@@ -31,6 +31,7 @@ from pyvis.network import Network
 
 from autodiff.errors import AutodiffError
 from autodiff.graphview import node_id
+from autodiff.records import Gradient, Invocation
 
 # --- colours -------------------------------------------------------------------------------------
 
@@ -557,36 +558,35 @@ def _edge_title(u: str, v: str, g: nx.DiGraph, d: dict) -> str:
 
 # --- the Graph page's tables ---------------------------------------------------------------------
 
-def gradient_origin(g: dict) -> str:
+def gradient_origin(g: Gradient) -> str:
     """Where feedback came from: the downstream node and the function nodes it passed through."""
-    source = g.get("source_node") or "?"
-    via = " → ".join(g.get("path") or [])
-    if g.get("origin") == "human":
+    source = g.source_node or "?"
+    via = " → ".join(g.path)
+    if g.origin == "human":
         return f"human feedback ({source})"
     return f"{source} (via {via})" if via else source
 
 
-def call_rows(invocations: Sequence[dict], node: str) -> list[dict]:
-    """One row per invocation of `node`: where each input came from, the output, any error."""
-    node_of = {inv["id"]: f"{inv['node']}#{inv['call_index']}" for inv in invocations}
+def call_rows(invocations: Sequence[Invocation], node: str) -> list[dict]:
+    """One table row per invocation of `node`: where each input came from, the output, any error."""
+    node_of = {inv.id: f"{inv.node}#{inv.call_index}" for inv in invocations}
     return [
         {
-            "sample": inv["sample_id"], "call": inv["call_index"],
-            "inputs": "; ".join(f"{name} ← {node_of.get(src, 'sample') if src else 'sample'}"
-                                for name, _text, src in inv["inputs"]),
-            "output": inv["output"], "score": inv["score"], "error": inv["error"] or "",
-            "prompt": inv["prompt"] or "",
+            "sample": inv.sample_id, "call": inv.call_index,
+            "inputs": "; ".join(f"{ref.name} ← {node_of.get(ref.source, 'sample') if ref.source else 'sample'}"
+                                for ref in inv.inputs),
+            "output": inv.output, "score": inv.score, "error": inv.error or "", "prompt": inv.prompt or "",
         }
-        for inv in invocations if inv["node"] == node
+        for inv in invocations if inv.node == node
     ]
 
 
-def gradient_rows(gradients: Iterable[dict]) -> list[dict]:
-    """One row per gradient as `Store.find_gradients` or `Store.gradients_by_id` gives it (with
-    `about_call`, the call index of what it is about)."""
+def gradient_rows(gradients: Iterable[Gradient]) -> list[dict]:
+    """One table row per stored gradient (as `Store.find_gradients` or `Store.gradients_by_id`
+    give them); "call" is the call index of what it is about."""
     return [
-        {"step": g["step"], "sample": g["sample_id"], "target": g["target"], "call": g.get("about_call"),
-         "score": g["score"], "from": gradient_origin(g), "written at": f"{g['node']}#{g['call_index']}",
-         "feedback": g["text"], "error": g["error"] or ""}
+        {"step": g.step, "sample": g.sample_id, "target": g.target, "call": g.about_call,
+         "score": g.score, "from": gradient_origin(g), "written at": f"{g.node}#{g.call_index}",
+         "feedback": g.text, "error": g.error or ""}
         for g in gradients
     ]

@@ -13,7 +13,7 @@ from dashboard.figures import steps_of
 
 store, run_id = require_run()
 st.title("Compare")
-by_id = {r["id"]: r for r in store.runs()}
+by_id = {r.id: r for r in store.runs()}
 ids = list(by_id)
 if len(ids) < 2:
     st.info("Comparing needs at least two runs and this store has one. Start another on the **Runs** page.")
@@ -24,7 +24,7 @@ reset_when("compare_runs", run_id, default)
 chosen = st.multiselect("Runs", ids, key="compare_runs",
                         help="The first run is the baseline the others' prompts are diffed against.")
 if len(chosen) < 2:
-    task = by_id[run_id]["task"]
+    task = by_id[run_id].task
     st.info("Pick two or more runs." + ("" if len(default) > 1 else
             f" No other run in this store is of task {md(task)}; runs of other tasks share no samples with "
             "it, but their curves and prompts can still be set side by side."))

@@ -18,7 +18,7 @@ OTHER = "other"  # step time with no LLM call running
 store, run_id = require_run()
 st.title("Curves")
 st.caption(f"Run {md(run_id)}")
-live = store.run(run_id)["status"] in ACTIVE
+live = store.run(run_id).status in ACTIVE
 
 
 def by_phase(df: pd.DataFrame, prefix: str, title: str, y: str, unit: charts.Unit, cumulative: str | None = None,

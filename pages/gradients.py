@@ -5,6 +5,7 @@ import streamlit as st
 
 from autodiff import graphview as gv
 from autodiff import proposals as props
+from autodiff.records import Gradient, Proposal
 from dashboard import textfold
 from dashboard.common import ALL, choose, fmt_score, fmt_time, md, page_url, require_run, reset_when, show_call
 from dashboard.graphview import gradient_origin
@@ -19,8 +20,8 @@ if not facets["total"]:
     st.info("No gradients yet: the backward pass writes them when a training step has failing samples.")
     st.stop()
 parameters = store.parameters(run_id)
-nodes = list(dict.fromkeys([p["node"] for p in parameters if p["node"]] + facets["outputs"]))
-targets = [gv.node_id(n) for n in nodes] + [gv.parameter_id(p["name"]) for p in parameters]
+nodes = list(dict.fromkeys([p.node for p in parameters if p.node] + facets["outputs"]))
+targets = [gv.node_id(n) for n in nodes] + [gv.parameter_id(p.name) for p in parameters]
 
 # Step and target are kept in the URL; every filter goes back to "All" when another run is chosen.
 # Two rows of filters: five in one row left each too narrow to show its choice at 1024 px.
@@ -50,22 +51,22 @@ if pages > 1:
     page = st.number_input("Page", 1, pages, key="grad_page")
 st.caption(f"{matching} of {facets['total']} gradients, in the order they were written.")
 _, shown = store.find_gradients(run_id, **filters, limit=PER_PAGE, offset=(page - 1) * PER_PAGE)
-read_by = props.readers(store, run_id, [g["id"] for g in shown])
-step_start = {s["step"]: s["started_at"] for s in store.steps(run_id)}
+read_by = props.readers(store, run_id, [g.id for g in shown])
+step_start = {s.step: s.started_at for s in store.steps(run_id)}
 
 
-def reader_link(p: dict) -> str:
-    return (f"[step {p['step']} · {md(p['parameter'])} · {md(p['fate'])}]"
-            f"({page_url('proposals', run=run_id, step=p['step'], parameter=p['parameter'])})")
+def reader_link(p: Proposal) -> str:
+    return (f"[step {p.step} · {md(p.parameter)} · {md(p.fate)}]"
+            f"({page_url('proposals', run=run_id, step=p.step, parameter=p.parameter)})")
 
 
-def written(g: dict) -> str:
+def written(g: Gradient) -> str:
     """When the gradient was stored, and how far into its step (the step's start as last recorded:
     a resumed step starts again, so an earlier gradient gets no offset)."""
-    when = fmt_time(g["created_at"])
-    start = step_start.get(g["step"])
-    if g["created_at"] and start and g["created_at"] >= start:
-        return f"{when} (+{g['created_at'] - start:.1f} s into step {g['step']})"
+    when = fmt_time(g.created_at)
+    start = step_start.get(g.step)
+    if g.created_at and start and g.created_at >= start:
+        return f"{when} (+{g.created_at - start:.1f} s into step {g.step})"
     return when
 
 
@@ -87,36 +88,36 @@ def folded_markdown(text: str) -> tuple[str, str]:
 
 for g in shown:
     with st.container(border=True):
-        kind = "parameter" if g["target_type"] == "parameter" else "output of"
-        about = g["about_call"]
+        kind = "parameter" if g.target_type == "parameter" else "output of"
+        about = g.about_call
         st.markdown(
-            f"**Step {g['step']} · sample {md(g['sample_id'] or '-')} · call {'-' if about is None else about}** — "
-            f"on {kind} **{md(g['target'])}** · score {fmt_score(g['score'])} · {md(g['origin'])}"
+            f"**Step {g.step} · sample {md(g.sample_id or '-')} · call {'-' if about is None else about}** — "
+            f"on {kind} **{md(g.target)}** · score {fmt_score(g.score)} · {md(g.origin)}"
         )
-        read = "" if read_by.get(g["id"]) or not (g["text"] and g["target_type"] == "parameter") \
+        read = "" if read_by.get(g.id) or not (g.text and g.target_type == "parameter") \
             else " No recorded proposal read it."
-        st.caption(f"From {md(gradient_origin(g))}, written at {md(g['node'])} call "
-                   f"{'-' if g['call_index'] is None else g['call_index']}, at {written(g)}.{read}")
-        text, left_out = folded_markdown(g["text"] or "")
+        st.caption(f"From {md(gradient_origin(g))}, written at {md(g.node)} call "
+                   f"{'-' if g.call_index is None else g.call_index}, at {written(g)}.{read}")
+        text, left_out = folded_markdown(g.text or "")
         st.markdown(text or "*(empty feedback)*")
-        if g["error"]:
-            st.warning(md(g["error"]))
-        if readers := read_by.get(g["id"]):
+        if g.error:
+            st.warning(md(g.error))
+        if readers := read_by.get(g.id):
             st.markdown(f"Read by {len(readers)} proposal{'s' if len(readers) > 1 else ''}: "
                         + ", ".join(reader_link(p) for p in readers))
         # One panel, loaded and drawn only when opened (25 calls' prompts drawn up front made the
         # page slow): the full text when the card shows less of it, and the backward call.
-        if not (g["llm_call_id"] or left_out):
+        if not (g.llm_call_id or left_out):
             continue
-        full = f"full text ({len(g['text']):,} characters, {left_out})" if left_out else ""
-        label = " · ".join(x for x in ("Backward call that wrote it" if g["llm_call_id"] else "", full) if x)
+        full = f"full text ({len(g.text):,} characters, {left_out})" if left_out else ""
+        label = " · ".join(x for x in ("Backward call that wrote it" if g.llm_call_id else "", full) if x)
         label = label[0].upper() + label[1:]
-        panel = st.expander(label, key=f"grad_call_{g['id']}", on_change="rerun")
+        panel = st.expander(label, key=f"grad_call_{g.id}", on_change="rerun")
         if not panel.open:
             continue
         with panel:
             if left_out:
                 st.caption("Full text")
-                st.code(g["text"], language=None, wrap_lines=True)
-            if g["llm_call_id"]:
-                show_call(store.call(g["llm_call_id"]))
+                st.code(g.text, language=None, wrap_lines=True)
+            if g.llm_call_id:
+                show_call(store.call(g.llm_call_id))

@@ -44,12 +44,12 @@ st.caption(
     "anything for details."
 )
 
-own = [p for p in parameters if p["node"] == node]
+own = [p for p in parameters if p.node == node]
 st.subheader(f"Parameters of {md(node)}")
 if own:
-    st.dataframe([{"parameter": p["name"], "kind": p["kind"], "trainable": p["trainable"],
-                   "value in these calls": graph.nodes[gv.parameter_id(p["name"])].get("value", ""),
-                   "role": p["role"]} for p in own], hide_index=True)
+    st.dataframe([{"parameter": p.name, "kind": p.kind, "trainable": p.trainable,
+                   "value in these calls": graph.nodes[gv.parameter_id(p.name)].get("value", ""),
+                   "role": p.role} for p in own], hide_index=True)
 else:
     st.caption("None: this node has nothing to train.")
 

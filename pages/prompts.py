@@ -13,12 +13,12 @@ from dashboard.graphview import gradient_rows
 store, run_id = require_run()
 st.title("Prompts")
 
-parameters = {p["name"]: p for p in store.parameters(run_id)}
+parameters = {p.name: p for p in store.parameters(run_id)}
 if not parameters:
     st.info("This run has no parameters stored yet.")
     st.stop()
 every_version = store.parameter_versions(run_id)
-counts = {n: sum(v["name"] == n for v in every_version) for n in parameters}
+counts = {n: sum(v.name == n for v in every_version) for n in parameters}
 names = list(parameters)
 changed = [n for n in names if counts[n] > 1]
 # Opens on the first parameter that changed; the choice is kept in the URL (?parameter=).
@@ -26,23 +26,23 @@ name = choose(st, "Parameter", names, key="prompt_param", scope=run_id, url="par
               index=names.index(changed[0]) if changed else 0,
               format_func=lambda n: f"{n} ({counts[n]} version{'' if counts[n] == 1 else 's'})")
 param = parameters[name]
-st.caption(f"{md(param['kind'])} of node {md(param['node'])}"
-           f"{'' if param['trainable'] else ' (frozen)'} — {md(param['role'])}")
+st.caption(f"{md(param.kind)} of node {md(param.node)}"
+           f"{'' if param.trainable else ' (frozen)'} — {md(param.role)}")
 
-versions = {v["version"]: v for v in every_version if v["name"] == name}
+versions = {v.version: v for v in every_version if v.name == name}
 if not versions:
     st.info("No version of this parameter is stored yet: the run writes them when it starts.")
     st.stop()
 st.dataframe(
-    [{"version": v["version"], "step": v["step"], "from": "initial" if v["proposal_id"] is None else "proposal",
-      "proposal": v["proposal_id"] or "", "chars": len(v["value"]), "at": fmt_time(v["created_at"])}
+    [{"version": v.version, "step": v.step, "from": "initial" if v.proposal_id is None else "proposal",
+      "proposal": v.proposal_id or "", "chars": len(v.value), "at": fmt_time(v.created_at)}
      for v in versions.values()],
     hide_index=True,
 )
 
 
 def label(n: int) -> str:
-    return f"v{n} (step {versions[n]['step']})"
+    return f"v{n} (step {versions[n].step})"
 
 
 numbers = list(versions)
@@ -55,30 +55,30 @@ else:  # the pickers open on the last change, again whenever another run or para
                  scope=(run_id, name))
     new = choose(pick[1], "with", numbers, index=len(numbers) - 1, format_func=label, key="prompt_new",
                  scope=(run_id, name))
-left, right = word_diff_html(versions[old]["value"], versions[new]["value"])
-peers_at = store.parameter_values_at(run_id, versions[new]["step"])
+left, right = word_diff_html(versions[old].value, versions[new].value)
+peers_at = store.parameter_values_at(run_id, versions[new].step)
 cols = st.columns(3)
 cols[0].markdown(f"**{label(old)}**")
 cols[0].html(left)
 cols[1].markdown(f"**{label(new)}**")
 cols[1].html(right)
-cols[2].markdown(f"**Peers at step {versions[new]['step']}**")
-for peer in param["peers"]:
+cols[2].markdown(f"**Peers at step {versions[new].step}**")
+for peer in param.peers:
     cols[2].caption(md(peer))
     cols[2].code(peers_at.get(peer, "(no value stored)"), language=None, wrap_lines=True)
-if not param["peers"]:
+if not param.peers:
     cols[2].caption("None: this parameter is its node's whole prompt.")
 
-proposals = {p["id"]: p for p in store.proposals(run_id, parameter=name)}
+proposals = {p.id: p for p in store.proposals(run_id, parameter=name)}
 st.subheader("Proposals")
 if proposals:
     costs = store.proposal_costs(run_id)
     none = NO_PROPOSAL_COST
     st.dataframe(
-        [{"step": p["step"], "method": p["method"], "fate": p["fate"], "mini-batch": fmt_score(p["minibatch_score"]),
-          "validation": fmt_score(p["val_score"]), "cost to make": format_usd(c["make_usd"], c["make_unknown"]),
-          "cost to validate": format_usd(c["validate_usd"], c["validate_unknown"]), "reason": p["reason"], "value": p["value"]}
-         for p in proposals.values() for c in [costs.get(p["id"], none)]],
+        [{"step": p.step, "method": p.method, "fate": p.fate, "mini-batch": fmt_score(p.minibatch_score),
+          "validation": fmt_score(p.val_score), "cost to make": format_usd(c["make_usd"], c["make_unknown"]),
+          "cost to validate": format_usd(c["validate_usd"], c["validate_unknown"]), "reason": p.reason, "value": p.value}
+         for p in proposals.values() for c in [costs.get(p.id, none)]],
         hide_index=True,
     )
     st.caption("Cost to make: the optimizer call that wrote it, shared by the proposals of that call. Cost to "
@@ -89,19 +89,19 @@ else:
 st.subheader("How each version came about")
 previous = dict(zip(numbers[1:], numbers))
 for n, v in versions.items():
-    if v["proposal_id"] is None:
+    if v.proposal_id is None:
         continue
-    p = proposals[v["proposal_id"]]
-    with st.expander(f"{label(n)}: {md(p['method'])} proposal, {p['fate']}", expanded=n == new):
+    p = proposals[v.proposal_id]
+    with st.expander(f"{label(n)}: {md(p.method)} proposal, {p.fate}", expanded=n == new):
         st.markdown(
-            f"Mini-batch {fmt_score(p['minibatch_score'])} vs {fmt_score(p['minibatch_baseline'])} · "
-            f"validation {fmt_score(p['val_score'])} vs {fmt_score(p['val_baseline'])} · "
-            f"decided by {md(p['decision_by'] or p['decided_by'] or 'the trainer')}"
+            f"Mini-batch {fmt_score(p.minibatch_score)} vs {fmt_score(p.minibatch_baseline)} · "
+            f"validation {fmt_score(p.val_score)} vs {fmt_score(p.val_baseline)} · "
+            f"decided by {md(p.decision_by or p.decided_by or 'the trainer')}"
         )
-        st.markdown("**Reasoning:** " + md(p["reasoning"]))
+        st.markdown("**Reasoning:** " + md(p.reasoning))
         change, why = st.columns(2)
         change.markdown(f"**{label(previous[n])} → {label(n)}**")
-        change.html(inline_diff_html(versions[previous[n]]["value"], v["value"]))
+        change.html(inline_diff_html(versions[previous[n]].value, v.value))
         # What its optimizer call read, as recorded with the proposal when the call was made.
         feedback = props.feedback_read(store, p)
         why.markdown(f"**Feedback the optimizer read** ({'not recorded' if feedback is None else len(feedback)})")
@@ -110,5 +110,5 @@ for n, v in versions.items():
                         "they were written from.")
         else:
             why.dataframe(gradient_rows(feedback), hide_index=True)
-        st.markdown(f"[Every proposal for {md(name)} at step {v['step']}]"
-                    f"({page_url('proposals', run=run_id, step=v['step'], parameter=name)})")
+        st.markdown(f"[Every proposal for {md(name)} at step {v.step}]"
+                    f"({page_url('proposals', run=run_id, step=v.step, parameter=name)})")

@@ -8,7 +8,7 @@ from autodiff.diffs import inline_diff_html, word_diff_html
 from autodiff.llm.pricing import format_usd
 from autodiff.metrics import funnel, proposal_figures
 from autodiff.store import NO_PROPOSAL_COST
-from autodiff.records import PROPOSAL_FATES
+from autodiff.records import PROPOSAL_FATES, Proposal
 from dashboard.common import ALL, choose, fmt_score, md, page_url, require_run, reset_when, show_call
 from dashboard.figures import funnel_sentence
 
@@ -23,9 +23,9 @@ if not every:
     st.stop()
 
 cols = st.columns([1, 3, 2])
-step = choose(cols[0], "Step", [ALL, *dict.fromkeys(p["step"] for p in every)], key="props_step", scope=run_id,
+step = choose(cols[0], "Step", [ALL, *dict.fromkeys(p.step for p in every)], key="props_step", scope=run_id,
               url="step")
-parameter = choose(cols[1], "Parameter", [ALL, *dict.fromkeys(p["parameter"] for p in every)], key="props_param",
+parameter = choose(cols[1], "Parameter", [ALL, *dict.fromkeys(p.parameter for p in every)], key="props_param",
                    scope=run_id, url="parameter")
 fate = choose(cols[2], "Fate", [ALL, *props.fates_in(every)], key="props_fate", scope=run_id, url="fate",
               help="; ".join(f"{name}: {meaning}" for name, meaning in PROPOSAL_FATES.items()))
@@ -39,12 +39,12 @@ if not shown:
     st.stop()
 costs = store.proposal_costs(run_id)  # what each cost to make (its optimizer call) and to validate
 NO_COST = NO_PROPOSAL_COST
-st.dataframe([{"step": p["step"], "parameter": p["parameter"], "method": p["method"], "fate": p["fate"],
-               "mini-batch": p["minibatch_score"], "its baseline": p["minibatch_baseline"],
-               "validation": p["val_score"], "best before": p["val_baseline"],
+st.dataframe([{"step": p.step, "parameter": p.parameter, "method": p.method, "fate": p.fate,
+               "mini-batch": p.minibatch_score, "its baseline": p.minibatch_baseline,
+               "validation": p.val_score, "best before": p.val_baseline,
                "cost to make": format_usd(c["make_usd"], c["make_unknown"]),
-               "cost to validate": format_usd(c["validate_usd"], c["validate_unknown"]), "reason": p["reason"]}
-              for p in shown for c in [costs.get(p["id"], NO_COST)]], hide_index=True)
+               "cost to validate": format_usd(c["validate_usd"], c["validate_unknown"]), "reason": p.reason}
+              for p in shown for c in [costs.get(p.id, NO_COST)]], hide_index=True)
 
 pages = max(1, -(-len(shown) // PER_PAGE))
 page = 1
@@ -54,43 +54,43 @@ if pages > 1:
 current = shown[(page - 1) * PER_PAGE: page * PER_PAGE]
 
 
-def scores(p: dict) -> str:
-    stages = [f"{name} {fmt_score(p[score])} vs {fmt_score(p[base])}" for name, score, base in
-              (("mini-batch", "minibatch_score", "minibatch_baseline"), ("validation", "val_score", "val_baseline"))
-              if p[score] is not None]
+def scores(p: Proposal) -> str:
+    stages = [f"{name} {fmt_score(score)} vs {fmt_score(base)}" for name, score, base in
+              (("mini-batch", p.minibatch_score, p.minibatch_baseline), ("validation", p.val_score, p.val_baseline))
+              if score is not None]
     return " · ".join(stages) or "not scored"
 
 
-def cost(p: dict) -> str:
-    c = costs.get(p["id"], NO_COST)
+def cost(p: Proposal) -> str:
+    c = costs.get(p.id, NO_COST)
     return (f"cost to make {md(format_usd(c['make_usd'], c['make_unknown']))}, to validate "
             f"{md(format_usd(c['validate_usd'], c['validate_unknown']))}")
 
 
 for p, old in zip(current, props.replaced_values(store, run_id, current)):
     with st.container(border=True):
-        held = f" (held for review as {md(p['held_fate'])})" if p["held_fate"] else ""
-        st.markdown(f"**Step {p['step']} · {md(p['parameter'])}** · method {md(p['method'])} · "
-                    f"**{md(p['fate'])}**{held} · {scores(p)} · {cost(p)}"
-                    + (f" · decided by {md(p['decision_by'] or p['decided_by'])}" if p["decided_by"] else ""))
-        st.markdown(f"Why: {md(p['reason']) or '-'}")
-        if p["reasoning"]:
-            st.markdown(f"Optimizer's reasoning: {md(p['reasoning'])}")
-        if p["fate"] == "error":
+        held = f" (held for review as {md(p.held_fate)})" if p.held_fate else ""
+        st.markdown(f"**Step {p.step} · {md(p.parameter)}** · method {md(p.method)} · "
+                    f"**{md(p.fate)}**{held} · {scores(p)} · {cost(p)}"
+                    + (f" · decided by {md(p.decision_by or p.decided_by)}" if p.decided_by else ""))
+        st.markdown(f"Why: {md(p.reason) or '-'}")
+        if p.reasoning:
+            st.markdown(f"Optimizer's reasoning: {md(p.reasoning)}")
+        if p.fate == "error":
             st.caption("No value: the optimizer call gave no reply.")
-        elif p["method"] == "none":  # a malformed reply: what the optimizer wrote, as it wrote it
+        elif p.method == "none":  # a malformed reply: what the optimizer wrote, as it wrote it
             st.caption("The optimizer's reply, which held no usable proposal")
-            st.code(p["value"], language=None, wrap_lines=True)
+            st.code(p.value, language=None, wrap_lines=True)
         else:
             left, right = st.columns(2)
-            before, after = word_diff_html(old, p["value"])
+            before, after = word_diff_html(old, p.value)
             left.caption("The value it would have replaced")
             left.html(before)
             right.caption("Proposed value")
             right.html(after)
-        if p["decision"] == "edit" and p["decision_value"]:
+        if p.decision == "edit" and p.decision_value:
             st.caption("Edited by a person before accepting: their value against the proposed one")
-            st.html(inline_diff_html(p["value"] if p["method"] != "none" else old, p["decision_value"]))
+            st.html(inline_diff_html(p.value if p.method != "none" else old, p.decision_value))
 
         feedback = props.feedback_read(store, p)
         with st.expander(f"Feedback its optimizer call read ({'not recorded' if feedback is None else len(feedback)})"):
@@ -98,18 +98,18 @@ for p, old in zip(current, props.replaced_values(store, run_id, current)):
                 st.caption("Not recorded: this proposal was stored before proposals kept the ids of the feedback "
                            "they were written from.")
             for g in feedback or ():
-                about = "-" if g["about_call"] is None else g["about_call"]
-                st.markdown(f"**{md(g['origin'])}** · step {g['step']} · sample {md(g['sample_id'] or '-')} · "
-                            f"call {about} · score {fmt_score(g['score'])}  \n{md(g['text'])}")
+                about = "-" if g.about_call is None else g.about_call
+                st.markdown(f"**{md(g.origin)}** · step {g.step} · sample {md(g.sample_id or '-')} · "
+                            f"call {about} · score {fmt_score(g.score)}  \n{md(g.text)}")
             if feedback:
-                st.markdown(f"[Every gradient of step {p['step']} on the Gradients page]"
-                            f"({page_url('gradients', run=run_id, step=p['step'])})")
+                st.markdown(f"[Every gradient of step {p.step} on the Gradients page]"
+                            f"({page_url('gradients', run=run_id, step=p.step)})")
 
-        if not p["llm_call_id"]:
+        if not p.llm_call_id:
             continue
         # Loaded and drawn only when opened: optimizer prompts are long.
-        panel = st.expander("Optimizer call that wrote it", key=f"prop_call_{p['id']}", on_change="rerun")
+        panel = st.expander("Optimizer call that wrote it", key=f"prop_call_{p.id}", on_change="rerun")
         if not panel.open:
             continue
         with panel:
-            show_call(store.call(p["llm_call_id"]))
+            show_call(store.call(p.llm_call_id))

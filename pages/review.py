@@ -17,12 +17,12 @@ from dashboard.common import ACTIVE, fmt_score, fmt_time, md, require_run
 store, run_id = require_run()
 run = store.run(run_id)
 st.title("Review")
-st.caption(f"Run {md(run_id)} ({run['status']}), review mode: {run['config'].get('review', 'off')}")
-if run["config"].get("review", "off") == "all":
+st.caption(f"Run {md(run_id)} ({run.status}), review mode: {run.config.get('review', 'off')}")
+if run.config.get("review", "off") == "all":
     st.caption("Every proposal waits here, also a malformed reply (it has no value: dismiss it, or write a value to "
                "accept in its place) and one that failed a check before validation (accepting it overrides the "
                "check). A value accepted without scores, like an edited one, is scored on validation first.")
-elif run["config"].get("review", "off") == "off":
+elif run.config.get("review", "off") == "off":
     st.info("This run is not in review mode: the trainer accepts or reverts proposals on its own. Start a run "
             "with review mode *validated* or *all* on the **Runs** page to decide them here.")
 
@@ -63,36 +63,36 @@ def _duration(seconds: float) -> str:
     return f"{hours} h {minutes} min" if hours else f"{minutes} min {secs} s" if minutes else f"{secs} s"
 
 
-@st.fragment(run_every=3 if run["status"] in ACTIVE else None)
+@st.fragment(run_every=3 if run.status in ACTIVE else None)
 def pending() -> None:
     items = review.pending(store, run_id)
-    status = store.run(run_id)["status"]
+    status = store.run(run_id).status
     costs = store.proposal_costs(run_id) if items else {}
     if not items:
         st.info("No proposals are waiting for review." + (" New ones appear here as the trainer makes them."
-                                                          if run["status"] == "running" else ""))
+                                                          if run.status == "running" else ""))
     for item in items:
-        p, pid = item.proposal, item.proposal["id"]
+        p, pid = item.proposal, item.proposal.id
         with st.container(border=True):
-            st.subheader(md(p["parameter"]))
-            st.markdown(f"Step {p['step']} · method **{md(p['method'])}** · mini-batch {fmt_score(p['minibatch_score'])} "
-                        f"vs {fmt_score(p['minibatch_baseline'])} · validation {fmt_score(p['val_score'])} vs best "
-                        f"{fmt_score(p['val_baseline'])}"
+            st.subheader(md(p.parameter))
+            st.markdown(f"Step {p.step} · method **{md(p.method)}** · mini-batch {fmt_score(p.minibatch_score)} "
+                        f"vs {fmt_score(p.minibatch_baseline)} · validation {fmt_score(p.val_score)} vs best "
+                        f"{fmt_score(p.val_baseline)}"
                         + (f" · cost to make {md(format_usd(c['make_usd'], c['make_unknown']))}, to validate "
                            f"{md(format_usd(c['validate_usd'], c['validate_unknown']))}"
                            if (c := costs.get(pid)) else ""))
-            st.markdown(f"Reasoning: {md(p['reasoning'])}  \nTrainer's note: {md(p['reason'])}")
+            st.markdown(f"Reasoning: {md(p.reasoning)}  \nTrainer's note: {md(p.reason)}")
             if item.held == "malformed":
-                st.warning(f"Malformed reply: {md(p['reason'])}. There is no value to accept: dismiss it, or write "
+                st.warning(f"Malformed reply: {md(p.reason)}. There is no value to accept: dismiss it, or write "
                            "a value below to accept in its place.")
-                call = store.call(p["llm_call_id"]) if p["llm_call_id"] else None
+                call = store.call(p.llm_call_id) if p.llm_call_id else None
                 st.caption("The optimizer's reply")
-                st.code((call or {}).get("response") or p["value"], language=None, wrap_lines=True)
+                st.code((call.response if call else None) or p.value, language=None, wrap_lines=True)
             else:
                 if item.held == "rejected_check":
-                    st.warning(f"Failed the check before validation: {md(p['reason'])}. It was not scored; "
+                    st.warning(f"Failed the check before validation: {md(p.reason)}. It was not scored; "
                                "accepting it overrides the check.")
-                old, new = word_diff_html(item.current, p["value"])
+                old, new = word_diff_html(item.current, p.value)
                 left, right = st.columns(2)
                 left.caption("Current value")
                 left.html(old)
@@ -104,9 +104,9 @@ def pending() -> None:
                     st.caption("Not recorded: this proposal was stored before proposals kept the ids of the "
                                "feedback they were written from.")
                 for g in item.gradients or ():
-                    st.markdown(f"**{md(g['origin'])}** · sample {md(g['sample_id'] or '-')} · call "
-                                f"{g['call_index'] if g['call_index'] is not None else '-'} · score "
-                                f"{fmt_score(g['score'])}  \n{md(g['text'])}")
+                    st.markdown(f"**{md(g.origin)}** · sample {md(g.sample_id or '-')} · call "
+                                f"{g.call_index if g.call_index is not None else '-'} · score "
+                                f"{fmt_score(g.score)}  \n{md(g.text)}")
             with st.expander(f"Peers ({len(item.peers)})"):
                 for name, value in item.peers:
                     st.caption(md(name))
@@ -124,7 +124,7 @@ def pending() -> None:
                 edited = st.text_area("Write a value in its place (the current value to start from), then accept it",
                                       value=item.current, key=f"edit-{pid}")
             else:
-                edited = st.text_area("Edit the proposed value, then accept it", value=p["value"], key=f"edit-{pid}")
+                edited = st.text_area("Edit the proposed value, then accept it", value=p.value, key=f"edit-{pid}")
             if st.button("Accept edited value", key=f"edit-accept-{pid}"):
                 act(review.edit, pid, edited)
 
@@ -134,8 +134,8 @@ pending()
 decided = review.decisions(store, run_id)
 if decided:
     st.subheader("Decisions so far")
-    st.dataframe([{"step": p["step"], "parameter": p["parameter"], "decision": p["decision"], "by": p["decision_by"],
-                   "fate": p["fate"], "value": p["decision_value"] or p["value"]} for p in decided], hide_index=True)
+    st.dataframe([{"step": p.step, "parameter": p.parameter, "decision": p.decision, "by": p.decision_by,
+                   "fate": p.fate, "value": p.decision_value or p.value} for p in decided], hide_index=True)
 
 # Who reads feedback written now: only a run that trains again has optimizer calls to come.
 READER = {
@@ -150,7 +150,7 @@ READER = {
                  "recorded with the run. To have feedback read, start a new run (**Runs** page, *New run with "
                  "these settings*) and write it there while that run trains",
 }
-reader = READER.get(run["status"], READER["stopped"])
+reader = READER.get(run.status, READER["stopped"])
 st.subheader("Add feedback")
 st.caption(f"Written like a gradient and marked as human: {reader}.")
 with st.form("feedback", clear_on_submit=True):
@@ -161,6 +161,6 @@ with st.form("feedback", clear_on_submit=True):
     if st.form_submit_button("Add feedback"):
         try:
             review.add_feedback(store, run_id, text, target, sample, by=reviewer())
-            (st.success if run["status"] in ACTIVE else st.warning)(f"Feedback stored: {reader}.")
+            (st.success if run.status in ACTIVE else st.warning)(f"Feedback stored: {reader}.")
         except AutodiffError as exc:
             st.error(md(exc))

@@ -6,6 +6,7 @@ from autodiff.config import RunConfig, default_model, describe_limits, make_conf
 from autodiff.errors import AutodiffError
 from autodiff.llm.pricing import format_usd
 from autodiff.recovery import stop_effect
+from autodiff.records import Run
 from autodiff.runner import launch, resume_background
 from autodiff.workers import shared
 from autodiff.samples import LOCAL, sample_run_ids
@@ -59,9 +60,9 @@ def prefill(config: dict | None = None) -> None:
             st.session_state[key_of(name)] = value
 
 
-def like(run: dict) -> None:
+def like(run: Run) -> None:
     """Open the form filled with `run`'s settings."""
-    prefill(run["config"])
+    prefill(run.config)
     st.session_state["open_start"] = True
 
 
@@ -137,7 +138,7 @@ if not runs:
 if st.button("Start a run", icon=":material/play_arrow:") or st.session_state.pop("open_start", False):
     start_dialog()
 
-samples = [r["id"] for r in runs if r["id"] in sample_run_ids()]
+samples = [r.id for r in runs if r.id in sample_run_ids()]
 if samples:
     st.info(f"**The bundled sample runs** ({', '.join(md(r) for r in samples)}) were made by the embedded "
             f"135M-parameter model ({md(LOCAL)}) in every role. They show the mechanics (gradients, proposals, "
@@ -147,26 +148,26 @@ if samples:
             "(local:/path/to/model.gguf).", icon=":material/info:")
 
 
-def resume(run: dict) -> None:
+def resume(run: Run) -> None:
     """Resume a run in the background; one its budget stopped, with the new budgets given."""
-    new = {key: st.session_state.get(f"{key}-{run['id']}") or None for key in ("budget_usd", "budget_tokens")}
+    new = {key: st.session_state.get(f"{key}-{run.id}") or None for key in ("budget_usd", "budget_tokens")}
     try:
-        resume_background(store, run["id"], cache_path(), **new)
+        resume_background(store, run.id, cache_path(), **new)
     except AutodiffError as exc:
         st.session_state["resume_error"] = str(exc)
 
 
-chosen = next((r for r in runs if r["id"] == st.session_state.get("run_id")), runs[0])
+chosen = next((r for r in runs if r.id == st.session_state.get("run_id")), runs[0])
 if what := run_problem(chosen, here=True):
     if what.budget:
         left, right = st.columns(2)
-        left.number_input("New budget (US dollars)", min_value=0.0, value=chosen["config"].get("budget_usd") or 0.0,
-                          step=0.5, format="%.4f", key=f"budget_usd-{chosen['id']}")
-        right.number_input("New budget (tokens)", min_value=0, value=chosen["config"].get("budget_tokens") or 0,
-                           step=10_000, key=f"budget_tokens-{chosen['id']}")
+        left.number_input("New budget (US dollars)", min_value=0.0, value=chosen.config.get("budget_usd") or 0.0,
+                          step=0.5, format="%.4f", key=f"budget_usd-{chosen.id}")
+        right.number_input("New budget (tokens)", min_value=0, value=chosen.config.get("budget_tokens") or 0,
+                           step=10_000, key=f"budget_tokens-{chosen.id}")
     left, right, _ = st.columns([2, 2, 3])
     if what.outlook != "new_run":
-        left.button(f"Resume {chosen['id']}" if what.outlook == "go" else f"Resume {chosen['id']} after the fix",
+        left.button(f"Resume {chosen.id}" if what.outlook == "go" else f"Resume {chosen.id} after the fix",
                     on_click=resume, args=(chosen,), type="primary" if what.outlook == "go" else "secondary",
                     help="Goes on from its last completed step, in the background, with the run's own models and "
                          "options (only budgets can change).")
@@ -176,14 +177,14 @@ if what := run_problem(chosen, here=True):
         st.error(md(error))
 
 
-@st.fragment(run_every=3 if any(r["status"] in ACTIVE for r in runs) else None)
+@st.fragment(run_every=3 if any(r.status in ACTIVE for r in runs) else None)
 def live() -> None:
     rows = store.runs()
     summaries = [summary(store, r) for r in rows]
-    if not any(r["status"] in ACTIVE for r in rows) and any(r["status"] in ACTIVE for r in runs):
+    if not any(r.status in ACTIVE for r in rows) and any(r.status in ACTIVE for r in runs):
         st.rerun()  # the last live run ended: refresh the whole page, sidebar included
     for run, s in zip(rows, summaries):
-        if run["status"] not in ACTIVE:
+        if run.status not in ACTIVE:
             continue
         with st.container(border=True):
             projected = (f", about {md(format_usd(s['to_finish_usd']))} more to finish "
@@ -196,14 +197,14 @@ def live() -> None:
                         f"{s['pending']} proposals waiting for review"
                         + (f", {s['errors']} LLM calls failed" if s["errors"] else ""))
             st.progress(min(s["steps_done"] / (s["steps_planned"] or 1), 1.0))
-            if run["status"] == "queued":
-                st.caption(f"Waiting for a worker: {md(run['error'] or 'queued')}. A worker is `autodiff worker` "
+            if run.status == "queued":
+                st.caption(f"Waiting for a worker: {md(run.error or 'queued')}. A worker is `autodiff worker` "
                            "on any machine that reaches this store's database (AUTODIFF_STORE set to it).")
-            effect = stop_effect(run["config"])
-            if run["stop_requested"]:
+            effect = stop_effect(run.config)
+            if run.stop_requested:
                 st.caption(f"Stop requested. {md(effect)}")
             else:
-                st.button("Stop", key=f"stop-{run['id']}", on_click=store.request_stop, args=(run["id"],),
+                st.button("Stop", key=f"stop-{run.id}", on_click=store.request_stop, args=(run.id,),
                           help=effect)
                 st.caption(f"Stop: {md(effect)}")
     st.html(html_table(

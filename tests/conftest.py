@@ -28,7 +28,7 @@ from autodiff.llm.types import Request
 from autodiff.parameter import Parameter
 from autodiff.pipeline import Pipeline, Task
 from autodiff.prompts import BACKWARD_SYSTEM, OPTIMIZER_SYSTEM
-from autodiff.records import LLMCall
+from autodiff.records import CallSummary, LLMCall, Proposal, Run
 from autodiff.store import Store
 
 # The toy task by name, as `load_task` (and so `runner.resume`) finds it: file.py:factory.
@@ -246,16 +246,16 @@ class ToyRun:
     error: BaseException | None = None
 
     @property
-    def record(self) -> dict:
+    def record(self) -> Run:
         return self.store.run(self.run_id)
 
-    def calls(self, phase: str | None = None, step: int | None = None) -> list[dict]:
+    def calls(self, phase: str | None = None, step: int | None = None) -> list[CallSummary]:
         return [c for c in self.store.call_summaries(self.run_id)
-                if (phase is None or c["phase"] == phase) and (step is None or c["step"] == step)]
+                if (phase is None or c.phase == phase) and (step is None or c.step == step)]
 
-    def proposals(self, parameter: str | None = None, step: int | None = None) -> list[dict]:
+    def proposals(self, parameter: str | None = None, step: int | None = None) -> list[Proposal]:
         return [p for p in self.store.proposals(self.run_id, step=step)
-                if parameter is None or p["parameter"] == parameter]
+                if parameter is None or p.parameter == parameter]
 
     def values(self, step: int | None = None) -> dict[str, str]:
         last = self.store.last_completed_step(self.run_id) if step is None else step

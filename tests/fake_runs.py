@@ -73,10 +73,10 @@ def fake_run(store: Store, cache: Path, *, steps: int = 2, review: str = "off", 
 def _reviewer(store: Store, decide, stop: threading.Event) -> None:
     while not stop.is_set():
         for run in store.runs():
-            for p in store.proposals(run["id"], fate="pending"):
-                if store.decision(p["id"]) is None:
+            for p in store.proposals(run.id, fate="pending"):
+                if store.decision(p.id) is None:
                     decision, value = decide(store, p)
-                    store.decide(p["id"], decision, value)
+                    store.decide(p.id, decision, value)
         time.sleep(0.05)
 
 

@@ -41,8 +41,8 @@ def test_train_from_python_returns_scores_and_best_values(tmp_path: Path) -> Non
     assert "initial" in events and "step_done" in events and events[-1] == "completed"
     # Stored like any other run: the CLI lists it.
     store = Store(tmp_path / "runs.sqlite")
-    assert [r["id"] for r in store.runs()] == [result.run_id]
-    assert store.run(result.run_id)["config"]["task_in_memory"] is True
+    assert [r.id for r in store.runs()] == [result.run_id]
+    assert store.run(result.run_id).config["task_in_memory"] is True
 
 
 def test_scripted_model_answers_by_role(tmp_path: Path) -> None:
@@ -53,7 +53,7 @@ def test_scripted_model_answers_by_role(tmp_path: Path) -> None:
     roles = [r.role for _, r in model.requests]
     assert {"forward", "backward", "optimizer"} <= set(roles)
     grads = Store(tmp_path / "r.sqlite").gradients(result.run_id)
-    assert {g["text"] for g in grads if g["origin"] != "human"} <= {"one", "two"}
+    assert {g.text for g in grads if g.origin != "human"} <= {"one", "two"}
     # the default optimizer proposes nothing new, so nothing changes
     assert result.best_values["toy.instruction"] == INSTRUCTION
 
@@ -83,14 +83,14 @@ def test_resume_an_in_memory_task_from_python(tmp_path: Path) -> None:
     assert first.status == "stopped" and [s.step for s in first.scores] == [0, 1]
     # From the CLI the in-memory task cannot be found: one clear error.
     code = cli.main(["--store", str(tmp_path / "runs.sqlite"), "--quiet", "resume", first.run_id])
-    assert code == 2 and "autodiff.resume(run_id, task)" in store.run(first.run_id)["error"]
+    assert code == 2 and "autodiff.resume(run_id, task)" in store.run(first.run_id).error
     done = autodiff.resume(first.run_id, task, store=store, model=scripted(), cache=tmp_path / "c.sqlite",
                            progress=False)
     assert done.status == "completed" and [s.step for s in done.scores] == [0, 1, 2, 3]
 
 
 def run_id_of(store: Store) -> str:
-    return store.runs()[0]["id"]
+    return store.runs()[0].id
 
 
 def test_resume_refuses_a_changed_task_unless_accepted(tmp_path: Path) -> None:
@@ -114,8 +114,8 @@ def test_resume_refuses_a_changed_task_unless_accepted(tmp_path: Path) -> None:
     done = autodiff.resume(first.run_id, changed, store=store, model=scripted(), cache=tmp_path / "c.sqlite",
                            accept_task_changes=True, progress=False)
     assert done.status == "completed"
-    [event] = [e for e in store.run_events(first.run_id) if e["kind"] != "estimate"]
-    assert event["kind"] == "task_changes_accepted" and "toy.hint" in event["text"]
+    [event] = [e for e in store.run_events(first.run_id) if e.kind != "estimate"]
+    assert event.kind == "task_changes_accepted" and "toy.hint" in event.text
 
 
 TASK_FILE = '''
@@ -157,16 +157,16 @@ def test_task_file_imports_its_neighbours_takes_arguments_and_resumes_from_elsew
                          text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     stored = Store(store).run("filetask")
-    assert stored["task"] == f"{folder / 'mytask.py'}:load" and stored["config"]["task_args"] == {"level": "2"}
+    assert stored.task == f"{folder / 'mytask.py'}:load" and stored.config["task_args"] == {"level": "2"}
     versions = Store(store).parameter_versions("filetask", "toy.instruction")
-    assert "LEVEL=2" in versions[0]["value"]
+    assert "LEVEL=2" in versions[0].value
     Store(store).set_run_status("filetask", "stopped")
     with Store(store).connect() as conn:  # as if stopped before its last step
         conn.execute("UPDATE steps SET status = 'running' WHERE run_id = 'filetask' AND step = 1")
     again = subprocess.run([*base, "resume", "filetask"], cwd=elsewhere, env=env, capture_output=True, text=True,
                            timeout=120)
     assert again.returncode == 0, again.stderr
-    assert Store(store).run("filetask")["status"] == "completed"
+    assert Store(store).run("filetask").status == "completed"
 
 
 def test_public_api_lists_what_a_user_needs() -> None:
@@ -252,8 +252,8 @@ def test_accepted_task_changes_are_adopted(tmp_path: Path) -> None:
     done = autodiff.resume(first.run_id, changed, store=store, model=model, cache=tmp_path / "c.sqlite",
                            accept_task_changes=True, progress=False)
     assert done.status == "completed"
-    assert "toy.hint" in {p["name"] for p in store.parameters(first.run_id)}
+    assert "toy.hint" in {p.name for p in store.parameters(first.run_id)}
     assert done.best_values["toy.hint"] == "Think."
     assert store.sample_ids(first.run_id, "val") == [s["id"] for s in changed.splits["val"]]
     p = store.proposals(first.run_id, step=1)[0]
-    assert p["val_baseline"] == pytest.approx(5 / 6)  # judged against the new split, scored afresh
+    assert p.val_baseline == pytest.approx(5 / 6)  # judged against the new split, scored afresh

@@ -8,7 +8,6 @@ from autodiff.graph import LLMNode, Loss, Value, function_node
 from autodiff.optimizer import format_gradients
 from autodiff.parameter import Parameter
 from autodiff.pipeline import Pipeline, Task, run_sample
-from autodiff.trainer import _grad_dict
 from conftest import kind_of, user_text
 
 LOSS_TEXT = "The answer should be Paris, not Lyon."
@@ -164,11 +163,11 @@ def test_repeated_node_gets_one_gradient_per_call_in_order(make_llm, store) -> N
     # Stored and handed to the optimizer per call index, in order.
     store.create_run("run", "t", {}, {})
     store.add_gradients("run", 1, grads)
-    stored = [g for g in store.gradients("run", 1) if g["target"] == "hop.instruction"]
-    assert sorted(g["call_index"] for g in stored) == [0, 1, 2]
+    stored = [g for g in store.gradients("run", 1) if g.target == "hop.instruction"]
+    assert sorted(g.call_index for g in stored) == [0, 1, 2]
     total, about_first = store.find_gradients("run", call_index=0)
-    assert {g["id"] for g in about_first} == {g.id for g in grads if g.about_call == 0} and total == len(about_first)
-    text = format_gradients([_grad_dict(g) for g in on_param])
+    assert {g.id for g in about_first} == {g.id for g in grads if g.about_call == 0} and total == len(about_first)
+    text = format_gradients(on_param)
     assert text.index("[call 0]") < text.index("[call 1]") < text.index("[call 2]")
 
 

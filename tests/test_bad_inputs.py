@@ -20,7 +20,7 @@ from conftest import FAST_RETRY, TOY_DEFAULTS, TOY_TASK
 def existing(run_toy, store: Store) -> dict:
     """A store that already holds a finished run, to check bad input leaves it alone."""
     run = run_toy(run_id="kept")
-    assert run.record["status"] == "completed"
+    assert run.record.status == "completed"
     return {"runs": store.runs(), "steps": store.steps("kept"), "calls": len(store.call_summaries("kept"))}
 
 

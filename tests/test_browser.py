@@ -406,7 +406,7 @@ def test_deep_link_as_a_fresh_servers_first_request(filled, tab: Tab, tmp_path: 
 
 def test_start_form_says_the_key_is_missing(dashboard: str, filled, tab: Tab) -> None:
     store, _ids = filled
-    before = [r["id"] for r in store.runs()]
+    before = [r.id for r in store.runs()]
     page = tab.page
     page.goto(dashboard)
     wait_rendered(page, "Runs")
@@ -421,7 +421,7 @@ def test_start_form_says_the_key_is_missing(dashboard: str, filled, tab: Tab) ->
     assert "no OpenAI API key" in error.inner_text(), error.inner_text()
     assert "OPENAI_API_KEY" in error.inner_text(), error.inner_text()
     assert page.locator('[data-testid="stException"]').count() == 0
-    assert [r["id"] for r in store.runs()] == before  # nothing was registered
+    assert [r.id for r in store.runs()] == before  # nothing was registered
     screenshot(page, "runs-missing-key")
     tab.assert_safe()
 
@@ -442,12 +442,12 @@ def test_a_run_started_in_the_browser_goes_on_in_the_background(tab: Tab, tmp_pa
         dialog.get_by_role("button", name="Start", exact=True).click()
         expect(page.get_by_text("in the background: it goes on if you close this tab")).to_be_visible()
         expect(dialog).to_have_count(0)
-        [new] = [r["id"] for r in store.runs() if r["id"] not in ids]
-        assert store.run(new)["config"]["forward_model"] == "fake:forward" and store.run(new)["config"]["steps"] == 1
+        [new] = [r.id for r in store.runs() if r.id not in ids]
+        assert store.run(new).config["forward_model"] == "fake:forward" and store.run(new).config["steps"] == 1
         sidebar = page.locator('[data-testid="stSidebar"]')
         expect(sidebar.get_by_role("combobox", name="Run")).to_have_value(new)  # the picker follows it
         expect(sidebar).to_contain_text("object_counting, completed", timeout=120_000)
         assert_no_errors(page)
         screenshot(page, "runs-started")
-    assert store.run(new)["status"] == "completed"
+    assert store.run(new).status == "completed"
     tab.assert_safe()

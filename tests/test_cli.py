@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from autodiff import cli
-from autodiff.store import Store
+from autodiff.export import export_run
+from autodiff.store import NO_PROPOSAL_COST, Store
 from tests.fake_runs import fake_run
 
 
@@ -75,12 +76,12 @@ def test_bundled_sample_runs_say_which_models_made_them(tmp_path: Path) -> None:
     copy.write_bytes(cli.SAMPLE_STORE.read_bytes())  # opening a store may write; never touch the bundled one
     store = Store(copy)
     runs = store.runs()
-    assert {r["task"] for r in runs} >= {"object_counting", "trec", "multihop_rag"}
+    assert {r.task for r in runs} >= {"object_counting", "trec", "multihop_rag"}
     for run in runs:
-        assert run["status"] == "completed"
-        assert run["config"]["forward_model"].startswith("local:")
-    decided = [p for r in runs for p in store.proposals(r["id"]) if p["decided_by"] not in (None, "auto")]
-    assert {p["fate"] for p in decided} >= {"accepted", "rejected"}
+        assert run.status == "completed"
+        assert run.config["forward_model"].startswith("local:")
+    decided = [p for r in runs for p in store.proposals(r.id) if p.decided_by not in (None, "auto")]
+    assert {p.fate for p in decided} >= {"accepted", "rejected"}
 
 
 def test_dashboard_command_starts_streamlit_with_the_pages_preloaded() -> None:
@@ -141,3 +142,43 @@ def test_dashboard_stops_its_server_on_sigterm(tmp_path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_exported_proposals_and_gradients_are_the_stored_rows(one_run) -> None:
+    """The export's proposals and gradients, key for key and byte for byte as the README's schema
+    lays them out, built here from the stored rows by plain SQL (not through the store's records),
+    including a proposal whose feedback was not recorded (null, not [])."""
+    path, run_id = one_run
+    with sqlite3.connect(path) as conn:
+        conn.execute("INSERT INTO proposals (id, run_id, step, parameter, value, method, reasoning, fate, reason,"
+                     " created_at, decision, decision_value, feedback_ids, held_fate) VALUES ('old', ?, 1, 'x', 'v',"
+                     " 'edit', '', 'accepted', 'edited', 1e12, 'edit', 'edited value', NULL, 'malformed')", (run_id,))
+    store = Store(path)
+    doc = export_run(store, run_id)
+    costs = store.proposal_costs(run_id)
+    with sqlite3.connect(path) as conn:
+        conn.row_factory = sqlite3.Row
+        proposals = conn.execute("SELECT * FROM proposals WHERE run_id = ? ORDER BY step, created_at",
+                                 (run_id,)).fetchall()
+        gradients = conn.execute("SELECT * FROM gradients WHERE run_id = ? ORDER BY step, created_at, sample_id,"
+                                 " call_index", (run_id,)).fetchall()
+    want_proposals = [{
+        "id": p["id"], "parameter": p["parameter"], "step": p["step"], "value": p["value"], "method": p["method"],
+        "reasoning": p["reasoning"],
+        "scores": {"minibatch": p["minibatch_score"], "minibatch_baseline": p["minibatch_baseline"],
+                   "validation": p["val_score"], "validation_baseline": p["val_baseline"]},
+        "fate": p["fate"], "reason": p["reason"], "decided_by": p["decided_by"],
+        "edited_value": p["decision_value"] if p["decision"] == "edit" else None, "held_fate": p["held_fate"],
+        "feedback_ids": None if p["feedback_ids"] is None else json.loads(p["feedback_ids"]),
+        "cost": costs.get(p["id"], NO_PROPOSAL_COST)} for p in proposals]
+    want_gradients = [{
+        "id": g["id"], "step": g["step"], "sample": g["sample_id"], "node": g["node"], "target_type": g["target_type"],
+        "target": g["target"], "call_index": g["call_index"], "score": g["score"], "text": g["text"],
+        "source_node": g["source_node"], "path": json.loads(g["path"]), "origin": g["origin"], "error": g["error"],
+        "llm_call_id": g["llm_call_id"]} for g in gradients]
+    assert json.dumps(doc["proposals"]) == json.dumps(want_proposals)
+    assert json.dumps(doc["gradients"]) == json.dumps(want_gradients)
+    [old] = [p for p in doc["proposals"] if p["id"] == "old"]
+    assert (old["feedback_ids"], old["edited_value"], old["held_fate"]) == (None, "edited value", "malformed")
+    assert all(p["feedback_ids"] for p in doc["proposals"] if p["id"] != "old") and doc["gradients"]
+    store.close()

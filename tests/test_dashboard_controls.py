@@ -20,6 +20,7 @@ from autodiff.config import RunConfig, describe_limits, make_config
 from autodiff.errors import LLMFatalError
 from autodiff.llm.fake import FakeProvider
 from autodiff.llm.types import Request
+from autodiff.records import Run
 from autodiff.recovery import recovery, stop_effect
 from autodiff.review import pending
 from autodiff.samples import SAMPLE_STORE
@@ -107,16 +108,20 @@ def test_the_engine_reads_its_own_errors_into_what_to_do(ended) -> None:
     assert stopped.status == "stopped" and stopped.outlook == "go"
     assert stopped.error.startswith("stopped on request after step 0; resume redoes step 1 from its start")
     # the reasons other parts of the engine write
-    dead = {"id": "r", "status": "running", "pid": 2 ** 22 + 12345, "error": None}
-    assert recovery(dead) is None  # a running run needs nothing
+    assert recovery(_run("r", "running", None, pid=2 ** 22 + 12345)) is None  # a running run needs nothing
     store.create_run("dead", "object_counting", {}, {"train": [], "val": [], "test": []})
     store.set_run_status("dead", "running", pid=2 ** 22 + 12345)
     runner.mark_dead_runs(store)
     assert recovery(store.run("dead")).outlook == "go"
-    assert recovery({"id": "m", "status": "failed", "error": "forward model local:/x.gguf is not usable: local "
-                     "model file not found: /x.gguf. Use local:smollm2 or local:/path/to/model.gguf"}).outlook == \
-        "fix_first"
-    assert recovery({"id": "c", "status": "completed", "error": None}) is None
+    assert recovery(_run("m", "failed", "forward model local:/x.gguf is not usable: local model file not found: "
+                         "/x.gguf. Use local:smollm2 or local:/path/to/model.gguf")).outlook == "fix_first"
+    assert recovery(_run("c", "completed", None)) is None
+
+
+def _run(run_id: str, status: str, error: str | None, pid: int | None = None) -> Run:
+    """A run record as the store would give it, with only what `recovery` reads chosen."""
+    return Run(id=run_id, task="object_counting", config={}, status=status, error=error, created_at=0.0,
+               updated_at=0.0, stop_requested=False, pid=pid)
 
 
 @pytest.mark.parametrize("page", RUN_PAGES)
@@ -220,11 +225,11 @@ def test_start_form_takes_the_options_a_small_local_model_needs(tmp_path: Path, 
     assert not at.error, [e.value for e in at.error]
     store = Store(tmp_path / "runs.sqlite")
     [run] = store.runs()
-    assert (run["config"]["max_failed"], run["config"]["tau"], run["config"]["lenient_proposals"]) == (2, 0.5, True)
+    assert (run.config["max_failed"], run.config["tau"], run.config["lenient_proposals"]) == (2, 0.5, True)
     deadline = time.monotonic() + 120
-    while store.run(run["id"])["status"] not in ("completed", "failed", "stopped") and time.monotonic() < deadline:
+    while store.run(run.id).status not in ("completed", "failed", "stopped") and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert store.run(run["id"])["status"] == "completed", store.run(run["id"])["error"]
+    assert store.run(run.id).status == "completed", store.run(run.id).error
 
 
 # --- Stop says what it keeps, and keeps it ----------------------------------------------------------
@@ -245,25 +250,25 @@ def test_stop_keeps_the_finished_calls_and_a_resume_does_not_pay_for_them_again(
                           progress=stop_after_first_accept)
     run = store.run(run_id)
     # What the button said is what happened: stopped after the proposal in progress, step 1 unfinished.
-    effect = stop_effect(run["config"])
+    effect = stop_effect(run.config)
     assert "answered from the response cache, with no new tokens" in effect
-    assert run["status"] == "stopped" and store.last_completed_step(run_id) == 0
-    assert "resume redoes step 1 from its start, its finished LLM calls answered from the response cache" in run["error"]
+    assert run.status == "stopped" and store.last_completed_step(run_id) == 0
+    assert "resume redoes step 1 from its start, its finished LLM calls answered from the response cache" in run.error
     before = _calls(store, run_id)
-    step1 = Counter(c["phase"] for c in before if c["step"] == 1)
+    step1 = Counter(c.phase for c in before if c.step == 1)
     assert step1["forward"] and step1["backward"] and step1["propose"] == 1 and step1["validate"]  # all kept
-    assert [p["fate"] for p in store.proposals(run_id, step=1)] == ["accepted"]
+    assert [p.fate for p in store.proposals(run_id, step=1)] == ["accepted"]
 
     runner.resume(store, run_id, cache_path=cache, providers={"fake": FakeProvider(responder)})
-    assert store.run(run_id)["status"] == "completed"
-    redone = [c for c in _calls(store, run_id)[len(before):] if c["step"] == 1]
-    replayed = Counter(c["phase"] for c in redone if c["cached"])
+    assert store.run(run_id).status == "completed"
+    redone = [c for c in _calls(store, run_id)[len(before):] if c.step == 1]
+    replayed = Counter(c.phase for c in redone if c.cached)
     for phase, n in step1.items():  # every call the stopped step had finished came from the cache
         assert replayed[phase] >= n, (phase, replayed, step1)
-    fresh = [c for c in redone if not c["cached"]]
-    assert all(c["phase"] in ("propose", "validate") for c in fresh)  # only the parameters left to optimize
+    fresh = [c for c in redone if not c.cached]
+    assert all(c.phase in ("propose", "validate") for c in fresh)  # only the parameters left to optimize
     # and the redone step reached the same decision as before the stop
-    assert store.proposals(run_id, step=1)[0]["fate"] == "accepted"
+    assert store.proposals(run_id, step=1)[0].fate == "accepted"
 
 
 def test_a_stop_during_forward_lets_the_passes_finish_and_says_so_without_a_cache(tmp_path: Path) -> None:
@@ -277,10 +282,10 @@ def test_a_stop_during_forward_lets_the_passes_finish_and_says_so_without_a_cach
                          cache="off")
     run_id = runner.train(store, config, cache_path=cache, providers={"fake": FakeProvider(responder)},
                           progress=stop_at_step_1)
-    phases = Counter(c["phase"] for c in _calls(store, run_id) if c["step"] == 1)
+    phases = Counter(c.phase for c in _calls(store, run_id) if c.step == 1)
     assert phases["forward"] == 4 and phases["backward"] and not phases["propose"]  # the passes finished
-    assert "asked again and paid again" in stop_effect(store.run(run_id)["config"])
-    assert "its calls asked again (the run's response cache is off)" in store.run(run_id)["error"]
+    assert "asked again and paid again" in stop_effect(store.run(run_id).config)
+    assert "its calls asked again (the run's response cache is off)" in store.run(run_id).error
 
 
 def test_the_stop_button_says_what_is_kept_and_what_is_redone(tmp_path: Path) -> None:
@@ -290,11 +295,11 @@ def test_the_stop_button_says_what_is_kept_and_what_is_redone(tmp_path: Path) ->
     store.set_run_status(run_id, "running", pid=__import__("os").getpid())  # as if it were still training
     at = open_page(store.path, "pages/runs.py", run_id)
     stop = button(at, "Stop")
-    effect = stop_effect(store.run(run_id)["config"])
+    effect = stop_effect(store.run(run_id).config)
     assert stop.help == effect and "review decisions of the unfinished step are asked again" in effect
     assert any(c.value.replace("\\", "") == f"Stop: {effect}" for c in at.caption)
     stop.click().run()
-    assert store.run(run_id)["stop_requested"]
+    assert store.run(run_id).stop_requested
     assert any(c.value.replace("\\", "").startswith("Stop requested. The run stops after the work in progress")
                for c in at.caption)
 
@@ -325,12 +330,12 @@ def test_a_waiting_review_shows_the_time_left_before_its_fallback(tmp_path: Path
         assert later < item.seconds_left(now=time.time() - 1.0)  # it counts down as it waits
     finally:
         for p in store.proposals("waiting", fate="pending"):
-            store.decide(p["id"], "reject", by="test")
+            store.decide(p.id, "reject", by="test")
         deadline = time.monotonic() + 60
         while worker.is_alive() and time.monotonic() < deadline:
             for p in store.proposals("waiting", fate="pending"):
-                if store.decision(p["id"]) is None:
-                    store.decide(p["id"], "reject", by="test")
+                if store.decision(p.id) is None:
+                    store.decide(p.id, "reject", by="test")
             time.sleep(0.05)
     assert done == ["waiting"]
 
@@ -345,9 +350,9 @@ def test_a_held_proposal_waits_for_a_reject_fallback_whatever_the_run_says(tmp_p
     config = make_config(task="object_counting", **FAKES, steps=1, batch_size=4, val_limit=4, test_limit=4,
                          review="all", review_timeout=0.5, review_fallback="accept")
     runner.train(store, config, run_id="held", cache_path=cache, providers={"fake": FakeProvider(malformed)})
-    waits = [e for e in store.run_events("held") if e["kind"] == "review_wait"]
-    assert waits and all('"fallback": "reject"' in e["text"] for e in waits)
-    assert {p["fate"] for p in store.proposals("held")} <= {"malformed", "rejected_check"}
+    waits = [e for e in store.run_events("held") if e.kind == "review_wait"]
+    assert waits and all('"fallback": "reject"' in e.text for e in waits)
+    assert {p.fate for p in store.proposals("held")} <= {"malformed", "rejected_check"}
 
 
 # --- feedback says who will read it -------------------------------------------------------------
@@ -367,7 +372,7 @@ def test_feedback_says_who_will_read_it(tmp_path: Path, status: str, says: str, 
     at.text_area[-1].input("Count number words too.")
     button(at, "Add feedback").click().run()
     assert any("Feedback stored" in e.value and says in e.value for e in getattr(at, kind))
-    assert store.pending_human_feedback(run_id, [p["name"] for p in store.parameters(run_id)])
+    assert store.pending_human_feedback(run_id, [p.name for p in store.parameters(run_id)])
 
 
 # --- the sample runs say what they are ------------------------------------------------------------
@@ -383,7 +388,7 @@ def test_the_sample_runs_say_what_they_show_and_how_to_get_more(tmp_path: Path) 
     assert "135M" in plain and "local:smollm2" in plain and "mechanics" in plain
     assert "provider model" in plain and "local:/path/to/model.gguf" in plain
     for run in Store(copy).runs():
-        assert run["id"].replace("-", "\\-") in note
+        assert run.id.replace("-", "\\-") in note
 
     other = Store(tmp_path / "other.sqlite")
     fake_run(other, tmp_path / "cache.sqlite", steps=1)

@@ -25,6 +25,7 @@ from autodiff.llm.types import Request
 from autodiff.parameter import Parameter
 from autodiff.pipeline import Pipeline, Task
 from autodiff.prompts import BACKWARD_SYSTEM, OPTIMIZER_SYSTEM
+from autodiff.records import Gradient, InputRef, Invocation
 from autodiff.runner import train
 from autodiff.store import Store
 from dashboard import graphview as draw
@@ -118,7 +119,7 @@ def test_object_counting_graph(counting):
     edge = g.edges["node:counter", "node:integer_match"]
     assert edge["calls"] == [(0, 0)] and draw.edge_label(edge) == ""
     assert edge["samples"] == 4
-    failed = store.steps(run_id)[1]["failed_samples"]
+    failed = store.steps(run_id)[1].failed_samples
     assert g.nodes["node:integer_match"]["failed_samples"] == len(failed) > 0
     assert g.nodes["node:counter"]["failing"] == len(failed)  # one loss gradient per failed sample
     assert all(g.nodes[f"param:{p}"]["failing"] == len(failed) for p in params)
@@ -140,8 +141,8 @@ def test_repeated_calls_are_labelled_with_call_indices(multihop):
     assert ("param:query_generator.instruction", "node:query_generator") in g.edges
     # feedback on the answer passed through dedupe and retrieve back to the query generator
     assert g.nodes["node:query_generator"]["failing"] > 0 and g.nodes["node:retrieve"]["failing"] > 0
-    passed = [x for x in store.gradients(run_id, 1) if x["target"] == "query_generator" and x["path"]]
-    assert passed and "retrieve" in passed[0]["path"]
+    passed = [x for x in store.gradients(run_id, 1) if x.target == "query_generator" and x.path]
+    assert passed and "retrieve" in passed[0].path
     page = draw.render_html(g, selected="query_generator")
     assert '"label": "0\\u21920, 1\\u21921"' in page and '"label": "0\\u21921"' in page
     assert draw.external_resources(page) == []
@@ -160,15 +161,15 @@ def test_the_served_vis_network_is_pyvis_own_copy():
         assert (ROOT / "static" / name).read_text(encoding="utf-8") == text, name
 
 
-def agent_invocations(retrieve: str = "retrieve") -> list[dict]:
+def agent_invocations(retrieve: str = "retrieve") -> list[Invocation]:
     """One sample's trace of a ReAct-like agent: planner#0 -> retrieve#0 -> planner#1 -> retrieve#1
     (which also reads retrieve#0) -> planner#2 -> finish -> loss: a loop, a self-loop and an edge
     that skips a node."""
-    def inv(i: str, node: str, kind: str, call: int, inputs=(), parameters=(), score=None) -> dict:
-        return {"id": i, "node": node, "node_type": kind, "call_index": call, "sample_id": "s",
-                "inputs": [[name, "text", src] for name, src in inputs], "parameters": list(parameters), "score": score}
+    def inv(i: str, node: str, kind: str, call: int, inputs=(), parameters=(), score=None) -> Invocation:
+        return Invocation(i, "s", node, kind, call, tuple(InputRef(name, "text", src) for name, src in inputs), "",
+                          tuple(parameters), score=score)
 
-    plan = [["planner.instruction", "Plan."], ["planner.tools", "retrieve, finish"]]
+    plan = (("planner.instruction", "Plan."), ("planner.tools", "retrieve, finish"))
     return [inv("p0", "planner", "llm", 0, [("question", None)], plan),
             inv("r0", retrieve, "function", 0, [("query", "p0")]),
             inv("p1", "planner", "llm", 1, [("observation", "r0")], plan),
@@ -268,12 +269,12 @@ def test_repeated_text_is_folded():
     assert textfold.preview(long).endswith(" …") and len(textfold.preview(long)) <= textfold.PREVIEW_CHARS + 2
 
 
-def about_call(gradient: dict, calls: dict[str, int]) -> int | None:
+def about_call(gradient: Gradient, calls: dict[str, int]) -> int | None:
     """What a gradient is about, worked out here from the traces: for feedback on an output, the
     call that wrote the output; else the call of the node whose parameter it is about."""
-    if gradient["target_type"] == "output" and gradient["target_invocation"] in calls:
-        return calls[gradient["target_invocation"]]
-    return gradient["call_index"]
+    if gradient.target_type == "output" and gradient.target_invocation in calls:
+        return calls[gradient.target_invocation]
+    return gradient.call_index
 
 
 def test_the_store_gives_a_nodes_gradients(multihop):
@@ -283,16 +284,16 @@ def test_the_store_gives_a_nodes_gradients(multihop):
     assert gv.targets_of("query_generator", parameters) == ["query_generator", "query_generator.instruction"]
     total, qg = store.find_gradients(run_id, targets=gv.targets_of("query_generator", parameters))
     assert total == len(qg) > 0
-    assert {x["target"] for x in qg} == {"query_generator", "query_generator.instruction"}
+    assert {x.target for x in qg} == {"query_generator", "query_generator.instruction"}
     calls = store.invocation_call_indices(run_id)
     _, second = store.find_gradients(run_id, targets=["query_generator"], call_index=1)
-    assert second and all(calls[x["target_invocation"]] == 1 for x in second) and len(second) < len(qg)
+    assert second and all(calls[x.target_invocation] == 1 for x in second) and len(second) < len(qg)
     # dedupe#0 hands feedback to both retrieve calls: each is about the call it reached
-    handed = [x for x in store.find_gradients(run_id)[1] if x["node"] == "dedupe"]
-    assert sorted(x["about_call"] for x in handed) == [0, 0, 1, 1]
-    assert {x["call_index"] for x in handed} == {0}
+    handed = [x for x in store.find_gradients(run_id)[1] if x.node == "dedupe"]
+    assert sorted(x.about_call for x in handed) == [0, 0, 1, 1]
+    assert {x.call_index for x in handed} == {0}
     rows = draw.gradient_rows(qg)
-    assert [r["call"] for r in rows] == [x["about_call"] for x in qg]
+    assert [r["call"] for r in rows] == [x.about_call for x in qg]
     assert all(r["from"] for r in rows)
     rows = draw.call_rows(store.invocations(run_id, 1), "query_generator")
     assert sorted(r["call"] for r in rows) == [0, 0, 1, 1]
@@ -306,16 +307,16 @@ def test_find_gradients_filters(multihop):
     store.add_human_feedback(run_id, "be brief", node="query_generator", target="query_generator.instruction")
     gradients = store.gradients(run_id)
     calls = store.invocation_call_indices(run_id)
-    sample = next(x["sample_id"] for x in gradients if x["sample_id"])
+    sample = next(x.sample_id for x in gradients if x.sample_id)
 
-    def expected(step=None, targets=None, sample=None, call_index=None, score=None) -> list[dict]:
+    def expected(step=None, targets=None, sample=None, call_index=None, score=None) -> list[Gradient]:
         keep = [g for g in gradients
-                if (step is None or g["step"] == step) and (targets is None or g["target"] in targets)
-                and (sample is None or g["sample_id"] == sample)
+                if (step is None or g.step == step) and (targets is None or g.target in targets)
+                and (sample is None or g.sample_id == sample)
                 and (call_index is None or about_call(g, calls) == call_index)
-                and (score is None or (g["score"] is None and score == (0.0, 1.0))
-                     or (g["score"] is not None and score[0] <= g["score"] <= score[1]))]
-        return sorted(keep, key=lambda g: g["created_at"])
+                and (score is None or (g.score is None and score == (0.0, 1.0))
+                     or (g.score is not None and score[0] <= g.score <= score[1]))]
+        return sorted(keep, key=lambda g: g.created_at)
 
     cases = [{}, {"step": 1}, {"targets": ["query_generator"]}, {"targets": ["query_generator"], "call_index": 1},
              {"targets": ["query_generator", "query_generator.instruction"]}, {"sample": sample}, {"call_index": 0},
@@ -324,23 +325,23 @@ def test_find_gradients_filters(multihop):
         want = expected(**case)
         total, rows = store.find_gradients(run_id, **case)
         assert total == len(want), case
-        assert [x["id"] for x in rows] == [x["id"] for x in want], case
-        assert [x["about_call"] for x in rows] == [about_call(x, calls) for x in want], case
+        assert [x.id for x in rows] == [x.id for x in want], case
+        assert [x.about_call for x in rows] == [about_call(x, calls) for x in want], case
     assert expected(score=(0.5, 1.0)) == []  # every traced sample failed
-    assert any(x["origin"] == "human" for x in store.find_gradients(run_id, score=(0.0, 1.0))[1])
-    assert not any(x["origin"] == "human" for x in store.find_gradients(run_id, score=(0.0, 0.5))[1])
+    assert any(x.origin == "human" for x in store.find_gradients(run_id, score=(0.0, 1.0))[1])
+    assert not any(x.origin == "human" for x in store.find_gradients(run_id, score=(0.0, 0.5))[1])
     # a page: `limit` rows from `offset`, the total still counting every match
     total, page = store.find_gradients(run_id, limit=3, offset=2)
-    assert total == len(gradients) and [x["id"] for x in page] == [x["id"] for x in expected()[2:5]]
-    by_id = store.gradients_by_id(run_id, [page[1]["id"], page[0]["id"], "missing"])
-    assert [x["id"] for x in by_id] == [page[1]["id"], page[0]["id"]]
-    assert [x["about_call"] for x in by_id] == [page[1]["about_call"], page[0]["about_call"]]
+    assert total == len(gradients) and [x.id for x in page] == [x.id for x in expected()[2:5]]
+    by_id = store.gradients_by_id(run_id, [page[1].id, page[0].id, "missing"])
+    assert [x.id for x in by_id] == [page[1].id, page[0].id]
+    assert [x.about_call for x in by_id] == [page[1].about_call, page[0].about_call]
     facets = store.gradient_facets(run_id)
     assert facets["total"] == len(gradients)
-    assert facets["steps"] == sorted({x["step"] for x in gradients})
-    assert facets["samples"] == sorted({x["sample_id"] for x in gradients if x["sample_id"]})
+    assert facets["steps"] == sorted({x.step for x in gradients})
+    assert facets["samples"] == sorted({x.sample_id for x in gradients if x.sample_id})
     assert facets["call_indices"] == sorted({about_call(x, calls) for x in gradients} - {None})
-    assert facets["outputs"] == sorted({x["target"] for x in gradients if x["target_type"] == "output"})
+    assert facets["outputs"] == sorted({x.target for x in gradients if x.target_type == "output"})
 
 
 # --- pages -----------------------------------------------------------------------------------
@@ -415,7 +416,7 @@ def test_gradient_shows_its_backward_call(multihop, monkeypatch):
     assert any(e.label == "Backward call that wrote it" for e in at.expander)
     assert not at.code  # a call is loaded only when its panel is opened
     for g in store.gradients(run_id):
-        at.session_state[f"grad_call_{g['id']}"] = True  # as a click on each panel would
+        at.session_state[f"grad_call_{g.id}"] = True  # as a click on each panel would
     at.run()
     assert not at.exception
     assert any(c.value == BACKWARD_SYSTEM for c in at.code)  # the prompt it was sent
@@ -462,16 +463,16 @@ def test_gradients_say_when_they_were_written_and_fold_repeats(multihop, monkeyp
     assert card.count("Answer with the city only") == 1  # drawn once, with its count
     assert ":gray-badge[↻ repeated ×40 in a row, the last cut off]" in card
     assert "<script>" not in card and "\\<script\\>" in card  # escaped markdown, not markup
-    written = store.gradients_by_id(run_id, [gid])[0]["created_at"]
+    written = store.gradients_by_id(run_id, [gid])[0].created_at
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(written))
     assert any(stamp in c.value for c in at.caption)
     # every backward gradient says how far into its step it was written
-    starts = {s["step"]: s["started_at"] for s in store.steps(run_id)}
-    g = next(x for x in store.find_gradients(run_id, targets=["answer_generator.instruction"])[1] if x["llm_call_id"])
-    assert any(f"(+{g['created_at'] - starts[g['step']]:.1f} s into step {g['step']})" in c.value for c in at.caption)
+    starts = {s.step: s.started_at for s in store.steps(run_id)}
+    g = next(x for x in store.find_gradients(run_id, targets=["answer_generator.instruction"])[1] if x.llm_call_id)
+    assert any(f"(+{g.created_at - starts[g.step]:.1f} s into step {g.step})" in c.value for c in at.caption)
     # the full text is a click away, loaded only then
     [panel] = [e for e in at.expander if e.label.startswith("Full text")]
-    text = store.gradients_by_id(run_id, [gid])[0]["text"]
+    text = store.gradients_by_id(run_id, [gid])[0].text
     assert panel.label == f"Full text ({len(text):,} characters, {39 * len(line):,} repeated characters folded)"
     assert not [c for c in at.code if line in c.value]
     at.session_state[f"grad_call_{gid}"] = True

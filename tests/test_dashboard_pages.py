@@ -135,7 +135,7 @@ def test_filled_store_pages_draw_safely(filled, page: str) -> None:
 def test_frame_opens_on_the_newest_run(filled) -> None:
     store, ids = filled
     at = open_page(store.path, "pages/curves.py")
-    assert at.session_state["run_id"] == ids[-1] == store.runs()[0]["id"]
+    assert at.session_state["run_id"] == ids[-1] == store.runs()[0].id
 
 
 # --- runs ---------------------------------------------------------------------------------------
@@ -144,13 +144,13 @@ def test_runs_table(filled) -> None:
     store, ids = filled
     at = open_page(store.path, "pages/runs.py")
     table = html_table_rows(at.get("html")[0].proto.body)
-    assert [row["run"] for row in table] == [r["id"] for r in store.runs()]
+    assert [row["run"] for row in table] == [r.id for r in store.runs()]
     assert {row["status"] for row in table} == {"completed"}
     assert {row["forward model"] for row in table} == {"fake:forward"}
     for column in ("task", "backward model", "optimizer model", "steps", "best validation", "latest test",
                    "tokens", "cost", "projected", "saved", "call errors", "run time (s)"):
         assert column in table[0]
-    assert [row["cost"] for row in table] == [format_usd(run_summary(store, r["id"])["cost_usd"])
+    assert [row["cost"] for row in table] == [format_usd(run_summary(store, r.id)["cost_usd"])
                                               for r in store.runs()]
     assert all(row["cost"].startswith("$") and row["cost"] != "$0.0000" for row in table)
     assert {row["call errors"] for row in table} == {"0"}  # the scripted fake never fails
@@ -197,10 +197,10 @@ def test_start_form_runs_in_the_background(tmp_path: Path, monkeypatch: pytest.M
     assert any("Started run" in s.value for s in at.success)
     store = Store(tmp_path / "runs.sqlite")
     [run] = store.runs()
-    assert run["config"]["forward_model"] == "fake:forward" and run["config"]["steps"] == 1
-    wait_for(lambda: store.run(run["id"])["status"] in ("completed", "failed"), timeout=120)
-    assert store.run(run["id"])["status"] == "completed", store.run(run["id"])["error"]
-    assert store.run(run["id"])["pid"] not in (None, 0)
+    assert run.config["forward_model"] == "fake:forward" and run.config["steps"] == 1
+    wait_for(lambda: store.run(run.id).status in ("completed", "failed"), timeout=120)
+    assert store.run(run.id).status == "completed", store.run(run.id).error
+    assert store.run(run.id).pid not in (None, 0)
 
 
 def test_start_form_takes_a_budget_and_refuses_one_too_small_for_step_0(tmp_path: Path,
@@ -220,7 +220,7 @@ def test_start_form_takes_a_budget_and_refuses_one_too_small_for_step_0(tmp_path
     button(at, "Start").click().run()
     assert_clean(at)
     [run] = Store(tmp_path / "runs.sqlite").runs()
-    assert run["config"]["budget_tokens"] == 1_000_000 and run["config"]["budget_usd"] is None
+    assert run.config["budget_tokens"] == 1_000_000 and run.config["budget_usd"] is None
 
 
 def test_a_run_stopped_at_its_budget_resumes_with_a_larger_one(tmp_path: Path,
@@ -228,7 +228,7 @@ def test_a_run_stopped_at_its_budget_resumes_with_a_larger_one(tmp_path: Path,
     monkeypatch.setenv("AUTODIFF_CACHE", str(tmp_path / "cache.sqlite"))
     store = Store(tmp_path / "runs.sqlite")
     run_id = fake_run(store, tmp_path / "cache.sqlite", steps=3, budget_tokens=10_500)
-    assert store.run(run_id)["error"].startswith("budget")
+    assert store.run(run_id).error.startswith("budget")
     at = open_page(store.path, "pages/runs.py", run_id)
     assert any("stopped at its budget" in w.value for w in at.warning)
     table = html_table_rows(at.get("html")[0].proto.body)
@@ -236,11 +236,11 @@ def test_a_run_stopped_at_its_budget_resumes_with_a_larger_one(tmp_path: Path,
     next(n for n in at.number_input if n.label == "New budget (tokens)").set_value(10_000_000)
     button(at, f"Resume {run_id}").click().run()
     assert_clean(at)
-    assert store.run(run_id)["config"]["budget_tokens"] == 10_000_000
-    assert [e["text"] for e in store.run_events(run_id) if e["kind"] == "budget_changed"] == [
+    assert store.run(run_id).config["budget_tokens"] == 10_000_000
+    assert [e.text for e in store.run_events(run_id) if e.kind == "budget_changed"] == [
         "budget_tokens 10500 -> 10000000"]
-    wait_for(lambda: store.run(run_id)["status"] in ("completed", "failed"), timeout=120)
-    assert store.run(run_id)["status"] == "completed", store.run(run_id)["error"]
+    wait_for(lambda: store.run(run_id).status in ("completed", "failed"), timeout=120)
+    assert store.run(run_id).status == "completed", store.run(run_id).error
 
 
 def test_stop_and_resume_buttons(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -259,7 +259,7 @@ def test_stop_and_resume_buttons(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     at.run()
     button(at, f"Resume {run_id}").click().run()
     assert_clean(at)
-    wait_for(lambda: store.run(run_id)["status"] == "completed", timeout=120)
+    wait_for(lambda: store.run(run_id).status == "completed", timeout=120)
 
 
 # --- curves -------------------------------------------------------------------------------------
@@ -347,8 +347,8 @@ def start_review_run(tmp_path: Path, review: str) -> tuple[Store, threading.Thre
 
 def next_pending(store: Store, seen: list[str]) -> dict:
     def find():
-        return next((p for r in store.runs() for p in store.proposals(r["id"], fate="pending")
-                     if p["id"] not in seen), None)
+        return next((p for r in store.runs() for p in store.proposals(r.id, fate="pending")
+                     if p.id not in seen), None)
     return wait_for(find)
 
 
@@ -360,22 +360,22 @@ def test_review_buttons_unblock_a_waiting_trainer(tmp_path: Path) -> None:
     assert any("&lt;script&gt;" in h.value for h in at.get("html"))  # the proposed value, escaped
     assert any("\\<script\\>" in m.value for m in at.markdown)  # the motivating gradients, escaped
 
-    at.button(key=f"reject-{first['id']}").click().run()
+    at.button(key=f"reject-{first.id}").click().run()
     assert_clean(at)
-    assert store.proposal(first["id"])["decision"] == "reject"
-    second = next_pending(store, [first["id"]])
+    assert store.proposal(first.id).decision == "reject"
+    second = next_pending(store, [first.id])
     at.run()
-    at.button(key=f"accept-{second['id']}").click().run()
+    at.button(key=f"accept-{second.id}").click().run()
     assert_clean(at)
 
     thread.join(timeout=30)
     assert not thread.is_alive() and not errors, errors
-    rejected, accepted = store.proposal(first["id"]), store.proposal(second["id"])
-    assert (rejected["fate"], rejected["decided_by"]) == ("rejected", "human")
-    assert (accepted["fate"], accepted["decided_by"]) == ("accepted", "human")
-    run_id = accepted["run_id"]
-    assert store.run(run_id)["status"] == "completed"
-    assert store.parameter_values_at(run_id, 2)[accepted["parameter"]] == accepted["value"]
+    rejected, accepted = store.proposal(first.id), store.proposal(second.id)
+    assert (rejected.fate, rejected.decided_by) == ("rejected", "human")
+    assert (accepted.fate, accepted.decided_by) == ("accepted", "human")
+    run_id = accepted.run_id
+    assert store.run(run_id).status == "completed"
+    assert store.parameter_values_at(run_id, 2)[accepted.parameter] == accepted.value
     at.run()
     assert_clean(at)
     assert any("No proposals are waiting" in i.value for i in at.info)
@@ -387,16 +387,16 @@ def test_review_edit_then_accept(tmp_path: Path) -> None:
     first = next_pending(store, [])
     at = open_page(store.path, "pages/review.py")
     edited = "Count every item one by one; number words like 'two' count as that many."
-    at.text_area(key=f"edit-{first['id']}").input(edited)
-    at.button(key=f"edit-accept-{first['id']}").click().run()
+    at.text_area(key=f"edit-{first.id}").input(edited)
+    at.button(key=f"edit-accept-{first.id}").click().run()
     assert_clean(at)
-    wait_for(lambda: store.proposal(first["id"])["fate"] == "accepted")
-    run_id = first["run_id"]
-    assert store.parameter_versions(run_id, first["parameter"])[-1]["value"] == edited
+    wait_for(lambda: store.proposal(first.id).fate == "accepted")
+    run_id = first.run_id
+    assert store.parameter_versions(run_id, first.parameter)[-1].value == edited
     store.request_stop(run_id)  # the rest stay undecided: stopping rejects them and ends the run
     thread.join(timeout=30)
     assert not thread.is_alive() and not errors, errors
-    assert store.run(run_id)["status"] == "stopped"
+    assert store.run(run_id).status == "stopped"
 
 
 def test_review_feedback_form(tmp_path: Path) -> None:
@@ -412,10 +412,10 @@ def test_review_feedback_form(tmp_path: Path) -> None:
     assert_clean(at)
     # a completed run: stored, and the page says no optimizer call will read it
     assert any("Feedback stored" in w.value and "will not train again" in w.value for w in at.warning)
-    params = [p["name"] for p in store.parameters(ids[1])]
+    params = [p.name for p in store.parameters(ids[1])]
     rows = store.pending_human_feedback(ids[1], params)
-    assert sorted(r["target"] for r in rows) == sorted(params)
-    assert {r["sample_id"] for r in rows} == {at.selectbox[-1].options[1]}
+    assert sorted(r.target for r in rows) == sorted(params)
+    assert {r.sample_id for r in rows} == {at.selectbox[-1].options[1]}
 
     button(at, "Add feedback").click().run()  # empty text
     assert any("feedback is empty" in e.value for e in at.error)
@@ -465,8 +465,8 @@ def test_differing_samples_uses_the_latest_test_evaluation(filled) -> None:
     rows = compare.differing_samples(store, [ids[0], ids[2]])
     _, rejected_all = compare.final_test(store, ids[2])
     for row in rows:
-        assert row[f"{ids[0]} prediction"] == latest[row["sample"]]["prediction"]
-        assert row[f"{ids[2]} score"] == rejected_all[row["sample"]]["score"]
+        assert row[f"{ids[0]} prediction"] == latest[row["sample"]].prediction
+        assert row[f"{ids[2]} score"] == rejected_all[row["sample"]].score
     assert compare.differing_samples(store, [ids[0], ids[0]]) == []
 
 
@@ -477,10 +477,10 @@ def test_proposals_page_shows_what_each_proposal_cost(filled) -> None:
     at = open_page(store.path, "pages/proposals.py", ids[0])
     assert_clean(at)
     table = at.dataframe[0].value
-    assert list(table["cost to make"]) == [format_usd(costs[p["id"]]["make_usd"]) for p in every]
-    assert list(table["cost to validate"]) == [format_usd(costs[p["id"]]["validate_usd"]) for p in every]
-    validated = [p for p in every if p["minibatch_score"] is not None]
-    assert validated and all(costs[p["id"]]["validate_usd"] > 0 for p in validated)
+    assert list(table["cost to make"]) == [format_usd(costs[p.id]["make_usd"]) for p in every]
+    assert list(table["cost to validate"]) == [format_usd(costs[p.id]["validate_usd"]) for p in every]
+    validated = [p for p in every if p.minibatch_score is not None]
+    assert validated and all(costs[p.id]["validate_usd"] > 0 for p in validated)
     assert any("cost to make \\$" in m.value and "to validate \\$" in m.value for m in at.markdown)
 
 

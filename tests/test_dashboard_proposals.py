@@ -53,36 +53,36 @@ def test_proposals_page_shows_every_proposal_and_what_became_of_it(runs) -> None
     assert_clean(at)
     assert any(c.value == f"{len(every)} of {len(every)} proposals, in the order they were made." for c in at.caption)
     table = at.dataframe[0].value
-    assert list(table["fate"]) == [p["fate"] for p in every]
-    assert list(table["reason"]) == [p["reason"] for p in every] and all(table["reason"])
+    assert list(table["fate"]) == [p.fate for p in every]
+    assert list(table["reason"]) == [p.reason for p in every] and all(table["reason"])
     assert {"accepted", "rejected_check", "failed_minibatch"} <= set(table["fate"])
     assert len(cards(at)) == len(every)
 
     # The accepted one: its scores at both stages, and its word diff against the value it replaced.
-    accepted = next(p for p in every if p["fate"] == "accepted")
+    accepted = next(p for p in every if p.fate == "accepted")
     [card] = [c for c in cards(at) if "**accepted**" in c]
-    assert (f"mini-batch {accepted['minibatch_score']:.3f} vs {accepted['minibatch_baseline']:.3f} · validation "
-            f"{accepted['val_score']:.3f} vs {accepted['val_baseline']:.3f}") in card
+    assert (f"mini-batch {accepted.minibatch_score:.3f} vs {accepted.minibatch_baseline:.3f} · validation "
+            f"{accepted.val_score:.3f} vs {accepted.val_baseline:.3f}") in card
     diffs = [h.value for h in at.get("html") if "<ins" in h.value and "&lt;script&gt;" in h.value]
     assert diffs  # the proposed value, hostile text escaped
     before = [h.value for h in at.get("html") if text_of(h.value) == store.parameter_values_at(ids[0], 0)[
-        accepted["parameter"]]]
+        accepted.parameter]]
     assert before and "<del" in before[0]  # the initial value it would replace, removed words struck out
     # A proposal refused by a check: not scored, and says why.
-    refused = next(p for p in every if p["fate"] == "rejected_check")
-    assert any(m.value == f"Why: {md(refused['reason'])}" for m in at.markdown)
+    refused = next(p for p in every if p.fate == "rejected_check")
+    assert any(m.value == f"Why: {md(refused.reason)}" for m in at.markdown)
     assert any("**rejected\\_check** · not scored" in c for c in cards(at))
 
     # What its optimizer call read, and the call itself (loaded only when opened).
-    assert f"Feedback its optimizer call read ({len(accepted['feedback_ids'])})" in [e.label for e in at.expander]
+    assert f"Feedback its optimizer call read ({len(accepted.feedback_ids)})" in [e.label for e in at.expander]
     assert any("\\<script\\>alert" in m.value for m in at.markdown)  # the feedback, escaped
     assert not at.code
-    at.session_state[f"prop_call_{accepted['id']}"] = True  # as a click on its panel would
+    at.session_state[f"prop_call_{accepted.id}"] = True  # as a click on its panel would
     at.run()
     assert_clean(at)
     assert any(c.value == OPTIMIZER_SYSTEM for c in at.code)
-    reply = store.call(accepted["llm_call_id"])["response"]
-    assert any(c.value == reply for c in at.code) and accepted["value"] in reply
+    reply = store.call(accepted.llm_call_id).response
+    assert any(c.value == reply for c in at.code) and accepted.value in reply
 
 
 def test_proposals_page_filters_by_fate_and_parameter(runs) -> None:
@@ -92,16 +92,16 @@ def test_proposals_page_filters_by_fate_and_parameter(runs) -> None:
     assert at.selectbox(key="props_fate").options[0] == "All"
     at.selectbox(key="props_fate").select("rejected_check").run()
     assert_clean(at)
-    checked = [p for p in every if p["fate"] == "rejected_check"]
+    checked = [p for p in every if p.fate == "rejected_check"]
     assert len(cards(at)) == len(checked) > 0 and all("**rejected\\_check**" in c for c in cards(at))
     assert at.query_params["fate"] == "rejected_check"
     at.selectbox(key="props_param").select("counter.examples").run()
-    both = [p for p in checked if p["parameter"] == "counter.examples"]
+    both = [p for p in checked if p.parameter == "counter.examples"]
     assert len(cards(at)) == len(both) > 0 and all("counter\\.examples" in c for c in cards(at))
     assert len(at.dataframe[0].value) == len(both)
     at.selectbox(key="props_fate").select("All").run()
     assert "fate" not in at.query_params and at.query_params["parameter"] == "counter.examples"
-    assert len(cards(at)) == sum(p["parameter"] == "counter.examples" for p in every)
+    assert len(cards(at)) == sum(p.parameter == "counter.examples" for p in every)
 
 
 def test_proposals_page_with_no_proposals_says_so(tmp_path: Path) -> None:
@@ -146,28 +146,28 @@ def test_review_all_shows_a_malformed_proposal_to_dismiss_or_replace(tmp_path: P
     assert any(c.value.startswith("Every proposal waits here, also a malformed reply") for c in at.caption)
     assert any(w.value.startswith("Malformed reply") for w in at.warning)
     assert any(c.value == f"I would keep the prompt as it is. {HOSTILE}" for c in at.code)  # the raw reply, as text
-    assert f"accept-{first['id']}" not in [b.key for b in at.button]  # nothing to accept
-    dismiss = at.button(key=f"reject-{first['id']}")
+    assert f"accept-{first.id}" not in [b.key for b in at.button]  # nothing to accept
+    dismiss = at.button(key=f"reject-{first.id}")
     assert dismiss.label == "Dismiss"
     dismiss.click().run()
     assert_clean(at)
-    wait_for(lambda: store.proposal(first["id"])["fate"] == "malformed")
+    wait_for(lambda: store.proposal(first.id).fate == "malformed")
 
     second = wait_for(lambda: next(iter(store.proposals("all", fate="pending")), None))
     at.run()
-    box = at.text_area(key=f"edit-{second['id']}")
-    assert box.value == store.parameter_values_at("all", 0)[second["parameter"]]  # starts from the current value
+    box = at.text_area(key=f"edit-{second.id}")
+    assert box.value == store.parameter_values_at("all", 0)[second.parameter]  # starts from the current value
     written = "Reply with one line, 'Answer: N', N being the count."
     box.input(written)
-    at.button(key=f"edit-accept-{second['id']}").click().run()
+    at.button(key=f"edit-accept-{second.id}").click().run()
     assert_clean(at)
-    wait_for(lambda: store.proposal(second["id"])["fate"] == "accepted")
-    assert store.parameter_versions("all", second["parameter"])[-1]["value"] == written
+    wait_for(lambda: store.proposal(second.id).fate == "accepted")
+    assert store.parameter_versions("all", second.parameter)[-1].value == written
     store.request_stop("all")  # the rest stay undecided: stopping dismisses them and ends the run
     thread.join(timeout=30)
     assert not thread.is_alive() and not errors, errors
-    dismissed = store.proposal(first["id"])
-    assert (dismissed["decided_by"], dismissed["held_fate"]) == ("human", "malformed")
+    dismissed = store.proposal(first.id)
+    assert (dismissed.decided_by, dismissed.held_fate) == ("human", "malformed")
 
 
 # --- why did this change ------------------------------------------------------------------------
@@ -175,30 +175,30 @@ def test_review_all_shows_a_malformed_proposal_to_dismiss_or_replace(tmp_path: P
 def test_the_feedback_a_proposal_read_is_shown_with_it_and_from_each_gradient(runs) -> None:
     store, ids = runs
     accepted = store.proposals(ids[0], fate="accepted")[0]
-    read = accepted["feedback_ids"]
+    read = accepted.feedback_ids
     assert read
 
     # Prompts: beside the accepted version's diff (the page opens on the parameter that changed).
     at = open_page(store.path, "pages/prompts.py", ids[0])
     assert_clean(at)
-    assert at.selectbox(key="prompt_param").value == accepted["parameter"]
+    assert at.selectbox(key="prompt_param").value == accepted.parameter
     [shown] = [d.value for d in at.dataframe if "feedback" in d.value.columns]
-    texts = {g["id"]: g["text"] for g in store.gradients(ids[0])}
+    texts = {g.id: g.text for g in store.gradients(ids[0])}
     assert list(shown["feedback"]) == [texts[i] for i in read]
     assert any(f"**Feedback the optimizer read** ({len(read)})" == m.value for m in at.markdown)
 
     # Gradients: each says which proposals read it, with a link to them.
     at = open_page(store.path, "pages/gradients.py", ids[0])
-    at.selectbox(key="grad_step").select(accepted["step"]).run()
-    at.selectbox(key="grad_target").select(f"param:{accepted['parameter']}").run()
+    at.selectbox(key="grad_step").select(accepted.step).run()
+    at.selectbox(key="grad_target").select(f"param:{accepted.parameter}").run()
     assert_clean(at)
-    assert at.query_params["step"] == str(accepted["step"])
-    assert at.query_params["target"] == f"param:{accepted['parameter']}"
-    link = f"/proposals?run={ids[0]}&step={accepted['step']}&parameter={accepted['parameter']}"
+    assert at.query_params["step"] == str(accepted.step)
+    assert at.query_params["target"] == f"param:{accepted.parameter}"
+    link = f"/proposals?run={ids[0]}&step={accepted.step}&parameter={accepted.parameter}"
     lines = [m.value for m in at.markdown if m.value.startswith("Read by")]
     readers = store.proposals_reading(ids[0], read)
     assert len([line for line in lines if link in line]) == len(read) == len(readers)
-    assert all(accepted["id"] in [p["id"] for p in readers[g]] for g in read)
+    assert all(accepted.id in [p.id for p in readers[g]] for g in read)
 
 
 def test_review_shows_the_feedback_the_pending_proposal_read(tmp_path: Path) -> None:
@@ -207,11 +207,11 @@ def test_review_shows_the_feedback_the_pending_proposal_read(tmp_path: Path) -> 
     thread = threading.Thread(target=lambda: _collect(errors, fake_run, store, tmp_path / "cache.sqlite", steps=1,
                                                       review="validated"), daemon=True)
     thread.start()
-    pending = wait_for(lambda: next((p for r in store.runs() for p in store.proposals(r["id"], fate="pending")), None))
-    at = open_page(store.path, "pages/review.py", pending["run_id"])
+    pending = wait_for(lambda: next((p for r in store.runs() for p in store.proposals(r.id, fate="pending")), None))
+    at = open_page(store.path, "pages/review.py", pending.run_id)
     assert_clean(at)
-    assert f"Gradients that motivated it ({len(pending['feedback_ids'])})" in [e.label for e in at.expander]
-    store.request_stop(pending["run_id"])
+    assert f"Gradients that motivated it ({len(pending.feedback_ids)})" in [e.label for e in at.expander]
+    store.request_stop(pending.run_id)
     thread.join(timeout=30)
     assert not thread.is_alive() and not errors, errors
 
@@ -313,7 +313,7 @@ def test_prompts_pickers_show_counts_and_reset_for_another_parameter_or_run(runs
     at.run()
     assert_clean(at)
     name = at.selectbox(key="prompt_param").value
-    assert name in [p["name"] for p in store.parameters(ids[2])]
+    assert name in [p.name for p in store.parameters(ids[2])]
     versions = store.parameter_versions(ids[2], name)
     if len(versions) > 1:
         assert at.selectbox(key="prompt_new").value == len(versions) - 1  # the other run's last version
@@ -323,7 +323,7 @@ def test_runs_table_rows_link_to_their_run(runs) -> None:
     store, ids = runs
     at = open_page(store.path, "pages/runs.py")
     page = at.get("html")[0].proto.body
-    assert [row["run"] for row in html_table_rows(page)] == [r["id"] for r in store.runs()]
+    assert [row["run"] for row in html_table_rows(page)] == [r.id for r in store.runs()]
     for run_id in ids:
         assert f'<a href="/curves?run={run_id}" target="_self">{run_id}</a>' in page
 

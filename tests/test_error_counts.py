@@ -129,7 +129,7 @@ def test_error_kinds_and_context_window_failures(runs) -> None:
     }
     assert list(error_kinds(store, faulty)[(1, "validate")]) == ["rate_limit", "timeout"]  # most frequent first
     [overflow] = context_window_failures(store, faulty)
-    assert (overflow["step"], overflow["phase"], overflow["node"], overflow["sample_id"], overflow["error"]) == (
+    assert (overflow.step, overflow.phase, overflow.node, overflow.sample_id, overflow.error) == (
         1, "forward", "counter", "train-3", OVERFLOW)
     assert len(fault_calls(store, faulty)) == 9 + 2  # errors, and cut-off replies that did not error
     assert error_kinds(store, clean) == {} and context_window_failures(store, clean) == []
@@ -223,7 +223,7 @@ def test_runs_has_an_errors_column_and_the_summary_line_counts_faults(runs, caps
 def test_compare_skips_samples_that_errored(runs) -> None:
     store, faulty, clean = runs
     # Test at step 0: the faulty run's test-4 errored; the others score the same in both runs.
-    assert compare.final_test(store, faulty)[1]["test-4"]["score"] is None
+    assert compare.final_test(store, faulty)[1]["test-4"].score is None
     assert compare.differing_samples(store, [faulty, clean]) == []
     assert compare.differing_samples(store, [clean, faulty]) == []
 

@@ -8,6 +8,7 @@ import html
 import json
 import re
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from streamlit.testing.v1 import AppTest
 from autodiff import graphview as gv
 from dashboard import graphview as draw
 from autodiff.diffs import inline_diff_html, word_diff_html
-from autodiff.records import Gradient, InputRef, Invocation, LLMCall, Proposal, Trace
+from autodiff.records import Gradient, InputRef, Invocation, LLMCall, ParameterSpec, Proposal, Trace
 from autodiff.store import Store
 from tests.fake_runs import HOSTILE, filled_store
 
@@ -43,10 +44,10 @@ def hostile_store(tmp_path: Path) -> tuple[Store, str]:
     sample = f"s{HOSTILE}"
     store.create_run(run, "object_counting", {"task": "object_counting"}, {"train": [sample]})
     store.add_parameters(run, [
-        {"name": "counter.instruction", "node": "counter", "kind": "instruction", "role": HOSTILE,
-         "trainable": True, "peers": ["counter.examples"]},
-        {"name": "counter.examples", "node": "counter", "kind": "examples", "role": "Examples.",
-         "trainable": True, "peers": ["counter.instruction"]},
+        ParameterSpec("counter.instruction", "counter", "instruction", HOSTILE, trainable=True,
+                      peers=("counter.examples",), position=0),
+        ParameterSpec("counter.examples", "counter", "examples", "Examples.", trainable=True,
+                      peers=("counter.instruction",), position=1),
     ])
     store.start_step(run, 0, [])
     store.add_parameter_version(run, "counter.instruction", 0, "Count the items.", None)
@@ -103,8 +104,8 @@ def test_graph_html_escapes_every_context(tmp_path):
     # a "</script>" in the data does not end the block: the page has exactly as many script
     # closers as a graph with harmless text
     plain = draw.render_html(gv.build_graph(
-        [dict(i, inputs=[[n, "x", s] for n, _t, s in i["inputs"]], parameters=[[n, "x"] for n, _v in i["parameters"]])
-         for i in store.invocations(run, 1)], [], []))
+        [replace(i, inputs=tuple(replace(r, text="x") for r in i.inputs),
+                 parameters=tuple((n, "x") for n, _v in i.parameters)) for i in store.invocations(run, 1)], [], []))
     assert page.count("</script>") == plain.count("</script>")
     nodes = graph_json(page, "nodes")
     titles = " ".join(n["title"] for n in nodes)
@@ -217,7 +218,7 @@ def test_proposals_page_shows_hostile_proposals_as_text(tmp_path, monkeypatch):
     store, run = hostile_store(tmp_path)
     at = run_page("proposals.py", store, run, monkeypatch)
     for p in store.proposals(run):  # every optimizer call panel opened
-        at.session_state[f"prop_call_{p['id']}"] = True
+        at.session_state[f"prop_call_{p.id}"] = True
     at.run()
     assert not at.exception
     shown = texts(at)

@@ -73,10 +73,10 @@ def test_example_trains_with_the_same_trainer(monkeypatch, store, tmp_path):
     run_id = runner.train(store, make_config(task=EXAMPLE, forward_model="fake:x", backward_model="fake:x", optimizer_model="fake:x", steps=1, val_limit=4, test_limit=4), cache_path=tmp_path / "c.sqlite", providers={"fake": FakeProvider(script)}, retry=FAST_RETRY)
     run = store.run(run_id)
     # A task file is stored by its absolute path, so the run resumes from any folder.
-    assert run["task"] == str(ROOT / EXAMPLE.split(":")[0]) + ":make_task" and run["status"] == "completed"
-    phases = {c["phase"] for c in store.call_summaries(run_id)}
+    assert run.task == str(ROOT / EXAMPLE.split(":")[0]) + ":make_task" and run.status == "completed"
+    phases = {c.phase for c in store.call_summaries(run_id)}
     assert {"forward", "backward", "propose", "validate", "test"} <= phases
-    assert {g["target"] for g in store.gradients(run_id)} >= {"summarizer.instruction", "answerer.instruction"}
+    assert {g.target for g in store.gradients(run_id)} >= {"summarizer.instruction", "answerer.instruction"}
 
 
 def test_dashboard_graph_page_shows_the_example_like_a_built_in(monkeypatch, store, tmp_path):

@@ -41,27 +41,27 @@ def test_rate_limited_baseline_stops_the_run_and_resume_asks_again(run_toy, tmp_
     script = Script(forward=outage, proposals={"toy.instruction": [proposal(INSTRUCTION + " ")]})
     run = run_toy(script, run_id="outage")
     record = run.record
-    assert record["status"] == "stopped"
-    assert "step 0: 7 of 10 validation samples errored" in record["error"] and "429" in record["error"]
+    assert record.status == "stopped"
+    assert "step 0: 7 of 10 validation samples errored" in record.error and "429" in record.error
     evals = run.store.evaluations("outage", split="val")
-    assert sum(e["score"] is None for e in evals) == 7  # recorded as errors, never as 0
-    assert all(e["error"] for e in evals if e["score"] is None)
+    assert sum(e.score is None for e in evals) == 7  # recorded as errors, never as 0
+    assert all(e.error for e in evals if e.score is None)
     assert run.store.last_completed_step("outage") is None and run.proposals() == []
-    failed_calls = [c for c in run.calls("validate", 0) if c["error"]]
-    assert len(failed_calls) == 7 and {c["error_kind"] for c in failed_calls} == {"rate_limit"}
+    failed_calls = [c for c in run.calls("validate", 0) if c.error]
+    assert len(failed_calls) == 7 and {c.error_kind for c in failed_calls} == {"rate_limit"}
 
     # The outage ends; the resume asks the failed calls again (they were never cached).
     outage.end()
     asked_before = len(script.of_kind("forward"))
     runner.resume(run.store, "outage", providers={"fake": run.provider}, cache_path=tmp_path / "cache.sqlite",
                   retry=FAST_RETRY)
-    assert run.record["status"] == "completed"
-    val0 = [e for e in run.store.evaluations("outage", split="val") if e["step"] == 0]
-    assert len(val0) == 10 and all(e["score"] is not None for e in val0)
+    assert run.record.status == "completed"
+    val0 = [e for e in run.store.evaluations("outage", split="val") if e.step == 0]
+    assert len(val0) == 10 and all(e.score is not None for e in val0)
     asked_again = script.of_kind("forward")[asked_before:]
     assert sum(any(f"What is {_val_question(i)}?" in p for i in range(7)) for p in asked_again) >= 7
     # The proposal that changes nothing but a space is never accepted.
-    assert all(p["fate"] != "accepted" for p in run.proposals())
+    assert all(p.fate != "accepted" for p in run.proposals())
 
 
 def test_errors_in_a_proposals_validation_decide_nothing(run_toy) -> None:
@@ -75,8 +75,8 @@ def test_errors_in_a_proposals_validation_decide_nothing(run_toy) -> None:
     run = run_toy(Script(forward=forward, proposals={"toy.instruction": [proposal(BETTER)]}), run_id="spoiled",
                   concurrency=1)
     p = run.proposals("toy.instruction")[0]
-    assert p["fate"] == "error" and "validation samples errored" in p["reason"]
-    assert run.record["status"] == "stopped" and "resume" in run.record["error"]
+    assert p.fate == "error" and "validation samples errored" in p.reason
+    assert run.record.status == "stopped" and "resume" in run.record.error
     assert run.values()["toy.instruction"] == INSTRUCTION  # nothing was accepted
 
 
@@ -91,8 +91,8 @@ def test_comparisons_use_only_samples_scored_on_both_sides(run_toy) -> None:
     run = run_toy(Script(forward=forward, proposals={"toy.instruction": [proposal(BETTER)]}),
                   max_error_share=0.2)
     p = run.proposals("toy.instruction")[0]
-    assert p["fate"] == "accepted" and "on 9 samples scored on both sides" in p["reason"]
-    assert p["val_score"] == 1.0 and abs(p["val_baseline"] - 5 / 9) < 1e-9
+    assert p.fate == "accepted" and "on 9 samples scored on both sides" in p.reason
+    assert p.val_score == 1.0 and abs(p.val_baseline - 5 / 9) < 1e-9
 
 
 def test_errored_forward_samples_are_not_sent_backward(run_toy) -> None:
@@ -102,8 +102,8 @@ def test_errored_forward_samples_are_not_sent_backward(run_toy) -> None:
         return LLMTransientError("HTTP 503", kind="server") if flaky in prompt else toy_forward(prompt)
 
     run = run_toy(Script(forward=forward), max_error_share=0.5)
-    assert "train-04" not in run.store.steps(run.run_id)[1]["failed_samples"]
-    assert all(c["sample_id"] != "train-04" for c in run.calls("backward"))
+    assert "train-04" not in run.store.steps(run.run_id)[1].failed_samples
+    assert all(c.sample_id != "train-04" for c in run.calls("backward"))
 
 
 def test_judge_pairs_samples_and_refuses_to_decide_on_errors() -> None:
@@ -140,8 +140,8 @@ def test_errored_baseline_samples_are_asked_again_before_a_proposal_is_judged(ru
 
     run = run_toy(Script(forward=forward, proposals={"toy.instruction": [proposal(BETTER)]}), max_error_share=0.2)
     p = run.proposals("toy.instruction")[0]
-    assert p["fate"] == "accepted" and "on 10 samples scored on both sides" in p["reason"]
-    assert p["val_baseline"] == 0.5  # the baseline with the re-asked sample, not 4/9
+    assert p.fate == "accepted" and "on 10 samples scored on both sides" in p.reason
+    assert p.val_baseline == 0.5  # the baseline with the re-asked sample, not 4/9
 
 
 def test_failed_backward_calls_past_the_share_stop_the_run(run_toy) -> None:
@@ -149,7 +149,7 @@ def test_failed_backward_calls_past_the_share_stop_the_run(run_toy) -> None:
         return LLMTransientError("HTTP 500", kind="server")
 
     run = run_toy(Script(backward=backward), run_id="nobackward")
-    assert run.record["status"] == "stopped" and "backward calls failed" in run.record["error"]
+    assert run.record.status == "stopped" and "backward calls failed" in run.record.error
     assert run.proposals() == [] and run.store.last_completed_step("nobackward") == 0
 
 
@@ -157,4 +157,4 @@ def test_a_validation_with_no_sample_scored_is_no_score(run_toy) -> None:
     run = run_toy(Script(forward=lambda prompt: LLMTransientError("HTTP 503", kind="server")),
                   run_id="unscored", max_error_share=1.0, steps=1)
     steps = run.store.steps("unscored")
-    assert steps[0]["val_score"] is None and steps[0]["test_score"] is None  # never shown as 0
+    assert steps[0].val_score is None and steps[0].test_score is None  # never shown as 0

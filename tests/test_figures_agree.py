@@ -47,10 +47,10 @@ def runs(tmp_path_factory) -> tuple[Store, str, str]:
 
     resumed = runner.train(store, config(seed=1), cache_path=cache, providers={"fake": FakeProvider(responder)},
                            progress=stop_after_backward)
-    assert store.run(resumed)["status"] == "stopped"
-    assert [s["status"] for s in store.steps(resumed)] == ["completed", "running"]
+    assert store.run(resumed).status == "stopped"
+    assert [s.status for s in store.steps(resumed)] == ["completed", "running"]
     runner.resume(store, resumed, cache_path=cache, providers={"fake": FakeProvider(responder)})
-    assert store.run(resumed)["status"] == "completed"
+    assert store.run(resumed).status == "completed"
     return store, plain, resumed
 
 
@@ -91,7 +91,7 @@ def series(fig: dict, name: str) -> dict[int, float]:
 
 
 def runs_table(store: Store) -> dict[str, dict]:
-    at = page(store, "runs", store.runs()[0]["id"])
+    at = page(store, "runs", store.runs()[0].id)
     body = next(h.proto.body for h in at.get("html") if "run time (s)" in h.proto.body)
     return {row["run"]: row for row in html_table_rows(body)}
 
@@ -106,9 +106,9 @@ def compare_page(store: Store, run_id: str):
 def kept_backward_calls(store: Store, run_id: str, step: int) -> tuple[int, int]:
     """(backward calls of the step's kept attempt, every backward call recorded at the step),
     counted from the call records."""
-    started = next(s["started_at"] for s in store.steps(run_id) if s["step"] == step)
-    calls = [c for c in store.call_summaries(run_id) if c["step"] == step and c["phase"] == "backward"]
-    return sum(1 for c in calls if c["created_at"] >= started), len(calls)
+    started = next(s.started_at for s in store.steps(run_id) if s.step == step)
+    calls = [c for c in store.call_summaries(run_id) if c.step == step and c.phase == "backward"]
+    return sum(1 for c in calls if c.created_at >= started), len(calls)
 
 
 # --- run time -------------------------------------------------------------------------------------
@@ -122,7 +122,7 @@ def test_run_time_is_one_figure_on_runs_compare_and_curves(runs) -> None:
         # The definition: each kept step from its start to its end (or its last call's end), summed.
         assert wall == pytest.approx(sum(r["wall_s"] for r in rows)) and wall > 0
         for s, r in zip(store.steps(run_id), rows):
-            assert r["wall_s"] >= s["finished_at"] - s["started_at"]
+            assert r["wall_s"] >= s.finished_at - s.started_at
         assert table[run_id]["run time (s)"] == f"{wall:,.1f}"
         compare, compare_table = compare_page(store, run_id)
         assert compare_table[run_id]["run time (s)"] == round(wall, 1)

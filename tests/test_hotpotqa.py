@@ -244,8 +244,7 @@ def test_multihop_gradients_are_per_call_and_in_order(make_llm):
     assert any("This is call 0 (0-based) of 2 successive calls" in p for p in prompts)
     assert any("This is call 1 (0-based) of 2 successive calls" in p for p in prompts)
     # the optimizer sees them grouped by sample, call 0 before call 1
-    shown = format_gradients([{"sample_id": g.sample_id, "call_index": g.call_index, "score": g.score,
-                               "text": g.text, "origin": g.origin} for g in on_instruction])
+    shown = format_gradients(on_instruction)
     assert shown.index("[call 0] Feedback for query_generator call 0.") < shown.index(
         "[call 1] Feedback for query_generator call 1.")
 
@@ -255,7 +254,7 @@ def test_multihop_training_step_shows_the_optimizer_both_calls_in_order(store, t
     from autodiff.llm.fake import FakeProvider
     run_id = runner.train(store, make_config(task="multihop_rag", forward_model="fake:x", backward_model="fake:x", optimizer_model="fake:x", steps=1, batch_size=2, max_failed=2, val_limit=2, test_limit=2), cache_path=tmp_path / "c.sqlite", providers={"fake": FakeProvider(script)}, retry=FAST_RETRY)
     stored = store.gradients(run_id, step=1)
-    assert {g["call_index"] for g in stored if g["target"] == "query_generator.instruction"} == {0, 1}
+    assert {g.call_index for g in stored if g.target == "query_generator.instruction"} == {0, 1}
     prompt = next(p for p in script.of_kind("optimizer") if "Target parameter: `query_generator.instruction`" in p)
     for sample in re.findall(r'<sample id="[^"]+" score="0.00">\n(.*?)</sample>', prompt, re.S):
         assert sample.index("[call 0] Feedback for query_generator call 0.") < sample.index(
@@ -355,9 +354,9 @@ def test_correct_samples_cause_no_backward_calls(name, store, tmp_path):
     script = Script(forward=forward_as(lambda q: answers[q]))
     run_id = runner.train(store, make_config(task=name, forward_model="fake:x", backward_model="fake:x", optimizer_model="fake:x", steps=1, val_limit=3, test_limit=3), cache_path=tmp_path / "c.sqlite", providers={"fake": FakeProvider(script)}, retry=FAST_RETRY)
     calls = store.call_summaries(run_id)
-    assert [c for c in calls if c["phase"] in ("backward", "propose")] == []
-    assert any(c["phase"] == "forward" for c in calls)
-    assert store.steps(run_id)[-1]["val_score"] == 1.0
+    assert [c for c in calls if c.phase in ("backward", "propose")] == []
+    assert any(c.phase == "forward" for c in calls)
+    assert store.steps(run_id)[-1].val_score == 1.0
     assert store.gradients(run_id) == []
 
 

@@ -23,18 +23,18 @@ def test_two_steps_on_the_local_model(tmp_path):
         cache_path=tmp_path / "cache.sqlite",
     )
     run = store.run(run_id)
-    assert run["status"] == "completed", run["error"]
+    assert run.status == "completed", run.error
     steps = store.steps(run_id)
-    assert [s["step"] for s in steps] == [0, 1, 2]
-    assert all(s["status"] == "completed" for s in steps)
+    assert [s.step for s in steps] == [0, 1, 2]
+    assert all(s.status == "completed" for s in steps)
     calls = store.call_summaries(run_id)
-    assert calls and all(c["model"] == "local:smollm2" for c in calls)
-    assert {c["phase"] for c in calls} >= {"forward", "validate", "test"}
-    assert all(c["prompt_tokens"] > 0 for c in calls if not c["error"])
+    assert calls and all(c.model == "local:smollm2" for c in calls)
+    assert {c.phase for c in calls} >= {"forward", "validate", "test"}
+    assert all(c.prompt_tokens > 0 for c in calls if not c.error)
     # Whatever the small model replied, every failed sample went backward and left a record.
-    failed = sum(len(s["failed_samples"]) for s in steps)
+    failed = sum(len(s.failed_samples) for s in steps)
     if failed:
-        assert any(c["phase"] == "backward" for c in calls)
+        assert any(c.phase == "backward" for c in calls)
         assert store.gradients(run_id)
     exported = export_run(store, run_id)
     assert exported["run"]["config"]["forward_model"] == "local:smollm2"

@@ -22,6 +22,7 @@ from autodiff.llm.fake import FakeProvider
 from autodiff.llm.pricing import Pricing, _table, format_usd, table_version
 from autodiff.llm.types import CallContext, Completion, Request
 from autodiff.metrics import PHASES, projection, run_summary, step_figures
+from autodiff.records import CallSummary, Run
 from autodiff.store import Store
 from tests.conftest import FAST_RETRY, TOY_DEFAULTS, Script, proposal, toy_task
 from tests.fake_runs import fake_run
@@ -127,18 +128,18 @@ def test_a_priced_runs_cost_per_phase_is_the_sum_of_its_calls(run_toy, store: St
     run = run_toy(script, prices=PRICES, steps=2)
     calls = store.call_summaries(run.run_id)
     for c in calls:
-        rate_in, rate_out = PRICES[c["model"]]
-        expected = 0.0 if c["cached"] else (c["prompt_tokens"] * rate_in + c["completion_tokens"] * rate_out) / 1e6
-        assert c["cost_usd"] == pytest.approx(expected) and c["price_source"] == "user"
+        rate_in, rate_out = PRICES[c.model]
+        expected = 0.0 if c.cached else (c.prompt_tokens * rate_in + c.completion_tokens * rate_out) / 1e6
+        assert c.cost_usd == pytest.approx(expected) and c.price_source == "user"
     rows = step_figures(store, run.run_id)
     for row in rows:
         for phase in PHASES:
-            mine = [c for c in calls if c["step"] == row["step"] and c["phase"] == phase]
-            assert row[f"cost_{phase}"] == pytest.approx(sum(c["cost_usd"] for c in mine))
+            mine = [c for c in calls if c.step == row["step"] and c.phase == phase]
+            assert row[f"cost_{phase}"] == pytest.approx(sum(c.cost_usd for c in mine))
         assert row["cost"] == pytest.approx(sum(row[f"cost_{p}"] for p in PHASES))
     assert rows[-1]["cost_cumulative"] == pytest.approx(sum(r["cost"] for r in rows))
     summary = run_summary(store, run.run_id)
-    assert summary["cost_usd"] == pytest.approx(sum(c["cost_usd"] for c in calls))
+    assert summary["cost_usd"] == pytest.approx(sum(c.cost_usd for c in calls))
     assert summary["cost_usd"] > 0
     assert summary["cost_unknown"] == 0
     # What each proposal cost to make and to validate: every validation call is tagged with its proposal.
@@ -172,10 +173,10 @@ def test_a_run_with_an_unknown_model_shows_its_cost_as_unknown(run_toy, store: S
     provider = FakeProvider(Script())
     run = run_toy(provider=provider, forward_model="openai:no-such-model-xyz")
     # run_toy maps the provider name "fake"; give the openai spec the same scripted provider
-    assert run.record["status"] == "completed"
+    assert run.record.status == "completed"
     summary = run_summary(store, run.run_id)
-    assert summary["cost_unknown"] == len([c for c in run.calls() if c["model"] == "openai:no-such-model-xyz"
-                                           and not c["cached"]]) > 0
+    assert summary["cost_unknown"] == len([c for c in run.calls() if c.model == "openai:no-such-model-xyz"
+                                           and not c.cached]) > 0
     assert format_usd(summary["cost_usd"], summary["cost_unknown"]).endswith("unknown")
 
 
@@ -198,10 +199,10 @@ class _Run:
         self.store, self.run_id = store, run_id
 
     @property
-    def record(self) -> dict:
+    def record(self) -> Run:
         return self.store.run(self.run_id)
 
-    def calls(self) -> list[dict]:
+    def calls(self) -> list[CallSummary]:
         return self.store.call_summaries(self.run_id)
 
 
@@ -212,28 +213,28 @@ def test_a_token_budget_stops_before_the_call_that_could_pass_it_and_resumes_wit
     script = Script(proposals={"toy.instruction": [proposal("Add the two numbers. LEVEL=3")]})
     run = run_toy(script, steps=4, budget_tokens=5100, concurrency=2)
     record = run.record
-    assert record["status"] == "stopped" and record["error"].startswith("budget: ")
-    assert "--budget-tokens" in record["error"]
+    assert record.status == "stopped" and record.error.startswith("budget: ")
+    assert "--budget-tokens" in record.error
     spent = run_summary(store, run.run_id)["tokens"]
     assert spent <= 5100
     assert store.last_completed_step(run.run_id) is not None  # what was done is kept
-    assert not any("Budget" in (c["error"] or "") for c in run.calls())  # the refused call was never made
-    assert all(e["score"] is not None for e in store.evaluations(run.run_id, subject="current"))
+    assert not any("Budget" in (c.error or "") for c in run.calls())  # the refused call was never made
+    assert all(e.score is not None for e in store.evaluations(run.run_id, subject="current"))
 
     runner.resume(store, run.run_id, budget_tokens=100_000, retry=FAST_RETRY,
                   providers={"fake": FakeProvider(script), "openai": FakeProvider(script)},
                   cache_path=tmp_path / "cache.sqlite")
-    assert run.record["status"] == "completed"
-    assert run.record["config"]["budget_tokens"] == 100_000
-    [change] = [e for e in store.run_events(run.run_id) if e["kind"] == "budget_changed"]
-    assert change["text"] == "budget_tokens 5100 -> 100000"
+    assert run.record.status == "completed"
+    assert run.record.config["budget_tokens"] == 100_000
+    [change] = [e for e in store.run_events(run.run_id) if e.kind == "budget_changed"]
+    assert change.text == "budget_tokens 5100 -> 100000"
     assert run_summary(store, run.run_id)["tokens"] <= 100_000
 
 
 def test_a_usd_budget_counts_priced_calls_and_stops_cleanly(run_toy, store: Store) -> None:
     run = run_toy(steps=4, prices=PRICES, budget_usd=9.5, concurrency=2)
-    assert run.record["status"] == "stopped" and run.record["error"].startswith("budget: ")
-    assert "--budget-usd" in run.record["error"]
+    assert run.record.status == "stopped" and run.record.error.startswith("budget: ")
+    assert "--budget-usd" in run.record.error
     assert run_summary(store, run.run_id)["cost_usd"] <= 9.5
 
 
@@ -306,7 +307,7 @@ def test_the_cli_stops_at_a_budget_and_resumes_with_a_larger_one(tmp_path: Path,
     err = capsys.readouterr().err
     assert code == 3 and "stopped: budget: " in err and "--budget-tokens" in err
     store = Store(tmp_path / "runs.sqlite")
-    assert store.run("cli-budget")["config"]["prices"] == {"fake:cli": [1000.0, 2000.0]}
+    assert store.run("cli-budget").config["prices"] == {"fake:cli": [1000.0, 2000.0]}
     assert main([*common, "runs"]) == 0
     listing = capsys.readouterr().out
     assert "cli-budget" in listing and "$" in listing
@@ -528,7 +529,7 @@ def test_after_a_budget_stop_the_cli_says_how_to_go_on_with_a_larger_budget(tmp_
     assert main([*common, "resume", "cli-budget", "--budget-tokens", str(spent - 1)]) == 2
     err = capsys.readouterr().err
     assert f"already spent, {spent:,} tokens" in err
-    assert Store(store_path).run("cli-budget")["status"] == "stopped"  # nothing ran
+    assert Store(store_path).run("cli-budget").status == "stopped"  # nothing ran
     assert main([*common, "resume", *hint.split()[4:]]) == 0  # the suggested resume goes on to the end
     capsys.readouterr()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from autodiff.errors import LLMFatalError
@@ -9,7 +11,7 @@ from autodiff.optimizer import (Optimizer, OptimizerInput, build_prompt, feedbac
                                 parse_proposals)
 from autodiff.parameter import Parameter
 from autodiff.prompts import OPTIMIZER_PROMPT, OPTIMIZER_SYSTEM
-from autodiff.records import Proposal
+from autodiff.records import Gradient, Proposal
 from conftest import EXAMPLES, INSTRUCTION, OUTPUT_FORMAT, Script, proposal
 
 
@@ -20,6 +22,11 @@ def _param(**kw) -> Parameter:
 
 def _proposal(value: str) -> Proposal:
     return Proposal(id="x", step=1, parameter="p.format", value=value, method="rephrase", reasoning="")
+
+
+def _gradient(gid: str, sample: str | None, call: int | None, score: float | None, text: str,
+              origin: str = "backward") -> Gradient:
+    return Gradient(gid, sample, "n", None, call, "parameter", "p.format", None, score, text, None, origin=origin)
 
 
 def test_parse_keeps_placeholders_inside_values_and_reads_several_blocks() -> None:
@@ -99,10 +106,10 @@ def test_prompt_shows_peers_others_history_and_gradients_lowest_first() -> None:
     target, peer = _param(), Parameter("p.instruction", "Count the items.", role="Task.")
     other = Parameter("q.instruction", "Write a query.", role="Query.", node="q")
     grads = [
-        {"sample_id": "b", "call_index": 1, "score": 0.5, "text": "second call of b", "origin": "backward"},
-        {"sample_id": "b", "call_index": 0, "score": 0.5, "text": "first call of b", "origin": "backward"},
-        {"sample_id": "a", "call_index": 0, "score": 0.0, "text": "a is worst", "origin": "backward"},
-        {"sample_id": None, "call_index": None, "score": None, "text": "from a person", "origin": "human"},
+        _gradient("g1", "b", 1, 0.5, "second call of b"),
+        _gradient("g2", "b", 0, 0.5, "first call of b"),
+        _gradient("g3", "a", 0, 0.0, "a is worst"),
+        _gradient("g4", None, None, None, "from a person", origin="human"),
     ]
     text = format_gradients(grads)
     assert text.index("a is worst") < text.index("first call of b") < text.index("second call of b")
@@ -118,7 +125,7 @@ def test_optimizer_prompt_for_one_peer_shows_the_other_peers_current_values(run_
     better = "Add the two numbers in the question, digit by digit. LEVEL=2"
     script = Script(proposals={"toy.instruction": [proposal(better)]})
     run = run_toy(script, steps=2)
-    assert run.record["status"] == "completed"
+    assert run.record.status == "completed"
     prompts = script.of_kind("optimizer")
     by_target = [(p.split("`", 2)[1], p) for p in prompts]
     # Each step: instruction, then output_format (the examples peer is not trainable).
@@ -148,10 +155,9 @@ def test_lenient_parsing_takes_bare_values_and_untagged_replies() -> None:
 def test_feedback_read_is_the_feedback_the_prompt_holds() -> None:
     """A proposal records the ids of the gradients its prompt held, in the prompt's order (lowest
     score first); when the feedback is cut to fit, the ids cut away are not recorded."""
-    grads = [{"id": f"g{i}", "sample_id": f"s{i}", "call_index": 0, "score": (9 - i) / 10, "text": "x" * 100,
-              "origin": "backward"} for i in range(10)]
+    grads = [_gradient(f"g{i}", f"s{i}", 0, (9 - i) / 10, "x" * 100) for i in range(10)]
     assert feedback_read(grads) == tuple(f"g{i}" for i in reversed(range(10)))
     text = format_gradients(grads, limit_chars=300)
     assert feedback_read(grads, limit_chars=300) == ("g9", "g8")
     assert 'id="s8"' in text and 'id="s7"' not in text and "more feedback cut" in text
-    assert feedback_read([{k: v for k, v in grads[0].items() if k != "id"}]) == ()  # no id, nothing to record
+    assert feedback_read([replace(grads[0], id="")]) == ()  # no id, nothing to record

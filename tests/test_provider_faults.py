@@ -190,24 +190,24 @@ def test_a_run_with_one_call_in_five_failing_completes_and_counts_every_fault(st
         run_id = runner.train(store, make_config(**options), run_id="faulty", providers={"openai": OpenAIProvider(None, server.base_url)}, cache_path=tmp_path / "cache.sqlite", retry=QUICK)
         server.wait_idle()
         reported = server.reported_usage()
-    assert store.run(run_id)["status"] == "completed"
+    assert store.run(run_id).status == "completed"
     calls = store.call_summaries(run_id)
-    fresh = [c for c in calls if not c["cached"]]
+    fresh = [c for c in calls if not c.cached]
     # Every request the server saw is one attempt of a recorded call, and tokens match its count.
-    assert sum(c["attempts"] for c in fresh) == len(server.requests) == len(served)
-    assert (sum(c["prompt_tokens"] for c in fresh), sum(c["completion_tokens"] for c in fresh)) == reported
+    assert sum(c.attempts for c in fresh) == len(server.requests) == len(served)
+    assert (sum(c.prompt_tokens for c in fresh), sum(c.completion_tokens for c in fresh)) == reported
     # Retried faults cost attempts, not answers; empty replies are errors; cut-offs are marked.
-    assert sum(c["attempts"] - 1 for c in fresh) == sum(served.count(f) for f in ("429", "500", "timeout", "garbage"))
-    assert sum(c["error_kind"] == "empty" for c in calls) == served.count("empty") > 0
-    assert sum(c["finish_reason"] == "length" for c in calls) == served.count("cutoff") > 0
+    assert sum(c.attempts - 1 for c in fresh) == sum(served.count(f) for f in ("429", "500", "timeout", "garbage"))
+    assert sum(c.error_kind == "empty" for c in calls) == served.count("empty") > 0
+    assert sum(c.finish_reason == "length" for c in calls) == served.count("cutoff") > 0
     rows = step_figures(store, run_id)
-    assert sum(r["errors"] for r in rows) == sum(1 for c in calls if c["error"])
+    assert sum(r["errors"] for r in rows) == sum(1 for c in calls if c.error)
     # Nothing was decided on an error: errored samples are unscored and never sent backward.
     for e in store.evaluations(run_id):
-        assert (e["score"] is None) == bool(e["error"] and "Error" in e["error"].split(":")[0])
-    errored = {(e["step"], e["sample_id"]) for e in store.evaluations(run_id) if e["score"] is None}
+        assert (e.score is None) == bool(e.error and "Error" in e.error.split(":")[0])
+    errored = {(e.step, e.sample_id) for e in store.evaluations(run_id) if e.score is None}
     for step in store.steps(run_id):
-        assert not {(step["step"], s) for s in step["failed_samples"]} & errored
+        assert not {(step.step, s) for s in step.failed_samples} & errored
 
 
 def test_a_wrong_model_fails_at_preflight_before_anything_is_spent(store, tmp_path: Path) -> None:
@@ -217,9 +217,9 @@ def test_a_wrong_model_fails_at_preflight_before_anything_is_spent(store, tmp_pa
         with pytest.raises(LLMFatalError, match="forward model openai:no-such-model") as info:
             runner.train(store, make_config(**options), run_id="wrong", providers={"openai": OpenAIProvider(None, server.base_url)}, cache_path=tmp_path / "cache.sqlite")
     assert time.monotonic() - started < 10
-    assert "404" in str(info.value) and store.run("wrong")["status"] == "failed"
+    assert "404" in str(info.value) and store.run("wrong").status == "failed"
     calls = store.call_summaries("wrong")
-    assert [c["phase"] for c in calls] == ["preflight"] and len(server.requests) == 1
+    assert [c.phase for c in calls] == ["preflight"] and len(server.requests) == 1
 
 
 def test_a_rejected_option_names_the_role_the_model_and_the_option(store, tmp_path: Path) -> None:
@@ -249,10 +249,10 @@ def test_a_prompt_too_long_is_an_error_on_its_call_record(store, tmp_path: Path)
         options = {**TOY_DEFAULTS, "forward_model": "openai:a", "backward_model": "openai:b",
                    "optimizer_model": "openai:c", "concurrency": 1, "max_error_share": 0.2}
         runner.train(store, make_config(**options), run_id="long", providers={"openai": OpenAIProvider(None, server.base_url)}, cache_path=tmp_path / "cache.sqlite")
-    [call] = [c for c in store.call_summaries("long") if c["error_kind"] == "context_window"]
-    assert (call["phase"], call["node"], call["step"], call["attempts"]) == ("validate", "solver", 0, 1)
-    [evaluation] = [e for e in store.evaluations("long") if e["score"] is None and e["step"] == 0]
-    assert "context" in evaluation["error"].lower()
+    [call] = [c for c in store.call_summaries("long") if c.error_kind == "context_window"]
+    assert (call.phase, call.node, call.step, call.attempts) == ("validate", "solver", 0, 1)
+    [evaluation] = [e for e in store.evaluations("long") if e.score is None and e.step == 0]
+    assert "context" in evaluation.error.lower()
 
 
 def test_reasoning_whose_opening_tag_was_in_the_prompt_is_kept_apart() -> None:
@@ -316,10 +316,10 @@ def test_a_resume_against_another_server_is_refused(store, tmp_path: Path) -> No
 
         runner.train(store, make_config(**options), run_id="moved", cache_path=tmp_path / "c.sqlite",
                      providers={"openai": OpenAIProvider(None, a.base_url)}, progress=stop_at_once)
-        assert store.run("moved")["status"] == "stopped"
+        assert store.run("moved").status == "stopped"
         with pytest.raises(ConfigError, match="another server"):
             runner.resume(store, "moved", providers={"openai": OpenAIProvider(None, b.base_url)},
                           cache_path=tmp_path / "c.sqlite")
         runner.resume(store, "moved", providers={"openai": OpenAIProvider(None, a.base_url)},
                       cache_path=tmp_path / "c.sqlite")
-    assert store.run("moved")["status"] == "completed"
+    assert store.run("moved").status == "completed"

@@ -24,7 +24,7 @@ NEW_INPUT = {"question": "What is 2 + 3? [difficulty 3] [split new]"}
 def trained(run_toy):
     """A toy run of two steps: BETTER accepted at step 1 (validation 0.5 -> 1.0), nothing at step 2."""
     run = run_toy(Script(proposals={"toy.instruction": [proposal(BETTER)]}), steps=2)
-    assert [p["fate"] for p in run.proposals("toy.instruction", step=1)] == ["accepted"]
+    assert [p.fate for p in run.proposals("toy.instruction", step=1)] == ["accepted"]
     return run
 
 
@@ -134,8 +134,8 @@ def test_a_provider_fault_raises_instead_of_answering(make_llm) -> None:
 
 
 def test_load_run_best_last_and_a_step_number(trained) -> None:
-    assert trained.record["status"] == "completed"
-    steps = {s["step"]: s["val_score"] for s in trained.store.steps(trained.run_id)}
+    assert trained.record.status == "completed"
+    steps = {s.step: s.val_score for s in trained.store.steps(trained.run_id)}
     assert steps[1] > steps[0] and steps[2] == steps[1]  # a tie: best is the earliest
 
     assert state.resolve_step(trained.store, trained.run_id, "best") == 1

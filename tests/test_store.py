@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sqlite3
@@ -9,16 +10,17 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from autodiff.errors import StoreError
-from autodiff.records import Evaluation, LLMCall, Proposal
+from autodiff.records import (CALL_TEXT_FIELDS, CallSummary, Evaluation, Gradient, InputRef, Invocation, LLMCall,
+                              ParameterSpec, Proposal, Trace)
 from autodiff.store import MIGRATIONS, Store
 from autodiff.store.copy import RUN_TABLES
-from autodiff.store.core import (_EVALUATION_COLUMNS, _GRADIENT_COLUMNS, _INVOCATION_COLUMNS, _PROPOSAL_COLUMNS,
-                                 _STEP_COLUMNS)
+from autodiff.store.core import _STEP_COLUMNS
 from autodiff.store.sqlite import SQLiteBackend
 from tests.postgres_server import with_database
 
@@ -46,7 +48,7 @@ def test_migrations_are_idempotent_and_data_survives_reopening(tmp_path: Path) -
     with sqlite3.connect(path) as conn:
         names = [r[0] for r in conn.execute("SELECT name FROM migrations ORDER BY name")]
     assert names == [name for name, _ in MIGRATIONS]
-    assert [r["id"] for r in second.runs()] == ["r1"] and second.sample_ids("r1", "val") == ["a", "b"]
+    assert [r.id for r in second.runs()] == ["r1"] and second.sample_ids("r1", "val") == ["a", "b"]
     for store in (first, second):
         store.close()
 
@@ -64,8 +66,8 @@ def test_stored_config_never_holds_an_api_key(run_toy, store: Store, monkeypatch
     monkeypatch.setenv("OPENAI_API_KEY", secret)
     monkeypatch.setenv("ANTHROPIC_API_KEY", secret + "-ant")
     run = run_toy()
-    assert run.record["status"] == "completed"
-    assert "key" not in " ".join(run.record["config"]).lower()
+    assert run.record.status == "completed"
+    assert "key" not in " ".join(run.record.config).lower()
     assert secret not in every_row(store)
     if store.backend == "sqlite":
         store.close()  # checkpoint, so every row is in the main file too
@@ -111,7 +113,7 @@ def test_discard_after_drops_partial_steps_only(store: Store) -> None:
     store.finish_step("r", 1, 0.6, None, [])
     assert store.last_completed_step("r") == 1
     store.discard_after("r", 1)
-    assert [s["step"] for s in store.steps("r")] == [0, 1]
+    assert [s.step for s in store.steps("r")] == [0, 1]
     assert store.parameter_values_at("r", 5) == {"p": "v1"}
 
 
@@ -127,8 +129,8 @@ def test_an_older_sqlite_store_migrates_to_the_current_schema(tmp_path: Path) ->
     store = Store(path)
     with store.connect() as conn:
         assert [r[0] for r in conn.execute("SELECT name FROM migrations ORDER BY name")] == [n for n, _ in MIGRATIONS]
-    assert store.run("old")["status"] == "completed"
-    assert [(e["sample_id"], e["score"]) for e in store.evaluations("old")] == [("s1", 1.0)]
+    assert store.run("old").status == "completed"
+    assert [(e.sample_id, e.score) for e in store.evaluations("old")] == [("s1", 1.0)]
     store.close()
 
 
@@ -139,21 +141,28 @@ def test_the_bundled_sample_store_opens(tmp_path: Path) -> None:
     shutil.copyfile(bundled, copy)
     store = Store(copy)
     runs = store.runs()
-    assert runs and all(store.steps(r["id"]) for r in runs)
-    assert all(store.call_totals(r["id"]) for r in runs)
+    assert runs and all(store.steps(r.id) for r in runs)
+    assert all(store.call_totals(r.id) for r in runs)
     store.close()
 
 
+def _fields(record: type, *added: str) -> tuple[str, ...]:
+    """The columns a record is written to: its fields, and those the store adds (the run)."""
+    return (*added, *(f.name for f in dataclasses.fields(record)))
+
+
 @pytest.mark.parametrize("table, columns", [
-    ("steps", _STEP_COLUMNS), ("invocations", _INVOCATION_COLUMNS), ("gradients", _GRADIENT_COLUMNS),
-    ("proposals", _PROPOSAL_COLUMNS), ("evaluations", _EVALUATION_COLUMNS), ("llm_calls", Store._CALL_COLUMNS),
+    ("steps", _STEP_COLUMNS), ("invocations", _fields(Invocation, "run_id")),
+    ("gradients", _fields(Gradient, "run_id")), ("proposals", _fields(Proposal)),
+    ("evaluations", _fields(Evaluation, "run_id")), ("llm_calls", _fields(LLMCall)),
 ])
 def test_a_replacing_write_names_every_column(store: Store, table: str, columns: tuple[str, ...]) -> None:
     """An upsert replaces a whole row (as SQLite's INSERT OR REPLACE did) only when it names every
-    column: a column added by a migration must be added to the store's column list too."""
+    column: inserts name their columns from the record's fields, so a column added by a migration
+    must be added to its record too (and a record's field to its table)."""
     with store.connect() as conn:
         stored = list(conn.execute(f"SELECT * FROM {table} LIMIT 0").description)
-    assert [c[0] for c in stored] == list(columns)
+    assert sorted(c[0] for c in stored) == sorted(columns)
 
 
 def test_replacing_a_step_resets_what_the_earlier_attempt_wrote(store: Store) -> None:
@@ -162,7 +171,7 @@ def test_replacing_a_step_resets_what_the_earlier_attempt_wrote(store: Store) ->
     store.finish_step("r", 0, 0.5, 0.25, ["a"])
     store.start_step("r", 0, ["b"])  # redone on resume
     [step] = store.steps("r")
-    assert (step["status"], step["batch"], step["val_score"], step["failed_samples"]) == ("running", ["b"], None, [])
+    assert (step.status, step.batch, step.val_score, step.failed_samples) == ("running", ("b",), None, ())
 
 
 def test_readers_agree_on_both_backends(run_toy, store: Store) -> None:
@@ -172,12 +181,12 @@ def test_readers_agree_on_both_backends(run_toy, store: Store) -> None:
     calls = store.call_summaries(run.run_id)
     totals = store.call_totals(run.run_id)
     assert sum(t["calls"] for t in totals) == len(calls)
-    assert sum(t["cached"] for t in totals) == sum(1 for c in calls if c["cached"])
+    assert sum(t["cached"] for t in totals) == sum(1 for c in calls if c.cached)
     assert all(isinstance(t["calls"], int) and isinstance(t["cost_usd"], float) for t in totals)
-    assert sum(t["prompt_tokens"] for t in totals) == sum(c["prompt_tokens"] for c in calls if not c["cached"])
+    assert sum(t["prompt_tokens"] for t in totals) == sum(c.prompt_tokens for c in calls if not c.cached)
     made = store.proposals(run.run_id)
     assert sum(t["proposed"] for t in store.proposal_totals(run.run_id)) == len(made)
-    read = [g for p in made for g in p["feedback_ids"] or []]
+    read = [g for p in made for g in p.feedback_ids or []]
     readers = store.proposals_reading(run.run_id, read)
     assert read and set(readers) == set(read)
     total, page = store.find_gradients(run.run_id, limit=None, offset=1)
@@ -192,15 +201,14 @@ def test_text_sorts_by_code_point_on_both_backends(store: Store) -> None:
     store.create_run("r", "toy", {}, {})
     ids = ["b", "B", "a_1", "a-2", "Ä", "a10", "a9"]
     store.add_evaluations("r", 0, "val", "current", [Evaluation(i, "p", "g", 1.0) for i in ids])
-    assert [e["sample_id"] for e in store.evaluations("r")] == sorted(ids)
+    assert [e.sample_id for e in store.evaluations("r")] == sorted(ids)
 
 
 def test_booleans_are_stored_as_integers(store: Store) -> None:
     store.create_run("r", "toy", {}, {})
-    store.add_parameters("r", [{"name": "p", "node": "n", "kind": "instruction", "role": "r", "trainable": True,
-                                "peers": []}])
+    store.add_parameters("r", [ParameterSpec("p", "n", "instruction", "r", trainable=True, peers=(), position=0)])
     store.request_stop("r")
-    assert store.parameters("r")[0]["trainable"] is True and store.stop_requested("r") is True
+    assert store.parameters("r")[0].trainable is True and store.stop_requested("r") is True
     with store.connect() as conn:
         assert conn.execute("SELECT trainable FROM parameters").fetchone()[0] == 1
 
@@ -258,7 +266,7 @@ def test_writers_and_readers_at_once_lose_nothing(store: Store) -> None:
         try:
             while not done.is_set():
                 for run in store.runs():
-                    store.call_totals(run["id"])
+                    store.call_totals(run.id)
         except BaseException as exc:  # noqa: BLE001 - reported below
             failures.append(exc)
 
@@ -326,6 +334,122 @@ def test_a_retried_write_writes_rows_given_as_a_generator(postgres) -> None:
 
     store.db.retrying = deadlock_first
     store.add_evaluations("r", 0, "val", "current", (Evaluation(f"s{i}", "p", "g", 1.0) for i in range(3)))
-    assert len(attempts) == 2 and [e["sample_id"] for e in store.evaluations("r")] == ["s0", "s1", "s2"]
+    assert len(attempts) == 2 and [e.sample_id for e in store.evaluations("r")] == ["s0", "s1", "s2"]
     store.close()
     postgres.drop(url)
+
+
+# --- records in, records out: traces, gradients, proposals, calls, evaluations ---------------------
+
+HOSTILE_TEXT = "nul \x00 here, esc \ue000 and \ue0000 there, </script> <b>&amp;\x00"
+
+
+def _call(cid: str, run_id: str, response: str | None = "ok", **kw) -> LLMCall:
+    return LLMCall(cid, run_id, 1, "backward", "backward", "counter", "s1", 1, "fake:m",
+                   (("system", "sys"), ("user", "ask")), response, 12, 3, 40.0, False, None, 1000.0,
+                   endpoint="in-process", finish_reason="stop", cost_usd=0.25, saved_usd=0.0, price_source="user",
+                   **kw)
+
+
+def _traced_records(text: str = "text", run_id: str = "r") -> tuple[Trace, list[Gradient], Proposal, list[Evaluation],
+                                                                 LLMCall]:
+    """A sample's trace (an LLM node and its loss), its feedback, a proposal, two evaluations and
+    the call that wrote the feedback, `text` in every text field."""
+    source = Invocation("i1", "s1", "counter", "llm", 0, (InputRef("question", text),), text,
+                        (("counter.instruction", text),), prompt=text, llm_call_id="c1", seq=0)
+    loss = Invocation("i2", "s1", "exact_match", "loss", 0, (InputRef("prediction", text, "i1"),), "0", score=0.0,
+                      error=text, seq=1)
+    gradients = [Gradient("g1", "s1", "exact_match", "i2", 0, "output", "counter", "i1", 0.0, text, "exact_match",
+                          ("tidy", "dedupe"), "c1", "loss", None, 1001.0, about_call=0),
+                 Gradient("g2", "s1", "counter", "i1", 0, "parameter", "counter.instruction", None, 0.0, text,
+                          "counter", (), "c1", error=text, created_at=1002.0, about_call=0)]
+    proposal = Proposal("p1", 1, "counter.instruction", text, "rephrase", text, "c1", "failed_val", text, 0.5, 0.25,
+                        0.5, 0.75, "auto", 1003.0, ("g2", "g1"), None)
+    evals = [Evaluation("s1", text, "3", 1.0), Evaluation("s2", "", "3", None, text)]
+    return Trace("s1", [source, loss]), gradients, proposal, evals, _call("c1", run_id, response=text)
+
+
+def test_readers_give_back_the_records_written(store: Store) -> None:
+    """Each reader returns the records its insert was given, with the fields the store sets (the
+    step, the run, the split and subject) filled in; nothing else changed, on both backends."""
+    store.create_run("r", "toy", {}, {})
+    trace, gradients, proposal, evals, call = _traced_records()
+    store.add_traces("r", 1, [trace])
+    store.add_gradients("r", 1, gradients)
+    store.add_proposal("r", proposal)
+    store.add_evaluations("r", 1, "val", "current", evals)
+    store.add_calls([call])
+    assert store.invocations("r", 1) == [replace(i, step=1) for i in trace.invocations]
+    stored = [replace(g, step=1) for g in gradients]
+    assert store.gradients("r") == stored and store.find_gradients("r") == (2, stored)
+    assert store.gradients_by_id("r", ["g2", "g1"]) == stored[::-1]
+    assert store.proposals("r") == [store.proposal("p1")] == [replace(proposal, run_id="r")]
+    assert store.proposals_reading("r", ["g1", "g9"]) == {"g1": [replace(proposal, run_id="r")]}
+    assert store.evaluations("r") == [replace(e, step=1, split="val", subject="current") for e in evals]
+    assert store.call("c1") == call and store.call("missing") is None
+    store.add_human_feedback("r", "shorter", node="counter", target="counter.instruction")
+    [human] = store.pending_human_feedback("r", ["counter.instruction"])
+    assert (human.origin, human.text, human.step, human.consumed_step, human.path) == ("human", "shorter", 0, None, ())
+    store.mark_feedback_consumed([human.id], 2)
+    assert store.pending_human_feedback("r", ["counter"]) == []
+    assert store.gradients_by_id("r", [human.id])[0].consumed_step == 2
+
+
+def test_call_summaries_are_calls_without_their_text(store: Store) -> None:
+    """A CallSummary has every field of LLMCall but its text, in the same order; the store fills
+    each from the same column."""
+    names = [f.name for f in dataclasses.fields(LLMCall) if f.name not in CALL_TEXT_FIELDS]
+    assert [f.name for f in dataclasses.fields(CallSummary)] == names
+    store.create_run("r", "toy", {}, {})
+    fault = replace(_call("c2", "r"), response=None, error="HTTP 429", error_kind="rate_limit", created_at=1001.0)
+    store.add_calls([_call("c1", "r"), fault])
+    summaries = store.call_summaries("r")
+    assert summaries == [CallSummary(**{n: getattr(c, n) for n in names}) for c in (_call("c1", "r"), fault)]
+    assert store.fault_calls("r") == summaries[1:] and not any(hasattr(s, "messages") for s in summaries)
+
+
+def test_a_proposal_whose_feedback_was_not_recorded_reads_none(store: Store) -> None:
+    """`feedback_ids` None (stored before the feedback a proposal read was recorded) stays None,
+    apart from () (it read none)."""
+    store.create_run("r", "toy", {}, {})
+    store.add_proposal("r", replace(_proposal("old", "failed_val"), feedback_ids=None))
+    store.add_proposal("r", _proposal("new", "failed_val"))
+    assert [(p.id, p.feedback_ids) for p in store.proposals("r")] == [("old", None), ("new", ())]
+    with store.connect() as conn:
+        assert [r[0] for r in conn.execute("SELECT feedback_ids FROM proposals ORDER BY created_at")] == [None, "[]"]
+
+
+def test_text_with_nul_characters_is_stored_on_both_backends(store: Store) -> None:
+    """PostgreSQL text cannot hold NUL, SQLite's can: a reply, a trace, feedback, a proposal and a
+    prediction holding NUL (and the character the PostgreSQL backend escapes with) are written and
+    read back unchanged on both, and equality on such text still finds them."""
+    store.create_run("r", "toy", {}, {})
+    trace, gradients, proposal, evals, call = _traced_records(HOSTILE_TEXT)
+    call = replace(call, messages=(("user", HOSTILE_TEXT),), reasoning=HOSTILE_TEXT, error=HOSTILE_TEXT)
+    store.add_calls([call])
+    store.add_traces("r", 1, [trace])
+    store.add_gradients("r", 1, gradients)
+    store.add_proposal("r", replace(proposal, parameter=HOSTILE_TEXT))
+    store.add_evaluations("r", 1, "val", "current", evals)
+    store.add_run_event("r", "note", HOSTILE_TEXT)
+    assert store.call("c1") == call and store.fault_calls("r")[0].error == HOSTILE_TEXT
+    assert [i.output for i in store.invocations("r")] == [HOSTILE_TEXT, "0"]
+    assert store.invocations("r")[1].inputs == (InputRef("prediction", HOSTILE_TEXT, "i1"),)
+    assert [g.text for g in store.gradients("r")] == [HOSTILE_TEXT] * 2
+    assert [p.value for p in store.proposals("r", parameter=HOSTILE_TEXT)] == [HOSTILE_TEXT]
+    assert [e.prediction for e in store.evaluations("r")] == [HOSTILE_TEXT, ""]
+    with store.connect() as conn:  # what SQL gives back is unescaped too
+        assert conn.execute("SELECT response FROM llm_calls WHERE response = ?", (HOSTILE_TEXT,)).fetchone()[0] \
+            == HOSTILE_TEXT
+
+
+def test_the_postgresql_text_escape_is_reversible() -> None:
+    """Whatever the text, escaping leaves no NUL and unescaping gives it back; text with neither
+    NUL nor the escape character is stored as it is."""
+    from autodiff.store.postgres import ESC, escape_text, unescape_text
+
+    for text in ["", "plain", "\x00", ESC, ESC + "0", ESC + "e", ESC + ESC, "\x00" + ESC + "0\x00", "end" + ESC,
+                 ESC + "x", "a\x00b" * 50]:
+        escaped = escape_text(text)
+        assert "\x00" not in escaped and unescape_text(escaped) == text, repr(text)
+    assert escape_text("plain </script> ü") == "plain </script> ü"

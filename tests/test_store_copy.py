@@ -47,7 +47,7 @@ def test_round_trip_sqlite_postgresql_sqlite_is_equal(tmp_path: Path, pg_url: st
     shutil.copyfile(BUNDLED, source_path)
     source = Store(source_path)
     fake_run(source, tmp_path / "cache.sqlite", steps=1)
-    ids = [r["id"] for r in source.runs()]
+    ids = [r.id for r in source.runs()]
     team, back = Store(pg_url), Store(tmp_path / "back.sqlite")
     there = copy_runs(source, team, [])
     assert sorted(r.run_id for r in there) == sorted(ids) and all(t.equal for r in there for t in r.tables)
@@ -62,7 +62,7 @@ def test_round_trip_sqlite_postgresql_sqlite_is_equal(tmp_path: Path, pg_url: st
             assert _close(store.call_totals(run_id), source.call_totals(run_id))
             assert store.proposal_totals(run_id) == source.proposal_totals(run_id)
             assert store.find_gradients(run_id) == source.find_gradients(run_id)
-    assert [r["id"] for r in back.runs()] == [r["id"] for r in source.runs()]
+    assert [r.id for r in back.runs()] == [r.id for r in source.runs()]
     for store in (source, team, back):
         store.close()
 
@@ -83,8 +83,8 @@ def test_a_run_already_there_is_refused_unless_replaced(tmp_path: Path, pg_url: 
     assert team.run_events(run_id) == copied  # nothing written by the refused copy
     assert cli.main(["store", "copy", str(source.path), pg_url, run_id, "--replace"]) == 0
     assert "(replaced)" in capsys.readouterr().out
-    texts = [e["text"] for e in team.run_events(run_id)]
-    assert texts == [e["text"] for e in copied] + ["written after the first copy"]
+    texts = [e.text for e in team.run_events(run_id)]
+    assert texts == [e.text for e in copied] + ["written after the first copy"]
     assert run_digest(team, run_id) == run_digest(source, run_id)
     team.close()
     source.close()
@@ -96,3 +96,26 @@ def test_copy_names_what_is_wrong(tmp_path: Path) -> None:
         copy_runs(source, Store(tmp_path / "b.sqlite"), ["nope"])
     with pytest.raises(StoreError, match="same store"):
         copy_runs(source, Store(tmp_path / "a.sqlite"))
+
+
+def test_text_with_nul_characters_survives_the_round_trip(tmp_path: Path, pg_url: str) -> None:
+    """A run whose reply, trace, feedback and prediction hold NUL (which PostgreSQL text cannot
+    hold: its backend escapes it) goes SQLite -> PostgreSQL -> SQLite with every row unchanged."""
+    from tests.test_store import HOSTILE_TEXT, _traced_records
+
+    source = Store(tmp_path / "source.sqlite")
+    source.create_run("nul", "toy", {}, {"val": ["s1", "s2"]})
+    trace, gradients, proposal, evals, call = _traced_records(HOSTILE_TEXT, "nul")
+    source.add_calls([call])
+    source.add_traces("nul", 1, [trace])
+    source.add_gradients("nul", 1, gradients)
+    source.add_proposal("nul", proposal)
+    source.add_evaluations("nul", 1, "val", "current", evals)
+    team, back = Store(pg_url), Store(tmp_path / "back.sqlite")
+    copy_runs(source, team, ["nul"])
+    copy_runs(team, back, ["nul"])
+    assert _every_row(back, "nul") == _every_row(source, "nul")
+    assert run_digest(back, "nul") == run_digest(team, "nul") == run_digest(source, "nul")
+    assert team.call(call.id) == call and team.proposals("nul") == source.proposals("nul")
+    for store in (source, team, back):
+        store.close()

@@ -62,27 +62,27 @@ def test_a_metric_raising_on_one_sample_marks_it_errored_and_the_run_completes(s
                    progress=False, steps=1, batch_size=8, max_error_share=0.2, proposals=1)
     # 1 of 10 validation and 1 of 8 training samples errored: under 20%, so the run goes on.
     assert result.status == "completed", result.error
-    val0 = {e["sample_id"]: e for e in store.evaluations(result.run_id, split="val", subject="current")
-            if e["step"] == 0}
+    val0 = {e.sample_id: e for e in store.evaluations(result.run_id, split="val", subject="current")
+            if e.step == 0}
     errored = val0["val-03"]
-    assert errored["score"] is None
+    assert errored.score is None
     for part in ("val-03", "metric 'fussy_match' (loss 'fussy')", "ValueError", "cannot compare '29' with '29'"):
-        assert part in errored["error"]
+        assert part in errored.error
     # The errored sample is left out of the mean, not counted as a 0: 4 of the 9 scored are right.
     assert result.scores[0].val_score == pytest.approx(4 / 9)
     # The better value was still judged and accepted on the samples scored on both sides.
     assert result.best_values["toy.instruction"] == better and result.best_val == 1.0
 
     # The training sample's trace keeps the failing loss invocation with the full traceback ...
-    invocations = [i for i in store.invocations(result.run_id, step=1) if i["sample_id"] == "train-01"]
-    loss = next(i for i in invocations if i["node_type"] == "loss")
-    first, rest = loss["error"].split("\n", 1)
+    invocations = [i for i in store.invocations(result.run_id, step=1) if i.sample_id == "train-01"]
+    loss = next(i for i in invocations if i.node_type == "loss")
+    first, rest = loss.error.split("\n", 1)
     assert first == "ValueError: cannot compare '16' with '15'"  # train-01 is answered wrong
     assert "Traceback (most recent call last)" in rest and "in fussy_match" in rest
-    assert loss["score"] is None and [r[0] for r in loss["inputs"]] == ["prediction", "gold"]
-    assert any(i["node"] == "solver" for i in invocations)  # what ran before it is visible too
+    assert loss.score is None and [r.name for r in loss.inputs] == ["prediction", "gold"]
+    assert any(i.node == "solver" for i in invocations)  # what ran before it is visible too
     # ... and, being neither failed nor correct, it is never sent backward.
-    assert "train-01" not in {g["sample_id"] for g in store.gradients(result.run_id)}
+    assert "train-01" not in {g.sample_id for g in store.gradients(result.run_id)}
 
 
 def test_a_function_node_raising_marks_the_sample_errored_naming_the_node(make_llm) -> None:

@@ -112,12 +112,12 @@ def queue(store, **options) -> str:
 
 def takers(store, run_id: str) -> list[str]:
     """The workers that took run `run_id`, in order, from its history."""
-    return [e["text"].split("trained by worker ", 1)[1].split(" ", 1)[0] for e in store.run_events(run_id)
-            if e["kind"] == "worker"]
+    return [e.text.split("trained by worker ", 1)[1].split(" ", 1)[0] for e in store.run_events(run_id)
+            if e.kind == "worker"]
 
 
 def calls_by_step(store, run_id: str) -> Counter:
-    return Counter((c["step"], c["phase"]) for c in store.call_summaries(run_id))
+    return Counter((c.step, c.phase) for c in store.call_summaries(run_id))
 
 
 def test_two_workers_train_three_queued_runs_each_once(pg_store, pool) -> None:
@@ -126,12 +126,12 @@ def test_two_workers_train_three_queued_runs_each_once(pg_store, pool) -> None:
     for name in ("a", "b"):
         pool.wait_ready(name)
     ids = [queue(pg_store, steps=2, delay=0.1) for _ in range(3)]
-    assert {pg_store.run(r)["status"] for r in ids} <= {"queued", "running", "completed"}
-    wait_for(lambda: all(pg_store.run(r)["status"] == "completed" for r in ids), 90,
-             lambda: [(pg_store.run(r)["status"], pg_store.run(r)["error"]) for r in ids])
+    assert {pg_store.run(r).status for r in ids} <= {"queued", "running", "completed"}
+    wait_for(lambda: all(pg_store.run(r).status == "completed" for r in ids), 90,
+             lambda: [(pg_store.run(r).status, pg_store.run(r).error) for r in ids])
     for run_id in ids:
         assert len(takers(pg_store, run_id)) == 1, pg_store.run_events(run_id)  # trained once
-        assert [s["status"] for s in pg_store.steps(run_id)] == ["completed"] * 3
+        assert [s.status for s in pg_store.steps(run_id)] == ["completed"] * 3
     assert sorted({takers(pg_store, r)[0] for r in ids}) == ["a", "b"]  # both took work
     assert workers.queued_jobs(pg_store).get("todo", 0) == 0
     assert workers.queued_jobs(pg_store).get("doing", 0) == 0
@@ -147,18 +147,18 @@ def test_a_worker_killed_mid_run_leaves_it_to_another(pg_store, pool) -> None:
     before = calls_by_step(pg_store, run_id)
     doomed.send_signal(signal.SIGKILL)
     doomed.wait()
-    assert pg_store.run(run_id)["status"] == "running"  # nobody has noticed yet
+    assert pg_store.run(run_id).status == "running"  # nobody has noticed yet
     pool.start("heir")
-    wait_for(lambda: pg_store.run(run_id)["status"] == "completed", 90,
+    wait_for(lambda: pg_store.run(run_id).status == "completed", 90,
              lambda: (pg_store.run(run_id), pool.log("heir")))
     assert takers(pg_store, run_id) == ["doomed", "heir"]
-    requeued = [e["text"] for e in pg_store.run_events(run_id) if e["kind"] == "requeued"]
+    requeued = [e.text for e in pg_store.run_events(run_id) if e.kind == "requeued"]
     assert len(requeued) == 1 and "stopped answering" in requeued[0], requeued
     after = calls_by_step(pg_store, run_id)
     # Resumed from the last completed step: the steps done before the kill were not asked again.
     assert {k: v for k, v in after.items() if k[0] is not None and k[0] <= 1 and k[1] != "preflight"} == \
         {k: v for k, v in before.items() if k[0] is not None and k[0] <= 1 and k[1] != "preflight"}
-    assert [s["status"] for s in pg_store.steps(run_id)] == ["completed"] * 5
+    assert [s.status for s in pg_store.steps(run_id)] == ["completed"] * 5
 
 
 def test_a_stop_asked_for_in_the_store_reaches_the_worker(pg_store, pool) -> None:
@@ -167,15 +167,15 @@ def test_a_stop_asked_for_in_the_store_reaches_the_worker(pg_store, pool) -> Non
     run_id = queue(pg_store, steps=30, delay=0.2)
     wait_for(lambda: pg_store.last_completed_step(run_id) == 1, 60, lambda: pg_store.run(run_id))
     pg_store.request_stop(run_id)  # what the dashboard's Stop does
-    wait_for(lambda: pg_store.run(run_id)["status"] == "stopped", 30, lambda: pg_store.run(run_id))
-    assert pg_store.run(run_id)["error"].startswith("stopped on request")
+    wait_for(lambda: pg_store.run(run_id).status == "stopped", 30, lambda: pg_store.run(run_id))
+    assert pg_store.run(run_id).error.startswith("stopped on request")
     assert workers.queued_jobs(pg_store).get("todo", 0) == 0  # a person's stop is not handed on
     # Resume (the Runs page's button) queues it again; the same worker goes on with it.
     done = pg_store.last_completed_step(run_id)
     runner.resume_background(pg_store, run_id)
     wait_for(lambda: (pg_store.last_completed_step(run_id) or 0) > done, 60, lambda: pg_store.run(run_id))
     pg_store.request_stop(run_id)
-    wait_for(lambda: pg_store.run(run_id)["status"] == "stopped", 30, lambda: pg_store.run(run_id))
+    wait_for(lambda: pg_store.run(run_id).status == "stopped", 30, lambda: pg_store.run(run_id))
     assert takers(pg_store, run_id) == ["w", "w"]
 
 
@@ -187,11 +187,11 @@ def test_sigterm_hands_the_run_back_for_another_worker(pg_store, pool) -> None:
     first.terminate()
     assert first.wait(timeout=30) == 0
     run = pg_store.run(run_id)
-    assert run["status"] == "queued" and "shut down after step" in run["error"], run
-    assert not run["stop_requested"]
+    assert run.status == "queued" and "shut down after step" in run.error, run
+    assert not run.stop_requested
     assert workers.queued_jobs(pg_store).get("todo", 0) == 1
     pool.start("second")
-    wait_for(lambda: pg_store.run(run_id)["status"] == "completed", 60, lambda: pool.log("second"))
+    wait_for(lambda: pg_store.run(run_id).status == "completed", 60, lambda: pool.log("second"))
     assert takers(pg_store, run_id) == ["first", "second"]
 
 
@@ -199,7 +199,7 @@ def test_a_stop_asked_for_while_queued_stops_it_when_taken(pg_store, pool) -> No
     run_id = queue(pg_store)
     pg_store.request_stop(run_id)
     pool.start("w")
-    wait_for(lambda: pg_store.run(run_id)["status"] == "stopped", 30, lambda: pool.log("w"))
+    wait_for(lambda: pg_store.run(run_id).status == "stopped", 30, lambda: pool.log("w"))
     assert pg_store.steps(run_id) == []
 
 
@@ -225,14 +225,14 @@ def test_the_password_reaches_no_log_history_or_job(pg_store, tmp_path) -> None:
                                  "tests/worker_task.py:make", "--model", "fake:x", "--steps", "1", "--val-limit", "3",
                                  "--test-limit", "2", "--queue"], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
-        [run_id] = [r["id"] for r in store.runs()]
-        assert store.run(run_id)["config"]["task"] == SLOW_TASK  # a relative task file, made absolute for workers
+        [run_id] = [r.id for r in store.runs()]
+        assert store.run(run_id).config["task"] == SLOW_TASK  # a relative task file, made absolute for workers
         assert secret not in result.stdout + result.stderr
         with psycopg.connect(url) as conn:
             [(args,)] = conn.execute("SELECT args::text FROM procrastinate_jobs").fetchall()
         assert args == f'{{"run_id": "{run_id}"}}'
         pool.start("w")
-        wait_for(lambda: store.run(run_id)["status"] == "completed", 60, lambda: pool.log("w"))
+        wait_for(lambda: store.run(run_id).status == "completed", 60, lambda: pool.log("w"))
     finally:
         pool.stop_all()
         store.close()
@@ -260,7 +260,7 @@ def test_a_queued_run_is_resumed_here_only_once_stopped(pg_store, tmp_path) -> N
         runner.resume(pg_store, run_id, cache_path=tmp_path / "cache.sqlite")
     pg_store.request_stop(run_id)
     runner.resume(pg_store, run_id, cache_path=tmp_path / "cache.sqlite")
-    assert pg_store.run(run_id)["status"] == "completed"
+    assert pg_store.run(run_id).status == "completed"
     assert workers.queued_jobs(pg_store) == {"cancelled": 1}  # no worker will take it again
 
 
@@ -268,7 +268,7 @@ def test_a_run_a_worker_holds_is_not_resumed_elsewhere(pg_store, pool, tmp_path)
     pool.start("w")
     pool.wait_ready("w")
     run_id = queue(pg_store, steps=30, delay=0.2)
-    wait_for(lambda: pg_store.run(run_id)["status"] == "running", 60, lambda: pg_store.run(run_id))
+    wait_for(lambda: pg_store.run(run_id).status == "running", 60, lambda: pg_store.run(run_id))
     with pytest.raises(ConfigError, match="a worker holds run"):
         runner.resume(pg_store, run_id, cache_path=tmp_path / "cache.sqlite")
     with pytest.raises(ConfigError, match="is running"):
@@ -292,11 +292,11 @@ def test_the_runs_page_queues_a_run_and_shows_it_waiting(pg_store, pool, tmp_pat
     assert not at.exception, [e.value for e in at.exception]
     assert any("Queued run" in s.value and "autodiff worker" in s.value for s in at.success), at.success
     [run] = pg_store.runs()
-    assert run["status"] == "queued" and run["pid"] is None  # nothing started on this machine
-    assert workers.open_job(pg_store, run["id"])[1] == "todo"
+    assert run.status == "queued" and run.pid is None  # nothing started on this machine
+    assert workers.open_job(pg_store, run.id)[1] == "todo"
     assert any("Waiting for a worker" in c.value for c in at.caption), [c.value for c in at.caption]
     pool.start("w")
-    wait_for(lambda: pg_store.run(run["id"])["status"] == "completed", 60, lambda: pool.log("w"))
+    wait_for(lambda: pg_store.run(run.id).status == "completed", 60, lambda: pool.log("w"))
 
 
 def test_a_worker_refuses_a_sqlite_store_and_a_stall_time_shorter_than_two_heartbeats(tmp_path) -> None:

@@ -94,12 +94,12 @@ def copy_runs(source: Store, target: Store, run_ids: Sequence[str] | None = None
     source and target, or a check that failed after the copy."""
     if source.spec == target.spec:
         raise StoreError(f"source and destination are the same store ({source.display}): nothing to copy")
-    known = [r["id"] for r in source.runs()]
+    known = [r.id for r in source.runs()]
     wanted = list(dict.fromkeys(run_ids)) if run_ids else known[::-1]  # oldest first
     missing = [r for r in wanted if r not in known]
     if missing:
         raise StoreError(f"no run {', '.join(map(repr, missing))} in {source.display}")
-    present = {r["id"] for r in target.runs()}
+    present = {r.id for r in target.runs()}
     clash = [r for r in wanted if r in present]
     if clash and not replace:
         raise StoreError(f"{len(clash)} of these runs already exist in {target.display} "

@@ -7,8 +7,12 @@ here. API keys and database passwords never enter it. The backend (`sqlite.SQLit
 databases; this class holds no dialect of its own beyond `?` placeholders, portable SQL and the
 upsert below.
 
-Readers return dicts today; each reader turns its rows into values in one place (`_run_dict`,
-`_proposal_dict`, the `dict(r, ...)` of each method), which is where records will replace them.
+Records in, records out: readers return the project's records (`autodiff.records`), each made
+from its row in one place (`_record`, with the fields a table keeps encoded, JSON text or 0/1,
+decoded there), and inserts name their columns from the records' fields (`_row`). The fields the
+engine leaves unset when it makes a record (a gradient's step, a proposal's run, an evaluation's
+split) are the columns the store writes besides it, and come back filled. `CallSummary` is an
+`LLMCall` without its text, for the readers that sum calls.
 """
 
 from __future__ import annotations
@@ -21,25 +25,15 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from autodiff.errors import StoreError
-from autodiff.records import Evaluation, Gradient, LLMCall, Proposal, Trace
+from autodiff.records import (CallSummary, Evaluation, Gradient, InputRef, Invocation, LLMCall, ParameterSpec,
+                              ParameterVersion, Proposal, Run, RunEvent, Step, Trace)
 from autodiff.store.schema import MIGRATIONS
 from autodiff.store.spec import is_url
 
 TERMINAL_STATUSES = ("completed", "failed", "stopped")
 
 # Every column of the tables written by upsert, in table order (see `_upsert`).
-_STEP_COLUMNS = ("run_id", "step", "status", "started_at", "finished_at", "val_score", "test_score", "batch",
-                 "failed_samples")
-_INVOCATION_COLUMNS = ("id", "run_id", "step", "sample_id", "seq", "node", "node_type", "call_index", "inputs",
-                       "output", "parameters", "prompt", "llm_call_id", "score", "error")
-_GRADIENT_COLUMNS = ("id", "run_id", "step", "sample_id", "node", "invocation_id", "call_index", "target_type",
-                     "target", "target_invocation", "score", "text", "source_node", "path", "llm_call_id", "origin",
-                     "error", "created_at", "consumed_step", "about_call")
-_PROPOSAL_COLUMNS = ("id", "run_id", "step", "parameter", "value", "method", "reasoning", "llm_call_id", "fate",
-                     "reason", "minibatch_score", "minibatch_baseline", "val_score", "val_baseline", "decided_by",
-                     "created_at", "decided_at", "decision", "decision_value", "decision_by", "feedback_ids",
-                     "held_fate")
-_EVALUATION_COLUMNS = ("run_id", "step", "split", "subject", "sample_id", "prediction", "gold", "score", "error")
+_STEP_COLUMNS = ("run_id", *(f.name for f in dataclasses.fields(Step)))
 
 
 def _writes(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -70,6 +64,34 @@ def _upsert(table: str, columns: Sequence[str], key: Sequence[str]) -> str:
     updates = ", ".join(f"{c} = excluded.{c}" for c in columns if c not in key)
     return (f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
             f" ON CONFLICT ({', '.join(key)}) DO UPDATE SET {updates}")
+
+
+def _row(record: Any, **columns: Any) -> dict[str, Any]:
+    """The columns a record is stored in, by name: the columns given that are not fields (the run
+    it belongs to) first, then the record's fields in order, each as is or, where given in
+    `columns`, as the table keeps it (JSON text, 0/1)."""
+    names = [f.name for f in dataclasses.fields(record)]
+    row = {k: v for k, v in columns.items() if k not in names}
+    row.update((name, columns[name] if name in columns else getattr(record, name)) for name in names)
+    return row
+
+
+def _insert(table: str, row: dict[str, Any]) -> str:
+    """INSERT of one row with `row`'s columns (give its values in the same order)."""
+    return f"INSERT INTO {table} ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})"
+
+
+def _record(cls: Any, row: Any, **decoded: Any) -> Any:
+    """A record of type `cls` from a row read by column name: every field from the column of its
+    name, except those given in `decoded` (already turned back from JSON text, 0/1, ...)."""
+    values = dict(zip(row.keys(), row))  # one pass: a sqlite3.Row read by name scans its columns each time
+    values.update(decoded)
+    return cls(**{name: values[name] for name in _field_names(cls)})
+
+
+@functools.cache
+def _field_names(cls: Any) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
 
 
 # What `call_totals` and `attempt_totals` sum over a group of call records (see `call_totals`).
@@ -154,12 +176,13 @@ class Store:
 
     @_writes
     def create_run(self, run_id: str, task: str, config: dict, splits: dict[str, Sequence[str]]) -> None:
+        """Register run `run_id` (status "created") with its options and the sample ids of each split."""
         now = time.time()
+        run = Run(id=run_id, task=task, config=config, status="created", error=None, created_at=now, updated_at=now,
+                  stop_requested=False, pid=None)
+        row = _row(run, config=_json(run.config), stop_requested=int(run.stop_requested))
         with self.connect() as conn:
-            conn.execute(
-                "INSERT INTO runs (id, task, config, status, created_at, updated_at) VALUES (?, ?, ?, 'created', ?, ?)",
-                (run_id, task, _json(config), now, now),
-            )
+            conn.execute(_insert("runs", row), list(row.values()))
             conn.executemany(
                 "INSERT INTO samples VALUES (?, ?, ?, ?)",
                 [(run_id, split, i, sid) for split, ids in splits.items() for i, sid in enumerate(ids)],
@@ -189,17 +212,19 @@ class Store:
         with self.connect() as conn:
             conn.execute("UPDATE runs SET stop_requested = 0 WHERE id = ?", (run_id,))
 
-    def run(self, run_id: str) -> dict:
+    def run(self, run_id: str) -> Run:
+        """Run `run_id`; raises StoreError when the store has no such run."""
         with self.connect() as conn:
             row = conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
         if row is None:
             raise StoreError(f"no run with id {run_id!r} in {self.display}")
-        return _run_dict(row)
+        return _run(row)
 
-    def runs(self) -> list[dict]:
+    def runs(self) -> list[Run]:
+        """Every run of the store, newest first."""
         with self.connect() as conn:
             rows = conn.execute("SELECT * FROM runs ORDER BY created_at DESC").fetchall()
-        return [_run_dict(r) for r in rows]
+        return [_run(r) for r in rows]
 
     @_writes
     def delete_run(self, run_id: str) -> None:
@@ -221,15 +246,15 @@ class Store:
     @_writes
     def add_run_event(self, run_id: str, kind: str, text: str) -> None:
         """Note something that happened to a run (e.g. "task_changes_accepted"), with the time."""
+        row = _row(RunEvent(at=time.time(), kind=kind, text=text), run_id=run_id)
         with self.connect() as conn:
-            conn.execute("INSERT INTO run_events VALUES (?, ?, ?, ?)", (run_id, time.time(), kind, text))
+            conn.execute(_insert("run_events", row), list(row.values()))
 
-    def run_events(self, run_id: str) -> list[dict]:
-        """A run's events in time order: `at` (Unix time), `kind`, `text`."""
+    def run_events(self, run_id: str) -> list[RunEvent]:
+        """A run's events in time order."""
         with self.connect() as conn:
-            rows = conn.execute("SELECT at, kind, text FROM run_events WHERE run_id = ? ORDER BY at",
-                                (run_id,)).fetchall()
-        return [dict(r) for r in rows]
+            rows = conn.execute("SELECT * FROM run_events WHERE run_id = ? ORDER BY at", (run_id,)).fetchall()
+        return [_record(RunEvent, r) for r in rows]
 
     def run_ids_matching(self, prefix: str) -> list[str]:
         with self.connect() as conn:
@@ -253,61 +278,64 @@ class Store:
     # --- parameters -------------------------------------------------------------------------
 
     @_writes
-    def add_parameters(self, run_id: str, parameters: Iterable[dict]) -> None:
+    def add_parameters(self, run_id: str, parameters: Iterable[ParameterSpec]) -> None:
+        """Register a run's parameters (`Parameter.spec`); one the run already has is replaced."""
+        rows = [_row(p, run_id=run_id, trainable=int(p.trainable), peers=_json(list(p.peers))) for p in parameters]
+        if not rows:
+            return
         with self.connect() as conn:
-            conn.executemany(
-                _upsert("parameters", ("run_id", "name", "node", "kind", "role", "trainable", "peers", "position"),
-                        ("run_id", "name")),
-                [
-                    (run_id, p["name"], p["node"], p["kind"], p["role"], int(p["trainable"]), _json(p["peers"]), i)
-                    for i, p in enumerate(parameters)
-                ],
-            )
+            conn.executemany(_upsert("parameters", list(rows[0]), ("run_id", "name")), [list(r.values()) for r in rows])
 
-    def parameters(self, run_id: str) -> list[dict]:
+    def parameters(self, run_id: str) -> list[ParameterSpec]:
+        """A run's parameters in the pipeline's order."""
         with self.connect() as conn:
             rows = conn.execute("SELECT * FROM parameters WHERE run_id = ? ORDER BY position", (run_id,)).fetchall()
-        return [dict(r, trainable=bool(r["trainable"]), peers=json.loads(r["peers"])) for r in rows]
+        return [_record(ParameterSpec, r, trainable=bool(r["trainable"]), peers=tuple(json.loads(r["peers"])))
+                for r in rows]
 
     @_writes
     def add_parameter_version(self, run_id: str, name: str, step: int, value: str, proposal_id: str | None) -> int:
+        """Record parameter `name`'s new value, set at `step`; returns its version (0 for the first)."""
         with self.connect() as conn:
             row = conn.execute(
                 "SELECT COALESCE(MAX(version), -1) AS last FROM parameter_versions WHERE run_id = ? AND name = ?",
                 (run_id, name),
             ).fetchone()
-            version = row[0] + 1
-            conn.execute(
-                "INSERT INTO parameter_versions VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (run_id, name, version, step, value, proposal_id, time.time()),
-            )
-        return version
+            new = _row(ParameterVersion(name=name, version=row[0] + 1, step=step, value=value, proposal_id=proposal_id,
+                                        created_at=time.time()), run_id=run_id)
+            conn.execute(_insert("parameter_versions", new), list(new.values()))
+        return new["version"]
 
-    def parameter_versions(self, run_id: str, name: str | None = None) -> list[dict]:
-        return [dict(r) for r in self._select("parameter_versions", run_id, "name, version", name=name)]
+    def parameter_versions(self, run_id: str, name: str | None = None) -> list[ParameterVersion]:
+        """A run's parameter values (of parameter `name`, or of all), by name then version."""
+        return [_record(ParameterVersion, r) for r in self._select("parameter_versions", run_id, "name, version",
+                                                                   name=name)]
 
     def parameter_values_at(self, run_id: str, step: int) -> dict[str, str]:
         """The value of every parameter as it stood at the end of `step`."""
         values: dict[str, str] = {}
-        for row in self.parameter_versions(run_id):
-            if row["step"] <= step:
-                values[row["name"]] = row["value"]
+        for version in self.parameter_versions(run_id):
+            if version.step <= step:
+                values[version.name] = version.value
         return values
 
     # --- steps ------------------------------------------------------------------------------
 
     @_writes
     def start_step(self, run_id: str, step: int, batch: Sequence[str]) -> None:
+        """Begin `step` (status "running") on the mini-batch `batch` (sample ids); a step begun
+        before (an attempt redone on resume) is replaced whole."""
+        record = Step(step=step, status="running", started_at=time.time(), finished_at=None, val_score=None,
+                      test_score=None, batch=tuple(batch), failed_samples=())
+        row = _row(record, run_id=run_id, batch=_json(list(record.batch)), failed_samples=_json([]))
         with self.connect() as conn:
-            conn.execute(
-                _upsert("steps", _STEP_COLUMNS, ("run_id", "step")),
-                (run_id, step, "running", time.time(), None, None, None, _json(list(batch)), "[]"),
-            )
+            conn.execute(_upsert("steps", list(row), ("run_id", "step")), list(row.values()))
 
     @_writes
     def finish_step(
         self, run_id: str, step: int, val_score: float | None, test_score: float | None, failed: Sequence[str]
     ) -> None:
+        """Mark `step` completed with its scores (None: not measured) and the sample ids it sent backward."""
         with self.connect() as conn:
             conn.execute(
                 "UPDATE steps SET status = 'completed', finished_at = ?, val_score = ?, test_score = ?,"
@@ -320,10 +348,12 @@ class Store:
         with self.connect() as conn:
             conn.execute("UPDATE steps SET test_score = ? WHERE run_id = ? AND step = ?", (test_score, run_id, step))
 
-    def steps(self, run_id: str) -> list[dict]:
+    def steps(self, run_id: str) -> list[Step]:
+        """A run's stored steps in order (a step discarded on resume and not yet redone is absent)."""
         with self.connect() as conn:
             rows = conn.execute("SELECT * FROM steps WHERE run_id = ? ORDER BY step", (run_id,)).fetchall()
-        return [dict(r, batch=json.loads(r["batch"]), failed_samples=json.loads(r["failed_samples"])) for r in rows]
+        return [_record(Step, r, batch=tuple(json.loads(r["batch"])),
+                        failed_samples=tuple(json.loads(r["failed_samples"]))) for r in rows]
 
     def last_completed_step(self, run_id: str) -> int | None:
         with self.connect() as conn:
@@ -344,17 +374,12 @@ class Store:
 
     @_writes
     def add_traces(self, run_id: str, step: int, traces: Iterable[Trace]) -> None:
-        rows = [
-            (
-                inv.id, run_id, step, inv.sample_id, inv.seq, inv.node, inv.node_type, inv.call_index,
-                _json([[r.name, r.text, r.source] for r in inv.inputs]), inv.output,
-                _json([list(p) for p in inv.parameters]), inv.prompt, inv.llm_call_id, inv.score, inv.error,
-            )
-            for trace in traces
-            for inv in trace.invocations
-        ]
-        with self.connect() as conn:
-            conn.executemany(_upsert("invocations", _INVOCATION_COLUMNS, ("id",)), rows)
+        """Store the invocations of `traces` as traced at `step` (an invocation's id replaces the
+        row with that id: a step redone on resume writes its traces again)."""
+        rows = [_row(inv, run_id=run_id, step=step, inputs=_json([[r.name, r.text, r.source] for r in inv.inputs]),
+                     parameters=_json([list(p) for p in inv.parameters]))
+                for trace in traces for inv in trace.invocations]
+        _upsert_rows(self, "invocations", ("id",), rows)
 
     def _select(self, table: str, run_id: str, order: str, **filters: Any) -> list[Any]:
         """Rows of one run, filtered by the given columns (None means any), in `order`."""
@@ -365,11 +390,9 @@ class Store:
                 f"SELECT * FROM {table} WHERE run_id = ?{where} ORDER BY {order}", [run_id, *used.values()]
             ).fetchall()
 
-    def invocations(self, run_id: str, step: int | None = None) -> list[dict]:
-        rows = self._select("invocations", run_id, "step, sample_id, seq", step=step)
-        return [
-            dict(r, inputs=json.loads(r["inputs"]), parameters=json.loads(r["parameters"])) for r in rows
-        ]
+    def invocations(self, run_id: str, step: int | None = None) -> list[Invocation]:
+        """A run's invocations (of one step, or all), by step, sample and order of execution."""
+        return [_invocation(r) for r in self._select("invocations", run_id, "step, sample_id, seq", step=step)]
 
     def invocation_call_indices(self, run_id: str) -> dict[str, int]:
         """Invocation id -> call index for a whole run, without the traces' text."""
@@ -379,25 +402,20 @@ class Store:
 
     @_writes
     def add_gradients(self, run_id: str, step: int, gradients: Iterable[Gradient]) -> None:
-        rows = [
-            (
-                g.id, run_id, step, g.sample_id, g.node, g.invocation_id, g.call_index, g.target_type, g.target,
-                g.target_invocation, g.score, g.text, g.source_node, _json(list(g.path)), g.llm_call_id,
-                g.origin, g.error, g.created_at or time.time(), None, g.about_call,
-            )
-            for g in gradients
-        ]
-        with self.connect() as conn:
-            conn.executemany(
-                _upsert("gradients", _GRADIENT_COLUMNS, ("id",)), rows)
+        """Store gradients written at `step`, not consumed (a gradient's id replaces the row with
+        that id); a `created_at` of 0 is taken as now."""
+        rows = [_row(g, run_id=run_id, step=step, path=_json(list(g.path)), created_at=g.created_at or time.time(),
+                     consumed_step=None)
+                for g in gradients]
+        _upsert_rows(self, "gradients", ("id",), rows)
 
-    def gradients(self, run_id: str, step: int | None = None, target: str | None = None) -> list[dict]:
+    def gradients(self, run_id: str, step: int | None = None, target: str | None = None) -> list[Gradient]:
+        """A run's gradients (of one step, on one target, or all), by step, time, sample and call."""
         rows = self._select("gradients", run_id, "step, created_at, sample_id, call_index", step=step, target=target)
-        return [dict(r, path=json.loads(r["path"])) for r in rows]
+        return [_gradient(r) for r in rows]
 
-    def gradients_by_id(self, run_id: str, ids: Sequence[str]) -> list[dict]:
-        """The run's gradients with these ids, in the order of `ids` (ids not found are left out),
-        each with `about_call` as `find_gradients` gives it."""
+    def gradients_by_id(self, run_id: str, ids: Sequence[str]) -> list[Gradient]:
+        """The run's gradients with these ids, in the order of `ids` (ids not found are left out)."""
         if not ids:
             return []
         marks = ",".join("?" * len(ids))
@@ -405,17 +423,17 @@ class Store:
             rows = conn.execute(
                 f"SELECT g.* FROM gradients g WHERE g.run_id = ? AND g.id IN ({marks})",
                 [run_id, *ids]).fetchall()
-        found = {r["id"]: dict(r, path=json.loads(r["path"])) for r in rows}
+        found = {r["id"]: _gradient(r) for r in rows}
         return [found[i] for i in dict.fromkeys(ids) if i in found]
 
     def find_gradients(
         self, run_id: str, *, step: int | None = None, targets: Sequence[str] | None = None,
         sample: str | None = None, call_index: int | None = None, score: tuple[float, float] | None = None,
         limit: int | None = None, offset: int = 0,
-    ) -> tuple[int, list[dict]]:
+    ) -> tuple[int, list[Gradient]]:
         """Gradients of a run matching every filter given, in time order: how many match, and the
-        rows from `offset` (at most `limit` of them), each with `about_call`, the call index of what
-        it is about. Filtered in SQL, so a page of a large run reads only the rows it shows.
+        gradients from `offset` (at most `limit` of them; `call_index` filters on `about_call`, the
+        call index of what each is about). Filtered in SQL, so a page of a large run reads only the rows it shows.
         `targets` are node names (feedback on their output) and parameter names. Unscored (human)
         feedback passes the score filter only when it spans the whole [0, 1] range."""
         where, args = ["g.run_id = ?"], [run_id]
@@ -445,7 +463,7 @@ class Store:
                 f" LIMIT {self.db.no_limit if limit is None else '?'} OFFSET ?",
                 [*args, *([] if limit is None else [limit]), offset],
             ).fetchall()
-        return total, [dict(r, path=json.loads(r["path"])) for r in rows]
+        return total, [_gradient(r) for r in rows]
 
     def gradient_facets(self, run_id: str) -> dict[str, Any]:
         """How many gradients a run has ("total") and what they can be filtered by, each sorted:
@@ -478,12 +496,14 @@ class Store:
             conn.execute(
                 "INSERT INTO gradients (id, run_id, step, sample_id, node, target_type, target, text, source_node,"
                 " path, origin, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                (gid, run["id"], step, sample_id, node, "parameter", target, text.strip(), author, "[]", "human",
+                (gid, run.id, step, sample_id, node, "parameter", target, text.strip(), author, "[]", "human",
                  time.time()),
             )
         return gid
 
-    def pending_human_feedback(self, run_id: str, targets: Sequence[str]) -> list[dict]:
+    def pending_human_feedback(self, run_id: str, targets: Sequence[str]) -> list[Gradient]:
+        """Human feedback on any of `targets` (parameter or node names) that no optimizer call has
+        read yet, oldest first."""
         if not targets:
             return []
         marks = ",".join("?" * len(targets))
@@ -493,61 +513,42 @@ class Store:
                 f" AND (target IN ({marks}) OR node IN ({marks})) ORDER BY created_at",
                 [run_id, *targets, *targets],
             ).fetchall()
-        return [dict(r, path=json.loads(r["path"])) for r in rows]
+        return [_gradient(r) for r in rows]
 
     @_writes
     def mark_feedback_consumed(self, ids: Sequence[str], step: int) -> None:
         with self.connect() as conn:
             conn.executemany("UPDATE gradients SET consumed_step = ? WHERE id = ?", [(step, i) for i in ids])
 
-    _CALL_COLUMNS = tuple(f.name for f in dataclasses.fields(LLMCall))
-
     @_writes
     def add_calls(self, calls: Iterable[LLMCall]) -> None:
-        rows = [
-            tuple(
-                _json([list(m) for m in c.messages]) if name == "messages"
-                else int(c.cached) if name == "cached" else getattr(c, name)
-                for name in self._CALL_COLUMNS
-            )
-            for c in calls
-        ]
-        if rows:
-            with self.connect() as conn:
-                conn.executemany(_upsert("llm_calls", self._CALL_COLUMNS, ("id",)), rows)
+        """Store call records (a call's id replaces the row with that id)."""
+        rows = [_row(c, messages=_json([list(m) for m in c.messages]), cached=int(c.cached)) for c in calls]
+        _upsert_rows(self, "llm_calls", ("id",), rows)
 
-    def call(self, call_id: str) -> dict | None:
+    def call(self, call_id: str) -> LLMCall | None:
+        """One call with its text, or None when no call has that id."""
         with self.connect() as conn:
             row = conn.execute("SELECT * FROM llm_calls WHERE id = ?", (call_id,)).fetchone()
-        return dict(row, messages=json.loads(row["messages"])) if row else None
+        return _record(LLMCall, row, messages=tuple(tuple(m) for m in json.loads(row["messages"])),
+                       cached=bool(row["cached"])) if row else None
 
-    def call_summaries(self, run_id: str) -> list[dict]:
-        """Every call of a run without its text: what accounting needs."""
-        with self.connect() as conn:
-            rows = conn.execute(
-                "SELECT id, step, phase, role, node, sample_id, call_index, model, prompt_tokens,"
-                " completion_tokens, latency_ms, cached, error, created_at, endpoint, finish_reason, attempts,"
-                " error_kind, cached_prompt_tokens, cache_write_tokens, reasoning_tokens, cost_usd, saved_usd,"
-                " price_source, proposal_id FROM llm_calls WHERE run_id = ?"
-                " ORDER BY created_at",
-                (run_id,),
-            ).fetchall()
-        return [dict(r) for r in rows]
+    def call_summaries(self, run_id: str) -> list[CallSummary]:
+        """Every call of a run without its text, in the order made: what accounting needs."""
+        return self._call_summaries(run_id, "")
 
-    def fault_calls(self, run_id: str) -> list[dict]:
+    def fault_calls(self, run_id: str) -> list[CallSummary]:
         """Calls of a run that errored or were cut off (the preflight probe's cut-off is by
-        design and left out), in the order made, without prompt or reply: `id`, `step`, `phase`,
-        `role`, `node`, `sample_id`, `call_index`, `model`, `error_kind`, `finish_reason`,
-        `error`, `created_at`."""
+        design and left out), in the order made, without prompt or reply."""
+        return self._call_summaries(
+            run_id, " AND (error IS NOT NULL OR (finish_reason = 'length' AND phase != 'preflight'))")
+
+    def _call_summaries(self, run_id: str, where: str) -> list[CallSummary]:
+        columns = ", ".join(f.name for f in dataclasses.fields(CallSummary))
         with self.connect() as conn:
-            rows = conn.execute(
-                "SELECT id, step, phase, role, node, sample_id, call_index, model, error_kind, finish_reason, error,"
-                " created_at FROM llm_calls WHERE run_id = ? AND (error IS NOT NULL"
-                " OR (finish_reason = 'length' AND phase != 'preflight'))"
-                " ORDER BY created_at",
-                (run_id,),
-            ).fetchall()
-        return [dict(r) for r in rows]
+            rows = conn.execute(f"SELECT {columns} FROM llm_calls WHERE run_id = ?{where} ORDER BY created_at",
+                                (run_id,)).fetchall()
+        return [_record(CallSummary, r, cached=bool(r["cached"])) for r in rows]
 
     def errored_sample_counts(self, run_id: str) -> dict[tuple[int, str], int]:
         """(step, split) -> evaluations of the current values at that step with no score (the
@@ -653,15 +654,11 @@ class Store:
 
     @_writes
     def add_proposal(self, run_id: str, p: Proposal) -> None:
-        with self.connect() as conn:
-            conn.execute(
-                _upsert("proposals", _PROPOSAL_COLUMNS, ("id",)),
-                (
-                    p.id, run_id, p.step, p.parameter, p.value, p.method, p.reasoning, p.llm_call_id, p.fate,
-                    p.reason, p.minibatch_score, p.minibatch_baseline, p.val_score, p.val_baseline, p.decided_by,
-                    p.created_at or time.time(), None, None, None, None, _json(list(p.feedback_ids)), p.held_fate,
-                ),
-            )
+        """Store a proposal of run `run_id` as given (its id replaces the row with that id); a
+        `created_at` of 0 is taken as now."""
+        feedback = None if p.feedback_ids is None else _json(list(p.feedback_ids))
+        _upsert_rows(self, "proposals", ("id",),
+                     [_row(p, run_id=run_id, created_at=p.created_at or time.time(), feedback_ids=feedback)])
 
     @_writes
     def update_proposal(self, proposal_id: str, **fields: Any) -> None:
@@ -675,13 +672,13 @@ class Store:
             conn.execute(f"UPDATE proposals SET {assignments} WHERE id = ?", [*fields.values(), proposal_id])
 
     def proposals(self, run_id: str, step: int | None = None, fate: str | None = None,
-                  parameter: str | None = None) -> list[dict]:
-        """A run's proposals in the order they were made; `feedback_ids` is a list, or None when
-        the proposal was stored before the feedback a proposal read was recorded."""
-        return [_proposal_dict(r) for r in self._select("proposals", run_id, "step, created_at", step=step,
+                  parameter: str | None = None) -> list[Proposal]:
+        """A run's proposals (of one step, fate or parameter, or all) in the order they were made;
+        `feedback_ids` is None for one stored before the feedback a proposal read was recorded."""
+        return [_proposal(r) for r in self._select("proposals", run_id, "step, created_at", step=step,
                                                         fate=fate, parameter=parameter)]
 
-    def proposals_reading(self, run_id: str, gradient_ids: Sequence[str]) -> dict[str, list[dict]]:
+    def proposals_reading(self, run_id: str, gradient_ids: Sequence[str]) -> dict[str, list[Proposal]]:
         """Gradient id -> the proposals whose optimizer call read it, in the order they were made
         (only ids some proposal read are keys)."""
         if not gradient_ids:
@@ -693,10 +690,9 @@ class Store:
                 f" WHERE p.run_id = ? AND p.feedback_ids IS NOT NULL AND j.value IN ({marks})"
                 " ORDER BY p.step, p.created_at",
                 [run_id, *gradient_ids]).fetchall()
-        readers: dict[str, list[dict]] = {}
+        readers: dict[str, list[Proposal]] = {}
         for r in rows:
-            row = dict(r)
-            readers.setdefault(row.pop("gradient_id"), []).append(_proposal_dict(row))
+            readers.setdefault(r["gradient_id"], []).append(_proposal(r))
         return readers
 
     def proposal_totals(self, run_id: str) -> list[dict]:
@@ -723,12 +719,13 @@ class Store:
             ).fetchall()
         return [dict(r) for r in rows]
 
-    def proposal(self, proposal_id: str) -> dict:
+    def proposal(self, proposal_id: str) -> Proposal:
+        """One proposal. Raises StoreError when no proposal has that id."""
         with self.connect() as conn:
             row = conn.execute("SELECT * FROM proposals WHERE id = ?", (proposal_id,)).fetchone()
         if row is None:
             raise StoreError(f"no proposal with id {proposal_id!r}")
-        return _proposal_dict(row)
+        return _proposal(row)
 
     @_writes
     def decide(self, proposal_id: str, decision: str, value: str | None = None, by: str = "human") -> None:
@@ -740,9 +737,9 @@ class Store:
         if decision == "edit" and not (value and value.strip()):
             raise StoreError("an edit needs the new, non-empty value")
         p = self.proposal(proposal_id)
-        if p["fate"] != "pending":
-            raise StoreError(f"proposal {proposal_id} is {p['fate']}, not pending: nothing to decide")
-        if decision == "accept" and p["held_fate"] == "malformed":
+        if p.fate != "pending":
+            raise StoreError(f"proposal {proposal_id} is {p.fate}, not pending: nothing to decide")
+        if decision == "accept" and p.held_fate == "malformed":
             raise StoreError(f"proposal {proposal_id} is a malformed reply with no value to accept: "
                              "reject it, or write a value and accept that")
         with self.connect() as conn:
@@ -762,24 +759,39 @@ class Store:
 
     @_writes
     def add_evaluations(self, run_id: str, step: int, split: str, subject: str, evals: Iterable[Evaluation]) -> None:
-        rows = [(run_id, step, split, subject, e.sample_id, e.prediction, e.gold, e.score, e.error) for e in evals]
-        with self.connect() as conn:
-            conn.executemany(_upsert("evaluations", _EVALUATION_COLUMNS,
-                                     ("run_id", "step", "split", "subject", "sample_id")), rows)
+        """Store samples scored at `step` on `split` for `subject` ("current" or a proposal id),
+        replacing earlier scores of the same sample, step, split and subject."""
+        rows = [_row(e, run_id=run_id, step=step, split=split, subject=subject) for e in evals]
+        _upsert_rows(self, "evaluations", ("run_id", "step", "split", "subject", "sample_id"), rows)
 
-    def evaluations(self, run_id: str, split: str | None = None, subject: str | None = None) -> list[dict]:
+    def evaluations(self, run_id: str, split: str | None = None, subject: str | None = None) -> list[Evaluation]:
+        """A run's scored samples (of one split and subject, or all), by step and sample."""
         rows = self._select("evaluations", run_id, "step, sample_id", split=split or None, subject=subject or None)
-        return [dict(r) for r in rows]
+        return [_record(Evaluation, r) for r in rows]
 
 
-def _proposal_dict(row: Any) -> dict:
-    d = dict(row)
-    d["feedback_ids"] = None if d.get("feedback_ids") is None else json.loads(d["feedback_ids"])
-    return d
+def _upsert_rows(store: Store, table: str, key: Sequence[str], rows: Sequence[dict[str, Any]]) -> None:
+    """Insert `rows` (from `_row`: every column of `table`, by name), each replacing the row with
+    the same `key`."""
+    if rows:
+        columns = tuple(rows[0])
+        with store.connect() as conn:
+            conn.executemany(_upsert(table, columns, key), [tuple(r[c] for c in columns) for r in rows])
 
 
-def _run_dict(row: Any) -> dict:
-    d = dict(row)
-    d["config"] = json.loads(d["config"])
-    d["stop_requested"] = bool(d["stop_requested"])
-    return d
+def _invocation(row: Any) -> Invocation:
+    return _record(Invocation, row, inputs=tuple(InputRef(*i) for i in json.loads(row["inputs"])),
+                   parameters=tuple(tuple(p) for p in json.loads(row["parameters"])))
+
+
+def _gradient(row: Any) -> Gradient:
+    return _record(Gradient, row, path=tuple(json.loads(row["path"])))
+
+
+def _proposal(row: Any) -> Proposal:
+    feedback = row["feedback_ids"]
+    return _record(Proposal, row, feedback_ids=None if feedback is None else tuple(json.loads(feedback)))
+
+
+def _run(row: Any) -> Run:
+    return _record(Run, row, config=json.loads(row["config"]), stop_requested=bool(row["stop_requested"]))
