@@ -93,6 +93,26 @@ def run_id_of(store: Store) -> str:
     return store.runs()[0].id
 
 
+def test_train_and_resume_close_a_store_they_opened(tmp_path: Path, monkeypatch) -> None:
+    """Given a store's path (or URL), train and resume open it and close it before they return or
+    raise (a PostgreSQL store's pool is not left to the garbage collector); a Store given is the
+    caller's, left open."""
+    closed: list[str] = []
+    close = Store.close
+    monkeypatch.setattr(Store, "close", lambda self: (closed.append(self.spec), close(self)))
+    path = tmp_path / "runs.sqlite"
+    result = autodiff.train(toy_task(), model=scripted(), store=path, cache=tmp_path / "c.sqlite", progress=False,
+                            **SMALL)
+    assert result.status == "completed" and closed == [str(path)]
+    with pytest.raises(ConfigError, match="already completed"):
+        autodiff.resume(result.run_id, toy_task(), model=scripted(), store=str(path), cache=tmp_path / "c.sqlite",
+                        progress=False)
+    assert closed == [str(path)] * 2
+    mine = Store(path)
+    autodiff.train(toy_task(), model=scripted(), store=mine, cache=tmp_path / "c.sqlite", progress=False, **SMALL)
+    assert closed == [str(path)] * 2 and len(mine.runs()) == 2  # not closed: still the caller's to use
+
+
 def test_resume_refuses_a_changed_task_unless_accepted(tmp_path: Path) -> None:
     store = Store(tmp_path / "runs.sqlite")
 
