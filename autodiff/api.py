@@ -137,13 +137,15 @@ def resume(run_id: str, task: Task | None = None, *, store: Store | str | Path |
            model: Model | None = None, forward: Model | None = None, backward: Model | None = None,
            optimizer: Model | None = None, accept_task_changes: bool = False, cache: str | Path | None = None,
            progress: Progress | bool = True, budget_usd: float | None = None,
-           budget_tokens: int | None = None) -> TrainResult:
+           budget_tokens: int | None = None, force: bool = False) -> TrainResult:
     """Continue a stopped or failed run from its last completed step. A run trained from a Task
     object needs that task again; provider objects (a ScriptedModel) must be given again for
     the roles that used them. The task must match what the run stored unless
     `accept_task_changes` (recorded in the run's history). `budget_usd` (US dollars) and
     `budget_tokens` replace the run's budgets, for the whole run (a run stopped by its budget
-    goes on with a larger one; the change is recorded). Raises ConfigError otherwise."""
+    goes on with a larger one; the change is recorded). A run another process trains is refused
+    while that process may be alive (see autodiff.holders); `force` takes it over from one on
+    another machine that is really gone. Raises ConfigError otherwise."""
     from autodiff import runner
 
     with _store(store) as the_store:
@@ -157,7 +159,7 @@ def resume(run_id: str, task: Task | None = None, *, store: Store | str | Path |
             raise ConfigError(f"run {run_id} was trained with a model object (e.g. a ScriptedModel) for "
                               f"{', '.join(missing)}: give it again (model=... or {missing[0]}=...) to resume")
         runner.resume(the_store, run_id, task=task, accept_task_changes=accept_task_changes, budget_usd=budget_usd,
-                      budget_tokens=budget_tokens,
+                      budget_tokens=budget_tokens, force=force,
                       cache_path=Path(cache) if cache else None, providers=providers or None,
                       progress=_progress(progress, stored["steps"]))
         return result_of(the_store, run_id)

@@ -1,4 +1,5 @@
-"""The `autodiff` command: train, estimate, resume, runs, show, export, dashboard, sample-runs."""
+"""The `autodiff` command: train, estimate, resume, stop, runs, show, export, prompts, dashboard, worker,
+store copy, sample-runs."""
 
 from __future__ import annotations
 
@@ -86,6 +87,12 @@ def parser() -> argparse.ArgumentParser:
                                                          "spent before included; recorded in the run)")
     resume.add_argument("--budget-tokens", type=int, help="a new budget in tokens for the whole run (recorded in "
                                                           "the run)")
+    resume.add_argument("--force", action="store_true",
+                        help="take the run over from a process on another machine that still says it trains it, "
+                             "when that process is really gone (killed, its machine down); recorded in the run")
+    stop = sub.add_parser("stop", help="ask a run to stop at its next step boundary, wherever it trains (this "
+                                       "machine, another, a worker; the dashboard's Stop)")
+    stop.add_argument("run_id")
     estimate = sub.add_parser("estimate", help="expected calls, tokens and cost per phase of a run, without "
                                                "calling any model")
     estimate.add_argument("task")
@@ -136,10 +143,14 @@ def parser() -> argparse.ArgumentParser:
     copy.add_argument("source", metavar="SRC", help="the store to copy from")
     copy.add_argument("target", metavar="DST", help="the store to copy into (created if a new SQLite path)")
     copy.add_argument("run_ids", metavar="RUN", nargs="*", help="runs to copy (default: every run of SRC)")
-    copy.add_argument("--replace", action="store_true", help="overwrite runs that already exist in DST")
+    copy.add_argument("--replace", action="store_true", help="overwrite runs that already exist in DST (never one "
+                                                             "that is queued or running there)")
+    copy.add_argument("--snapshot", action="store_true",
+                      help="copy runs still training in SRC as they stand now: stored in DST as stopped, with a run "
+                           "event saying so (resume there redoes the unfinished step)")
     samples = sub.add_parser("sample-runs", help="regenerate the bundled sample runs with the local model")
     samples.add_argument("--only", type=int, nargs="*", help="redo only these entries of SAMPLE_RUNS (0-based)")
-    for p in (resume, worker):
+    for p in (resume, worker, stop):
         p.add_argument("--store", default=argparse.SUPPRESS, help=STORE_HELP)
         p.add_argument("--cache", type=Path, default=argparse.SUPPRESS)
         p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS)
@@ -243,9 +254,19 @@ def cmd_store(args) -> int:
     from autodiff.store import open_store
     from autodiff.store.copy import copy_runs
 
-    source, target = open_store(args.source), open_store(args.target)
+    from autodiff.runner import mark_dead_runs
+    from autodiff.store import Store
+
+    source = Store(resolve_spec(args.source), create=False)  # a source that does not exist is a typo: never made
     try:
-        copied = copy_runs(source, target, args.run_ids, replace=args.replace)
+        target = open_store(args.target)
+    except BaseException:
+        source.close()
+        raise
+    try:
+        for store in (source, target):
+            mark_dead_runs(store)  # a run whose process on this machine is gone is copied as the stopped run it is
+        copied = copy_runs(source, target, args.run_ids, replace=args.replace, snapshot=args.snapshot)
     finally:
         source.close()
         target.close()
@@ -255,6 +276,13 @@ def cmd_store(args) -> int:
             print(f"  {t.table:<19} rows {t.source_rows:>7} -> {t.copied_rows:<7} sha256 {t.source_hash[:16]} -> "
                   f"{t.copied_hash[:16]}  {'equal' if t.equal else 'DIFFERENT'}")
     print(f"{len(copied)} run{'s' if len(copied) != 1 else ''} copied; every table equal in both stores")
+    return 0
+
+
+def cmd_stop(args) -> int:
+    from autodiff.runner import stop
+
+    print(stop(_store(args), args.run_id))
     return 0
 
 
@@ -325,7 +353,7 @@ def cmd_resume(args) -> int:
     run = store.run(args.run_id)
     run_id = resume(store, args.run_id, clear_stop=not args.keep_stop, cache_path=args.cache or default_cache_path(),
                     accept_task_changes=args.accept_task_changes, budget_usd=args.budget_usd,
-                    budget_tokens=args.budget_tokens,
+                    budget_tokens=args.budget_tokens, force=args.force,
                     progress=_progress_bar(run.config["steps"], args.quiet))
     _print_summary(store, run_id)
     return _stopped_exit(store, run_id)
@@ -472,10 +500,13 @@ def dashboard_command(address: str, port: int, reload: bool = False) -> list[str
 
 
 def cmd_dashboard(args) -> int:
+    from autodiff.store import Store
+
     spec = resolve_spec(args.store)
     if not is_url(spec):
         spec = str(Path(spec).resolve())
         seed_store(Path(spec))
+    Store(spec).close()  # a store that cannot be opened (wrong password, not a store) is said here, not in the page
     env = dict(os.environ, AUTODIFF_STORE=spec,  # the environment, not argv: a password stays out of `ps`
                AUTODIFF_CACHE=str((args.cache or default_cache_path()).resolve()))
     cmd = dashboard_command(args.address, args.port, reload=args.reload)
@@ -522,7 +553,7 @@ def cmd_sample_runs(args) -> int:
 COMMANDS = {
     "train": cmd_train, "estimate": cmd_estimate, "resume": cmd_resume, "runs": cmd_runs, "show": cmd_show, "export": cmd_export,
     "dashboard": cmd_dashboard, "sample-runs": cmd_sample_runs, "prompts": cmd_prompts, "worker": cmd_worker,
-    "store": cmd_store,
+    "store": cmd_store, "stop": cmd_stop,
 }
 
 if __name__ == "__main__":

@@ -260,7 +260,10 @@ class Run:
     """A training run as the store holds it. `config` is the run's options (a
     `RunConfig.model_dump()`, never an API key); `status` is one of created, queued, running,
     completed, stopped, failed; `error` says why a run failed or stopped (or, while queued, a
-    note); `pid` is the process that last trained it (None before any did)."""
+    note); `pid` and `host` are the process that last trained it and its machine's name, and
+    `held_since` when that process took it (all None before any did; `host` also for runs
+    trained before hosts were recorded). While the run is running they name its holder (see
+    autodiff.holders)."""
 
     id: str
     task: str
@@ -271,6 +274,8 @@ class Run:
     updated_at: float
     stop_requested: bool
     pid: int | None
+    host: str | None = None
+    held_since: float | None = None
 
 
 @dataclass(frozen=True)

@@ -37,9 +37,11 @@ class Recovery:
 # (words in the error, outlook, advice), first match wins. The advice says what to change; the
 # run's error, shown above it, says what happened.
 _RULES: tuple[tuple[tuple[str, ...], Outlook, str], ...] = (
+    (("stopped on request before",), "go", "Resume starts it: it has not trained yet."),
     (("stopped on request",), "go",
-     "Resume goes on from its last completed step; the unfinished step is redone, its LLM calls that "
-     "finished answered from the response cache."),
+     "Resume goes on from its last completed step; an unfinished step is redone from its start, its LLM calls "
+     "that had finished answered from the response cache of the machine that made them when the resume runs "
+     "there (each machine has its own: elsewhere, as on another worker, they are asked and paid again)."),
     (("ended without finishing",), "go",
      "Its process ended (killed, or the machine restarted). Resume goes on from its last completed step."),
     (("context window",), "new_run",
@@ -100,10 +102,13 @@ def stop_effect(config: dict) -> str:
     each proposal is settled and while it waits for a review; it never cuts an LLM call or a
     forward and backward pass short. What it left unfinished is dropped on resume and the step
     redone from its start with the same mini-batch, so the calls it had finished are asked
-    again with the same prompts: the response cache answers them (unless the run's cache is off)."""
+    again with the same prompts: the response cache of the machine that made them answers them
+    when the resume runs there (unless the run's cache is off); each machine has its own cache."""
     replay = ("its LLM calls that had finished are asked again and paid again (this run's response cache is off)"
               if config.get("cache") == "off" else
-              "its LLM calls that had finished are answered from the response cache, with no new tokens")
+              "its LLM calls that had finished are answered from the response cache, with no new tokens, when the "
+              "resume runs on the same machine (each machine has its own cache: on another, as when another worker "
+              "takes the run, they are asked and paid again)")
     review = (" A proposal waiting for review is rejected by the stop, and the review decisions of the "
               "unfinished step are asked again." if config.get("review", "off") != "off" else "")
     return ("The run stops after the work in progress: the forward and backward passes of the step, or the "

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from autodiff import holders
 from autodiff.config import RunConfig, make_config
 from autodiff.errors import AutodiffError, ConfigError, StoreError
 from autodiff.pipeline import Task, check_connected
@@ -121,9 +122,13 @@ def resume_background(store: Store, run_id: str, cache_path: Path | None = None,
                       budget_tokens: int | None = None) -> None:
     """Resume a stopped or failed run away from the caller (see `start`); it shows as created
     (or queued) until it starts. New budgets, if given, replace the run's (see `set_budget`)."""
+    mark_dead_runs(store)  # a run whose process on this machine is gone says stopped, and is resumed
     run = store.run(run_id)
     status = run.status
-    if status in ("completed", "running", "queued"):
+    if status == "running":  # by a process that may be alive (a dead one's run was just marked stopped)
+        _refuse_if_queued(store, run_id)  # a worker's run: the queue's rule, with its own words
+        raise ConfigError(holders.refusal(run, holders.liveness(run, store.backend), store))
+    if status in ("completed", "queued"):
         raise ConfigError(f"run {run_id} is {status}; only a stopped or failed run can be resumed")
     budgets = {k: v for k, v in (("budget_usd", budget_usd), ("budget_tokens", budget_tokens)) if v is not None}
     if budgets:
@@ -133,38 +138,52 @@ def resume_background(store: Store, run_id: str, cache_path: Path | None = None,
     start(store, run_id, cache_path)
 
 
-def pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+pid_alive = holders.pid_alive  # where it was; autodiff.holders decides who holds a run
 
 
 def mark_dead_runs(store: Store) -> list[str]:
-    """Runs that say `running` but whose process is gone (killed, machine restarted) become
-    `stopped`, with a note, so they can be resumed instead of looking alive forever. Only on a
-    SQLite store: a shared store's runs may run on other machines, whose process ids mean nothing
-    here; its workers hand back the runs of a worker that died (see autodiff.workers)."""
+    """Runs that say `running` but whose process on this machine is gone (killed, machine
+    restarted) become `stopped`, with a note, so they can be resumed instead of looking alive
+    forever. Runs of other hosts are left alone (their pids mean nothing here), and so, on a
+    PostgreSQL store, are runs whose worker's job is open: the workers hand those back (see
+    autodiff.workers). Returns the ids of the runs stopped."""
     from autodiff import workers
 
     dead = []
-    if workers.shared(store):
-        return dead
     for run in store.runs():
-        if run.status == "running" and run.pid and not pid_alive(run.pid):
-            store.set_run_status(run.id, "stopped", error=f"process {run.pid} ended without finishing; resume to continue")
-            dead.append(run.id)
+        if run.status != "running" or holders.liveness(run, store.backend) != "dead":
+            continue
+        if workers.shared(store) and workers.open_job(store, run.id) is not None:
+            continue
+        store.set_run_status(run.id, "stopped", error=f"process {run.pid} on {run.host or 'this machine'} ended "
+                                                      "without finishing; resume to continue")
+        dead.append(run.id)
     return dead
+
+
+def stop(store: Store, run_id: str) -> str:
+    """Ask run `run_id` to stop, wherever it trains (this machine, another, a worker): its trainer
+    reads the flag at its next step boundary (see `recovery.stop_effect`); a run waiting on the
+    queue stops when a worker takes it, or at once when resumed here. The dashboard's Stop does
+    the same. Returns what will happen, in a sentence. Raises ConfigError for a run that is not
+    active (completed, stopped, failed), StoreError for an unknown run."""
+    run = store.run(run_id)
+    if run.status not in ("created", "queued", "running"):
+        raise ConfigError(f"run {run_id} is {run.status}: there is nothing to stop")
+    store.request_stop(run_id)
+    if run.status == "running":
+        who = holders.holder(run)
+        return (f"stop requested: run {run_id} stops after the work in progress, at its next step boundary "
+                f"({who.describe() if who else 'its process'} holds it); what it finished is kept")
+    if run.status == "queued":
+        return (f"stop requested: run {run_id} waits on the queue; the worker that takes it stops it at once "
+                f"(or resume it here: autodiff resume {run_id})")
+    return f"stop requested: run {run_id} has not started training; it stops as soon as it starts"
 
 
 def resume(store: Store, run_id: str, *, task: Task | None = None, clear_stop: bool = True,
            accept_task_changes: bool = False, budget_usd: float | None = None, budget_tokens: int | None = None,
-           from_queue: bool = False, **extra) -> str:
+           from_queue: bool = False, force: bool = False, **extra) -> str:
     """Train a stored run on from its last completed step, in this process. A person resuming
     overrides an earlier stop request (`clear_stop`); a background process started for the run
     keeps one made while it was starting. The task (given, or loaded by the stored name) must
@@ -173,11 +192,15 @@ def resume(store: Store, run_id: str, *, task: Task | None = None, clear_stop: b
     `budget_usd` / `budget_tokens` replace the run's budgets (for the whole run, what it spent
     before included), recorded as a "budget_changed" event. On a PostgreSQL store, a run that
     waits on the queue or that a worker holds is refused unless this is that worker
-    (`from_queue`): one run is never trained by two processes at once. Raises ConfigError for a
-    completed or queued run, a task that cannot be loaded, a changed task, or a bad budget."""
+    (`from_queue`): one run is never trained by two processes at once. Likewise a run another
+    process trains (a shell, Python, the dashboard's background process) is refused while that
+    process may be alive; `force` takes over from one on another host that cannot be checked
+    (see autodiff.holders). Raises ConfigError for a completed, queued or held run, a task that
+    cannot be loaded, a changed task, or a bad budget."""
     run = store.run(run_id)
     if not from_queue:
         _refuse_if_queued(store, run_id)
+    holders.check(store, run, force=force)  # before anything is written; `take` checks again, atomically
     if clear_stop:
         store.clear_stop(run_id)
     if run.status == "completed":
@@ -216,6 +239,7 @@ def resume(store: Store, run_id: str, *, task: Task | None = None, clear_stop: b
             "(e.g. OPENAI_BASE_URL), or resume with --accept-task-changes to mix the two servers' replies")
     if moved:
         store.add_run_event(run_id, "endpoint_changes_accepted", "; ".join(moved))
+    holders.take(store, run_id, force=force)  # the trainer takes it too; `force` is honoured here
     return trainer.train()
 
 
@@ -231,9 +255,12 @@ def _refuse_if_queued(store: Store, run_id: str) -> None:
     if job[1] == "todo":
         raise ConfigError(f"run {run_id} waits on the queue for a worker: start one (autodiff worker), or stop the "
                           "run first (the dashboard's Stop) to resume it here")
-    raise ConfigError(f"a worker holds run {run_id}: stop it first (the dashboard's Stop) to resume it here. If "
-                      "that worker is gone, a running worker hands the run to the queue again after its "
-                      "--stalled-after time")
+    run = store.run(run_id)
+    held = holders.holder(run)
+    raise ConfigError(f"a worker holds run {run_id} (it is {run.status}"
+                      + (f": {held.describe()}" if held else "") + f"): stop it first (the dashboard's Stop, or "
+                      f"autodiff stop {run_id}) to resume it here. If that worker is gone, a running worker hands the "
+                      "run to the queue again after its --stalled-after time")
 
 
 def endpoint_changes(store: Store, run_id: str, trainer: Trainer) -> list[str]:

@@ -5,7 +5,6 @@ be watched live and resumed from its last completed step."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import secrets
 import threading
@@ -14,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
+from autodiff import holders
 from autodiff.backward import BackwardContext, backward
 from autodiff.config import RunConfig
 from autodiff.estimate import Estimate, estimate
@@ -135,13 +135,24 @@ class Trainer:
         """Run (or resume) to the end. A stop request, provider errors past the run's limit
         (TooManyErrors) or the budget reached (BudgetExceeded: the next call might not fit) stop
         the run cleanly with the reason, resumable; an LLMFatalError or any other failure marks it
-        failed and is raised."""
+        failed and is raised. A run another live process holds is refused with a ConfigError
+        before anything is touched (see autodiff.holders); one taken over by another process
+        meanwhile is left to it at the next step boundary."""
+        try:
+            self.register()
+            holders.take(self.store, self.run_id)  # before any step is discarded or redone
+        except BaseException:
+            self.pool.shutdown(wait=False)
+            raise
         try:
             start = self._begin()
-            self.store.set_run_status(self.run_id, "running", pid=os.getpid())
             # One more check after the last step: a stop during it leaves it incomplete (for a
             # resume to redo), and the run must then say stopped, not completed.
             for step in range(start, self.config.steps + 2):
+                if not holders.still_holds(self.store, self.run_id):
+                    self.buffer.flush()
+                    self.progress("taken_over", {"step": step})
+                    return self.run_id
                 if self.store.stop_requested(self.run_id):
                     self._stop(step)
                     return self.run_id
@@ -179,7 +190,8 @@ class Trainer:
         redone from its start on resume (see autodiff.recovery.stop_effect), and the reason says so."""
         self.buffer.flush()
         done = self.store.last_completed_step(self.run_id) or 0
-        replay = (", its finished LLM calls answered from the response cache" if self.config.cache != "off"
+        replay = (", its finished LLM calls answered from this machine's response cache (a resume on another "
+                  "machine asks them again)" if self.config.cache != "off"
                   else ", its calls asked again (the run's response cache is off)")
         redo = (f"resume redoes step {done + 1} from its start{replay}" if step > done + 1
                 else f"resume goes on from step {done + 1}")

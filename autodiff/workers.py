@@ -268,8 +268,7 @@ class Worker:
             log.info("run %s is %s, not queued: nothing to do", run_id, run.status)
             return run.status
         if self.store.stop_requested(run_id):
-            self.store.set_run_status(run_id, "stopped", error="stopped on request before a worker took it; "
-                                                               "resume to start it")
+            self.store.set_run_status(run_id, "stopped", error=stopped_while_queued(self.store, run_id))
             return "stopped"
         with self._lock:
             if not self._shutting_down:
@@ -369,6 +368,16 @@ class Worker:
                "another worker, which goes on from there")
         self.store.set_run_status(run_id, QUEUED, error=why)
         self.store.add_run_event(run_id, "requeued", why)
+
+
+def stopped_while_queued(store, run_id: str) -> str:
+    """The reason of a run stopped on request while it waited on the queue: before any training,
+    or (handed back by a worker that shut down or died) after the steps it had done."""
+    done = store.last_completed_step(run_id)
+    if done is None:
+        return "stopped on request before a worker took it; resume to start it"
+    return (f"stopped on request while it waited on the queue for a worker, after step {done}; resume goes on "
+            f"from step {done + 1}")
 
 
 def serve(store, options: WorkerOptions | None = None) -> None:

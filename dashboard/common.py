@@ -16,7 +16,8 @@ from autodiff.metrics import run_summary
 from autodiff.records import LLMCall, Run
 from autodiff.recovery import Recovery, recovery
 from autodiff.runner import default_cache_path, mark_dead_runs
-from autodiff.store import Store, is_url, resolve_spec
+from autodiff.errors import StoreError
+from autodiff.store import Store, is_url, mask_secrets, resolve_spec
 
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:])")
 ALL = "All"  # the choice of a filter that keeps everything
@@ -44,7 +45,11 @@ def current_store() -> Store:
     """The store of this session. Every page starts here, so this is also where a page run that
     bypassed the frame (see `_leave_legacy_pages_mode`) is sent back through app.py."""
     _leave_legacy_pages_mode()
-    return get_store(store_path())
+    try:
+        return get_store(store_path())
+    except StoreError as exc:  # a wrong password, a server down, not a store: said once, masked, and the page ends
+        st.error(f"**The run store cannot be opened.** {md(mask_secrets(str(exc)))}", icon=":material/error:")
+        st.stop()
 
 
 def _leave_legacy_pages_mode() -> None:

@@ -198,7 +198,7 @@ def live() -> None:
                         + (f", {s['errors']} LLM calls failed" if s["errors"] else ""))
             st.progress(min(s["steps_done"] / (s["steps_planned"] or 1), 1.0))
             if run.status == "queued":
-                st.caption(f"Waiting for a worker: {md(run.error or 'queued')}. A worker is `autodiff worker` "
+                st.caption(f"Queued: {md(run.error or 'waiting for a worker')}. A worker is `autodiff worker` "
                            "on any machine that reaches this store's database (AUTODIFF_STORE set to it).")
             effect = stop_effect(run.config)
             if run.stop_requested:

@@ -253,7 +253,8 @@ def test_stop_keeps_the_finished_calls_and_a_resume_does_not_pay_for_them_again(
     effect = stop_effect(run.config)
     assert "answered from the response cache, with no new tokens" in effect
     assert run.status == "stopped" and store.last_completed_step(run_id) == 0
-    assert "resume redoes step 1 from its start, its finished LLM calls answered from the response cache" in run.error
+    assert ("resume redoes step 1 from its start, its finished LLM calls answered from this machine's response cache "
+            "(a resume on another machine asks them again)") in run.error
     before = _calls(store, run_id)
     step1 = Counter(c.phase for c in before if c.step == 1)
     assert step1["forward"] and step1["backward"] and step1["propose"] == 1 and step1["validate"]  # all kept

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import shutil
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -119,3 +120,141 @@ def test_text_with_nul_characters_survives_the_round_trip(tmp_path: Path, pg_url
     assert team.call(call.id) == call and team.proposals("nul") == source.proposals("nul")
     for store in (source, team, back):
         store.close()
+
+
+# --- runs something is writing, stores that are not there, one store named twice ---------------
+
+ELSEWHERE = "gpu-box-7.example"
+
+
+def test_a_running_or_queued_run_is_refused_on_either_side(store: Store, tmp_path: Path) -> None:
+    """Copied from, a run being trained would be taken mid-step; replaced in the destination, it
+    would lose its rows under its trainer. Both are refused, on both backends, nothing written."""
+    run_id = fake_run(store, tmp_path / "cache.sqlite", steps=1)
+    other = Store(tmp_path / "other.sqlite")
+    store.hold_run(run_id, ELSEWHERE, 4242)
+    with pytest.raises(StoreError) as refused:
+        copy_runs(store, other, [run_id])
+    assert f"run {run_id} is running (process 4242 on host {ELSEWHERE} since " in str(refused.value)
+    assert "--snapshot" in str(refused.value) and other.runs() == []
+    store.set_run_status(run_id, "queued", error="waiting for a worker")
+    with pytest.raises(StoreError, match=f"run {run_id} is queued in"):
+        copy_runs(store, other, [run_id])
+    store.set_run_status(run_id, "completed")
+    copy_runs(store, other, [run_id])
+    before = run_digest(other, run_id)
+    other.hold_run(run_id, ELSEWHERE, 4242)  # now something trains the copy
+    with pytest.raises(StoreError, match=f"run {run_id} is running .* Stop it there first"):
+        copy_runs(store, other, [run_id], replace=True)
+    with pytest.raises(StoreError, match="Stop it there first"):
+        copy_runs(store, other, [run_id], replace=True, snapshot=True)  # a snapshot is for the source only
+    assert {t: v for t, v in run_digest(other, run_id).items() if t != "runs"} == \
+        {t: v for t, v in before.items() if t != "runs"}
+    other.close()
+
+
+def test_a_snapshot_of_a_run_mid_step_is_stored_stopped_and_resumes(store: Store, tmp_path: Path) -> None:
+    from autodiff import runner
+    from autodiff.llm.fake import FakeProvider
+    from tests.fake_runs import responder
+
+    run_id = fake_run(store, tmp_path / "cache.sqlite", steps=2)
+    store.discard_after(run_id, 1)
+    store.start_step(run_id, 2, ["s1"])  # step 2 half-way
+    store.hold_run(run_id, ELSEWHERE, 4242)
+    copy = Store(tmp_path / "copy.sqlite")
+    [done] = copy_runs(store, copy, [run_id], snapshot=True)
+    assert all(t.equal for t in done.tables)
+    run = copy.run(run_id)
+    assert run.status == "stopped" and "a snapshot copied from" in run.error and "after step 1" in run.error
+    assert not run.stop_requested
+    [event] = [e for e in copy.run_events(run_id) if e.kind == "copied_mid_run"]
+    assert "while it was running" in event.text
+    assert store.run(run_id).status == "running"  # the source is left as it was
+    runner.resume(copy, run_id, cache_path=tmp_path / "cache.sqlite", providers={"fake": FakeProvider(responder)})
+    assert copy.run(run_id).status == "completed" and [s.step for s in copy.steps(run_id)] == [0, 1, 2]
+    copy.close()
+
+
+def test_copy_replace_into_a_run_a_trainer_trains_is_refused_and_the_run_finishes(store, tmp_path, capsys) -> None:
+    """The tester's case: a trainer trains run `busy` in DST; a snapshot of it goes to SRC and
+    back with --replace: refused, and the trainer ends its run whole."""
+    from tests.test_run_holders import _train_in_another_process, _wait_for
+
+    trainer = _train_in_another_process(store, "busy", tmp_path)
+    side = tmp_path / "side.sqlite"
+    try:
+        _wait_for(lambda: trainer.poll() is not None or (store.run_ids_matching("busy") and store.run("busy").status
+                  == "running" and store.last_completed_step("busy") is not None), 60)
+        assert trainer.poll() is None, trainer.stdout.read().decode()
+        assert cli.main(["store", "copy", store.spec, str(side), "busy"]) == 2
+        assert "busy is running" in capsys.readouterr().err
+        assert cli.main(["store", "copy", store.spec, str(side), "busy", "--snapshot"]) == 0
+        capsys.readouterr()
+        assert cli.main(["store", "copy", str(side), store.spec, "busy", "--replace"]) == 2
+        err = capsys.readouterr().err
+        assert "busy is running" in err and f"process {trainer.pid}" in err and "Stop it there first" in err
+        assert trainer.wait(timeout=120) == 0
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+        trainer.wait()
+    steps = store.steps("busy")
+    assert store.run("busy").status == "completed" and [s.status for s in steps] == ["completed"] * 5
+
+
+def test_a_source_that_does_not_exist_is_an_error_not_a_new_store(tmp_path: Path, capsys) -> None:
+    missing = tmp_path / "typo.sqlite"
+    assert cli.main(["store", "copy", str(missing), str(tmp_path / "dst.sqlite")]) == 2
+    assert "there is no store at" in capsys.readouterr().err
+    assert not missing.exists() and not (tmp_path / "dst.sqlite").exists()
+    empty = tmp_path / "empty.sqlite"
+    empty.touch()
+    assert cli.main(["store", "copy", str(empty), str(tmp_path / "dst.sqlite")]) == 2
+    assert "holds no run store" in capsys.readouterr().err
+
+
+def test_a_postgresql_source_without_a_store_is_an_error(pg_url: str) -> None:
+    import psycopg
+
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        for (table,) in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'").fetchall():
+            conn.execute(f"DROP TABLE {table}")
+    with pytest.raises(StoreError, match="holds no run store"):
+        Store(pg_url, create=False)
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT to_regclass('runs')").fetchone()[0] is None  # nothing made
+
+
+def test_a_destination_that_is_a_text_file_or_a_folder_is_named(tmp_path: Path, capsys) -> None:
+    source = Store(tmp_path / "source.sqlite")
+    source.create_run("r", "toy", {}, {})
+    source.close()
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n" * 200)
+    assert cli.main(["store", "copy", str(tmp_path / "source.sqlite"), str(notes)]) == 2
+    assert "is not a SQLite store" in capsys.readouterr().err and notes.read_text().startswith("my notes")
+    assert cli.main(["store", "copy", str(tmp_path / "source.sqlite"), str(tmp_path)]) == 2
+    assert "is a folder, not a store file" in capsys.readouterr().err
+
+
+def test_one_store_written_two_ways_is_the_same_store(tmp_path: Path, monkeypatch, postgres) -> None:
+    monkeypatch.chdir(tmp_path)
+    a = Store("a.sqlite")
+    (tmp_path / "link.sqlite").symlink_to(tmp_path / "a.sqlite")
+    for other in ("./a.sqlite", str(tmp_path / "a.sqlite"), "sub/../a.sqlite", "link.sqlite"):
+        (tmp_path / "sub").mkdir(exist_ok=True)
+        with pytest.raises(StoreError, match="same store"):
+            copy_runs(a, Store(other))
+    url = postgres.new_database()
+    try:
+        parts = urlsplit(url)
+        assert parts.hostname == "127.0.0.1"
+        first, second = Store(url), Store(url.replace("@127.0.0.1:", "@localhost:", 1))
+        with pytest.raises(StoreError, match="same store"):
+            copy_runs(first, second)
+        elsewhere = postgres.new_database()
+        copy_runs(first, Store(elsewhere))  # another database of the same server is another store
+        postgres.drop(elsewhere)
+    finally:
+        postgres.drop(url)

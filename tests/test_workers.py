@@ -203,6 +203,30 @@ def test_a_stop_asked_for_while_queued_stops_it_when_taken(pg_store, pool) -> No
     assert pg_store.steps(run_id) == []
 
 
+def test_a_stop_while_handed_back_says_how_far_the_run_got(pg_store, pool) -> None:
+    """A run whose worker was killed after some steps waits for another; stopped meanwhile
+    (`autodiff stop`, as the dashboard's Stop), its reason says after which step it stopped,
+    not that it never started."""
+    from autodiff import cli
+    from autodiff.recovery import recovery
+
+    first = pool.start("first")
+    pool.wait_ready("first")
+    run_id = queue(pg_store, steps=30, delay=0.2)
+    wait_for(lambda: (pg_store.last_completed_step(run_id) or 0) >= 2, 60, lambda: pg_store.run(run_id))
+    first.kill()
+    first.wait()
+    done = pg_store.last_completed_step(run_id)
+    assert cli.main(["stop", run_id, "--store", workers.database_url(pg_store)]) == 0
+    pool.start("second")  # hands the dead worker's run back to the queue, takes it, finds the stop
+    wait_for(lambda: pg_store.run(run_id).status == "stopped", 60, lambda: pool.log("second"))
+    run = pg_store.run(run_id)
+    assert run.error == (f"stopped on request while it waited on the queue for a worker, after step {done}; "
+                         f"resume goes on from step {done + 1}")
+    assert recovery(run).outlook == "go" and "redone" in recovery(run).advice
+    assert pg_store.last_completed_step(run_id) == done  # nothing trained after the stop
+
+
 def test_queueing_twice_makes_one_job(pg_store) -> None:
     run_id = queue(pg_store)
     workers.queue_run(pg_store, run_id)
@@ -294,7 +318,8 @@ def test_the_runs_page_queues_a_run_and_shows_it_waiting(pg_store, pool, tmp_pat
     [run] = pg_store.runs()
     assert run.status == "queued" and run.pid is None  # nothing started on this machine
     assert workers.open_job(pg_store, run.id)[1] == "todo"
-    assert any("Waiting for a worker" in c.value for c in at.caption), [c.value for c in at.caption]
+    waiting = [c.value for c in at.caption if "waiting for a worker" in c.value.lower()]
+    assert waiting and all(c.lower().count("waiting for a worker") == 1 for c in waiting), waiting  # said once
     pool.start("w")
     wait_for(lambda: pg_store.run(run.id).status == "completed", 60, lambda: pool.log("w"))
 

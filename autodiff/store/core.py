@@ -28,7 +28,7 @@ from autodiff.errors import StoreError
 from autodiff.records import (CallSummary, Evaluation, Gradient, InputRef, Invocation, LLMCall, ParameterSpec,
                               ParameterVersion, Proposal, Run, RunEvent, Step, Trace)
 from autodiff.store.schema import MIGRATIONS
-from autodiff.store.spec import is_url
+from autodiff.store.spec import check_spec, is_url
 
 TERMINAL_STATUSES = ("completed", "failed", "stopped")
 
@@ -132,9 +132,14 @@ class Store:
     short-lived connection per use, PostgreSQL borrows one from the store's pool. The schema is
     migrated on opening. `spec` opens the same store again (it may hold the password: pass it
     on, never show it); `display` is what to show (password masked); `backend` is "sqlite" or
-    "postgresql". Raises StoreError when the database cannot be reached."""
+    "postgresql". With `create` False the store must exist already (a SQLite file, a database
+    holding the store's tables): a source to read from is never made. Raises StoreError when the
+    database cannot be reached, for a spec that looks meant as a URL but is not a valid one
+    (`spec.check_spec`), for a path that is a folder or not a SQLite store, and for a schema
+    update this database user may not make."""
 
-    def __init__(self, spec: str | Path):
+    def __init__(self, spec: str | Path, *, create: bool = True):
+        spec = check_spec(spec)
         if is_url(spec):
             from autodiff.store.postgres import PostgresBackend
 
@@ -142,12 +147,16 @@ class Store:
         else:
             from autodiff.store.sqlite import SQLiteBackend
 
-            self.db = SQLiteBackend(spec)
+            self.db = SQLiteBackend(spec, create=create)
         self.spec: str = self.db.spec
         self.display: str = self.db.display
         self.backend: str = self.db.name
         self.db.open()
-        self.migrate()
+        try:
+            self.migrate(create=create)
+        except BaseException:
+            self.db.close()
+            raise
 
     @property
     def path(self) -> Path:
@@ -167,10 +176,11 @@ class Store:
         name or position. For the store's own methods and tests; nothing else holds SQL."""
         return self.db.connect()
 
-    def migrate(self) -> None:
-        """Apply the schema migrations this store has not had yet (see `schema.MIGRATIONS`)."""
+    def migrate(self, create: bool = True) -> None:
+        """Apply the schema migrations this store has not had yet (see `schema.MIGRATIONS`); with
+        `create` False, a database without the store's tables raises StoreError."""
         with self.connect() as conn:
-            self.db.migrate(conn, MIGRATIONS)
+            self.db.migrate(conn, MIGRATIONS, create=create)
 
     # --- runs -------------------------------------------------------------------------------
 
@@ -195,6 +205,21 @@ class Store:
                 "UPDATE runs SET status = ?, error = ?, updated_at = ?, pid = COALESCE(?, pid) WHERE id = ?",
                 (status, error, time.time(), pid, run_id),
             )
+
+    @_writes
+    def hold_run(self, run_id: str, host: str, pid: int, expect: Run | None = None) -> bool:
+        """Mark run `run_id` running, held by process `pid` on `host` since now (see
+        autodiff.holders). With `expect` (the run as the caller read it), only if its status,
+        pid and host are still those: False when another process changed them meanwhile."""
+        now = time.time()
+        sql = "UPDATE runs SET status = 'running', error = NULL, pid = ?, host = ?, held_since = ?, updated_at = ? " \
+              "WHERE id = ?"
+        params: list[Any] = [pid, host, now, now, run_id]
+        if expect is not None:
+            sql += " AND status = ? AND COALESCE(pid, -1) = ? AND COALESCE(host, '') = ?"
+            params += [expect.status, expect.pid or -1, expect.host or ""]
+        with self.connect() as conn:
+            return conn.execute(sql, params).rowcount == 1
 
     @_writes
     def request_stop(self, run_id: str) -> None:

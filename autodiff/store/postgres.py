@@ -198,25 +198,71 @@ class PostgresBackend:
         try:
             yield PgConnection(conn)
             conn.commit()
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(psycopg.Error):
                 conn.rollback()
+            if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+                raise self._not_allowed(conn, exc) from None
             raise
         finally:
             self._pool.putconn(conn)
 
-    def migrate(self, conn: PgConnection, migrations: Sequence[tuple[str, str]]) -> None:
-        """Apply the migrations not yet applied, in one transaction, one process at a time."""
-        conn.execute(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
-        conn.execute(translate_ddl("CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied_at REAL)"))
-        done = {row[0] for row in conn.execute("SELECT name FROM migrations")}
-        for name, sql in migrations:
-            if name in done:
-                continue
-            for statement in sql.split(";"):
-                if statement.strip():
-                    conn.execute(translate_ddl(statement))
-            conn.execute("INSERT INTO migrations VALUES (?, ?)", (name, time.time()))
+    def _not_allowed(self, conn: Any, exc: BaseException) -> StoreError:
+        user = conn.info.user
+        return StoreError(f"the database user {user!r} lacks a right the store {self.display} needs "
+                          f"({self.mask(str(exc).strip().splitlines()[0])}): have an administrator grant it, e.g. "
+                          f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {user}")
+
+    def migrate(self, conn: PgConnection, migrations: Sequence[tuple[str, str]], create: bool = True) -> None:
+        """Apply the migrations not yet applied, in one transaction, one process at a time. When
+        every migration is applied (read first) nothing is written and no DDL runs, so a user
+        who may use the tables but not create any opens the store. Raises StoreError when a
+        migration is due but the user may not create tables (naming the right and what to do),
+        and, when not `create`, for a database that holds no store."""
+        import psycopg
+
+        applied = self._applied(conn)
+        if applied is not None and all(name in applied for name, _ in migrations):
+            return
+        if applied is None and not create:
+            raise StoreError(f"the database of {self.display} holds no run store (no migrations table): check the "
+                             "URL's database name")
+        due = [name for name, _ in migrations if name not in (applied or [])]
+        try:
+            conn.execute(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
+            conn.execute(translate_ddl("CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied_at REAL)"))
+            done = {row[0] for row in conn.execute("SELECT name FROM migrations")}
+            for name, sql in migrations:
+                if name in done:
+                    continue
+                for statement in sql.split(";"):
+                    if statement.strip():
+                        conn.execute(translate_ddl(statement))
+                conn.execute("INSERT INTO migrations VALUES (?, ?)", (name, time.time()))
+        except psycopg.errors.InsufficientPrivilege as exc:
+            user = conn.raw.info.user
+            raise StoreError(
+                f"the store {self.display} needs {len(due)} schema migration{'s' if len(due) != 1 else ''} "
+                f"({', '.join(due)}), but the database user {user!r} may not make or change its tables "
+                f"({self.mask(str(exc).strip().splitlines()[0])}). Open the store once as a user who may (the owner of the database and its "
+                f"tables: any autodiff command migrates it), or have an administrator grant the right: GRANT CREATE "
+                f"ON SCHEMA public TO {user} (changing a table also takes owning it)") from None
+
+    def _applied(self, conn: PgConnection) -> list[str] | None:
+        """The names of the migrations applied, or None before the migrations table exists."""
+        if conn.execute("SELECT to_regclass('migrations') IS NULL").fetchone()[0]:
+            return None
+        return [row[0] for row in conn.execute("SELECT name FROM migrations")]
+
+    for_update = " FOR UPDATE"  # a row read to be written is locked until the transaction ends
+
+    def begin_write(self, conn: PgConnection) -> None:
+        """Nothing to do: PostgreSQL locks the rows read `FOR UPDATE`."""
+
+    def begin_snapshot(self, conn: PgConnection) -> None:
+        """Read every following query of this transaction from one snapshot of the database
+        (REPEATABLE READ; the default, READ COMMITTED, takes a new one per statement)."""
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
 
     def json_elements(self, column: str, alias: str) -> str:
         """A FROM item whose `alias.value` walks the JSON array (text) in `column`."""

@@ -166,4 +166,14 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX gradients_run_about ON gradients (run_id, about_call);
         """,
     ),
+    (
+        # Who holds a running run: the host besides the pid (a pid means nothing on another
+        # machine) and since when, so a second trainer is refused while the holder may live and
+        # a holder on this host that is gone is seen as dead (see autodiff.holders).
+        "008_run_holder",
+        """
+        ALTER TABLE runs ADD COLUMN host TEXT;
+        ALTER TABLE runs ADD COLUMN held_since REAL;
+        """,
+    ),
 ]

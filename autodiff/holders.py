@@ -1,0 +1,148 @@
+"""Who trains a run: one process at a time, whatever starts it (a shell, Python, the dashboard,
+a worker), on either store.
+
+A trainer takes a run before it touches the run's steps (`take`): it writes its host, its pid
+and the time into the run, status running, as a compare-and-set on what it read, so of two
+processes taking one run at once exactly one wins. While a run says running, another process
+may take it only when the holder is known dead: a process of this host that is gone (the host is
+recorded because a pid means nothing on another machine). A holder on another host cannot be
+checked from here, so it is refused, naming host, pid and since when, unless the caller forces a
+takeover (`autodiff resume RUN --force`, `autodiff.resume(..., force=True)`) because that process
+is really gone; a takeover is recorded in the run's events, and a holder that was alive after
+all stops at its next step boundary when it sees the run is no longer its own (`still_holds`).
+
+Runs a worker holds on a PostgreSQL store follow the queue's own rule first (see
+`runner._refuse_if_queued`): they are handed to another worker when the worker stops answering.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+from autodiff.errors import ConfigError
+from autodiff.records import Run
+
+Liveness = Literal["alive", "dead", "unknown"]
+
+
+def this_host() -> str:
+    """This machine's name, as runs record their holder's host."""
+    return socket.gethostname()
+
+
+def pid_alive(pid: int | None) -> bool:
+    """Whether process `pid` of this machine exists (False for None)."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass(frozen=True)
+class Holder:
+    """The process that holds a running run: `host` None when not recorded (a run trained before
+    hosts were), `since` in seconds (time.time()), None when not recorded."""
+
+    host: str | None
+    pid: int | None
+    since: float | None
+
+    def is_me(self) -> bool:
+        return self.host == this_host() and self.pid == os.getpid()
+
+    def describe(self) -> str:
+        """'process 4242 on host gpu-3 (this machine) since 2026-01-05 14:02:11, 12 min ago'."""
+        who = f"process {self.pid}" if self.pid else "a process"
+        where = (f" on host {self.host}" + (" (this machine)" if self.host == this_host() else "")
+                 if self.host else " on a host not recorded")
+        return f"{who}{where}{_since(self.since)}"
+
+
+def holder(run: Run) -> Holder | None:
+    """Who holds `run`: its trainer while it says running, else None."""
+    if run.status != "running":
+        return None
+    return Holder(run.host, run.pid, run.held_since)
+
+
+def liveness(run: Run, backend: str) -> Liveness:
+    """Whether the holder of a running `run` lives: checked for a process of this host; a run
+    without a recorded host counts as this host's on a SQLite store (one machine's file), as
+    unknown on a PostgreSQL store (any machine's); another host's process is unknown."""
+    host = run.host or (this_host() if backend == "sqlite" else None)
+    if host != this_host() or not run.pid:
+        return "unknown"
+    return "alive" if pid_alive(run.pid) else "dead"
+
+
+def check(store, run: Run, *, force: bool = False) -> None:
+    """Refuse (ConfigError) to train `run` here while another process holds it and may be
+    alive: on this host a process that still runs; on another host (or one not recorded) any,
+    unless `force`. Takes nothing: see `take`, which also checks, atomically."""
+    held = holder(run)
+    if held is None or held.is_me():
+        return
+    state = liveness(run, store.backend)
+    if state == "dead" or (force and state == "unknown"):
+        return
+    raise ConfigError(refusal(run, state, store))
+
+
+def refusal(run: Run, state: Liveness, store=None) -> str:
+    """Why a second trainer may not take `run`, and what to do."""
+    held = holder(run) or Holder(run.host, run.pid, run.held_since)
+    where = f" --store {store.display}" if store is not None and getattr(store, "backend", "") == "postgresql" else ""
+    if state == "alive":
+        return (f"run {run.id} is being trained by {held.describe()}: one run is trained by one process at a time. "
+                f"Stop it first (autodiff stop {run.id}{where}, or Ctrl-C where it runs), then resume it once it "
+                "says stopped")
+    return (f"run {run.id} is being trained by {held.describe()}, which cannot be checked from here: one run is "
+            f"trained by one process at a time. Stop it there (autodiff stop {run.id}{where}); if that process is "
+            f"really gone (killed, its machine down), take the run over: autodiff resume {run.id}{where} --force "
+            "(from Python: autodiff.resume(..., force=True))")
+
+
+def take(store, run_id: str, *, force: bool = False) -> Run:
+    """Make this process the holder of run `run_id` (status running, this host and pid, since
+    now), unless another process holds it and may be alive (see `check`; `force` takes over
+    from a holder that cannot be checked). Atomic: the write happens only if the run is still as
+    read, so two processes taking one run cannot both win. A takeover from a dead or forced-out
+    holder is recorded as a run event "taken_over". Returns the run as it was before. Raises
+    ConfigError when refused, StoreError for an unknown run."""
+    for _ in range(3):  # the run changed between read and write: read it again
+        run = store.run(run_id)
+        held = holder(run)
+        if held is not None and held.is_me():
+            return run
+        check(store, run, force=force)
+        if store.hold_run(run_id, this_host(), os.getpid(), expect=run):
+            if held is not None:
+                how = "its process is gone" if liveness(run, store.backend) == "dead" else "forced"
+                store.add_run_event(run_id, "taken_over", f"taken over by {Holder(this_host(), os.getpid(), None).describe()} "
+                                                          f"from {held.describe()} ({how})")
+            return run
+    raise ConfigError(f"run {run_id} keeps changing while this process tries to take it: another process is starting "
+                      "it; look again with autodiff show " + run_id)
+
+
+def still_holds(store, run_id: str) -> bool:
+    """Whether this process still holds run `run_id` (False once another process took it over)."""
+    run = store.run(run_id)
+    return run.status == "running" and run.host == this_host() and run.pid == os.getpid()
+
+
+def _since(at: float | None) -> str:
+    if not at:
+        return ""
+    ago = max(0.0, time.time() - at)
+    span = f"{ago:.0f} s" if ago < 120 else f"{ago / 60:.0f} min" if ago < 7200 else f"{ago / 3600:.1f} h"
+    return f" since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(at))}, {span} ago"
