@@ -318,7 +318,11 @@ def _stopped_exit(store, run_id: str) -> int:
     if run.error:
         print(f"run {run_id} stopped: {run.error}", file=sys.stderr)
     command = f"autodiff resume {shlex.quote(run_id)}"
-    if store.spec != resolve_spec():
+    try:
+        default = resolve_spec()
+    except AutodiffError:  # AUTODIFF_STORE says something unusable: name the store
+        default = None
+    if store.spec != default:
         command += f" --store {shlex.quote(store.display)}"  # a password in the URL shows as ***
     if (run.error or "").startswith("budget"):  # the same budget would stop it again at once
         command += " " + _larger_budget(store, run)

@@ -21,12 +21,17 @@ import os
 import socket
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from autodiff.errors import ConfigError
 from autodiff.records import Run
 
 Liveness = Literal["alive", "dead", "unknown"]
+# A process with the holder's pid that started this long after the run was taken is another one
+# (the pid was reused). Generous: a start time read from /proc is exact to a second, but the wall
+# clock the run's time was written with may have been stepped since.
+PID_REUSE_MARGIN_S = 60.0
 
 
 def this_host() -> str:
@@ -75,13 +80,32 @@ def holder(run: Run) -> Holder | None:
 
 
 def liveness(run: Run, backend: str) -> Liveness:
-    """Whether the holder of a running `run` lives: checked for a process of this host; a run
-    without a recorded host counts as this host's on a SQLite store (one machine's file), as
-    unknown on a PostgreSQL store (any machine's); another host's process is unknown."""
+    """Whether the holder of a running `run` lives: checked for a process of this host (a
+    process with its pid that started after the run was taken is another one: the pid was
+    reused); a run without a recorded host counts as this host's on a SQLite store (one
+    machine's file), as unknown on a PostgreSQL store (any machine's); another host's process
+    is unknown."""
     host = run.host or (this_host() if backend == "sqlite" else None)
     if host != this_host() or not run.pid:
         return "unknown"
-    return "alive" if pid_alive(run.pid) else "dead"
+    if not pid_alive(run.pid):
+        return "dead"
+    started = process_started_at(run.pid)
+    if started is not None and run.held_since is not None and started > run.held_since + PID_REUSE_MARGIN_S:
+        return "dead"  # that pid now names a process born after the holder took the run
+    return "alive"
+
+
+def process_started_at(pid: int) -> float | None:
+    """When process `pid` of this machine started (seconds, time.time()), from Linux's /proc;
+    None where that cannot be read (another system, the process gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of stat: start time in ticks
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 def check(store, run: Run, *, force: bool = False) -> None:

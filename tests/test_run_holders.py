@@ -205,3 +205,15 @@ def test_the_stop_and_resume_texts_say_whose_cache_answers(tmp_path):
     assert "machine that made them" in recovery(run.run("r")).advice
     run.set_run_status("r", "stopped", error="stopped on request before a worker took it; resume to start it")
     assert "unfinished" not in recovery(run.run("r")).advice
+
+
+def test_a_pid_reused_by_a_newer_process_is_not_the_holder(store, stopped_run):
+    """The holder's pid names a process of this host again, but one that started long after the
+    run was taken: the holder is gone (the pid was reused)."""
+    store.hold_run(stopped_run, holders.this_host(), os.getpid())
+    with store.connect() as conn:  # as if taken an hour before this process started
+        conn.execute("UPDATE runs SET held_since = ? WHERE id = ?",
+                     (holders.process_started_at(os.getpid()) - 3600, stopped_run))
+    assert holders.liveness(store.run(stopped_run), store.backend) == "dead"
+    store.hold_run(stopped_run, holders.this_host(), os.getpid())  # taken now: this process is the holder
+    assert holders.liveness(store.run(stopped_run), store.backend) == "alive"
