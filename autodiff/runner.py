@@ -164,13 +164,17 @@ def mark_dead_runs(store: Store) -> list[str]:
 def stop(store: Store, run_id: str) -> str:
     """Ask run `run_id` to stop, wherever it trains (this machine, another, a worker): its trainer
     reads the flag at its next step boundary (see `recovery.stop_effect`); a run waiting on the
-    queue stops when a worker takes it, or at once when resumed here. The dashboard's Stop does
-    the same. Returns what will happen, in a sentence. Raises ConfigError for a run that is not
+    queue stops when a worker takes it, or at once when resumed here; one whose process on this
+    machine is gone is marked stopped at once (see `mark_dead_runs`). The dashboard's Stop sets
+    the same flag. Returns what will happen, in a sentence. Raises ConfigError for a run that is not
     active (completed, stopped, failed), StoreError for an unknown run."""
     run = store.run(run_id)
     if run.status not in ("created", "queued", "running"):
         raise ConfigError(f"run {run_id} is {run.status}: there is nothing to stop")
     store.request_stop(run_id)
+    if run.status == "running" and run_id in mark_dead_runs(store):
+        return (f"run {run_id} had no process left to stop: {run.pid} on this machine is gone. It is marked "
+                f"stopped; resume it with autodiff resume {run_id}")
     if run.status == "running":
         who = holders.holder(run)
         return (f"stop requested: run {run_id} stops after the work in progress, at its next step boundary "

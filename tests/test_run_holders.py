@@ -89,7 +89,7 @@ def test_a_holder_on_another_host_is_refused_with_how_to_take_over(store, stoppe
     assert cli.main(["resume", stopped_run, *spec]) == 2
     said = capsys.readouterr().err
     assert f"process 4242 on host {ELSEWHERE} since {time.strftime('%Y-%m-%d %H:%M', time.localtime(since))}" in said
-    assert f"autodiff resume {stopped_run}" in said and "--force" in said and "really gone" in said
+    assert f"autodiff resume {stopped_run} --store {store.display} --force" in said and "really gone" in said
     with pytest.raises(ConfigError, match=ELSEWHERE):
         runner.resume_background(store, stopped_run, tmp_path / "cache.sqlite")  # the dashboard's Resume
     assert runner.mark_dead_runs(store) == [] and store.run(stopped_run).status == "running"  # not ours to judge
@@ -171,6 +171,9 @@ def test_stop_says_what_happens_and_refuses_a_run_that_is_not_active(store, stop
     assert store.stop_requested(stopped_run)
     assert cli.main(["stop", "nope", "--store", store.spec]) == 2
     assert "no run with id 'nope'" in capsys.readouterr().err
+    store.hold_run(stopped_run, holders.this_host(), _dead_pid())  # its process is gone
+    assert cli.main(["stop", stopped_run, "--store", store.spec]) == 0
+    assert "had no process left to stop" in capsys.readouterr().out and store.run(stopped_run).status == "stopped"
 
 
 def test_the_holder_migration_keeps_older_runs(tmp_path):
@@ -183,7 +186,7 @@ def test_the_holder_migration_keeps_older_runs(tmp_path):
 
     path = tmp_path / "old.sqlite"
     with sqlite3.connect(path) as conn:
-        SQLiteBackend(path)._apply(conn, MIGRATIONS[:-1])
+        SQLiteBackend(path).migrate(conn, MIGRATIONS[:-1])
         conn.execute("INSERT INTO runs (id, task, config, status, created_at, updated_at, pid) "
                      "VALUES ('old', 'toy', '{}', 'running', 1, 1, ?)", (_dead_pid(),))
     store = Store(path)
