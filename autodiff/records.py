@@ -263,7 +263,8 @@ class Run:
     note); `pid` and `host` are the process that last trained it and its machine's name, and
     `held_since` when that process took it (all None before any did; `host` also for runs
     trained before hosts were recorded). While the run is running they name its holder (see
-    autodiff.holders)."""
+    autodiff.holders). `created_at`, `updated_at` (when its status, holder or options last
+    changed, or a stop was last requested) and `held_since` are Unix seconds."""
 
     id: str
     task: str
@@ -281,7 +282,8 @@ class Run:
 @dataclass(frozen=True)
 class Step:
     """One training step of a run (0 is the initial evaluation). `status` is running or
-    completed; `val_score`/`test_score` are None when not measured at that step; `batch` holds
+    completed; `started_at`/`finished_at` are Unix seconds (`finished_at` None while running);
+    `val_score`/`test_score` are in [0, 1], None when not measured at that step; `batch` holds
     the step's mini-batch sample ids, `failed_samples` those it sent backward."""
 
     step: int
@@ -312,7 +314,7 @@ class ParameterSpec:
 class ParameterVersion:
     """One value a parameter had: `version` counts from 0 (the initial value) per parameter;
     `step` is the step that set it; `proposal_id` the accepted proposal it came from (None for
-    the initial value and values set outside a proposal)."""
+    the initial value and values set outside a proposal); `created_at` in Unix seconds."""
 
     name: str
     version: int
