@@ -47,6 +47,16 @@ def test_a_mistyped_url_is_one_clear_error_and_never_a_file(spec, meant, tmp_pat
     assert list(tmp_path.iterdir()) == []  # no folder, no SQLite file made from the URL
 
 
+@pytest.mark.parametrize("spec, meant", [("sqlite:///runs.sqlite", "runs.sqlite"),
+                                         ("sqlite:////data/runs.sqlite", "/data/runs.sqlite"),
+                                         ("file:///data/runs.sqlite", "/data/runs.sqlite")])
+def test_a_sqlite_url_is_answered_with_the_path_meant(spec, meant, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(StoreError, match=f"a SQLite store is given as a plain file path: did you mean '{meant}'"):
+        Store(spec)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("spec", [f" postgresql://alice:{SECRET}@host/db", f"postgresql://alice:{SECRET}@host/db\n"])
 def test_spaces_around_a_url_are_named(spec, tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)

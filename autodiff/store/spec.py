@@ -96,6 +96,11 @@ def check_spec(spec: str | Path, source: str = "") -> str:
     shown = mask_url(stripped)
     if not stripped.startswith(URL_SCHEMES):
         rest = _ANY_SCHEME.sub("", stripped, count=1)
+        if re.match(r"(?i)\s*(sqlite\d?|file)\b", stripped):  # a SQLite URL as other tools write it
+            # sqlite:///runs.sqlite is relative, sqlite:////abs/runs.sqlite absolute; file:///abs/runs.sqlite
+            path = re.sub(r"(?i)^\s*(sqlite\d?[\w+.\-]*:(///?)?|file:(//)?)", "", stripped)
+            raise StoreError(f"the store {shown!r}{where} is a URL, but a SQLite store is given as a plain file path: "
+                             f"did you mean {path!r}?")
         raise StoreError(f"the store {shown!r}{where} is not a valid PostgreSQL URL: did you mean "
                          f"{mask_url('postgresql://' + rest)!r}? A PostgreSQL store is {URL_FORM} (postgres:// also "
                          "works, nothing else: no driver suffix such as +psycopg); a SQLite store is a file path "
