@@ -312,9 +312,14 @@ def cmd_estimate(args) -> int:
 
 def _stopped_exit(store, run_id: str) -> int:
     """0 for a completed run; 3, with the reason and how to go on, for one that stopped itself."""
+    from autodiff import holders
+
     run = store.run(run_id)
     if run.status == "completed":
         return 0
+    if (held := holders.holder(run)) is not None and not held.is_me():
+        print(f"run {run_id} was taken over by {held.describe()}: this process left it to that one", file=sys.stderr)
+        return 3
     if run.error:
         print(f"run {run_id} stopped: {run.error}", file=sys.stderr)
     command = f"autodiff resume {shlex.quote(run_id)}"

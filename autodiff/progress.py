@@ -26,7 +26,7 @@ def progress_bar(total_steps: int, quiet: bool = False, also: Progress | None = 
     """A progress callback drawing one bar of `total_steps` steps (on stderr in a terminal, a
     widget in a notebook), made on the first event so a bad input prints no empty bar. `also`
     receives every event too. Events: initial, step, backward, accepted, pending, step_done,
-    resumed, stopped, completed; each with a dict of details."""
+    resumed, stopped, completed, taken_over; each with a dict of details."""
     from tqdm.auto import tqdm
 
     bars: list = []
@@ -50,7 +50,9 @@ def progress_bar(total_steps: int, quiet: bool = False, also: Progress | None = 
             bar.write(f"initial validation score {_score(info['val'])}")
         elif event == "stopped" and info.get("reason"):
             bar.write(f"stopped: {info['reason']}")
-        if event in ("completed", "stopped"):
+        elif event == "taken_over":
+            bar.write(f"another process took the run over before step {info['step']}: this one leaves it")
+        if event in ("completed", "stopped", "taken_over"):
             bar.close()
 
     return on

@@ -220,3 +220,25 @@ def test_a_pid_reused_by_a_newer_process_is_not_the_holder(store, stopped_run):
     assert holders.liveness(store.run(stopped_run), store.backend) == "dead"
     store.hold_run(stopped_run, holders.this_host(), os.getpid())  # taken now: this process is the holder
     assert holders.liveness(store.run(stopped_run), store.backend) == "alive"
+
+
+def test_a_trainer_whose_run_was_taken_over_leaves_it_at_the_next_step_boundary(store, tmp_path):
+    """A forced takeover of a holder that was alive after all: the old trainer sees the run is no
+    longer its own before its next step and ends without writing the run's status or steps."""
+    from autodiff.llm.fake import FakeProvider
+    from tests.fake_runs import responder
+
+    events = []
+
+    def take_over_after_step_1(event: str, info: dict) -> None:
+        events.append(event)
+        if event == "step_done" and info["step"] == 1:
+            store.hold_run(info["run_id"], ELSEWHERE, 4242)  # what `resume --force` there writes
+
+    config = make_config(task="object_counting", forward_model="fake:forward", backward_model="fake:backward",
+                         optimizer_model="fake:optimizer", steps=3, batch_size=4, val_limit=6, test_limit=6)
+    run_id = runner.train(store, config, cache_path=tmp_path / "cache.sqlite",
+                          providers={"fake": FakeProvider(responder)}, progress=take_over_after_step_1)
+    run = store.run(run_id)
+    assert (run.status, run.host, run.pid) == ("running", ELSEWHERE, 4242)  # left to its new holder
+    assert [s.step for s in store.steps(run_id)] == [0, 1] and events[-1] == "taken_over"
