@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 from autodiff import holders
 from autodiff.config import RunConfig, make_config
@@ -16,6 +17,7 @@ from autodiff.llm.budget import Budget
 from autodiff.llm.cache import ResponseCache, normalise_endpoint
 from autodiff.llm.client import RetryPolicy
 from autodiff.llm.types import Provider
+from autodiff.records import Run
 from autodiff.store import Store
 from autodiff.tasks import load_task
 from autodiff.trainer import CallBuffer, Progress, Trainer, make_roles
@@ -141,16 +143,17 @@ def resume_background(store: Store, run_id: str, cache_path: Path | None = None,
 pid_alive = holders.pid_alive  # where it was; autodiff.holders decides who holds a run
 
 
-def mark_dead_runs(store: Store) -> list[str]:
+def mark_dead_runs(store: Store, runs: Sequence[Run] | None = None) -> list[str]:
     """Runs that say `running` but whose process on this machine is gone (killed, machine
     restarted) become `stopped`, with a note, so they can be resumed instead of looking alive
     forever. Runs of other hosts are left alone (their pids mean nothing here), and so, on a
     PostgreSQL store, are runs whose worker's job is open: the workers hand those back (see
-    autodiff.workers). Returns the ids of the runs stopped."""
+    autodiff.workers). `runs`: the store's runs if the caller has just read them. Returns the
+    ids of the runs stopped."""
     from autodiff import workers
 
     dead = []
-    for run in store.runs():
+    for run in store.runs() if runs is None else runs:
         if run.status != "running" or holders.liveness(run, store.backend) != "dead":
             continue
         if workers.shared(store) and workers.open_job(store, run.id) is not None:

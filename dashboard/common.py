@@ -226,8 +226,9 @@ def sidebar() -> str | None:
     """Store and run pickers in the sidebar. The chosen run id lives in session state and in the
     URL (`?run=`), so a reload or a shared link opens the same run; without one, the newest."""
     store = current_store()
-    mark_dead_runs(store)  # before listing: a run whose process died shows as stopped on every page
     runs = store.runs()
+    if mark_dead_runs(store, runs):  # a run whose process died shows as stopped on every page
+        runs = store.runs()
     with st.sidebar:
         st.caption(f"Store: `{store.display}`")  # a database password masked
         if not runs:
