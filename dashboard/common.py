@@ -179,6 +179,9 @@ _TABLE_STYLE = """<style>
 .plain-table th { font-weight: 600; color: color-mix(in srgb, currentColor 75%, transparent); }
 .plain-table td.num, .plain-table th.num { text-align: right; font-variant-numeric: tabular-nums; }
 .plain-table td.wrap { white-space: normal; min-width: 16rem; }
+.plain-table td.fold { white-space: normal; min-width: 16rem; max-width: 40rem; }
+.plain-table td.fold summary { cursor: pointer; }
+.plain-table td.fold details[open] summary { color: color-mix(in srgb, currentColor 60%, transparent); }
 </style>"""
 
 
@@ -189,26 +192,38 @@ class Link(NamedTuple):
     href: str
 
 
-def _cell(value: object) -> str:
+FOLD_AT = 120  # characters of a folded cell (`html_table`'s `fold`) shown before it is opened
+
+
+def _cell(value: object, fold: bool = False) -> str:
     if isinstance(value, Link):
         return f'<a href="{html.escape(value.href, quote=True)}" target="_self">{html.escape(value.text)}</a>'
-    return html.escape("-" if value is None else str(value))
+    text = "-" if value is None else str(value)
+    if fold and len(text) > FOLD_AT:  # its start, and the whole text when opened (no script: a <details>)
+        return (f"<details><summary>{html.escape(text[:FOLD_AT])}… ({len(text):,} characters)</summary>"
+                f"{html.escape(text)}</details>")
+    return html.escape(text)
 
 
-def html_table(rows: Sequence[dict], numeric: Sequence[str] = (), wrap: Sequence[str] = ("error",)) -> str:
+def html_table(rows: Sequence[dict], numeric: Sequence[str] = (), wrap: Sequence[str] = ("error",),
+               fold: Sequence[str] = ()) -> str:
     """A plain HTML table of already formatted rows (column name -> text, or a `Link`; None shows as
-    "-"), every cell escaped, for st.html. For short tables where st.dataframe's grid (about 1.6 MB of script
-    that a browser tab loads on its first use) is more than the page needs: the Runs page, which
-    every new tab opens on."""
+    "-"), every cell escaped, for st.html; a cell of a `fold` column longer than `FOLD_AT`
+    characters shows its start and opens on a click to the whole text. For tables of up to a few
+    dozen rows where st.dataframe's grid is more than the page needs: its script (about 1.6 MB)
+    loads on a browser tab's first use, and each grid costs the browser about 0.1 s to draw
+    (bench/dashboard_load.py's large run: the Graph page's three grids drawn as plain tables cut
+    the browser's main-thread work for that page from about 0.9 s to 0.5 s)."""
     if not rows:
         return ""
     columns = list(rows[0])
 
     def cls(column: str) -> str:
-        return ' class="num"' if column in numeric else ' class="wrap"' if column in wrap else ""
+        return (' class="num"' if column in numeric else ' class="fold"' if column in fold
+                else ' class="wrap"' if column in wrap else "")
 
     head = "".join(f"<th{cls(c)}>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td{cls(c)}>{_cell(r.get(c))}</td>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td{cls(c)}>{_cell(r.get(c), c in fold)}</td>" for c in columns)
                    + "</tr>" for r in rows)
     return (f'{_TABLE_STYLE}<div class="plain-table"><table><thead><tr>{head}</tr></thead>'
             f'<tbody>{body}</tbody></table></div>')

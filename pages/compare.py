@@ -8,7 +8,7 @@ from autodiff import compare
 from autodiff.diffs import inline_diff_html
 from autodiff.llm.pricing import format_usd
 from dashboard import charts
-from dashboard.common import md, require_run, reset_when, summary
+from dashboard.common import fmt_score, html_table, md, require_run, reset_when, summary
 from dashboard.figures import steps_of
 
 store, run_id = require_run()
@@ -35,16 +35,19 @@ if not shared:
                "compared between them, only their curves and prompts.")
 
 summaries = [summary(store, by_id[r]) for r in chosen]
-st.dataframe(
+# One row per run: a plain table (a data grid cost the browser more than this page's charts to lay out).
+st.html(html_table(
     [{"run": s["id"], "task": s["task"], "status": s["status"], "forward model": s["forward_model"],
       "backward model": s["backward_model"], "optimizer model": s["optimizer_model"], "steps": s["steps_done"],
-      "initial validation": s["initial_val"], "best validation": s["best_val"], "initial test": s["initial_test"],
-      "latest test": s["final_test"], "tokens": s["tokens"], "cost": format_usd(s["cost_usd"], s["cost_unknown"]),
-      "saved": format_usd(s["saved_usd"], s["saved_unknown"]), "LLM calls": s["calls"],
-      "run time (s)": round(s["wall_s"], 1)}
+      "initial validation": fmt_score(s["initial_val"]), "best validation": fmt_score(s["best_val"]),
+      "initial test": fmt_score(s["initial_test"]), "latest test": fmt_score(s["final_test"]),
+      "tokens": f"{s['tokens']:,}", "cost": format_usd(s["cost_usd"], s["cost_unknown"]),
+      "saved": format_usd(s["saved_usd"], s["saved_unknown"]), "LLM calls": f"{s['calls']:,}",
+      "run time (s)": f"{s['wall_s']:,.1f}"}  # formatted as on the Runs page
      for s in summaries],
-    hide_index=True,
-)
+    numeric=("steps", "initial validation", "best validation", "initial test", "latest test", "tokens", "cost",
+             "saved", "LLM calls", "run time (s)"),
+))
 
 steps = pd.DataFrame([{**row, "run": r} for r in chosen for row in steps_of(store, by_id[r])])
 if not steps.empty:

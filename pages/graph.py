@@ -4,7 +4,7 @@ import streamlit as st
 
 from autodiff import graphview as gv
 from dashboard import graphview as draw
-from dashboard.common import choose, md, require_run, static_url
+from dashboard.common import choose, html_table, md, require_run, static_url
 from dashboard.figures import batch_sentence, steps_of
 
 store, run_id = require_run()
@@ -47,19 +47,20 @@ st.caption(
 own = [p for p in parameters if p.node == node]
 st.subheader(f"Parameters of {md(node)}")
 if own:
-    st.dataframe([{"parameter": p.name, "kind": p.kind, "trainable": p.trainable,
-                   "value in these calls": graph.nodes[gv.parameter_id(p.name)].get("value", ""),
-                   "role": p.role} for p in own], hide_index=True)
+    st.html(html_table([{"parameter": p.name, "kind": p.kind, "trainable": "yes" if p.trainable else "no",
+                         "value in these calls": graph.nodes[gv.parameter_id(p.name)].get("value", ""),
+                         "role": p.role} for p in own], fold=("value in these calls", "role")))
 else:
     st.caption("None: this node has nothing to train.")
 
 st.subheader(f"Calls of {md(node)} at step {step}")
-st.dataframe(draw.call_rows(invocations, node), hide_index=True)
+# Plain tables, long text folded: a few dozen rows, where three data grids doubled the page's time to draw.
+st.html(html_table(draw.call_rows(invocations, node), numeric=("call", "score"), fold=("inputs", "output", "prompt")))
 
 st.subheader(f"Gradients on {md(node)} at step {step}")
 _, received = store.find_gradients(run_id, step=step, targets=gv.targets_of(node, parameters))
 if received:
-    st.dataframe(draw.gradient_rows(received), hide_index=True)
+    st.html(html_table(draw.gradient_rows(received), numeric=("step", "call", "score"), fold=("feedback",)))
     st.caption("The Gradients page shows each one with the backward call that wrote it.")
 else:
     st.caption("No feedback reached this node at this step.")

@@ -31,6 +31,7 @@ from autodiff.store import Store
 from dashboard import graphview as draw
 from dashboard import textfold
 from tests.fake_runs import HOSTILE, filled_store
+from tests.test_dashboard_pages import html_table_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = ROOT / "pages"
@@ -356,6 +357,11 @@ def open_page(name: str, store: Store, monkeypatch: pytest.MonkeyPatch, run_id: 
     return at
 
 
+def tables(at: AppTest) -> list[list[dict]]:
+    """The rows of each plain HTML table the page drew (dashboard/common.html_table), in order."""
+    return [html_table_rows(h.proto.body) for h in at.get("html") if 'class="plain-table"' in h.proto.body]
+
+
 @pytest.mark.parametrize("page", ["graph.py", "gradients.py", "prompts.py"])
 def test_empty_store_says_how_to_start(page, tmp_path, monkeypatch):
     at = open_page(page, Store(tmp_path / "empty.sqlite"), monkeypatch)
@@ -378,13 +384,13 @@ def test_graph_page_shows_the_chosen_node(multihop, monkeypatch):
     assert "new vis.Network" in frame.proto.srcdoc and draw.external_resources(frame.proto.srcdoc) == []
     at.selectbox(key="graph_node").select("query_generator").run()
     assert not at.exception
-    params, calls, grads = (df.value for df in at.dataframe)
-    assert list(params["parameter"]) == ["query_generator.instruction"]
-    assert sorted(calls["call"]) == [0, 0, 1, 1]
-    assert set(grads["target"]) == {"query_generator", "query_generator.instruction"}
+    params, calls, grads = tables(at)
+    assert [row["parameter"] for row in params] == ["query_generator.instruction"]
+    assert sorted(row["call"] for row in calls) == ["0", "0", "1", "1"]
+    assert {row["target"] for row in grads} == {"query_generator", "query_generator.instruction"}
     at.selectbox(key="graph_node").select("dedupe").run()
     assert any("nothing to train" in c.value for c in at.caption)
-    assert len(at.dataframe[0].value) == 2  # its two calls
+    assert len(tables(at)[0]) == 2  # its two calls
 
 
 def test_gradient_filters_narrow_the_list(multihop, monkeypatch):
@@ -435,8 +441,8 @@ def test_prompts_page_shows_a_diff_and_why(counting, monkeypatch):
     assert any("Peers at step" in m.value for m in at.markdown)
     peers = [c.value for c in at.code]
     assert store.parameter_values_at(run_id, 1)["counter.output_format"] in peers
-    versions = at.dataframe[0].value
-    assert list(versions["version"]) == [0, 1]
+    [versions] = tables(at)
+    assert [row["version"] for row in versions] == ["0", "1"]
 
 
 def test_prompts_page_multi_node(multihop, monkeypatch):

@@ -435,8 +435,8 @@ def test_compare_runs(filled) -> None:
     assert {t["name"] for t in figures[1]["data"]} == {ids[0], ids[2]}
     cost = {t["name"]: values(t["y"]) for t in figures[2]["data"]}
     assert cost[ids[0]][-1] == pytest.approx(step_figures(store, ids[0])[-1]["cost_cumulative"]) != 0
-    table = at.dataframe[0].value
-    assert list(table["cost"]) == [format_usd(run_summary(store, r)["cost_usd"]) for r in (ids[0], ids[2])]
+    table = html_table_rows(next(h.proto.body for h in at.get("html") if "run time (s)" in h.proto.body))
+    assert [row["cost"] for row in table] == [format_usd(run_summary(store, r)["cost_usd"]) for r in (ids[0], ids[2])]
     assert any("&lt;script&gt;" in h.value for h in at.get("html"))  # a final prompt diffed, escaped
     differing = at.dataframe[-1].value
     assert len(differing) == len(compare.differing_samples(store, [ids[0], ids[2]])) > 0
