@@ -1,6 +1,8 @@
 """Proposals: every proposal of the run, whatever became of it: its scores at each stage, the word diff
 against the value it would have replaced, the feedback its optimizer call read, and that call."""
 
+import html
+
 import streamlit as st
 
 from autodiff import proposals as props
@@ -61,6 +63,16 @@ def scores(p: Proposal) -> str:
     return " · ".join(stages) or "not scored"
 
 
+def side_by_side(titles: tuple[str, str], blocks: tuple[str, str]) -> str:
+    """Two HTML blocks (escaped already: `word_diff_html`'s) under their titles, side by side where
+    the page is wide enough, else one under the other: one element for the browser to draw where
+    two columns of a caption and a block each were seven."""
+    cells = "".join(f'<div><div style="font-size: 0.875rem; opacity: 0.6; margin-bottom: 0.25rem">'
+                    f"{html.escape(title)}</div>{block}</div>" for title, block in zip(titles, blocks))
+    return f'<div style="display: grid; grid-template-columns: repeat(auto-fit, minmax(18rem, 1fr)); gap: 1rem">' \
+           f"{cells}</div>"
+
+
 def cost(p: Proposal) -> str:
     c = costs.get(p.id, NO_COST)
     return (f"cost to make {md(format_usd(c['make_usd'], c['make_unknown']))}, to validate "
@@ -82,28 +94,26 @@ for p, old in zip(current, props.replaced_values(store, run_id, current)):
             st.caption("The optimizer's reply, which held no usable proposal")
             st.code(p.value, language=None, wrap_lines=True)
         else:
-            left, right = st.columns(2)
-            before, after = word_diff_html(old, p.value)
-            left.caption("The value it would have replaced")
-            left.html(before)
-            right.caption("Proposed value")
-            right.html(after)
+            st.html(side_by_side(("The value it would have replaced", "Proposed value"), word_diff_html(old, p.value)))
         if p.decision == "edit" and p.decision_value:
             st.caption("Edited by a person before accepting: their value against the proposed one")
             st.html(inline_diff_html(p.value if p.method != "none" else old, p.decision_value))
 
+        # Drawn only when opened, like the call below: a card's feedback is often a dozen long texts.
         feedback = props.feedback_read(store, p)
-        with st.expander(f"Feedback its optimizer call read ({'not recorded' if feedback is None else len(feedback)})"):
+        read = "not recorded" if feedback is None else len(feedback)
+        panel = st.expander(f"Feedback its optimizer call read ({read})", key=f"prop_feedback_{p.id}", on_change="rerun")
+        if panel.open:
             if feedback is None:
-                st.caption("Not recorded: this proposal was stored before proposals kept the ids of the feedback "
-                           "they were written from.")
+                panel.caption("Not recorded: this proposal was stored before proposals kept the ids of the feedback "
+                              "they were written from.")
             for g in feedback or ():
                 about = "-" if g.about_call is None else g.about_call
-                st.markdown(f"**{md(g.origin)}** · step {g.step} · sample {md(g.sample_id or '-')} · "
-                            f"call {about} · score {fmt_score(g.score)}  \n{md(g.text)}")
+                panel.markdown(f"**{md(g.origin)}** · step {g.step} · sample {md(g.sample_id or '-')} · "
+                               f"call {about} · score {fmt_score(g.score)}  \n{md(g.text)}")
             if feedback:
-                st.markdown(f"[Every gradient of step {p.step} on the Gradients page]"
-                            f"({page_url('gradients', run=run_id, step=p.step)})")
+                panel.markdown(f"[Every gradient of step {p.step} on the Gradients page]"
+                               f"({page_url('gradients', run=run_id, step=p.step)})")
 
         if not p.llm_call_id:
             continue

@@ -65,8 +65,9 @@ def test_proposals_page_shows_every_proposal_and_what_became_of_it(runs) -> None
             f"{accepted.val_score:.3f} vs {accepted.val_baseline:.3f}") in card
     diffs = [h.value for h in at.get("html") if "<ins" in h.value and "&lt;script&gt;" in h.value]
     assert diffs  # the proposed value, hostile text escaped
-    before = [h.value for h in at.get("html") if text_of(h.value) == store.parameter_values_at(ids[0], 0)[
-        accepted.parameter]]
+    initial = store.parameter_values_at(ids[0], 0)[accepted.parameter]
+    before = [h.value for h in at.get("html") if text_of(h.value).startswith(
+        f"The value it would have replaced{initial}Proposed value")]
     assert before and "<del" in before[0]  # the initial value it would replace, removed words struck out
     # A proposal refused by a check: not scored, and says why.
     refused = next(p for p in every if p.fate == "rejected_check")
@@ -75,14 +76,15 @@ def test_proposals_page_shows_every_proposal_and_what_became_of_it(runs) -> None
 
     # What its optimizer call read, and the call itself (loaded only when opened).
     assert f"Feedback its optimizer call read ({len(accepted.feedback_ids)})" in [e.label for e in at.expander]
-    assert any("\\<script\\>alert" in m.value for m in at.markdown)  # the feedback, escaped
-    assert not at.code
-    at.session_state[f"prop_call_{accepted.id}"] = True  # as a click on its panel would
+    assert not at.code and not any("\\<script\\>alert" in m.value for m in at.markdown)  # drawn when opened
+    at.session_state[f"prop_feedback_{accepted.id}"] = True  # as a click on each panel would
+    at.session_state[f"prop_call_{accepted.id}"] = True
     at.run()
     assert_clean(at)
     assert any(c.value == OPTIMIZER_SYSTEM for c in at.code)
     reply = store.call(accepted.llm_call_id).response
     assert any(c.value == reply for c in at.code) and accepted.value in reply
+    assert any("\\<script\\>alert" in m.value for m in at.markdown)  # the feedback, escaped
 
 
 def test_proposals_page_filters_by_fate_and_parameter(runs) -> None:
