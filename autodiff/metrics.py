@@ -24,10 +24,14 @@ Every figure the dashboard shows comes from one function here, so pages cannot d
   Two edges: calls made for a step before its attempt started (a resume re-scoring a changed
   validation split) count as redone; calls of no stored step (one a resume discarded and then
   stopped before redoing) count in the run's totals (`run_summary`) only.
-- **Run time** (`step_figures` `wall_s`, `run_summary` `wall_s`): the seconds the run spent on
-  its steps as kept: for each step, from its start to its end (or its last call's end, when
-  later: the final test is recorded under the last step), summed over the steps. Time between a
-  stop and a resume, a discarded attempt and the preflight check are not in it.
+- **Run time** (`step_figures` `wall_s_cumulative`, `run_summary` `wall_s`): the seconds the run
+  spent on its completed steps: for each completed step, from its start to its end (or its last
+  call's end, when later: the final test is recorded under the last step), summed. A step not
+  completed (running now, or stopped or failed part-way, so redone whole on resume) is not in it
+  in any state of the run: its time so far is its own row's `wall_s`, shown apart. So the figure
+  is the same on every page whether the run is running, stopped, failed, completed or resumed,
+  and never drops on resume. Time between a stop and a resume, a discarded attempt and the
+  preflight check are not in it either.
 - **Mini-batch outcomes** (`batch_outcome`): each sample of a step's mini-batch is correct
   (scored at or above the run's tau), failing (below tau) or errored (no score). Failing samples
   are sent backward up to the per-step cap (`max_failed`), the lowest scores first; the rest are
@@ -192,9 +196,9 @@ def step_figures(store: Store, run_id: str) -> list[dict]:
     response cache would have cost).
 
     Time, in seconds: `wall_s` (the step's time: start to end, or to its last call's end when
-    later; a step still running: to its last call so far), `wall_s_other` (the part of it with no
+    later; a step not completed: to its last call so far), `wall_s_other` (the part of it with no
     LLM call running: the trainer's own work, a wait for review), `wall_s_cumulative` (run time
-    so far). Scores: `val_score`, `test_score` (None where the test set was not scored).
+    so far: the completed steps' `wall_s` up to this one; a step not completed adds nothing). Scores: `val_score`, `test_score` (None where the test set was not scored).
 
     The mini-batch (`batch_outcome`): `batch`, `correct`, `failed` (failing samples),
     `sent_backward`, `over_cap`, `errored_batch`. Backward calls: `calls_backward` (made, kept
@@ -248,7 +252,10 @@ def step_figures(store: Store, run_id: str) -> list[dict]:
         row["wall_s_other"] = max(row["wall_s"] - sum(row[f"wall_s_{p}"] for p in PHASES), 0.0)
 
         for column in cumulative:
-            cumulative[column] += row[column]
+            # Run time counts completed steps only: an unfinished attempt (running, or stopped or
+            # failed and to be redone whole on resume) is its own row's `wall_s`, not in the sum.
+            if column != "wall_s" or s.status == "completed":
+                cumulative[column] += row[column]
             row[f"{column}_cumulative"] = cumulative[column]
 
         outcome = batch_outcome(s.batch, scores.get(step, {}), tau,
@@ -335,8 +342,9 @@ def run_summary(store: Store, run_id: str) -> dict:
     price is unknown: left out of `saved_usd`);
     `projected_usd` / `to_finish_usd` are the run's projected cost (see `projection`), and
     `budget_usd` / `budget_tokens` its budgets (None: none). `wall_s` is the run time in seconds
-    (see the module docstring: its steps' times, summed; `step_figures`' `wall_s_cumulative` at
-    the last step); `pending` counts proposals awaiting review."""
+    (see the module docstring: its completed steps' times, summed; `step_figures`'
+    `wall_s_cumulative` at the last step), `unfinished_s` the time so far of a step not completed
+    (None when every step is), not in `wall_s`; `pending` counts proposals awaiting review."""
     run = store.run(run_id)
     steps = store.steps(run_id)
     calls = store.call_totals(run_id)
@@ -370,6 +378,7 @@ def run_summary(store: Store, run_id: str) -> dict:
         "projected_tokens": money["projected_tokens"],
         "budget_usd": cfg.get("budget_usd"), "budget_tokens": cfg.get("budget_tokens"),
         "wall_s": figures[-1]["wall_s_cumulative"] if figures else 0.0,
+        "unfinished_s": next((r["wall_s"] for r in reversed(figures) if r["status"] != "completed"), None),
         "created_at": run.created_at, "review": cfg.get("review"),
         "pending": len(store.proposals(run_id, fate="pending")),
     }

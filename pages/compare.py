@@ -71,8 +71,9 @@ if not steps.empty:
                          "No cost to draw: no call of these runs has a known price.")),
                        (("Run time so far", "wall_s_cumulative", "run time (s)", "seconds", charts.EMPTY),))],
     ])
-    st.caption("Run time: each step's time from its start to its end, summed (time between a stop and a resume "
-               "and a redone attempt left out), as on the Runs and Curves pages. "
+    st.caption("Run time: each completed step's time from its start to its end, summed (a step in progress or "
+               "stopped part-way, time between a stop and a resume and a redone attempt left out), as on the Runs "
+               "and Curves pages. "
                "Cumulative cost: steps whose cost so far is unknown (calls of a model without a price, none "
                "priced) are left out, a gap in the line, never drawn as $0; where only some calls have a price, "
                "the line counts the priced ones.")

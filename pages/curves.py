@@ -51,7 +51,8 @@ def curves() -> None:
                  + (f", {row['errors_' + phase]} errored" if row["errors_" + phase] else "")
                  for phase in PHASES if row["calls_" + phase]]
         state = "in progress" if live else "not finished (redone on resume; its calls below are not in the charts)"
-        st.markdown(f"**Step {row['step']} {state}:** {'; '.join(calls) or 'no LLM calls yet'}.")
+        st.markdown(f"**Step {row['step']} {state}:** {'; '.join(calls) or 'no LLM calls yet'}; "
+                    f"{row['wall_s']:,.1f} s so far, not in the run time (which counts completed steps only).")
     df = df[df["status"] == "completed"]
     if df.empty:
         return
@@ -96,7 +97,8 @@ def curves() -> None:
                "mini-batch did not need, at the step's calls (and cost) per failing sample sent backward; failing "
                "samples beyond the per-step cap got no call either, and are not a saving. Time per phase: the part "
                "of the step during which a call of that phase was running; other: no call running (the trainer's "
-               "own work, a wait for review); run time: the steps' times summed, as on the Runs and Compare pages. "
+               "own work, a wait for review); run time: the completed steps' times summed (a step in progress, or "
+               "stopped part-way and to be redone, is not in it), as on the Runs and Compare pages. "
                "Proposal stages count the proposals that reached them, so no stage is higher than the one "
                "before.")
     st.caption(redone_note(df))

@@ -137,6 +137,45 @@ def test_run_time_is_one_figure_on_runs_compare_and_curves(runs) -> None:
         assert by_step == pytest.approx([r["wall_s"] for r in rows])
 
 
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory) -> tuple[Store, str, str]:
+    """(store, plain run, stopped run): the stopped run was stopped in the middle of step 1 (after
+    its backward pass) and not resumed, so step 1 is unfinished and will be redone whole."""
+    path = tmp_path_factory.mktemp("stopped")
+    store, cache = Store(path / "runs.sqlite"), path / "cache.sqlite"
+    plain = runner.train(store, config(), cache_path=cache, providers={"fake": FakeProvider(responder)})
+
+    def stop_after_backward(event: str, info: dict) -> None:
+        if event == "backward" and info.get("step") == 1:
+            store.request_stop(info["run_id"])
+
+    run_id = runner.train(store, config(seed=1), cache_path=cache, providers={"fake": FakeProvider(responder)},
+                          progress=stop_after_backward)
+    assert store.run(run_id).status == "stopped"
+    assert [s.status for s in store.steps(run_id)] == ["completed", "running"]
+    return store, plain, run_id
+
+
+def test_run_time_of_a_run_stopped_mid_step_is_one_figure_on_every_page(stopped) -> None:
+    """Stopped in step 1 and not resumed: the run time counts the completed step 0 only, on Runs,
+    Compare and Curves alike; step 1's time so far is shown apart, not in it."""
+    store, _, run_id = stopped
+    rows = step_figures(store, run_id)
+    wall = run_summary(store, run_id)["wall_s"]
+    assert wall == pytest.approx(rows[0]["wall_s"]) and wall > 0
+    unfinished = rows[1]["wall_s"]
+    assert unfinished > 0 and rows[1]["wall_s_cumulative"] == wall
+    assert run_summary(store, run_id)["unfinished_s"] == unfinished
+    assert runs_table(store)[run_id]["run time (s)"] == f"{wall:,.1f}"
+    compare, compare_table = compare_page(store, run_id)
+    assert compare_table[run_id]["run time (s)"] == f"{wall:,.1f}"
+    assert traces(charts_by_title(compare)["Run time so far"])[run_id][1][-1] == pytest.approx(wall)
+    curves = page(store, "curves", run_id)
+    line = traces(charts_by_title(curves)["Time per step by phase, and run time"])["run time so far (right axis)"]
+    assert line[1][-1] == pytest.approx(wall)
+    assert any(f"{unfinished:,.1f} s so far, not in the run time" in m.value for m in curves.markdown)
+
+
 # --- failing samples and backward calls --------------------------------------------------------------
 
 GRAPH_LINE = re.compile(
