@@ -535,7 +535,10 @@ class Trainer:
         proposal's validation and mini-batch evaluations; a proposal `held` for review without
         them (see `_hold`) has what is accepted scored first, as an edited value always is. A
         malformed reply has no value to accept, and a time-out's fallback never accepts a held
-        proposal: both count as a rejection, which gives it back its `held` fate."""
+        proposal: both count as a rejection, which gives it back its `held` fate. What is accepted
+        after being scored here (a held proposal, an edited value) has those scores stored on the
+        proposal (mini-batch and validation score and baseline); an edited value's replace the
+        scores of the value it replaced, and its reason says so."""
         self.progress("pending", {"step": step, "parameter": param.name, "proposal": proposal.id})
         # The time-out's fallback never accepts a held proposal (see below): say so while it waits.
         decision, value, by = self.wait_for_decision(proposal.id, fallback="reject" if held else None)
@@ -552,11 +555,22 @@ class Trainer:
             value = proposal.value
             if held:
                 reason = f"accepted by {by} over the check ({proposal.reason})"
+        scores: dict[str, float | None] = {}
         if decision == "edit" or val is None or mb is None:
             overrides = {param.name: value}
             val = self.evaluate(self.val, overrides, phase="validate", step=step, proposal_id=proposal.id)
             mb = self.evaluate(minibatch, overrides, phase="validate", step=step, proposal_id=proposal.id)
-        self.store.update_proposal(proposal.id, fate="accepted", decided_by=by, decided_at=now, reason=reason)
+            # The scores of what was accepted (an edited value's, a held proposal's) are stored on
+            # the proposal, as a validated proposal's are, so every page shows them.
+            first = judge(mb, baseline, self.minibatch_rule, stage="mini-batch")
+            second = judge(val, {e.sample_id: e.score for e in self.current_val_evals}, self.val_rule,
+                           stage="validation", expected=len(self.val))
+            scores = {"minibatch_score": first.score, "minibatch_baseline": first.baseline,
+                      "val_score": second.score, "val_baseline": second.baseline}
+            if decision == "edit":
+                reason += " (the scores are the edited value's)"
+        self.store.update_proposal(proposal.id, fate="accepted", decided_by=by, decided_at=now, reason=reason,
+                                   **scores)
         self._accept(step, param, value, proposal.id, val)
         self.buffer.flush()
         return True, _scores(mb)

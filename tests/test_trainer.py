@@ -489,6 +489,10 @@ def test_review_all_holds_malformed_and_check_failed_proposals_for_a_person(run_
     assert "edited" in edited.reason
     assert store.parameter_values_at("review", 1)["toy.instruction"] == LEVEL2
     assert store.steps("review")[1].val_score == 0.8  # the written value was scored on validation first
+    # ... and those scores are stored on the proposal (pages show them), said to be the edited value's.
+    assert edited.val_score == 0.8 and edited.val_baseline is not None
+    assert edited.minibatch_score is not None and edited.minibatch_baseline is not None
+    assert "the scores are the edited value's" in edited.reason
     assert (dismissed.fate, dismissed.decided_by, dismissed.held_fate) == (
         "rejected_check", "human", "rejected_check")  # a rejection gives it back the fate it was held with
 
@@ -510,6 +514,9 @@ def test_review_all_accepting_a_check_failed_proposal_overrides_the_check(run_to
     assert store.parameter_values_at("review", 1)["toy.output_format"] == plain
     scored = [c for c in store.call_summaries("review") if c.proposal_id == held.id]
     assert len(scored) == 10 + 6 and {c.phase for c in scored} == {"validate"}  # validation and mini-batch
+    # The scores it was given are stored on it, as a validated proposal's are.
+    assert p.val_score == store.steps("review")[1].val_score and p.val_baseline is not None
+    assert p.minibatch_score is not None and p.minibatch_baseline is not None
 
 
 def test_review_all_time_out_never_accepts_a_held_proposal(run_toy, store) -> None:
