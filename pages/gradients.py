@@ -52,7 +52,7 @@ if pages > 1:
 st.caption(f"{matching} of {facets['total']} gradients, in the order they were written.")
 _, shown = store.find_gradients(run_id, **filters, limit=PER_PAGE, offset=(page - 1) * PER_PAGE)
 read_by = props.readers(store, run_id, [g.id for g in shown])
-step_start = {s.step: s.started_at for s in store.steps(run_id)}
+step_span = {s.step: (s.started_at, s.finished_at) for s in store.steps(run_id)}
 
 
 def reader_link(p: Proposal) -> str:
@@ -61,11 +61,13 @@ def reader_link(p: Proposal) -> str:
 
 
 def written(g: Gradient) -> str:
-    """When the gradient was stored, and how far into its step (the step's start as last recorded:
-    a resumed step starts again, so an earlier gradient gets no offset)."""
+    """When the gradient was stored, and how far into its step when it was written within the
+    step as last recorded (from its start to its end; a step not finished: from its start). A time
+    outside it (before a resumed step started again, after the step ended: feedback a person wrote
+    later) is shown plain, never as an offset into a step it was not in."""
     when = fmt_time(g.created_at)
-    start = step_start.get(g.step)
-    if g.created_at and start and g.created_at >= start:
+    start, end = step_span.get(g.step, (None, None))
+    if g.created_at and start and start <= g.created_at <= (end if end is not None else g.created_at):
         return f"{when} (+{g.created_at - start:.1f} s into step {g.step})"
     return when
 

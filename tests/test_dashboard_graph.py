@@ -476,6 +476,11 @@ def test_gradients_say_when_they_were_written_and_fold_repeats(multihop, monkeyp
     starts = {s.step: s.started_at for s in store.steps(run_id)}
     g = next(x for x in store.find_gradients(run_id, targets=["answer_generator.instruction"])[1] if x.llm_call_id)
     assert any(f"(+{g.created_at - starts[g.step]:.1f} s into step {g.step})" in c.value for c in at.caption)
+    # feedback written after its step ended (the run is over) shows the plain time, no offset into it
+    human = store.gradients_by_id(run_id, [gid])[0]
+    assert human.created_at > next(s.finished_at for s in store.steps(run_id) if s.step == human.step)
+    [mine] = [c.value for c in at.caption if c.value.startswith("From human feedback")]
+    assert f"at {stamp}." in mine and "into step" not in mine
     # the full text is a click away, loaded only then
     [panel] = [e for e in at.expander if e.label.startswith("Full text")]
     text = store.gradients_by_id(run_id, [gid])[0].text

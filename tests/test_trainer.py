@@ -358,6 +358,30 @@ def test_review_timeout_falls_back_to_reject(run_toy, store) -> None:
     assert run.values()["toy.instruction"] == INSTRUCTION
 
 
+def test_human_feedback_is_stored_with_the_step_it_was_written_during(run_toy, store) -> None:
+    """Written while step 1 runs: stored with step 1, not the last completed step (0). A stop drops
+    the unfinished step 1 on resume; the feedback is kept and waits to be read again. Written on a
+    run that is not running: its last completed step."""
+    ids: list[str] = []
+
+    def progress(event: str, info: dict) -> None:
+        if event == "backward" and info.get("step") == 1:
+            ids.append(store.add_human_feedback("during", "Carry the tens.", node="solver", target="toy.instruction"))
+            store.request_stop("during")
+
+    run_toy(Script(), run_id="during", progress=progress, steps=2)
+    assert store.run("during").status == "stopped" and store.last_completed_step("during") == 0
+    [row] = store.gradients_by_id("during", ids)
+    assert (row.step, row.origin) == (1, "human")
+    assert [g for g in store.gradients("during") if g.step == 1 and g.origin != "human"]  # the step's own work
+    store.discard_after("during", 0)  # what a resume does before redoing step 1
+    [kept] = store.gradients_by_id("during", ids)
+    assert kept.step == 1 and kept.consumed_step is None
+    assert not [g for g in store.gradients("during") if g.step == 1 and g.origin != "human"]
+    later = store.add_human_feedback("during", "Shorter.", node="solver", target="toy.instruction")
+    assert store.gradients_by_id("during", [later])[0].step == 0
+
+
 def test_human_feedback_reaches_the_next_optimizer_call(run_toy, store) -> None:
     note = "Carry the tens digit; the format is fine."
     ids: list[str] = []

@@ -390,10 +390,16 @@ class Store:
     @_writes
     def discard_after(self, run_id: str, step: int) -> None:
         """Drop the partial records of steps after `step` so a resumed run redoes them cleanly.
-        LLM calls are kept: they were really made, and their replies are in the cache."""
+        LLM calls are kept: they were really made, and their replies are in the cache. Feedback a
+        person wrote during a dropped step is kept (it is not the step's work), and waits to be
+        read again by the redone step's optimizer calls."""
         with self.connect() as conn:
-            for table in ("steps", "invocations", "gradients", "proposals", "evaluations", "parameter_versions"):
+            for table in ("steps", "invocations", "proposals", "evaluations", "parameter_versions"):
                 conn.execute(f"DELETE FROM {table} WHERE run_id = ? AND step > ?", (run_id, step))
+            conn.execute("DELETE FROM gradients WHERE run_id = ? AND step > ? AND COALESCE(origin, '') <> 'human'",
+                         (run_id, step))
+            conn.execute("UPDATE gradients SET consumed_step = NULL WHERE run_id = ? AND consumed_step > ?",
+                         (run_id, step))
 
     # --- traces, gradients, calls -----------------------------------------------------------
 
@@ -509,13 +515,20 @@ class Store:
         self, run_id: str, text: str, *, node: str, target: str, sample_id: str | None = None, author: str = "human"
     ) -> str:
         """Feedback a person wrote on a node or parameter (and optionally a sample). It waits, unconsumed,
-        until the next optimizer call for that target reads it."""
+        until the next optimizer call for that target reads it. Its `step` is the step it was
+        written during: on a running run, the step in progress (the highest stored step); on a run
+        not running (stopped, failed, completed, not started), its last completed step (0 before
+        any). The step whose optimizer call read it is `consumed_step`, set when that step ends."""
         import uuid
 
         if not text.strip():
             raise StoreError("feedback is empty: write what should change")
         run = self.run(run_id)
-        step = self.last_completed_step(run_id) or 0
+        if run.status == "running":
+            with self.connect() as conn:
+                step = conn.execute("SELECT MAX(step) FROM steps WHERE run_id = ?", (run_id,)).fetchone()[0] or 0
+        else:
+            step = self.last_completed_step(run_id) or 0
         gid = uuid.uuid4().hex
         with self.connect() as conn:
             conn.execute(
