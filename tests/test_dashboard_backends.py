@@ -59,3 +59,39 @@ def test_the_figures_are_the_same_on_both_backends(tmp_path: Path, postgres) -> 
     finally:
         stores["postgresql"].close()
         postgres.drop(url)
+
+
+def test_review_decisions_cross_processes(store: Store, tmp_path: Path) -> None:
+    """A trainer in its own process (the CLI) waits in review mode "all"; this process, like a
+    dashboard on another machine, decides every waiting proposal through the store; the trainer
+    reads each decision and finishes."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import TOY_TASK
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "autodiff.cli", "--store", store.spec, "--cache", str(tmp_path / "cache.sqlite"),
+         "train", TOY_TASK, "--model", "fake:x", "--steps", "1", "--batch-size", "4", "--review", "all",
+         "--run-id", "reviewed"], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    decided: set[str] = set()
+    deadline = time.monotonic() + 120
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            for p in store.proposals("reviewed", fate="pending") if store.runs() else []:
+                if p.id not in decided:
+                    store.decide(p.id, "reject", by="Grace")
+                    decided.add(p.id)
+            time.sleep(0.2)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert decided, "no proposal waited for review"
+    assert store.run("reviewed").status == "completed"
+    for pid in decided:
+        p = store.proposal(pid)
+        assert p.decision == "reject" and p.decided_by == "Grace" and p.fate != "pending"
