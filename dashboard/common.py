@@ -126,16 +126,19 @@ def reset_when(key: str, scope: object, value: object) -> None:
     st.session_state[mark] = scope
 
 
-def from_url(key: str, param: str, options: Sequence, scope: object, value: object) -> None:
+def from_url(key: str, param: str, options: Sequence, scope: object, value: object) -> str | None:
     """`reset_when`, except that a value the URL's query string `param` brought (one this session
-    has not written there itself: a reload, a shared link) is taken when it is among `options`."""
+    has not written there itself: a reload, a shared link) is taken when it is among `options`.
+    Returns that value when it is not among them (the caller says so; the widget keeps its own
+    choice), else None."""
     wanted = st.query_params.get(param)
     by_text = {str(o): o for o in options}
     if wanted is not None and wanted != st.session_state.get(f"_url:{param}") and wanted in by_text:
         st.session_state[key] = by_text[wanted]
         st.session_state[f"_scope:{key}"] = scope
-    else:
-        reset_when(key, scope, value)
+        return None
+    reset_when(key, scope, value)
+    return wanted if wanted is not None and wanted != st.session_state.get(f"_url:{param}") else None
 
 
 def to_url(param: str, value: object) -> None:
@@ -150,19 +153,22 @@ def to_url(param: str, value: object) -> None:
 
 
 def choose(where: Any, label: str, options: Sequence, *, key: str, scope: object, url: str | None = None,
-           index: int = 0, **kwargs: Any) -> Any:
+           index: int = 0, missing: str = "is not among the choices", **kwargs: Any) -> Any:
     """A selectbox in `where` (st, st.sidebar, a column) that opens on `options[index]` and goes back
-    to it whenever `scope` changes; with `url`, its choice is also kept in that query parameter."""
+    to it whenever `scope` changes; with `url`, its choice is also kept in that query parameter.
+    A value the URL brought that is not among `options` is said once, as a warning in the page's
+    main area ("Step '999' `missing`: showing 3."), and the address is rewritten to what is shown."""
     options = list(options)
-    if url:
-        from_url(key, url, options, scope, options[index])
-    else:
-        reset_when(key, scope, options[index])
+    unknown = from_url(key, url, options, scope, options[index]) if url else reset_when(key, scope, options[index])
     if st.session_state[key] not in options:  # gone from the same scope's choices (a node not traced at this step)
         st.session_state[key] = options[index]
     chosen = where.selectbox(label, options, key=key, **kwargs)
     if url:
         to_url(url, chosen)
+    if unknown is not None:
+        shown = kwargs.get("format_func", str)(chosen)
+        st.warning(f"{md(label)} '{md(unknown)}' (from the address) {md(missing)}: showing {md(shown)}.",
+                   icon=":material/warning:")
     return chosen
 
 
@@ -173,13 +179,16 @@ def md(text: object) -> str:
 
 _TABLE_STYLE = """<style>
 .plain-table { overflow-x: auto; }
-.plain-table table { border-collapse: collapse; font-size: 0.875rem; white-space: nowrap; }
-.plain-table th, .plain-table td { padding: 0.3rem 0.75rem; text-align: left; vertical-align: top;
+.plain-table table { border-collapse: collapse; font-size: 0.85rem; }
+.plain-table th, .plain-table td { padding: 0.3rem 0.3rem; text-align: left; vertical-align: top;
   border-bottom: 1px solid color-mix(in srgb, currentColor 15%, transparent); }
+.plain-table td { overflow-wrap: anywhere; min-width: 3.5rem; }
+.plain-table td.words { overflow-wrap: normal; }
 .plain-table th { font-weight: 600; color: color-mix(in srgb, currentColor 75%, transparent); }
 .plain-table td.num, .plain-table th.num { text-align: right; font-variant-numeric: tabular-nums; }
-.plain-table td.wrap { white-space: normal; min-width: 16rem; }
-.plain-table td.fold { white-space: normal; min-width: 16rem; max-width: 40rem; }
+.plain-table td.num { white-space: nowrap; min-width: 0; }
+.plain-table td.wrap { min-width: 6rem; }
+.plain-table td.fold { min-width: 7rem; max-width: 40rem; }
 .plain-table td.fold summary { cursor: pointer; }
 .plain-table td.fold details[open] summary { color: color-mix(in srgb, currentColor 60%, transparent); }
 </style>"""
@@ -200,33 +209,43 @@ def _cell(value: object, fold: bool = False) -> str:
         return f'<a href="{html.escape(value.href, quote=True)}" target="_self">{html.escape(value.text)}</a>'
     text = "-" if value is None else str(value)
     if fold and len(text) > FOLD_AT:  # its start, and the whole text when opened (no script: a <details>)
-        return (f"<details><summary>{html.escape(text[:FOLD_AT])}… ({len(text):,} characters)</summary>"
+        return (f"<details><summary>{html.escape(text[:FOLD_AT])}… ({count(len(text), 'character')})</summary>"
                 f"{html.escape(text)}</details>")
     return html.escape(text)
 
 
 def html_table(rows: Sequence[dict], numeric: Sequence[str] = (), wrap: Sequence[str] = ("error",),
-               fold: Sequence[str] = ()) -> str:
+               fold: Sequence[str] = (), drop_empty: Sequence[str] = (), words: Sequence[str] = ()) -> str:
     """A plain HTML table of already formatted rows (column name -> text, or a `Link`; None shows as
     "-"), every cell escaped, for st.html; a cell of a `fold` column longer than `FOLD_AT`
     characters shows its start and opens on a click to the whole text. For tables of up to a few
     dozen rows where st.dataframe's grid is more than the page needs: its script (about 1.6 MB)
     loads on a browser tab's first use, and each grid costs the browser about 0.1 s to draw
     (bench/dashboard_load.py's large run: the Graph page's three grids drawn as plain tables cut
-    the browser's main-thread work for that page from about 0.9 s to 0.5 s)."""
+    the browser's main-thread work for that page from about 0.9 s to 0.5 s). A column of
+    `drop_empty` that is empty (None or "") in every row is left out, to save width. Cells wrap
+    (long words anywhere, except in `words` columns: "completed" is not cut) so that a table fits
+    a narrow page rather than scrolling sideways."""
     if not rows:
         return ""
-    columns = list(rows[0])
+    columns = [c for c in rows[0] if c not in drop_empty or any(r.get(c) not in (None, "") for r in rows)]
 
     def cls(column: str) -> str:
         return (' class="num"' if column in numeric else ' class="fold"' if column in fold
-                else ' class="wrap"' if column in wrap else "")
+                else ' class="wrap"' if column in wrap else ' class="words"' if column in words else "")
 
     head = "".join(f"<th{cls(c)}>{html.escape(c)}</th>" for c in columns)
     body = "".join("<tr>" + "".join(f"<td{cls(c)}>{_cell(r.get(c), c in fold)}</td>" for c in columns)
                    + "</tr>" for r in rows)
     return (f'{_TABLE_STYLE}<div class="plain-table"><table><thead><tr>{head}</tr></thead>'
             f'<tbody>{body}</tbody></table></div>')
+
+
+def count(n: float, word: str, plural: str | None = None) -> str:
+    """`n` (thousands separated) and `word` in agreement: count(1, "proposal") is "1 proposal",
+    count(2, "proposal") "2 proposals"; `plural` for a word that does not just take an s. Every
+    count the dashboard writes in a sentence goes through here."""
+    return f"{n:,} {word if n == 1 else plural or word + 's'}"
 
 
 def fmt_score(x: float | None) -> str:
@@ -249,19 +268,17 @@ def sidebar() -> str | None:
         if not runs:
             st.session_state["run_id"] = None
             return None
-        ids = [r.id for r in runs]
-        linked = st.query_params.get("run")
-        if linked and linked not in ids and linked != st.session_state.get("_url:run"):
-            st.warning(f"No run {md(linked)} in this store: showing the newest.")
-        # Plain ids as options: the front end keeps a chosen option's label as its value, so a
-        # status in the label went stale when the run's status changed.
-        known = st.session_state.get("run_id")
-        run_id = choose(st, "Run", ids, key="run_picker", scope=None, url="run",
-                        index=ids.index(known) if known in ids else 0)
-        run = next(r for r in runs if r.id == run_id)
-        st.caption(f"{md(run.task)}, {run.status}")
-        st.session_state["run_id"] = run_id
-        return run_id
+    ids = [r.id for r in runs]
+    # Plain ids as options: the front end keeps a chosen option's label as its value, so a status
+    # in the label went stale when the run's status changed. Outside `with st.sidebar`, so that a
+    # run the address names but the store lacks is said on the page itself, not in the sidebar.
+    known = st.session_state.get("run_id")
+    run_id = choose(st.sidebar, "Run", ids, key="run_picker", scope=None, url="run",
+                    index=ids.index(known) if known in ids else 0, missing="is not in this store")
+    run = next(r for r in runs if r.id == run_id)
+    st.sidebar.caption(f"{md(run.task)}, {run.status}")
+    st.session_state["run_id"] = run_id
+    return run_id
 
 
 def require_run() -> tuple[Store, str]:
@@ -303,8 +320,8 @@ def show_call(call: LLMCall | None) -> None:
         st.caption("The call record is missing from the store.")
         return
     notes = [note for note, flag in (("cached", call.cached), ("cut off at the token limit", call.cut_off),
-                                     (f"{call.attempts} requests", call.attempts > 1)) if flag]
-    st.caption(" · ".join([md(call.model), f"{call.prompt_tokens}+{call.completion_tokens} tokens", *notes]))
+                                     (count(call.attempts, "request"), call.attempts > 1)) if flag]
+    st.caption(" · ".join([md(call.model), f"{call.prompt_tokens:,}+{count(call.completion_tokens, 'token')}", *notes]))
     for role, content in call.messages:
         st.caption(md(role))
         st.code(content, language=None, wrap_lines=True)

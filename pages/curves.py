@@ -9,7 +9,7 @@ import streamlit as st
 from autodiff.llm.pricing import format_usd
 from autodiff.metrics import FATES, PHASES, STAGE_LABELS
 from dashboard import charts
-from dashboard.common import ACTIVE, md, require_run
+from dashboard.common import ACTIVE, count, md, require_run
 from dashboard.figures import steps_of
 
 REDONE = "redone"  # calls of an attempt stopped part-way and redone on resume: spent, not the step's work
@@ -46,7 +46,7 @@ def curves() -> None:
     # A step in progress is summed up in a line that updates on every refresh; the charts show
     # completed steps only, so they are redrawn once a step ends rather than on every refresh.
     for _, row in df[df["status"] != "completed"].iterrows():
-        calls = [f"{phase} {row['calls_' + phase]} calls, {row['tokens_' + phase]:,} tokens, "
+        calls = [f"{phase} {count(row['calls_' + phase], 'call')}, {count(row['tokens_' + phase], 'token')}, "
                  f"{md(format_usd(row['cost_' + phase], row['cost_unknown_' + phase]))}"
                  + (f", {row['errors_' + phase]} errored" if row["errors_" + phase] else "")
                  for phase in PHASES if row["calls_" + phase]]
@@ -111,7 +111,7 @@ def redone_note(df: pd.DataFrame) -> str:
     redone = df[df["calls_redone"] > 0]
     if redone.empty:
         return "No step was redone after a stop: every call counts in its step as shown."
-    parts = [f"step {r['step']}: {r['calls_redone']:,} calls, {r['tokens_redone']:,} tokens, "
+    parts = [f"step {r['step']}: {count(r['calls_redone'], 'call')}, {count(r['tokens_redone'], 'token')}, "
              f"{md(format_usd(r['cost_redone'], r['cost_unknown_redone']))}" for _, r in redone.iterrows()]
     return ("Redone after a stop (the attempt stopped part-way, then redone whole on resume): "
             + "; ".join(parts) + ". Its calls were really made, so their tokens and cost are in the bars (as "
@@ -123,8 +123,9 @@ def cost_note(df: pd.DataFrame) -> str:
     unknown = int(df["cost_unknown"].sum())
     note = (f"Cost of the completed steps: {md(format_usd(df['cost_cumulative'].iloc[-1], unknown))}, each call priced "
             "when it was made (genai-prices' table, your own prices, or 0 for local models).")
-    return note + (f" {unknown:,} calls have no known price and are left out of the bars: their model is "
-                   "not in the price table (set one with --price)." if unknown else "")
+    return note + (f" {count(unknown, 'call')} {'has' if unknown == 1 else 'have'} no known price and "
+                   f"{'is' if unknown == 1 else 'are'} left out of the bars: not in the price table (set one with "
+                   "--price)." if unknown else "")
 
 
 def fault_note(df: pd.DataFrame) -> str:

@@ -7,7 +7,7 @@ from autodiff import graphview as gv
 from autodiff import proposals as props
 from autodiff.records import Gradient, Proposal
 from dashboard import textfold
-from dashboard.common import ALL, choose, fmt_score, fmt_time, md, page_url, require_run, reset_when, show_call
+from dashboard.common import ALL, choose, count, fmt_score, fmt_time, md, page_url, require_run, reset_when, show_call
 from dashboard.graphview import gradient_origin
 
 PER_PAGE = 25
@@ -26,8 +26,10 @@ targets = [gv.node_id(n) for n in nodes] + [gv.parameter_id(p.name) for p in par
 # Step and target are kept in the URL; every filter goes back to "All" when another run is chosen.
 # Two rows of filters: five in one row left each too narrow to show its choice at 1024 px.
 cols = st.columns([1, 2, 2]) + st.columns([1, 2, 2])
-step = choose(cols[0], "Step", [ALL, *facets["steps"]], key="grad_step", scope=run_id, url="step")
+step = choose(cols[0], "Step", [ALL, *facets["steps"]], key="grad_step", scope=run_id, url="step",
+              missing="is not a step with gradients")
 target = choose(cols[1], "Node or parameter", [ALL, *targets], key="grad_target", scope=run_id, url="target",
+                missing="is not a node or parameter of this run",
                 format_func=lambda t: t if t == ALL else t.replace("node:", "node ").replace("param:", ""))
 sample = choose(cols[2], "Sample", [ALL, *facets["samples"]], key="grad_sample", scope=run_id)
 call_index = choose(cols[3], "Call index", [ALL, *facets["call_indices"]], key="grad_call", scope=run_id,
@@ -49,7 +51,7 @@ page = 1
 if pages > 1:
     reset_when("grad_page", (run_id, step, target, sample, call_index, score), 1)
     page = st.number_input("Page", 1, pages, key="grad_page")
-st.caption(f"{matching} of {facets['total']} gradients, in the order they were written.")
+st.caption(f"{matching:,} of {count(facets['total'], 'gradient')}, in the order they were written.")
 _, shown = store.find_gradients(run_id, **filters, limit=PER_PAGE, offset=(page - 1) * PER_PAGE)
 read_by = props.readers(store, run_id, [g.id for g in shown])
 step_span = {s.step: (s.started_at, s.finished_at) for s in store.steps(run_id)}

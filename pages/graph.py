@@ -4,7 +4,7 @@ import streamlit as st
 
 from autodiff import graphview as gv
 from dashboard import graphview as draw
-from dashboard.common import choose, html_table, md, require_run, static_url
+from dashboard.common import ACTIVE, choose, html_table, md, require_run, static_url
 from dashboard.figures import batch_sentence, steps_of
 
 store, run_id = require_run()
@@ -12,9 +12,15 @@ st.title("Graph")
 
 steps = gv.trained_steps(store.steps(run_id))
 if not steps:
-    st.info("This run has not traced a training step yet. Come back once step 1 has run.")
+    status = store.run(run_id).status
+    st.info("This run has not traced a training step yet. " + (
+        "Come back once step 1 has run." if status in ACTIVE else
+        "It completed without one (no training steps planned)." if status == "completed" else
+        f"It {'failed' if status == 'failed' else 'was ' + status}, so step 1 will not run until it is resumed "
+        "(on the **Runs** page)."))
     st.stop()
-step = choose(st, "Step", steps, index=len(steps) - 1, key="graph_step", scope=run_id, url="step")
+step = choose(st, "Step", steps, index=len(steps) - 1, key="graph_step", scope=run_id, url="step",
+              missing="is not a traced step of this run")
 invocations = store.invocations(run_id, step)
 gradients = store.gradients(run_id, step)
 parameters = store.parameters(run_id)
@@ -29,6 +35,7 @@ if figures:  # the same figures as the Curves charts (autodiff.metrics)
 names = gv.node_names(graph)
 by_failing = max(names, key=lambda n: graph.nodes[gv.node_id(n)]["failing"])
 node = choose(st, "Node", names, index=names.index(by_failing), key="graph_node", scope=run_id, url="node",
+              missing="is not a node of this step's graph",
               help="Clicks inside the drawing cannot reach the page: choose the node here.")
 
 # Drawn at scale 1 in a frame as tall as the drawing, in the colours of the app's theme; vis-network
@@ -55,12 +62,15 @@ else:
 
 st.subheader(f"Calls of {md(node)} at step {step}")
 # Plain tables, long text folded: a few dozen rows, where three data grids doubled the page's time to draw.
-st.html(html_table(draw.call_rows(invocations, node), numeric=("call", "score"), fold=("inputs", "output", "prompt")))
+st.html(html_table(draw.call_rows(invocations, node), numeric=("call", "score"), fold=("inputs", "output", "prompt"),
+                   drop_empty=("error",)))
 
 st.subheader(f"Gradients on {md(node)} at step {step}")
 _, received = store.find_gradients(run_id, step=step, targets=gv.targets_of(node, parameters))
 if received:
-    st.html(html_table(draw.gradient_rows(received), numeric=("step", "call", "score"), fold=("feedback",)))
+    # the step is this page's (in the heading), and an error column only when a backward call failed
+    rows = [{k: v for k, v in row.items() if k != "step"} for row in draw.gradient_rows(received)]
+    st.html(html_table(rows, numeric=("call", "score"), fold=("feedback",), drop_empty=("error",)))
     st.caption("The Gradients page shows each one with the backward call that wrote it.")
 else:
     st.caption("No feedback reached this node at this step.")

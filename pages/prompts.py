@@ -98,7 +98,8 @@ for n, v in versions.items():
             f"validation {fmt_score(p.val_score)} vs {fmt_score(p.val_baseline)} · "
             f"decided by {md(p.decision_by or p.decided_by or 'the trainer')}"
         )
-        st.markdown("**Reasoning:** " + md(p.reasoning))
+        if p.reasoning and p.reasoning.strip():
+            st.markdown("**Reasoning:** " + md(p.reasoning))
         change, why = st.columns(2)
         change.markdown(f"**{label(previous[n])} → {label(n)}**")
         change.html(inline_diff_html(versions[previous[n]].value, v.value))

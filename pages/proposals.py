@@ -11,7 +11,7 @@ from autodiff.llm.pricing import format_usd
 from autodiff.metrics import funnel, proposal_figures
 from autodiff.store import NO_PROPOSAL_COST
 from autodiff.records import PROPOSAL_FATES, Proposal
-from dashboard.common import ALL, choose, fmt_score, md, page_url, require_run, reset_when, show_call
+from dashboard.common import ALL, choose, count, fmt_score, md, page_url, require_run, reset_when, show_call
 from dashboard.figures import funnel_sentence
 
 PER_PAGE = 20
@@ -33,7 +33,7 @@ fate = choose(cols[2], "Fate", [ALL, *props.fates_in(every)], key="props_fate", 
               help="; ".join(f"{name}: {meaning}" for name, meaning in PROPOSAL_FATES.items()))
 shown = props.select(every, step=None if step == ALL else step, parameter=None if parameter == ALL else parameter,
                      fate=None if fate == ALL else fate)
-st.caption(f"{len(shown)} of {len(every)} proposals, in the order they were made.")
+st.caption(f"{len(shown)} of {count(len(every), 'proposal')}, in the order they were made.")
 stages = funnel(r for r in proposal_figures(store, run_id) if step == ALL or r["step"] == step)
 st.caption(f"{'Every step' if step == ALL else f'Step {step}'}, by the stage each proposal reached (each stage "
            f"counts those that got at least that far, as on the Curves page): {funnel_sentence(stages)}.")
@@ -42,8 +42,9 @@ if not shown:
 costs = store.proposal_costs(run_id)  # what each cost to make (its optimizer call) and to validate
 NO_COST = NO_PROPOSAL_COST
 st.dataframe([{"step": p.step, "parameter": p.parameter, "method": p.method, "fate": p.fate,
-               "mini-batch": p.minibatch_score, "its baseline": p.minibatch_baseline,
-               "validation": p.val_score, "best before": p.val_baseline,
+               # a missing score reads "-" here as on the cards (fmt_score), not the grid's "None"
+               "mini-batch": fmt_score(p.minibatch_score), "its baseline": fmt_score(p.minibatch_baseline),
+               "validation": fmt_score(p.val_score), "best before": fmt_score(p.val_baseline),
                "cost to make": format_usd(c["make_usd"], c["make_unknown"]),
                "cost to validate": format_usd(c["validate_usd"], c["validate_unknown"]), "reason": p.reason}
               for p in shown for c in [costs.get(p.id, NO_COST)]], hide_index=True)

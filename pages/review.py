@@ -81,7 +81,10 @@ def pending() -> None:
                         + (f" · cost to make {md(format_usd(c['make_usd'], c['make_unknown']))}, to validate "
                            f"{md(format_usd(c['validate_usd'], c['validate_unknown']))}"
                            if (c := costs.get(pid)) else ""))
-            st.markdown(f"Reasoning: {md(p.reasoning)}  \nTrainer's note: {md(p.reason)}")
+            notes = [f"{name}: {md(text)}" for name, text in (("Reasoning", p.reasoning), ("Trainer's note", p.reason))
+                     if text and text.strip()]  # an empty label is left out (a malformed reply has no reasoning)
+            if notes:
+                st.markdown("  \n".join(notes))
             if item.held == "malformed":
                 st.warning(f"Malformed reply: {md(p.reason)}. There is no value to accept: dismiss it, or write "
                            "a value below to accept in its place.")

@@ -4,6 +4,7 @@ import streamlit as st
 
 from autodiff.config import RunConfig, default_model, describe_limits, make_config
 from autodiff.errors import AutodiffError
+from autodiff.llm.registry import check_model
 from autodiff.llm.pricing import format_usd
 from autodiff.recovery import stop_effect
 from autodiff.records import Run
@@ -11,7 +12,7 @@ from autodiff.runner import launch, resume_background
 from autodiff.workers import shared
 from autodiff.samples import LOCAL, sample_run_ids
 from autodiff.tasks import task_names
-from dashboard.common import (ACTIVE, Link, cache_path, current_store, fmt_score, fmt_time, html_table, md,
+from dashboard.common import (ACTIVE, Link, cache_path, count, current_store, fmt_score, fmt_time, html_table, md,
                               page_url, run_problem, summary)
 
 ROLES = ("forward", "backward", "optimizer")
@@ -66,11 +67,27 @@ def like(run: Run) -> None:
     st.session_state["open_start"] = True
 
 
-def problems_text(exc: AutodiffError) -> str:
+def form_problems(options: dict) -> list[tuple[str, str]]:
+    """Every problem of the form's `options` at once, as (option, text) in the form's order: the
+    numbers and provider names (`make_config`) and, for a model spec those leave alone, what
+    `check_model` finds (a GGUF file that does not exist or is not GGUF)."""
+    try:
+        make_config(**options)
+        problems = []
+    except AutodiffError as exc:
+        problems = list(getattr(exc, "problems", None) or [("config", str(exc))])
+    named = {name for name, _ in problems}
+    for name in (f"{role}_model" for role in ROLES if f"{role}_model" not in named):
+        try:
+            check_model(options[name])
+        except AutodiffError as exc:
+            problems.append((name, str(exc)))
+    order = list(LABELS)
+    return sorted(problems, key=lambda p: order.index(p[0]) if p[0] in order else len(order))
+
+
+def problems_text(problems: list[tuple[str, str]]) -> str:
     """A refusal as markdown: one line per bad field, by its label in the form."""
-    problems = getattr(exc, "problems", None)
-    if not problems:
-        return md(exc)
     return "Start refused:  \n" + "  \n".join(
         f"- **{md(LABELS.get(name, name))}**: {md(text)}"
         + (" (0 means no budget)" if name in NO_BUDGET else "") for name, text in problems)
@@ -115,10 +132,13 @@ def start_form() -> None:
     options = {name: st.session_state[key_of(name)] for name in LABELS}
     options |= {name: options[name] or None for name in NO_BUDGET}  # 0: no budget
     options |= {f"{role}_model": (options[f"{role}_model"] or "").strip() for role in ROLES}
+    if problems := form_problems(options):
+        st.error(problems_text(problems))
+        return
     try:
         run_id = launch(store, make_config(**options), cache_path())
     except AutodiffError as exc:
-        st.error(problems_text(exc))
+        st.error(md(exc))
     else:
         st.session_state["started_run"] = run_id
         st.session_state["run_picker"] = run_id  # follow the new run in the sidebar
@@ -177,6 +197,24 @@ if what := run_problem(chosen, here=True):
         st.error(md(error))
 
 
+def models(s: dict) -> str:
+    """A run's models: one name when every role has the same, else each role's."""
+    names = [s[f"{role}_model"] for role in ROLES]
+    if len(set(names)) == 1:
+        return f"{names[0]} (every role)"
+    return ", ".join(f"{role} {name}" for role, name in zip(ROLES, names))
+
+
+def progress(run: Run, s: dict) -> str:
+    """Where a live run is: the step in progress (step 0 is the initial evaluation), else the last
+    step done, of the steps planned."""
+    going = [step.step for step in store.steps(run.id) if step.status != "completed"]
+    if going:
+        return ("step 0 (the initial evaluation) in progress" if going[-1] == 0
+                else f"step {going[-1]} of {s['steps_planned']} in progress")
+    return f"step {s['steps_done']} of {s['steps_planned']} done"
+
+
 @st.fragment(run_every=3 if any(r.status in ACTIVE for r in runs) else None)
 def live() -> None:
     rows = store.runs()
@@ -190,12 +228,12 @@ def live() -> None:
             projected = (f", about {md(format_usd(s['to_finish_usd']))} more to finish "
                          f"({md(format_usd(s['projected_usd']))} in all)" if s["projected_usd"] is not None else "")
             budget = (f", budget {md(format_usd(s['budget_usd']))}" if s["budget_usd"] else "") + \
-                (f", budget {s['budget_tokens']:,} tokens" if s["budget_tokens"] else "")
-            st.markdown(f"**{md(s['id'])}** is {s['status']}: step {s['steps_done']} of {s['steps_planned']} "
-                        f"done, best validation {fmt_score(s['best_val'])}, {s['tokens']} tokens, cost "
+                (f", budget {count(s['budget_tokens'], 'token')}" if s["budget_tokens"] else "")
+            st.markdown(f"**{md(s['id'])}** is {s['status']}: {progress(run, s)}, best validation "
+                        f"{fmt_score(s['best_val'])}, {count(s['tokens'], 'token')}, cost "
                         f"{md(format_usd(s['cost_usd'], s['cost_unknown']))}{projected}{budget}, "
-                        f"{s['pending']} proposals waiting for review"
-                        + (f", {s['errors']} LLM calls failed" if s["errors"] else ""))
+                        f"{count(s['pending'], 'proposal')} waiting for review"
+                        + (f", {count(s['errors'], 'LLM call')} failed" if s["errors"] else ""))
             st.progress(min(s["steps_done"] / (s["steps_planned"] or 1), 1.0))
             if run.status == "queued":
                 st.caption(f"Queued: {md(run.error or 'waiting for a worker')}. A worker is `autodiff worker` "
@@ -204,25 +242,28 @@ def live() -> None:
             if run.stop_requested:
                 st.caption(f"Stop requested. {md(effect)}")
             else:
-                st.button("Stop", key=f"stop-{run.id}", on_click=store.request_stop, args=(run.id,),
+                st.button(f"Stop {run.id}", key=f"stop-{run.id}", on_click=store.request_stop, args=(run.id,),
                           help=effect)
                 st.caption(f"Stop: {md(effect)}")
+    # Two tables, the figures and then the settings and errors, so that each fits the page at
+    # 1024 px wide (sidebar open) instead of one table of 18 columns scrolling sideways; a column
+    # empty in every row (nothing projected, no error) is left out.
     st.html(html_table(
-        # the figures first, so they show without scrolling sideways on a narrow screen
-        [{"run": Link(s["id"], page_url("curves", run=s["id"])), "task": s["task"], "status": s["status"],
-          "steps": f"{s['steps_done']} / {s['steps_planned']}", "best validation": fmt_score(s["best_val"]),
+        [{"run": Link(s["id"], page_url("curves", run=s["id"])), 
+          "status": f"{s['status']} ({s['steps_done']}/{s['steps_planned']} steps)", "best validation": fmt_score(s["best_val"]),
           "latest test": fmt_score(s["final_test"]), "tokens": f"{s['tokens']:,}",
           "cost": format_usd(s["cost_usd"], s["cost_unknown"]),
           "projected": format_usd(s["projected_usd"]) if s["status"] != "completed" and s["projected_usd"] is not None
           else "",
           "saved": format_usd(s["saved_usd"], s["saved_unknown"]),
           "call errors": f"{s['errors']:,}",
-          "run time (s)": f"{s['wall_s']:,.1f}", "forward model": s["forward_model"],
-          "backward model": s["backward_model"], "optimizer model": s["optimizer_model"], "review": s["review"],
-          "started": fmt_time(s["created_at"]), "error": s["error"] or ""} for s in summaries],
+          "run time (s)": f"{s['wall_s']:,.1f}"} for s in summaries],
         numeric=("best validation", "latest test", "tokens", "cost", "projected", "saved", "call errors",
-                 "run time (s)"),
+                 "run time (s)"), drop_empty=("projected",), words=("status",),
     ))
+    st.html(html_table(
+        [{"run": s["id"], "task": s["task"], "models": models(s), "review": s["review"],
+          "started": fmt_time(s["created_at"]), "error": s["error"] or ""} for s in summaries], drop_empty=("error",)))
     st.caption("A run's id opens its curves. Every page names its run in the address (`?run=`), so a reload "
                "or a shared link opens the same view.")
 

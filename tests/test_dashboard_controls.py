@@ -295,7 +295,7 @@ def test_the_stop_button_says_what_is_kept_and_what_is_redone(tmp_path: Path) ->
                       decide=lambda store, proposal: ("reject", None))
     store.set_run_status(run_id, "running", pid=__import__("os").getpid())  # as if it were still training
     at = open_page(store.path, "pages/runs.py", run_id)
-    stop = button(at, "Stop")
+    stop = button(at, f"Stop {run_id}")  # named: with two running, each button says which it stops
     effect = stop_effect(store.run(run_id).config)
     assert stop.help == effect and "review decisions of the unfinished step are asked again" in effect
     assert any(c.value.replace("\\", "") == f"Stop: {effect}" for c in at.caption)

@@ -145,17 +145,22 @@ def test_runs_table(filled) -> None:
     at = open_page(store.path, "pages/runs.py")
     table = html_table_rows(at.get("html")[0].proto.body)
     assert [row["run"] for row in table] == [r.id for r in store.runs()]
-    assert {row["status"] for row in table} == {"completed"}
-    assert {row["forward model"] for row in table} == {"fake:forward"}
-    for column in ("task", "backward model", "optimizer model", "steps", "best validation", "latest test",
-                   "tokens", "cost", "projected", "saved", "call errors", "run time (s)"):
+    assert {row["status"] for row in table} == {  # status and steps in one cell
+        f"completed ({r.config['steps']}/{r.config['steps']} steps)" for r in store.runs()}
+    for column in ("best validation", "latest test", "tokens", "cost", "saved", "call errors", "run time (s)"):
         assert column in table[0]
+    assert "projected" not in table[0]  # every run completed: the column is left out
+    settings = html_table_rows(at.get("html")[1].proto.body)
+    assert [row["run"] for row in settings] == [r.id for r in store.runs()]
+    assert {row["models"] for row in settings} == {"forward fake:forward, backward fake:backward, "
+                                                    "optimizer fake:optimizer"}
+    assert {row["task"] for row in settings} == {r.task for r in store.runs()} and "error" not in settings[0]
     assert [row["cost"] for row in table] == [format_usd(run_summary(store, r.id)["cost_usd"])
                                               for r in store.runs()]
     assert all(row["cost"].startswith("$") and row["cost"] != "$0.0000" for row in table)
     assert {row["call errors"] for row in table} == {"0"}  # the scripted fake never fails
     assert max(float(row["best validation"]) for row in table) == pytest.approx(0.75)
-    assert not [b for b in at.button if b.label == "Stop"]  # nothing is running
+    assert not [b for b in at.button if b.label.startswith("Stop")]  # nothing is running
 
 
 def test_settled_run_summaries_are_kept_until_the_run_changes(tmp_path: Path, monkeypatch) -> None:
@@ -250,7 +255,7 @@ def test_stop_and_resume_buttons(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     store.set_run_status(run_id, "running")  # as a trainer in another process would
     at = open_page(store.path, "pages/runs.py")
     assert any(run_id.replace("-", "\\-") in m.value for m in at.markdown)  # the live panel
-    button(at, "Stop").click().run()
+    button(at, f"Stop {run_id}").click().run()
     assert_clean(at)
     assert store.stop_requested(run_id)
     assert any("Stop requested" in c.value for c in at.caption)

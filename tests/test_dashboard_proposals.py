@@ -147,6 +147,9 @@ def test_review_all_shows_a_malformed_proposal_to_dismiss_or_replace(tmp_path: P
     assert not any("No proposals are waiting" in i.value for i in at.info)
     assert any(c.value.startswith("Every proposal waits here, also a malformed reply") for c in at.caption)
     assert any(w.value.startswith("Malformed reply") for w in at.warning)
+    assert not store.proposal(first.id).reasoning  # a malformed reply has none: no empty "Reasoning:" label
+    assert not any("Reasoning:" in m.value for m in at.markdown)
+    assert any(m.value.startswith("Trainer's note: ") for m in at.markdown)
     assert any(c.value == f"I would keep the prompt as it is. {HOSTILE}" for c in at.code)  # the raw reply, as text
     assert f"accept-{first.id}" not in [b.key for b in at.button]  # nothing to accept
     dismiss = at.button(key=f"reject-{first.id}")
@@ -272,7 +275,8 @@ def test_the_url_names_the_run_and_survives_a_rerun(runs) -> None:
     assert fresh.query_params["run"] == ids[-1] == fresh.title[0].value  # the newest, and the address says so
 
     gone = open_frame(store, run="no-such-run")  # a link to a run not in this store: said so
-    assert any("No run no\\-such\\-run in this store" in w.value for w in gone.sidebar.warning)
+    assert [w.value for w in gone.main.warning] == [  # on the page, not in the sidebar
+        f"Run 'no\\-such\\-run' (from the address) is not in this store: showing {md(ids[-1])}."]
     assert gone.title[0].value == ids[-1]
 
 

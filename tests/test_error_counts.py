@@ -236,7 +236,8 @@ def test_runs_page_shows_call_errors(runs) -> None:
     assert_clean(at)
     table = {row["run"]: row for row in html_table_rows(at.get("html")[0].proto.body)}
     assert (table[faulty]["call errors"], table[clean]["call errors"]) == ("9", "0")
-    assert table[faulty]["error"] == STOP_REASON
+    settings = {row["run"]: row for row in html_table_rows(at.get("html")[1].proto.body)}  # settings and errors
+    assert settings[faulty]["error"] == STOP_REASON
 
 
 def test_curves_page_charts_errors_and_cut_offs_by_phase(runs) -> None:
