@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator, Sequence
 from urllib.parse import urlsplit
 
 from autodiff.errors import StoreError
+from autodiff.store.schema import due_migrations
 from autodiff.store.spec import mask_secrets, url_password
 
 POOL_SIZE = 8  # connections per process at most: a trainer's call buffer, its step and a page or two
@@ -221,13 +222,11 @@ class PostgresBackend:
         and, when not `create`, for a database that holds no store."""
         import psycopg
 
-        applied = self._applied(conn)
-        if applied is not None and all(name in applied for name, _ in migrations):
+        due = due_migrations(self._applied(conn), migrations, create=create,
+                             no_store=f"the database of {self.display} holds no run store (no migrations table): "
+                                      "check the URL's database name")
+        if not due:
             return
-        if applied is None and not create:
-            raise StoreError(f"the database of {self.display} holds no run store (no migrations table): check the "
-                             "URL's database name")
-        due = [name for name, _ in migrations if name not in (applied or [])]
         try:
             conn.execute(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
             conn.execute(translate_ddl("CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied_at REAL)"))

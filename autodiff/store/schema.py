@@ -6,6 +6,10 @@ history: never edit an applied migration, add the next one.
 
 from __future__ import annotations
 
+from typing import Sequence
+
+from autodiff.errors import StoreError
+
 MIGRATIONS: list[tuple[str, str]] = [
     (
         "001_initial",
@@ -177,3 +181,13 @@ MIGRATIONS: list[tuple[str, str]] = [
         """,
     ),
 ]
+
+
+def due_migrations(applied: Sequence[str] | None, migrations: Sequence[tuple[str, str]], *, create: bool,
+                   no_store: str) -> list[str]:
+    """The names of `migrations` not in `applied` (the names a store's migrations table holds, None
+    before it exists), in order; empty when the store is current. Raises StoreError with `no_store`
+    for a database that holds no store when it may not be created (`create` False)."""
+    if applied is None and not create:
+        raise StoreError(no_store)
+    return [name for name, _ in migrations if name not in (applied or ())]

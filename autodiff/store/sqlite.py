@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from autodiff.errors import StoreError
+from autodiff.store.schema import due_migrations
 
 
 class SQLiteBackend:
@@ -70,13 +71,11 @@ class SQLiteBackend:
         may only read opens. Raises StoreError for a file that is not a SQLite database, and, when
         not `create`, for a database that holds no store."""
         with self._explained():
-            applied = self._applied(conn)
-            if applied is not None and all(name in applied for name, _ in migrations):
-                return
-            if applied is None and not create:
-                raise StoreError(f"{self.display} holds no run store (a SQLite database without the store's tables): "
-                                 "check the path")
-            self._apply(conn, migrations)
+            due = due_migrations(self._applied(conn), migrations, create=create,
+                                 no_store=f"{self.display} holds no run store (a SQLite database without the store's "
+                                          "tables): check the path")
+            if due:
+                self._apply(conn, migrations)
 
     @contextmanager
     def _explained(self) -> Iterator[None]:
