@@ -26,21 +26,16 @@ from autodiff.review import pending
 from autodiff.samples import SAMPLE_STORE
 from autodiff.store import Store
 from tests.fake_runs import fake_run, responder
+from tests.test_dashboard_pages import open_page as pages_open_page
 
-APP = "../app.py"
 RUN_PAGES = ("pages/graph.py", "pages/gradients.py", "pages/prompts.py", "pages/proposals.py", "pages/curves.py",
              "pages/review.py", "pages/compare.py")
 FAKES = dict(forward_model="fake:forward", backward_model="fake:backward", optimizer_model="fake:optimizer")
 
 
 def open_page(store_path: Path, page: str = "pages/runs.py", run_id: str | None = None) -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=30)
-    at.session_state["store_path"] = str(store_path)
-    if run_id:
-        at.query_params["run"] = run_id
-    at.run()
-    if page != "pages/runs.py":
-        at.switch_page(page).run()
+    """The page as tests/test_dashboard_pages.py opens it, with no exception shown."""
+    at = pages_open_page(store_path, page, run_id)
     assert not at.exception, [e.value for e in at.exception]
     return at
 
