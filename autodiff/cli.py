@@ -505,7 +505,8 @@ def dashboard_command(address: str, port: int, reload: bool = False) -> list[str
     return [sys.executable, "-m", "dashboard.serve", "run", str(ROOT / "app.py"), "--server.address", address,
             "--server.port", str(port), "--browser.gatherUsageStats", "false", "--server.headless", "true",
             "--server.enableStaticServing", "true",  # the charts' plotly.js (dashboard/charts.py)
-            "--server.fileWatcherType", "poll" if reload else "none"]  # see .streamlit/config.toml
+            "--server.fileWatcherType", "poll" if reload else "none",  # see .streamlit/config.toml
+            "--runner.postScriptGC", "false", "--runner.magicEnabled", "false"]  # ditto: time per page run
 
 
 def cmd_dashboard(args) -> int:

@@ -90,8 +90,23 @@ def test_dashboard_command_starts_streamlit_with_the_pages_preloaded() -> None:
     flags = dict(zip(cmd[5::2], cmd[6::2]))
     assert flags["--server.port"] == "8555" and flags["--server.enableStaticServing"] == "true"
     assert flags["--server.fileWatcherType"] == "none"
+    assert flags["--runner.postScriptGC"] == flags["--runner.magicEnabled"] == "false"
     reload = cli.dashboard_command("localhost", 8555, reload=True)
     assert dict(zip(reload[5::2], reload[6::2]))["--server.fileWatcherType"] == "poll"
+
+
+def test_no_page_relies_on_streamlit_magic() -> None:
+    """The dashboard runs with magic off (.streamlit/config.toml): a bare expression in a page,
+    which magic would have written to the page, would now show nothing."""
+    import ast
+
+    for path in [cli.ROOT / "app.py", *sorted((cli.ROOT / "pages").glob("*.py"))]:
+        tree = ast.parse(path.read_text())
+        docstring = tree.body[0] if tree.body and isinstance(tree.body[0], ast.Expr) else None
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Expr) and node is not docstring and not isinstance(node.value, ast.Call) \
+                    and not (isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)):
+                raise AssertionError(f"{path.name}:{node.lineno}: {ast.unparse(node)} relies on magic to be shown")
 
 
 def test_the_server_preloads_what_the_pages_import() -> None:
