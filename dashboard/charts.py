@@ -1,28 +1,35 @@
-"""Plotly figures drawn in one frame with plotly.js's basic bundle, served once as a static file.
+"""Plotly figures drawn in the page with plotly.js's basic bundle, served as a static file and
+loaded once per browser tab.
 
-Figures are built with plotly's graph objects (`figure`); `draw` lays a page's
-figures out in rows inside a single iframe. Why not `st.plotly_chart`: Streamlit's chart element
-ships the full plotly.js (4.7 MB, every trace type) inside its own code, and a browser tab parses
-and starts it on the first chart it meets; with seven charts the Curves page took 4.6 s to render
-on this project's benchmark run (`bench/dashboard_load.py`). The basic bundle (scatter, bar and pie,
-all these pages draw; 1.2 MB) starts in about a quarter of that time, and the browser caches it
-across pages and tabs.
+Figures are built with plotly's graph objects (`figure`); `draw` lays a page's figures out in rows
+in one st.html element whose own script draws them. Why not `st.plotly_chart`: Streamlit's chart
+element ships the full plotly.js (4.7 MB, every trace type) inside its own code, and a browser tab
+parses and starts it on the first chart it meets; with seven charts the Curves page took 4.6 s to
+render on this project's benchmark run (`bench/dashboard_load.py`). The basic bundle (scatter, bar
+and pie, all these pages draw; 1.2 MB) starts in about a quarter of that time. Why not an iframe
+(`st.iframe`, as these charts were drawn before): a frame loads and starts the bundle again on every
+visit to a page; drawn in the page, the tab keeps plotly.js from its first chart on, and the Curves
+page's second visit in a tab took 1.1 s instead of 1.9 s (same benchmark, loaded machine; first
+visits 1.8 s against 2.3 s).
 
 The bundle is `static/plotly-basic.min.js`, the npm package `plotly.js-basic-dist-min` at the
 plotly.js version that the installed plotly package bundles (a test checks the two agree). Streamlit
 serves it at /app/static/ (`enableStaticServing` in .streamlit/config.toml): nothing is fetched
 from outside.
 
-Untrusted text: labels that came from the store pass through `label` (plotly.js renders a few HTML
-tags in text; escaped, they show as written); the figures' JSON sits in a JSON script block with
-<, > and & written as \\u escapes, so no string can end the block.
+Untrusted text: st.html runs this element's scripts (`unsafe_allow_javascript`), so nothing from the
+store is ever code. Labels that came from the store pass through `label` (plotly.js renders a few
+HTML tags in text; escaped, they show as written); the figures' JSON sits in JSON script blocks,
+which the browser never runs, with <, > and & written as \\u escapes, so no string can end a block;
+the one script that runs is `_DRAW_JS`, given only the element's id, the bundle's address, a height
+and the fallback colours.
 
 Themes: Streamlit's own chart element would follow the app's light or dark theme
-(`theme="streamlit"`); drawn in our frame, the figures follow it themselves. Their template has
-transparent backgrounds and no colour of its own for text, grid or axes: the frame (same origin as
-the page) reads the app's text and background colours when it draws, and again whenever the
-person switches theme, so no chart stays white in dark mode. Where the page cannot be read, the
-theme Streamlit reported for the session (`st.context.theme`) decides.
+(`theme="streamlit"`); drawn by our script, the figures follow it themselves. Their template has
+transparent backgrounds and no colour of its own for text, grid or axes: the script reads the app's
+text and background colours when it draws, and again whenever the person switches theme, so no
+chart stays white in dark mode. Where the page cannot be read, the theme Streamlit reported for the
+session (`st.context.theme`) decides.
 
 Axes carry units (`Unit`: a score as %, seconds, tokens, US dollars, counts) and whole-step ticks;
 a figure with nothing to draw yet shows a message instead of plotly's empty -1..1 axes.
@@ -31,6 +38,7 @@ a figure with nothing to draw yet shows a message instead of plotly's empty -1..
 from __future__ import annotations
 
 import functools
+import hashlib
 import html
 import json
 import math
@@ -210,95 +218,113 @@ def theme_type() -> str:
     return kind if kind in THEMES else "light"
 
 
-# Draws the figures in the app's theme: text in its text colour, grid and axes a faint shade of
-# it, backgrounds transparent over the app's own; redrawn when the person switches theme.
+# Draws the figures of one `draw` call in the app's theme, in the page itself: text in the theme's
+# text colour, grid and axes a faint shade of it, backgrounds transparent over the app's own; redrawn
+# when the person switches theme, resized with their container. plotly.js is loaded by the first
+# chart of a browser tab and kept by the tab, so a page's charts are drawn straight away on later
+# visits. Everything stops when Streamlit removes the element (another page, a redraw).
 _DRAW_JS = """
-const FALLBACK = %(fallback)s;
-function readTheme() {
-  try {
-    const doc = window.parent.document;
-    const el = doc.querySelector(".stApp") || doc.body;
-    const cs = window.parent.getComputedStyle(el);
+(() => {
+  const root = document.getElementById(%(root)s);
+  if (!root) return;
+  const FALLBACK = %(fallback)s;
+  const HEIGHT = %(height)d;
+  const readTheme = () => {
+    const el = document.querySelector(".stApp") || document.body;
+    const cs = getComputedStyle(el);
     if (cs.color && cs.backgroundColor && cs.backgroundColor !== "rgba(0, 0, 0, 0)") {
       return {fg: cs.color, bg: cs.backgroundColor};
     }
-  } catch (e) { /* the page cannot be read: the session's theme decides */ }
-  return FALLBACK;
-}
-function shade(colour, alpha) {
-  const n = (colour.match(/[\\d.]+/g) || []).slice(0, 3);
-  return n.length === 3 ? `rgba(${n[0]}, ${n[1]}, ${n[2]}, ${alpha})` : colour;
-}
-function themed(layout, t) {
-  const out = {...layout, paper_bgcolor: "rgba(0,0,0,0)", plot_bgcolor: "rgba(0,0,0,0)",
-               font: {...(layout.font || {}), color: t.fg}};
-  for (const key of Object.keys(layout)) {
-    if (/^[xy]axis\\d*$/.test(key)) {
-      out[key] = {...layout[key], gridcolor: shade(t.fg, 0.12), zerolinecolor: shade(t.fg, 0.3),
-                  linecolor: shade(t.fg, 0.3)};
+    return FALLBACK;
+  };
+  const shade = (colour, alpha) => {
+    const n = (colour.match(/[\\d.]+/g) || []).slice(0, 3);
+    return n.length === 3 ? `rgba(${n[0]}, ${n[1]}, ${n[2]}, ${alpha})` : colour;
+  };
+  const themed = (layout, t, template) => {
+    const out = {...layout, paper_bgcolor: "rgba(0,0,0,0)", plot_bgcolor: "rgba(0,0,0,0)",
+                 font: {...(layout.font || {}), color: t.fg}, height: HEIGHT, template};
+    for (const key of Object.keys(layout)) {
+      if (/^[xy]axis\\d*$/.test(key)) {
+        out[key] = {...layout[key], gridcolor: shade(t.fg, 0.12), zerolinecolor: shade(t.fg, 0.3),
+                    linecolor: shade(t.fg, 0.3)};
+      }
     }
-  }
-  return out;
-}
-function themedData(data, t) {
-  return data.map(tr => tr.meta === "%(foreground)s" ? {...tr, line: {...(tr.line || {}), color: t.fg},
-                                                         marker: {...(tr.marker || {}), color: t.fg}} : tr);
-}
-if (window.Plotly) {
-  const figures = JSON.parse(document.getElementById("figures").textContent);
-  const template = JSON.parse(document.getElementById("template").textContent);
-  let current = readTheme();
-  const paint = t => { document.body.style.background = t.bg; document.body.style.color = t.fg;
-                       document.documentElement.style.colorScheme = t.dark ? "dark" : "light"; };
-  paint(current);
-  figures.forEach((f, i) => Plotly.newPlot("fig" + i, themedData(f.data, current),
-                                           {...themed(f.layout, current), height: %(height)d, template},
-                                           {responsive: true, displaylogo: false}));
-  setInterval(() => {
-    const next = readTheme();
-    if (next.fg === current.fg && next.bg === current.bg) return;
-    current = next;
-    paint(current);
-    figures.forEach((f, i) => Plotly.react("fig" + i, themedData(f.data, current),
-                                           {...themed(f.layout, current), height: %(height)d, template}));
-  }, 1000);
-} else {
-  document.body.textContent = "The charts need plotly.js from this dashboard's /app/static/ folder, and it "
-    + "did not load: start the dashboard from the project folder (its .streamlit/config.toml turns on "
-    + "static serving).";
-}
+    return out;
+  };
+  const themedData = (data, t) => data.map(tr => tr.meta === "%(foreground)s"
+    ? {...tr, line: {...(tr.line || {}), color: t.fg}, marker: {...(tr.marker || {}), color: t.fg}} : tr);
+  const draw = () => {
+    if (!root.isConnected) return;
+    const figures = JSON.parse(root.querySelector("script.figures").textContent);
+    const template = JSON.parse(root.querySelector("script.template").textContent);
+    const divs = root.querySelectorAll(".fig");
+    let current = readTheme();
+    figures.forEach((f, i) => Plotly.newPlot(divs[i], themedData(f.data, current), themed(f.layout, current, template),
+                                             {displaylogo: false}));
+    const resize = new ResizeObserver(() => divs.forEach(d => d.isConnected && Plotly.Plots.resize(d)));
+    resize.observe(root);
+    const watch = setInterval(() => {
+      if (!root.isConnected) { clearInterval(watch); resize.disconnect(); return; }
+      const next = readTheme();
+      if (next.fg === current.fg && next.bg === current.bg) return;
+      current = next;
+      figures.forEach((f, i) => Plotly.react(divs[i], themedData(f.data, current), themed(f.layout, current, template)));
+    }, 1000);
+  };
+  const failed = () => {
+    root.textContent = "The charts need plotly.js from this dashboard's /app/static/ folder, and it did not "
+      + "load: start the dashboard from the project folder (its .streamlit/config.toml turns on static serving).";
+  };
+  if (window.Plotly) { draw(); return; }
+  // One load per tab, shared by every chart element that asks before it arrives.
+  window.autodiffPlotly = window.autodiffPlotly || new Promise((resolve, reject) => {
+    const script = document.createElement("script");
+    script.src = %(bundle)s;
+    script.onload = resolve;
+    script.onerror = () => { window.autodiffPlotly = null; reject(); };
+    document.head.appendChild(script);
+  });
+  window.autodiffPlotly.then(draw, failed);
+})();
 """
 
 
 def page_html(rows: Sequence[Row], *, height: int = HEIGHT, bundle: str | None = None, theme: str = "light") -> str:
-    """One HTML document drawing every figure; a row is a figure or a tuple shown side by side.
-    `theme` ("light" or "dark") colours the figures where the app's own colours cannot be read."""
+    """The HTML that draws every figure of `rows` in the page (for st.html with its scripts
+    allowed); a row is a figure or a tuple shown side by side. `theme` ("light" or "dark")
+    colours the figures where the app's own colours cannot be read.
+
+    Untrusted text stays data: the figures and the template sit in JSON script blocks (never run)
+    with <, > and & written as \\u escapes, and the one script that runs is this module's own,
+    with nothing from the store in it but the bundle's address."""
     rows = [r if isinstance(r, tuple) else (r,) for r in rows]
     divs, figures = [], []
     for row in rows:
         cells = []
         for fig in row:
-            cells.append(f'<div class="fig" id="fig{len(figures)}"></div>')
+            cells.append('<div class="fig"></div>')
             figures.append(_json(fig))
         divs.append(f'<div class="row">{"".join(cells)}</div>')
+    data = _script_json(",".join(figures))
+    # The element's id: the same figures give the same id, so a redraw with nothing new is left be.
+    root = "charts-" + hashlib.sha1(f"{theme}{height}{data}".encode()).hexdigest()[:16]
     fg, bg = THEMES.get(theme, THEMES["light"])
     fallback = json.dumps({"fg": fg, "bg": bg, "dark": theme == "dark"})
-    script = _DRAW_JS % {"fallback": fallback, "foreground": FOREGROUND, "height": int(height)}
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><style>
-body {{ margin: 0; font-family: sans-serif; background: transparent; }}
-.row {{ display: flex; flex-wrap: wrap; gap: {ROW_GAP}px 16px; margin-bottom: {ROW_GAP}px; }}
-.fig {{ flex: 1 1 {MIN_WIDTH}px; min-width: 0; height: {height}px; }}
-</style></head><body>
+    script = _DRAW_JS % {"root": json.dumps(root), "fallback": fallback, "foreground": FOREGROUND,
+                         "height": int(height), "bundle": json.dumps(bundle or bundle_url())}
+    return f"""<style>
+#{root} .row {{ display: flex; flex-wrap: wrap; gap: {ROW_GAP}px 16px; margin-bottom: {ROW_GAP}px; }}
+#{root} .fig {{ flex: 1 1 {MIN_WIDTH}px; min-width: 0; height: {height}px; }}
+</style><div id="{root}" class="charts">
 {"".join(divs)}
-<script type="application/json" id="figures">[{_script_json(",".join(figures))}]</script>
-<script type="application/json" id="template">{_script_json(_template())}</script>
-<script src="{html.escape(bundle or bundle_url())}"></script>
-<script>{script}</script>
-</body></html>"""
+<script type="application/json" class="figures">[{data}]</script>
+<script type="application/json" class="template">{_script_json(_template())}</script>
+</div>
+<script>{script}</script>"""
 
 
 def draw(rows: Sequence[Row], *, height: int = HEIGHT) -> None:
-    """Draw the figures in the page, in one frame that Streamlit sizes to fit them (figures of a row
-    go one under the other where the page is too narrow for them side by side)."""
-    st.iframe(page_html(rows, height=height, theme=theme_type()), height="content")
+    """Draw the figures in the page (figures of a row go one under the other where the page is too
+    narrow for them side by side)."""
+    st.html(page_html(rows, height=height, theme=theme_type()), unsafe_allow_javascript=True)

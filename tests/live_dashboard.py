@@ -94,17 +94,16 @@ def wait_graph_drawn(page) -> None:
 
 
 def wait_charts_drawn(page, count: int) -> None:
-    """The charts of a page (dashboard/charts.py) share one iframe; plotly.js marks each figure it
-    has drawn with the class js-plotly-plot and draws its axes and traces into SVG. One wait inside
-    the frame: a locator round trip per figure added up to 0.3 s to the benchmark's figures."""
-    frame = page.locator('[data-testid="stMain"] iframe').first.element_handle().content_frame()
-    frame.wait_for_function("""n => {
-        const figures = document.querySelectorAll(".js-plotly-plot");
+    """The charts of a page (dashboard/charts.py) are drawn in the page itself; plotly.js marks each
+    figure it has drawn with the class js-plotly-plot and draws its axes and traces into SVG. One
+    wait in the page: a locator round trip per figure added up to 0.3 s to the benchmark's figures."""
+    page.wait_for_function("""n => {
+        const figures = document.querySelectorAll('[data-testid="stMain"] .charts .js-plotly-plot');
         return figures.length >= n && [...figures].every(f => {
             const svg = f.querySelector(".main-svg");
             return svg && svg.getBoundingClientRect().width > 0;
         });
     }""", arg=count)
-    drawn = frame.evaluate('document.querySelectorAll(".js-plotly-plot").length')
+    drawn = page.evaluate("""document.querySelectorAll('[data-testid="stMain"] .charts .js-plotly-plot').length""")
     if drawn != count:
         raise AssertionError(f"{drawn} charts drawn, {count} expected")

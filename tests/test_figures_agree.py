@@ -316,7 +316,7 @@ def test_every_chart_has_units_whole_step_ticks_and_no_white(runs) -> None:
              "calls": {"tickformat": ",d"}, "proposals": {"tickformat": ",d"}, "run time (s)": {"ticksuffix": " s"}}
     for name in ("curves", "compare"):
         at = page(store, name, plain)
-        frame = next(e.proto.srcdoc for e in walk(at.main) if e.type == "iframe" and 'id="figures"' in e.proto.srcdoc)
+        frame = next(e.proto.body for e in walk(at.main) if e.type == "html" and 'class="figures"' in e.proto.body)
         assert "white" not in frame.lower() and "#fff" not in frame.lower()
         for fig in chart_figures(at):
             layout = fig["layout"]
