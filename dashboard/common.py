@@ -241,6 +241,25 @@ def html_table(rows: Sequence[dict], numeric: Sequence[str] = (), wrap: Sequence
             f'<tbody>{body}</tbody></table></div>')
 
 
+_PRE_STYLE = """<style>
+.plain-text { margin: 0; padding: 0.6rem 0.8rem; border-radius: 0.5rem; white-space: pre-wrap;
+  overflow-wrap: anywhere; font-family: "Source Code Pro", monospace; font-size: 0.8rem; line-height: 1.5;
+  background: color-mix(in srgb, currentColor 6%, transparent); }
+</style>"""
+
+
+def html_pre(text: str) -> str:
+    """`text` as an escaped, wrapped, monospace block for st.html, shown as written (every space and
+    line break kept, long words cut anywhere), in the theme's colours (light or dark). For text to
+    read rather than code to highlight: st.code's highlighter script loads on a browser tab's
+    first st.code, and on bench/dashboard_load.py's large run that load took 0.4 to 1.2 s of the
+    browser's main thread (by the machine's load) on the first click to the Prompts page, which
+    shows one short value, and nothing measurable on a second click: a one-time cost per tab, not
+    one per block. The line break after <pre> is the one HTML drops, so a leading line break of
+    `text` is kept."""
+    return f'{_PRE_STYLE}<pre class="plain-text">\n{html.escape(text)}</pre>'
+
+
 def count(n: float, word: str, plural: str | None = None) -> str:
     """`n` (thousands separated) and `word` in agreement: count(1, "proposal") is "1 proposal",
     count(2, "proposal") "2 proposals"; `plural` for a word that does not just take an s. Every

@@ -7,7 +7,7 @@ from autodiff import proposals as props
 from autodiff.diffs import inline_diff_html, word_diff_html
 from autodiff.llm.pricing import format_usd
 from autodiff.store import NO_PROPOSAL_COST
-from dashboard.common import choose, fmt_score, fmt_time, html_table, md, page_url, require_run
+from dashboard.common import choose, fmt_score, fmt_time, html_pre, html_table, md, page_url, require_run
 from dashboard.graphview import gradient_rows
 
 store, run_id = require_run()
@@ -65,7 +65,7 @@ cols[1].html(right)
 cols[2].markdown(f"**Peers at step {versions[new].step}**")
 for peer in param.peers:
     cols[2].caption(md(peer))
-    cols[2].code(peers_at.get(peer, "(no value stored)"), language=None, wrap_lines=True)
+    cols[2].html(html_pre(peers_at.get(peer, "(no value stored)")))
 if not param.peers:
     cols[2].caption("None: this parameter is its node's whole prompt.")
 
@@ -74,13 +74,16 @@ st.subheader("Proposals")
 if proposals:
     costs = store.proposal_costs(run_id)
     none = NO_PROPOSAL_COST
-    st.dataframe(
+    # A plain table, long text folded (html_table says why not a data grid). Past a dozen rows it scrolls in a
+    # box of its own, as the grid did, so that the versions below stay near.
+    (st.container(height=480) if len(proposals) > 12 else st).html(html_table(
         [{"step": p.step, "method": p.method, "fate": p.fate, "mini-batch": fmt_score(p.minibatch_score),
           "validation": fmt_score(p.val_score), "cost to make": format_usd(c["make_usd"], c["make_unknown"]),
           "cost to validate": format_usd(c["validate_usd"], c["validate_unknown"]), "reason": p.reason, "value": p.value}
          for p in proposals.values() for c in [costs.get(p.id, none)]],
-        hide_index=True,
-    )
+        numeric=("step", "mini-batch", "validation", "cost to make", "cost to validate"), words=("method", "fate"),
+        fold=("reason", "value"),
+    ))
     st.caption("Cost to make: the optimizer call that wrote it, shared by the proposals of that call. Cost to "
                "validate: the calls that scored it on the mini-batch and on validation.")
 else:
@@ -109,7 +112,10 @@ for n, v in versions.items():
         if feedback is None:
             why.caption("Not recorded: this proposal was stored before proposals kept the ids of the feedback "
                         "they were written from.")
+        elif not feedback:
+            why.caption("None: its optimizer call read no feedback.")
         else:
-            why.dataframe(gradient_rows(feedback), hide_index=True)
+            why.html(html_table(gradient_rows(feedback), numeric=("step", "call", "score"), fold=("feedback",),
+                                drop_empty=("error",)))
         st.markdown(f"[Every proposal for {md(name)} at step {v.step}]"
                     f"({page_url('proposals', run=run_id, step=v.step, parameter=name)})")

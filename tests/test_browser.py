@@ -290,7 +290,7 @@ def test_a_gradients_backward_call_opens_on_click(dashboard: str, tab: Tab) -> N
 
 
 def test_hostile_text_shows_as_text(dashboard: str, filled, tab: Tab) -> None:
-    _store, ids = filled
+    store, ids = filled
     page = tab.page
     page.goto(f"{dashboard}/gradients")
     wait_rendered(page, "Gradients")
@@ -298,6 +298,11 @@ def test_hostile_text_shows_as_text(dashboard: str, filled, tab: Tab) -> None:
     page.goto(f"{dashboard}/prompts?run={ids[0]}")  # this run accepted a proposal for the instruction
     wait_rendered(page, "Prompts")
     assert page.get_by_text(HOSTILE).first.is_visible()  # the accepted value, in the word diff
+    newest = store.parameter_versions(ids[0], "counter.instruction")[-1]
+    peers = store.parameter_values_at(ids[0], newest.step)
+    shown = page.locator('[data-testid="stMain"] pre.plain-text')  # the peers' values, as written
+    assert shown.all_inner_texts() == [peers["counter.output_format"], peers["counter.examples"]]
+    assert page.locator('[data-testid="stCode"]').count() == 0  # as text, not code to highlight
     for frame in page.frames:
         assert frame.locator("script:has-text('alert(')").count() == 0, frame.url
         assert frame.locator('img[src="x"]').count() == 0, frame.url

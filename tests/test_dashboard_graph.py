@@ -8,6 +8,7 @@ de-duplication and an answer generator) for repeated calls and function nodes.
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import time
@@ -358,8 +359,17 @@ def open_page(name: str, store: Store, monkeypatch: pytest.MonkeyPatch, run_id: 
 
 
 def tables(at: AppTest) -> list[list[dict]]:
-    """The rows of each plain HTML table the page drew (dashboard/common.html_table), in order."""
-    return [html_table_rows(h.proto.body) for h in at.get("html") if 'class="plain-table"' in h.proto.body]
+    """The rows of each plain HTML table the page drew (dashboard/common.html_table), in order; a
+    folded cell reads as its whole text (its preview, in <summary>, left out)."""
+    return [html_table_rows(re.sub(r"<summary>[^<]*</summary>", "", h.proto.body)) for h in at.get("html")
+            if 'class="plain-table"' in h.proto.body]
+
+
+def pre_texts(at: AppTest) -> list[str]:
+    """The text of each plain text block the page drew (dashboard/common.html_pre), in order, as a
+    browser reads it: unescaped, without the line break that follows <pre>."""
+    return [html.unescape(text.removeprefix("\n")) for h in at.get("html")
+            for text in re.findall(r'<pre class="plain-text">([^<]*)</pre>', h.proto.body)]
 
 
 @pytest.mark.parametrize("page", ["graph.py", "gradients.py", "prompts.py"])
@@ -439,10 +449,16 @@ def test_prompts_page_shows_a_diff_and_why(counting, monkeypatch):
     assert len(diff) == 3  # the two versions picked, and the accepted version against the one before it
     assert any("Reasoning" in m.value for m in at.markdown)
     assert any("Peers at step" in m.value for m in at.markdown)
-    peers = [c.value for c in at.code]
-    assert store.parameter_values_at(run_id, 1)["counter.output_format"] in peers
-    [versions] = tables(at)
+    peers = store.parameter_values_at(run_id, 1)
+    assert pre_texts(at) == [peers["counter.output_format"], peers["counter.examples"]]  # as written, in order
+    versions, made, read = tables(at)
     assert [row["version"] for row in versions] == ["0", "1"]
+    proposals = store.proposals(run_id, parameter="counter.instruction")
+    assert [(row["step"], row["fate"], row["reason"], row["value"]) for row in made] == [
+        (str(p.step), p.fate, "-" if p.reason is None else p.reason, "-" if p.value is None else p.value)
+        for p in proposals]
+    [accepted] = [p for p in proposals if p.fate == "accepted"]
+    assert [row["feedback"] for row in read] == [g.text for g in store.gradients_by_id(run_id, accepted.feedback_ids)]
 
 
 def test_prompts_page_multi_node(multihop, monkeypatch):

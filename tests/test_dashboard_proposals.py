@@ -23,6 +23,7 @@ from autodiff.runner import train
 from autodiff.store import Store
 from dashboard.common import md
 from tests.fake_runs import HOSTILE, fake_run, filled_store, responder
+from tests.test_dashboard_graph import tables
 from tests.test_dashboard_pages import APP, assert_clean, html_table_rows, open_page, wait_for
 
 
@@ -187,9 +188,9 @@ def test_the_feedback_a_proposal_read_is_shown_with_it_and_from_each_gradient(ru
     at = open_page(store.path, "pages/prompts.py", ids[0])
     assert_clean(at)
     assert at.selectbox(key="prompt_param").value == accepted.parameter
-    [shown] = [d.value for d in at.dataframe if "feedback" in d.value.columns]
+    [shown] = [rows for rows in tables(at) if "feedback" in rows[0]]
     texts = {g.id: g.text for g in store.gradients(ids[0])}
-    assert list(shown["feedback"]) == [texts[i] for i in read]
+    assert [row["feedback"] for row in shown] == [texts[i] for i in read]
     assert any(f"**Feedback the optimizer read** ({len(read)})" == m.value for m in at.markdown)
 
     # Gradients: each says which proposals read it, with a link to them.

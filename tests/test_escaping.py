@@ -209,6 +209,33 @@ def test_prompts_page_diff_of_hostile_versions(tmp_path, monkeypatch):
     assert diff and "&lt;/script&gt;&lt;script&gt;alert(&#x27;closed&#x27;)" in diff[0]
 
 
+def test_prompts_page_shows_hostile_peers_proposals_and_feedback_as_text(tmp_path, monkeypatch):
+    """The peer's value (a plain text block), the proposals table and the feedback read (plain
+    tables): each hostile text shown whole, as text, and escaped."""
+    from tests.test_dashboard_graph import pre_texts, tables
+
+    store, run = hostile_store(tmp_path)
+    at = run_page("prompts.py", store, run, monkeypatch)
+    assert pre_texts(at) == [f"Example {HOSTILE}"]  # counter.examples, the peer of counter.instruction
+    _versions, made, read = tables(at)
+    assert [(row["method"], row["reason"], row["value"]) for row in made] == [
+        (f"add{HOSTILE}", HOSTILE, f"Count the items. {CLOSER}")]
+    assert [(row["feedback"], row["error"]) for row in read] == [(CLOSER, HOSTILE), (HOSTILE, "")]
+    blocks = [h.value for h in at.get("html") if "plain-text" in h.value or "plain-table" in h.value]
+    assert all(unescaped(b) == [] for b in blocks)
+    assert any("Example &lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;&lt;img src=x" in b for b in blocks)
+
+
+def test_plain_text_block_keeps_every_character_as_text():
+    from dashboard.common import html_pre
+
+    text = f"\n  lead {HOSTILE}\n\n\ttab & {CLOSER} &amp; \"quoted\" 'single'  \n"
+    block = html_pre(text)
+    assert unescaped(block) == [] and raw_hits(block.split("</style>", 1)[1].replace("</pre>", "")) == []
+    [inner] = re.findall(r'<pre class="plain-text">\n([^<]*)</pre>', block)  # the one break HTML drops, then the text
+    assert html.unescape(inner) == text
+
+
 @pytest.fixture(scope="module")
 def counting(tmp_path_factory):
     return filled_store(tmp_path_factory.mktemp("counting"))

@@ -437,6 +437,7 @@ def test_the_step_0_check_refuses_what_the_reservations_would_stop(run_toy, stor
 def test_a_proposal_made_by_an_unpriced_optimizer_costs_unknown_to_make(run_toy, store: Store, capsys) -> None:
     """Making and validating keep their own unknown counts: an optimizer without a price makes
     each proposal's cost to make unknown (never $0.0000), while its validation stays priced."""
+    from tests.test_dashboard_graph import tables
     from tests.test_dashboard_pages import assert_clean, open_page
 
     script = Script(proposals={"toy.instruction": [proposal("Add the two numbers. LEVEL=3")]})
@@ -458,6 +459,9 @@ def test_a_proposal_made_by_an_unpriced_optimizer_costs_unknown_to_make(run_toy,
         assert_clean(at)
         texts = [m.value for m in at.markdown] + [str(d.value) for d in at.dataframe]
         assert not any("cost to make \\$0.0000" in t for t in texts), page
+    [made] = [rows for rows in tables(at) if "cost to make" in rows[0]]  # Prompts: the parameter's proposals
+    assert {row["cost to make"] for row in made} == {"unknown"}
+    assert all(row["cost to validate"].startswith("$") for row in made)  # validation stays priced
     at = open_page(store.spec, "pages/proposals.py", run.run_id)
     assert set(at.dataframe[0].value["cost to make"]) == {"unknown"}
     assert any("cost to make unknown, to validate \\$" in m.value for m in at.markdown)
