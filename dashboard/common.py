@@ -275,9 +275,22 @@ def fmt_time(ts: float | None) -> str:
     return "-" if not ts else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
+class _RunMenu:
+    """Where `choose` draws the run picker: a popover in the sidebar, labelled with the run chosen,
+    holding the selectbox. The browser draws a popover's content only when it is opened, so a new
+    tab's first load no longer fetches, starts and draws the selectbox's code (about 20 scripts).
+    The selectbox is still run on the server each time, so the choice, its reset and the URL work
+    as for any `choose`, and it stays usable with many runs (it filters as one types)."""
+
+    def selectbox(self, label: str, options: Sequence, *, key: str, **kwargs: Any) -> Any:
+        with st.sidebar.popover(f"{md(label)}: {md(st.session_state[key])}", key="run_menu", width="stretch"):
+            return st.selectbox(label, options, key=key, **kwargs)
+
+
 def sidebar() -> str | None:
     """Store and run pickers in the sidebar. The chosen run id lives in session state and in the
-    URL (`?run=`), so a reload or a shared link opens the same run; without one, the newest."""
+    URL (`?run=`), so a reload or a shared link opens the same run; without one, the newest. The
+    run picker is a selectbox inside a popover (`_RunMenu`) whose button names the run."""
     store = current_store()
     runs = store.runs()
     if mark_dead_runs(store, runs):  # a run whose process died shows as stopped on every page
@@ -292,7 +305,7 @@ def sidebar() -> str | None:
     # in the label went stale when the run's status changed. Outside `with st.sidebar`, so that a
     # run the address names but the store lacks is said on the page itself, not in the sidebar.
     known = st.session_state.get("run_id")
-    run_id = choose(st.sidebar, "Run", ids, key="run_picker", scope=None, url="run",
+    run_id = choose(_RunMenu(), "Run", ids, key="run_picker", scope=None, url="run",
                     index=ids.index(known) if known in ids else 0, missing="is not in this store")
     run = next(r for r in runs if r.id == run_id)
     st.sidebar.caption(f"{md(run.task)}, {run.status}")

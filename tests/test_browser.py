@@ -143,7 +143,7 @@ def assert_no_errors(page) -> None:
 
 
 def assert_frame(page) -> None:
-    """The frame drew around the page: every navigation link, the store caption, the run picker.
+    """The frame drew around the page: every navigation link, the store caption, the run menu.
     Streamlit's front end loads a widget's code on its first use, so the run picker can appear a
     moment after the run that sent it has finished: these checks wait (up to a few seconds)."""
     nav = page.locator('[data-testid="stSidebarNav"]')
@@ -152,7 +152,7 @@ def assert_frame(page) -> None:
     assert "app" not in [t.strip() for t in nav.locator("a").all_inner_texts()]  # no legacy page list
     sidebar = page.locator('[data-testid="stSidebar"]')
     expect(sidebar).to_contain_text("Store:")
-    expect(sidebar.locator('[data-testid="stSelectbox"]', has_text="Run")).to_have_count(1, timeout=RENDER_TIMEOUT_MS)
+    expect(run_picker(page)).to_have_count(1, timeout=RENDER_TIMEOUT_MS)
     assert "No runs in this store yet" not in page.locator('[data-testid="stMain"]').inner_text()
 
 
@@ -310,7 +310,20 @@ def test_hostile_text_shows_as_text(dashboard: str, filled, tab: Tab) -> None:
 
 
 def run_picker(page):
-    return page.locator('[data-testid="stSidebar"]').get_by_role("combobox", name="Run")
+    """The sidebar's run menu: a button that names the chosen run and opens the run selectbox."""
+    return page.locator('[data-testid="stSidebar"]').get_by_role("button", name=re.compile("^Run: "))
+
+
+def names_run(run_id: str) -> re.Pattern:
+    """The run menu's label when `run_id` is chosen (a longer id that starts the same does not match)."""
+    return re.compile(rf"Run: {re.escape(run_id)}(?![\w.-])")
+
+
+def choose_run(page, run_id: str) -> None:
+    """Pick `run_id` in the sidebar's run menu, as a person would."""
+    run_picker(page).click()
+    page.get_by_test_id("stPopoverBody").get_by_role("combobox", name="Run", exact=True).click()
+    page.get_by_role("option", name=run_id, exact=True).click()
 
 
 def test_proposals_page_on_a_shared_link(dashboard: str, filled, tab: Tab) -> None:
@@ -320,7 +333,7 @@ def test_proposals_page_on_a_shared_link(dashboard: str, filled, tab: Tab) -> No
     wait_rendered(page, "Proposals")
     assert_no_errors(page)
     assert_frame(page)
-    expect(run_picker(page)).to_have_value(ids[0])
+    expect(run_picker(page)).to_have_text(names_run(ids[0]), use_inner_text=True)
     main = page.locator('[data-testid="stMain"]')
     expect(main).to_contain_text("1 of ")
     assert page.get_by_text(HOSTILE).first.is_visible()  # the proposed value, in its word diff, as text
@@ -334,7 +347,7 @@ def test_proposals_page_on_a_shared_link(dashboard: str, filled, tab: Tab) -> No
 
     page.reload()  # the address names the view: the same run and filter after a reload
     wait_rendered(page, "Proposals")
-    expect(run_picker(page)).to_have_value(ids[0])
+    expect(run_picker(page)).to_have_text(names_run(ids[0]), use_inner_text=True)
     query = parse_qs(urlparse(page.url).query)
     assert query["run"] == [ids[0]] and query["fate"] == ["accepted"]
     for frame in page.frames:
@@ -348,11 +361,32 @@ def test_a_run_in_the_runs_table_opens_that_run(dashboard: str, filled, tab: Tab
     page = tab.page
     page.goto(dashboard)
     wait_rendered(page, "Runs")
-    expect(run_picker(page)).to_have_value(ids[-1])  # the newest
+    expect(run_picker(page)).to_have_text(names_run(ids[-1]), use_inner_text=True)  # the newest
     page.locator('[data-testid="stMain"] table a', has_text=ids[0]).click()
     wait_rendered(page, "Curves")
-    expect(run_picker(page)).to_have_value(ids[0])
+    expect(run_picker(page)).to_have_text(names_run(ids[0]), use_inner_text=True)
     assert urlparse(page.url).path == "/curves" and parse_qs(urlparse(page.url).query)["run"] == [ids[0]]
+    assert_no_errors(page)
+    tab.assert_safe()
+
+
+def test_the_run_menu_picks_a_run(dashboard: str, filled, tab: Tab) -> None:
+    """The run picker sits in a popover (its selectbox is drawn when the menu is opened): a run
+    chosen there is the page's run, in the menu's label and the address, on the next page too."""
+    _store, ids = filled
+    page = tab.page
+    page.goto(dashboard)
+    wait_rendered(page, "Runs")
+    expect(run_picker(page)).to_have_text(names_run(ids[-1]), use_inner_text=True)
+    choose_run(page, ids[0])
+    expect(run_picker(page)).to_have_text(names_run(ids[0]), use_inner_text=True)
+    wait_rendered(page, "Runs")
+    assert parse_qs(urlparse(page.url).query)["run"] == [ids[0]]
+    page.keyboard.press("Escape")  # closes the menu
+    nav_link(page, "Graph").click()
+    wait_rendered(page, "Graph")
+    expect(run_picker(page)).to_have_text(names_run(ids[0]), use_inner_text=True)
+    assert parse_qs(urlparse(page.url).query)["run"] == [ids[0]]
     assert_no_errors(page)
     tab.assert_safe()
 
@@ -385,7 +419,7 @@ def test_deep_link_as_a_fresh_servers_first_request(filled, tab: Tab, tmp_path: 
         assert_no_errors(page)
         assert urlparse(page.url).path == "/proposals"
         assert page.get_by_text("Page not found").count() == 0
-        expect(run_picker(page)).to_have_value(ids[0])
+        expect(run_picker(page)).to_have_text(names_run(ids[0]), use_inner_text=True)
         main = page.locator('[data-testid="stMain"]')
         expect(main.get_by_role("combobox", name="Step")).to_have_value("1")
         expect(main.get_by_role("combobox", name="Parameter")).to_have_value("counter.instruction")
@@ -404,7 +438,7 @@ def test_deep_link_as_a_fresh_servers_first_request(filled, tab: Tab, tmp_path: 
         wait_rendered(page, "Graph")
         assert_no_errors(page)
         assert_frame(page)
-        expect(run_picker(page)).to_have_value(ids[0])
+        expect(run_picker(page)).to_have_text(names_run(ids[0]), use_inner_text=True)
         wait_graph_drawn(page)
     tab.assert_safe()
 
@@ -450,7 +484,7 @@ def test_a_run_started_in_the_browser_goes_on_in_the_background(tab: Tab, tmp_pa
         [new] = [r.id for r in store.runs() if r.id not in ids]
         assert store.run(new).config["forward_model"] == "fake:forward" and store.run(new).config["steps"] == 1
         sidebar = page.locator('[data-testid="stSidebar"]')
-        expect(sidebar.get_by_role("combobox", name="Run")).to_have_value(new)  # the picker follows it
+        expect(run_picker(page)).to_have_text(names_run(new), use_inner_text=True)  # the picker follows it
         expect(sidebar).to_contain_text("object_counting, completed", timeout=120_000)
         assert_no_errors(page)
         screenshot(page, "runs-started")
