@@ -57,7 +57,9 @@ def curves() -> None:
     if df.empty:
         return
     steps = df["step"]
-    score = [go.Scatter(x=steps, y=df[column].astype(float), name=name, mode="lines+markers", connectgaps=False)
+    # cliponaxis off: a point at step 0 or at 100% is drawn whole, not cut by the axis
+    score = [go.Scatter(x=steps, y=df[column].astype(float), name=name, mode="lines+markers", connectgaps=False,
+                        cliponaxis=False)
              for column, name in (("val_score", "validation"), ("test_score", "test"))]
     samples = [go.Bar(x=steps, y=df[column], name=name) for column, name in (
         ("correct", "correct"), ("sent_backward", "failing, sent backward"),
