@@ -33,11 +33,9 @@ def config(**options):
                        max_failed=1, prices=FAKE_PRICES, **options)
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> tuple[Store, str, str]:
-    """(store, plain run, resumed run): the resumed run was stopped after step 1's backward pass
-    and resumed, so its step 1 was made twice; the first attempt's calls are in the store."""
-    path = tmp_path_factory.mktemp("agree")
+def plain_and_stopped(path: Path) -> tuple[Store, Path, str, str]:
+    """(store, cache, plain run, stopped run) in a new store under `path`: the second run was
+    stopped in the middle of step 1, after its backward pass, so step 1 is unfinished."""
     store, cache = Store(path / "runs.sqlite"), path / "cache.sqlite"
     plain = runner.train(store, config(), cache_path=cache, providers={"fake": FakeProvider(responder)})
 
@@ -45,10 +43,18 @@ def runs(tmp_path_factory) -> tuple[Store, str, str]:
         if event == "backward" and info.get("step") == 1:
             store.request_stop(info["run_id"])
 
-    resumed = runner.train(store, config(seed=1), cache_path=cache, providers={"fake": FakeProvider(responder)},
+    stopped = runner.train(store, config(seed=1), cache_path=cache, providers={"fake": FakeProvider(responder)},
                            progress=stop_after_backward)
-    assert store.run(resumed).status == "stopped"
-    assert [s.status for s in store.steps(resumed)] == ["completed", "running"]
+    assert store.run(stopped).status == "stopped"
+    assert [s.status for s in store.steps(stopped)] == ["completed", "running"]
+    return store, cache, plain, stopped
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> tuple[Store, str, str]:
+    """(store, plain run, resumed run): the resumed run was stopped after step 1's backward pass
+    and resumed, so its step 1 was made twice; the first attempt's calls are in the store."""
+    store, cache, plain, resumed = plain_and_stopped(tmp_path_factory.mktemp("agree"))
     runner.resume(store, resumed, cache_path=cache, providers={"fake": FakeProvider(responder)})
     assert store.run(resumed).status == "completed"
     return store, plain, resumed
@@ -141,18 +147,7 @@ def test_run_time_is_one_figure_on_runs_compare_and_curves(runs) -> None:
 def stopped(tmp_path_factory) -> tuple[Store, str, str]:
     """(store, plain run, stopped run): the stopped run was stopped in the middle of step 1 (after
     its backward pass) and not resumed, so step 1 is unfinished and will be redone whole."""
-    path = tmp_path_factory.mktemp("stopped")
-    store, cache = Store(path / "runs.sqlite"), path / "cache.sqlite"
-    plain = runner.train(store, config(), cache_path=cache, providers={"fake": FakeProvider(responder)})
-
-    def stop_after_backward(event: str, info: dict) -> None:
-        if event == "backward" and info.get("step") == 1:
-            store.request_stop(info["run_id"])
-
-    run_id = runner.train(store, config(seed=1), cache_path=cache, providers={"fake": FakeProvider(responder)},
-                          progress=stop_after_backward)
-    assert store.run(run_id).status == "stopped"
-    assert [s.status for s in store.steps(run_id)] == ["completed", "running"]
+    store, _, plain, run_id = plain_and_stopped(tmp_path_factory.mktemp("stopped"))
     return store, plain, run_id
 
 
