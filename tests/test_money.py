@@ -467,6 +467,31 @@ def test_a_proposal_made_by_an_unpriced_optimizer_costs_unknown_to_make(run_toy,
     assert any("cost to make unknown, to validate \\$" in m.value for m in at.markdown)
 
 
+def test_a_proposal_cost_whose_calls_were_not_recorded_is_unknown_never_zero(run_toy, store: Store) -> None:
+    """A store written without the links from calls to proposals (or without a proposal's
+    optimizer call) shows those costs as unknown, not $0.0000; a proposal that was never scored
+    cost nothing to validate."""
+    from autodiff.records import Proposal
+
+    script = Script(proposals={"toy.instruction": [proposal("Add the two numbers. LEVEL=3")]})
+    run = run_toy(script, prices=PRICES)
+    [scored, *_] = [p for p in store.proposals(run.run_id) if p.minibatch_score is not None]
+    with store.connect() as conn:
+        conn.execute("UPDATE llm_calls SET proposal_id = NULL WHERE proposal_id = ?", (scored.id,))
+    store.add_proposal(run.run_id, Proposal(
+        id="written-by-hand", step=1, parameter="toy.instruction", value="x", method="rephrase", reasoning="",
+        llm_call_id="a-call-the-store-lacks", fate="rejected_check", reason="empty"))
+    costs = store.proposal_costs(run.run_id)
+    assert set(costs) == {p.id for p in store.proposals(run.run_id)}  # one entry for every proposal
+    assert costs[scored.id]["validate_usd"] is None and costs[scored.id]["validate_unknown"] == 1
+    assert format_usd(costs[scored.id]["validate_usd"], costs[scored.id]["validate_unknown"]) == "unknown"
+    assert costs[scored.id]["make_usd"] > 0  # its optimizer call is there and priced
+    by_hand = costs["written-by-hand"]
+    assert by_hand["make_usd"] is None and by_hand["make_unknown"] == 1
+    assert by_hand["validate_usd"] == 0.0 and by_hand["validate_unknown"] == 0  # never scored: nothing spent
+    assert format_usd(by_hand["make_usd"], by_hand["make_unknown"]) == "unknown"
+
+
 def test_an_unpriced_run_draws_no_cost_line_and_its_cache_savings_are_unknown(run_toy, store: Store) -> None:
     """Compare leaves the unknown points of the cumulative cost out (a gap, said in the caption),
     never a flat $0 line; the Runs table's "saved" is unknown for cache hits of an unpriced model."""

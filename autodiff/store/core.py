@@ -662,30 +662,47 @@ class Store:
         return scores
 
     def proposal_costs(self, run_id: str) -> dict[str, dict]:
-        """Proposal id -> what it cost in USD: `make_usd` (its optimizer call, shared equally by
-        the proposals that call made) and `make_unknown` (1 when that call's price is unknown,
-        left out of `make_usd`), `validate_usd` (the calls that scored it on the mini-batch and
-        on validation) and `validate_unknown` (those calls whose price is unknown, left out), and
-        `unknown` (both unknown counts). Show them with `format_usd(make_usd, make_unknown)`:
-        "unknown", or "$x + unknown"."""
+        """Proposal id -> what it cost in USD, for every proposal of the run: `make_usd` (its
+        optimizer call, shared equally by the proposals that call made) and `make_unknown` (1 when
+        that call's price is unknown, left out of `make_usd`), `validate_usd` (the calls that
+        scored it on the mini-batch and on validation) and `validate_unknown` (those calls whose
+        price is unknown, left out), and `unknown` (both unknown counts). Show them with
+        `format_usd(make_usd, make_unknown)`: "unknown", or "$x + unknown".
+
+        A figure is None (shown "unknown"), never $0, when the calls it sums were not recorded:
+        `make_usd` for a proposal whose optimizer call is not in the store, `validate_usd` for a
+        proposal that has a mini-batch or validation score but no call linked to it (a store
+        written without those links). A proposal never scored cost nothing to validate ($0)."""
         with self.connect() as conn:
             made = conn.execute(
-                "SELECT p.id, c.cost_usd, c.cached, COUNT(*) OVER (PARTITION BY p.llm_call_id) AS shared"
-                " FROM proposals p JOIN llm_calls c ON c.id = p.llm_call_id WHERE p.run_id = ?", (run_id,)).fetchall()
+                "SELECT p.id, p.llm_call_id, c.id AS call_id, c.cost_usd, c.cached,"
+                " COUNT(*) OVER (PARTITION BY p.llm_call_id) AS shared,"
+                " p.minibatch_score IS NOT NULL OR p.val_score IS NOT NULL AS scored"
+                " FROM proposals p LEFT JOIN llm_calls c ON c.id = p.llm_call_id WHERE p.run_id = ?",
+                (run_id,)).fetchall()
             scored = conn.execute(
                 "SELECT c.proposal_id AS id, COALESCE(SUM(c.cost_usd), 0.0) AS usd,"
                 f" {_count('c.cost_usd IS NULL AND c.cached = 0')} AS unknown FROM llm_calls c"
                 " WHERE c.run_id = ? AND c.proposal_id IS NOT NULL GROUP BY c.proposal_id", (run_id,)).fetchall()
+        validated = {r["id"]: r for r in scored}
         costs: dict[str, dict] = {}
         for r in made:
-            unknown = int(r["cost_usd"] is None and not r["cached"])
-            costs[r["id"]] = {**NO_PROPOSAL_COST, "make_usd": (r["cost_usd"] or 0.0) / r["shared"],
-                              "make_unknown": unknown, "unknown": unknown}
-        for r in scored:
-            entry = costs.setdefault(r["id"], dict(NO_PROPOSAL_COST))
-            entry["validate_usd"] = r["usd"]
-            entry["validate_unknown"] = r["unknown"] or 0
-            entry["unknown"] = entry["make_unknown"] + entry["validate_unknown"]
+            if r["llm_call_id"] is None:  # no optimizer call wrote it
+                make, make_unknown = 0.0, 0
+            elif r["call_id"] is None:  # its call is not in the store: what it cost is not known
+                make, make_unknown = None, 1
+            else:
+                make_unknown = int(r["cost_usd"] is None and not r["cached"])
+                make = (r["cost_usd"] or 0.0) / r["shared"]
+            v = validated.get(r["id"])
+            if v is not None:
+                validate, validate_unknown = v["usd"], v["unknown"] or 0
+            elif r["scored"]:  # scored, but by calls the store does not link to it
+                validate, validate_unknown = None, 1
+            else:
+                validate, validate_unknown = 0.0, 0
+            costs[r["id"]] = {"make_usd": make, "make_unknown": make_unknown, "validate_usd": validate,
+                              "validate_unknown": validate_unknown, "unknown": make_unknown + validate_unknown}
         return costs
 
     # --- proposals and decisions ------------------------------------------------------------
