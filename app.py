@@ -12,7 +12,9 @@ st.set_page_config(page_title="autodiff", page_icon=str(Path(__file__).parent / 
                    layout="wide")
 
 PAGES = [
-    st.Page("pages/runs.py", title="Runs", icon=":material/list:", default=True),
+    # Served at /. Its url_path only names it inside Streamlit (a default page is not reachable by
+    # it), so "runs" is left free for `_runs_alias`.
+    st.Page("pages/runs.py", title="Runs", icon=":material/list:", default=True, url_path="home"),
     st.Page("pages/graph.py", title="Graph", icon=":material/account_tree:"),
     st.Page("pages/gradients.py", title="Gradients", icon=":material/feedback:"),
     st.Page("pages/prompts.py", title="Prompts", icon=":material/difference:"),
@@ -22,7 +24,18 @@ PAGES = [
     st.Page("pages/compare.py", title="Compare", icon=":material/compare:"),
 ]
 
+
+
+def _runs_alias() -> None:
+    """/runs, the Runs page by its name (what people type, and what the page's own name suggests),
+    opens the Runs page at its address, /, with the query string kept (?run=...). Without it
+    Streamlit answers "Page not found": a default page is served at / only."""
+    st.switch_page(PAGES[0], query_params=st.query_params.to_dict())
+
+
+ALIASES = [st.Page(_runs_alias, title="Runs", url_path="runs", visibility="hidden")]
+
 require_sign_in()  # only when a team configured it: see dashboard/auth.py
-navigation = st.navigation(PAGES)
+navigation = st.navigation(PAGES + ALIASES)
 sidebar()
 navigation.run()

@@ -282,9 +282,20 @@ class _RunMenu:
     The selectbox is still run on the server each time, so the choice, its reset and the URL work
     as for any `choose`, and it stays usable with many runs (it filters as one types)."""
 
+    KEY = "run_menu"  # the popover's open state: True while open
+
     def selectbox(self, label: str, options: Sequence, *, key: str, **kwargs: Any) -> Any:
-        with st.sidebar.popover(f"{md(label)}: {md(st.session_state[key])}", key="run_menu", width="stretch"):
-            return st.selectbox(label, options, key=key, **kwargs)
+        # Wide enough for the longest id (an id cut short cannot be told from its neighbours), at
+        # most 640 px; the popover closes after a pick, since a picked run is what the menu is for.
+        widest = max((len(str(option)) for option in options), default=0)
+        with st.sidebar.popover(f"{md(label)}: {md(st.session_state[key])}", key=self.KEY, on_change="rerun",
+                                width="stretch"):
+            return st.selectbox(label, options, key=key, on_change=self._close,
+                                width=min(max(300, widest * 8 + 64), 640), **kwargs)
+
+    @classmethod
+    def _close(cls) -> None:
+        st.session_state[cls.KEY] = False
 
 
 def sidebar() -> str | None:
@@ -295,11 +306,11 @@ def sidebar() -> str | None:
     runs = store.runs()
     if mark_dead_runs(store, runs):  # a run whose process died shows as stopped on every page
         runs = store.runs()
-    with st.sidebar:
-        st.caption(f"Store: `{store.display}`")  # a database password masked
-        if not runs:
-            st.session_state["run_id"] = None
-            return None
+    where = f"Store: {md(store.display)}"  # a database password masked
+    if not runs:
+        st.sidebar.caption(where)
+        st.session_state["run_id"] = None
+        return None
     ids = [r.id for r in runs]
     # Plain ids as options: the front end keeps a chosen option's label as its value, so a status
     # in the label went stale when the run's status changed. Outside `with st.sidebar`, so that a
@@ -308,7 +319,9 @@ def sidebar() -> str | None:
     run_id = choose(_RunMenu(), "Run", ids, key="run_picker", scope=None, url="run",
                     index=ids.index(known) if known in ids else 0, missing="is not in this store")
     run = next(r for r in runs if r.id == run_id)
-    st.sidebar.caption(f"{md(run.task)}, {run.status}")
+    # One caption under the menu, in the body font: each sidebar element is drawn on every page,
+    # and a tab's first load of the Runs page is timed against an empty app (bench/dashboard_load.py).
+    st.sidebar.caption(f"{md(run.task)}, {run.status}  \n{where}")
     st.session_state["run_id"] = run_id
     return run_id
 

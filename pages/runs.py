@@ -248,7 +248,7 @@ def live() -> None:
     # Two tables, the figures and then the settings and errors, so that each fits the page at
     # 1024 px wide (sidebar open) instead of one table of 18 columns scrolling sideways; a column
     # empty in every row (nothing projected, no error) is left out.
-    st.html(html_table(
+    st.html(html_table(  # one element for both tables: fewer elements for the browser to draw
         [{"run": Link(s["id"], page_url("curves", run=s["id"])), 
           "status": f"{s['status']} ({s['steps_done']}/{s['steps_planned']} steps)", "best validation": fmt_score(s["best_val"]),
           "latest test": fmt_score(s["final_test"]), "tokens": f"{s['tokens']:,}",
@@ -260,11 +260,10 @@ def live() -> None:
           "run time (s)": f"{s['wall_s']:,.1f}"} for s in summaries],
         numeric=("best validation", "latest test", "tokens", "cost", "projected", "saved", "call errors",
                  "run time (s)"), drop_empty=("projected",), words=("status",),
-    ))
-    st.html(html_table(
+    ) + '<div style="height: 1rem"></div>' + html_table(
         [{"run": s["id"], "task": s["task"], "models": models(s), "review": s["review"],
           "started": fmt_time(s["created_at"]), "error": s["error"] or ""} for s in summaries], drop_empty=("error",)))
-    st.caption("A run's id opens its curves. Every page names its run in the address (`?run=`), so a reload "
+    st.caption("A run's id opens its curves. Every page names its run in the address (?run=), so a reload "
                "or a shared link opens the same view.")
 
 

@@ -372,17 +372,24 @@ def test_a_run_in_the_runs_table_opens_that_run(dashboard: str, filled, tab: Tab
 
 def test_the_run_menu_picks_a_run(dashboard: str, filled, tab: Tab) -> None:
     """The run picker sits in a popover (its selectbox is drawn when the menu is opened): a run
-    chosen there is the page's run, in the menu's label and the address, on the next page too."""
+    chosen there is the page's run, in the menu's label and the address, on the next page too; the
+    menu closes after the pick, and its list shows whole ids."""
     _store, ids = filled
     page = tab.page
     page.goto(dashboard)
     wait_rendered(page, "Runs")
     expect(run_picker(page)).to_have_text(names_run(ids[-1]), use_inner_text=True)
-    choose_run(page, ids[0])
+    run_picker(page).click()
+    body = page.get_by_test_id("stPopoverBody")
+    body.get_by_role("combobox", name="Run", exact=True).click()
+    for run_id in ids:  # no id cut short in the list
+        option = page.get_by_role("option", name=run_id, exact=True)
+        assert option.evaluate("o => o.scrollWidth <= o.clientWidth + 1"), run_id
+    page.get_by_role("option", name=ids[0], exact=True).click()
     expect(run_picker(page)).to_have_text(names_run(ids[0]), use_inner_text=True)
+    expect(body).to_be_hidden()  # the pick closed the menu
     wait_rendered(page, "Runs")
     assert parse_qs(urlparse(page.url).query)["run"] == [ids[0]]
-    page.keyboard.press("Escape")  # closes the menu
     nav_link(page, "Graph").click()
     wait_rendered(page, "Graph")
     expect(run_picker(page)).to_have_text(names_run(ids[0]), use_inner_text=True)
@@ -401,6 +408,21 @@ def test_deep_link_opens_inside_the_frame(dashboard: str, tab: Tab, title: str) 
     assert urlparse(page.url).path == f"/{title.lower()}"
     if title == "Graph":
         wait_graph_drawn(page)
+    tab.assert_safe()
+
+
+def test_runs_by_name_opens_the_runs_page(dashboard: str, filled, tab: Tab) -> None:
+    """/runs is the Runs page (the default page, also at /), on the run the address names: not
+    Streamlit's "Page not found"."""
+    _store, ids = filled
+    page = tab.page
+    page.goto(f"{dashboard}/runs?run={ids[0]}")  # not the newest run
+    wait_rendered(page, "Runs")
+    expect(run_picker(page)).to_have_text(names_run(ids[0]), use_inner_text=True)
+    assert urlparse(page.url).path in ("/", "/runs") and parse_qs(urlparse(page.url).query)["run"] == [ids[0]]
+    expect(page.get_by_text("Page not found")).to_have_count(0)
+    assert_no_errors(page)
+    assert_frame(page)
     tab.assert_safe()
 
 

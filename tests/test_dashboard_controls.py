@@ -315,12 +315,14 @@ def test_a_waiting_review_shows_the_time_left_before_its_fallback(tmp_path: Path
         while not pending(store, "waiting") and time.monotonic() < deadline:
             time.sleep(0.05)
         [item] = pending(store, "waiting")[:1]
-        assert item.fallback in ("accept", "reject") and 590 < item.seconds_left() <= 600
+        # A loaded machine (CI runs other work) can take many seconds between the wait starting and
+        # this read: a minute of slack, the fallback time is still far off.
+        assert item.fallback in ("accept", "reject") and 540 < item.seconds_left() <= 600
         at = open_page(store.path, "pages/review.py", "waiting")
         [note] = [w.value for w in at.warning if "left** to decide" in w.value]
         assert "then the trainer" in note and ("accepts it" in note or "rejects it" in note)
         minutes = int(note.split("**")[1].split(" min")[0])
-        assert minutes in (9, 10)
+        assert minutes in (8, 9, 10)
         time.sleep(1.2)
         later = pending(store, "waiting")[0].seconds_left()
         assert later < item.seconds_left(now=time.time() - 1.0)  # it counts down as it waits

@@ -107,22 +107,26 @@ def wait_for(predicate, timeout: float = 30.0):
     raise AssertionError("timed out waiting")
 
 
-def html_table_rows(page: str) -> list[dict]:
-    """The rows of the first HTML table in `page` (dashboard/common.html_table), as header -> text."""
+def html_table_rows(page: str, table: int = 0) -> list[dict]:
+    """The rows of the `table`-th HTML table in `page` (dashboard/common.html_table; 0 the first),
+    as header -> text."""
     class Cells(HTMLParser):
         def __init__(self) -> None:
             super().__init__()
             self.rows: list[list[str]] = []
             self.cell: list[str] | None = None
+            self.tables = -1
 
         def handle_starttag(self, tag, attrs) -> None:
-            if tag == "tr":
+            if tag == "table":
+                self.tables += 1
+            elif tag == "tr" and self.tables == table:
                 self.rows.append([])
-            elif tag in ("td", "th"):
+            elif tag in ("td", "th") and self.tables == table:
                 self.cell = []
 
         def handle_endtag(self, tag) -> None:
-            if tag in ("td", "th") and self.cell is not None:
+            if tag in ("td", "th") and self.cell is not None and self.rows:
                 self.rows[-1].append("".join(self.cell))
                 self.cell = None
 
@@ -176,7 +180,7 @@ def test_runs_table(filled) -> None:
     for column in ("best validation", "latest test", "tokens", "cost", "saved", "call errors", "run time (s)"):
         assert column in table[0]
     assert "projected" not in table[0]  # every run completed: the column is left out
-    settings = html_table_rows(at.get("html")[1].proto.body)
+    settings = html_table_rows(at.get("html")[0].proto.body, table=1)  # one element holds both tables
     assert [row["run"] for row in settings] == [r.id for r in store.runs()]
     assert {row["models"] for row in settings} == {"forward fake:forward, backward fake:backward, "
                                                     "optimizer fake:optimizer"}

@@ -236,7 +236,7 @@ def test_runs_page_shows_call_errors(runs) -> None:
     assert_clean(at)
     table = {row["run"]: row for row in html_table_rows(at.get("html")[0].proto.body)}
     assert (table[faulty]["call errors"], table[clean]["call errors"]) == ("9", "0")
-    settings = {row["run"]: row for row in html_table_rows(at.get("html")[1].proto.body)}  # settings and errors
+    settings = {row["run"]: row for row in html_table_rows(at.get("html")[0].proto.body, table=1)}  # settings and errors
     assert settings[faulty]["error"] == STOP_REASON
 
 

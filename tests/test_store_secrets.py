@@ -93,7 +93,7 @@ def test_a_password_in_the_url_reaches_no_record_export_message_or_page(secret_u
     at.session_state["store_path"] = secret_url
     at.run()
     assert not at.exception
-    shown = [c.value for c in at.sidebar.caption]
+    shown = [c.value.replace("\\", "") for c in at.sidebar.caption]  # as shown: markdown escapes undone
     assert any("postgresql://postgres:***@" in c for c in shown), shown
     page = json.dumps([str(e) for e in at.main.children.values()] + shown)
     assert PASSWORD not in page
