@@ -193,7 +193,8 @@ def step_figures(store: Store, run_id: str) -> list[dict]:
     `tokens_cumulative`, `cost_cumulative` and `cost_unknown_cumulative` (this step and those
     before it), `errors`, `cut_off` and `context_window` (calls that failed because the prompt
     did not fit the model's context window), `cache_saved_usd` (what calls answered from our
-    response cache would have cost).
+    response cache would have cost, where their price is known) and `cache_saved_unknown` (those
+    cache hits whose price is unknown, left out of it).
 
     Time, in seconds: `wall_s` (the step's time: start to end, or to its last call's end when
     later; a step not completed: to its last call so far), `wall_s_other` (the part of it with no
@@ -206,7 +207,9 @@ def step_figures(store: Store, run_id: str) -> list[dict]:
     calls per sample sent; None when no sample was sent, so there is no rate to go by),
     `backward_calls_over_cap` (the same for the samples over the cap: not made, not a saving;
     both None at a step without a mini-batch, step 0),
-    `backward_saved_usd` (the saved calls' cost at the step's cost per sample sent). Proposals:
+    `backward_saved_usd` (the saved calls' cost at the step's cost per sample sent, from its
+    priced backward calls) and `backward_saved_unknown` (1 when calls were saved but the step's
+    backward calls have no known price, so that figure leaves them out; else 0). Proposals:
     one column per `FATES` entry (see `proposal_figures`). `samples_errored_val` and
     `samples_errored_test`: samples left unscored in the step's validation and test evaluations
     (the scores leave them out); `samples_errored` is their sum."""
@@ -235,6 +238,7 @@ def step_figures(store: Store, run_id: str) -> list[dict]:
         for column in ("tokens", "cost", "cost_unknown"):
             row[column] = sum(row[f"{column}_{p}"] for p in (*PHASES, "redone"))
         row["cache_saved_usd"] = sum(t["saved_usd"] for t in mine)
+        row["cache_saved_unknown"] = sum(t["saved_unknown"] for t in mine)
         row["errors"] = sum(t["errors"] for t in mine)  # every phase and attempt: a fault is never hidden
         row["cut_off"] = sum(t["cut_off"] for t in mine)
         row["context_window"] = sum(t["context_window"] for t in mine)
@@ -268,6 +272,7 @@ def step_figures(store: Store, run_id: str) -> list[dict]:
         row["backward_calls_over_cap"] = _estimate(per_sample, outcome.over_cap) if trained else None
         row["backward_saved_usd"] = (row["cost_backward"] / outcome.sent_backward * outcome.correct
                                      if outcome.sent_backward else None)
+        row["backward_saved_unknown"] = int(bool(row["backward_calls_saved"] and row["cost_unknown_backward"]))
         for fate in FATES:
             row[fate] = proposals.get(step, {}).get(fate, 0) or 0
         rows.append(row)
@@ -356,8 +361,7 @@ def run_summary(store: Store, run_id: str) -> dict:
     money = projection(store, run_id, steps=figures, totals=calls)
     cache_saved = sum(c["saved_usd"] for c in calls)
     backward_saved = sum(r["backward_saved_usd"] or 0.0 for r in figures)
-    saved_unknown = sum(c["saved_unknown"] for c in calls) + sum(
-        1 for r in figures if r["backward_calls_saved"] and r["cost_unknown_backward"])
+    saved_unknown = sum(c["saved_unknown"] for c in calls) + sum(r["backward_saved_unknown"] for r in figures)
     return {
         "id": run_id, "task": run.task, "status": run.status, "error": run.error,
         "forward_model": cfg.get("forward_model"), "backward_model": cfg.get("backward_model"),

@@ -12,6 +12,7 @@ from dashboard.common import fmt_score, html_table, md, require_run, reset_when,
 from dashboard.figures import steps_of
 
 store, run_id = require_run()
+charts.preload()  # plotly.js loads in the browser while the figures are built here
 st.title("Compare")
 by_id = {r.id: r for r in store.runs()}
 ids = list(by_id)

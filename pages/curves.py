@@ -16,6 +16,7 @@ REDONE = "redone"  # calls of an attempt stopped part-way and redone on resume: 
 OTHER = "other"  # step time with no LLM call running
 
 store, run_id = require_run()
+charts.preload()  # plotly.js loads in the browser while the figures are built here
 st.title("Curves")
 st.caption(f"Run {md(run_id)}")
 live = store.run(run_id).status in ACTIVE
@@ -69,8 +70,12 @@ def curves() -> None:
                 go.Bar(x=steps, y=df["backward_calls_saved"].astype(float), name="saved (correct samples)"),
                 go.Bar(x=steps, y=df["backward_calls_over_cap"].astype(float),
                        name="not made (failing samples over the cap)")]
-    saved = [go.Bar(x=steps, y=df["cache_saved_usd"], name="by the response cache"),
-             go.Bar(x=steps, y=df["backward_saved_usd"].astype(float), name="by selective backward")]
+    # A saving whose price is unknown is a gap, never a $0 bar (the Runs page says "unknown" too).
+    saved = [go.Bar(x=steps, y=[None if unknown and not usd else usd for usd, unknown in
+                                zip(df[column].astype(float), df[unknown_column])], name=name)
+             for column, unknown_column, name in (
+                 ("cache_saved_usd", "cache_saved_unknown", "by the response cache"),
+                 ("backward_saved_usd", "backward_saved_unknown", "by selective backward"))]
     # Faults: a chart only for what happened; a caption says what did not.
     faults = tuple(by_phase(df, f"{total}_", f"{what.capitalize()} per step by phase, and cumulative", what,
                             "count")
@@ -87,7 +92,8 @@ def curves() -> None:
         # A run whose calls have no known price draws no cost line at $0: the caption says unknown.
         (*([by_phase(df, "cost_", "Cost per step by phase, and cumulative", "cost (USD)", "usd", "cost_cumulative")]
            if priced else []),
-         charts.figure("Money saved per step", saved, y="saved (USD)", unit="usd", barmode="stack")),
+         charts.figure("Money saved per step", saved, y="saved (USD)", unit="usd", barmode="stack",
+                       empty="Unknown: the calls saved have no known price (see the note below).")),
         (charts.figure("Proposals per step by the stage they reached", proposals, y="proposals", unit="count",
                        barmode="group"),
          charts.figure("Backward calls per step: made, saved, over the cap", backward, y="calls", unit="count",
@@ -127,7 +133,18 @@ def cost_note(df: pd.DataFrame) -> str:
             "when it was made (genai-prices' table, your own prices, or 0 for local models).")
     return note + (f" {count(unknown, 'call')} {'has' if unknown == 1 else 'have'} no known price and "
                    f"{'is' if unknown == 1 else 'are'} left out of the bars: not in the price table (set one with "
-                   "--price)." if unknown else "")
+                   "--price)." if unknown else "") + saved_note(df)
+
+
+def saved_note(df: pd.DataFrame) -> str:
+    """Which savings could not be priced (left out of the money-saved bars), if any."""
+    cache, backward = int(df["cache_saved_unknown"].sum()), int(df["backward_saved_unknown"].sum())
+    if not cache and not backward:
+        return ""
+    parts = ([f"{count(cache, 'cache hit')} with no known price"] if cache else []) + \
+        ([f"the backward calls saved at {count(backward, 'step')}, whose backward calls have no known price"]
+         if backward else [])
+    return f" Money saved leaves out {' and '.join(parts)}: unknown, not \\$0."
 
 
 def fault_note(df: pd.DataFrame) -> str:

@@ -113,3 +113,25 @@ def test_the_charts_follow_the_app_theme_and_force_no_white() -> None:
         assert "white" not in page.lower()
         assert json.dumps({"fg": fg, "bg": bg, "dark": theme == "dark"}) in page
         assert "getComputedStyle" in page and "Plotly.react" in page  # read, and redrawn on a switch
+
+
+def test_zero_bars_are_left_out_and_the_rest_kept() -> None:
+    fig = charts.figure("t", [go.Bar(x=[0, 1, 2, 3], y=[0, 2, 0.0, None], name="b"),
+                              go.Scatter(x=[0, 1], y=[0, 1], name="line")], y="n", unit="count")
+    assert list(fig.data[0].y) == [None, 2, None, None]  # nothing drawn where nothing would show
+    assert list(fig.data[1].y) == [0, 1]  # a line's zero is a point on it
+    only_zeros = charts.figure("t", [go.Bar(x=[0, 1], y=[0, 0])], y="n", unit="count")
+    assert only_zeros.layout.yaxis.range == (0, 1) and not only_zeros.layout.annotations  # axes, not "nothing"
+
+
+def test_preload_loads_only_the_local_bundle(monkeypatch) -> None:
+    drawn = []
+    monkeypatch.setattr(charts.st.sidebar, "html", lambda body, **kw: drawn.append((body, kw)))
+    charts.preload()
+    [(body, kw)] = drawn
+    assert kw == {"unsafe_allow_javascript": True} and body == charts.preload_html()
+    assert re.findall(r"https?://", body) == [] and json.dumps(charts.bundle_url()) in body
+    assert "loadPlotly" in body and body.count("<script>") == 1
+    # the charts' own script waits for the same load: one <script src> per tab
+    page = charts.page_html([charts.figure("t", [go.Bar(x=[1], y=[1])], y="n")])
+    assert "window.autodiffPlotly" in page and "loadPlotly(" in page

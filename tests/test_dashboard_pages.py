@@ -76,8 +76,12 @@ def charts_data_removed(node) -> str:
     """An element's text; for the one kind allowed to run its scripts (dashboard/charts.py), with its
     two JSON data blocks and its own drawing code taken out, after checking that these are all the
     scripts it has and that no store text sits in the code."""
+    from dashboard import charts
+
     if getattr(node, "type", None) != "html" or not node.proto.unsafe_allow_javascript:
         return node.value
+    if node.value == charts.preload_html():  # the other element allowed scripts: exactly charts' own
+        return ""
     blocks = re.findall(r"<script([^>]*)>(.*?)</script>", node.value, re.S)
     assert [attrs.strip() for attrs, _ in blocks] == ['type="application/json" class="figures"',
                                                       'type="application/json" class="template"', ""]
@@ -91,11 +95,11 @@ def charts_code(body: str) -> str:
     from dashboard import charts
 
     root = re.search(r'<div id="(charts-[0-9a-f]+)"', body).group(1)
-    bundle = re.search(r'script\.src = ("[^"]*");', body).group(1)
+    bundle = re.search(r'loadPlotly\(("[^"]*")\)', body).group(1)
     height = int(re.search(r"const HEIGHT = (\d+);", body).group(1))
     fallback = re.search(r"const FALLBACK = (\{[^}]*\});", body).group(1)
     return charts._DRAW_JS % {"root": json.dumps(root), "fallback": fallback, "foreground": charts.FOREGROUND,
-                              "height": height, "bundle": bundle}
+                              "height": height, "bundle": bundle, "loader": charts.LOADER_JS}
 
 
 def wait_for(predicate, timeout: float = 30.0):
@@ -307,6 +311,13 @@ def chart_figures(at: AppTest) -> list[dict]:
     return json.loads(block.group(1))
 
 
+def heights(trace: dict) -> list:
+    """A trace's y values, where a bar's left-out value (charts.figure does not draw a zero bar) is
+    the 0 it stands for."""
+    ys = values(trace["y"])
+    return [0 if v is None else v for v in ys] if trace.get("type") == "bar" else ys
+
+
 def values(data: list | dict) -> list:
     """A trace's x or y as a list: plotly writes numpy arrays as base64 typed arrays."""
     if isinstance(data, dict):
@@ -331,13 +342,13 @@ def test_curves_draws_every_chart(filled) -> None:
     tokens = {t["name"]: values(t["y"]) for t in figures[2]["data"]}
     assert set(tokens) == {*PHASES, "cumulative (right axis)"}
     assert tokens["cumulative (right axis)"][-1] == sum(r["tokens"] for r in rows) > 0
-    cost = {t["name"]: values(t["y"]) for t in figures[4]["data"]}
+    cost = {t["name"]: heights(t) for t in figures[4]["data"]}
     assert cost["validate"] == pytest.approx([r["cost_validate"] for r in rows])
     assert cost["cumulative (right axis)"][-1] == pytest.approx(sum(r["cost"] for r in rows)) != 0
-    saved = {t["name"]: values(t["y"]) for t in figures[5]["data"]}
+    saved = {t["name"]: heights(t) for t in figures[5]["data"]}
     # step 0 has no backward pass: nothing saved there (no bar)
-    assert saved["by selective backward"][1:] == pytest.approx([r["backward_saved_usd"] for r in rows[1:]])
-    fates = {t["name"]: values(t["y"]) for t in figures[6]["data"]}
+    assert saved["by selective backward"][1:] == pytest.approx([r["backward_saved_usd"] or 0 for r in rows[1:]])
+    fates = {t["name"]: heights(t) for t in figures[6]["data"]}
     assert fates["proposed"] == [r["proposed"] for r in rows] and sum(fates["proposed"]) > 0
     # No fault charts for a run without faults (tests/test_error_counts.py draws them): a caption says so.
     assert any(c.value.startswith("No LLM call errored in the completed steps") for c in at.caption)
@@ -524,8 +535,17 @@ def test_curves_draws_no_cost_line_for_a_run_with_no_known_price(tmp_path: Path)
     run_id = fake_run(store, tmp_path / "cache.sqlite", steps=1)
     with store.connect() as conn:  # as if no call's model were in the price table
         conn.execute("UPDATE llm_calls SET cost_usd = NULL WHERE run_id = ? AND cached = 0", (run_id,))
+        conn.execute("UPDATE llm_calls SET saved_usd = NULL WHERE run_id = ?", (run_id,))
     at = open_page(store.path, "pages/curves.py", run_id)
     assert_clean(at)
-    titles = [f["layout"]["title"]["text"] for f in chart_figures(at)]
-    assert "Cost per step by phase, and cumulative" not in titles  # never a flat $0 line
+    figures = {f["layout"]["title"]["text"]: f for f in chart_figures(at)}
+    assert "Cost per step by phase, and cumulative" not in figures  # never a flat $0 line
     assert any("no known price" in c.value for c in at.caption)
+    # Nor $0 saved by selective backward: the Runs page says unknown, the chart leaves a gap (no
+    # cache hit in this run: the cache's $0 is true).
+    saved = {t["name"]: values(t["y"]) for t in figures["Money saved per step"]["data"]}
+    assert all(v is None for v in saved["by selective backward"])
+    assert all(v in (0, None) for v in saved["by the response cache"])
+    assert any("Money saved leaves out" in c.value and "unknown, not \\$0" in c.value for c in at.caption)
+    summary = run_summary(store, run_id)
+    assert summary["saved_usd"] == 0 and summary["saved_unknown"] > 0

@@ -17,7 +17,7 @@ from autodiff.metrics import (PHASES, context_window_failures, error_kinds, faul
                               step_figures)
 from autodiff.records import Evaluation, LLMCall
 from autodiff.store import Store
-from tests.test_dashboard_pages import assert_clean, chart_figures, html_table_rows, open_page, values
+from tests.test_dashboard_pages import assert_clean, chart_figures, heights, html_table_rows, open_page
 
 OVERFLOW = "LLMContextWindowError: the prompt has 9,000 tokens and local:smollm2 reads at most 8,192"
 STOP_REASON = "TooManyErrors: 3 of 10 validation samples errored at step 1 (limit 20%)"
@@ -245,11 +245,11 @@ def test_curves_page_charts_errors_and_cut_offs_by_phase(runs) -> None:
     at = open_page(store.path, "pages/curves.py", faulty)
     assert_clean(at)
     figures = {f["layout"]["title"]["text"]: f for f in chart_figures(at)}
-    errors = {t["name"]: values(t["y"]) for t in figures["Errored calls per step by phase, and cumulative"]["data"]}
+    errors = {t["name"]: heights(t) for t in figures["Errored calls per step by phase, and cumulative"]["data"]}
     assert errors == {p: [0, 0] for p in PHASES} | {
         "forward": [0, 1], "backward": [0, 1], "propose": [0, 1], "validate": [2, 3], "test": [1, 0],
         "cumulative (right axis)": [3, 9]}
-    cut = {t["name"]: values(t["y"]) for t in figures["Cut-off replies per step by phase, and cumulative"]["data"]}
+    cut = {t["name"]: heights(t) for t in figures["Cut-off replies per step by phase, and cumulative"]["data"]}
     assert cut["backward"] == [0, 1] and cut["validate"] == [0, 1] and cut["cumulative (right axis)"] == [0, 2]
     note = next(c.value for c in at.caption if "errored" in c.value)
     assert "LLM calls that errored (no usable reply after their retries): 9" in note

@@ -86,8 +86,10 @@ def charts_by_title(at) -> dict[str, dict]:
 
 
 def traces(fig: dict) -> dict[str, list]:
-    """Trace name -> (x, y) with NaN for a gap."""
-    return {t["name"]: (values(t["x"]), [math.nan if v is None else v for v in values(t["y"])])
+    """Trace name -> (x, y) with NaN for a gap in a line, and 0 for a bar left out (charts.figure
+    draws no zero bar)."""
+    return {t["name"]: (values(t["x"]), [(0 if t.get("type") == "bar" else math.nan) if v is None else v
+                                         for v in values(t["y"])])
             for t in fig["data"]}
 
 
