@@ -37,5 +37,7 @@ ALIASES = [st.Page(_runs_alias, title="Runs", url_path="runs", visibility="hidde
 
 require_sign_in()  # only when a team configured it: see dashboard/auth.py
 navigation = st.navigation(PAGES + ALIASES)
+if navigation in ALIASES:  # before the sidebar reads the address (and says what in it is wrong)
+    navigation.run()
 sidebar()
 navigation.run()

@@ -19,7 +19,7 @@ from autodiff.runner import default_cache_path, mark_dead_runs
 from autodiff.errors import StoreError
 from autodiff.store import Store, is_url, mask_secrets, resolve_spec
 
-_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:])")
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:&])")  # with "&": an entity ("&lt;") shows as written, not decoded
 ALL = "All"  # the choice of a filter that keeps everything
 
 
@@ -286,12 +286,12 @@ class _RunMenu:
 
     def selectbox(self, label: str, options: Sequence, *, key: str, **kwargs: Any) -> Any:
         # Wide enough for the longest id (an id cut short cannot be told from its neighbours), at
-        # most 640 px; the popover closes after a pick, since a picked run is what the menu is for.
+        # most 960 px; the popover closes after a pick, since a picked run is what the menu is for.
         widest = max((len(str(option)) for option in options), default=0)
         with st.sidebar.popover(f"{md(label)}: {md(st.session_state[key])}", key=self.KEY, on_change="rerun",
                                 width="stretch"):
             return st.selectbox(label, options, key=key, on_change=self._close,
-                                width=min(max(300, widest * 8 + 64), 640), **kwargs)
+                                width=min(max(300, widest * 8 + 64), 960), **kwargs)
 
     @classmethod
     def _close(cls) -> None:

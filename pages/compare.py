@@ -37,18 +37,22 @@ if not shared:
 
 summaries = [summary(store, by_id[r]) for r in chosen]
 # One row per run: a plain table (a data grid cost the browser more than this page's charts to lay out).
+# Two tables in one element, the figures and then the task and models (as on the Runs page), so
+# that each fits the page at 1024 px wide instead of one of 16 columns cutting words and columns.
 st.html(html_table(
-    [{"run": s["id"], "task": s["task"], "status": s["status"], "forward model": s["forward_model"],
-      "backward model": s["backward_model"], "optimizer model": s["optimizer_model"], "steps": s["steps_done"],
-      "initial validation": fmt_score(s["initial_val"]), "best validation": fmt_score(s["best_val"]),
+    [{"run": s["id"], "initial validation": fmt_score(s["initial_val"]), "best validation": fmt_score(s["best_val"]),
       "initial test": fmt_score(s["initial_test"]), "latest test": fmt_score(s["final_test"]),
       "tokens": f"{s['tokens']:,}", "cost": format_usd(s["cost_usd"], s["cost_unknown"]),
       "saved": format_usd(s["saved_usd"], s["saved_unknown"]), "LLM calls": f"{s['calls']:,}",
       "run time (s)": f"{s['wall_s']:,.1f}"}  # formatted as on the Runs page
      for s in summaries],
-    numeric=("steps", "initial validation", "best validation", "initial test", "latest test", "tokens", "cost",
-             "saved", "LLM calls", "run time (s)"),
-))
+    numeric=("initial validation", "best validation", "initial test", "latest test", "tokens", "cost", "saved",
+             "LLM calls", "run time (s)"),
+) + '<div style="height: 1rem"></div>' + html_table(
+    [{"run": s["id"], "status": s["status"], "steps": s["steps_done"], "task": s["task"],
+      "forward model": s["forward_model"], "backward model": s["backward_model"],
+      "optimizer model": s["optimizer_model"]} for s in summaries],
+    numeric=("steps",), words=("status", "task", "forward model", "backward model", "optimizer model")))
 
 steps = pd.DataFrame([{**row, "run": r} for r in chosen for row in steps_of(store, by_id[r])])
 if not steps.empty:

@@ -132,8 +132,8 @@ def cost_note(df: pd.DataFrame) -> str:
     note = (f"Cost of the completed steps: {md(format_usd(df['cost_cumulative'].iloc[-1], unknown))}, each call priced "
             "when it was made (genai-prices' table, your own prices, or 0 for local models).")
     return note + (f" {count(unknown, 'call')} {'has' if unknown == 1 else 'have'} no known price and "
-                   f"{'is' if unknown == 1 else 'are'} left out of the bars: not in the price table (set one with "
-                   "--price)." if unknown else "") + saved_note(df)
+                   f"{'is' if unknown == 1 else 'are'} left out of the bars: a model the price table lacks (set its "
+                   "price with --price), or a server that reported no token usage." if unknown else "") + saved_note(df)
 
 
 def saved_note(df: pd.DataFrame) -> str:
@@ -141,7 +141,8 @@ def saved_note(df: pd.DataFrame) -> str:
     cache, backward = int(df["cache_saved_unknown"].sum()), int(df["backward_saved_unknown"].sum())
     if not cache and not backward:
         return ""
-    parts = ([f"{count(cache, 'cache hit')} with no known price"] if cache else []) + \
+    parts = ([f"{count(cache, 'cache hit')} with no known price (its model not in the price table, or its reply "
+              "made without reported token usage)"] if cache else []) + \
         ([f"the backward calls saved at {count(backward, 'step')}, whose backward calls have no known price"]
          if backward else [])
     return f" Money saved leaves out {' and '.join(parts)}: unknown, not \\$0."

@@ -423,6 +423,9 @@ def test_runs_by_name_opens_the_runs_page(dashboard: str, filled, tab: Tab) -> N
     expect(page.get_by_text("Page not found")).to_have_count(0)
     assert_no_errors(page)
     assert_frame(page)
+    page.goto(f"{dashboard}/runs?run=no-such-run")  # said, as on every other page
+    wait_rendered(page, "Runs")
+    expect(page.locator('[data-testid="stMain"]')).to_contain_text("'no-such-run' (from the address) is not in this store")
     tab.assert_safe()
 
 

@@ -294,3 +294,12 @@ def test_unescaped_graph_data_is_refused(tmp_path, monkeypatch):
                         lambda obj, dumps=None, **kw: markupsafe.Markup(json.dumps(obj, **kw)))
     with pytest.raises(draw.GraphRenderError, match="without escaping"):
         draw.render_html(g)
+
+
+def test_markdown_escaping_keeps_entities_as_written():
+    """"&lt;" in a gradient or a run id is shown as those four characters: markdown would decode an
+    entity, so md() escapes "&" as it escapes the other markdown characters (CommonMark: a
+    backslash before "&" makes it literal, and no entity is read)."""
+    from dashboard.common import md
+
+    assert md("a & &lt;b&gt; &amp;") == r"a \& \&lt;b\&gt; \&amp;"

@@ -87,6 +87,27 @@ def test_a_recorded_call_carries_its_price_and_a_cache_hit_records_what_it_saved
     assert hit.cached and hit.cost_usd == 0.0 and hit.saved_usd == pytest.approx(expected)
 
 
+def test_a_cache_hit_of_a_reply_without_usage_saved_an_unknown_amount(tmp_path: Path) -> None:
+    """The reply was cached with the usage its server reported: none. A hit on it costs nothing,
+    and what it saved is unknown (never $0, which the Runs page would show as a saving of $0)."""
+    from autodiff.llm.pricing import NO_USAGE_SOURCE
+
+    calls = []
+    llm = LLM("openai:gpt-4o", UsageProvider(prompt_tokens=0, completion_tokens=0),
+              cache=ResponseCache(tmp_path / "cache.sqlite"), recorder=calls.append, retry=FAST_RETRY)
+    llm.complete("question", CallContext(phase="forward"))
+    llm.complete("question", CallContext(phase="forward"))
+    fresh, hit = calls
+    assert fresh.cost_usd is None and fresh.saved_usd == 0.0
+    assert hit.cached and hit.cost_usd == 0.0 and hit.saved_usd is None and hit.price_source == NO_USAGE_SOURCE
+    # and a hit on a reply whose usage was reported is still priced
+    priced = LLM("openai:gpt-4o", UsageProvider(prompt_tokens=10, completion_tokens=5),
+                 cache=ResponseCache(tmp_path / "cache2.sqlite"), recorder=calls.append, retry=FAST_RETRY)
+    priced.complete("question", CallContext(phase="forward"))
+    priced.complete("question", CallContext(phase="forward"))
+    assert calls[-1].cached and calls[-1].saved_usd > 0
+
+
 def test_an_unknown_model_costs_unknown_never_zero() -> None:
     pricing = Pricing()
     assert pricing.cost("openai:no-such-model-xyz", OPENAI, prompt_tokens=10, completion_tokens=10) is None

@@ -355,8 +355,9 @@ class LLM:
             cache_write_tokens=completion.cache_write_tokens if completion else 0,
             reasoning_tokens=call.reasoning_tokens, at=call.created_at)
         if _no_usage(completion, cached, usage) and price.source != SOURCE_LOCAL:
-            # The server answered but said nothing of the tokens it billed: the cost is unknown, not 0.
-            price = Price(None, 0.0, NO_USAGE_SOURCE)
+            # The server said nothing of the tokens it billed: unknown, not 0. For a cache hit that
+            # is what the reply would have cost (the hit itself costs nothing).
+            price = Price(0.0, None, NO_USAGE_SOURCE) if cached else Price(None, 0.0, NO_USAGE_SOURCE)
         call = replace(call, cost_usd=price.usd, saved_usd=price.saved_usd, price_source=price.source)
         if self.recorder is not None:
             self.recorder(call)
@@ -364,9 +365,14 @@ class LLM:
 
 
 def _no_usage(completion: Completion | None, cached: bool, usage: list[int]) -> bool:
-    """A fresh reply whose server reported no token usage at all (no `usage`, or zero tokens both
-    ways for a reply it did send): its tokens, and so its cost, are unknown."""
-    return completion is not None and not cached and usage[0] == 0 and usage[1] == 0
+    """A reply whose server reported no token usage at all (no `usage`, or zero tokens both ways
+    for a reply it did send): its tokens, and so its cost, are unknown. For a reply from our
+    response cache, the usage stored with it when it was made."""
+    if completion is None:
+        return False
+    if cached:
+        return completion.prompt_tokens == 0 and completion.completion_tokens == 0
+    return usage[0] == 0 and usage[1] == 0
 
 
 def _valid(validate: Validate | None, text: str) -> bool:
