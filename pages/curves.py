@@ -76,6 +76,9 @@ def curves() -> None:
              for column, unknown_column, name in (
                  ("cache_saved_usd", "cache_saved_unknown", "by the response cache"),
                  ("backward_saved_usd", "backward_saved_unknown", "by selective backward"))]
+    if (df["cache_saved_unknown"].any() or df["backward_saved_unknown"].any()) and not (
+            df["cache_saved_usd"].sum() or df["backward_saved_usd"].fillna(0).sum()):
+        saved = []  # nothing known was saved, and what was saved has no price: the chart says unknown
     # Faults: a chart only for what happened; a caption says what did not.
     faults = tuple(by_phase(df, f"{total}_", f"{what.capitalize()} per step by phase, and cumulative", what,
                             "count")

@@ -541,11 +541,10 @@ def test_curves_draws_no_cost_line_for_a_run_with_no_known_price(tmp_path: Path)
     figures = {f["layout"]["title"]["text"]: f for f in chart_figures(at)}
     assert "Cost per step by phase, and cumulative" not in figures  # never a flat $0 line
     assert any("no known price" in c.value for c in at.caption)
-    # Nor $0 saved by selective backward: the Runs page says unknown, the chart leaves a gap (no
-    # cache hit in this run: the cache's $0 is true).
-    saved = {t["name"]: values(t["y"]) for t in figures["Money saved per step"]["data"]}
-    assert all(v is None for v in saved["by selective backward"])
-    assert all(v in (0, None) for v in saved["by the response cache"])
+    # Nor $0 saved: the Runs page says unknown, and so does the chart, in place of bars and axes
+    # (no cache hit in this run, so nothing known was saved; the backward calls saved have no price).
+    saved = figures["Money saved per step"]
+    assert not saved["data"] and "Unknown" in saved["layout"]["annotations"][0]["text"]
     assert any("Money saved leaves out" in c.value and "unknown, not \\$0" in c.value for c in at.caption)
     summary = run_summary(store, run_id)
     assert summary["saved_usd"] == 0 and summary["saved_unknown"] > 0
