@@ -69,11 +69,17 @@ def test_default_model_path_is_packaged_gguf() -> None:
 
 
 def test_complete_returns_text_and_token_counts(provider: LocalProvider) -> None:
-    completion = provider.complete("smollm2", ask("What is the capital of France?", max_tokens=64))
-    assert "Paris" in completion.text
-    assert completion.prompt_tokens > 0
-    assert 0 < completion.completion_tokens < 64
-    assert completion.finish_reason == "stop"
+    """What is ours: text, token counts and a finish reason that agrees with them. Not the words: the
+    135M model's greedy reply differs between CPUs (to "What is the capital of France?" it said
+    Paris on the Intel machines this ran on, and ran to the token limit with a list of French words
+    on an AMD EPYC), so no test asks it for a fact."""
+    replies = [provider.complete("smollm2", ask(q, max_tokens=64)) for q in ("What is 2 + 2?", "Say hello.")]
+    for completion in replies:
+        assert completion.text.strip()
+        assert completion.prompt_tokens > 0
+        assert 0 < completion.completion_tokens <= 64
+        assert completion.finish_reason == ("length" if completion.completion_tokens == 64 else "stop")
+    assert any(c.finish_reason == "stop" for c in replies)  # short questions: a reply that ends by itself
 
 
 def test_finish_reason_is_length_when_max_tokens_cuts_the_reply(provider: LocalProvider) -> None:
