@@ -369,16 +369,18 @@ def cmd_resume(args) -> int:
 
 
 def _print_summary(store, run_id: str) -> None:
-    from autodiff.llm.pricing import format_usd
+    from autodiff.llm.pricing import format_tokens, format_usd
     from autodiff.metrics import run_summary
 
     s = run_summary(store, run_id)
     faults = "".join(f", {n} {what}" for n, what in ((s["errors"], "failed"), (s["cut_off"], "cut off")) if n)
     saved = s["saved_usd"]
     print(f"run {run_id}: {s['status']}; validation {_f(s['initial_val'])} -> best {_f(s['best_val'])}; "
-          f"test {_f(s['initial_test'])} -> {_f(s['final_test'])}; {s['tokens']} tokens in {s['calls']} calls"
+          f"test {_f(s['initial_test'])} -> {_f(s['final_test'])}; "
+          f"{format_tokens(s['tokens'], s['tokens_unknown'])} tokens in {s['calls']} calls"
           f"{faults}; cost {format_usd(s['cost_usd'], s['cost_unknown'])}"
-          + (f" (saved {format_usd(saved)} by the cache and selective backward)" if saved else ""))
+          + (f" (saved {format_usd(saved, s['saved_unknown'])} by the cache and selective backward)"
+             if saved or s["saved_unknown"] else ""))
 
 
 def _f(x) -> str:
@@ -395,16 +397,16 @@ def cmd_runs(args) -> int:
     if not rows:
         print("no runs yet: start one with `autodiff train object_counting`")
         return 0
-    from autodiff.llm.pricing import format_usd
+    from autodiff.llm.pricing import format_tokens, format_usd
 
-    header = (f"{'run':42} {'task':16} {'status':10} {'steps':>5} {'val0':>6} {'best':>6} {'test':>6} {'tokens':>9}"
+    header = (f"{'run':42} {'task':16} {'status':10} {'steps':>5} {'val0':>6} {'best':>6} {'test':>6} {'tokens':>17}"
               f" {'cost':>17} {'projected':>10} {'errors':>6}")
     print(header)
     for s in rows:
         projected = format_usd(s["projected_usd"]) if s["status"] != "completed" and s["projected_usd"] is not None \
             else "-"
         print(f"{s['id']:42} {s['task'][:16]:16} {s['status']:10} {s['steps_done']:>5} {_f(s['initial_val']):>6} "
-              f"{_f(s['best_val']):>6} {_f(s['final_test']):>6} {s['tokens']:>9} "
+              f"{_f(s['best_val']):>6} {_f(s['final_test']):>6} {format_tokens(s['tokens'], s['tokens_unknown']):>17} "
               f"{format_usd(s['cost_usd'], s['cost_unknown']):>17} {projected:>10} {s['errors']:>6}")
     return 0
 

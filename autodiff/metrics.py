@@ -194,7 +194,8 @@ def step_figures(store: Store, run_id: str) -> list[dict]:
     before it), `errors`, `cut_off` and `context_window` (calls that failed because the prompt
     did not fit the model's context window), `cache_saved_usd` (what calls answered from our
     response cache would have cost, where their price is known) and `cache_saved_unknown` (those
-    cache hits whose price is unknown, left out of it).
+    cache hits whose price is unknown, left out of it). `tokens_unknown`: the step's fresh
+    replies whose server reported no token usage (counted as 0 in the token figures).
 
     Time, in seconds: `wall_s` (the step's time: start to end, or to its last call's end when
     later; a step not completed: to its last call so far), `wall_s_other` (the part of it with no
@@ -239,6 +240,7 @@ def step_figures(store: Store, run_id: str) -> list[dict]:
             row[column] = sum(row[f"{column}_{p}"] for p in (*PHASES, "redone"))
         row["cache_saved_usd"] = sum(t["saved_usd"] for t in mine)
         row["cache_saved_unknown"] = sum(t["saved_unknown"] for t in mine)
+        row["tokens_unknown"] = sum(t["tokens_unknown"] for t in mine)
         row["errors"] = sum(t["errors"] for t in mine)  # every phase and attempt: a fault is never hidden
         row["cut_off"] = sum(t["cut_off"] for t in mine)
         row["context_window"] = sum(t["context_window"] for t in mine)
@@ -345,7 +347,8 @@ def run_summary(store: Store, run_id: str) -> dict:
     (what our response cache saved), `backward_saved_usd` (what selective backward saved) and
     `saved_usd` (both), with `saved_unknown` (cache hits, and steps' backward savings, whose
     price is unknown: left out of `saved_usd`);
-    `projected_usd` / `to_finish_usd` are the run's projected cost (see `projection`), and
+    `tokens_unknown` counts fresh replies whose server reported no token usage (their tokens are
+    not in `tokens`); `projected_usd` / `to_finish_usd` are the run's projected cost (see `projection`), and
     `budget_usd` / `budget_tokens` its budgets (None: none). `wall_s` is the run time in seconds
     (see the module docstring: its completed steps' times, summed; `step_figures`'
     `wall_s_cumulative` at the last step), `unfinished_s` the time so far of a step not completed
@@ -372,6 +375,7 @@ def run_summary(store: Store, run_id: str) -> dict:
         "initial_test": tests[0].test_score if tests else None,
         "final_test": tests[-1].test_score if tests else None,
         "tokens": sum(c["tokens"] for c in calls),
+        "tokens_unknown": sum(c["tokens_unknown"] for c in calls),
         "calls": sum(c["calls"] for c in calls),
         "errors": sum(c["errors"] for c in calls),
         "cut_off": sum(c["cut_off"] for c in calls),

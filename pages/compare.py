@@ -6,7 +6,7 @@ import streamlit as st
 
 from autodiff import compare
 from autodiff.diffs import inline_diff_html
-from autodiff.llm.pricing import format_usd
+from autodiff.llm.pricing import format_tokens, format_usd
 from dashboard import charts
 from dashboard.common import fmt_score, html_table, md, require_run, reset_when, summary
 from dashboard.figures import steps_of
@@ -42,7 +42,7 @@ summaries = [summary(store, by_id[r]) for r in chosen]
 st.html(html_table(
     [{"run": s["id"], "initial validation": fmt_score(s["initial_val"]), "best validation": fmt_score(s["best_val"]),
       "initial test": fmt_score(s["initial_test"]), "latest test": fmt_score(s["final_test"]),
-      "tokens": f"{s['tokens']:,}", "cost": format_usd(s["cost_usd"], s["cost_unknown"]),
+      "tokens": format_tokens(s["tokens"], s["tokens_unknown"]), "cost": format_usd(s["cost_usd"], s["cost_unknown"]),
       "saved": format_usd(s["saved_usd"], s["saved_unknown"]), "LLM calls": f"{s['calls']:,}",
       "run time (s)": f"{s['wall_s']:,.1f}"}  # formatted as on the Runs page
      for s in summaries],

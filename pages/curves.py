@@ -134,6 +134,10 @@ def cost_note(df: pd.DataFrame) -> str:
     unknown = int(df["cost_unknown"].sum())
     note = (f"Cost of the completed steps: {md(format_usd(df['cost_cumulative'].iloc[-1], unknown))}, each call priced "
             "when it was made (genai-prices' table, your own prices, or 0 for local models).")
+    no_usage = int(df["tokens_unknown"].sum())
+    note += (f" {count(no_usage, 'reply', 'replies')} came from a server that reported no token usage: "
+             f"{'its' if no_usage == 1 else 'their'} tokens are unknown, not in the token bars or totals."
+             if no_usage else "")
     return note + (f" {count(unknown, 'call')} {'has' if unknown == 1 else 'have'} no known price and "
                    f"{'is' if unknown == 1 else 'are'} left out of the bars: a model the price table lacks (set its "
                    "price with --price), or a server that reported no token usage." if unknown else "") + saved_note(df)

@@ -5,7 +5,7 @@ import streamlit as st
 from autodiff.config import RunConfig, default_model, describe_limits, make_config
 from autodiff.errors import AutodiffError
 from autodiff.llm.registry import check_model
-from autodiff.llm.pricing import format_usd
+from autodiff.llm.pricing import format_tokens, format_usd
 from autodiff.recovery import stop_effect
 from autodiff.records import Run
 from autodiff.runner import launch, resume_background
@@ -230,7 +230,7 @@ def live() -> None:
             budget = (f", budget {md(format_usd(s['budget_usd']))}" if s["budget_usd"] else "") + \
                 (f", budget {count(s['budget_tokens'], 'token')}" if s["budget_tokens"] else "")
             st.markdown(f"**{md(s['id'])}** is {s['status']}: {progress(run, s)}, best validation "
-                        f"{fmt_score(s['best_val'])}, {count(s['tokens'], 'token')}, cost "
+                        f"{fmt_score(s['best_val'])}, {md(format_tokens(s['tokens'], s['tokens_unknown']))} tokens, cost "
                         f"{md(format_usd(s['cost_usd'], s['cost_unknown']))}{projected}{budget}, "
                         f"{count(s['pending'], 'proposal')} waiting for review"
                         + (f", {count(s['errors'], 'LLM call')} failed" if s["errors"] else ""))
@@ -251,7 +251,7 @@ def live() -> None:
     st.html(html_table(  # one element for both tables: fewer elements for the browser to draw
         [{"run": Link(s["id"], page_url("curves", run=s["id"])), 
           "status": f"{s['status']} ({s['steps_done']}/{s['steps_planned']} steps)", "best validation": fmt_score(s["best_val"]),
-          "latest test": fmt_score(s["final_test"]), "tokens": f"{s['tokens']:,}",
+          "latest test": fmt_score(s["final_test"]), "tokens": format_tokens(s["tokens"], s["tokens_unknown"]),
           "cost": format_usd(s["cost_usd"], s["cost_unknown"]),
           "projected": format_usd(s["projected_usd"]) if s["status"] != "completed" and s["projected_usd"] is not None
           else "",

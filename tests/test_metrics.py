@@ -50,6 +50,8 @@ def expected_phases(store: Store, run_id: str) -> list[dict]:
             "cost_unknown": sum(1 for c in fresh if c.cost_usd is None),
             "saved_usd": pytest.approx(sum(c.saved_usd or 0.0 for c in calls)),
             "saved_unknown": sum(1 for c in calls if c.cached and c.saved_usd is None),
+            "tokens_unknown": sum(1 for c in fresh if c.error is None and c.prompt_tokens == 0
+                                  and c.completion_tokens == 0),
         })
     return rows
 

@@ -607,3 +607,35 @@ def test_a_usd_budget_stop_suggests_a_larger_usd_budget_and_refuses_one_below_th
     assert_clean(at)
     field = next(n for n in at.number_input if n.label == "New budget (US dollars)")
     assert field.proto.format == "%.4f" and field.value == pytest.approx(0.0012)  # not "0.00"
+
+
+def test_replies_without_usage_make_the_token_count_unknown_not_smaller(tmp_path: Path, capsys) -> None:
+    """A server that reports no token usage is counted as 0 tokens by the call record; every place
+    that shows a run's tokens says "+ unknown" (or "unknown") instead of a total that looks whole."""
+    from autodiff.llm.pricing import format_tokens
+    from tests.test_dashboard_pages import html_table_rows, open_page
+
+    store = Store(tmp_path / "runs.sqlite")
+    run_id = fake_run(store, tmp_path / "cache.sqlite", steps=1)
+    before = run_summary(store, run_id)
+    assert before["tokens_unknown"] == 0 and before["tokens"] > 0
+    with store.connect() as conn:  # as if the forward model's server had reported no usage
+        conn.execute("UPDATE llm_calls SET prompt_tokens = 0, completion_tokens = 0"
+                     " WHERE run_id = ? AND cached = 0 AND role = 'forward' AND error IS NULL", (run_id,))
+        no_usage = conn.execute("SELECT COUNT(*) FROM llm_calls WHERE run_id = ? AND cached = 0 AND role = 'forward'"
+                                " AND error IS NULL", (run_id,)).fetchone()[0]
+    s = run_summary(store, run_id)
+    assert s["tokens_unknown"] == no_usage > 0 and 0 < s["tokens"] < before["tokens"]
+    assert sum(r["tokens_unknown"] for r in step_figures(store, run_id)) == no_usage
+    shown = format_tokens(s["tokens"], s["tokens_unknown"])
+    assert shown == f"{s['tokens']:,} + unknown" and format_tokens(0, 3) == "unknown" and format_tokens(5) == "5"
+
+    runs = open_page(store.path, "pages/runs.py")
+    [row] = html_table_rows(runs.get("html")[0].proto.body)
+    assert row["tokens"] == shown
+    curves = open_page(store.path, "pages/curves.py", run_id)
+    assert any(f"{no_usage} replies came from a server that reported no token usage" in c.value for c in curves.caption)
+    main(["--store", str(store.path), "show", run_id])
+    assert f'"tokens_unknown": {no_usage}' in capsys.readouterr().out
+    main(["--store", str(store.path), "runs"])
+    assert shown in capsys.readouterr().out

@@ -214,3 +214,12 @@ def format_usd(usd: float | None, unknown_calls: int = 0) -> str:
         return "unknown"
     text = f"${usd:,.2f}" if abs(usd) >= 1 else f"${usd:.4f}"
     return text + (" + unknown" if unknown_calls else "")
+
+
+def format_tokens(tokens: int, unknown_calls: int = 0) -> str:
+    """Tokens for people: "12,345", "unknown" when every call's usage is unknown (its server
+    reported none), and "12,345 + unknown" when some calls' usage is unknown, as `format_usd`
+    writes money."""
+    if unknown_calls and not tokens:
+        return "unknown"
+    return f"{tokens:,}" + (" + unknown" if unknown_calls else "")

@@ -106,7 +106,9 @@ _CALL_SUMS = (
     " COALESCE(SUM(cost_usd), 0.0) AS cost_usd,"
     f" {_count('cost_usd IS NULL AND cached = 0')} AS cost_unknown,"
     " COALESCE(SUM(saved_usd), 0.0) AS saved_usd,"
-    f" {_count('cached <> 0 AND saved_usd IS NULL')} AS saved_unknown"
+    f" {_count('cached <> 0 AND saved_usd IS NULL')} AS saved_unknown,"
+    # Fresh replies whose server reported no token usage (0 both ways): their tokens are unknown.
+    f" {_count('cached = 0 AND error IS NULL AND prompt_tokens = 0 AND completion_tokens = 0')} AS tokens_unknown"
 )
 # A call (alias c) belongs to the kept attempt of its step (alias s, LEFT JOINed): see `attempt_totals`.
 _KEPT = "(c.phase = 'preflight' OR (s.started_at IS NOT NULL AND c.created_at >= s.started_at))"
@@ -115,7 +117,7 @@ _KEPT = "(c.phase = 'preflight' OR (s.started_at IS NOT NULL AND c.created_at >=
 def _call_sums(row: Any) -> dict:
     return dict(row, tokens=row["prompt_tokens"] + row["completion_tokens"], cut_off=row["cut_off"] or 0,
                 context_window=row["context_window"] or 0, cost_unknown=row["cost_unknown"] or 0,
-                saved_unknown=row["saved_unknown"] or 0)
+                saved_unknown=row["saved_unknown"] or 0, tokens_unknown=row["tokens_unknown"] or 0)
 
 
 def _json(value: Any) -> str:
@@ -605,7 +607,10 @@ class Store:
         last one's end; money: `cost_usd` (USD of the calls with a known price; cached calls cost
         0), `cost_unknown` (fresh calls whose price is unknown, left out of `cost_usd`) and
         `saved_usd` (what the calls answered from our response cache would have cost, where
-        known) with `saved_unknown` (cache hits whose price is unknown, left out of it). Summed in SQL over the accounting index (no call text is read). Calls without a
+        known) with `saved_unknown` (cache hits whose price is unknown, left out of it);
+        `tokens_unknown`: fresh replies whose server reported no token usage (counted as 0 tokens,
+        so `prompt_tokens` and `completion_tokens` leave them out). Summed in SQL over the
+        accounting index (no call text is read). Calls without a
         step count under step -1."""
         with self.connect() as conn:
             rows = conn.execute(
