@@ -25,7 +25,6 @@ PAGES = [
 ]
 
 
-
 def _runs_alias() -> None:
     """/runs, the Runs page by its name (what people type, and what the page's own name suggests),
     opens the Runs page at its address, /, with the query string kept (?run=...). Without it

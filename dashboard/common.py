@@ -19,7 +19,8 @@ from autodiff.runner import default_cache_path, mark_dead_runs
 from autodiff.errors import StoreError
 from autodiff.store import Store, is_url, mask_secrets, resolve_spec
 
-_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:&])")  # with "&": an entity ("&lt;") shows as written, not decoded
+# Escaped by `md`; with "&", so that an entity ("&lt;") shows as written, not decoded.
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:&])")
 ALL = "All"  # the choice of a filter that keeps everything
 
 
@@ -239,6 +240,12 @@ def html_table(rows: Sequence[dict], numeric: Sequence[str] = (), wrap: Sequence
                    + "</tr>" for r in rows)
     return (f'{_TABLE_STYLE}<div class="plain-table"><table><thead><tr>{head}</tr></thead>'
             f'<tbody>{body}</tbody></table></div>')
+
+
+def html_tables(*tables: str) -> str:
+    """Several `html_table`s for one st.html element, a line apart: one element draws faster in the
+    browser than one per table (a tab's first load of the Runs page, bench/dashboard_load.py)."""
+    return '<div style="height: 1rem"></div>'.join(t for t in tables if t)
 
 
 _PRE_STYLE = """<style>

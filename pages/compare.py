@@ -8,7 +8,7 @@ from autodiff import compare
 from autodiff.diffs import inline_diff_html
 from autodiff.llm.pricing import format_tokens, format_usd
 from dashboard import charts
-from dashboard.common import fmt_score, html_table, md, require_run, reset_when, summary
+from dashboard.common import fmt_score, html_table, html_tables, md, require_run, reset_when, summary
 from dashboard.figures import steps_of
 
 store, run_id = require_run()
@@ -39,7 +39,7 @@ summaries = [summary(store, by_id[r]) for r in chosen]
 # One row per run: a plain table (a data grid cost the browser more than this page's charts to lay out).
 # Two tables in one element, the figures and then the task and models (as on the Runs page), so
 # that each fits the page at 1024 px wide instead of one of 16 columns cutting words and columns.
-st.html(html_table(
+st.html(html_tables(html_table(
     [{"run": s["id"], "initial validation": fmt_score(s["initial_val"]), "best validation": fmt_score(s["best_val"]),
       "initial test": fmt_score(s["initial_test"]), "latest test": fmt_score(s["final_test"]),
       "tokens": format_tokens(s["tokens"], s["tokens_unknown"]), "cost": format_usd(s["cost_usd"], s["cost_unknown"]),
@@ -48,11 +48,11 @@ st.html(html_table(
      for s in summaries],
     numeric=("initial validation", "best validation", "initial test", "latest test", "tokens", "cost", "saved",
              "LLM calls", "run time (s)"),
-) + '<div style="height: 1rem"></div>' + html_table(
+), html_table(
     [{"run": s["id"], "status": s["status"], "steps": s["steps_done"], "task": s["task"],
       "forward model": s["forward_model"], "backward model": s["backward_model"],
       "optimizer model": s["optimizer_model"]} for s in summaries],
-    numeric=("steps",), words=("status", "task", "forward model", "backward model", "optimizer model")))
+    numeric=("steps",), words=("status", "task", "forward model", "backward model", "optimizer model"))))
 
 steps = pd.DataFrame([{**row, "run": r} for r in chosen for row in steps_of(store, by_id[r])])
 if not steps.empty:

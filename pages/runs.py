@@ -12,8 +12,8 @@ from autodiff.runner import launch, resume_background
 from autodiff.workers import shared
 from autodiff.samples import LOCAL, sample_run_ids
 from autodiff.tasks import task_names
-from dashboard.common import (ACTIVE, Link, cache_path, count, current_store, fmt_score, fmt_time, html_table, md,
-                              page_url, run_problem, summary)
+from dashboard.common import (ACTIVE, Link, cache_path, count, current_store, fmt_score, fmt_time, html_table,
+                              html_tables, md, page_url, run_problem, summary)
 
 ROLES = ("forward", "backward", "optimizer")
 # The form's fields: RunConfig option -> label. Each says its range, taken from RunConfig (the one
@@ -248,7 +248,7 @@ def live() -> None:
     # Two tables, the figures and then the settings and errors, so that each fits the page at
     # 1024 px wide (sidebar open) instead of one table of 18 columns scrolling sideways; a column
     # empty in every row (nothing projected, no error) is left out.
-    st.html(html_table(  # one element for both tables: fewer elements for the browser to draw
+    st.html(html_tables(html_table(
         [{"run": Link(s["id"], page_url("curves", run=s["id"])), 
           "status": f"{s['status']} ({s['steps_done']}/{s['steps_planned']} steps)", "best validation": fmt_score(s["best_val"]),
           "latest test": fmt_score(s["final_test"]), "tokens": format_tokens(s["tokens"], s["tokens_unknown"]),
@@ -260,9 +260,9 @@ def live() -> None:
           "run time (s)": f"{s['wall_s']:,.1f}"} for s in summaries],
         numeric=("best validation", "latest test", "tokens", "cost", "projected", "saved", "call errors",
                  "run time (s)"), drop_empty=("projected",), words=("status",),
-    ) + '<div style="height: 1rem"></div>' + html_table(
+    ), html_table(
         [{"run": s["id"], "task": s["task"], "models": models(s), "review": s["review"],
-          "started": fmt_time(s["created_at"]), "error": s["error"] or ""} for s in summaries], drop_empty=("error",)))
+          "started": fmt_time(s["created_at"]), "error": s["error"] or ""} for s in summaries], drop_empty=("error",))))
     st.caption("A run's id opens its curves. Every page names its run in the address (?run=), so a reload "
                "or a shared link opens the same view.")
 
