@@ -9,11 +9,12 @@ evaluations, on a simulated clock of ~2 minutes a step; stopped with 3 proposals
 review), plus a smaller run (10 steps) so the Compare page has two to compare. `--keep DIR` builds
 it in DIR and reuses it on the next call.
 
-Then it starts two servers on that store: the real dashboard (the way `autodiff dashboard` starts
-it) and an empty Streamlit app that only writes the Runs title, with the dashboard's Streamlit
-settings. It drives headless Chromium; per repetition, a new tab (a new session, the browser's
-cache kept) opens the empty app and another opens the dashboard, in an order that alternates
-between repetitions, so both first loads meet the same machine. In the dashboard's tab it then
+Then it starts three servers on that store: the real dashboard (the way `autodiff dashboard` starts
+it), an empty Streamlit app that only writes the Runs title, and the dashboard's frame alone (its
+navigation and sidebar run menu, pages empty: `frame_app`), the last two with the dashboard's
+Streamlit settings. It drives headless Chromium; per repetition, a new tab (a new session, the
+browser's cache kept) opens each of the three, in an order that rotates between repetitions, so
+the first loads meet the same machine. In the dashboard's tab it then
 clicks each page's sidebar link and times from the click until the page has finished rendering
 (title heading shown, script run over, running widget gone, no element left as a loading
 placeholder; on Graph also the pyvis iframe's canvas drawn, on Curves and Compare every plotly
@@ -22,7 +23,9 @@ chart drawn). Tabs are opened a second apart (SETTLE).
 Printed: per page, the median and the max over the repetitions, in seconds, against the targets:
 every page under 1 s median once the dashboard is open (PAGE_TARGET), and the dashboard's first
 load within 1.15x of the empty app's (FIRST_LOAD_TARGET), as the median over the repetitions of
-each one's ratio (the two loads of a repetition are timed back to back). The first repetition is the cold one (a
+each one's ratio (the loads of a repetition are timed back to back); the frame's ratio is printed
+for reference, as the share of the first load that Streamlit's navigation takes before any page's
+content. The first repetition is the cold one (a
 server that has not imported each page's modules yet, a browser without the dashboard's
 JavaScript cached); the max shows it. The machine's load average is printed too: other processes
 competing for the CPUs slow every figure.
@@ -95,7 +98,8 @@ class Writer:
     """Writes one synthetic run through the Store API, with seeded random text of realistic sizes."""
 
     def __init__(self, store: Store, run_id: str, *, steps: int, gradients: int, calls: int, seed: int,
-                 batch: int = 12, failing: int = 10, val: int = 100, test: int = 50, waiting: int = 0) -> None:
+                 batch: int = 12, failing: int = 10, val: int = 100, test: int = 50, waiting: int = 0,
+                 ended: float = 0.0) -> None:
         self.store, self.run_id, self.steps, self.waiting = store, run_id, steps, waiting
         self.rng = random.Random(seed)
         self.batch, self.failing = batch, failing
@@ -103,7 +107,8 @@ class Writer:
         self.train = [f"hp-train-{i:04d}" for i in range(400)]
         self.val = [f"hp-val-{i:04d}" for i in range(val)]
         self.test = [f"hp-test-{i:04d}" for i in range(test)]
-        self.t = time.time() - steps * 150  # the run "started" this long ago; each step takes ~150 s
+        # Each step takes ~150 s of the run's clock; the run ends `ended` seconds ago.
+        self.t = time.time() - ended - steps * 150
         self.calls: list[LLMCall] = []
         self.total_calls = calls
         self.params = [p for _kind, _n, ps in NODES.values() for p in ps]
@@ -302,11 +307,15 @@ class Writer:
 
 
 def build_store(path: Path) -> tuple[Store, str]:
-    """The small run first, then the large one, so the large run is the newest: the one the
-    dashboard opens on."""
+    """The small run, then the large one. Runs are listed newest first by their start, on the
+    writers' clocks: the small run ends before the large one starts, so the large run is the newest,
+    the one the dashboard opens on and every page is timed on."""
     store = Store(path)
-    Writer(store, "bench-small", steps=10, gradients=2000, calls=4000, seed=1).write()
-    Writer(store, "bench-large", steps=50, gradients=10_000, calls=20_000, seed=0, waiting=3).write()
+    large_steps = 50
+    Writer(store, "bench-small", steps=10, gradients=2000, calls=4000, seed=1, ended=large_steps * 150 + 600).write()
+    Writer(store, "bench-large", steps=large_steps, gradients=10_000, calls=20_000, seed=0, waiting=3).write()
+    if store.runs()[0].id != "bench-large":
+        raise AssertionError("the large run is not the newest: the dashboard would open on the small one")
     return store, "bench-large"
 
 
@@ -338,31 +347,59 @@ def click_through(page, times: dict[str, list[float]]) -> None:
             raise RuntimeError(f"{title} page shows an error: {errors.all_inner_texts()}")
 
 
-def empty_app(home: Path) -> Path:
-    """A Streamlit app that only writes the Runs title, with the dashboard's Streamlit settings:
-    what any page's first load costs before our code runs."""
-    folder = home / "empty_app"
+def reference_app(home: Path, name: str, source: str) -> Path:
+    """A reference Streamlit app `source` in its own folder under `home`, with the dashboard's
+    Streamlit settings."""
+    folder = home / name
     (folder / ".streamlit").mkdir(parents=True, exist_ok=True)
     (folder / ".streamlit" / "config.toml").write_text((ROOT / ".streamlit" / "config.toml").read_text())
-    (folder / "app.py").write_text('import streamlit as st\n\nst.title("Runs")\n')
+    (folder / "app.py").write_text(source)
     return folder / "app.py"
 
 
-def measure(url: str, empty_url: str, reps: int) -> dict[str, list[float]]:
-    """Per repetition, a new tab's first load of the empty app and of the dashboard, in turn (the
-    order alternating between repetitions, so that neither always follows the other), then every
-    page of the dashboard clicked in that tab. Both servers run all along: the two first loads
-    meet the same machine, which a comparison of two separate series did not (their ratio swung
-    from 1.0x to 1.8x between runs as the load changed)."""
+def empty_app(home: Path) -> Path:
+    """A Streamlit app that only writes the Runs title, with the dashboard's Streamlit settings:
+    what any page's first load costs before our code runs."""
+    return reference_app(home, "empty_app", 'import streamlit as st\n\nst.title("Runs")\n')
+
+
+def frame_app(home: Path) -> Path:
+    """The dashboard's frame with nothing on its pages but their titles: Streamlit's navigation
+    with the dashboard's pages (app.py) and the sidebar's run menu, a popover holding a selectbox,
+    and caption (dashboard.common.sidebar). Its first load is what the frame #11 asks for costs
+    before any page's content: the part of the dashboard's ratio that no page can win back."""
+    return reference_app(home, "frame_app", f"""import streamlit as st
+
+PAGES = {list(PAGES)!r}
+
+
+def page():
+    st.title(navigation.title)
+
+
+navigation = st.navigation([st.Page(page, title=t, url_path=t.lower(), default=i == 0) for i, t in enumerate(PAGES)])
+with st.sidebar.popover("Run: bench-large"):
+    st.selectbox("Run", ["bench-large", "bench-small"])
+st.sidebar.caption("multihop_rag, stopped  \\nStore: runs.sqlite")
+navigation.run()
+""")
+
+
+def measure(url: str, empty_url: str, frame_url: str, reps: int) -> dict[str, list[float]]:
+    """Per repetition, a new tab's first load of the empty app, of the frame app and of the
+    dashboard, in turn (the order rotating between repetitions, so that none always follows
+    another), then every page of the dashboard clicked in its tab. The servers run all along: the
+    first loads of a repetition meet the same machine, which a comparison of separate series did
+    not (their ratio swung from 1.0x to 1.8x between runs as the load changed)."""
     from playwright.sync_api import sync_playwright
 
-    times: dict[str, list[float]] = {FIRST: [], EMPTY: [], **{title: [] for title in PAGES}}
+    times: dict[str, list[float]] = {FIRST: [], EMPTY: [], FRAME: [], **{title: [] for title in PAGES}}
     with sync_playwright() as p:
         browser = launch_chromium(p)
         context = browser.new_context(viewport={"width": 1400, "height": 1000})
         for rep in range(reps):
-            order = [(EMPTY, empty_url), (FIRST, url)]
-            for name, address in order if rep % 2 == 0 else order[::-1]:
+            order = [(EMPTY, empty_url), (FRAME, frame_url), (FIRST, url)]
+            for name, address in order[rep % 3:] + order[:rep % 3]:
                 page, seconds = first_load(context, address)
                 times[name].append(seconds)
                 if name == FIRST:
@@ -375,6 +412,7 @@ def measure(url: str, empty_url: str, reps: int) -> dict[str, list[float]]:
 
 FIRST = "Runs (first load)"
 EMPTY = "(empty app, first load)"
+FRAME = "(frame only, first load)"
 PAGE_TARGET = 1.0  # s, median of each page once the dashboard is open
 FIRST_LOAD_TARGET = 1.15  # a new tab's first load, as a multiple of the empty Streamlit app's
 
@@ -394,6 +432,10 @@ def main() -> int:
         start = time.perf_counter()
         if path.exists():
             store, run_id = Store(path), "bench-large"
+            if store.runs()[0].id != run_id:
+                print(f"{path} was built by an older version of this script (its newest run is not {run_id}): "
+                      "delete it or give another --keep", file=sys.stderr)
+                return 2
             built = "reused"
         else:
             store, run_id = build_store(path)
@@ -405,8 +447,9 @@ def main() -> int:
               f"{len(store.invocations(run_id))} invocations")
         store.close()
         with dashboard_server(path, home / "dashboard.log") as url, \
-                dashboard_server(path, home / "empty_app.log", app=empty_app(home)) as empty_url:
-            times = measure(url, empty_url, args.reps)
+                dashboard_server(path, home / "empty_app.log", app=empty_app(home)) as empty_url, \
+                dashboard_server(path, home / "frame_app.log", app=frame_app(home)) as frame_url:
+            times = measure(url, empty_url, frame_url, args.reps)
     load = os.getloadavg()[0]
     print(f"\n{args.reps} repetitions, load average {load:.1f} on {os.cpu_count()} CPUs")
     print(f"{'page':<24} {'median s':>9} {'max s':>7}  target")
@@ -416,6 +459,9 @@ def main() -> int:
         median, worst = statistics.median(runs), max(runs)
         if title == EMPTY:
             verdict = "Streamlit's own start in a new tab: an app that only writes a title"
+        elif title == FRAME:
+            ratio = statistics.median(a / b for a, b in zip(runs, times[EMPTY]))
+            verdict = f"{ratio:.2f}x the empty app's: the navigation and run menu, pages empty (for reference)"
         elif title == FIRST:
             # Paired: each repetition's two first loads met the same machine, so their ratio is
             # steadier than a ratio of medians when the machine's load drifts between repetitions.

@@ -185,14 +185,14 @@ if what := run_problem(chosen, here=True):
                           step=0.5, format="%.4f", key=f"budget_usd-{chosen.id}")
         right.number_input("New budget (tokens)", min_value=0, value=chosen.config.get("budget_tokens") or 0,
                            step=10_000, key=f"budget_tokens-{chosen.id}")
-    left, right, _ = st.columns([2, 2, 3])
+    row = st.container(horizontal=True)  # side by side, each as wide as its label
     if what.outlook != "new_run":
-        left.button(f"Resume {chosen.id}" if what.outlook == "go" else f"Resume {chosen.id} after the fix",
-                    on_click=resume, args=(chosen,), type="primary" if what.outlook == "go" else "secondary",
-                    help="Goes on from its last completed step, in the background, with the run's own models and "
-                         "options (only budgets can change).")
-    right.button("New run with these settings", on_click=like, args=(chosen,), key="like-chosen",
-                 help="Opens the Start form filled with this run's task, models and options, to change and start.")
+        row.button(f"Resume {chosen.id}" if what.outlook == "go" else f"Resume {chosen.id} after the fix",
+                   on_click=resume, args=(chosen,), type="primary" if what.outlook == "go" else "secondary",
+                   help="Goes on from its last completed step, in the background, with the run's own models and "
+                        "options (only budgets can change).")
+    row.button("New run with these settings", on_click=like, args=(chosen,), key="like-chosen",
+               help="Opens the Start form filled with this run's task, models and options, to change and start.")
     if error := st.session_state.pop("resume_error", None):
         st.error(md(error))
 
