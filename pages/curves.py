@@ -23,12 +23,23 @@ live = store.run(run_id).status in ACTIVE
 
 
 def by_phase(df: pd.DataFrame, prefix: str, title: str, y: str, unit: charts.Unit, cumulative: str | None = None,
-             extra: tuple[str, ...] = (REDONE,), right: str = "cumulative") -> go.Figure:
+             extra: tuple[str, ...] = (REDONE,), right: str = "cumulative", unknown: tuple[str, str] | None = None
+             ) -> go.Figure:
     """Per step, stacked bars by phase (and the `extra` parts that are not phases, when any is
     non-zero); the running total (the `cumulative` column, else the bars summed) as a line on the
-    right-hand axis."""
+    right-hand axis. `unknown` is (column, what): a step whose `column` counts calls left out of
+    its bars (no reported usage, no known price) gets a "+?" mark on top of its bar, whose hover
+    text says how many: the bar is a lower bound there, not the step's whole amount."""
     parts = [*PHASES, *(e for e in extra if f"{prefix}{e}" in df and df[f"{prefix}{e}"].any())]
     bars = [go.Bar(x=df["step"], y=df[prefix + p], name=p) for p in parts]
+    if unknown is not None and df[unknown[0]].any():
+        column, what = unknown
+        marked = df[df[column] > 0]
+        bars.append(go.Scatter(
+            x=marked["step"], y=marked[[prefix + p for p in parts]].sum(axis=1), name=f"+? {what} unknown",
+            mode="text", text=["+?"] * len(marked), textposition="top center", cliponaxis=False,
+            hovertext=[f"step {step}: at least this; {count(int(n), 'call')} left out ({what} unknown)"
+                       for step, n in zip(marked["step"], marked[column])], hoverinfo="text"))
     total = df[cumulative] if cumulative else df[[prefix + p for p in parts]].sum(axis=1).cumsum()
     line = go.Scatter(x=df["step"], y=total, name=f"{right} (right axis)", yaxis="y2", mode="lines",
                       line={"dash": "dot"}, meta=charts.FOREGROUND)
@@ -89,11 +100,13 @@ def curves() -> None:
         (charts.figure("Score per step (test: only where it was measured)", score, y="score (%)", unit="score",
                        y_range=(0, 1.05)),
          charts.figure("Mini-batch samples per step", samples, y="samples", unit="count", barmode="stack")),
-        (by_phase(df, "tokens_", "Tokens per step by phase, and cumulative", "tokens", "tokens", "tokens_cumulative"),
+        (by_phase(df, "tokens_", "Tokens per step by phase, and cumulative", "tokens", "tokens", "tokens_cumulative",
+                  unknown=("tokens_unknown", "tokens")),
          by_phase(df, "wall_s_", "Time per step by phase, and run time", "time (s)", "seconds", "wall_s_cumulative",
                   extra=(OTHER,), right="run time so far")),
         # A run whose calls have no known price draws no cost line at $0: the caption says unknown.
-        (*([by_phase(df, "cost_", "Cost per step by phase, and cumulative", "cost (USD)", "usd", "cost_cumulative")]
+        (*([by_phase(df, "cost_", "Cost per step by phase, and cumulative", "cost (USD)", "usd", "cost_cumulative",
+                     unknown=("cost_unknown", "price"))]
            if priced else []),
          charts.figure("Money saved per step", saved, y="saved (USD)", unit="usd", barmode="stack",
                        empty="Unknown: the calls saved have no known price (see the note below).")),
@@ -136,11 +149,12 @@ def cost_note(df: pd.DataFrame) -> str:
             "when it was made (genai-prices' table, your own prices, or 0 for local models).")
     no_usage = int(df["tokens_unknown"].sum())
     note += (f" {count(no_usage, 'reply', 'replies')} came from a server that reported no token usage: "
-             f"{'its' if no_usage == 1 else 'their'} tokens are unknown, not in the token bars or totals."
+             f"{'its' if no_usage == 1 else 'their'} tokens are unknown, not in the token bars or totals (a step "
+             "with such a reply has +? on its bar)."
              if no_usage else "")
     return note + (f" {count(unknown, 'call')} {'has' if unknown == 1 else 'have'} no known price and "
-                   f"{'is' if unknown == 1 else 'are'} left out of the bars: a model the price table lacks (set its "
-                   "price with --price), or a server that reported no token usage." if unknown else "") + saved_note(df)
+                   f"{'is' if unknown == 1 else 'are'} left out of the bars (+? on the step's bar): a model the price "
+                   "table lacks (set its price with --price), or a server that reported no token usage." if unknown else "") + saved_note(df)
 
 
 def saved_note(df: pd.DataFrame) -> str:

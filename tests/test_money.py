@@ -635,6 +635,14 @@ def test_replies_without_usage_make_the_token_count_unknown_not_smaller(tmp_path
     assert row["tokens"] == shown
     curves = open_page(store.path, "pages/curves.py", run_id)
     assert any(f"{no_usage} replies came from a server that reported no token usage" in c.value for c in curves.caption)
+    # The tokens chart marks each step with such replies: its bar is a lower bound there.
+    from tests.test_dashboard_pages import chart_figures, values
+    tokens = next(f for f in chart_figures(curves) if f["layout"]["title"]["text"].startswith("Tokens per step"))
+    [mark] = [t for t in tokens["data"] if t["name"] == "+? tokens unknown"]
+    marked = {r["step"]: r["tokens_unknown"] for r in step_figures(store, run_id) if r["tokens_unknown"]}
+    assert values(mark["x"]) == list(marked) and mark["text"] == ["+?"] * len(marked)
+    assert mark["hovertext"] == [f"step {step}: at least this; {n} call{'' if n == 1 else 's'} left out (tokens unknown)"
+                                 for step, n in marked.items()]
     main(["--store", str(store.path), "show", run_id])
     assert f'"tokens_unknown": {no_usage}' in capsys.readouterr().out
     main(["--store", str(store.path), "runs"])
