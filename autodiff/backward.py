@@ -56,6 +56,14 @@ def parse_feedback(text: str) -> tuple[str, str | None]:
     return body, None
 
 
+def usable(g: Gradient) -> bool:
+    """Whether gradient `g` may be read as feedback: by the backward call of the node upstream
+    and by the optimizer. A gradient with an error (its backward call failed, its reply was empty
+    or cut off at the token limit, so its text, if any, stops mid-sentence) is kept on the record
+    and shown with its reason, but never read."""
+    return bool(g.text) and not g.error
+
+
 def backward(trace: Trace, llm: LLM, ctx: BackwardContext, workers: int = 4) -> list[Gradient]:
     """All gradients of one sample, in the order they were written."""
     loss = trace.loss
@@ -81,7 +89,9 @@ def backward(trace: Trace, llm: LLM, ctx: BackwardContext, workers: int = 4) -> 
                 produced = _llm_node_backward(inv, incoming, llm, ctx, trace.score, counts[inv.node], node_of, pool)
             for g in produced:
                 written.append(g)
-                if g.target_type == "output" and g.target_invocation:
+                # Only usable feedback flows on: a failed or cut-off backward reply is kept on the
+                # record with its reason, never handed upstream as feedback (see `usable`).
+                if g.target_type == "output" and g.target_invocation and usable(g):
                     on_output[g.target_invocation].append(g)
     return [_with_about_call(g, call_of) for g in written]
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 from autodiff import holders
-from autodiff.backward import BackwardContext, backward
+from autodiff.backward import BackwardContext, backward, usable
 from autodiff.config import RunConfig
 from autodiff.estimate import Estimate, estimate
 from autodiff.errors import BudgetExceeded, ConfigError, LLMFatalError, LLMTransientError, StoreError, TooManyErrors
@@ -398,7 +398,8 @@ class Trainer:
         baseline: dict[str, float], positives: list[tuple[str, str]],
     ) -> dict[str, float]:
         """Propose for one parameter and validate; returns the (possibly new) mini-batch baseline."""
-        own = [g for g in gradients if g.target_type == "parameter" and g.target == param.name and g.text]
+        # Feedback with an error (a failed, empty or cut-off backward reply) is on the record, not read.
+        own = [g for g in gradients if g.target_type == "parameter" and g.target == param.name and usable(g)]
         human = self.store.pending_human_feedback(self.run_id, [param.name])
         if not own and not human:
             return baseline

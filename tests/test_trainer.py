@@ -3,6 +3,7 @@ validation, faults, resume, cache and human review. See conftest.py for the toy 
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections import Counter
@@ -556,3 +557,40 @@ def test_review_all_time_out_never_accepts_a_held_proposal(run_toy, store) -> No
 def test_review_off_never_holds_a_proposal(run_toy) -> None:
     run = run_toy(Script(proposals={"toy.instruction": ["%%% garbage !!!"]}))
     assert [(p.fate, p.held_fate) for p in run.proposals()] == [("malformed", None), ("rejected_check", None)]
+
+
+# --- feedback the optimizer may read -----------------------------------------------------------
+
+class _CutOffBackward(FakeProvider):
+    """The scripted fake, but a backward reply holding CUT comes back cut off at the token limit
+    (finish_reason "length"), as a server answers when the reply reaches max_tokens."""
+
+    def complete(self, model, request):
+        completion = super().complete(model, request)
+        return dataclasses.replace(completion, finish_reason="length") if "CUT" in completion.text else completion
+
+
+def test_cut_off_or_failed_feedback_is_recorded_but_never_read(run_toy, store) -> None:
+    """A backward reply cut off at the token limit stops mid-word: its gradient is kept with the
+    reason, but neither the optimizer nor a proposal's record of the feedback it read sees it."""
+    # The loss's feedback and the instruction's are whole; the output format's is cut off.
+    script = Script(backward=lambda prompt: (
+        "<feedback>Count the quantities written as wor CUT" if "Your target is the peer `toy.output_format`" in prompt
+        else "<feedback>Carry the tens digit when adding.</feedback>"))
+    run = run_toy(script, provider=_CutOffBackward(script), steps=1)
+    gradients = store.gradients(run.run_id)
+    cut = [g for g in gradients if g.error == "feedback cut off at the token limit"]
+    usable = [g for g in gradients if not g.error]
+    assert cut and usable and all("CUT" in g.text for g in cut)
+    optimizer_prompts = script.of_kind("optimizer")
+    assert optimizer_prompts and not any("CUT" in p for p in optimizer_prompts)
+    assert any("Carry the tens digit" in p for p in optimizer_prompts)
+    read = {i for p in store.proposals(run.run_id) for i in (p.feedback_ids or ())}
+    assert read and read <= {g.id for g in usable} and not read & {g.id for g in cut}
+
+
+def test_no_usable_feedback_means_no_optimizer_call(run_toy, store) -> None:
+    script = Script(backward="<feedback>Count the quantities written as wor CUT")
+    run = run_toy(script, provider=_CutOffBackward(script), steps=1)
+    assert store.gradients(run.run_id) and all(g.error for g in store.gradients(run.run_id))
+    assert script.of_kind("optimizer") == [] and store.proposals(run.run_id) == []
