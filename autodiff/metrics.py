@@ -234,7 +234,8 @@ def step_figures(store: Store, run_id: str) -> list[dict]:
         for phase in (*PHASES, "redone"):
             match = [t for t in mine if (not t["kept"] if phase == "redone" else t["kept"] and t["phase"] == phase)]
             for column, source in (("tokens", "tokens"), ("calls", "calls"), ("errors", "errors"),
-                                   ("cut_off", "cut_off"), ("cost", "cost_usd"), ("cost_unknown", "cost_unknown")):
+                                   ("cut_off", "cut_off"), ("cost", "cost_usd"), ("cost_unknown", "cost_unknown"),
+                                   ("tokens_unknown", "tokens_unknown")):
                 row[f"{column}_{phase}"] = sum(t[source] for t in match)
         for column in ("tokens", "cost", "cost_unknown"):
             row[column] = sum(row[f"{column}_{p}"] for p in (*PHASES, "redone"))

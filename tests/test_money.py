@@ -643,6 +643,10 @@ def test_replies_without_usage_make_the_token_count_unknown_not_smaller(tmp_path
     assert values(mark["x"]) == list(marked) and mark["text"] == ["+?"] * len(marked)
     assert mark["hovertext"] == [f"step {step}: at least this; {n} call{'' if n == 1 else 's'} left out (tokens unknown)"
                                  for step, n in marked.items()]
+    exported = export_run(store, run_id)
+    assert (exported["run"]["tokens"], exported["run"]["tokens_unknown"]) == (s["tokens"], no_usage)
+    by_phase = [s_["tokens_unknown_by_phase"] for s_ in exported["steps"]]
+    assert sum(sum(p.values()) for p in by_phase) == no_usage and all(set(p) == set(PHASES) for p in by_phase)
     main(["--store", str(store.path), "show", run_id])
     assert f'"tokens_unknown": {no_usage}' in capsys.readouterr().out
     main(["--store", str(store.path), "runs"])
