@@ -376,6 +376,27 @@ def test_the_budget_reserves_for_calls_in_flight_and_settles_with_what_they_spen
     assert GUARD_CHARS_PER_TOKEN < 4  # prompts are reserved at more tokens than English text usually takes
 
 
+def test_a_budget_with_no_call_in_flight_reserves_exactly_nothing() -> None:
+    """Dollar reservations added and released in another order leave float dust (3e-22) that a
+    budget stop then printed as "$0.000000000000000000325261 reserved by calls in flight"."""
+    from autodiff.errors import BudgetExceeded
+    from autodiff.llm.budget import Budget, Reservation
+
+    budget = Budget(usd=1.0)
+    amounts = [0.1, 0.2, 0.3, 0.000123, 0.07]
+    reservations = [Reservation(0, usd) for usd in amounts]
+    budget.reserved_usd = sum(amounts)  # as reserve() adds them, with one counted in flight each
+    budget._in_flight = len(amounts)
+    for r in reversed(reservations):
+        budget.settle(r, None)
+    assert budget.reserved_usd == 0.0 and budget.reserved_tokens == 0
+    budget.spent_usd = 0.99
+    request, ctx = Request(messages=(), max_tokens=10_000), CallContext(phase="validate", step=1)
+    with pytest.raises(BudgetExceeded) as stop:
+        budget.reserve("fake:x", None, request, ctx, Pricing({"fake:x": [1000.0, 10000.0]}))
+    assert "reserved by calls in flight" not in str(stop.value)
+
+
 def test_a_reply_without_usage_costs_unknown_and_budgets_still_count_it() -> None:
     """A server that answers but reports no usage: the call's cost is unknown (with the reason),
     never $0, and a budget counts it at its reservation (the most it could have cost)."""

@@ -48,6 +48,7 @@ class Budget:
         self.usd, self.tokens = usd, tokens
         self.spent_usd, self.spent_tokens = spent_usd, spent_tokens
         self.reserved_usd, self.reserved_tokens = 0.0, 0
+        self._in_flight = 0  # reservations not settled yet
         self.exceeded: BudgetExceeded | None = None
         self._lock = threading.Lock()
 
@@ -73,6 +74,7 @@ class Budget:
                 raise BudgetExceeded(str(self.exceeded), self.exceeded.option)
             self.reserved_usd += want.usd
             self.reserved_tokens += want.tokens
+            self._in_flight += 1
         return want
 
     def _over(self, want: Reservation, spec: str, ctx: CallContext) -> BudgetExceeded | None:
@@ -99,8 +101,11 @@ class Budget:
         have cost), or without one at its text's length."""
         with self._lock:
             if reservation is not None:
+                self._in_flight -= 1
                 self.reserved_usd -= reservation.usd
                 self.reserved_tokens -= reservation.tokens
+                if not self._in_flight:  # exactly nothing reserved, not what float sums leave (3e-22)
+                    self.reserved_usd, self.reserved_tokens = 0.0, 0
             if call is not None and not call.cached and usage_unknown:
                 if reservation is not None:
                     self.spent_usd += reservation.usd
