@@ -323,3 +323,58 @@ def test_a_resume_against_another_server_is_refused(store, tmp_path: Path) -> No
         runner.resume(store, "moved", providers={"openai": OpenAIProvider(None, a.base_url)},
                       cache_path=tmp_path / "c.sqlite")
     assert store.run("moved").status == "completed"
+
+
+def test_a_server_wait_longer_than_the_retry_budget_gives_up_at_once_and_says_so() -> None:
+    from autodiff.errors import LLMTransientError
+
+    with FakeOpenAIServer([("status", 429, {"retry-after": "120"}), ("ok", "too late")]) as server:
+        llm, calls = _llm(OpenAIProvider(KEY, server.base_url), retry=RetryPolicy(budget_s=20, initial_wait=0.01))
+        started = time.monotonic()
+        with pytest.raises(LLMTransientError) as info:
+            llm.complete("hi", CTX)
+    assert time.monotonic() - started < 5 and len(server.requests) == 1
+    message = str(info.value)
+    assert "the server asked to wait 120 s, more than the 20 s retry budget" in message
+    assert "gave up after 1 attempt in" in message and "--retry-budget 150" in message and "HTTP 429" in message
+
+
+def test_the_endpoint_pause_after_another_calls_429_counts_against_the_retry_budget() -> None:
+    from autodiff.errors import LLMTransientError
+
+    limiter = EndpointLimiter(4)
+    with FakeOpenAIServer([("status", 429, {"retry-after": "1"}), ("ok", "too late")]) as server:
+        llm, calls = _llm(OpenAIProvider(KEY, server.base_url), limiter=limiter,
+                          retry=RetryPolicy(budget_s=3, initial_wait=0.01, max_wait=0.01))
+        errors: list[Exception] = []
+
+        def call() -> None:
+            try:
+                llm.complete("hi", CTX)
+            except LLMTransientError as exc:
+                errors.append(exc)
+
+        worker = threading.Thread(target=call)
+        started = time.monotonic()
+        worker.start()
+        while limiter.paused_until <= time.monotonic():  # until the client has read its 429
+            time.sleep(0.01)
+        limiter.pause(10)  # another call of the endpoint got a 429 asking for 10 s
+        worker.join(timeout=15)
+    assert time.monotonic() - started < 3 and len(server.requests) == 1  # never sat out the 10 s
+    [error] = errors
+    assert "the server asked to wait" in str(error) and "3 s retry budget" in str(error)
+    assert "--retry-budget" in str(error) and calls[0].attempts == 1
+
+
+def test_a_reply_cut_off_before_any_text_names_the_flag_of_the_roles_token_limit() -> None:
+    from autodiff.errors import LLMReplyError
+
+    for role, flag in (("optimizer", "--optimizer-max-tokens"), ("backward", "--max-tokens"),
+                       ("forward", "the node's max_tokens")):
+        with FakeOpenAIServer([("cutoff", "")]) as server:
+            llm, calls = _llm(OpenAIProvider(KEY, server.base_url), role=role)
+            with pytest.raises(LLMReplyError, match="cut off") as info:
+                llm.complete("q", CTX)
+        assert flag in str(info.value) and "max_tokens" not in str(info.value).replace("node's max_tokens", "")
+        assert calls[0].finish_reason == "length"

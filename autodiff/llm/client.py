@@ -7,7 +7,10 @@ What a call can end as, and what happens to it:
   `validate` refused it (an unparseable reply is asked again next time, never replayed);
 - a transient fault (429, 5xx, time-out, connection error, garbage body): retried with backoff
   that honours the server's Retry-After, for up to `RetryPolicy.budget_s` seconds in all; the
-  endpoint's limiter backs off meanwhile; after the budget, `LLMTransientError`;
+  endpoint's limiter backs off meanwhile; after the budget, `LLMTransientError`. Every wait
+  counts against the budget, the call's own backoff and the endpoint's shared pause after a 429
+  alike; when the server asks for a wait longer than what is left, the call gives up at once and
+  says so, with the budget that would have been enough;
 - a reply with no answer text (empty, or reasoning only) or a prompt too long for the context
   window: `LLMReplyError` / `LLMContextWindowError` at once (asking again would pay for the
   same outcome);
@@ -21,6 +24,7 @@ answer; a call that might not fit is never sent (`BudgetExceeded`).
 
 from __future__ import annotations
 
+import math
 import re
 import time
 import uuid
@@ -104,11 +108,14 @@ def split_reasoning(text: str) -> tuple[str, str]:
 class _RetryBudget:
     """tenacity stop: no further attempt once `budget_s` seconds have passed since the first
     failure, or when the next wait would end past that (time a request spent queued before it
-    first failed does not count), or after `attempts` requests."""
+    first failed does not count), or after `attempts` requests. The next wait is the longer of
+    the call's own backoff and what is left of the endpoint's pause (`pause_left`); when what the
+    server asked for (Retry-After, or that pause) is what does not fit, `asked` keeps it."""
 
-    def __init__(self, budget_s: float, attempts: int | None):
-        self.budget_s, self.attempts = budget_s, attempts
+    def __init__(self, budget_s: float, attempts: int | None, pause_left: Callable[[], float]):
+        self.budget_s, self.attempts, self.pause_left = budget_s, attempts, pause_left
         self.first_failure: float | None = None
+        self.asked: float | None = None
 
     def __call__(self, state: RetryCallState) -> bool:
         now = time.monotonic()
@@ -116,11 +123,44 @@ class _RetryBudget:
             self.first_failure = now
         if self.attempts and state.attempt_number >= self.attempts:
             return True
-        return now - self.first_failure + state.upcoming_sleep > self.budget_s
+        spent = now - self.first_failure
+        server_wait = max(_retry_after(state) or 0.0, self.pause_left())
+        if spent + server_wait > self.budget_s:
+            self.asked = server_wait
+            return True
+        return spent + state.upcoming_sleep > self.budget_s
+
+    @property
+    def deadline(self) -> float | None:
+        """The monotonic time past which no wait may go; None before the first failure."""
+        return None if self.first_failure is None else self.first_failure + self.budget_s
 
     @property
     def spent(self) -> float:
         return time.monotonic() - self.first_failure if self.first_failure is not None else 0.0
+
+
+class _PauseTooLong(Exception):
+    """The endpoint's pause (another call's 429) ends past this call's retry deadline."""
+
+    def __init__(self, left: float):
+        super().__init__(f"the endpoint is paused for {left:.0f} s more")
+        self.left = left
+
+
+def _retry_after(state: RetryCallState) -> float | None:
+    return getattr(state.outcome.exception(), "retry_after", None) if state.outcome else None
+
+
+def count(n: int, word: str) -> str:
+    """'1 attempt', '3 attempts'."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def enough_retry_budget(seconds: float) -> int:
+    """A retry budget that covers a wait of `seconds` with room to spare: a quarter more,
+    rounded up to ten seconds (a 120 s Retry-After: 150)."""
+    return max(10, math.ceil(round(seconds) * 1.25 / 10) * 10)
 
 
 class _WaitForServer:
@@ -131,8 +171,7 @@ class _WaitForServer:
                                                 jitter=policy.initial_wait)
 
     def __call__(self, state: RetryCallState) -> float:
-        asked = getattr(state.outcome.exception(), "retry_after", None) if state.outcome else None
-        return max(asked or 0.0, self._backoff(state))
+        return max(_retry_after(state) or 0.0, self._backoff(state))
 
 
 class LLM:
@@ -251,8 +290,10 @@ class LLM:
             if check is not None:
                 check(self.model)
                 return
+            # A Retry-After the run's own retry budget would sit out does not fail the probe.
+            retry = replace(PREFLIGHT_RETRY, budget_s=max(PREFLIGHT_RETRY.budget_s, self.retry.budget_s))
             probe = LLM(self.spec, self.provider, recorder=self.recorder, limiter=self.limiter,
-                        retry=PREFLIGHT_RETRY, timeout=self.timeout, reasoning_effort=self.reasoning_effort,
+                        retry=retry, timeout=self.timeout, reasoning_effort=self.reasoning_effort,
                         role=self.role, pricing=self.pricing, budget=self.budget)
             probe.complete("Reply with the word OK.", replace(ctx, phase="preflight"), max_tokens=16)
         except LLMReplyError:
@@ -265,27 +306,54 @@ class LLM:
     def _call_with_retries(self, request: Request, attempts: list[int], usage: list[int],
                            ctx: CallContext) -> Completion:
         policy = self.retry
-        budget = _RetryBudget(policy.budget_s, policy.attempts)
+        budget = _RetryBudget(policy.budget_s, policy.attempts, self.limiter.pause_left)
         retrying = Retrying(stop=budget, wait=_WaitForServer(policy),
                             retry=retry_if_exception_type(LLMTransientError), reraise=True)
+        last: list[LLMTransientError] = []
         try:
             for attempt in retrying:
                 with attempt:
-                    attempts.append(1)
-                    return self._attempt(request, usage)
+                    try:
+                        return self._attempt(request, usage, attempts, budget.deadline)
+                    except LLMTransientError as exc:
+                        last[:] = [exc]
+                        raise
         except LLMFatalError as exc:
             role = ctx.role or self.role or "model"
             raise LLMFatalError(f"{role} model {self.spec}: {exc}", usage=exc.usage) from exc
         except LLMTransientError as exc:
-            raise LLMTransientError(
-                f"{self.spec}: gave up after {len(attempts)} attempts in {budget.spent:.0f}s: {exc}",
-                kind=exc.kind, retry_after=exc.retry_after,
-            ) from exc
+            raise self._gave_up(exc, len(attempts), budget) from exc
+        except _PauseTooLong as exc:
+            budget.asked = exc.left
+            raise self._gave_up(last[0], len(attempts), budget) from last[0]
         raise AssertionError("unreachable")
 
-    def _attempt(self, request: Request, usage: list[int]) -> Completion:
-        """One request through the endpoint's limiter; adds its reported usage to `usage`."""
-        slot = self.limiter.acquire()
+    def _gave_up(self, exc: LLMTransientError, attempts: int, budget: _RetryBudget) -> LLMTransientError:
+        """The error of a call that retries no further: how far it got, and, when a wait the
+        server asked for (its own Retry-After, or the endpoint's pause after another call's 429)
+        did not fit what was left of the retry budget, that wait, the budget and one that fits."""
+        spent = budget.spent
+        tried = f"gave up after {count(attempts, 'attempt')} in {spent:.0f}s"
+        if budget.asked is None:
+            return LLMTransientError(f"{self.spec}: {tried}: {exc}",
+                                     kind=exc.kind, retry_after=exc.retry_after)
+        enough = enough_retry_budget(spent + budget.asked)
+        left = f" ({spent:.0f} s of it spent)" if spent >= 1 else ""
+        return LLMTransientError(
+            f"{self.spec}: the server asked to wait {budget.asked:.0f} s, more than the {budget.budget_s:g} s retry "
+            f"budget{left}: {tried}; raise the retry budget to {enough} s or more (--retry-budget {enough}): {exc}",
+            kind=exc.kind, retry_after=exc.retry_after)
+
+    def _attempt(self, request: Request, usage: list[int], attempts: list[int] | None = None,
+                 deadline: float | None = None) -> Completion:
+        """One request through the endpoint's limiter; adds its reported usage to `usage` and
+        one to `attempts`. Raises _PauseTooLong, sending nothing, when the endpoint's pause
+        ends past `deadline`."""
+        slot = self.limiter.acquire(deadline)
+        if slot is None:
+            raise _PauseTooLong(self.limiter.pause_left())
+        if attempts is not None:
+            attempts.append(1)
         outcome, pause = "other", None
         try:
             completion = self.provider.complete(self.model, request)
@@ -296,6 +364,8 @@ class LLM:
                 usage[1] += exc.usage[1]
             if isinstance(exc, LLMTransientError) and exc.kind in OVERLOAD_KINDS:
                 outcome, pause = "overload", exc.retry_after
+            if isinstance(exc, LLMReplyError) and getattr(exc, "finish_reason", None) == "length":
+                exc.args = (f"{exc}: {raise_tokens(self.role)}",)  # cut off before any text: say which limit
             raise
         finally:
             self.limiter.release(slot, outcome, pause)
@@ -304,8 +374,7 @@ class LLM:
         answer, thought = split_reasoning(completion.text)
         reasoning = "\n\n".join(r for r in (completion.reasoning, thought) if r)
         if not answer.strip():
-            cut = " (cut off at the token limit: raise max tokens or lower the reasoning effort)" \
-                if completion.cut_off else ""
+            cut = f" (cut off at the token limit: {raise_tokens(self.role)})" if completion.cut_off else ""
             said = "only reasoning" if reasoning else "no text"
             error = LLMReplyError(f"{self.spec}: the reply held {said}{cut}",
                                   usage=(completion.prompt_tokens, completion.completion_tokens))
@@ -362,6 +431,16 @@ class LLM:
         if self.recorder is not None:
             self.recorder(call)
         return call
+
+
+def raise_tokens(role: str | None) -> str:
+    """What to raise when a reply of `role` is cut off at its token limit, as a person sets it:
+    the optimizer's and backward's limits are run options, a forward node's is its own."""
+    flag = {"optimizer": "--optimizer-max-tokens", "backward": "--max-tokens"}.get(role or "")
+    if flag:
+        return f"raise {flag} or lower --reasoning-effort"
+    return ("raise the node's max_tokens (in the pipeline's code; --max-tokens for nodes without their own) or "
+            "lower --reasoning-effort")
 
 
 def _no_usage(completion: Completion | None, cached: bool, usage: list[int]) -> bool:

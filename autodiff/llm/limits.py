@@ -5,7 +5,9 @@ overload with faults (time-outs, 429, 5xx). Each endpoint (base URL) gets one li
 every role and thread that calls it: a fault halves its limit (once per round of requests: the
 requests already in flight when the limit was cut do not cut it again), every `limit`
 successes raise it by one, up to the configured maximum. A 429 also pauses every caller of the
-endpoint until the server's Retry-After has passed, so all workers slow down together.
+endpoint until the server's Retry-After has passed, so all workers slow down together; a caller
+that is retrying gives a deadline (the end of its retry budget) and is told at once, without
+waiting, when the pause ends past it.
 
 The scheme is TCP's congestion control (AIMD; Jacobson, "Congestion Avoidance and Control",
 SIGCOMM 1988) applied to requests in flight, as in Netflix's concurrency-limits library.
@@ -42,10 +44,16 @@ class EndpointLimiter:
         self._last_cut = float("-inf")
         self._cond = threading.Condition()
 
-    def acquire(self) -> Slot:
+    def acquire(self, deadline: float | None = None) -> Slot | None:
+        """A slot, once the endpoint's pause has passed and one is free. With a `deadline`
+        (monotonic time), None at once when the pause ends after it: a caller out of retry budget
+        must not sit out a pause it cannot afford. Waiting for a free slot is queueing, never
+        refused."""
         with self._cond:
             while True:
                 wait = self.paused_until - time.monotonic()
+                if deadline is not None and self.paused_until > deadline:
+                    return None
                 if wait > 0:
                     self._cond.wait(wait)
                 elif self.in_flight < self.limit:
@@ -73,6 +81,11 @@ class EndpointLimiter:
                     self.limit += 1
                     self._successes = 0
             self._cond.notify_all()
+
+    def pause_left(self) -> float:
+        """Seconds until the endpoint's pause (a 429's Retry-After) ends; 0 when not paused."""
+        with self._cond:
+            return max(0.0, self.paused_until - time.monotonic())
 
     def pause(self, seconds: float) -> None:
         """Hold back every new request to this endpoint for `seconds` (a 429's Retry-After)."""

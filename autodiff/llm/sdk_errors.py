@@ -11,7 +11,8 @@ How a failure is sorted:
   and Anthropic each say it their own way): `LLMContextWindowError`;
 - any other 4xx: `LLMFatalError`, naming the rejected option when the body says which;
 - a reply with no text: `LLMReplyError` (built by the providers through `empty_reply`), with
-  the usage the server reported for it.
+  the usage the server reported for it and its `finish_reason` ("length": cut off; the client
+  adds which limit of the run to raise).
 """
 
 from __future__ import annotations
@@ -117,7 +118,8 @@ class SDKGuard:
             return LLMContextWindowError(self.clean(
                 f"{self.name} model {model!r} {where}: the prompt does not fit the model's context "
                 f"window ({reason}{_sizes(body)}): shorten the prompt (fewer or shorter examples or "
-                f"retrieved passages) or lower max tokens, or use a model (or start the local server) "
+                f"retrieved passages) or lower the reply's token limit (--max-tokens, --optimizer-max-tokens, a "
+                f"node's max_tokens), or use a model (or start the local server) "
                 f"with a larger context"
             ))
         if _error_field(body, "code") == "insufficient_quota":  # a 429 that waiting cannot fix
@@ -155,8 +157,8 @@ class SDKGuard:
             spent = f"{completion.completion_tokens} completion tokens"
             if completion.reasoning_tokens:
                 spent += f", {completion.reasoning_tokens} of them reasoning"
-            why = (f"the reply was cut off by the token limit before any visible text ({spent}): "
-                   f"raise max tokens, or lower the reasoning effort")
+            # The limit to raise depends on the role: the client, which knows it, says which.
+            why = f"the reply was cut off by the token limit before any visible text ({spent})"
         elif refusal:
             why = f"the model refused: {excerpt(refusal)}"
         elif completion.finish_reason == "content_filter":
@@ -164,8 +166,10 @@ class SDKGuard:
         else:
             why = (f"the reply held no text (finish reason {completion.finish_reason or 'not given'}): "
                    f"check the prompt, or try another model")
-        return LLMReplyError(self.clean(f"{self.name} model {model!r}: {why}"),
-                             usage=(completion.prompt_tokens, completion.completion_tokens))
+        error = LLMReplyError(self.clean(f"{self.name} model {model!r}: {why}"),
+                              usage=(completion.prompt_tokens, completion.completion_tokens))
+        error.finish_reason = completion.finish_reason  # for the call's record, and the client's advice
+        return error
 
     def clean(self, text: str) -> str:
         if len(self.api_key) >= 8 and self.api_key != PLACEHOLDER_KEY:
