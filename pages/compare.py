@@ -49,10 +49,12 @@ st.html(html_tables(html_table(
     numeric=("initial validation", "best validation", "initial test", "latest test", "tokens", "cost", "saved",
              "LLM calls", "run time (s)"),
 ), html_table(
-    [{"run": s["id"], "status": s["status"], "steps": s["steps_done"], "task": s["task"],
+    [{"run": s["id"], "status": s["status"], "steps": s["steps_done"],
+      # Faults beside the scores they may have thinned (a sample whose call failed is not scored).
+      "call errors": f"{s['errors']:,}", "cut off": f"{s['cut_off']:,}", "task": s["task"],
       "forward model": s["forward_model"], "backward model": s["backward_model"],
       "optimizer model": s["optimizer_model"]} for s in summaries],
-    numeric=("steps",), words=("status", "task", "forward model", "backward model", "optimizer model"))))
+    numeric=("steps", "call errors", "cut off"), words=("status", "task"))))  # model names wrap anywhere
 
 steps = pd.DataFrame([{**row, "run": r} for r in chosen for row in steps_of(store, by_id[r])])
 if not steps.empty:
@@ -76,7 +78,9 @@ if not steps.empty:
                          "No cost to draw: no call of these runs has a known price.")),
                        (("Run time so far", "wall_s_cumulative", "run time (s)", "seconds", charts.EMPTY),))],
     ])
-    st.caption("Run time: each completed step's time from its start to its end, summed (a step in progress or "
+    st.caption("Call errors: LLM calls with no usable reply after their retries (a sample whose call failed is "
+               "not scored, so it is in no score); cut off: replies cut off at the token limit. "
+               "Run time: each completed step's time from its start to its end, summed (a step in progress or "
                "stopped part-way, time between a stop and a resume and a redone attempt left out), as on the Runs "
                "and Curves pages. "
                "Cumulative cost: steps whose cost so far is unknown (calls of a model without a price, none "

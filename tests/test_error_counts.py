@@ -240,6 +240,17 @@ def test_runs_page_shows_call_errors(runs) -> None:
     assert settings[faulty]["error"] == STOP_REASON
 
 
+def test_compare_page_shows_call_errors_and_cut_offs_as_the_runs_page_does(runs) -> None:
+    store, faulty, clean = runs
+    at = open_page(store.path, "pages/compare.py", faulty)
+    assert_clean(at)
+    at.multiselect[0].set_value([faulty, clean]).run()
+    body = next(h.proto.body for h in at.get("html") if "call errors" in h.proto.body)
+    table = {row["run"]: row for row in html_table_rows(body, table=1)}
+    assert (table[faulty]["call errors"], table[clean]["call errors"]) == ("9", "0")
+    assert (table[faulty]["cut off"], table[clean]["cut off"]) == ("2", "0")  # replies cut off at the token limit
+
+
 def test_curves_page_charts_errors_and_cut_offs_by_phase(runs) -> None:
     store, faulty, _ = runs
     at = open_page(store.path, "pages/curves.py", faulty)

@@ -108,7 +108,10 @@ def compare_page(store: Store, run_id: str):
     at = page(store, "compare", run_id)
     assert len(at.multiselect[0].value) == 2  # the two runs of the task
     body = next(h.proto.body for h in at.get("html") if "run time (s)" in h.proto.body)
+    # The figures' table and the settings' table of the same element, one row per run.
     table = {row["run"]: row for row in html_table_rows(body)}
+    for row in html_table_rows(body, table=1):
+        table[row["run"]] |= row
     return at, table
 
 
