@@ -13,6 +13,7 @@ the dashboard and in `autodiff runs`.
 
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,13 +138,17 @@ def resume(run_id: str, task: Task | None = None, *, store: Store | str | Path |
            model: Model | None = None, forward: Model | None = None, backward: Model | None = None,
            optimizer: Model | None = None, accept_task_changes: bool = False, cache: str | Path | None = None,
            progress: Progress | bool = True, budget_usd: float | None = None,
-           budget_tokens: int | None = None, force: bool = False) -> TrainResult:
+           budget_tokens: int | None = None, force: bool = False, **options: Any) -> TrainResult:
     """Continue a stopped or failed run from its last completed step. A run trained from a Task
     object needs that task again; provider objects (a ScriptedModel) must be given again for
     the roles that used them. The task must match what the run stored unless
     `accept_task_changes` (recorded in the run's history). `budget_usd` (US dollars) and
     `budget_tokens` replace the run's budgets, for the whole run (a run stopped by its budget
-    goes on with a larger one; the change is recorded). A run another process trains is refused
+    goes on with a larger one; the change is recorded). `options` change how calls are retried and
+    judged (`autodiff.config.RESUME_OPTIONS`: timeout, forward_timeout, ..., retry_budget,
+    max_error_share), stored in the run and printed when they change, e.g. a run stopped because
+    the server asked for a longer wait than its retry budget: `resume(run_id, retry_budget=150)`.
+    A run another process trains is refused
     while that process may be alive (see autodiff.holders); `force` takes it over from one on
     another machine that is really gone. Raises ConfigError otherwise."""
     from autodiff import runner
@@ -159,9 +164,9 @@ def resume(run_id: str, task: Task | None = None, *, store: Store | str | Path |
             raise ConfigError(f"run {run_id} was trained with a model object (e.g. a ScriptedModel) for "
                               f"{', '.join(missing)}: give it again (model=... or {missing[0]}=...) to resume")
         runner.resume(the_store, run_id, task=task, accept_task_changes=accept_task_changes, budget_usd=budget_usd,
-                      budget_tokens=budget_tokens, force=force,
+                      budget_tokens=budget_tokens, force=force, options=options,
                       cache_path=Path(cache) if cache else None, providers=providers or None,
-                      progress=_progress(progress, stored["steps"]))
+                      progress=_said_changes(_progress(progress, stored["steps"])))
         return result_of(the_store, run_id)
 
 
@@ -177,6 +182,17 @@ def result_of(store: Store, run_id: str) -> TrainResult:
         models={role: run.config[f"{role}_model"] for role in ROLES}, scores=scores, best_step=best,
         best_values=store.parameter_values_at(run_id, best) if best is not None else {},
     )
+
+
+def _said_changes(progress: Progress | None) -> Progress:
+    """`progress`, and the options a resume changed printed (stderr), as the CLI says them."""
+    def on(event: str, info: dict) -> None:
+        if event == "options_changed":
+            print(f"run {info['run_id']}: {'; '.join(info['changes'])} (stored in the run)", file=sys.stderr)
+        if progress is not None:
+            progress(event, info)
+
+    return on
 
 
 def _progress(progress: Progress | bool, steps: int) -> Progress | None:

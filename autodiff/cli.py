@@ -4,6 +4,7 @@ store copy, sample-runs."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -17,6 +18,7 @@ import types
 import typing
 from pathlib import Path
 
+from autodiff.config import RESUME_OPTIONS
 from autodiff.errors import AutodiffError
 from autodiff.exposure import exposure_warning
 from autodiff.records import Run
@@ -35,24 +37,32 @@ _SPECIAL_OPTIONS = ("task", "task_args", "task_in_memory", "cache", "prices")
 _ALIASES = {"max_error_share": ("--max-errors",)}
 
 
+def _add_config_option(p: argparse.ArgumentParser, name: str) -> None:
+    """The option of RunConfig field `name`: --field-name, its help the field's description (its
+    limits are checked by RunConfig, as for every way a run is made)."""
+    from autodiff.config import RunConfig
+
+    field = RunConfig.model_fields[name]
+    flags = ["--" + name.replace("_", "-"), *_ALIASES.get(name, ())]
+    kind = field.annotation
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None: the option takes X
+        kind = next(t for t in typing.get_args(kind) if t is not type(None))
+    if kind is bool:
+        p.add_argument(*flags, dest=name, action="store_true", default=None, help=field.description)
+    elif typing.get_origin(kind) is typing.Literal:
+        p.add_argument(*flags, dest=name, choices=typing.get_args(kind), help=field.description)
+    else:
+        p.add_argument(*flags, dest=name, type=kind, help=field.description)
+
+
 def _add_train_options(p: argparse.ArgumentParser) -> None:
     """`train`'s options, made from RunConfig's fields (their help is the field's description)."""
     from autodiff.config import RunConfig
 
     p.add_argument("--model", help="provider:model for every role not given below")
-    for name, field in RunConfig.model_fields.items():
-        if name in _SPECIAL_OPTIONS:
-            continue
-        flags = ["--" + name.replace("_", "-"), *_ALIASES.get(name, ())]
-        kind = field.annotation
-        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None: the option takes X
-            kind = next(t for t in typing.get_args(kind) if t is not type(None))
-        if kind is bool:
-            p.add_argument(*flags, dest=name, action="store_true", default=None, help=field.description)
-        elif typing.get_origin(kind) is typing.Literal:
-            p.add_argument(*flags, dest=name, choices=typing.get_args(kind), help=field.description)
-        else:
-            p.add_argument(*flags, dest=name, type=kind, help=field.description)
+    for name in RunConfig.model_fields:
+        if name not in _SPECIAL_OPTIONS:
+            _add_config_option(p, name)
     p.add_argument("--task-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="keyword argument of a task factory (repeatable)")
     p.add_argument("--price", action="append", default=[], metavar="PROVIDER:MODEL=USD[/USD]",
@@ -87,6 +97,8 @@ def parser() -> argparse.ArgumentParser:
                                                          "spent before included; recorded in the run)")
     resume.add_argument("--budget-tokens", type=int, help="a new budget in tokens for the whole run (recorded in "
                                                           "the run)")
+    for name in RESUME_OPTIONS:  # how calls are retried and judged: stored in the run, said when changed
+        _add_config_option(resume, name)
     resume.add_argument("--force", action="store_true",
                         help="take the run over from a process on another machine that still says it trains it, "
                              "when that process is really gone (killed, its machine down); recorded in the run")
@@ -164,8 +176,15 @@ def main(argv: list[str] | None = None) -> int:
     except AutodiffError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: resume with `autodiff resume RUN_ID`", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        from autodiff.runner import Interrupted
+
+        if isinstance(exc, Interrupted):
+            store = args.opened_stores[-1]  # train and resume open one store: the run's
+            print(f"interrupted ({exc.how}): run {exc.run_id} is stopped; continue with: "
+                  f"{_resume_command(store, exc.run_id)}", file=sys.stderr)
+        else:
+            print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `autodiff runs | head`: the reader left; no traceback for that
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -209,10 +228,25 @@ def cmd_train(args) -> int:
     store = _store(args)
     if args.queue:
         return _queue(args, store, config)
-    run_id = train(store, config, cache_path=args.cache or default_cache_path(), run_id=args.run_id,
-                   progress=_progress_bar(config.steps, args.quiet))
+    with _sigterm_interrupts():
+        run_id = train(store, config, cache_path=args.cache or default_cache_path(), run_id=args.run_id,
+                       progress=_progress_bar(config.steps, args.quiet))
     _print_summary(store, run_id)
     return _stopped_exit(store, run_id)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM to a training process ends it as Ctrl-C does: the run is recorded as stopped,
+    resumable (see `runner.train_here`), not left for `mark_dead_runs` to find."""
+    def interrupt(signum, frame) -> None:
+        raise KeyboardInterrupt("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _queue(args, store, config) -> int:
@@ -320,19 +354,30 @@ def _stopped_exit(store, run_id: str) -> int:
     if (held := holders.holder(run)) is not None and not held.is_me():
         print(f"run {run_id} was taken over by {held.describe()}: this process left it to that one", file=sys.stderr)
         return 3
+    from autodiff.recovery import resume_option
+
     if run.error:
         print(f"run {run_id} stopped: {run.error}", file=sys.stderr)
+    command = _resume_command(store, run_id)
+    if (run.error or "").startswith("budget"):  # the same budget would stop it again at once
+        command += " " + _larger_budget(store, run)
+    elif option := resume_option(run):  # its own retry settings stopped it: the same would again
+        command += f" {option}"
+    print(f"continue with: {command}", file=sys.stderr)
+    return 3
+
+
+def _resume_command(store, run_id: str) -> str:
+    """`autodiff resume RUN`, with --store unless the store is the default (a password in its URL
+    shows as ***)."""
     command = f"autodiff resume {shlex.quote(run_id)}"
     try:
         default = resolve_spec()
     except AutodiffError:  # AUTODIFF_STORE says something unusable: name the store
         default = None
     if store.spec != default:
-        command += f" --store {shlex.quote(store.display)}"  # a password in the URL shows as ***
-    if (run.error or "").startswith("budget"):  # the same budget would stop it again at once
-        command += " " + _larger_budget(store, run)
-    print(f"continue with: {command}", file=sys.stderr)
-    return 3
+        command += f" --store {shlex.quote(store.display)}"
+    return command
 
 
 def _larger_budget(store, run: Run) -> str:
@@ -360,10 +405,18 @@ def cmd_resume(args) -> int:
 
     store = _store(args)
     run = store.run(args.run_id)
-    run_id = resume(store, args.run_id, clear_stop=not args.keep_stop, cache_path=args.cache or default_cache_path(),
-                    accept_task_changes=args.accept_task_changes, budget_usd=args.budget_usd,
-                    budget_tokens=args.budget_tokens, force=args.force,
-                    progress=_progress_bar(run.config["steps"], args.quiet))
+    bar = _progress_bar(run.config["steps"], args.quiet)
+
+    def progress(event: str, info: dict) -> None:
+        if event == "options_changed":
+            print(f"run {args.run_id}: {'; '.join(info['changes'])} (stored in the run)", file=sys.stderr)
+        bar(event, info)
+
+    with _sigterm_interrupts():
+        run_id = resume(store, args.run_id, clear_stop=not args.keep_stop,
+                        cache_path=args.cache or default_cache_path(), accept_task_changes=args.accept_task_changes,
+                        budget_usd=args.budget_usd, budget_tokens=args.budget_tokens, force=args.force,
+                        options={name: getattr(args, name) for name in RESUME_OPTIONS}, progress=progress)
     _print_summary(store, run_id)
     return _stopped_exit(store, run_id)
 
@@ -412,7 +465,8 @@ def cmd_runs(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from autodiff.llm.pricing import format_usd
+    from autodiff.llm.client import count
+    from autodiff.llm.pricing import format_tokens, format_usd
     from autodiff.metrics import (PHASES, context_window_failures, error_kinds, phase_figures, run_summary,
                                   step_figures)
 
@@ -455,7 +509,8 @@ def cmd_show(args) -> int:
     for row in steps:
         print(f"step {row['step']:>3}: val {score(row['val_score'], row['samples_errored_val'])} "
               f"test {score(row['test_score'], row['samples_errored_test'])} "
-              f"failed {row['failed']}/{row['batch']} tokens {row['tokens']}{cost_text(row)} proposals "
+              f"failed {row['failed']}/{row['batch']} tokens {format_tokens(row['tokens'], row['tokens_unknown'])}"
+              f"{cost_text(row)} proposals "
               f"{row['proposed']} accepted {row['accepted']}{fault_text(row['step'])}")
     for step in sorted(set(faults) - {row["step"] for row in steps}):  # e.g. preflight before step 0 began
         print(f"{'outside a step' if step < 0 else f'step {step:>3} (no step record)'}: {fault_text(step)[2:]}")
@@ -464,7 +519,7 @@ def cmd_show(args) -> int:
         c = costs.get(p.id)
         cost = (f"; made for {format_usd(c['make_usd'], c['make_unknown'])}, validated for "
                 f"{format_usd(c['validate_usd'], c['validate_unknown'])}"
-                + (f" ({c['unknown']} calls unpriced)" if c["unknown"] else "")) if c else ""
+                + (f" ({count(c['unknown'], 'call')} unpriced)" if c["unknown"] else "")) if c else ""
         print(f"  [{p.step}] {p.parameter}: {p.fate} ({p.reason}){cost}")
     if overflows := context_window_failures(store, args.run_id):
         print("calls that failed because the prompt did not fit the model's context window:")

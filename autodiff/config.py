@@ -146,6 +146,13 @@ class RunConfig(BaseModel):
         return check_model_spec(v)
 
 
+# Options a resume may change (CLI `resume`, `autodiff.resume`): how calls are retried and judged,
+# never what a model replies, so the steps before and after stay comparable. The CLI's flags,
+# their help and their limits come from the fields above.
+RESUME_OPTIONS = ("timeout", "forward_timeout", "backward_timeout", "optimizer_timeout", "retry_budget",
+                  "max_error_share")
+
+
 def limits(name: str) -> tuple[float | None, float | None, bool, bool]:
     """The bounds RunConfig sets on a numeric option: (low, high, low_strict, high_strict), None
     where open; strict when the bound itself is refused (gt, lt). For forms that say the range."""

@@ -1,8 +1,11 @@
 """What a person can do about a run that stopped or failed: whether resuming, as things stand,
 can go on, and what must change first when it cannot.
 
-A resumed run keeps its task, its models and its options (only its budgets can change), and
-reads keys and server addresses from the environment of the process that resumes it. So a
+A resumed run keeps its task, its models and its options (only its budgets, and how calls are
+retried and judged, can change: `autodiff.config.RESUME_OPTIONS`), and reads keys and server
+addresses from the environment of the process that resumes it. A run stopped by its own retry
+settings (a server asking for a longer wait than the retry budget, replies slower than the
+time-out) gets the option to resume with (`resume_option`). So a
 missing key or a server that was down is fixed outside the run, then the run resumes; a wrong
 model name, a model file that is not there or a prompt too long for the model's context window
 fail the same way on every resume: those need a new run. The reasons are read from the errors the
@@ -12,6 +15,8 @@ holds to these rules.
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -32,6 +37,7 @@ class Recovery:
     outlook: Outlook
     advice: str
     budget: bool = False  # stopped by its budget: resume with a larger one
+    option: str | None = None  # the resume option that answers it, as typed ("--retry-budget 150")
 
 
 # (words in the error, outlook, advice), first match wins. The advice says what to change; the
@@ -42,6 +48,9 @@ _RULES: tuple[tuple[tuple[str, ...], Outlook, str], ...] = (
      "Resume goes on from its last completed step; an unfinished step is redone from its start, its LLM calls "
      "that had finished answered from the response cache of the machine that made them when the resume runs "
      "there (each machine has its own: elsewhere, as on another worker, they are asked and paid again)."),
+    (("interrupted (",), "go",
+     "It was interrupted (Ctrl-C or SIGTERM) in its process. Resume goes on from its last completed step; an "
+     "unfinished step is redone from its start."),
     (("ended without finishing",), "go",
      "Its process ended (killed, or the machine restarted). Resume goes on from its last completed step."),
     (("context window",), "new_run",
@@ -70,8 +79,9 @@ _RULES: tuple[tuple[tuple[str, ...], Outlook, str], ...] = (
      "Resuming fails the same way until the task loads again (its file or module, as named in the run)."),
     (("fix the cause, then resume",), "fix_first",
      "Too many LLM calls or samples failed in one phase (the Curves page counts them by kind). Once the cause "
-     "is gone (a server back up, rate limits passed, a bug in your pipeline fixed), resume: the failed samples "
-     "are asked again."),
+     "is gone (a server back up, a bug in your pipeline fixed), resume: the failed samples are asked again. If "
+     "some errors are acceptable, resume with a larger share allowed: autodiff resume {run_id} --max-error-share "
+     "0.25."),
 )
 
 
@@ -84,6 +94,10 @@ def recovery(run: Run) -> Recovery | None:
     if error.startswith("budget"):
         return Recovery(status, error, "go", "The run stopped at its budget: give it a larger one (for the whole "
                                              "run, what it spent included), then resume.", budget=True)
+    if (option := resume_option(run)) is not None:
+        return Recovery(status, error, "fix_first", f"{_OPTION_ADVICE[option.split()[0]]} Resume with {option}: "
+                        f"autodiff resume {run.id} {option} (the dashboard's Resume keeps the run's options).",
+                        option=option)
     low = error.lower()
     for words, outlook, advice in _RULES:
         if any(w in low for w in words):
@@ -94,6 +108,40 @@ def recovery(run: Run) -> Recovery | None:
                     "Resuming goes on from its last completed step, and fails the same way until the cause above "
                     f"is fixed (a run started from the dashboard writes its traceback to logs/{run.id}.log beside the "
                     "store).")
+
+
+ROLES = ("forward", "backward", "optimizer")
+_OPTION_ADVICE = {
+    "--retry-budget": "Its calls gave up within the run's retry budget (--retry-budget, seconds one call keeps "
+                      "retrying): the server asked for a longer wait, or kept failing for longer. Resuming with the "
+                      "same budget stops the same way while the server does.",
+    "--timeout": "Replies took longer than the run's time-out, so its calls gave up. Resuming with the same "
+                 "time-out stops the same way while the server is that slow.",
+    **{f"--{role}-timeout": f"{role.capitalize()} replies took longer than the run's {role} time-out, so its calls "
+                            "gave up. Resuming with the same time-out stops the same way while the server is that "
+                            "slow." for role in ROLES},
+}
+_ASKED = re.compile(r"--retry-budget (\d+)")
+_TIMED_OUT = re.compile(r"timed out \(read limit ([\d.]+)s")
+_GAVE_UP = re.compile(r"gave up after \d+ attempts? in \d+s: .*(HTTP 429|HTTP 5\d\d)", re.S)
+
+
+def resume_option(run: Run) -> str | None:
+    """The resume option that answers a run stopped by its own retry settings, as typed on the
+    command line, or None: the retry budget the LLM client named when a server asked for a longer
+    wait ("--retry-budget 150"); a time-out four times the one replies ran past (at least 30 s),
+    under the option that set it ("--timeout 30"); twice the retry budget (at least 60 s) when a
+    server kept answering 429 or 5xx for all of it."""
+    error, config = run.error or "", run.config or {}
+    if match := _ASKED.search(error):
+        return f"--retry-budget {match.group(1)}"
+    if match := _TIMED_OUT.search(error):
+        limit = float(match.group(1))
+        flag = next((f"--{role}-timeout" for role in ROLES if config.get(f"{role}_timeout") == limit), "--timeout")
+        return f"{flag} {max(30, math.ceil(limit * 4 / 10) * 10)}"
+    if _GAVE_UP.search(error):
+        return f"--retry-budget {max(60, math.ceil(2 * float(config.get('retry_budget') or 30)))}"
+    return None
 
 
 def stop_effect(config: dict) -> str:

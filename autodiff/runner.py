@@ -7,10 +7,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from autodiff import holders
-from autodiff.config import RunConfig, make_config
+from autodiff.config import RESUME_OPTIONS, RunConfig, make_config
 from autodiff.errors import AutodiffError, ConfigError, StoreError
 from autodiff.pipeline import Task, check_connected
 from autodiff.llm.budget import Budget
@@ -67,8 +67,41 @@ def train(
 ) -> str:
     """Train a new run of `task` (or of the task `config.task` names) to the end, in this
     process; returns the run id. See `Trainer.train` for how a run ends."""
-    return prepare(task_for(config, task), config, store, run_id=run_id, cache_path=cache_path,
-                   providers=providers, progress=progress, retry=retry, use_cache=use_cache).train()
+    return train_here(prepare(task_for(config, task), config, store, run_id=run_id, cache_path=cache_path,
+                              providers=providers, progress=progress, retry=retry, use_cache=use_cache))
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM, which the CLI turns into one) ended a run this process trained; the run
+    is recorded as stopped, resumable. `run_id` names it, so the message can say what to resume."""
+
+    def __init__(self, run_id: str, how: str):
+        super().__init__(f"run {run_id} interrupted by {how}")
+        self.run_id, self.how = run_id, how
+
+
+def train_here(trainer: Trainer) -> str:
+    """`trainer.train()` in this process. A KeyboardInterrupt (Ctrl-C; the CLI's SIGTERM) stops the
+    run as a stop request would, not as a failure: calls still queued are dropped (those in flight
+    finish and are recorded), the run is recorded as stopped with where a resume goes on, and
+    `Interrupted` is raised with its id. Its text is what `autodiff.recovery` reads."""
+    try:
+        return trainer.train()
+    except KeyboardInterrupt as exc:
+        how = str(exc.args[0]) if exc.args else "Ctrl-C"
+        trainer.pool.shutdown(wait=False, cancel_futures=True)  # a queued call must not outlive the run
+        store, run_id = trainer.store, trainer.run_id
+        try:
+            run = store.run(run_id)
+        except StoreError:  # interrupted before the run was written: nothing to resume
+            raise exc from None
+        if run.status != "completed":
+            done = store.last_completed_step(run_id)
+            where = ("resume starts it" if done is None else
+                     f"resume goes on from step {done + 1}, redoing any part of it already done")
+            after = "before its first step" if done is None else f"after step {done}"
+            store.set_run_status(run_id, "stopped", error=f"interrupted ({how}) {after}; {where}")
+        raise Interrupted(run_id, how) from exc
 
 
 def create(store: Store, config: RunConfig, *, task: Task | None = None, run_id: str | None = None,
@@ -121,9 +154,10 @@ def start(store: Store, run_id: str, cache_path: Path | None = None) -> None:
 
 
 def resume_background(store: Store, run_id: str, cache_path: Path | None = None, *, budget_usd: float | None = None,
-                      budget_tokens: int | None = None) -> None:
+                      budget_tokens: int | None = None, **options: Any) -> None:
     """Resume a stopped or failed run away from the caller (see `start`); it shows as created
-    (or queued) until it starts. New budgets, if given, replace the run's (see `set_budget`)."""
+    (or queued) until it starts. New budgets, if given, replace the run's (see `set_budget`);
+    `options` (those of `RESUME_OPTIONS`) replace the run's (see `change_options`)."""
     mark_dead_runs(store)  # a run whose process on this machine is gone says stopped, and is resumed
     run = store.run(run_id)
     status = run.status
@@ -133,8 +167,10 @@ def resume_background(store: Store, run_id: str, cache_path: Path | None = None,
     if status in ("completed", "queued"):
         raise ConfigError(f"run {run_id} is {status}; only a stopped or failed run can be resumed")
     budgets = {k: v for k, v in (("budget_usd", budget_usd), ("budget_tokens", budget_tokens)) if v is not None}
+    config = make_config(**run.config)
     if budgets:
-        set_budget(store, run_id, make_config(**run.config), **budgets)
+        config = set_budget(store, run_id, config, **budgets)
+    change_options(store, run_id, config, **options)
     store.clear_stop(run_id)  # a stop asked for before the run got going would end it again at once
     store.set_run_status(run_id, "created")
     start(store, run_id, cache_path)
@@ -190,14 +226,16 @@ def stop(store: Store, run_id: str) -> str:
 
 def resume(store: Store, run_id: str, *, task: Task | None = None, clear_stop: bool = True,
            accept_task_changes: bool = False, budget_usd: float | None = None, budget_tokens: int | None = None,
-           from_queue: bool = False, force: bool = False, **extra) -> str:
+           from_queue: bool = False, force: bool = False, options: dict[str, Any] | None = None, **extra) -> str:
     """Train a stored run on from its last completed step, in this process. A person resuming
     overrides an earlier stop request (`clear_stop`); a background process started for the run
     keeps one made while it was starting. The task (given, or loaded by the stored name) must
     match the stored run (see `task_changes`) unless `accept_task_changes`, which is recorded
     in the run's history. A task that cannot be loaded marks the run failed with the reason.
     `budget_usd` / `budget_tokens` replace the run's budgets (for the whole run, what it spent
-    before included), recorded as a "budget_changed" event. On a PostgreSQL store, a run that
+    before included), recorded as a "budget_changed" event. `options` (those of `RESUME_OPTIONS`:
+    time-outs, retry budget, error share) replace the run's, recorded as an "options_changed"
+    event and told to `progress` (extra) as an "options_changed" event with the `changes`. On a PostgreSQL store, a run that
     waits on the queue or that a worker holds is refused unless this is that worker
     (`from_queue`): one run is never trained by two processes at once. Likewise a run another
     process trains (a shell, Python, the dashboard's background process) is refused while that
@@ -217,6 +255,7 @@ def resume(store: Store, run_id: str, *, task: Task | None = None, clear_stop: b
         budgets = {k: v for k, v in (("budget_usd", budget_usd), ("budget_tokens", budget_tokens)) if v is not None}
         if budgets:
             config = set_budget(store, run_id, config, **budgets)
+        config, changed = change_options(store, run_id, config, **(options or {}))
         try:
             task = task_for(config, task)
         except AutodiffError as exc:
@@ -247,7 +286,9 @@ def resume(store: Store, run_id: str, *, task: Task | None = None, clear_stop: b
     if moved:
         store.add_run_event(run_id, "endpoint_changes_accepted", "; ".join(moved))
     holders.take(store, run_id, force=force)  # the trainer takes it too; `force` is honoured here
-    return trainer.train()
+    if changed:
+        trainer.progress("options_changed", {"changes": changed})
+    return train_here(trainer)
 
 
 def _refuse_if_queued(store: Store, run_id: str) -> None:
@@ -324,10 +365,37 @@ def set_budget(store: Store, run_id: str, config: RunConfig, **budgets: float | 
     if "budget_tokens" in budgets and new.budget_tokens is not None and new.budget_tokens < spent_tokens:
         raise ConfigError(f"a budget of {new.budget_tokens:,} tokens is below what run {run_id} has already spent, "
                           f"{spent_tokens:,} tokens: a budget is for the whole run, so give more than that")
-    changed = [f"{k} {getattr(config, k)} -> {getattr(new, k)}" for k in budgets if getattr(config, k) != getattr(new, k)]
+    return _record_change(store, run_id, config, new, list(budgets), "budget_changed")
+
+
+def change_options(store: Store, run_id: str, config: RunConfig, **options: Any) -> tuple[RunConfig, list[str]]:
+    """Store new values of `RESUME_OPTIONS` (None: keep the run's) in a run's config and note the
+    change in its history as an "options_changed" event; returns the new config and the changes
+    ("retry_budget 20 -> 150"). Raises ConfigError for another option or a value out of range
+    (the limits are RunConfig's, as for a new run)."""
+    given = {k: v for k, v in options.items() if v is not None}
+    other = [k for k in given if k not in RESUME_OPTIONS]
+    if other:
+        raise ConfigError(f"a resume cannot change {', '.join(other)}: only {', '.join(RESUME_OPTIONS)} (how calls "
+                          "are retried and judged); start a new run to change the others")
+    if not given:
+        return config, []
+    new = make_config(**(config.model_dump() | given))
+    _record_change(store, run_id, config, new, list(given), "options_changed")
+    return new, _changes(config, new, list(given))
+
+
+def _changes(old: RunConfig, new: RunConfig, names: list[str]) -> list[str]:
+    return [f"{k} {getattr(old, k)} -> {getattr(new, k)}" for k in names if getattr(old, k) != getattr(new, k)]
+
+
+def _record_change(store: Store, run_id: str, old: RunConfig, new: RunConfig, names: list[str], kind: str) -> RunConfig:
+    """Write `new` as the run's config when any of `names` changed, with a `kind` run event
+    saying what; returns `new`."""
+    changed = _changes(old, new, names)
     if changed:
         store.set_run_config(run_id, new.model_dump())
-        store.add_run_event(run_id, "budget_changed", "; ".join(changed))
+        store.add_run_event(run_id, kind, "; ".join(changed))
     return new
 
 

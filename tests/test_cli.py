@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -197,3 +199,111 @@ def test_exported_proposals_and_gradients_are_the_stored_rows(one_run) -> None:
     assert (old["feedback_ids"], old["edited_value"], old["held_fate"]) == (None, "edited value", "malformed")
     assert all(p["feedback_ids"] for p in doc["proposals"] if p["id"] != "old") and doc["gradients"]
     store.close()
+
+
+def test_a_run_stopped_by_its_retry_budget_says_so_and_resumes_with_a_larger_one(tmp_path: Path, capsys,
+                                                                                monkeypatch) -> None:
+    """A server asking for a longer wait than the retry budget stops the run with that wait, the
+    budget and the option to resume with; `resume` takes the option, stores it and says so."""
+    from autodiff.llm.types import Message, Request
+    from autodiff.recovery import recovery
+    from tests.conftest import TOY_TASK, Script
+    from tests.http_fakes import FakeOpenAIServer
+
+    script, limited = Script(), [True]
+
+    def respond(request):
+        messages = tuple(Message(m["role"], m["content"]) for m in request.body["messages"])
+        if limited[0] and "Reply with the word OK." not in messages[-1].content:
+            return ("status", 429, {"retry-after": "3"})  # every later call sits it out
+        return ("ok", script(Request(messages)))
+
+    store_path = tmp_path / "runs.sqlite"
+    common = ["--store", str(store_path), "--cache", str(tmp_path / "cache.sqlite"), "--quiet"]
+    with FakeOpenAIServer(responder=respond) as server:
+        monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-test-0123456789abcdef")
+        code = cli.main([*common, "train", TOY_TASK, "--model", "openai:toy", "--steps", "1", "--retry-budget", "1",
+                         "--run-id", "limited"])
+        err = capsys.readouterr().err
+        assert code == 3, err
+        assert "the server asked to wait 3 s, more than the 1 s retry budget" in err
+        assert "gave up after 1 attempt in" in err and "1 attempts" not in err
+        assert f"continue with: autodiff resume limited --store {store_path} --retry-budget 10" in err
+        what = recovery(Store(store_path).run("limited"))
+        assert what.option == "--retry-budget 10" and "autodiff resume limited --retry-budget 10" in what.advice
+        assert "rate limits passed" not in what.advice
+
+        assert cli.main([*common, "resume", "limited", "--retry-budget", "-1"]) == 2  # RunConfig's limits
+        assert "retry_budget" in capsys.readouterr().err
+        limited[0] = False
+        assert cli.main([*common, "resume", "limited", "--retry-budget", "10", "--timeout", "10"]) == 0
+    err = capsys.readouterr().err
+    assert "retry_budget 1.0 -> 10.0" in err and "timeout None -> 10.0" in err
+    store = Store(store_path)
+    run = store.run("limited")
+    assert run.status == "completed" and (run.config["retry_budget"], run.config["timeout"]) == (10.0, 10.0)
+    assert [e.text for e in store.run_events("limited") if e.kind == "options_changed"] == [
+        "timeout None -> 10.0; retry_budget 1.0 -> 10.0"]
+
+
+@pytest.mark.parametrize("how", ["Ctrl-C", "SIGTERM"])
+def test_an_interrupted_training_is_stopped_and_names_the_command_to_resume_it(how: str, tmp_path: Path, capsys,
+                                                                              monkeypatch) -> None:
+    import os
+    import signal
+
+    from autodiff.recovery import recovery
+    from tests.conftest import TOY_TASK
+
+    def progress_bar(total: int, quiet: bool):
+        def on(event: str, info: dict) -> None:
+            if event == "backward" and info["step"] == 2:
+                if how == "SIGTERM":
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    time.sleep(5)  # the handler interrupts this
+                raise KeyboardInterrupt
+
+        return on
+
+    monkeypatch.setattr(cli, "_progress_bar", progress_bar)
+    store_path = tmp_path / "runs.sqlite"
+    common = ["--store", str(store_path), "--cache", str(tmp_path / "cache.sqlite")]
+    assert cli.main([*common, "train", TOY_TASK, "--model", "fake:cli", "--steps", "3", "--run-id", "cut"]) == 130
+    err = capsys.readouterr().err
+    assert f"continue with: autodiff resume cut --store {store_path}" in err and "RUN_ID" not in err
+    run = Store(store_path).run("cut")
+    assert run.status == "stopped" and f"interrupted ({how}) after step 1" in run.error
+    what = recovery(run)
+    assert what.outlook == "go" and "KeyboardInterrupt" not in what.error
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the CLI's handler is gone with the run
+    monkeypatch.setattr(cli, "_progress_bar", lambda total, quiet: lambda event, info: None)
+    assert cli.main([*common, "resume", "cut"]) == 0
+    assert Store(store_path).run("cut").status == "completed"
+
+
+def test_show_says_unknown_for_tokens_a_server_never_reported(tmp_path: Path, capsys) -> None:
+    from autodiff import runner
+    from autodiff.config import make_config
+    from autodiff.llm.openai_provider import OpenAIProvider
+    from autodiff.llm.types import Message, Request
+    from tests.conftest import TOY_DEFAULTS, Script
+    from tests.http_fakes import FakeOpenAIServer
+
+    script = Script()
+
+    def respond(request):  # a well-formed reply without `usage`, as some local servers send
+        text = script(Request(tuple(Message(m["role"], m["content"]) for m in request.body["messages"])))
+        body = {"id": "x", "object": "chat.completion", "created": 0, "model": "toy",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}
+        return ("garbage", json.dumps(body).encode())
+
+    store = Store(tmp_path / "runs.sqlite")
+    with FakeOpenAIServer(responder=respond) as server:
+        options = {**TOY_DEFAULTS, "forward_model": "openai:toy", "steps": 1}
+        runner.train(store, make_config(**options), run_id="nousage", cache_path=tmp_path / "cache.sqlite",
+                     providers={"openai": OpenAIProvider(None, server.base_url)})
+    assert cli.main(["--store", str(store.path), "show", "nousage"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert len(lines) == 2 and " tokens unknown " in lines[0], lines  # step 0: forward calls alone
+    assert re.search(r" tokens [\d,]+ \+ unknown ", lines[1]), lines  # the fake backward and optimizer report theirs
