@@ -277,3 +277,29 @@ def test_accepted_task_changes_are_adopted(tmp_path: Path) -> None:
     assert store.sample_ids(first.run_id, "val") == [s["id"] for s in changed.splits["val"]]
     p = store.proposals(first.run_id, step=1)[0]
     assert p.val_baseline == pytest.approx(5 / 6)  # judged against the new split, scored afresh
+
+
+def test_resume_from_python_changes_how_calls_are_retried_and_judged_and_nothing_else(tmp_path: Path,
+                                                                                     capsys) -> None:
+    from autodiff.errors import ConfigError
+
+    store = Store(tmp_path / "runs.sqlite")
+    task = toy_task()
+
+    def stop_after_step_1(event: str, info: dict) -> None:
+        if event == "step_done" and info["step"] == 1:
+            store.request_stop(run_id_of(store))
+
+    first = autodiff.train(task, model=scripted(), store=store, cache=tmp_path / "c.sqlite", progress=stop_after_step_1,
+                           **{**SMALL, "steps": 2, "retry_budget": 20})
+    with pytest.raises(ConfigError, match="cannot change steps"):
+        autodiff.resume(first.run_id, task, store=store, model=scripted(), progress=False, steps=5)
+    with pytest.raises(ConfigError, match="max_error_share"):
+        autodiff.resume(first.run_id, task, store=store, model=scripted(), progress=False, max_error_share=2)
+    capsys.readouterr()
+    done = autodiff.resume(first.run_id, task, store=store, model=scripted(), cache=tmp_path / "c.sqlite",
+                           progress=False, retry_budget=150, max_error_share=0.3)
+    assert done.status == "completed"
+    assert "retry_budget 20.0 -> 150.0; max_error_share 0.1 -> 0.3" in capsys.readouterr().err
+    config = store.run(first.run_id).config
+    assert (config["retry_budget"], config["max_error_share"], config["steps"]) == (150.0, 0.3, 2)

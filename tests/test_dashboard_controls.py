@@ -391,3 +391,25 @@ def test_the_sample_runs_say_what_they_show_and_how_to_get_more(tmp_path: Path) 
     other = Store(tmp_path / "other.sqlite")
     fake_run(other, tmp_path / "cache.sqlite", steps=1)
     assert not [i for i in open_page(other.path).info if "sample runs" in i.value]
+
+
+def test_a_stop_caused_by_the_runs_own_retry_settings_names_the_option_to_resume_with() -> None:
+    from dataclasses import replace
+
+    first = "step 0: 4 of 4 validation samples errored (more than 10%); first: LLMTransientError: openai:m: "
+    tail = "; fix the cause, then resume: failed samples are asked again"
+    slow = replace(_run("slow", "stopped", f"{first}gave up after 3 attempts in 5s: openai model 'm' at "
+                                           f"http://h/v1: timed out (read limit 1s, connect 1s){tail}"),
+                   config={"timeout": 1.0})
+    what = recovery(slow)
+    assert what.option == "--timeout 30" and "autodiff resume slow --timeout 30" in what.advice
+    per_role = replace(slow, config={"forward_timeout": 1.0, "timeout": 5.0})
+    assert recovery(per_role).option == "--forward-timeout 30"
+    storm = replace(_run("storm", "stopped", f"{first}gave up after 4 attempts in 20s: openai model 'm' at "
+                                             f"http://h/v1: HTTP 429: Rate limit reached{tail}"),
+                    config={"retry_budget": 20.0})
+    assert recovery(storm).option == "--retry-budget 60"
+    ctrl_c = recovery(_run("c", "stopped", "interrupted (Ctrl-C) after step 2; resume goes on from step 3"))
+    assert ctrl_c.outlook == "go" and ctrl_c.option is None
+    plain = recovery(_run("p", "stopped", f"{first}HTTP 400 in your code{tail}"))
+    assert plain.option is None and "--max-error-share" in plain.advice and "rate limits passed" not in plain.advice
