@@ -167,7 +167,7 @@ class Optimizer:
         if reply.cut_off:  # a value cut off mid-way is no candidate, however well-formed its start
             return [self._failed(inp, step, reply.call_id, reply.text,
                                  f"optimizer reply cut off at the token limit ({self.max_tokens} tokens): "
-                                 "raise optimizer_max_tokens", now)]
+                                 "raise it (--optimizer-max-tokens)", now)]
         parsed, reason = parse_proposals(reply.text, self.lenient)
         if not parsed:
             return [self._failed(inp, step, reply.call_id, reply.text, reason or "", now)]

@@ -107,11 +107,12 @@ def test_the_export_keeps_its_keys_and_their_order(exported) -> None:
     store, run_id, doc = exported
     assert list(doc) == ["run", "parameters", "steps", "proposals", "gradients"]
     assert list(doc["run"]) == ["id", "task", "config", "status", "error", "created_at", "errors", "cut_off",
-                                "cost_usd", "cost_unknown", "cache_saved_usd", "projected_usd", "price_table"]
+                                "tokens", "tokens_unknown", "cost_usd", "cost_unknown", "cache_saved_usd", "projected_usd", "price_table"]
     assert [list(p) for p in doc["parameters"]] == [
         ["run_id", "name", "node", "kind", "role", "trainable", "peers", "position"]] * len(doc["parameters"])
     assert [list(s) for s in doc["steps"]] == [
-        ["step", "status", "parameters", "val_score", "test_score", "tokens_by_phase", "cost_by_phase",
+        ["step", "status", "parameters", "val_score", "test_score", "tokens_by_phase", "tokens_unknown_by_phase",
+         "cost_by_phase",
          "cost_unknown_by_phase", "savings", "errors_by_phase", "error_kinds_by_phase", "cut_off_by_phase",
          "samples_errored", "failed_samples"]] * len(doc["steps"])
     run = store.run(run_id)
