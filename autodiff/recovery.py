@@ -95,8 +95,8 @@ def recovery(run: Run) -> Recovery | None:
         return Recovery(status, error, "go", "The run stopped at its budget: give it a larger one (for the whole "
                                              "run, what it spent included), then resume.", budget=True)
     if (option := resume_option(run)) is not None:
-        return Recovery(status, error, "fix_first", f"{_OPTION_ADVICE[option.split()[0]]} Resume with {option}: "
-                        f"autodiff resume {run.id} {option} (the dashboard's Resume keeps the run's options).",
+        return Recovery(status, error, "go", f"{_OPTION_ADVICE[option.split()[0]]} Resume with {option}: "
+                        f"autodiff resume {run.id} {option}, or on the Runs page, whose Resume offers it.",
                         option=option)
     low = error.lower()
     for words, outlook, advice in _RULES:

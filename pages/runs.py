@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from autodiff.config import RunConfig, default_model, describe_limits, make_config
+from autodiff.config import RESUME_OPTIONS, RunConfig, default_model, describe_limits, limits, make_config
 from autodiff.errors import AutodiffError
 from autodiff.llm.registry import check_model
 from autodiff.llm.pricing import format_tokens, format_usd
@@ -169,8 +169,10 @@ if samples:
 
 
 def resume(run: Run) -> None:
-    """Resume a run in the background; one its budget stopped, with the new budgets given."""
+    """Resume a run in the background; one its budget stopped, with the new budgets given, and
+    one its own retry settings stopped with the option its recovery names (`option_field`)."""
     new = {key: st.session_state.get(f"{key}-{run.id}") or None for key in ("budget_usd", "budget_tokens")}
+    new |= {key: value for key in RESUME_OPTIONS if (value := st.session_state.get(f"{key}-{run.id}")) is not None}
     try:
         resume_background(store, run.id, cache_path(), **new)
     except AutodiffError as exc:
@@ -185,12 +187,21 @@ if what := run_problem(chosen, here=True):
                           step=0.5, format="%.4f", key=f"budget_usd-{chosen.id}")
         right.number_input("New budget (tokens)", min_value=0, value=chosen.config.get("budget_tokens") or 0,
                            step=10_000, key=f"budget_tokens-{chosen.id}")
+    if what.option:  # a stop its own retry settings caused: the option to raise, at the value suggested
+        flag, suggested = what.option.split()
+        name = flag.removeprefix("--").replace("-", "_")
+        low, high, _, _ = limits(name)
+        st.number_input(f"New {LABELS.get(name, name.replace('_', ' '))} ({flag})",
+                        min_value=None if low is None else float(low), max_value=None if high is None else float(high),
+                        value=float(suggested), step=10.0, key=f"{name}-{chosen.id}",
+                        help=explain(name, f"; now {chosen.config.get(name)}. Only options of how calls are retried "
+                                           "and judged can change on resume; models and prompts stay."))
     row = st.container(horizontal=True)  # side by side, each as wide as its label
     if what.outlook != "new_run":
         row.button(f"Resume {chosen.id}" if what.outlook == "go" else f"Resume {chosen.id} after the fix",
                    on_click=resume, args=(chosen,), type="primary" if what.outlook == "go" else "secondary",
                    help="Goes on from its last completed step, in the background, with the run's own models and "
-                        "options (only budgets can change).")
+                        "options (only budgets, and the option named above, change).")
     row.button("New run with these settings", on_click=like, args=(chosen,), key="like-chosen",
                help="Opens the Start form filled with this run's task, models and options, to change and start.")
     if error := st.session_state.pop("resume_error", None):

@@ -413,3 +413,25 @@ def test_a_stop_caused_by_the_runs_own_retry_settings_names_the_option_to_resume
     assert ctrl_c.outlook == "go" and ctrl_c.option is None
     plain = recovery(_run("p", "stopped", f"{first}HTTP 400 in your code{tail}"))
     assert plain.option is None and "--max-error-share" in plain.advice and "rate limits passed" not in plain.advice
+
+
+def test_the_runs_page_resumes_a_run_its_own_time_out_stopped_with_the_option_raised(tmp_path: Path,
+                                                                                    monkeypatch) -> None:
+    """A run whose replies ran past its time-out fails the same way on a resume with the same
+    options: the Runs page offers the option its recovery names, at the value suggested, and
+    Resume passes what the person set."""
+    store = Store(tmp_path / "runs.sqlite")
+    run_id = fake_run(store, tmp_path / "cache.sqlite", steps=1, timeout=1.0)
+    store.set_run_status(run_id, "stopped", error=(
+        "step 1: 4 of 4 validation samples errored (more than 30%); first: LLMTransientError: openai:m: gave up "
+        "after 3 attempts in 5s: openai model 'm' at http://h/v1: timed out (read limit 1s, connect 1s); fix the "
+        "cause, then resume: failed samples are asked again"))
+    resumed = {}
+    monkeypatch.setattr(runner, "resume_background", lambda store, run_id, cache, **options: resumed.update(options))
+    at = open_page(store.path, "pages/runs.py", run_id)
+    [field] = [n for n in at.number_input if "(--timeout)" in n.label]
+    assert field.value == 30.0 and "now 1.0" in field.help
+    assert any("--timeout 30" in w.value.replace("\\", "") for w in at.warning)  # md() escapes the dashes
+    field.set_value(45.0).run()
+    button(at, f"Resume {run_id}").click().run()
+    assert resumed["timeout"] == 45.0 and not at.error
