@@ -465,7 +465,7 @@ def cmd_runs(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from autodiff.llm.client import count
+    from autodiff.llm.pricing import count
     from autodiff.llm.pricing import format_tokens, format_usd
     from autodiff.metrics import (PHASES, context_window_failures, error_kinds, phase_figures, run_summary,
                                   step_figures)

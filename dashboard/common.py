@@ -12,6 +12,7 @@ from urllib.parse import urlencode
 
 import streamlit as st
 
+from autodiff.llm.pricing import count  # noqa: F401 - pages take it from here, with the other words for people
 from autodiff.metrics import run_summary
 from autodiff.records import LLMCall, Run
 from autodiff.recovery import Recovery, recovery
@@ -174,8 +175,18 @@ def choose(where: Any, label: str, options: Sequence, *, key: str, scope: object
 
 
 def md(text: object) -> str:
-    """Escape untrusted text for st.markdown: no HTML, links, images or formatting survive."""
-    return _MD_SPECIAL.sub(r"\\\1", "" if text is None else str(text)).replace("\n", "  \n")
+    """Escape untrusted text for st.markdown: no HTML, links, images or formatting survive. A bare
+    web or e-mail address is not made a link either: GitHub-flavoured markdown links them after
+    escapes are read (remark-gfm's autolink literals: "http://", "https://", "www.", "a@b.c"), so a
+    word joiner (U+2060, invisible, no break) goes inside each of those marks."""
+    text = _AUTOLINK.sub(WORD_JOINER, "" if text is None else str(text))
+    return _MD_SPECIAL.sub(r"\\\1", text).replace("\n", "  \n")
+
+
+WORD_JOINER = "\u2060"
+# Inside the marks GFM's autolink literals start from: "http:" + "//", "www" + ".", and after the
+# "@" of an e-mail address.
+_AUTOLINK = re.compile(r"(?<=https:)(?=//)|(?<=http:)(?=//)|(?<=www)(?=\.)|(?<=\w@)(?=\w)", re.I)
 
 
 _TABLE_STYLE = """<style>
@@ -265,13 +276,6 @@ def html_pre(text: str) -> str:
     one per block. The line break after <pre> is the one HTML drops, so a leading line break of
     `text` is kept."""
     return f'{_PRE_STYLE}<pre class="plain-text">\n{html.escape(text)}</pre>'
-
-
-def count(n: float, word: str, plural: str | None = None) -> str:
-    """`n` (thousands separated) and `word` in agreement: count(1, "proposal") is "1 proposal",
-    count(2, "proposal") "2 proposals"; `plural` for a word that does not just take an s. Every
-    count the dashboard writes in a sentence goes through here."""
-    return f"{n:,} {word if n == 1 else plural or word + 's'}"
 
 
 def fmt_score(x: float | None) -> str:

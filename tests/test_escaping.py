@@ -303,3 +303,16 @@ def test_markdown_escaping_keeps_entities_as_written():
     from dashboard.common import md
 
     assert md("a & &lt;b&gt; &amp;") == r"a \& \&lt;b\&gt; \&amp;"
+
+
+def test_markdown_escaping_leaves_no_bare_address_to_link():
+    """GitHub-flavoured markdown makes links of bare addresses after escapes are read, so escaping
+    the punctuation is not enough: md() puts a word joiner inside each mark an autolink starts
+    from (a browser check of st.markdown showed no <a> left but the heading's own anchor)."""
+    from dashboard.common import WORD_JOINER, md
+
+    text = "see http://x.example, HTTPS://y.z/a, WWW.x.com and a@b.co"
+    shown = md(text)
+    plain = shown.replace("\\", "")
+    assert not re.search(r"https?://|www\.|\w@\w", plain, re.I)
+    assert plain.replace(WORD_JOINER, "") == text  # read as written once the invisible joiners are gone

@@ -38,7 +38,7 @@ from autodiff.errors import (AutodiffError, BudgetExceeded, LLMError, LLMFatalEr
 from autodiff.llm.budget import Budget
 from autodiff.llm.cache import ResponseCache, cache_key
 from autodiff.llm.limits import EndpointLimiter
-from autodiff.llm.pricing import NO_USAGE_SOURCE, SOURCE_LOCAL, Price, Pricing
+from autodiff.llm.pricing import NO_USAGE_SOURCE, SOURCE_LOCAL, Price, Pricing, count
 from autodiff.llm.types import CallContext, Completion, Message, Provider, Request
 from autodiff.records import LLMCall
 
@@ -150,11 +150,6 @@ class _PauseTooLong(Exception):
 
 def _retry_after(state: RetryCallState) -> float | None:
     return getattr(state.outcome.exception(), "retry_after", None) if state.outcome else None
-
-
-def count(n: int, word: str) -> str:
-    """'1 attempt', '3 attempts'."""
-    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def enough_retry_budget(seconds: float) -> int:

@@ -216,6 +216,13 @@ def format_usd(usd: float | None, unknown_calls: int = 0) -> str:
     return text + (" + unknown" if unknown_calls else "")
 
 
+def count(n: float, word: str, plural: str | None = None) -> str:
+    """`n` (thousands separated) and `word` in agreement: count(1, "proposal") is "1 proposal",
+    count(2, "proposal") "2 proposals"; `plural` for a word that does not just take an s. Every
+    count the engine and the dashboard write in a sentence goes through here."""
+    return f"{n:,} {word if n == 1 else plural or word + 's'}"
+
+
 def format_tokens(tokens: int, unknown_calls: int = 0) -> str:
     """Tokens for people: "12,345", "unknown" when every call's usage is unknown (its server
     reported none), and "12,345 + unknown" when some calls' usage is unknown, as `format_usd`
