@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from dashboard.common import md
+
 MIN_UNIT, MAX_UNIT = 12, 600  # characters in a repeated unit
 MIN_REPEATS = 3  # fewer is ordinary writing (a phrase said twice), not degenerate repetition
 # A unit (starting at a word, not inside one) that follows itself at least twice more, whitespace apart.
@@ -66,3 +68,19 @@ def preview(text: str) -> str:
         cut = max(head.rfind(" "), head.rfind("\n"))
         head = (head[:cut] if cut > PREVIEW_CHARS // 2 else head).rstrip() + " …"
     return head
+
+
+def folded_markdown(text: str) -> tuple[str, str]:
+    """`text` an LLM wrote as escaped markdown (never markup), each run of a repeated line or sentence
+    drawn once with its count, a long text as its start; and what was left out ("" for nothing)."""
+    pieces = fold(text)
+    if not (hidden := folded_chars(pieces)):
+        return (md(preview(text)), "shortened") if is_long(text) else (md(text), "")
+    lines = []
+    for piece in pieces:
+        if piece.times > 1:
+            cut = ", the last cut off" if piece.cut_off else ""
+            lines.append(f"{md(piece.text)} :gray-badge[↻ repeated ×{piece.times} in a row{cut}]")
+        elif piece.text.strip():
+            lines.append(md(piece.text.strip()))
+    return "  \n".join(lines), f"{hidden:,} repeated characters folded"

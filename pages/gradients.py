@@ -74,22 +74,6 @@ def written(g: Gradient) -> str:
     return when
 
 
-def folded_markdown(text: str) -> tuple[str, str]:
-    """The feedback as escaped markdown (never markup), each run of a repeated line or sentence
-    drawn once with its count, a long text as its start; and what was left out ("" for nothing)."""
-    pieces = textfold.fold(text)
-    if not (hidden := textfold.folded_chars(pieces)):
-        return (md(textfold.preview(text)), "shortened") if textfold.is_long(text) else (md(text), "")
-    lines = []
-    for piece in pieces:
-        if piece.times > 1:
-            cut = ", the last cut off" if piece.cut_off else ""
-            lines.append(f"{md(piece.text)} :gray-badge[↻ repeated ×{piece.times} in a row{cut}]")
-        elif piece.text.strip():
-            lines.append(md(piece.text.strip()))
-    return "  \n".join(lines), f"{hidden:,} repeated characters folded"
-
-
 for g in shown:
     with st.container(border=True):
         kind = "parameter" if g.target_type == "parameter" else "output of"
@@ -102,7 +86,7 @@ for g in shown:
             else " No recorded proposal read it."
         st.caption(f"From {md(gradient_origin(g))}, written at {md(g.node)} call "
                    f"{'-' if g.call_index is None else g.call_index}, at {written(g)}.{read}")
-        text, left_out = folded_markdown(g.text or "")
+        text, left_out = textfold.folded_markdown(g.text or "")
         st.markdown(text or "*(empty feedback)*")
         if g.error:
             st.warning(md(g.error))

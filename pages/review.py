@@ -11,6 +11,7 @@ from autodiff import review
 from autodiff.diffs import word_diff_html
 from autodiff.errors import AutodiffError
 from autodiff.llm.pricing import format_usd
+from dashboard import textfold
 from dashboard.auth import reviewer
 from dashboard.common import ACTIVE, fmt_score, fmt_time, md, require_run
 
@@ -89,8 +90,18 @@ def pending() -> None:
                 st.warning(f"Malformed reply: {md(p.reason)}. There is no value to accept: dismiss it, or write "
                            "a value below to accept in its place.")
                 call = store.call(p.llm_call_id) if p.llm_call_id else None
-                st.caption("The optimizer's reply")
-                st.code((call.response if call else None) or p.value, language=None, wrap_lines=True)
+                reply = (call.response if call else None) or p.value
+                # Folded like feedback (a small model repeats a line to its token limit: 5,000 px of
+                # it), the whole reply a click away.
+                shown, left_out = textfold.folded_markdown(reply)
+                if left_out:
+                    st.caption(f"The optimizer's reply ({md(left_out)}):")
+                    st.markdown(shown)
+                    with st.expander(f"The whole reply ({len(reply):,} characters)"):
+                        st.code(reply, language=None, wrap_lines=True)
+                else:
+                    st.caption("The optimizer's reply")
+                    st.code(reply, language=None, wrap_lines=True)
             else:
                 if item.held == "rejected_check":
                     st.warning(f"Failed the check before validation: {md(p.reason)}. It was not scored; "

@@ -361,3 +361,34 @@ def test_compare_choice_resets_when_another_run_is_chosen(runs) -> None:
     at.session_state["run_id"] = ids[1]  # what the sidebar's run picker sets
     at.run()
     assert at.multiselect(key="compare_runs").value == [ids[1], ids[0]]
+
+
+def _repeating_optimizer(request: Request) -> str:
+    """The optimizer repeats one line to its token limit, as a small model does; the rest answer."""
+    if "proposal blocks" in request.messages[0].content:
+        return "- The feedback: count the words.\n" * 60
+    return responder(request)
+
+
+def test_review_folds_a_malformed_reply_that_repeats_itself(tmp_path: Path) -> None:
+    """A 2,000-character reply of one repeated line was drawn in full (5,000 px): Review draws the
+    line once with its count, and the whole reply stays one click away."""
+    store = Store(tmp_path / "runs.sqlite")
+    config = make_config(task="object_counting", forward_model="fake:forward", backward_model="fake:backward",
+                         optimizer_model="fake:optimizer", steps=1, batch_size=4, val_limit=12, test_limit=12,
+                         review="all", review_timeout=30)
+    thread = threading.Thread(target=lambda: train(store, config, run_id="rep", cache_path=tmp_path / "cache.sqlite",
+                                                   providers={"fake": FakeProvider(_repeating_optimizer)}),
+                              daemon=True)
+    thread.start()
+    first = wait_for(lambda: next(iter(store.proposals("rep", fate="pending")), None))
+    at = open_page(store.path, "pages/review.py", "rep")
+    assert_clean(at)
+    assert any("↻ repeated ×60 in a row" in m.value for m in at.markdown)
+    assert any(c.value.startswith("The optimizer's reply (") and "repeated characters folded" in c.value
+               for c in at.caption)
+    [whole] = [e for e in at.expander if e.label.startswith("The whole reply")]
+    assert any(c.value.count("- The feedback: count the words.") == 60 for c in whole.code)  # all of it
+    at.button(key=f"reject-{first.id}").click().run()
+    store.request_stop("rep")
+    thread.join(timeout=60)
