@@ -58,6 +58,7 @@ _RULES: tuple[tuple[tuple[str, ...], Outlook, str], ...] = (
      "resuming fails the same way. Start a new run with shorter inputs (fewer examples or passages) or a "
      "model with a larger context window."),
     (("local model file not found", "no embedded model is named", "is not a GGUF model file",
+      "is a folder, not a GGUF model file",
       "cannot load GGUF model"), "fix_first",
      "A resumed run keeps its models: resuming fails the same way until that GGUF file is back at that "
      "path. Otherwise start a new run with a model that exists (local:smollm2 or local:/path/to/model.gguf)."),

@@ -180,6 +180,10 @@ def test_start_form_refuses_a_file_that_is_not_gguf(tmp_path: Path) -> None:
     button(at, "Start").click().run()
     assert any("is not a GGUF model file" in e.value for e in at.error)
     assert Store(tmp_path / "runs.sqlite").runs() == []
+    _models(at, f"local:{tmp_path}")  # a folder that exists is said to be one, not "not found"
+    button(at, "Start").click().run()
+    assert any("is a folder, not a GGUF model file" in e.value.replace("\\", "") for e in at.error)
+    assert Store(tmp_path / "runs.sqlite").runs() == []
 
 
 def test_start_form_names_every_out_of_range_number_with_its_limits(tmp_path: Path) -> None:

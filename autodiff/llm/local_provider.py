@@ -238,6 +238,9 @@ def resolve_model_path(model: str) -> Path:
     if name == DEFAULT_MODEL:
         return default_model_path().resolve()
     path = Path(name).expanduser().resolve()
+    if path.is_dir():  # said as such: "not found" sent people looking for a file that is there
+        raise ConfigError(f"{path} is a folder, not a GGUF model file: name the .gguf file in it, "
+                          "e.g. local:/path/to/model.gguf")
     if not path.is_file():
         what = (f"no embedded model is named {name!r} (the embedded one is local:{DEFAULT_MODEL})"
                 if "/" not in name and not name.endswith(".gguf") else f"local model file not found: {path}")
