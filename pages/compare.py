@@ -19,11 +19,25 @@ ids = list(by_id)
 if len(ids) < 2:
     st.info("Comparing needs at least two runs and this store has one. Start another on the **Runs** page.")
     st.stop()
-# Opens on the run and the newest other run of its task, again whenever another run is chosen.
+# Opens on the runs the address names (?compare=a&compare=b: a reload or a shared link opens the
+# same comparison), else on the run and the newest other run of its task, again whenever another
+# run is chosen.
 default = compare.default_runs(list(by_id.values()), run_id)
-reset_when("compare_runs", run_id, default)
+wanted = st.query_params.get_all("compare")
+if wanted and wanted != st.session_state.get("_url:compare"):
+    known = list(dict.fromkeys(w for w in wanted if w in by_id))
+    reset_when("compare_runs", run_id, known or default)
+    st.session_state["compare_runs"] = known or default
+    if unknown := [w for w in wanted if w not in by_id]:
+        st.warning(f"Run{'s' if len(unknown) > 1 else ''} {', '.join(repr(md(w)) for w in unknown)} (from the "
+                   "address) not in this store: left out.", icon=":material/warning:")
+else:
+    reset_when("compare_runs", run_id, default)
 chosen = st.multiselect("Runs", ids, key="compare_runs",
                         help="The first run is the baseline the others' prompts are diffed against.")
+st.session_state["_url:compare"] = list(chosen)
+if st.query_params.get_all("compare") != list(chosen):
+    st.query_params["compare"] = list(chosen)
 if len(chosen) < 2:
     task = by_id[run_id].task
     st.info("Pick two or more runs." + ("" if len(default) > 1 else

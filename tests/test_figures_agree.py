@@ -364,3 +364,16 @@ def test_a_chart_with_nothing_to_draw_says_so(tmp_path: Path) -> None:
     assert [a["text"] for a in cost["layout"]["annotations"]] == [
         "No cost to draw: no call of these runs has a known price."]
     assert not cost["data"]
+
+
+def test_compare_keeps_its_runs_in_the_address(runs) -> None:
+    """The chosen runs are in the query string (?compare=), so a reload or a shared link opens the
+    same comparison; a run the address names that the store lacks is said and left out."""
+    store, _, _ = runs
+    ids = [r.id for r in store.runs()]
+    at = page(store, "compare", ids[0])
+    at.multiselect[0].set_value([ids[-1], ids[0]]).run()
+    assert at.query_params["compare"] == [ids[-1], ids[0]]
+    again = open_page(store.path, "pages/compare.py", ids[0], compare=[ids[-1], "gone-run", ids[0]])
+    assert again.multiselect[0].value == [ids[-1], ids[0]] and not again.exception
+    assert any("gone" in w.value and "left out" in w.value for w in again.warning)
