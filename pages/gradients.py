@@ -31,9 +31,9 @@ step = choose(cols[0], "Step", [ALL, *facets["steps"]], key="grad_step", scope=r
 target = choose(cols[1], "Node or parameter", [ALL, *targets], key="grad_target", scope=run_id, url="target",
                 missing="is not a node or parameter of this run",
                 format_func=lambda t: t if t == ALL else t.replace("node:", "node ").replace("param:", ""))
-sample = choose(cols[2], "Sample", [ALL, *facets["samples"]], key="grad_sample", scope=run_id)
+sample = choose(cols[2], "Sample", [ALL, *facets["samples"]], key="grad_sample", scope=run_id, url="sample")
 call_index = choose(cols[3], "Call index", [ALL, *facets["call_indices"]], key="grad_call", scope=run_id,
-                    help="Which call of the target node the feedback is about.")
+                    url="call", help="Which call of the target node the feedback is about.")
 score = cols[4].slider("Score", 0.0, 1.0, (0.0, 1.0), step=0.05, key="grad_score")
 
 if target == ALL:

@@ -52,9 +52,9 @@ if len(numbers) == 1:
 else:  # the pickers open on the last change, again whenever another run or parameter is chosen
     pick = st.columns(2)
     old = choose(pick[0], "Compare", numbers, index=len(numbers) - 2, format_func=label, key="prompt_old",
-                 scope=(run_id, name))
+                 scope=(run_id, name), url="from")
     new = choose(pick[1], "with", numbers, index=len(numbers) - 1, format_func=label, key="prompt_new",
-                 scope=(run_id, name))
+                 scope=(run_id, name), url="to")
 left, right = word_diff_html(versions[old].value, versions[new].value)
 peers_at = store.parameter_values_at(run_id, versions[new].step)
 cols = st.columns(3)

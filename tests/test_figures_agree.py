@@ -377,3 +377,22 @@ def test_compare_keeps_its_runs_in_the_address(runs) -> None:
     again = open_page(store.path, "pages/compare.py", ids[0], compare=[ids[-1], "gone-run", ids[0]])
     assert again.multiselect[0].value == [ids[-1], ids[0]] and not again.exception
     assert any("gone" in w.value and "left out" in w.value for w in again.warning)
+
+
+def test_gradient_filters_and_prompt_versions_are_in_the_address(runs) -> None:
+    """Gradients' sample and call filters and Prompts' two version pickers are in the query string
+    too, so a reload or a shared link keeps them (they fell back to their defaults)."""
+    store, plain, _ = runs
+    at = page(store, "gradients", plain)
+    sample = next(o for o in at.selectbox(key="grad_sample").options if o != "All")
+    at.selectbox(key="grad_sample").set_value(sample).run()
+    at.selectbox(key="grad_call").set_value(at.selectbox(key="grad_call").options[1]).run()
+    assert at.query_params["sample"] == [sample] or at.query_params["sample"] == sample
+    again = open_page(store.path, "pages/gradients.py", plain, sample=sample, call="0")
+    assert again.selectbox(key="grad_sample").value == sample and str(again.selectbox(key="grad_call").value) == "0"
+    prompts = page(store, "prompts", plain)  # opens on a parameter that changed: two version pickers
+    old, new = prompts.selectbox(key="prompt_old").value, prompts.selectbox(key="prompt_new").value
+    assert old != new
+    reopened = open_page(store.path, "pages/prompts.py", plain, parameter=prompts.selectbox(key="prompt_param").value,
+                         **{"from": str(new), "to": str(old)})
+    assert (reopened.selectbox(key="prompt_old").value, reopened.selectbox(key="prompt_new").value) == (new, old)
