@@ -13,7 +13,6 @@ the dashboard and in `autodiff runs`.
 
 from __future__ import annotations
 
-import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from autodiff.config import default_model, make_config
 from autodiff.errors import ConfigError
 from autodiff.llm.types import Provider
 from autodiff.pipeline import Task
-from autodiff.progress import Progress, progress_bar
+from autodiff.progress import Progress, announce_changes, progress_bar
 from autodiff.state import resolve_step
 from autodiff.store import Store
 
@@ -166,7 +165,7 @@ def resume(run_id: str, task: Task | None = None, *, store: Store | str | Path |
         runner.resume(the_store, run_id, task=task, accept_task_changes=accept_task_changes, budget_usd=budget_usd,
                       budget_tokens=budget_tokens, force=force, options=options,
                       cache_path=Path(cache) if cache else None, providers=providers or None,
-                      progress=_said_changes(_progress(progress, stored["steps"])))
+                      progress=announce_changes(_progress(progress, stored["steps"])))
         return result_of(the_store, run_id)
 
 
@@ -182,17 +181,6 @@ def result_of(store: Store, run_id: str) -> TrainResult:
         models={role: run.config[f"{role}_model"] for role in ROLES}, scores=scores, best_step=best,
         best_values=store.parameter_values_at(run_id, best) if best is not None else {},
     )
-
-
-def _said_changes(progress: Progress | None) -> Progress:
-    """`progress`, and the options a resume changed printed (stderr), as the CLI says them."""
-    def on(event: str, info: dict) -> None:
-        if event == "options_changed":
-            print(f"run {info['run_id']}: {'; '.join(info['changes'])} (stored in the run)", file=sys.stderr)
-        if progress is not None:
-            progress(event, info)
-
-    return on
 
 
 def _progress(progress: Progress | bool, steps: int) -> Progress | None:

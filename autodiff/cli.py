@@ -405,13 +405,9 @@ def cmd_resume(args) -> int:
 
     store = _store(args)
     run = store.run(args.run_id)
-    bar = _progress_bar(run.config["steps"], args.quiet)
+    from autodiff.progress import announce_changes
 
-    def progress(event: str, info: dict) -> None:
-        if event == "options_changed":
-            print(f"run {args.run_id}: {'; '.join(info['changes'])} (stored in the run)", file=sys.stderr)
-        bar(event, info)
-
+    progress = announce_changes(_progress_bar(run.config["steps"], args.quiet))
     with _sigterm_interrupts():
         run_id = resume(store, args.run_id, clear_stop=not args.keep_stop,
                         cache_path=args.cache or default_cache_path(), accept_task_changes=args.accept_task_changes,
@@ -465,8 +461,7 @@ def cmd_runs(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from autodiff.llm.pricing import count
-    from autodiff.llm.pricing import format_tokens, format_usd
+    from autodiff.llm.pricing import count, format_tokens, format_usd
     from autodiff.metrics import (PHASES, context_window_failures, error_kinds, phase_figures, run_summary,
                                   step_figures)
 

@@ -58,5 +58,18 @@ def progress_bar(total_steps: int, quiet: bool = False, also: Progress | None = 
     return on
 
 
+def announce_changes(progress: Progress | None) -> Progress:
+    """`progress`, and the options a resume changed said on stderr ("run R: retry_budget 20.0 ->
+    150.0 (stored in the run)") from its "options_changed" event, even when `progress` is None
+    (a quiet resume still says what it changed). The CLI and `autodiff.resume` both use it."""
+    def on(event: str, info: dict) -> None:
+        if event == "options_changed":
+            print(f"run {info['run_id']}: {'; '.join(info['changes'])} (stored in the run)", file=sys.stderr)
+        if progress is not None:
+            progress(event, info)
+
+    return on
+
+
 def _score(value: float | None) -> str:
     return "unscored" if value is None else f"{value:.3f}"

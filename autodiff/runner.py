@@ -365,7 +365,8 @@ def set_budget(store: Store, run_id: str, config: RunConfig, **budgets: float | 
     if "budget_tokens" in budgets and new.budget_tokens is not None and new.budget_tokens < spent_tokens:
         raise ConfigError(f"a budget of {new.budget_tokens:,} tokens is below what run {run_id} has already spent, "
                           f"{spent_tokens:,} tokens: a budget is for the whole run, so give more than that")
-    return _record_change(store, run_id, config, new, list(budgets), "budget_changed")
+    _record_change(store, run_id, config, new, list(budgets), "budget_changed")
+    return new
 
 
 def change_options(store: Store, run_id: str, config: RunConfig, **options: Any) -> tuple[RunConfig, list[str]]:
@@ -381,22 +382,18 @@ def change_options(store: Store, run_id: str, config: RunConfig, **options: Any)
     if not given:
         return config, []
     new = make_config(**(config.model_dump() | given))
-    _record_change(store, run_id, config, new, list(given), "options_changed")
-    return new, _changes(config, new, list(given))
+    return new, _record_change(store, run_id, config, new, list(given), "options_changed")
 
 
-def _changes(old: RunConfig, new: RunConfig, names: list[str]) -> list[str]:
-    return [f"{k} {getattr(old, k)} -> {getattr(new, k)}" for k in names if getattr(old, k) != getattr(new, k)]
-
-
-def _record_change(store: Store, run_id: str, old: RunConfig, new: RunConfig, names: list[str], kind: str) -> RunConfig:
+def _record_change(store: Store, run_id: str, old: RunConfig, new: RunConfig, names: list[str],
+                   kind: str) -> list[str]:
     """Write `new` as the run's config when any of `names` changed, with a `kind` run event
-    saying what; returns `new`."""
-    changed = _changes(old, new, names)
+    saying what; returns the changes ("retry_budget 20.0 -> 150.0")."""
+    changed = [f"{k} {getattr(old, k)} -> {getattr(new, k)}" for k in names if getattr(old, k) != getattr(new, k)]
     if changed:
         store.set_run_config(run_id, new.model_dump())
         store.add_run_event(run_id, kind, "; ".join(changed))
-    return new
+    return changed
 
 
 def task_changes(store: Store, run_id: str, task: Task, config: RunConfig) -> list[str]:

@@ -24,10 +24,9 @@ if len(ids) < 2:
 # run is chosen.
 default = compare.default_runs(list(by_id.values()), run_id)
 wanted = st.query_params.get_all("compare")
-if wanted and wanted != st.session_state.get("_url:compare"):
-    known = list(dict.fromkeys(w for w in wanted if w in by_id))
-    reset_when("compare_runs", run_id, known or default)
-    st.session_state["compare_runs"] = known or default
+if wanted and wanted != st.session_state.get("_url:compare"):  # a reload or a shared link, as `from_url`
+    st.session_state["compare_runs"] = [w for w in dict.fromkeys(wanted) if w in by_id] or default
+    st.session_state["_scope:compare_runs"] = run_id
     if unknown := [w for w in wanted if w not in by_id]:
         st.warning(f"Run{'s' if len(unknown) > 1 else ''} {', '.join(repr(md(w)) for w in unknown)} (from the "
                    "address) not in this store: left out.", icon=":material/warning:")
