@@ -51,7 +51,7 @@ import plotly.io as pio
 import streamlit as st
 from plotly.utils import PlotlyJSONEncoder
 
-from dashboard.common import static_url
+from dashboard.common import script_json, static_url
 
 BUNDLE = Path(__file__).resolve().parents[1] / "static" / "plotly-basic.min.js"
 ROW_GAP = 12
@@ -177,11 +177,6 @@ def bundle_url() -> str:
 
 def _json(obj: go.Figure | go.layout.Template) -> str:
     return obj.to_json() if isinstance(obj, go.Figure) else json.dumps(obj.to_plotly_json(), cls=PlotlyJSONEncoder)
-
-
-def _script_json(text: str) -> str:
-    """JSON that is safe inside a <script> block: no <, > or & appear in it literally."""
-    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 @functools.cache
@@ -345,7 +340,7 @@ def page_html(rows: Sequence[Row], *, height: int = HEIGHT, bundle: str | None =
             cells.append('<div class="fig"></div>')
             figures.append(_json(fig))
         divs.append(f'<div class="row">{"".join(cells)}</div>')
-    data = _script_json(",".join(figures))
+    data = script_json(",".join(figures))
     # The element's id: the same figures give the same id, so a redraw with nothing new is left be.
     root = "charts-" + hashlib.sha1(f"{theme}{height}{data}".encode()).hexdigest()[:16]
     fg, bg = THEMES.get(theme, THEMES["light"])
@@ -359,7 +354,7 @@ def page_html(rows: Sequence[Row], *, height: int = HEIGHT, bundle: str | None =
 </style><div id="{root}" class="charts">
 {"".join(divs)}
 <script type="application/json" class="figures">[{data}]</script>
-<script type="application/json" class="template">{_script_json(_template())}</script>
+<script type="application/json" class="template">{script_json(_template())}</script>
 </div>
 <script>{script}</script>"""
 

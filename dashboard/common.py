@@ -266,6 +266,15 @@ _PRE_STYLE = """<style>
 </style>"""
 
 
+def script_json(text: str) -> str:
+    """JSON text made safe inside an HTML <script> block: <, >, & and the JavaScript line
+    separators U+2028/U+2029 written as \\u escapes, as Jinja's `tojson` filter does. Raises
+    nothing; `text` must already be JSON."""
+    for c in "<>&\u2028\u2029":
+        text = text.replace(c, f"\\u{ord(c):04x}")
+    return text
+
+
 def html_pre(text: str) -> str:
     """`text` as an escaped, wrapped, monospace block for st.html, shown as written (every space and
     line break kept, long words cut anywhere), in the theme's colours (light or dark). For text to

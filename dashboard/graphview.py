@@ -32,6 +32,7 @@ from pyvis.network import Network
 from autodiff.errors import AutodiffError
 from autodiff.graphview import node_id
 from autodiff.records import Gradient, Invocation
+from dashboard.common import script_json
 
 # --- colours -------------------------------------------------------------------------------------
 
@@ -421,16 +422,53 @@ def render_html(
     `layout(g)`; its `height` is the frame height that shows it all). `selected` is a node name
     drawn with a heavy border.
 
+    Both palettes are in the page: shown in the Streamlit frame (st.iframe, same origin), the page
+    reads the app's background every second and redraws in the other palette when the person
+    switches theme in place, which `theme` (st.context.theme, sent with the last rerun) does not
+    follow until the next rerun (https://github.com/streamlit/streamlit/issues/11920). Edge labels
+    are haloed in the app's actual background.
+
     vis-network (about 690 KB of script and styles) is in-lined, so the page stands alone; given
     `assets`, the URL of a folder that serves `VIS_FILES` as pyvis ships them (the dashboard's
     /app/static/), the page links them instead and the browser caches them across redraws.
     Raises GraphRenderError when pyvis's template no longer has the shape this relies on."""
     colours = palette(theme, background)
     where = where or layout(g)
-    # With assets, pyvis's "remote" template: its CDN tags are stripped below and ours linked, and
-    # the 690 KB in-line copy is never rendered (that took most of a render's time).
+    net = _network(g, where, colours, selected, inline=not assets)
+    looks = {other.name: _look(_network(g, where, other, selected, inline=not assets))
+             for other in (palette("light", background), palette("dark", background))}
+    page = net.generate_html()
+    if _DRAW not in page:
+        raise GraphRenderError("the pyvis template changed: cannot find where the network is drawn")
+    data = _DATA.findall(page)
+    if len(data) != 2 or any(c in blob for blob in data for c in "<>&"):  # pyvis must keep using tojson
+        raise GraphRenderError("the graph data would be embedded in the page without escaping")
+    left, top, right, bottom = where.bounds()
+    view = json.dumps({"x": (left + right) / 2, "y": (top + bottom) / 2, "width": right - left, "pad": PAD,
+                       "min": MIN_SCALE})
+    follow = (_FOLLOW_THEME.replace("CURRENT", json.dumps(colours.name))
+              .replace("LOOKS", script_json(json.dumps(looks))))
+    page = page.replace(_DRAW, _TITLES_AS_HTML + _DRAW + _VIEW.replace("VIEW", view) + follow, 1)
+    page = _EMPTY_HEADING.sub("", _EXTERNAL_TAG.sub("", page))
+    if "</head>" not in page or "<html>" not in page:
+        raise GraphRenderError("the pyvis template changed: cannot style the graph page")
+    page = page.replace("</head>", _style(palette("light", background), palette("dark", background)) + "</head>", 1)
+    page = page.replace("<html>", f'<html class="theme-{colours.name}">', 1)
+    if assets:
+        page = _link_assets(page, assets.rstrip("/"))
+    leftover = external_resources(page)
+    if leftover:
+        raise GraphRenderError(f"graph page still loads from outside: {leftover[:2]}")
+    return page
+
+
+def _network(g: nx.DiGraph, where: Layout, colours: Palette, selected: str | None, *, inline: bool) -> Network:
+    """The pyvis network of `g` laid out by `where`, in `colours`. Every edge has an id, so a page
+    can recolour it (`_look`)."""
+    # Not inline: pyvis's "remote" template, whose CDN tags are stripped by `render_html` and ours
+    # linked; the 690 KB in-line copy is then never rendered (that took most of a render's time).
     net = Network(height=f"{where.height}px", width="100%", directed=True, bgcolor="transparent",
-                  cdn_resources="remote" if assets else "in_line")
+                  cdn_resources="in_line" if inline else "remote")
     net.templateEnv = _templates(net.template_dir)
     worst = max([d["failing"] for _v, d in g.nodes(data=True)] or [0])
     for v, d in g.nodes(data=True):
@@ -452,10 +490,11 @@ def render_html(
             shapeProperties={"borderDashes": [4, 3]} if is_param else {},
         )
     titles = {}
+    edge_ids = iter(range(1_000_000))
     for u, v, d in g.edges(data=True):
         if d["kind"] == "parameter":
-            net.add_edge(u, v, color=colours.border["parameter"], dashes=True, arrows="to",
-                         title=esc("peer parameter of this node"), smooth={"enabled": False})
+            net.add_edge(u, v, id=f"edge:{next(edge_ids)}", color=colours.border["parameter"], dashes=True,
+                         arrows="to", title=esc("peer parameter of this node"), smooth={"enabled": False})
             continue
         back = u == v or where.boxes[v].y < where.boxes[u].y
         titles[(u, v)] = title = _edge_title(u, v, g, d)
@@ -467,9 +506,9 @@ def render_html(
                          color={"background": style["color"], "border": style["color"]}, borderWidth=0)
             ends.append(corner)
         for end in ends[1:]:
-            net.add_edge(ends[ends.index(end) - 1], end, smooth={"enabled": False}, arrows={"to": {"enabled": False}},
-                         **style)
-        net.add_edge(ends[-1], v, arrows="to", smooth=where.smooth[(u, v)], **style)
+            net.add_edge(ends[ends.index(end) - 1], end, id=f"edge:{next(edge_ids)}", smooth={"enabled": False},
+                         arrows={"to": {"enabled": False}}, **style)
+        net.add_edge(ends[-1], v, id=f"edge:{next(edge_ids)}", arrows="to", smooth=where.smooth[(u, v)], **style)
     for i, lab in enumerate(where.labels):
         net.add_node(f"label:{i}", label=lab.text, title=titles[lab.edge], shape="text", x=lab.box.x, y=lab.box.y,
                      physics=False, chosen=False,
@@ -481,39 +520,67 @@ def render_html(
         "edges": {"selfReference": {"size": LOOP, "angle": 0, "renderBehindTheNode": True},
                   "arrows": {"to": {"scaleFactor": 0.8}}},
     }))
-    page = net.generate_html()
-    if _DRAW not in page:
-        raise GraphRenderError("the pyvis template changed: cannot find where the network is drawn")
-    data = _DATA.findall(page)
-    if len(data) != 2 or any(c in blob for blob in data for c in "<>&"):  # pyvis must keep using tojson
-        raise GraphRenderError("the graph data would be embedded in the page without escaping")
-    left, top, right, bottom = where.bounds()
-    view = json.dumps({"x": (left + right) / 2, "y": (top + bottom) / 2, "width": right - left, "pad": PAD,
-                       "min": MIN_SCALE})
-    page = page.replace(_DRAW, _TITLES_AS_HTML + _DRAW + _VIEW.replace("VIEW", view), 1)
-    page = _EMPTY_HEADING.sub("", _EXTERNAL_TAG.sub("", page))
-    if "</head>" not in page:
-        raise GraphRenderError("the pyvis template changed: cannot style the graph page")
-    page = page.replace("</head>", _style(colours) + "</head>", 1)
-    if assets:
-        page = _link_assets(page, assets.rstrip("/"))
-    leftover = external_resources(page)
-    if leftover:
-        raise GraphRenderError(f"graph page still loads from outside: {leftover[:2]}")
-    return page
+    return net
 
 
-def _style(colours: Palette) -> str:
-    """The frame transparent over the app's background, and tooltips in the theme's colours."""
+def _look(net: Network) -> dict:
+    """What differs between palettes: each node's colours and font, each edge's colour."""
+    return {"nodes": [{"id": n["id"], "color": n["color"], "font": n.get("font", {})} for n in net.nodes],
+            "edges": [{"id": e["id"], "color": e["color"]} for e in net.edges]}
+
+
+# Follows the theme the app is drawn in: reads the Streamlit page's background (the frame is the
+# same origin) and, when it turns from light to dark or back, recolours the nodes and edges from
+# the other palette and labels' halos in the background itself. Stops when the frame is removed.
+_FOLLOW_THEME = """
+                  (function (looks, current) {
+                    var halo = null;
+                    function read() {
+                      try {
+                        var app = window.parent.document.querySelector(".stApp");
+                        var bg = app && getComputedStyle(app).backgroundColor;
+                        var rgb = (bg || "").match(/[\\d.]+/g);
+                        if (!rgb || rgb.length < 3 || bg === "rgba(0, 0, 0, 0)") return null;
+                        var lum = (0.2126 * rgb[0] + 0.7152 * rgb[1] + 0.0722 * rgb[2]) / 255;
+                        return {name: lum < 0.5 ? "dark" : "light", bg: bg};
+                      } catch (e) { return null; }  // not inside the dashboard: keep the server's palette
+                    }
+                    function follow() {
+                      var seen = read();
+                      if (!seen || (seen.name === current && seen.bg === halo)) return;
+                      var look = looks[seen.name];
+                      nodes.update(look.nodes.map(function (n) {
+                        if (String(n.id).indexOf("label:") !== 0) return n;
+                        var font = Object.assign({}, n.font, {strokeColor: seen.bg});
+                        return {id: n.id, color: n.color, font: font};
+                      }));
+                      if (seen.name !== current) edges.update(look.edges);
+                      document.documentElement.className = "theme-" + seen.name;
+                      current = seen.name;
+                      halo = seen.bg;
+                    }
+                    follow();
+                    setInterval(follow, 1000);
+                  })(LOOKS, CURRENT);
+                  """
+
+
+def _style(light: Palette, dark: Palette) -> str:
+    """The frame transparent over the app's background, and tooltips in the theme's colours (the
+    <html> element's class names the theme: `render_html` sets it, the page follows the app's)."""
+    themed = "\n".join(f"""html.theme-{c.name} #mynetwork {{ border-color: {c.frame}; }}
+html.theme-{c.name} div.vis-tooltip {{ color: {c.text}; background: {c.tooltip}; border-color: {c.frame}; }}"""
+                       for c in (light, dark))
     return f"""<style>
 html, body {{ margin: 0; padding: 0; background: transparent; }}
 .card {{ border: 0; }}
-#mynetwork {{ background: transparent; border: 1px solid {colours.frame}; border-radius: 0.5rem;
+#mynetwork {{ background: transparent; border: 1px solid {light.frame}; border-radius: 0.5rem;
   box-sizing: border-box; }}
-div.vis-tooltip {{ font: 14px/1.45 "Source Sans Pro", sans-serif; color: {colours.text};
-  background: {colours.tooltip}; border: 1px solid {colours.frame}; border-radius: 0.4rem;
+div.vis-tooltip {{ font: 14px/1.45 "Source Sans Pro", sans-serif; color: {light.text};
+  background: {light.tooltip}; border: 1px solid {light.frame}; border-radius: 0.4rem;
   padding: 0.4rem 0.6rem; max-width: 28rem; white-space: normal; box-shadow: none; }}
 div.vis-tooltip pre {{ white-space: pre-wrap; margin: 0.3rem 0 0; font-size: 13px; }}
+{themed}
 </style>
 """
 

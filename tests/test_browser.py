@@ -274,6 +274,36 @@ def test_a_graph_with_loops_is_readable(multihop_dashboard, browser, theme: str,
         tab.close()
 
 
+def test_the_graph_follows_a_theme_switch_without_a_rerun(multihop_dashboard, browser) -> None:
+    """The person's system turns dark while Graph is open: the drawing recolours in place (node and
+    label text, halos in the app's background), with no click and no rerun."""
+    url, run_id = multihop_dashboard
+    tab = Tab(browser, theme="light")
+    try:
+        page = tab.page
+        page.goto(f"{url}/graph?run={run_id}&node=retrieve")
+        wait_rendered(page, "Graph")
+        wait_graph_drawn(page)
+        assert_graph_readable(page, "light")
+        page.emulate_media(color_scheme="dark")
+        frame = page.locator('[data-testid="stMain"] iframe').first.element_handle().content_frame()
+        dark = palette("dark").text
+        frame.wait_for_function(
+            "text => nodes.get().every(n => String(n.id).startsWith('corner:') || n.font.color === text)",
+            arg=dark, timeout=5000)
+        assert_theme(page, "dark")
+        assert_graph_readable(page, "dark")
+        halos = frame.evaluate("() => nodes.get().filter(n => String(n.id).startsWith('label:'))"
+                               ".map(n => n.font.strokeColor)")
+        background = page.locator('[data-testid="stApp"]').evaluate("e => getComputedStyle(e).backgroundColor")
+        assert halos and set(halos) == {background}
+        assert frame.evaluate("() => document.documentElement.className") == "theme-dark"
+        assert_no_errors(page)
+        tab.assert_safe()
+    finally:
+        tab.close()
+
+
 def test_a_gradients_backward_call_opens_on_click(dashboard: str, tab: Tab) -> None:
     page = tab.page
     page.goto(f"{dashboard}/gradients")

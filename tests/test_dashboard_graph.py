@@ -251,6 +251,26 @@ def test_the_drawing_is_shown_at_full_size_in_the_themes_colours(multihop):
     assert draw.palette("dark", "red; }").background == draw.DARK.background  # not a colour: ignored
 
 
+def test_the_drawing_holds_both_themes_looks_escaped(multihop):
+    """The page carries the other theme's colours, so it can follow a switch in place; the node
+    names inside them are escaped for the script block."""
+    store, run_id = multihop
+    g = gv.build_graph(store.invocations(run_id, 1), store.gradients(run_id, 1), store.parameters(run_id))
+    page = draw.render_html(g, theme="light")
+    assert '<html class="theme-light">' in page
+    blob = re.search(r"\}\)\((\{\"light\": .*?\}), \"light\"\);", page)[1]
+    assert not set(blob) & set("<>&\u2028\u2029")
+    looks = json.loads(blob)
+    for theme in ("light", "dark"):
+        colours = draw.palette(theme)
+        assert {n["font"]["color"] for n in looks[theme]["nodes"]} == {colours.text}
+        assert {e["color"] if isinstance(e["color"], str) else e["color"]["color"]
+                for e in looks[theme]["edges"]} <= {colours.edge, colours.loop, colours.border["parameter"]}
+    drawn = json.loads(re.search(r"edges = new vis\.DataSet\((\[.*?\])\);\n", page)[1])
+    assert sorted(e["id"] for e in drawn) == sorted(e["id"] for e in looks["dark"]["edges"])
+    assert "html.theme-dark div.vis-tooltip" in page
+
+
 def test_repeated_text_is_folded():
     line = "The input `context` should have been different."
     pieces = textfold.fold("Intro.\n\n" + "\n\n".join([line] * 37) + "\n\nThe input `cont")
