@@ -48,6 +48,27 @@ def explain(name: str, extra: str = "") -> str:
     return RunConfig.model_fields[name].description + (f" ({limits})" if limits else "") + extra
 
 
+# The largest number a browser holds exactly (JavaScript's Number.MAX_SAFE_INTEGER). Streamlit's
+# number fields refuse anything beyond it in the browser, outlined in red, and Start then does
+# nothing; given as explicit bounds, the field's message names them instead of saying only "out of
+# range". RunConfig's own, narrower limits are checked by `form_problems`, which names every
+# problem at once when Start is pressed.
+MOST = (1 << 53) - 1
+
+
+def bounds(name: str) -> dict:
+    """min_value and max_value of option `name`'s number field: the browser's exact range, as int
+    or float like the option's default."""
+    kind = float if name == "tau" or isinstance(FORM_DEFAULTS[name], float) else int
+    return {"min_value": kind(-MOST), "max_value": kind(MOST)}
+
+
+def number(where, name: str, extra: str = "", **options) -> None:
+    """The form's number field for option `name` in column `where`: labelled, bounded (`bounds`),
+    keyed (`key_of`) and explained (`explain`, with `extra`)."""
+    where.number_input(LABELS[name], **bounds(name), key=key_of(name), help=explain(name, extra), **options)
+
+
 def prefill(config: dict | None = None) -> None:
     """Put `config`'s values (a stored run's) in the form's fields, or the defaults for the ones
     not filled yet; the fields then take their values from here, never from a default of their own."""
@@ -106,27 +127,25 @@ def start_form() -> None:
                                 "openai:gpt-4o-mini, anthropic:claude-sonnet-4-5, or a model of an OpenAI-compatible "
                                 "server (set OPENAI_BASE_URL). Checked before the run is created.")
         left, middle, right = st.columns(3)
-        left.number_input(LABELS["steps"], step=1, key="opt_steps", help=explain("steps"))
-        middle.number_input(LABELS["batch_size"], step=1, key="opt_batch_size", help=explain("batch_size"))
+        number(left, "steps", step=1)
+        number(middle, "batch_size", step=1)
         right.selectbox(LABELS["review"], ["off", "validated", "all"], key="opt_review",
                         help="validated: proposals that pass validation wait for a person; all: every proposal waits")
         left, right = st.columns(2)
-        left.number_input(LABELS["val_limit"], step=1, key="opt_val_limit",
-                          help=explain("val_limit", "; the small local model takes about a second per sample"))
-        right.number_input(LABELS["test_limit"], step=1, key="opt_test_limit", help=explain("test_limit"))
+        number(left, "val_limit", "; the small local model takes about a second per sample", step=1)
+        number(right, "test_limit", step=1)
         st.caption(f"For a small optimizer model such as {LOCAL}: lenient proposals takes its untagged replies as "
                    "candidates, and fewer failed samples per step keep each step short.")
         left, middle, right = st.columns(3)
-        left.number_input(LABELS["max_failed"], step=1, key="opt_max_failed", help=explain("max_failed"))
-        middle.number_input(LABELS["tau"], value=None, step=0.05, format="%.2f", key="opt_tau",
-                            placeholder="the task's", help=explain("tau"))
+        number(left, "max_failed", step=1)
+        number(middle, "tau", value=None, step=0.05, format="%.2f", placeholder="the task's")
         right.checkbox(LABELS["lenient_proposals"], key="opt_lenient_proposals", help=explain("lenient_proposals"))
         left, right = st.columns(2)
-        left.number_input(LABELS["budget_usd"], step=0.5, format="%.4f", key="opt_budget_usd",
-                          help=explain("budget_usd", "; 0: no budget. It can be resumed with a larger one"))
-        right.number_input(LABELS["budget_tokens"], step=10_000, key="opt_budget_tokens",
-                           help=explain("budget_tokens", "; 0: no budget"))
+        number(left, "budget_usd", "; 0: no budget. It can be resumed with a larger one", step=0.5, format="%.4f")
+        number(right, "budget_tokens", "; 0: no budget", step=10_000)
         submitted = st.form_submit_button("Start", type="primary")
+        st.caption("A field outlined in red holds a number the browser cannot keep (its ! says the range): Start "
+                   "waits until it is fixed.")
     if not submitted:
         return
     options = {name: st.session_state[key_of(name)] for name in LABELS}

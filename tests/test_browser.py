@@ -520,6 +520,37 @@ def test_start_form_says_the_key_is_missing(dashboard: str, filled, tab: Tab) ->
     tab.assert_safe()
 
 
+def test_start_form_says_why_a_number_is_refused(dashboard: str, filled, tab: Tab) -> None:
+    """A number beyond what the browser keeps exactly is outlined with a message that names the
+    range, and Start registers nothing (it would otherwise send the field's previous value); a
+    number outside RunConfig's limits is refused by name when Start is pressed."""
+    store, _ids = filled
+    before = [r.id for r in store.runs()]
+    page = tab.page
+    page.goto(dashboard)
+    wait_rendered(page, "Runs")
+    page.get_by_role("button", name="Start a run").click()
+    dialog = page.get_by_role("dialog")
+    for role in ("Forward", "Backward", "Optimizer"):
+        dialog.get_by_role("textbox", name=f"{role} model").fill(f"fake:{role.lower()}")
+    budget = dialog.get_by_role("spinbutton", name="Budget (tokens)")
+    budget.fill("99999999999999999999")
+    dialog.get_by_role("button", name="Start", exact=True).click()
+    expect(budget).to_have_attribute("aria-invalid", "true")
+    expect(dialog).to_contain_text("Please enter a value between -9007199254740991 and 9007199254740991")
+    expect(dialog).to_contain_text("Start waits until it is fixed")
+    page.wait_for_timeout(1500)  # a submit would have registered a run by now
+    assert [r.id for r in store.runs()] == before
+    budget.fill("0")
+    dialog.get_by_role("spinbutton", name="Steps").fill("5000")
+    dialog.get_by_role("button", name="Start", exact=True).click()
+    error = dialog.locator('[data-testid="stAlertContentError"]')
+    expect(error).to_contain_text("Steps")
+    expect(error).to_contain_text("less than or equal to 1000 (given: 5000)")
+    assert [r.id for r in store.runs()] == before
+    tab.assert_safe()
+
+
 def test_a_run_started_in_the_browser_goes_on_in_the_background(tab: Tab, tmp_path: Path) -> None:
     """The start dialog launches a detached run (scripted fake models here); the page follows it
     live and the sidebar shows it completed, with no reload by hand."""

@@ -191,6 +191,9 @@ def test_start_form_names_every_out_of_range_number_with_its_limits(tmp_path: Pa
     for label, name in (("Steps", "steps"), ("Batch size", "batch_size"), ("Failed samples per step", "max_failed"),
                         ("Tau (pass score)", "tau"), ("Validation samples", "val_limit")):
         assert f"({describe_limits(name)})" in number(at, label).help  # the range, from RunConfig
+    for label in ("Steps", "Tau (pass score)", "Budget (US dollars)", "Budget (tokens)"):
+        field = number(at, label)  # the browser's exact range, so its own refusal names it
+        assert (field.min, field.max) == (-(2**53 - 1), 2**53 - 1), label
     _models(at, "fake:x")
     number(at, "Steps").set_value(5000)
     number(at, "Batch size").set_value(0)
