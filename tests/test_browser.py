@@ -520,6 +520,17 @@ def test_start_form_says_the_key_is_missing(dashboard: str, filled, tab: Tab) ->
     tab.assert_safe()
 
 
+def open_start_form(page, url: str):
+    """The Runs page's start dialog, opened, with scripted fake models in every role."""
+    page.goto(url)
+    wait_rendered(page, "Runs")
+    page.get_by_role("button", name="Start a run").click()
+    dialog = page.get_by_role("dialog")
+    for role in ("Forward", "Backward", "Optimizer"):
+        dialog.get_by_role("textbox", name=f"{role} model").fill(f"fake:{role.lower()}")
+    return dialog
+
+
 def test_start_form_says_why_a_number_is_refused(dashboard: str, filled, tab: Tab) -> None:
     """A number beyond what the browser keeps exactly is outlined with a message that names the
     range, and Start registers nothing (it would otherwise send the field's previous value); a
@@ -527,12 +538,7 @@ def test_start_form_says_why_a_number_is_refused(dashboard: str, filled, tab: Ta
     store, _ids = filled
     before = [r.id for r in store.runs()]
     page = tab.page
-    page.goto(dashboard)
-    wait_rendered(page, "Runs")
-    page.get_by_role("button", name="Start a run").click()
-    dialog = page.get_by_role("dialog")
-    for role in ("Forward", "Backward", "Optimizer"):
-        dialog.get_by_role("textbox", name=f"{role} model").fill(f"fake:{role.lower()}")
+    dialog = open_start_form(page, dashboard)
     budget = dialog.get_by_role("spinbutton", name="Budget (tokens)")
     budget.fill("99999999999999999999")
     dialog.get_by_role("button", name="Start", exact=True).click()
@@ -557,12 +563,7 @@ def test_a_run_started_in_the_browser_goes_on_in_the_background(tab: Tab, tmp_pa
     store, ids = filled_store(tmp_path)
     with dashboard_server(store.path, tmp_path / "dashboard.log") as url:
         page = tab.page
-        page.goto(url)
-        wait_rendered(page, "Runs")
-        page.get_by_role("button", name="Start a run").click()
-        dialog = page.get_by_role("dialog")
-        for role in ("Forward", "Backward", "Optimizer"):
-            dialog.get_by_role("textbox", name=f"{role} model").fill(f"fake:{role.lower()}")
+        dialog = open_start_form(page, url)
         dialog.get_by_role("spinbutton", name="Steps").fill("1")
         dialog.get_by_role("button", name="Start", exact=True).click()
         expect(page.get_by_text("in the background: it goes on if you close this tab")).to_be_visible()
