@@ -367,6 +367,29 @@ def test_the_endpoint_pause_after_another_calls_429_counts_against_the_retry_bud
     assert "--retry-budget" in str(error) and calls[0].attempts == 1
 
 
+def test_a_call_that_meets_a_pause_longer_than_its_retry_budget_gives_up_without_waiting() -> None:
+    """Another call's 429 paused the endpoint for longer than a new call's whole retry budget: the
+    new call gives up at once, sending nothing, and says why (a phase of many calls stops in
+    seconds, not after each sat out the pause); a pause within the budget is waited out."""
+    from autodiff.errors import LLMTransientError
+
+    limiter = EndpointLimiter(4)
+    with FakeOpenAIServer([("ok", "after the pause")]) as server:
+        llm, calls = _llm(OpenAIProvider(KEY, server.base_url), limiter=limiter,
+                          retry=RetryPolicy(budget_s=3, initial_wait=0.01, max_wait=0.01))
+        limiter.pause(60)
+        started = time.monotonic()
+        with pytest.raises(LLMTransientError) as info:
+            llm.complete("hi", CTX)
+        assert time.monotonic() - started < 1 and server.requests == []
+        message = str(info.value)
+        assert "the server asked to wait 60 s, more than the 3 s retry budget" in message, message
+        assert "another call's rate limit (HTTP 429)" in message and "--retry-budget 80" in message
+        assert info.value.kind == "rate_limit" and calls[-1].attempts == 0 and calls[-1].error
+        limiter.paused_until = time.monotonic() + 0.5  # within the budget: sat out, then sent
+        assert llm.complete("hi", CTX).text == "after the pause" and len(server.requests) == 1
+
+
 def test_a_reply_cut_off_before_any_text_names_the_flag_of_the_roles_token_limit() -> None:
     from autodiff.errors import LLMReplyError
 

@@ -9,8 +9,9 @@ What a call can end as, and what happens to it:
   that honours the server's Retry-After, for up to `RetryPolicy.budget_s` seconds in all; the
   endpoint's limiter backs off meanwhile; after the budget, `LLMTransientError`. Every wait
   counts against the budget, the call's own backoff and the endpoint's shared pause after a 429
-  alike; when the server asks for a wait longer than what is left, the call gives up at once and
-  says so, with the budget that would have been enough;
+  alike; when the server asks for a wait longer than what is left (or the endpoint is paused for
+  longer than a new call's whole budget), the call gives up at once and says so, with the budget
+  that would have been enough;
 - a reply with no answer text (empty, or reasoning only) or a prompt too long for the context
   window: `LLMReplyError` / `LLMContextWindowError` at once (asking again would pay for the
   same outcome);
@@ -309,7 +310,7 @@ class LLM:
             for attempt in retrying:
                 with attempt:
                     try:
-                        return self._attempt(request, usage, attempts, budget.deadline)
+                        return self._attempt(request, usage, attempts, budget.deadline, policy.budget_s)
                     except LLMTransientError as exc:
                         last[:] = [exc]
                         raise
@@ -320,7 +321,10 @@ class LLM:
             raise self._gave_up(exc, len(attempts), budget) from exc
         except _PauseTooLong as exc:
             budget.asked = exc.left
-            raise self._gave_up(last[0], len(attempts), budget) from last[0]
+            if not last:  # paused before this call sent anything: another call's rate limit
+                last.append(LLMTransientError("the endpoint is paused after another call's rate limit (HTTP 429)",
+                                              kind="rate_limit", retry_after=exc.left))
+            raise self._gave_up(last[0], len(attempts), budget) from exc
         raise AssertionError("unreachable")
 
     def _gave_up(self, exc: LLMTransientError, attempts: int, budget: _RetryBudget) -> LLMTransientError:
@@ -340,11 +344,13 @@ class LLM:
             kind=exc.kind, retry_after=exc.retry_after)
 
     def _attempt(self, request: Request, usage: list[int], attempts: list[int] | None = None,
-                 deadline: float | None = None) -> Completion:
+                 deadline: float | None = None, longest: float | None = None) -> Completion:
         """One request through the endpoint's limiter; adds its reported usage to `usage` and
         one to `attempts`. Raises _PauseTooLong, sending nothing, when the endpoint's pause
-        ends past `deadline`."""
-        slot = self.limiter.acquire(deadline)
+        ends past `deadline` or, before any failure of this call, lasts over `longest` seconds
+        (its whole retry budget: a pause another call's 429 set is given up on at once, not sat
+        out and then tried)."""
+        slot = self.limiter.acquire(deadline, longest=longest if deadline is None else None)
         if slot is None:
             raise _PauseTooLong(self.limiter.pause_left())
         if attempts is not None:

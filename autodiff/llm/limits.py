@@ -44,15 +44,18 @@ class EndpointLimiter:
         self._last_cut = float("-inf")
         self._cond = threading.Condition()
 
-    def acquire(self, deadline: float | None = None) -> Slot | None:
+    def acquire(self, deadline: float | None = None, *, longest: float | None = None) -> Slot | None:
         """A slot, once the endpoint's pause has passed and one is free. With a `deadline`
         (monotonic time), None at once when the pause ends after it: a caller out of retry budget
-        must not sit out a pause it cannot afford. Waiting for a free slot is queueing, never
-        refused."""
+        must not sit out a pause it cannot afford. With `longest` (seconds), None at once when the
+        pause, as it stands when seen, has more than that left. Waiting for a free slot is
+        queueing, never refused."""
         with self._cond:
             while True:
                 wait = self.paused_until - time.monotonic()
                 if deadline is not None and self.paused_until > deadline:
+                    return None
+                if longest is not None and wait > longest:
                     return None
                 if wait > 0:
                     self._cond.wait(wait)
