@@ -82,26 +82,17 @@ class Interrupted(KeyboardInterrupt):
 
 def train_here(trainer: Trainer) -> str:
     """`trainer.train()` in this process. A KeyboardInterrupt (Ctrl-C; the CLI's SIGTERM) stops the
-    run as a stop request would, not as a failure: calls still queued are dropped (those in flight
-    finish and are recorded), the run is recorded as stopped with where a resume goes on, and
-    `Interrupted` is raised with its id. Its text is what `autodiff.recovery` reads."""
+    run as a stop request would, not as a failure (`Trainer.train` records it as stopped, with
+    where a resume goes on: calls still queued are dropped, those in flight finish and are
+    recorded); `Interrupted` is then raised with its id."""
     try:
         return trainer.train()
     except KeyboardInterrupt as exc:
-        how = str(exc.args[0]) if exc.args else "Ctrl-C"
-        trainer.pool.shutdown(wait=False, cancel_futures=True)  # a queued call must not outlive the run
-        store, run_id = trainer.store, trainer.run_id
         try:
-            run = store.run(run_id)
+            trainer.store.run(trainer.run_id)
         except StoreError:  # interrupted before the run was written: nothing to resume
             raise exc from None
-        if run.status != "completed":
-            done = store.last_completed_step(run_id)
-            where = ("resume starts it" if done is None else
-                     f"resume goes on from step {done + 1}, redoing any part of it already done")
-            after = "before its first step" if done is None else f"after step {done}"
-            store.set_run_status(run_id, "stopped", error=f"interrupted ({how}) {after}; {where}")
-        raise Interrupted(run_id, how) from exc
+        raise Interrupted(trainer.run_id, str(exc.args[0]) if exc.args else "Ctrl-C") from exc
 
 
 def create(store: Store, config: RunConfig, *, task: Task | None = None, run_id: str | None = None,

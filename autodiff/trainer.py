@@ -134,7 +134,8 @@ class Trainer:
     def train(self) -> str:
         """Run (or resume) to the end. A stop request, provider errors past the run's limit
         (TooManyErrors) or the budget reached (BudgetExceeded: the next call might not fit) stop
-        the run cleanly with the reason, resumable; an LLMFatalError or any other failure marks it
+        the run cleanly with the reason, resumable; so does a KeyboardInterrupt (Ctrl-C; SIGTERM
+        in the CLI), which is then raised again. An LLMFatalError or any other failure marks it
         failed and is raised. A run another live process holds is refused with a ConfigError
         before anything is touched (see autodiff.holders); one taken over by another process
         meanwhile is left to it at the next step boundary."""
@@ -176,6 +177,11 @@ class Trainer:
             self.buffer.flush()
             self.store.set_run_status(self.run_id, "failed", error=str(exc))
             raise
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM as the CLI raises it: a stop, not a failure
+            self.pool.shutdown(wait=False, cancel_futures=True)  # a queued call must not outlive the run
+            self.buffer.flush()
+            self._interrupted(str(exc.args[0]) if exc.args else "Ctrl-C")
+            raise
         except BaseException as exc:
             self.buffer.flush()
             self.store.set_run_status(self.run_id, "failed", error=f"{type(exc).__name__}: {exc}")
@@ -183,6 +189,17 @@ class Trainer:
         finally:
             self.pool.shutdown(wait=False)
         return self.run_id
+
+    def _interrupted(self, how: str) -> None:
+        """Record the run as stopped by an interrupt (`how`: "Ctrl-C", "SIGTERM"), with where a
+        resume goes on; a run already completed stays so. `autodiff.recovery` reads the text."""
+        if self.store.run(self.run_id).status == "completed":
+            return
+        done = self.store.last_completed_step(self.run_id)
+        where = ("resume starts it" if done is None else
+                 f"resume goes on from step {done + 1}, redoing any part of it already done")
+        after = "before its first step" if done is None else f"after step {done}"
+        self.store.set_run_status(self.run_id, "stopped", error=f"interrupted ({how}) {after}; {where}")
 
     def _stop(self, step: int) -> None:
         """End the run on a stop request, noticed before `step`: what finished is kept (completed

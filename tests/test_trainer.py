@@ -594,3 +594,30 @@ def test_no_usable_feedback_means_no_optimizer_call(run_toy, store) -> None:
     run = run_toy(script, provider=_CutOffBackward(script), steps=1)
     assert store.gradients(run.run_id) and all(g.error for g in store.gradients(run.run_id))
     assert script.of_kind("optimizer") == [] and store.proposals(run.run_id) == []
+
+
+def test_an_interrupt_stops_a_trainer_called_directly_and_never_marks_it_failed(store, tmp_path, monkeypatch) -> None:
+    """Ctrl-C in code that drives `Trainer.train` itself (not through the runner or the CLI): the
+    run goes straight to stopped, resumable, and a reader never sees it failed in between."""
+    from autodiff.config import make_config
+    from autodiff.recovery import recovery
+    from conftest import TOY_DEFAULTS
+
+    statuses: list[str] = []
+    set_status = store.set_run_status
+    monkeypatch.setattr(store, "set_run_status", lambda run_id, status, **kw: (statuses.append(status),
+                                                                               set_status(run_id, status, **kw)))
+
+    def interrupt(event: str, info: dict) -> None:
+        if event == "backward" and info["step"] == 2:
+            raise KeyboardInterrupt
+
+    config = make_config(**{**TOY_DEFAULTS, "steps": 3})
+    trainer = runner.prepare(runner.task_for(config), config, store, run_id="direct", cache_path=tmp_path / "c.sqlite",
+                             providers={"fake": FakeProvider(Script())}, progress=interrupt, retry=FAST_RETRY)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    run = store.run("direct")
+    assert "failed" not in statuses and run.status == "stopped"
+    assert "interrupted (Ctrl-C) after step 1; resume goes on from step 2" in run.error
+    assert recovery(run).outlook == "go"
