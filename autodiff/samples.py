@@ -55,7 +55,8 @@ def sample_run_ids(path: Path = SAMPLE_STORE) -> tuple[str, ...]:
 @functools.lru_cache(maxsize=4)
 def _ids(path: str, mtime: float) -> tuple[str, ...]:
     try:
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+        # immutable: no -wal/-shm files are made beside the bundled store (it is replaced, never edited)
+        with sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True) as conn:
             return tuple(row[0] for row in conn.execute("SELECT id FROM runs ORDER BY created_at"))
     except sqlite3.Error:
         return ()

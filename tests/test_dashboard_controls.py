@@ -398,6 +398,8 @@ def test_the_sample_runs_say_what_they_show_and_how_to_get_more(tmp_path: Path) 
     other = Store(tmp_path / "other.sqlite")
     fake_run(other, tmp_path / "cache.sqlite", steps=1)
     assert not [i for i in open_page(other.path).info if "sample runs" in i.value]
+    # Reading the bundled store's ids leaves nothing beside it (no -wal or -shm of a reader).
+    assert sorted(p.name for p in SAMPLE_STORE.parent.iterdir()) == [SAMPLE_STORE.name]
 
 
 def test_a_stop_caused_by_the_runs_own_retry_settings_names_the_option_to_resume_with() -> None:
