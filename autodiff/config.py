@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Literal
@@ -183,6 +184,38 @@ def describe_limits(name: str) -> str:
     return " and ".join(parts)
 
 
+def parse_option(name: str, text: str) -> int | float | None:
+    """Numeric option `name`'s value from `text` as a person typed it (a form field): a whole
+    number for an int option ("12", "1e3" and "12.0" too), any finite number for a float one.
+    Empty text is None, the option's default, where the option may be None (a budget, tau, a
+    sample limit). Never rounds, clips or guesses: raises ConfigError naming what is wrong with
+    the text as given. Ranges are `make_config`'s to check."""
+    field = RunConfig.model_fields[name]
+    whole = field.annotation in (int, int | None)
+    kind = "a whole number" if whole else "a number"
+    text = text.strip()
+    if not text:
+        if field.default is None:
+            return None
+        limits_ = describe_limits(name)
+        raise ConfigError(f"empty: enter {kind}" + (f", {limits_}" if limits_ else ""))
+    try:
+        value = float(text.replace("_", ""))
+    except ValueError:
+        raise ConfigError(f"{text} is not {kind}") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{text} is not a finite number" if value != value or "inf" in text.lower()
+                          else f"{text} is too large to be a number")
+    if not whole:
+        return value
+    if not value.is_integer():
+        raise ConfigError(f"{text} is not a whole number")
+    try:
+        return int(text.replace("_", ""))  # exact, however large ("99999999999999999999")
+    except ValueError:
+        return int(value)  # "1e3", "12.0"
+
+
 def make_config(**options) -> RunConfig:
     """Build a RunConfig, turning validation errors into one clear ConfigError. Its message names
     every bad option, what it takes and the value given; `problems` lists them as (option, text)."""
@@ -201,5 +234,5 @@ def _problem(error: dict) -> str:
     given = error.get("input")
     if error["loc"] and error["loc"][0] in RunConfig.model_fields and isinstance(given, (int, float)) \
             and not isinstance(given, bool):
-        text += f" (given: {given:g})"
+        text += f" (given: {given})" if isinstance(given, int) else f" (given: {given:g})"  # an int exact
     return text

@@ -2,8 +2,9 @@
 
 import streamlit as st
 
-from autodiff.config import RESUME_OPTIONS, RunConfig, default_model, describe_limits, limits, make_config
-from autodiff.errors import AutodiffError
+from autodiff.config import (RESUME_OPTIONS, RunConfig, default_model, describe_limits, make_config,
+                             parse_option)
+from autodiff.errors import AutodiffError, ConfigError
 from autodiff.llm.registry import check_model
 from autodiff.llm.pricing import format_tokens, format_usd
 from autodiff.recovery import stop_effect
@@ -25,8 +26,12 @@ LABELS = {"task": "Task", "forward_model": "Forward model", "backward_model": "B
           "budget_tokens": "Budget (tokens)"}
 FORM_DEFAULTS = {"steps": 3, "batch_size": 4, "review": "off", "val_limit": 20, "test_limit": 20,
                  "max_failed": RunConfig.model_fields["max_failed"].default, "tau": None, "lenient_proposals": False,
-                 "budget_usd": 0.0, "budget_tokens": 0}
-NO_BUDGET = {"budget_usd": 0.0, "budget_tokens": 0}  # what the form shows for "no budget"
+                 "budget_usd": None, "budget_tokens": None}
+NUMBERS = ("steps", "batch_size", "val_limit", "test_limit", "max_failed", "tau", "budget_usd", "budget_tokens")
+NO_BUDGET = ("budget_usd", "budget_tokens")  # empty or 0: no budget
+# What an empty number field means, shown in it.
+EMPTY = {"val_limit": "all", "test_limit": "all", "tau": "the task's", "budget_usd": "none",
+         "budget_tokens": "none"}
 
 store = current_store()
 st.title("Runs")
@@ -48,25 +53,18 @@ def explain(name: str, extra: str = "") -> str:
     return RunConfig.model_fields[name].description + (f" ({limits})" if limits else "") + extra
 
 
-# The largest number a browser holds exactly (JavaScript's Number.MAX_SAFE_INTEGER). Streamlit's
-# number fields refuse anything beyond it in the browser, outlined in red, and Start then does
-# nothing; given as explicit bounds, the field's message names them instead of saying only "out of
-# range". RunConfig's own, narrower limits are checked by `form_problems`, which names every
-# problem at once when Start is pressed.
-MOST = (1 << 53) - 1
+def number(where, name: str, extra: str = "") -> None:
+    """The form's field for numeric option `name` in column `where`, labelled, keyed (`key_of`)
+    and explained (`explain`, with `extra`). A text field, not Streamlit's number field: that one
+    rewrites what the browser cannot keep as typed (2.5 in a whole-number field became 2, an empty
+    field or 1e400 became -9007199254740991, a number past 2**53 kept the previous value) and Start
+    then sent the rewritten value. Here the text reaches `read_form` as typed and is refused by name."""
+    where.text_input(LABELS[name], key=key_of(name), help=explain(name, extra), placeholder=EMPTY.get(name))
 
 
-def bounds(name: str) -> dict:
-    """min_value and max_value of option `name`'s number field: the browser's exact range, as int
-    or float like the option's default."""
-    kind = float if name == "tau" or isinstance(FORM_DEFAULTS[name], float) else int
-    return {"min_value": kind(-MOST), "max_value": kind(MOST)}
-
-
-def number(where, name: str, extra: str = "", **options) -> None:
-    """The form's number field for option `name` in column `where`: labelled, bounded (`bounds`),
-    keyed (`key_of`) and explained (`explain`, with `extra`)."""
-    where.number_input(LABELS[name], **bounds(name), key=key_of(name), help=explain(name, extra), **options)
+def as_text(value: object) -> str:
+    """A number as its field shows it ("" for None: the option's default)."""
+    return "" if value is None else str(value)
 
 
 def prefill(config: dict | None = None) -> None:
@@ -75,8 +73,8 @@ def prefill(config: dict | None = None) -> None:
     values = {"task": task_names()[0], **FORM_DEFAULTS,
               **{f"{role}_model": default_model() for role in ROLES}}
     if config is not None:
-        values |= {k: config[k] for k in values if config.get(k) is not None}
-        values |= {k: v for k, v in NO_BUDGET.items() if config.get(k) is None}
+        values |= {k: config.get(k) for k in values if config.get(k) is not None or k in EMPTY}
+    values |= {k: as_text(values[k]) for k in NUMBERS}
     for name, value in values.items():
         if config is not None or key_of(name) not in st.session_state:
             st.session_state[key_of(name)] = value
@@ -88,15 +86,26 @@ def like(run: Run) -> None:
     st.session_state["open_start"] = True
 
 
-def form_problems(options: dict) -> list[tuple[str, str]]:
-    """Every problem of the form's `options` at once, as (option, text) in the form's order: the
-    numbers and provider names (`make_config`) and, for a model spec those leave alone, what
-    `check_model` finds (a GGUF file that does not exist or is not GGUF)."""
+def read_form(fields: dict) -> tuple[dict, list[tuple[str, str]]]:
+    """The options the form's `fields` (option -> value, numbers as the text typed) ask for, and
+    every problem at once as (option, text) in the form's order: numbers that are not numbers
+    (`parse_option`), out of range or otherwise refused by `make_config`, and, for a model spec
+    those leave alone, what `check_model` finds (a GGUF file that does not exist or is not GGUF).
+    An empty or 0 budget is no budget."""
+    options = dict(fields)
+    problems = []
+    for name in NUMBERS:
+        try:
+            options[name] = parse_option(name, options[name]) if isinstance(options[name], str) else options[name]
+        except ConfigError as exc:
+            problems.append((name, str(exc)))
+            options[name] = None
+    options |= {name: options[name] or None for name in NO_BUDGET}
+    options |= {f"{role}_model": (options[f"{role}_model"] or "").strip() for role in ROLES}
     try:
         make_config(**options)
-        problems = []
     except AutodiffError as exc:
-        problems = list(getattr(exc, "problems", None) or [("config", str(exc))])
+        problems += list(getattr(exc, "problems", None) or [("config", str(exc))])
     named = {name for name, _ in problems}
     for name in (f"{role}_model" for role in ROLES if f"{role}_model" not in named):
         try:
@@ -104,14 +113,14 @@ def form_problems(options: dict) -> list[tuple[str, str]]:
         except AutodiffError as exc:
             problems.append((name, str(exc)))
     order = list(LABELS)
-    return sorted(problems, key=lambda p: order.index(p[0]) if p[0] in order else len(order))
+    return options, sorted(problems, key=lambda p: order.index(p[0]) if p[0] in order else len(order))
 
 
 def problems_text(problems: list[tuple[str, str]]) -> str:
     """A refusal as markdown: one line per bad field, by its label in the form."""
     return "Start refused:  \n" + "  \n".join(
         f"- **{md(LABELS.get(name, name))}**: {md(text)}"
-        + (" (0 means no budget)" if name in NO_BUDGET else "") for name, text in problems)
+        + (" (empty or 0 means no budget)" if name in NO_BUDGET else "") for name, text in problems)
 
 
 def start_form() -> None:
@@ -127,31 +136,27 @@ def start_form() -> None:
                                 "openai:gpt-4o-mini, anthropic:claude-sonnet-4-5, or a model of an OpenAI-compatible "
                                 "server (set OPENAI_BASE_URL). Checked before the run is created.")
         left, middle, right = st.columns(3)
-        number(left, "steps", step=1)
-        number(middle, "batch_size", step=1)
+        number(left, "steps")
+        number(middle, "batch_size")
         right.selectbox(LABELS["review"], ["off", "validated", "all"], key="opt_review",
                         help="validated: proposals that pass validation wait for a person; all: every proposal waits")
         left, right = st.columns(2)
-        number(left, "val_limit", "; the small local model takes about a second per sample", step=1)
-        number(right, "test_limit", step=1)
+        number(left, "val_limit", "; empty: all. The small local model takes about a second per sample")
+        number(right, "test_limit", "; empty: all")
         st.caption(f"For a small optimizer model such as {LOCAL}: lenient proposals takes its untagged replies as "
                    "candidates, and fewer failed samples per step keep each step short.")
         left, middle, right = st.columns(3)
-        number(left, "max_failed", step=1)
-        number(middle, "tau", value=None, step=0.05, format="%.2f", placeholder="the task's")
+        number(left, "max_failed")
+        number(middle, "tau", "; empty: the task's")
         right.checkbox(LABELS["lenient_proposals"], key="opt_lenient_proposals", help=explain("lenient_proposals"))
         left, right = st.columns(2)
-        number(left, "budget_usd", "; 0: no budget. It can be resumed with a larger one", step=0.5, format="%.4f")
-        number(right, "budget_tokens", "; 0: no budget", step=10_000)
+        number(left, "budget_usd", "; empty or 0: no budget. It can be resumed with a larger one")
+        number(right, "budget_tokens", "; empty or 0: no budget")
         submitted = st.form_submit_button("Start", type="primary")
-        st.caption("A field outlined in red holds a number the browser cannot keep (its ! says the range): Start "
-                   "waits until it is fixed.")
     if not submitted:
         return
-    options = {name: st.session_state[key_of(name)] for name in LABELS}
-    options |= {name: options[name] or None for name in NO_BUDGET}  # 0: no budget
-    options |= {f"{role}_model": (options[f"{role}_model"] or "").strip() for role in ROLES}
-    if problems := form_problems(options):
+    options, problems = read_form({name: st.session_state[key_of(name)] for name in LABELS})
+    if problems:
         st.error(problems_text(problems))
         return
     try:
@@ -189,32 +194,45 @@ if samples:
 
 def resume(run: Run) -> None:
     """Resume a run in the background; one its budget stopped, with the new budgets given, and
-    one its own retry settings stopped with the option its recovery names (`option_field`)."""
-    new = {key: st.session_state.get(f"{key}-{run.id}") or None for key in ("budget_usd", "budget_tokens")}
-    new |= {key: value for key in RESUME_OPTIONS if (value := st.session_state.get(f"{key}-{run.id}")) is not None}
+    one its own retry settings stopped with the option its recovery names. The fields' text is read
+    as typed (`parse_option`): one that is not a number refuses the resume by name."""
+    new, problems = {}, []
+    for key in ("budget_usd", "budget_tokens", *RESUME_OPTIONS):
+        text = st.session_state.get(f"{key}-{run.id}")
+        if text is None:  # no such field on the page
+            continue
+        try:
+            new[key] = parse_option(key, text)
+        except ConfigError as exc:
+            problems.append(f"{resume_label(key)}: {exc}")
+    if problems:
+        st.session_state["resume_error"] = "Resume refused: " + "; ".join(problems)
+        return
+    new |= {key: new.get(key) or None for key in NO_BUDGET}  # empty or 0: the run's budget stays
     try:
-        resume_background(store, run.id, cache_path(), **new)
+        resume_background(store, run.id, cache_path(), **{k: v for k, v in new.items() if v is not None})
     except AutodiffError as exc:
         st.session_state["resume_error"] = str(exc)
+
+
+def resume_label(name: str) -> str:
+    """The label of a field that changes option `name` on resume."""
+    label = {"budget_usd": "New budget (US dollars)", "budget_tokens": "New budget (tokens)"}.get(name)
+    return label or f"New {LABELS.get(name, name.replace('_', ' '))} (--{name.replace('_', '-')})"
 
 
 chosen = next((r for r in runs if r.id == st.session_state.get("run_id")), runs[0])
 if what := run_problem(chosen, here=True):
     if what.budget:
-        left, right = st.columns(2)
-        left.number_input("New budget (US dollars)", min_value=0.0, value=chosen.config.get("budget_usd") or 0.0,
-                          step=0.5, format="%.4f", key=f"budget_usd-{chosen.id}")
-        right.number_input("New budget (tokens)", min_value=0, value=chosen.config.get("budget_tokens") or 0,
-                           step=10_000, key=f"budget_tokens-{chosen.id}")
+        for where, name in zip(st.columns(2), NO_BUDGET):
+            where.text_input(resume_label(name), value=as_text(chosen.config.get(name)), key=f"{name}-{chosen.id}",
+                             placeholder="the run's", help=explain(name, "; empty: the run's stays"))
     if what.option:  # a stop its own retry settings caused: the option to raise, at the value suggested
         flag, suggested = what.option.split()
         name = flag.removeprefix("--").replace("-", "_")
-        low, high, _, _ = limits(name)
-        st.number_input(f"New {LABELS.get(name, name.replace('_', ' '))} ({flag})",
-                        min_value=None if low is None else float(low), max_value=None if high is None else float(high),
-                        value=float(suggested), step=10.0, key=f"{name}-{chosen.id}",
-                        help=explain(name, f"; now {chosen.config.get(name)}. Only options of how calls are retried "
-                                           "and judged can change on resume; models and prompts stay."))
+        st.text_input(resume_label(name), value=suggested, key=f"{name}-{chosen.id}",
+                      help=explain(name, f"; now {chosen.config.get(name)}. Only options of how calls are retried "
+                                         "and judged can change on resume; models and prompts stay."))
     row = st.container(horizontal=True)  # side by side, each as wide as its label
     if what.outlook != "new_run":
         row.button(f"Resume {chosen.id}" if what.outlook == "go" else f"Resume {chosen.id} after the fix",

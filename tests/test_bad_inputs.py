@@ -102,3 +102,29 @@ def test_resuming_a_finished_or_unknown_run_is_refused(store: Store, existing: d
     with pytest.raises(StoreError, match="no run with id 'ghost'"):
         runner.resume(store, "ghost")
     _assert_untouched(store, existing)
+
+
+@pytest.mark.parametrize(("name", "text", "value"), [
+    ("steps", "12", 12), ("steps", " 1e3 ", 1000), ("steps", "12.0", 12), ("steps", "-3", -3),
+    ("budget_tokens", "99999999999999999999", 99999999999999999999), ("budget_tokens", "1_000", 1000),
+    ("tau", "0.5", 0.5), ("budget_usd", "0.00001", 0.00001), ("tau", "", None), ("val_limit", "", None),
+])
+def test_a_typed_number_is_read_exactly(name: str, text: str, value) -> None:
+    from autodiff.config import parse_option
+
+    got = parse_option(name, text)
+    assert got == value and type(got) is type(value)
+
+
+@pytest.mark.parametrize(("name", "text", "said"), [
+    ("steps", "2.5", "2.5 is not a whole number"), ("batch_size", "", "empty: enter a whole number, 1 to 256"),
+    ("tau", "1e400", "1e400 is too large to be a number"), ("tau", "nan", "nan is not a finite number"),
+    ("budget_usd", "-inf", "-inf is not a finite number"), ("val_limit", "ten", "ten is not a whole number"),
+    ("budget_usd", "$5", "$5 is not a number"),
+])
+def test_a_typed_number_that_is_not_one_is_refused_as_typed(name: str, text: str, said: str) -> None:
+    from autodiff.config import parse_option
+
+    with pytest.raises(ConfigError) as info:
+        parse_option(name, text)
+    assert str(info.value) == said

@@ -49,7 +49,8 @@ def labels(at: AppTest) -> list[str]:
 
 
 def number(at: AppTest, label: str):
-    return next(n for n in at.number_input if n.label == label)
+    """A number field of the Start form (a text field: what is typed reaches the page as typed)."""
+    return next(n for n in at.text_input if n.label == label)
 
 
 # --- a failed or stopped run says why, on every page, with what to do ----------------------------
@@ -141,7 +142,7 @@ def test_the_runs_page_offers_resume_only_where_it_can_help(ended) -> None:
     assert not [b for b in labels(at) if b.startswith("Resume")]  # resuming cannot help
     button(at, "New run with these settings").click().run()
     # the form opens with the run's settings, to change them
-    assert at.text_input(key="model_forward").value == "fake:forward" and number(at, "Steps").value == 1
+    assert at.text_input(key="model_forward").value == "fake:forward" and number(at, "Steps").value == "1"
 
     at = open_page(store.path, "pages/runs.py", ids["stopped"])
     assert any("stopped on request" in w.value and "What to do" in w.value for w in at.warning)
@@ -191,37 +192,71 @@ def test_start_form_names_every_out_of_range_number_with_its_limits(tmp_path: Pa
     for label, name in (("Steps", "steps"), ("Batch size", "batch_size"), ("Failed samples per step", "max_failed"),
                         ("Tau (pass score)", "tau"), ("Validation samples", "val_limit")):
         assert f"({describe_limits(name)})" in number(at, label).help  # the range, from RunConfig
-    for label in ("Steps", "Tau (pass score)", "Budget (US dollars)", "Budget (tokens)"):
-        field = number(at, label)  # the browser's exact range, so its own refusal names it
-        assert (field.min, field.max) == (-(2**53 - 1), 2**53 - 1), label
     _models(at, "fake:x")
-    number(at, "Steps").set_value(5000)
-    number(at, "Batch size").set_value(0)
-    number(at, "Tau (pass score)").set_value(3.0)
-    number(at, "Failed samples per step").set_value(0)
-    number(at, "Budget (tokens)").set_value(-5)
+    number(at, "Steps").input("5000")
+    number(at, "Batch size").input("0")
+    number(at, "Tau (pass score)").input("3.0")
+    number(at, "Failed samples per step").input("0")
+    number(at, "Budget (tokens)").input("-5")
     button(at, "Start").click().run()
     [error] = at.error
     lines = error.value.replace("\\", "").splitlines()
     expected = {"Steps": "less than or equal to 1000 (given: 5000)", "Batch size": "greater than or equal to 1 (given: 0)",
                 "Tau (pass score)": "less than or equal to 1 (given: 3)",
                 "Failed samples per step": "greater than or equal to 1 (given: 0)",
-                "Budget (tokens)": "greater than 0 (given: -5) (0 means no budget)"}
+                "Budget (tokens)": "greater than 0 (given: -5) (empty or 0 means no budget)"}
     for label, text in expected.items():
         assert any(f"**{label}**" in line and text in line for line in lines), (label, lines)
     assert RunConfig.model_fields["steps"].metadata[1].le == 1000  # the one source of the limit shown
     assert Store(tmp_path / "runs.sqlite").runs() == []
 
 
+def test_start_form_refuses_what_is_not_a_number_as_typed_never_rewritten(tmp_path: Path, monkeypatch) -> None:
+    """What a person types reaches the form as typed: a decimal in a whole-number field, an empty
+    required field, a number too large for a float, text, and a huge count are each refused by
+    the field's label with the text given, never rounded, clipped or swapped for another value."""
+    started = []
+    monkeypatch.setattr(runner, "launch", lambda store, config, cache: started.append(config) or "new")
+    at = open_page(tmp_path / "runs.sqlite")
+    _models(at, "fake:x")
+    typed = {"Steps": "2.5", "Batch size": "", "Tau (pass score)": "1e400", "Validation samples": "ten",
+             "Failed samples per step": "99999999999999999999", "Budget (US dollars)": "nan"}
+    for label, text in typed.items():
+        number(at, label).input(text)
+    button(at, "Start").click().run()
+    [error] = at.error
+    lines = error.value.replace("\\", "").splitlines()
+    expected = {"Steps": "2.5 is not a whole number", "Batch size": "empty: enter a whole number, 1 to 256",
+                "Tau (pass score)": "1e400 is too large to be a number", "Validation samples": "ten is not a whole number",
+                "Failed samples per step": "less than or equal to 256 (given: 99999999999999999999)",
+                "Budget (US dollars)": "nan is not a finite number"}
+    for label, text in expected.items():
+        assert any(f"**{label}**" in line and text in line for line in lines), (label, lines)
+    assert Store(tmp_path / "runs.sqlite").runs() == []
+    # Empty where the option has a default of its own: that default, as the field's placeholder says.
+    for label in typed:
+        number(at, label).input("")
+    number(at, "Steps").input("1e0")
+    number(at, "Batch size").input("2.0")
+    number(at, "Failed samples per step").input("1")
+    button(at, "Start").click().run()
+    assert not at.error, [e.value for e in at.error]
+    [config] = started
+    assert (config.steps, config.batch_size, config.max_failed) == (1, 2, 1)
+    assert (config.tau, config.val_limit, config.budget_usd) == (None, None, None)
+    assert number(at, "Tau (pass score)").placeholder == "the task's"
+    assert number(at, "Validation samples").placeholder == "all"
+
+
 def test_start_form_takes_the_options_a_small_local_model_needs(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("AUTODIFF_CACHE", str(tmp_path / "cache.sqlite"))
     at = open_page(tmp_path / "runs.sqlite")
     _models(at, "fake:x")
-    number(at, "Steps").set_value(1)
-    number(at, "Validation samples").set_value(4)
-    number(at, "Test samples").set_value(4)
-    number(at, "Failed samples per step").set_value(2)
-    number(at, "Tau (pass score)").set_value(0.5)
+    number(at, "Steps").input("1")
+    number(at, "Validation samples").input("4")
+    number(at, "Test samples").input("4")
+    number(at, "Failed samples per step").input("2")
+    number(at, "Tau (pass score)").input("0.5")
     next(c for c in at.checkbox if c.label == "Lenient proposals").check()
     button(at, "Start").click().run()
     assert not at.error, [e.value for e in at.error]
@@ -438,9 +473,9 @@ def test_the_runs_page_resumes_a_run_its_own_time_out_stopped_with_the_option_ra
     resumed = {}
     monkeypatch.setattr(runner, "resume_background", lambda store, run_id, cache, **options: resumed.update(options))
     at = open_page(store.path, "pages/runs.py", run_id)
-    [field] = [n for n in at.number_input if "(--timeout)" in n.label]
-    assert field.value == 30.0 and "now 1.0" in field.help
+    [field] = [n for n in at.text_input if "(--timeout)" in n.label]
+    assert field.value == "30" and "now 1.0" in field.help
     assert any("--timeout 30" in w.value.replace("\\", "") for w in at.warning)  # md() escapes the dashes
-    field.set_value(45.0).run()
+    field.input("45").run()
     button(at, f"Resume {run_id}").click().run()
     assert resumed["timeout"] == 45.0 and not at.error

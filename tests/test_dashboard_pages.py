@@ -230,7 +230,7 @@ def test_start_form_runs_in_the_background(tmp_path: Path, monkeypatch: pytest.M
     at = open_page(tmp_path / "runs.sqlite", "pages/runs.py")
     for role in ("forward", "backward", "optimizer"):
         at.text_input(key=f"model_{role}").input(f"fake:{role}")
-    at.number_input[0].set_value(1)
+    at.text_input(key="opt_steps").input("1")
     button(at, "Start").click().run()
     assert_clean(at)
     assert any("Started run" in s.value for s in at.success)
@@ -248,14 +248,14 @@ def test_start_form_takes_a_budget_and_refuses_one_too_small_for_step_0(tmp_path
     at = open_page(tmp_path / "runs.sqlite", "pages/runs.py")
     for role in ("forward", "backward", "optimizer"):
         at.text_input(key=f"model_{role}").input(f"fake:{role}")
-    at.number_input[0].set_value(1)
-    budget = next(n for n in at.number_input if n.label == "Budget (tokens)")
-    budget.set_value(10)
+    at.text_input(key="opt_steps").input("1")
+    budget = next(n for n in at.text_input if n.label == "Budget (tokens)")
+    budget.input("10")
     button(at, "Start").click().run()
     assert_clean(at)
     assert any("too small" in e.value and "step 0" in e.value for e in at.error)
     assert Store(tmp_path / "runs.sqlite").runs() == []
-    next(n for n in at.number_input if n.label == "Budget (tokens)").set_value(1_000_000)
+    next(n for n in at.text_input if n.label == "Budget (tokens)").input("1000000")
     button(at, "Start").click().run()
     assert_clean(at)
     [run] = Store(tmp_path / "runs.sqlite").runs()
@@ -272,7 +272,7 @@ def test_a_run_stopped_at_its_budget_resumes_with_a_larger_one(tmp_path: Path,
     assert any("stopped at its budget" in w.value for w in at.warning)
     table = html_table_rows(at.get("html")[0].proto.body)
     assert table[0]["projected"].startswith("$")  # not finished: what it is projected to cost
-    next(n for n in at.number_input if n.label == "New budget (tokens)").set_value(10_000_000)
+    next(n for n in at.text_input if n.label == "New budget (tokens)").input("10000000")
     button(at, f"Resume {run_id}").click().run()
     assert_clean(at)
     assert store.run(run_id).config["budget_tokens"] == 10_000_000

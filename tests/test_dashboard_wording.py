@@ -51,7 +51,7 @@ def test_start_form_lists_a_missing_model_file_with_the_other_problems(tmp_path:
     at.text_input(key="model_forward").input("local:/nope/missing.gguf")
     at.text_input(key="model_backward").input("mystery:model")
     at.text_input(key="model_optimizer").input("fake:x")
-    next(n for n in at.number_input if n.label == "Steps").set_value(5000)
+    next(n for n in at.text_input if n.label == "Steps").input("5000")
     next(b for b in at.button if b.label == "Start").click().run()
     [error] = at.error
     lines = [line.strip() for line in error.value.replace("\\", "").splitlines()]

@@ -626,8 +626,8 @@ def test_a_usd_budget_stop_suggests_a_larger_usd_budget_and_refuses_one_below_th
 
     at = open_page(tmp_path / "runs.sqlite", "pages/runs.py", "usd")
     assert_clean(at)
-    field = next(n for n in at.number_input if n.label == "New budget (US dollars)")
-    assert field.proto.format == "%.4f" and field.value == pytest.approx(0.0012)  # not "0.00"
+    field = next(n for n in at.text_input if n.label == "New budget (US dollars)")
+    assert field.value == "0.0012"  # as stored, not rounded to "0.00"
 
 
 def test_replies_without_usage_make_the_token_count_unknown_not_smaller(tmp_path: Path, capsys) -> None:

@@ -311,7 +311,7 @@ def test_the_runs_page_queues_a_run_and_shows_it_waiting(pg_store, pool, tmp_pat
     at.run()
     for role in ("forward", "backward", "optimizer"):
         at.text_input(key=f"model_{role}").input(f"fake:{role}")
-    at.number_input[0].set_value(1)
+    at.text_input(key="opt_steps").input("1")
     next(b for b in at.button if b.label == "Start").click().run()
     assert not at.exception, [e.value for e in at.exception]
     assert any("Queued run" in s.value and "autodiff worker" in s.value for s in at.success), at.success
