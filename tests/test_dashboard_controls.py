@@ -476,6 +476,11 @@ def test_the_runs_page_resumes_a_run_its_own_time_out_stopped_with_the_option_ra
     [field] = [n for n in at.text_input if "(--timeout)" in n.label]
     assert field.value == "30" and "now 1.0" in field.help
     assert any("--timeout 30" in w.value.replace("\\", "") for w in at.warning)  # md() escapes the dashes
+    field.input("soon").run()
+    button(at, f"Resume {run_id}").click().run()
+    assert any("Resume refused" in e.value and "soon is not a number" in e.value for e in at.error)
+    assert resumed == {}  # nothing resumed on text that is not a number
+    field = next(n for n in at.text_input if "(--timeout)" in n.label)
     field.input("45").run()
     button(at, f"Resume {run_id}").click().run()
     assert resumed["timeout"] == 45.0 and not at.error
