@@ -166,12 +166,21 @@ def start_form() -> None:
     else:
         st.session_state["started_run"] = run_id
         st.session_state["run_picker"] = run_id  # follow the new run in the sidebar
+        st.session_state[START_OPEN] = False
         st.rerun()  # closes the dialog, if the form was in one
 
 
+def close_start() -> None:
+    st.session_state[START_OPEN] = False
+
+
 # With runs to show, the form opens in a dialog on demand: its widgets (and their code, which the
-# browser loads on first use) cost nothing until then. An empty store shows it straight away.
-start_dialog = st.dialog("Start a run", width="large")(start_form)
+# browser loads on first use) cost nothing until then. An empty store shows it straight away. The
+# dialog is open until it is dismissed or starts a run (START_OPEN), so a rerun of the page (the
+# live table's, when the last live run ends) draws it again instead of closing it: what is typed
+# in it, which reaches the server only on Start, stays in the browser.
+START_OPEN = "start_open"
+start_dialog = st.dialog("Start a run", width="large", on_dismiss=close_start)(start_form)
 runs = store.runs()
 if not runs:
     st.subheader("Start a run")
@@ -180,6 +189,8 @@ if not runs:
             "`autodiff train object_counting`.")
     st.stop()
 if st.button("Start a run", icon=":material/play_arrow:") or st.session_state.pop("open_start", False):
+    st.session_state[START_OPEN] = True
+if st.session_state.get(START_OPEN):
     start_dialog()
 
 samples = [r.id for r in runs if r.id in sample_run_ids()]

@@ -553,6 +553,36 @@ def test_start_form_says_why_a_number_is_refused(dashboard: str, filled, tab: Ta
     tab.assert_safe()
 
 
+def test_the_start_dialog_stays_open_when_a_live_run_ends(tab: Tab, tmp_path: Path) -> None:
+    """A person is typing in the start dialog when the last running run ends: the live table
+    shows it ended, and the dialog stays open with what was typed (a rerun of the whole page
+    closed it and lost the input); dismissing it then brings the rest of the page up to date."""
+    import os
+
+    store, ids = filled_store(tmp_path)
+    store.set_run_status(ids[0], "running", pid=os.getpid())  # alive: this test's own process
+    with dashboard_server(store.path, tmp_path / "dashboard.log") as url:
+        page = tab.page
+        page.goto(url)
+        wait_rendered(page, "Runs")
+        expect(page.get_by_role("button", name=f"Stop {ids[0]}")).to_be_visible()
+        page.get_by_role("button", name="Start a run").click()
+        dialog = page.get_by_role("dialog")
+        dialog.get_by_role("textbox", name="Steps").fill("7")
+        dialog.get_by_role("textbox", name="Forward model").fill("local:/my/model.gguf")
+        store.set_run_status(ids[0], "completed")
+        expect(page.get_by_role("button", name=f"Stop {ids[0]}")).to_have_count(0, timeout=15_000)  # it saw the end
+        page.wait_for_timeout(4000)  # another round of the live table
+        expect(dialog).to_be_visible()
+        expect(dialog.get_by_role("textbox", name="Steps")).to_have_value("7")
+        expect(dialog.get_by_role("textbox", name="Forward model")).to_have_value("local:/my/model.gguf")
+        page.keyboard.press("Escape")
+        expect(dialog).to_have_count(0)
+        wait_rendered(page, "Runs")
+        assert_no_errors(page)
+    tab.assert_safe()
+
+
 def test_a_run_started_in_the_browser_goes_on_in_the_background(tab: Tab, tmp_path: Path) -> None:
     """The start dialog launches a detached run (scripted fake models here); the page follows it
     live and the sidebar shows it completed, with no reload by hand."""
