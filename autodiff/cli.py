@@ -512,9 +512,12 @@ def cmd_show(args) -> int:
     costs = store.proposal_costs(args.run_id)
     for p in store.proposals(args.run_id):
         c = costs.get(p.id)
+        unlinked = (c["make_usd"] is None) + (c["validate_usd"] is None) if c else 0  # calls not in the store
+        unpriced = c["unknown"] - unlinked if c else 0
         cost = (f"; made for {format_usd(c['make_usd'], c['make_unknown'])}, validated for "
                 f"{format_usd(c['validate_usd'], c['validate_unknown'])}"
-                + (f" ({count(c['unknown'], 'call')} unpriced)" if c["unknown"] else "")) if c else ""
+                + (f" ({count(unpriced, 'call')} unpriced)" if unpriced else "")
+                + (" (its calls are not linked to it in this store)" if unlinked else "")) if c else ""
         print(f"  [{p.step}] {p.parameter}: {p.fate} ({p.reason}){cost}")
     if overflows := context_window_failures(store, args.run_id):
         print("calls that failed because the prompt did not fit the model's context window:")

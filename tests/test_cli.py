@@ -86,6 +86,22 @@ def test_bundled_sample_runs_say_which_models_made_them(tmp_path: Path) -> None:
     assert {p.fate for p in decided} >= {"accepted", "rejected"}
 
 
+def test_show_says_a_proposals_calls_are_not_linked_rather_than_unpriced(tmp_path: Path, capsys) -> None:
+    """The bundled stores predate call links: their validation cost is unknown because the calls
+    are not linked to the proposal, although every call has a price."""
+    if not cli.SAMPLE_STORE.exists():
+        pytest.skip("no bundled sample runs in this checkout")
+    copy = tmp_path / "samples.sqlite"
+    copy.write_bytes(cli.SAMPLE_STORE.read_bytes())
+    store = Store(copy)
+    run_id = next(r.id for r in store.runs() if r.config.get("review") == "all")
+    assert all(c.cost_usd is not None for c in store.call_summaries(run_id))
+    assert cli.main(["--store", str(copy), "show", run_id]) == 0
+    out = capsys.readouterr().out
+    assert "validated for unknown (its calls are not linked to it in this store)" in out
+    assert "unpriced" not in out
+
+
 def test_dashboard_command_starts_streamlit_with_the_pages_preloaded() -> None:
     cmd = cli.dashboard_command("localhost", 8555)
     assert cmd[1:5] == ["-m", "dashboard.serve", "run", str(cli.ROOT / "app.py")]
