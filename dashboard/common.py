@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import urlencode
@@ -273,6 +273,15 @@ def script_json(text: str) -> str:
     for c in "<>&\u2028\u2029":
         text = text.replace(c, f"\\u{ord(c):04x}")
     return text
+
+
+def unlinked_costs(costs: Iterable[dict]) -> str:
+    """A sentence for costs shown "unknown" because their calls are not linked to the proposal in
+    the store (`Store.proposal_costs` gives None), "" when there are none."""
+    n = sum(c["make_usd"] is None or c["validate_usd"] is None for c in costs)
+    return (f" {count(n, 'proposal')} cost unknown: their calls are not linked to them in this store, which was "
+            "written before those links (as the bundled sample runs were); every call is still counted in the "
+            "run's cost.") if n else ""
 
 
 def html_pre(text: str) -> str:

@@ -7,7 +7,8 @@ from autodiff import proposals as props
 from autodiff.diffs import inline_diff_html, word_diff_html
 from autodiff.llm.pricing import format_usd
 from autodiff.store import NO_PROPOSAL_COST
-from dashboard.common import choose, fmt_score, fmt_time, html_pre, html_table, md, page_url, require_run
+from dashboard.common import (choose, fmt_score, fmt_time, html_pre, html_table, md, page_url, require_run,
+                              unlinked_costs)
 from dashboard.graphview import gradient_rows
 
 store, run_id = require_run()
@@ -85,7 +86,8 @@ if proposals:
         fold=("reason", "value"),
     ))
     st.caption("Cost to make: the optimizer call that wrote it, shared by the proposals of that call. Cost to "
-               "validate: the calls that scored it on the mini-batch and on validation.")
+               "validate: the calls that scored it on the mini-batch and on validation."
+               + unlinked_costs(costs.get(p, none) for p in proposals))
 else:
     st.caption("No proposal has been made for this parameter yet.")
 

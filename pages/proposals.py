@@ -11,7 +11,8 @@ from autodiff.llm.pricing import format_usd
 from autodiff.metrics import funnel, proposal_figures
 from autodiff.store import NO_PROPOSAL_COST
 from autodiff.records import PROPOSAL_FATES, Proposal
-from dashboard.common import ALL, choose, count, fmt_score, md, page_url, require_run, reset_when, show_call
+from dashboard.common import (ALL, choose, count, fmt_score, md, page_url, require_run, reset_when, show_call,
+                              unlinked_costs)
 from dashboard.figures import funnel_sentence
 
 PER_PAGE = 20
@@ -48,6 +49,8 @@ st.dataframe([{"step": p.step, "parameter": p.parameter, "method": p.method, "fa
                "cost to make": format_usd(c["make_usd"], c["make_unknown"]),
                "cost to validate": format_usd(c["validate_usd"], c["validate_unknown"]), "reason": p.reason}
               for p in shown for c in [costs.get(p.id, NO_COST)]], hide_index=True)
+if unlinked := unlinked_costs(costs.get(p.id, NO_COST) for p in shown):
+    st.caption(unlinked.strip())
 
 pages = max(1, -(-len(shown) // PER_PAGE))
 page = 1

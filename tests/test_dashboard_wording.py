@@ -151,3 +151,15 @@ def test_the_runs_tables_fit_by_holding_figures_and_settings_apart(samples: Stor
     assert len(figures[0]) <= 11 and len(settings[0]) <= 6  # was one table of 18 columns
     assert {row["models"] for row in settings} == {"local:smollm2 (every role)"}
     assert "projected" not in figures[0] and "error" not in settings[0]  # empty in every row: left out
+
+
+def test_a_cost_unknown_because_its_calls_are_not_linked_says_so(samples: Store) -> None:
+    """The bundled stores predate the links from calls to proposals: Proposals and Prompts say why
+    those costs are unknown, and a store with the links says nothing of it."""
+    run_id = next(r.id for r in samples.runs() if r.config.get("review") == "all")
+    at = open_at(samples.path, "pages/proposals.py", run=run_id)
+    assert any("not linked to them in this store" in c.value for c in at.caption), [c.value for c in at.caption]
+    parameter = next(p.parameter for p in samples.proposals(run_id)
+                     if samples.proposal_costs(run_id)[p.id]["validate_usd"] is None)
+    at = open_at(samples.path, "pages/prompts.py", run=run_id, parameter=parameter)
+    assert any("not linked to them in this store" in c.value for c in at.caption)
