@@ -271,6 +271,20 @@ def test_the_drawing_holds_both_themes_looks_escaped(multihop):
     assert "html.theme-dark div.vis-tooltip" in page
 
 
+def test_node_text_meets_wcag_contrast_on_every_fill():
+    """Text on the coldest and the hottest fill of each palette has at least WCAG 2.x's AA
+    contrast for normal text, 4.5:1 (https://www.w3.org/TR/WCAG21/#contrast-minimum)."""
+    def luminance(rgb):
+        linear = [c / 255 / 12.92 if c / 255 <= 0.03928 else ((c / 255 + 0.055) / 1.055) ** 2.4 for c in rgb]
+        return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+
+    for colours in (draw.LIGHT, draw.DARK):
+        text = tuple(int(colours.text[i:i + 2], 16) for i in (1, 3, 5))
+        for fill in (colours.cold, colours.hot):
+            high, low = sorted((luminance(text), luminance(fill)), reverse=True)
+            assert (high + 0.05) / (low + 0.05) >= 4.5, (colours.name, fill)
+
+
 def test_repeated_text_is_folded():
     line = "The input `context` should have been different."
     pieces = textfold.fold("Intro.\n\n" + "\n\n".join([line] * 37) + "\n\nThe input `cont")
