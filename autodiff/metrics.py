@@ -80,10 +80,11 @@ def proposal_figures(store: Store, run_id: str) -> list[dict]:
 
 
 def funnel(rows: Iterable[dict]) -> dict[str, int]:
-    """Stage -> proposals that reached it (plus "rejected_by_person"), summed over `rows` (rows of
-    `proposal_figures` or `step_figures`: pass a run's, or one step's)."""
+    """Stage -> proposals that reached it (plus "rejected_by_person" and "accepted_unchecked": those
+    accepted, by a person, without beating both baselines, which every stage counts), summed over
+    `rows` (rows of `proposal_figures` or `step_figures`: pass a run's, or one step's)."""
     rows = list(rows)
-    return {fate: sum(r.get(fate, 0) or 0 for r in rows) for fate in FATES}
+    return {fate: sum(r.get(fate, 0) or 0 for r in rows) for fate in (*FATES, "accepted_unchecked")}
 
 
 def run_tau(run: Run) -> float:

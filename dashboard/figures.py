@@ -48,4 +48,7 @@ def funnel_sentence(counts: Mapping[str, int]) -> str:
     """Proposals by the stage they reached (`metrics.funnel`): "5 proposed → 3 passed mini-batch →
     2 passed validation → 1 accepted; 0 rejected by a person"."""
     stages = " → ".join(f"{counts[s]:,} {STAGE_LABELS[s]}" for s in STAGES)
-    return f"{stages}; {counts['rejected_by_person']:,} {STAGE_LABELS['rejected_by_person']}"
+    unchecked = counts.get("accepted_unchecked", 0)
+    return (f"{stages}; {counts['rejected_by_person']:,} {STAGE_LABELS['rejected_by_person']}"
+            + (f"; {unchecked:,} of the accepted did not beat both baselines (a person accepted "
+               f"{'it' if unchecked == 1 else 'them'}), and count as past both checks" if unchecked else ""))

@@ -276,6 +276,13 @@ def test_each_stage_counts_the_proposals_that_reached_it(tmp_path: Path) -> None
                                          val_score=val[0], val_baseline=val[1]))
     [row] = store.proposal_totals("r")
     assert [row[s] for s in STAGES] == [4, 3, 2, 2]
+    assert row["accepted_unchecked"] == 1  # and the sentence says which count it stands in
+    from autodiff.metrics import funnel
+    from dashboard.figures import funnel_sentence
+
+    said = funnel_sentence(funnel([row]))
+    assert said.startswith("4 proposed → 3 passed mini-batch → 2 passed validation → 2 accepted")
+    assert "1 of the accepted did not beat both baselines (a person accepted it)" in said
 
 
 # --- scores ------------------------------------------------------------------------------------------

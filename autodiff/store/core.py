@@ -761,18 +761,22 @@ class Store:
         further), past validation (`passed_validation`: beat the best validation score, or were
         accepted), `accepted`; so the stages never grow from one to the next (a value a person
         accepted without the checks counts as past them: the person stood in for them). Besides
-        the stages: rejected by a person's decision, malformed, or rejected by a check. Counted
-        in SQL (no proposal text is read)."""
+        the stages: rejected by a person's decision, malformed, rejected by a check, and
+        `accepted_unchecked`: accepted without having beaten both baselines (a person's decision
+        in review mode, or an edit), which the stages count as past both. Counted in SQL (no
+        proposal text is read)."""
         passed_val = "(fate = 'accepted' OR COALESCE(val_score > val_baseline, FALSE))"
         accepted, malformed = _count("fate = 'accepted'"), _count("fate = 'malformed'")
         rejected_check = _count("fate = 'rejected_check'")
         by_person = _count("fate = 'rejected' AND COALESCE(decision = 'reject', FALSE)")
+        unchecked = _count("fate = 'accepted' AND NOT (COALESCE(minibatch_score > minibatch_baseline, FALSE)"
+                           " AND COALESCE(val_score > val_baseline, FALSE))")
         with self.connect() as conn:
             rows = conn.execute(
                 "SELECT step, COUNT(*) AS proposed,"
                 f" {_count(passed_val + ' OR COALESCE(minibatch_score > minibatch_baseline, FALSE)')}"
                 f" AS passed_minibatch, {_count(passed_val)} AS passed_validation,"
-                f" {accepted} AS accepted, {by_person} AS rejected_by_person,"
+                f" {accepted} AS accepted, {by_person} AS rejected_by_person, {unchecked} AS accepted_unchecked,"
                 f" {malformed} AS malformed, {rejected_check} AS rejected_check"
                 " FROM proposals WHERE run_id = ? GROUP BY step ORDER BY step",
                 (run_id,),
