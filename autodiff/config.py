@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import decimal
 import math
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -184,12 +186,18 @@ def describe_limits(name: str) -> str:
     return " and ".join(parts)
 
 
-def parse_option(name: str, text: str) -> int | float | None:
+def parse_option(name: str, text: str, *, zero_is_none: bool = False) -> int | float | None:
     """Numeric option `name`'s value from `text` as a person typed it (a form field): a whole
-    number for an int option ("12", "1e3" and "12.0" too), any finite number for a float one.
-    Empty text is None, the option's default, where the option may be None (a budget, tau, a
-    sample limit). Never rounds, clips or guesses: raises ConfigError naming what is wrong with
-    the text as given. Ranges are `make_config`'s to check."""
+    number for an int option ("12", "1e3" and "12.0" too), a finite number for a float one, in
+    ASCII as Python writes numbers (underscores only between digits, PEP 515). Empty text is
+    None, the option's default, where the option may be None (a budget, tau, a sample limit).
+
+    The text is read exactly (`decimal.Decimal`) and checked against RunConfig's limits before
+    it becomes a float, so nothing is rounded, clipped or guessed into range: "3.0000000000000001"
+    is not a whole number, tau "1.00000000000000001" is over 1, and "1e-400", which a float would
+    hold as 0, is refused rather than read as 0 ("no budget"). Raises ConfigError naming what is
+    wrong with the text as given, in `make_config`'s words for a range. `zero_is_none`: 0 is
+    None too (a form's "0: no budget")."""
     field = RunConfig.model_fields[name]
     whole = field.annotation in (int, int | None)
     kind = "a whole number" if whole else "a number"
@@ -200,20 +208,33 @@ def parse_option(name: str, text: str) -> int | float | None:
         limits_ = describe_limits(name)
         raise ConfigError(f"empty: enter {kind}" + (f", {limits_}" if limits_ else ""))
     try:
-        value = float(text.replace("_", ""))
-    except ValueError:
+        if not text.isascii() or re.search(r"(^|[^0-9])_|_($|[^0-9])", text):  # Decimal allows "_1", "1__0"
+            raise decimal.InvalidOperation
+        exact = decimal.Decimal(text)
+    except decimal.InvalidOperation:
         raise ConfigError(f"{text} is not {kind}") from None
-    if not math.isfinite(value):
-        raise ConfigError(f"{text} is not a finite number" if value != value or "inf" in text.lower()
-                          else f"{text} is too large to be a number")
-    if not whole:
-        return value
-    if not value.is_integer():
+    if not exact.is_finite():
+        raise ConfigError(f"{text} is not a finite number")
+    if zero_is_none and exact == 0:
+        return None
+    if whole and exact != exact.to_integral_value():
         raise ConfigError(f"{text} is not a whole number")
-    try:
-        return int(text.replace("_", ""))  # exact, however large ("99999999999999999999")
-    except ValueError:
-        return int(value)  # "1e3", "12.0"
+    low, high, low_strict, high_strict = limits(name)
+    for bound, strict, above, words in ((low, low_strict, False, "greater than"),
+                                        (high, high_strict, True, "less than")):
+        if bound is None:
+            continue
+        outside = (exact > bound if above else exact < bound) or (strict and exact == bound)
+        if outside:
+            raise ConfigError(f"Input should be {words}{'' if strict else ' or equal to'} {bound:g} (given: {text})")
+    if whole:
+        return int(exact)  # exact, however large ("99999999999999999999", "9007199254740993.0")
+    value = float(exact)
+    if math.isinf(value):
+        raise ConfigError(f"{text} is too large to be a number")
+    if value == 0 and exact != 0:
+        raise ConfigError(f"{text} is too close to 0: it would be taken as 0")
+    return value
 
 
 def make_config(**options) -> RunConfig:
@@ -234,5 +255,6 @@ def _problem(error: dict) -> str:
     given = error.get("input")
     if error["loc"] and error["loc"][0] in RunConfig.model_fields and isinstance(given, (int, float)) \
             and not isinstance(given, bool):
-        text += f" (given: {given})" if isinstance(given, int) else f" (given: {given:g})"  # an int exact
+        shown = f"{given:g}" if isinstance(given, float) and float(f"{given:g}") == given else repr(given)
+        text += f" (given: {shown})"  # as given: an int exact, a float in full where :g would round it
     return text

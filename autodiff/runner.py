@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -161,6 +162,8 @@ def resume_background(store: Store, run_id: str, cache_path: Path | None = None,
     config = make_config(**run.config)
     if budgets:
         config = set_budget(store, run_id, config, **budgets)
+    else:
+        refuse_unraised_budget(run, config)
     change_options(store, run_id, config, **options)
     store.clear_stop(run_id)  # a stop asked for before the run got going would end it again at once
     store.set_run_status(run_id, "created")
@@ -246,6 +249,8 @@ def resume(store: Store, run_id: str, *, task: Task | None = None, clear_stop: b
         budgets = {k: v for k, v in (("budget_usd", budget_usd), ("budget_tokens", budget_tokens)) if v is not None}
         if budgets:
             config = set_budget(store, run_id, config, **budgets)
+        else:
+            refuse_unraised_budget(run, config)
         config, changed = change_options(store, run_id, config, **(options or {}))
         try:
             task = task_for(config, task)
@@ -339,11 +344,33 @@ def adopt_task(store: Store, run_id: str, task: Task, config: RunConfig) -> None
             store.replace_samples(run_id, split, ids)
 
 
+def refuse_unraised_budget(run: Run, config: RunConfig) -> None:
+    """Raise ConfigError when `run` stopped at a budget that `config` (what it would resume with)
+    does not raise: it would stop again at once, having done nothing. The budget is the one the
+    stop names ("... resume with a larger budget: autodiff resume RUN --budget-tokens N")."""
+    from autodiff.llm.pricing import format_usd_exact
+
+    named = re.search(r"(--budget-usd|--budget-tokens) N$", run.error or "")
+    if run.status != "stopped" or not (run.error or "").startswith("budget") or not named:
+        return
+    option = named.group(1)[2:].replace("-", "_")
+    old, new = run.config.get(option), getattr(config, option)
+    if old is None or new is None or new > old:
+        return
+    def shown(budget: float) -> str:
+        return format_usd_exact(budget) if option == "budget_usd" else f"{budget:,} tokens"
+
+    given = "the same budget" if new == old else f"a budget of {shown(new)}"
+    raise ConfigError(f"run {run.id} stopped at its budget of {shown(old)}; resumed with {given} it would stop again "
+                      f"at once: give a larger {named.group(1)} (more than {shown(old)})")
+
+
 def set_budget(store: Store, run_id: str, config: RunConfig, **budgets: float | int) -> RunConfig:
     """Store new budgets (`budget_usd`, `budget_tokens`) in a run's config and note the change
-    in its history; returns the new config. Raises ConfigError for an invalid budget, and for
-    one below what the run has already spent (a budget is for the whole run: it would stop at
-    once), naming the spent figure."""
+    in its history; returns the new config. Raises ConfigError for an invalid budget, for one
+    below what the run has already spent (a budget is for the whole run: it would stop at once),
+    naming the spent figure, and for a run stopped at its budget that this does not raise
+    (`refuse_unraised_budget`)."""
     from autodiff.llm.pricing import format_usd_exact
 
     new = make_config(**(config.model_dump() | budgets))
@@ -356,6 +383,7 @@ def set_budget(store: Store, run_id: str, config: RunConfig, **budgets: float | 
     if "budget_tokens" in budgets and new.budget_tokens is not None and new.budget_tokens < spent_tokens:
         raise ConfigError(f"a budget of {new.budget_tokens:,} tokens is below what run {run_id} has already spent, "
                           f"{spent_tokens:,} tokens: a budget is for the whole run, so give more than that")
+    refuse_unraised_budget(store.run(run_id), new)
     _record_change(store, run_id, config, new, list(budgets), "budget_changed")
     return new
 

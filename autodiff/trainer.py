@@ -288,15 +288,26 @@ class Trainer:
         # The worst case, as the budget reserves before each call: a run that passes this check
         # cannot be stopped by its reservations in step 0.
         first, c = forecast.step0_worst or forecast.step0, self.config
-        what = (f"step 0 (initial validation on {len(self.val)} and test on {len(self.test)} samples) may take "
-                f"up to {format_usd_exact(first.usd)}, {first.tokens:,.0f} tokens in {first.calls:,.0f} calls (the worst "
-                "case the budget reserves: every reply at its whole token budget, hidden reasoning included)")
+        step0 = f"step 0 (initial validation on {len(self.val)} and test on {len(self.test)} samples)"
+        worst = ("(the worst case the budget reserves: every reply at its whole token budget, hidden reasoning "
+                 "included)")
+        too_small = []  # (option, the budget, what step 0 may take) for each budget it might not fit in
         if c.budget_usd is not None and first.usd is not None and first.usd > c.budget_usd:
-            raise ConfigError(f"a budget of {format_usd_exact(c.budget_usd)} is too small: {what}; raise --budget-usd "
-                              "or lower --val-limit/--test-limit (autodiff estimate shows the whole run)")
+            too_small.append(("budget_usd", f"a budget of {format_usd_exact(c.budget_usd)}",
+                              f"{step0} may cost up to {format_usd_exact(first.usd)} ({first.tokens:,.0f} tokens in "
+                              f"{first.calls:,.0f} calls) {worst}"))
         if c.budget_tokens is not None and first.tokens > c.budget_tokens:
-            raise ConfigError(f"a budget of {c.budget_tokens:,} tokens is too small: {what}; raise --budget-tokens "
-                              "or lower --val-limit/--test-limit (autodiff estimate shows the whole run)")
+            too_small.append(("budget_tokens", f"a budget of {c.budget_tokens:,} tokens",
+                              f"{step0} may take up to {first.tokens:,.0f} tokens in {first.calls:,.0f} calls {worst}"))
+        if too_small:
+            option, budget, what = too_small[0]
+            flag = "--" + option.replace("_", "-")
+            error = ConfigError(f"{budget} is too small: {what}; raise {flag} or lower --val-limit/--test-limit "
+                                "(autodiff estimate shows the whole run)")
+            # For a form: each budget by its option, in words that name no command-line flag.
+            error.problems = [(o, f"too small: {w}; raise it, or lower the validation and test sample limits")
+                              for o, _b, w in too_small]
+            raise error
         return forecast
 
     def _initial_step(self) -> None:

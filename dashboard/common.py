@@ -382,7 +382,11 @@ def run_problem(run: Run, here: bool = False) -> Recovery | None:
               "new_run": f"Start a new run {where} (a resume would fail the same way)."}[what.outlook]
     text = f"**Run {md(run.id)} {what.status}:** {md(what.error or 'no reason recorded')}  \n" \
            f"**What to do:** {md(what.advice)} {resume}"
-    (st.error if what.status == "failed" else st.warning)(text, icon=":material/error:")
+    if what.status == "failed":
+        st.error(text, icon=":material/error:")
+    else:  # a stop someone asked for is no fault: a pause sign, not a warning sign
+        asked = (what.error or "").startswith(("stopped on request", "interrupted"))
+        st.warning(text, icon=":material/pause_circle:" if asked else ":material/warning:")
     return what
 
 

@@ -96,7 +96,8 @@ def read_form(fields: dict) -> tuple[dict, list[tuple[str, str]]]:
     problems = []
     for name in NUMBERS:
         try:
-            options[name] = parse_option(name, options[name]) if isinstance(options[name], str) else options[name]
+            if isinstance(options[name], str):
+                options[name] = parse_option(name, options[name], zero_is_none=name in NO_BUDGET)
         except ConfigError as exc:
             problems.append((name, str(exc)))
             options[name] = None
@@ -153,16 +154,19 @@ def start_form() -> None:
         number(left, "budget_usd", "; empty or 0: no budget. It can be resumed with a larger one")
         number(right, "budget_tokens", "; empty or 0: no budget")
         submitted = st.form_submit_button("Start", type="primary")
-    if not submitted:
+    if not submitted:  # the last refusal stays until the next Start, though the page reruns meanwhile
+        if refused := st.session_state.get(REFUSED):
+            st.error(refused)
         return
     options, problems = read_form({name: st.session_state[key_of(name)] for name in LABELS})
-    if problems:
-        st.error(problems_text(problems))
-        return
-    try:
-        run_id = launch(store, make_config(**options), cache_path())
-    except AutodiffError as exc:
-        st.error(md(exc))
+    st.session_state[REFUSED] = problems_text(problems) if problems else None
+    if not problems:
+        try:
+            run_id = launch(store, make_config(**options), cache_path())
+        except AutodiffError as exc:  # a budget step 0 would not fit in names its field; anything else as said
+            st.session_state[REFUSED] = problems_text(exc.problems) if getattr(exc, "problems", None) else md(exc)
+    if st.session_state[REFUSED]:
+        st.error(st.session_state[REFUSED])
     else:
         st.session_state["started_run"] = run_id
         st.session_state["run_picker"] = run_id  # follow the new run in the sidebar
@@ -172,6 +176,7 @@ def start_form() -> None:
 
 def close_start() -> None:
     st.session_state[START_OPEN] = False
+    st.session_state[REFUSED] = None
 
 
 # With runs to show, the form opens in a dialog on demand: its widgets (and their code, which the
@@ -180,6 +185,7 @@ def close_start() -> None:
 # live table's, when the last live run ends) draws it again instead of closing it: what is typed
 # in it, which reaches the server only on Start, stays in the browser.
 START_OPEN = "start_open"
+REFUSED = "start_refused"  # the last Start's refusal, shown until the next Start or the dialog closes
 start_dialog = st.dialog("Start a run", width="large", on_dismiss=close_start)(start_form)
 runs = store.runs()
 if not runs:
@@ -213,7 +219,7 @@ def resume(run: Run) -> None:
         if text is None:  # no such field on the page
             continue
         try:
-            new[key] = parse_option(key, text)
+            new[key] = parse_option(key, text, zero_is_none=key in NO_BUDGET)
         except ConfigError as exc:
             problems.append(f"{resume_label(key)}: {exc}")
     if problems:
@@ -222,8 +228,11 @@ def resume(run: Run) -> None:
     new |= {key: new.get(key) or None for key in NO_BUDGET}  # empty or 0: the run's budget stays
     try:
         resume_background(store, run.id, cache_path(), **{k: v for k, v in new.items() if v is not None})
-    except AutodiffError as exc:
-        st.session_state["resume_error"] = str(exc)
+    except AutodiffError as exc:  # the engine's words name flags; here the fields are what a person sees
+        said = str(exc)
+        for key in ("budget_usd", "budget_tokens", *RESUME_OPTIONS):
+            said = said.replace(f"--{key.replace('_', '-')}", resume_label(key))
+        st.session_state["resume_error"] = said
 
 
 def resume_label(name: str) -> str:
@@ -278,7 +287,8 @@ def progress(run: Run, s: dict) -> str:
 def live() -> None:
     rows = store.runs()
     summaries = [summary(store, r) for r in rows]
-    if not any(r.status in ACTIVE for r in rows) and any(r.status in ACTIVE for r in runs):
+    if not any(r.status in ACTIVE for r in rows) and any(r.status in ACTIVE for r in runs) \
+            and not st.session_state.get(START_OPEN):  # not under the open start dialog: it would lose focus
         st.rerun()  # the last live run ended: refresh the whole page, sidebar included
     for run, s in zip(rows, summaries):
         if run.status not in ACTIVE:

@@ -105,8 +105,9 @@ def test_resuming_a_finished_or_unknown_run_is_refused(store: Store, existing: d
 
 
 @pytest.mark.parametrize(("name", "text", "value"), [
-    ("steps", "12", 12), ("steps", " 1e3 ", 1000), ("steps", "12.0", 12), ("steps", "-3", -3),
-    ("budget_tokens", "99999999999999999999", 99999999999999999999), ("budget_tokens", "1_000", 1000),
+    ("steps", "12", 12), ("steps", " 1e3 ", 1000), ("steps", "12.0", 12), ("tau", "0", 0.0), ("steps", "1_000", 1000),
+    ("budget_tokens", "99999999999999999999", 99999999999999999999),
+    ("budget_tokens", "9007199254740993.0", 9007199254740993),
     ("tau", "0.5", 0.5), ("budget_usd", "0.00001", 0.00001), ("tau", "", None), ("val_limit", "", None),
 ])
 def test_a_typed_number_is_read_exactly(name: str, text: str, value) -> None:
@@ -118,7 +119,15 @@ def test_a_typed_number_is_read_exactly(name: str, text: str, value) -> None:
 
 @pytest.mark.parametrize(("name", "text", "said"), [
     ("steps", "2.5", "2.5 is not a whole number"), ("batch_size", "", "empty: enter a whole number, 1 to 256"),
-    ("tau", "1e400", "1e400 is too large to be a number"), ("tau", "nan", "nan is not a finite number"),
+    ("budget_usd", "1e400", "1e400 is too large to be a number"), ("tau", "nan", "nan is not a finite number"),
+    ("tau", "1e400", "Input should be less than or equal to 1 (given: 1e400)"),
+    ("steps", "-3", "Input should be greater than or equal to 1 (given: -3)"),
+    ("tau", "1.00000000000000001", "Input should be less than or equal to 1 (given: 1.00000000000000001)"),
+    ("steps", "3.0000000000000001", "3.0000000000000001 is not a whole number"),
+    ("budget_usd", "1e-400", "1e-400 is too close to 0: it would be taken as 0"),
+    ("budget_usd", "-1e-400", "Input should be greater than 0 (given: -1e-400)"),
+    ("steps", "_1", "_1 is not a whole number"), ("steps", "1__0", "1__0 is not a whole number"),
+    ("steps", "\uff11", "\uff11 is not a whole number"),
     ("budget_usd", "-inf", "-inf is not a finite number"), ("val_limit", "ten", "ten is not a whole number"),
     ("budget_usd", "$5", "$5 is not a number"),
 ])

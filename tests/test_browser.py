@@ -555,8 +555,9 @@ def test_start_form_says_why_a_number_is_refused(dashboard: str, filled, tab: Ta
 
 def test_the_start_dialog_stays_open_when_a_live_run_ends(tab: Tab, tmp_path: Path) -> None:
     """A person is typing in the start dialog when the last running run ends: the live table
-    shows it ended, and the dialog stays open with what was typed (a rerun of the whole page
-    closed it and lost the input); dismissing it then brings the rest of the page up to date."""
+    shows it ended, and the dialog stays open with what was typed, the focus where it was and
+    the last Start's refusal (a rerun of the whole page closed it and lost the input); dismissing
+    it then brings the rest of the page up to date."""
     import os
 
     store, ids = filled_store(tmp_path)
@@ -568,14 +569,20 @@ def test_the_start_dialog_stays_open_when_a_live_run_ends(tab: Tab, tmp_path: Pa
         expect(page.get_by_role("button", name=f"Stop {ids[0]}")).to_be_visible()
         page.get_by_role("button", name="Start a run").click()
         dialog = page.get_by_role("dialog")
+        dialog.get_by_role("textbox", name="Steps").fill("7.5")
+        dialog.get_by_role("button", name="Start", exact=True).click()
+        refused = dialog.locator('[data-testid="stAlertContentError"]')
+        expect(refused).to_contain_text("Steps: 7.5 is not a whole number")
         dialog.get_by_role("textbox", name="Steps").fill("7")
-        dialog.get_by_role("textbox", name="Forward model").fill("local:/my/model.gguf")
+        dialog.get_by_role("textbox", name="Forward model").fill("local:/my/model")
         store.set_run_status(ids[0], "completed")
         expect(page.get_by_role("button", name=f"Stop {ids[0]}")).to_have_count(0, timeout=15_000)  # it saw the end
         page.wait_for_timeout(4000)  # another round of the live table
+        page.keyboard.type(".gguf")  # the field still has the focus: typing goes on where it was
         expect(dialog).to_be_visible()
         expect(dialog.get_by_role("textbox", name="Steps")).to_have_value("7")
         expect(dialog.get_by_role("textbox", name="Forward model")).to_have_value("local:/my/model.gguf")
+        expect(refused).to_contain_text("Steps: 7.5 is not a whole number")  # the last Start's answer stays
         page.keyboard.press("Escape")
         expect(dialog).to_have_count(0)
         wait_rendered(page, "Runs")

@@ -253,8 +253,12 @@ def test_start_form_takes_a_budget_and_refuses_one_too_small_for_step_0(tmp_path
     budget.input("10")
     button(at, "Start").click().run()
     assert_clean(at)
-    assert any("too small" in e.value and "step 0" in e.value for e in at.error)
+    [refused] = [e.value.replace("\\", "") for e in at.error]
+    assert refused.startswith("Start refused:") and "**Budget (tokens)**: too small: step 0" in refused, refused
+    assert "--" not in refused and "$" not in refused  # no flags; a token budget in tokens only
     assert Store(tmp_path / "runs.sqlite").runs() == []
+    at.run()  # a rerun (the live table's, a sidebar click) keeps the refusal until the next Start
+    assert [e.value.replace("\\", "") for e in at.error] == [refused]
     next(n for n in at.text_input if n.label == "Budget (tokens)").input("1000000")
     button(at, "Start").click().run()
     assert_clean(at)
@@ -272,6 +276,16 @@ def test_a_run_stopped_at_its_budget_resumes_with_a_larger_one(tmp_path: Path,
     assert any("stopped at its budget" in w.value for w in at.warning)
     table = html_table_rows(at.get("html")[0].proto.body)
     assert table[0]["projected"].startswith("$")  # not finished: what it is projected to cost
+    field = next(n for n in at.text_input if n.label == "New budget (tokens)")
+    assert field.value == "10500"  # the run's own budget, to raise
+    button(at, f"Resume {run_id}").click().run()  # not raised: it would stop again at once
+    said = " ".join(e.value.replace("\\", "") for e in at.error)
+    assert "stopped at its budget of 10,500 tokens" in said and "give a larger New budget (tokens)" in said, said
+    assert "--budget" not in said and store.run(run_id).status == "stopped"
+    next(n for n in at.text_input if n.label == "New budget (tokens)").input("-5")
+    button(at, f"Resume {run_id}").click().run()
+    said = " ".join(e.value.replace("\\", "") for e in at.error)
+    assert "Resume refused: New budget (tokens): Input should be greater than 0 (given: -5)" in said, said
     next(n for n in at.text_input if n.label == "New budget (tokens)").input("10000000")
     button(at, f"Resume {run_id}").click().run()
     assert_clean(at)

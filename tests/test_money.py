@@ -601,6 +601,15 @@ def test_after_a_budget_stop_the_cli_says_how_to_go_on_with_a_larger_budget(tmp_
     err = capsys.readouterr().err
     assert f"already spent, {spent:,} tokens" in err
     assert Store(store_path).run("cli-budget").status == "stopped"  # nothing ran
+    # Without raising the budget it stopped at, a resume would stop again at once: refused, nothing written.
+    events = Store(store_path).run_events("cli-budget")
+    for same in ([], ["--budget-tokens", "5100"], ["--budget-tokens", str(max(spent, 5000))]):
+        assert main([*common, "resume", "cli-budget", *same]) == 2
+        err = capsys.readouterr().err
+        assert "stopped at its budget of 5,100 tokens" in err and "give a larger --budget-tokens" in err, err
+    store = Store(store_path)
+    assert store.run("cli-budget").status == "stopped" and store.run("cli-budget").config["budget_tokens"] == 5100
+    assert store.run_events("cli-budget") == events
     assert main([*common, "resume", *hint.split()[4:]]) == 0  # the suggested resume goes on to the end
     capsys.readouterr()
 
