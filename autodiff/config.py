@@ -186,6 +186,11 @@ def describe_limits(name: str) -> str:
     return " and ".join(parts)
 
 
+# The largest whole number an option may take: the stores' 64-bit integers (SQLite, PostgreSQL's
+# bigint), and far below Python's 4,300-digit limit on turning an int into text (JSON).
+MAX_INT = 2**63 - 1
+
+
 def parse_option(name: str, text: str, *, zero_is_none: bool = False) -> int | float | None:
     """Numeric option `name`'s value from `text` as a person typed it (a form field): a whole
     number for an int option ("12", "1e3" and "12.0" too), a finite number for a float one, in
@@ -193,32 +198,35 @@ def parse_option(name: str, text: str, *, zero_is_none: bool = False) -> int | f
     None, the option's default, where the option may be None (a budget, tau, a sample limit).
 
     The text is read exactly (`decimal.Decimal`) and checked against RunConfig's limits before
-    it becomes a float, so nothing is rounded, clipped or guessed into range: "3.0000000000000001"
-    is not a whole number, tau "1.00000000000000001" is over 1, and "1e-400", which a float would
-    hold as 0, is refused rather than read as 0 ("no budget"). Raises ConfigError naming what is
+    it becomes a number, so nothing is clipped or guessed into range: "3.0000000000000001" is not
+    a whole number, tau "1.00000000000000001" is over 1, and "1e-400", which a float would hold as
+    0, is refused rather than read as 0 ("no budget"). A whole number stays exact, up to MAX_INT;
+    a fraction becomes the nearest float (as "0.1" does in Python). Raises ConfigError naming what is
     wrong with the text as given, in `make_config`'s words for a range. `zero_is_none`: 0 is
     None too (a form's "0: no budget")."""
     field = RunConfig.model_fields[name]
     whole = field.annotation in (int, int | None)
     kind = "a whole number" if whole else "a number"
-    text = text.strip()
+    text = said = text.strip()
     if not text:
         if field.default is None:
             return None
         limits_ = describe_limits(name)
         raise ConfigError(f"empty: enter {kind}" + (f", {limits_}" if limits_ else ""))
+    if len(text) > 40:  # quoted in part: the message stays readable
+        said = f"{text[:12]}…{text[-6:]} ({len(text):,} characters)"
     try:
         if not text.isascii() or re.search(r"(^|[^0-9])_|_($|[^0-9])", text):  # Decimal allows "_1", "1__0"
             raise decimal.InvalidOperation
         exact = decimal.Decimal(text)
     except decimal.InvalidOperation:
-        raise ConfigError(f"{text} is not {kind}") from None
+        raise ConfigError(f"{said} is not {kind}") from None
     if not exact.is_finite():
-        raise ConfigError(f"{text} is not a finite number")
+        raise ConfigError(f"{said} is not a finite number")
     if zero_is_none and exact == 0:
         return None
     if whole and exact != exact.to_integral_value():
-        raise ConfigError(f"{text} is not a whole number")
+        raise ConfigError(f"{said} is not a whole number")
     low, high, low_strict, high_strict = limits(name)
     for bound, strict, above, words in ((low, low_strict, False, "greater than"),
                                         (high, high_strict, True, "less than")):
@@ -226,14 +234,16 @@ def parse_option(name: str, text: str, *, zero_is_none: bool = False) -> int | f
             continue
         outside = (exact > bound if above else exact < bound) or (strict and exact == bound)
         if outside:
-            raise ConfigError(f"Input should be {words}{'' if strict else ' or equal to'} {bound:g} (given: {text})")
+            raise ConfigError(f"Input should be {words}{'' if strict else ' or equal to'} {bound:g} (given: {said})")
     if whole:
-        return int(exact)  # exact, however large ("99999999999999999999", "9007199254740993.0")
+        if abs(exact) > MAX_INT:
+            raise ConfigError(f"{said} is too large: at most {MAX_INT:,}")
+        return int(exact)  # exact ("99999999999999999999", "9007199254740993.0")
     value = float(exact)
     if math.isinf(value):
-        raise ConfigError(f"{text} is too large to be a number")
+        raise ConfigError(f"{said} is too large to be a number")
     if value == 0 and exact != 0:
-        raise ConfigError(f"{text} is too close to 0: it would be taken as 0")
+        raise ConfigError(f"{said} is too close to 0: it would be taken as 0")
     return value
 
 
@@ -241,6 +251,12 @@ def make_config(**options) -> RunConfig:
     """Build a RunConfig, turning validation errors into one clear ConfigError. Its message names
     every bad option, what it takes and the value given; `problems` lists them as (option, text)."""
     options = {k: v for k, v in options.items() if v is not None}
+    huge = [(k, f"Input should be at most {MAX_INT:,}")  # before pydantic, which would print all its digits
+            for k, v in options.items() if isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_INT]
+    if huge:
+        error = ConfigError("invalid run configuration: " + "; ".join(f"{name}: {text}" for name, text in huge))
+        error.problems = huge
+        raise error
     try:
         return RunConfig(**options)
     except ValidationError as exc:

@@ -11,13 +11,16 @@ from autodiff.store import NO_PROPOSAL_COST, Store
 
 def export_run(store: Store, run_id: str) -> dict:
     run = store.run(run_id)
+    stored = store.steps(run_id)  # before the figures, so that a step a live run adds meanwhile has them
     figures = {r["step"]: r for r in step_figures(store, run_id)}
     kinds = error_kinds(store, run_id)
     calls = store.call_totals(run_id)
     money = projection(store, run_id, steps=list(figures.values()), totals=calls)
     steps = []
-    for s in store.steps(run_id):
-        f = figures[s.step]
+    for s in stored:
+        f = figures.get(s.step)
+        if f is None:  # not in the figures after all (a resume discarded it meanwhile): left out
+            continue
         steps.append({
             "step": s.step, "status": s.status,
             "parameters": store.parameter_values_at(run_id, s.step),
@@ -26,6 +29,10 @@ def export_run(store: Store, run_id: str) -> dict:
             "tokens_unknown_by_phase": {p: f[f"tokens_unknown_{p}"] for p in PHASES},
             "cost_by_phase": {p: f[f"cost_{p}"] for p in PHASES},
             "cost_unknown_by_phase": {p: f[f"cost_unknown_{p}"] for p in PHASES},
+            # the calls of attempts of this step that were stopped part-way and redone on resume
+            "redone": {"calls": f["calls_redone"], "tokens": f["tokens_redone"], "cost_usd": f["cost_redone"],
+                       "cost_unknown": f["cost_unknown_redone"]},
+            "tokens": f["tokens"], "cost_usd": f["cost"],  # the step's totals, redone attempts included
             "savings": {"cache_usd": f["cache_saved_usd"], "backward_usd": f["backward_saved_usd"],
                         "backward_calls": f["backward_calls_saved"]},
             "errors_by_phase": {p: f[f"errors_{p}"] for p in PHASES},

@@ -355,14 +355,21 @@ def refuse_unraised_budget(run: Run, config: RunConfig) -> None:
         return
     option = named.group(1)[2:].replace("-", "_")
     old, new = run.config.get(option), getattr(config, option)
-    if old is None or new is None or new > old:
+    # What the call it stopped at would have brought the run to: less stops at that call again.
+    reached = re.search(r"could bring the run to \$?([\d,.]+)", run.error or "")
+    need = float(reached.group(1).replace(",", "")) if reached else None
+    if old is None or new is None or (new > old and (need is None or new >= need)):
         return
+
     def shown(budget: float) -> str:
-        return format_usd_exact(budget) if option == "budget_usd" else f"{budget:,} tokens"
+        return format_usd_exact(budget) if option == "budget_usd" else f"{budget:,.0f} tokens"
 
     given = "the same budget" if new == old else f"a budget of {shown(new)}"
+    least = (f"at least {shown(need)}, what the call it stopped at needed" if need is not None and need > old
+             else f"more than {shown(old)}")
     raise ConfigError(f"run {run.id} stopped at its budget of {shown(old)}; resumed with {given} it would stop again "
-                      f"at once: give a larger {named.group(1)} (more than {shown(old)})")
+                      f"at the same call: give a larger {named.group(1)} ({least}; more leaves room for the rest of "
+                      "the run)")
 
 
 def set_budget(store: Store, run_id: str, config: RunConfig, **budgets: float | int) -> RunConfig:
@@ -377,11 +384,13 @@ def set_budget(store: Store, run_id: str, config: RunConfig, **budgets: float | 
     spent = store.call_totals(run_id)
     spent_usd, spent_tokens = sum(c["cost_usd"] for c in spent), sum(c["tokens"] for c in spent)
     if "budget_usd" in budgets and new.budget_usd is not None and new.budget_usd < spent_usd:
-        raise ConfigError(f"a budget of {format_usd_exact(new.budget_usd)} is below what run {run_id} has already "
+        raise ConfigError(f"a budget of {format_usd_exact(new.budget_usd)} (--budget-usd) is below what run {run_id} "
+                          "has already "
                           f"spent, {format_usd_exact(spent_usd)}: a budget is for the whole run, so give more than "
                           "that")
     if "budget_tokens" in budgets and new.budget_tokens is not None and new.budget_tokens < spent_tokens:
-        raise ConfigError(f"a budget of {new.budget_tokens:,} tokens is below what run {run_id} has already spent, "
+        raise ConfigError(f"a budget of {new.budget_tokens:,} tokens (--budget-tokens) is below what run {run_id} "
+                          "has already spent, "
                           f"{spent_tokens:,} tokens: a budget is for the whole run, so give more than that")
     refuse_unraised_budget(store.run(run_id), new)
     _record_change(store, run_id, config, new, list(budgets), "budget_changed")

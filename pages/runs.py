@@ -232,7 +232,7 @@ def resume(run: Run) -> None:
         said = str(exc)
         for key in ("budget_usd", "budget_tokens", *RESUME_OPTIONS):
             said = said.replace(f"--{key.replace('_', '-')}", resume_label(key))
-        st.session_state["resume_error"] = said
+        st.session_state["resume_error"] = f"Resume refused: {said}"
 
 
 def resume_label(name: str) -> str:

@@ -106,7 +106,7 @@ def test_resuming_a_finished_or_unknown_run_is_refused(store: Store, existing: d
 
 @pytest.mark.parametrize(("name", "text", "value"), [
     ("steps", "12", 12), ("steps", " 1e3 ", 1000), ("steps", "12.0", 12), ("tau", "0", 0.0), ("steps", "1_000", 1000),
-    ("budget_tokens", "99999999999999999999", 99999999999999999999),
+    ("budget_tokens", "9223372036854775807", 2**63 - 1),
     ("budget_tokens", "9007199254740993.0", 9007199254740993),
     ("tau", "0.5", 0.5), ("budget_usd", "0.00001", 0.00001), ("tau", "", None), ("val_limit", "", None),
 ])
@@ -128,6 +128,10 @@ def test_a_typed_number_is_read_exactly(name: str, text: str, value) -> None:
     ("budget_usd", "-1e-400", "Input should be greater than 0 (given: -1e-400)"),
     ("steps", "_1", "_1 is not a whole number"), ("steps", "1__0", "1__0 is not a whole number"),
     ("steps", "\uff11", "\uff11 is not a whole number"),
+    ("budget_tokens", "99999999999999999999", "99999999999999999999 is too large: at most 9,223,372,036,854,775,807"),
+    ("val_limit", "1e5000", "1e5000 is too large: at most 9,223,372,036,854,775,807"),
+    ("budget_tokens", "9" * 5000,
+     "999999999999…999999 (5,000 characters) is too large: at most 9,223,372,036,854,775,807"),
     ("budget_usd", "-inf", "-inf is not a finite number"), ("val_limit", "ten", "ten is not a whole number"),
     ("budget_usd", "$5", "$5 is not a number"),
 ])

@@ -403,3 +403,33 @@ def test_gradient_filters_and_prompt_versions_are_in_the_address(runs) -> None:
     reopened = open_page(store.path, "pages/prompts.py", plain, parameter=prompts.selectbox(key="prompt_param").value,
                          **{"from": str(new), "to": str(old)})
     assert (reopened.selectbox(key="prompt_old").value, reopened.selectbox(key="prompt_new").value) == (new, old)
+
+
+def test_the_export_steps_sum_to_the_run_and_carry_the_redone_attempts(runs) -> None:
+    """A resumed run's step 1 was made twice: the export's steps say what the discarded attempt
+    spent, and their totals sum to the run's tokens and cost, as on the Runs page."""
+    from autodiff.export import export_run
+
+    store, plain, resumed = runs
+    for run_id in (plain, resumed):
+        doc = export_run(store, run_id)
+        rows = {r["step"]: r for r in step_figures(store, run_id)}
+        assert sum(s["tokens"] for s in doc["steps"]) == doc["run"]["tokens"]
+        assert sum(s["cost_usd"] for s in doc["steps"]) == pytest.approx(doc["run"]["cost_usd"])
+        for s in doc["steps"]:
+            assert s["tokens"] == sum(s["tokens_by_phase"].values()) + s["redone"]["tokens"]
+            assert s["redone"]["tokens"] == rows[s["step"]]["tokens_redone"]
+    redone = export_run(store, resumed)["steps"][1]["redone"]
+    assert redone["calls"] > 0 and redone["tokens"] > 0
+
+
+def test_an_export_while_the_run_adds_a_step_does_not_fail(runs, monkeypatch) -> None:
+    """A live run can add a step between the export's reads: the steps are read first, so the
+    figures cover them, and a step without figures is left out rather than failing the export."""
+    from autodiff import export
+
+    store, plain, _resumed = runs
+    real = export.step_figures
+    monkeypatch.setattr(export, "step_figures", lambda s, r: real(s, r)[:-1])  # as if it came after them
+    doc = export.export_run(store, plain)
+    assert [s["step"] for s in doc["steps"]] == [s.step for s in store.steps(plain)][:-1]

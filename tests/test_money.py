@@ -5,6 +5,7 @@ with a larger one, the estimate before a run and the projection during it."""
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -603,10 +604,15 @@ def test_after_a_budget_stop_the_cli_says_how_to_go_on_with_a_larger_budget(tmp_
     assert Store(store_path).run("cli-budget").status == "stopped"  # nothing ran
     # Without raising the budget it stopped at, a resume would stop again at once: refused, nothing written.
     events = Store(store_path).run_events("cli-budget")
-    for same in ([], ["--budget-tokens", "5100"], ["--budget-tokens", str(max(spent, 5000))]):
+    need = int(re.search(r"could bring the run to ([\d,]+) tokens", Store(store_path).run("cli-budget").error)
+               .group(1).replace(",", ""))
+    assert need > 5101
+    for same in ([], ["--budget-tokens", "5100"], ["--budget-tokens", str(max(spent, 5000))],
+                 ["--budget-tokens", "5101"]):  # raised, but not to what the call it stopped at needs
         assert main([*common, "resume", "cli-budget", *same]) == 2
         err = capsys.readouterr().err
         assert "stopped at its budget of 5,100 tokens" in err and "give a larger --budget-tokens" in err, err
+        assert f"at least {need:,} tokens, what the call it stopped at needed" in err, err
     store = Store(store_path)
     assert store.run("cli-budget").status == "stopped" and store.run("cli-budget").config["budget_tokens"] == 5100
     assert store.run_events("cli-budget") == events

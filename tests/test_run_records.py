@@ -113,7 +113,8 @@ def test_the_export_keeps_its_keys_and_their_order(exported) -> None:
     assert [list(s) for s in doc["steps"]] == [
         ["step", "status", "parameters", "val_score", "test_score", "tokens_by_phase", "tokens_unknown_by_phase",
          "cost_by_phase",
-         "cost_unknown_by_phase", "savings", "errors_by_phase", "error_kinds_by_phase", "cut_off_by_phase",
+         "cost_unknown_by_phase", "redone", "tokens", "cost_usd", "savings", "errors_by_phase",
+         "error_kinds_by_phase", "cut_off_by_phase",
          "samples_errored", "failed_samples"]] * len(doc["steps"])
     run = store.run(run_id)
     assert (doc["run"]["id"], doc["run"]["task"], doc["run"]["config"], doc["run"]["status"],
