@@ -174,7 +174,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except AutodiffError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if str(exc).startswith("invalid run configuration"):  # `make_config`'s: options by their flags
+            from autodiff.config import RunConfig
+
+            said = "; ".join((f"--{name.replace('_', '-')}" if name in RunConfig.model_fields else name) + f": {text}"
+                             for name, text in exc.problems)
+            print(f"error: invalid options: {said}", file=sys.stderr)
+        else:
+            print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         from autodiff.runner import Interrupted
@@ -492,8 +499,8 @@ def cmd_show(args) -> int:
 
     def cost_text(row: dict) -> str:
         """'cost $0.0123 (forward $0.0010, validate $0.0113); saved $0.0040 by the cache, ...'"""
-        phases = ", ".join(f"{p} {format_usd(row[f'cost_{p}'], row[f'cost_unknown_{p}'])}" for p in PHASES
-                           if row[f"calls_{p}"])
+        phases = ", ".join(f"{p} {format_usd(row[f'cost_{p}'], row[f'cost_unknown_{p}'])}" for p in (*PHASES, "redone")
+                           if row[f"calls_{p}"])  # redone: attempts of the step stopped part-way, made again
         saved = [f"{format_usd(usd)} {how}" for usd, how in ((row["cache_saved_usd"], "by the cache"),
                                                              (row["backward_saved_usd"], "by selective backward"))
                  if usd]

@@ -141,3 +141,15 @@ def test_a_typed_number_that_is_not_one_is_refused_as_typed(name: str, text: str
     with pytest.raises(ConfigError) as info:
         parse_option(name, text)
     assert str(info.value) == said
+
+
+def test_the_cli_names_a_bad_option_by_its_flag(tmp_path: Path, capsys) -> None:
+    from autodiff import cli
+
+    code = cli.main(["--store", str(tmp_path / "s.sqlite"), "train", "object_counting", "--model", "fake:x",
+                     "--steps", "0", "--budget-tokens", "-5"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip() == ("error: invalid options: --steps: Input should be greater than or equal to 1 (given: 0); "
+                           "--budget-tokens: Input should be greater than 0 (given: -5)")
+    assert Store(tmp_path / "s.sqlite").runs() == []

@@ -433,3 +433,14 @@ def test_an_export_while_the_run_adds_a_step_does_not_fail(runs, monkeypatch) ->
     monkeypatch.setattr(export, "step_figures", lambda s, r: real(s, r)[:-1])  # as if it came after them
     doc = export.export_run(store, plain)
     assert [s["step"] for s in doc["steps"]] == [s.step for s in store.steps(plain)][:-1]
+
+
+def test_show_splits_a_redone_steps_cost_with_its_redone_part(runs, capsys) -> None:
+    """`autodiff show`: a step made twice lists what its discarded attempt cost beside the phases,
+    so the parts add up to the step's cost."""
+    from autodiff import cli
+
+    store, _plain, resumed = runs
+    assert cli.main(["--store", str(store.path), "show", resumed]) == 0
+    [line] = [l for l in capsys.readouterr().out.splitlines() if l.startswith("step   1:")]
+    assert ", redone $" in line, line
