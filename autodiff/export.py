@@ -22,7 +22,8 @@ def export_run(store: Store, run_id: str) -> dict:
         if f is None:  # not in the figures after all (a resume discarded it meanwhile): left out
             continue
         steps.append({
-            "step": s.step, "status": s.status,
+            # left part-way by a run no longer training: redone whole on resume, not running
+            "step": s.step, "status": "unfinished" if s.status == "running" and run.status != "running" else s.status,
             "parameters": store.parameter_values_at(run_id, s.step),
             "val_score": s.val_score, "test_score": s.test_score,
             "tokens_by_phase": {p: f[f"tokens_{p}"] for p in PHASES},

@@ -444,3 +444,11 @@ def test_show_splits_a_redone_steps_cost_with_its_redone_part(runs, capsys) -> N
     assert cli.main(["--store", str(store.path), "show", resumed]) == 0
     [line] = [l for l in capsys.readouterr().out.splitlines() if l.startswith("step   1:")]
     assert ", redone $" in line, line
+
+
+def test_the_export_calls_a_stopped_runs_part_way_step_unfinished(stopped) -> None:
+    from autodiff.export import export_run
+
+    store, _plain, run_id = stopped
+    assert [s.status for s in store.steps(run_id)][-1] == "running"  # as the trainer left it
+    assert [s["status"] for s in export_run(store, run_id)["steps"]] == ["completed", "unfinished"]
