@@ -160,10 +160,7 @@ def resume_background(store: Store, run_id: str, cache_path: Path | None = None,
         raise ConfigError(f"run {run_id} is {status}; only a stopped or failed run can be resumed")
     budgets = {k: v for k, v in (("budget_usd", budget_usd), ("budget_tokens", budget_tokens)) if v is not None}
     config = make_config(**run.config)
-    if budgets:
-        config = set_budget(store, run_id, config, **budgets)
-    else:
-        refuse_unraised_budget(run, config)
+    config = set_budget(store, run_id, config, **budgets)
     change_options(store, run_id, config, **options)
     store.clear_stop(run_id)  # a stop asked for before the run got going would end it again at once
     store.set_run_status(run_id, "created")
@@ -247,10 +244,7 @@ def resume(store: Store, run_id: str, *, task: Task | None = None, clear_stop: b
     try:
         config = make_config(**run.config)
         budgets = {k: v for k, v in (("budget_usd", budget_usd), ("budget_tokens", budget_tokens)) if v is not None}
-        if budgets:
-            config = set_budget(store, run_id, config, **budgets)
-        else:
-            refuse_unraised_budget(run, config)
+        config = set_budget(store, run_id, config, **budgets)
         config, changed = change_options(store, run_id, config, **(options or {}))
         try:
             task = task_for(config, task)
@@ -377,21 +371,23 @@ def set_budget(store: Store, run_id: str, config: RunConfig, **budgets: float | 
     in its history; returns the new config. Raises ConfigError for an invalid budget, for one
     below what the run has already spent (a budget is for the whole run: it would stop at once),
     naming the spent figure, and for a run stopped at its budget that this does not raise
-    (`refuse_unraised_budget`)."""
+    (`refuse_unraised_budget`; with no budgets given, that check alone, and `config` is returned)."""
     from autodiff.llm.pricing import format_usd_exact
 
+    if not budgets:
+        refuse_unraised_budget(store.run(run_id), config)
+        return config
     new = make_config(**(config.model_dump() | budgets))
     spent = store.call_totals(run_id)
     spent_usd, spent_tokens = sum(c["cost_usd"] for c in spent), sum(c["tokens"] for c in spent)
     if "budget_usd" in budgets and new.budget_usd is not None and new.budget_usd < spent_usd:
         raise ConfigError(f"a budget of {format_usd_exact(new.budget_usd)} (--budget-usd) is below what run {run_id} "
-                          "has already "
-                          f"spent, {format_usd_exact(spent_usd)}: a budget is for the whole run, so give more than "
-                          "that")
+                          f"has already spent, {format_usd_exact(spent_usd)}: a budget is for the whole run, so give "
+                          "more than that")
     if "budget_tokens" in budgets and new.budget_tokens is not None and new.budget_tokens < spent_tokens:
         raise ConfigError(f"a budget of {new.budget_tokens:,} tokens (--budget-tokens) is below what run {run_id} "
-                          "has already spent, "
-                          f"{spent_tokens:,} tokens: a budget is for the whole run, so give more than that")
+                          f"has already spent, {spent_tokens:,} tokens: a budget is for the whole run, so give more "
+                          "than that")
     refuse_unraised_budget(store.run(run_id), new)
     _record_change(store, run_id, config, new, list(budgets), "budget_changed")
     return new

@@ -435,8 +435,8 @@ def render_html(
     colours = palette(theme, background)
     where = where or layout(g)
     net = _network(g, where, colours, selected, inline=not assets)
-    looks = {other.name: _look(_network(g, where, other, selected, inline=not assets))
-             for other in (palette("light", background), palette("dark", background))}
+    other = palette("light" if colours.name == "dark" else "dark", background)
+    looks = {colours.name: _look(net), other.name: _look(_network(g, where, other, selected, inline=not assets))}
     page = net.generate_html()
     if _DRAW not in page:
         raise GraphRenderError("the pyvis template changed: cannot find where the network is drawn")

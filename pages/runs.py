@@ -96,12 +96,10 @@ def read_form(fields: dict) -> tuple[dict, list[tuple[str, str]]]:
     problems = []
     for name in NUMBERS:
         try:
-            if isinstance(options[name], str):
-                options[name] = parse_option(name, options[name], zero_is_none=name in NO_BUDGET)
+            options[name] = parse_option(name, options[name], zero_is_none=name in NO_BUDGET)
         except ConfigError as exc:
             problems.append((name, str(exc)))
             options[name] = None
-    options |= {name: options[name] or None for name in NO_BUDGET}
     options |= {f"{role}_model": (options[f"{role}_model"] or "").strip() for role in ROLES}
     try:
         make_config(**options)
@@ -214,7 +212,7 @@ def resume(run: Run) -> None:
     one its own retry settings stopped with the option its recovery names. The fields' text is read
     as typed (`parse_option`): one that is not a number refuses the resume by name."""
     new, problems = {}, []
-    for key in ("budget_usd", "budget_tokens", *RESUME_OPTIONS):
+    for key in (*NO_BUDGET, *RESUME_OPTIONS):
         text = st.session_state.get(f"{key}-{run.id}")
         if text is None:  # no such field on the page
             continue
@@ -225,12 +223,11 @@ def resume(run: Run) -> None:
     if problems:
         st.session_state["resume_error"] = "Resume refused: " + "; ".join(problems)
         return
-    new |= {key: new.get(key) or None for key in NO_BUDGET}  # empty or 0: the run's budget stays
-    try:
+    try:  # an empty or 0 budget is None: the run's stays
         resume_background(store, run.id, cache_path(), **{k: v for k, v in new.items() if v is not None})
     except AutodiffError as exc:  # the engine's words name flags; here the fields are what a person sees
         said = str(exc)
-        for key in ("budget_usd", "budget_tokens", *RESUME_OPTIONS):
+        for key in (*NO_BUDGET, *RESUME_OPTIONS):
             said = said.replace(f"--{key.replace('_', '-')}", resume_label(key))
         st.session_state["resume_error"] = f"Resume refused: {said}"
 
