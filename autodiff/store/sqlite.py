@@ -56,7 +56,7 @@ class SQLiteBackend:
         conn = sqlite3.connect(self.path, timeout=30)
         conn.row_factory = sqlite3.Row
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
+            _use_wal(conn)
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA foreign_keys=ON")
             with conn:
@@ -134,3 +134,17 @@ class SQLiteBackend:
 
     def mask(self, text: str) -> str:
         return text
+
+
+def _use_wal(conn: sqlite3.Connection, timeout: float = 30.0) -> None:
+    """Put the database in WAL mode unless it is already. Switching needs the file to itself, and
+    SQLite answers "database is locked" at once, not after its busy time-out, when several
+    processes open a new store together: the switch is tried again until `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
