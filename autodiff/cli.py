@@ -9,7 +9,6 @@ import json
 import math
 import os
 import shutil
-import shlex
 import signal
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from autodiff.config import RESUME_OPTIONS
 from autodiff.errors import AutodiffError
 from autodiff.exposure import exposure_warning
 from autodiff.records import Run
+from autodiff.recovery import resume_command, resume_option
 from autodiff.runner import default_cache_path
 from autodiff.store.spec import is_url, mask_secrets, resolve_spec
 from autodiff.samples import SAMPLE_STORE  # the bundled sample runs: a new store starts as a copy
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, Interrupted):
             store = args.opened_stores[-1]  # train and resume open one store: the run's
             print(f"interrupted ({exc.how}): run {exc.run_id} is stopped; continue with: "
-                  f"{_resume_command(store, exc.run_id)}", file=sys.stderr)
+                  f"{resume_command(exc.run_id, store)}", file=sys.stderr)
         else:
             print("interrupted", file=sys.stderr)
         return 130
@@ -361,30 +361,15 @@ def _stopped_exit(store, run_id: str) -> int:
     if (held := holders.holder(run)) is not None and not held.is_me():
         print(f"run {run_id} was taken over by {held.describe()}: this process left it to that one", file=sys.stderr)
         return 3
-    from autodiff.recovery import resume_option
-
     if run.error:
         print(f"run {run_id} stopped: {run.error}", file=sys.stderr)
-    command = _resume_command(store, run_id)
+    command = resume_command(run_id, store)
     if (run.error or "").startswith("budget"):  # the same budget would stop it again at once
         command += " " + _larger_budget(store, run)
     elif option := resume_option(run):  # its own retry settings stopped it: the same would again
         command += f" {option}"
     print(f"continue with: {command}", file=sys.stderr)
     return 3
-
-
-def _resume_command(store, run_id: str) -> str:
-    """`autodiff resume RUN`, with --store unless the store is the default (a password in its URL
-    shows as ***)."""
-    command = f"autodiff resume {shlex.quote(run_id)}"
-    try:
-        default = resolve_spec()
-    except AutodiffError:  # AUTODIFF_STORE says something unusable: name the store
-        default = None
-    if store.spec != default:
-        command += f" --store {shlex.quote(store.display)}"
-    return command
 
 
 def _larger_budget(store, run: Run) -> str:

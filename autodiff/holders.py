@@ -18,7 +18,6 @@ Runs a worker holds on a PostgreSQL store follow the queue's own rule first (see
 from __future__ import annotations
 
 import os
-import shlex
 import socket
 import time
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from typing import Literal
 
 from autodiff.errors import AutodiffError, ConfigError
 from autodiff.records import Run
+from autodiff.recovery import store_option
 
 Liveness = Literal["alive", "dead", "unknown"]
 # A process with the holder's pid that started this long after the run was taken is another one
@@ -125,7 +125,7 @@ def check(store, run: Run, *, force: bool = False) -> None:
 def refusal(run: Run, state: Liveness, store=None) -> str:
     """Why a second trainer may not take `run`, and what to do."""
     held = holder(run) or Holder(run.host, run.pid, run.held_since)
-    where = _store_option(store) if store is not None else ""
+    where = store_option(store) if store is not None else ""
     if state == "alive":
         return (f"run {run.id} is being trained by {held.describe()}: one run is trained by one process at a time. "
                 f"Stop it first (autodiff stop {run.id}{where}, or Ctrl-C where it runs), then resume it once it "
@@ -134,20 +134,6 @@ def refusal(run: Run, state: Liveness, store=None) -> str:
             f"trained by one process at a time. Stop it there (autodiff stop {run.id}{where}); if that process is "
             f"really gone (killed, its machine down), take the run over: autodiff resume {run.id}{where} --force "
             "(from Python: autodiff.resume(..., force=True))")
-
-
-def _store_option(store) -> str:
-    """' --store STORE' (password masked) for a command about `store`, unless it is the default one."""
-    from autodiff.store.spec import is_url, resolve_spec
-
-    try:
-        default = resolve_spec()
-    except AutodiffError:  # AUTODIFF_STORE is unusable: name the store
-        default = None
-    if store.spec == default or (store.backend == "sqlite" and default and not is_url(default)
-                                 and Path(default).resolve() == store.path.resolve()):
-        return ""
-    return f" --store {shlex.quote(store.display)}"
 
 
 def take(store, run_id: str, *, force: bool = False) -> Run:

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import math
 import re
+import shlex
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from autodiff.records import Run
@@ -65,7 +67,7 @@ _RULES: tuple[tuple[tuple[str, ...], Outlook, str], ...] = (
     (("api key", "authentication failed", "permission denied", "quota used up"), "fix_first",
      "Resuming fails the same way until the key or the account is fixed. A resumed run reads the key from "
      "the environment of the process that resumes it: set it where the dashboard was started and restart the "
-     "dashboard, then resume; or resume from a shell where it is set: autodiff resume {run_id}."),
+     "dashboard, then resume; or resume from a shell where it is set: {resume}."),
     (("option:",), "fix_first",
      "The model refused an option the run sends. Resuming fails the same way until that is changed (where "
      "model families are set: autodiff/llm/models.py); or start a new run without that option."),
@@ -81,28 +83,67 @@ _RULES: tuple[tuple[tuple[str, ...], Outlook, str], ...] = (
     (("fix the cause, then resume",), "fix_first",
      "Too many LLM calls or samples failed in one phase (the Curves page counts them by kind). Once the cause "
      "is gone (a server back up, a bug in your pipeline fixed), resume: the failed samples are asked again. If "
-     "some errors are acceptable, resume with a larger share allowed: autodiff resume {run_id} --max-error-share "
-     "0.25."),
+     "some errors are acceptable, resume with a larger share allowed: {resume} --max-error-share 0.25."),
 )
 
 
-def recovery(run: Run) -> Recovery | None:
-    """What to do about `run` (as `Store.runs`/`Store.run` give it), or None when it is not stopped
-    or failed. A stop without a stored reason is taken as resumable."""
+def store_option(store) -> str:
+    """' --store STORE' for a command about `store` (a Store), its password masked as ***; ''
+    when it is the default store (AUTODIFF_STORE, else runs.sqlite here), which needs no option."""
+    from autodiff.errors import AutodiffError
+    from autodiff.store.spec import is_url, resolve_spec
+
+    try:
+        default = resolve_spec()
+    except AutodiffError:  # AUTODIFF_STORE is unusable: name the store
+        default = None
+    if store.spec == default or (store.backend == "sqlite" and default and not is_url(default)
+                                 and Path(default).resolve() == store.path.resolve()):
+        return ""
+    return f" --store {shlex.quote(store.display)}"
+
+
+def resume_command(run_id: str, store=None, option: str = "") -> str:
+    """The shell command that resumes run `run_id` of `store` (a Store; None: the default store),
+    as a person types it: `autodiff resume RUN [--store STORE] [option]`. Built when shown, never
+    stored with the run, so it names the store the run is read from (a run copied to another store
+    included)."""
+    where = store_option(store) if store is not None else ""
+    return f"autodiff resume {shlex.quote(run_id)}{where}" + (f" {option}" if option else "")
+
+
+_BUDGET_FLAG = re.compile(r"--budget-(?:usd|tokens)\b")
+
+
+def budget_option(run: Run) -> str | None:
+    """The option of the budget a stopped run reached ("--budget-usd" or "--budget-tokens"), as
+    the trainer names it in the stop's reason ("budget: ...; resume it with a larger budget
+    (--budget-tokens)"), or None for a run not stopped by its budget."""
+    error = run.error or ""
+    if run.status != "stopped" or not error.startswith("budget"):
+        return None
+    return match.group(0) if (match := _BUDGET_FLAG.search(error)) else None
+
+
+def recovery(run: Run, store=None) -> Recovery | None:
+    """What to do about `run` (as `Store.runs`/`Store.run` give it) of `store` (named in the
+    commands the advice gives unless it is the default store), or None when it is not stopped or
+    failed. A stop without a stored reason is taken as resumable."""
     status, error = run.status, run.error or ""
     if status not in ("stopped", "failed"):
         return None
-    if error.startswith("budget"):
+    if flag := budget_option(run):
         return Recovery(status, error, "go", "The run stopped at its budget: give it a larger one (for the whole "
-                                             "run, what it spent included), then resume.", budget=True)
+                                             "run, what it spent included), then resume: "
+                                             f"{resume_command(run.id, store, flag + ' N')}.", budget=True)
     if (option := resume_option(run)) is not None:
         return Recovery(status, error, "go", f"{_OPTION_ADVICE[option.split()[0]]} Resume with {option}: "
-                        f"autodiff resume {run.id} {option}, or on the Runs page, whose Resume offers it.",
+                        f"{resume_command(run.id, store, option)}, or on the Runs page, whose Resume offers it.",
                         option=option)
     low = error.lower()
     for words, outlook, advice in _RULES:
         if any(w in low for w in words):
-            return Recovery(status, error, outlook, advice.format(run_id=run.id))
+            return Recovery(status, error, outlook, advice.format(resume=resume_command(run.id, store)))
     if status == "stopped":
         return Recovery(status, error, "go", "Resume goes on from its last completed step.")
     return Recovery(status, error, "fix_first",

@@ -19,6 +19,7 @@ from autodiff.llm.cache import ResponseCache, normalise_endpoint
 from autodiff.llm.client import RetryPolicy
 from autodiff.llm.types import Provider
 from autodiff.records import Run
+from autodiff.recovery import budget_option, resume_command
 from autodiff.store import Store
 from autodiff.tasks import load_task
 from autodiff.trainer import CallBuffer, Progress, Trainer, make_roles
@@ -204,14 +205,14 @@ def stop(store: Store, run_id: str) -> str:
     store.request_stop(run_id)
     if run.status == "running" and run_id in mark_dead_runs(store):
         return (f"run {run_id} had no process left to stop: {run.pid} on this machine is gone. It is marked "
-                f"stopped; resume it with autodiff resume {run_id}")
+                f"stopped; resume it with {resume_command(run_id, store)}")
     if run.status == "running":
         who = holders.holder(run)
         return (f"stop requested: run {run_id} stops after the work in progress, at its next step boundary "
                 f"({who.describe() if who else 'its process'} holds it); what it finished is kept")
     if run.status == "queued":
         return (f"stop requested: run {run_id} waits on the queue; the worker that takes it stops it at once "
-                f"(or resume it here: autodiff resume {run_id})")
+                f"(or resume it here: {resume_command(run_id, store)})")
     return f"stop requested: run {run_id} has not started training; it stops as soon as it starts"
 
 
@@ -341,13 +342,13 @@ def adopt_task(store: Store, run_id: str, task: Task, config: RunConfig) -> None
 def refuse_unraised_budget(run: Run, config: RunConfig) -> None:
     """Raise ConfigError when `run` stopped at a budget that `config` (what it would resume with)
     does not raise: it would stop again at once, having done nothing. The budget is the one the
-    stop names ("... resume with a larger budget: autodiff resume RUN --budget-tokens N")."""
+    stop names (`recovery.budget_option`)."""
     from autodiff.llm.pricing import format_usd_exact
 
-    named = re.search(r"(--budget-usd|--budget-tokens) N$", run.error or "")
-    if run.status != "stopped" or not (run.error or "").startswith("budget") or not named:
+    flag = budget_option(run)
+    if flag is None:
         return
-    option = named.group(1)[2:].replace("-", "_")
+    option = flag[2:].replace("-", "_")
     old, new = run.config.get(option), getattr(config, option)
     # What the call it stopped at would have brought the run to: less stops at that call again.
     reached = re.search(r"could bring the run to \$?([\d,.]+)", run.error or "")
@@ -362,7 +363,7 @@ def refuse_unraised_budget(run: Run, config: RunConfig) -> None:
     least = (f"at least {shown(need)}, what the call it stopped at needed" if need is not None and need > old
              else f"more than {shown(old)}")
     raise ConfigError(f"run {run.id} stopped at its budget of {shown(old)}; resumed with {given} it would stop again "
-                      f"at the same call: give a larger {named.group(1)} ({least}; more leaves room for the rest of "
+                      f"at the same call: give a larger {flag} ({least}; more leaves room for the rest of "
                       "the run)")
 
 

@@ -170,7 +170,7 @@ class Trainer:
             self.pool.shutdown(wait=True, cancel_futures=True)  # calls in flight finish and are recorded
             self.buffer.flush()
             flag = "--" + exc.option.replace("_", "-")
-            reason = f"{exc}; resume with a larger budget: autodiff resume {self.run_id} {flag} N"
+            reason = f"{exc}; resume it with a larger budget ({flag})"
             self.store.set_run_status(self.run_id, "stopped", error=reason)
             self.progress("stopped", {"reason": reason})
         except LLMFatalError as exc:

@@ -374,7 +374,7 @@ def run_problem(run: Run, here: bool = False) -> Recovery | None:
     """Why `run` stopped or failed and what to do (see autodiff.recovery), drawn as an error
     (failed) or a warning (stopped); nothing for a run that is going or completed. Every page of
     a run draws it first (through `require_run`); the Runs page (`here`) draws it above Resume."""
-    what = recovery(run)
+    what = recovery(run, current_store())
     if what is None:
         return None
     where = "below" if here else "on the **Runs** page"

@@ -25,6 +25,7 @@ from autodiff.recovery import recovery, stop_effect
 from autodiff.review import pending
 from autodiff.samples import SAMPLE_STORE
 from autodiff.store import Store
+from dashboard.common import md
 from tests.fake_runs import fake_run, responder
 from tests.test_dashboard_pages import open_page as pages_open_page
 
@@ -129,6 +130,8 @@ def test_every_page_of_a_failed_run_opens_on_its_error_and_what_to_do(ended, pag
     assert getattr(first, "value", None) == error.value, first
     assert "HTTP 401" in error.value and "OPENAI\\_API\\_KEY" in error.value
     assert "Resume is on the **Runs** page." in error.value
+    # the shell command it gives names the page's store, not the default one a shell would open
+    assert f"autodiff resume {md(ids['key'])} \\-\\-store {md(str(store.path))}" in error.value, error.value
 
 
 def test_the_runs_page_offers_resume_only_where_it_can_help(ended) -> None:

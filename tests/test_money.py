@@ -597,6 +597,13 @@ def test_after_a_budget_stop_the_cli_says_how_to_go_on_with_a_larger_budget(tmp_
     assert hint.startswith(f"continue with: autodiff resume cli-budget --store {store_path} --budget-tokens ")
     larger = int(hint.rsplit(" ", 1)[1])
     assert larger > 5100
+    # The stored reason names no command (a store copied elsewhere would carry a wrong --store);
+    # the advice every page shows builds it for the store the run is read from.
+    stopped = Store(store_path).run("cli-budget")
+    assert "autodiff resume" not in stopped.error and stopped.error.endswith("larger budget (--budget-tokens)")
+    from autodiff.recovery import recovery
+    assert f"autodiff resume cli-budget --store {store_path} --budget-tokens N" in \
+        recovery(stopped, Store(store_path)).advice
     spent = run_summary(Store(store_path), "cli-budget")["tokens"]
     assert main([*common, "resume", "cli-budget", "--budget-tokens", str(spent - 1)]) == 2
     err = capsys.readouterr().err
