@@ -201,10 +201,13 @@ def main(argv: list[str] | None = None) -> int:
             store.close()
 
 
-def _store(args):
-    from autodiff.store import open_store
+def _store(args, create: bool = True):
+    """The store `--store` names (else AUTODIFF_STORE, else the default), kept in `args` to be
+    closed. `create` False, for commands that only read or change existing runs: a SQLite file
+    that is not there is refused (StoreError naming the path), not made empty."""
+    from autodiff.store import Store
 
-    store = open_store(args.store)
+    store = Store(resolve_spec(args.store), create=create)
     args.opened_stores = [*getattr(args, "opened_stores", ()), store]
     return store
 
@@ -323,7 +326,7 @@ def cmd_store(args) -> int:
 def cmd_stop(args) -> int:
     from autodiff.runner import stop
 
-    print(stop(_store(args), args.run_id))
+    print(stop(_store(args, create=False), args.run_id))
     return 0
 
 
@@ -395,7 +398,7 @@ def _round_up(value: float, step: float) -> float:
 def cmd_resume(args) -> int:
     from autodiff.runner import resume
 
-    store = _store(args)
+    store = _store(args, create=False)
     run = store.run(args.run_id)
     from autodiff.progress import announce_changes
 
@@ -432,7 +435,7 @@ def cmd_runs(args) -> int:
     from autodiff.metrics import run_summary
     from autodiff.runner import mark_dead_runs
 
-    store = _store(args)
+    store = _store(args, create=False)
     mark_dead_runs(store)
     rows = [run_summary(store, r.id) for r in store.runs()]
     if not rows:
@@ -457,7 +460,7 @@ def cmd_show(args) -> int:
     from autodiff.metrics import (PHASES, context_window_failures, error_kinds, phase_figures, run_summary,
                                   step_figures)
 
-    store = _store(args)
+    store = _store(args, create=False)
     run = store.run(args.run_id)
     print(json.dumps(run_summary(store, args.run_id), indent=2, default=str))
     print("config:", json.dumps(run.config, indent=2))
@@ -494,9 +497,11 @@ def cmd_show(args) -> int:
 
     steps = step_figures(store, args.run_id)
     for row in steps:
+        errored = f" ({row['errored_batch']} errored)" if row["errored_batch"] else ""
+        batch = f"{row['failed']}/{row['batch']}{errored}"
         print(f"step {row['step']:>3}: val {score(row['val_score'], row['samples_errored_val'])} "
               f"test {score(row['test_score'], row['samples_errored_test'])} "
-              f"failed {row['failed']}/{row['batch']} tokens {format_tokens(row['tokens'], row['tokens_unknown'])}"
+              f"failed {batch} tokens {format_tokens(row['tokens'], row['tokens_unknown'])}"
               f"{cost_text(row)} proposals "
               f"{row['proposed']} accepted {row['accepted']}{fault_text(row['step'])}")
     for step in sorted(set(faults) - {row["step"] for row in steps}):  # e.g. preflight before step 0 began
@@ -524,14 +529,14 @@ def cmd_show(args) -> int:
 def cmd_export(args) -> int:
     from autodiff.export import export_run
 
-    print(json.dumps(export_run(_store(args), args.run_id), indent=2, ensure_ascii=False))
+    print(json.dumps(export_run(_store(args, create=False), args.run_id), indent=2, ensure_ascii=False))
     return 0
 
 
 def cmd_prompts(args) -> int:
     from autodiff import state
 
-    step, values = state.run_state(_store(args), args.run_id, "best" if args.step is None else args.step)
+    step, values = state.run_state(_store(args, create=False), args.run_id, "best" if args.step is None else args.step)
     if args.format == "md":
         print(state.to_markdown(values, title=f"{args.run_id}, step {step}"), end="")
     else:

@@ -66,6 +66,14 @@ class LLMFatalError(LLMError):
     kind = "fatal"
 
 
+class CallCancelled(BaseException):
+    """A call given up because its run was interrupted (Ctrl-C, SIGTERM): raised in the call's
+    thread from a retry wait or a wait for the endpoint (`EndpointLimiter.cancel`), so that the
+    process ends at once, not when the longest Retry-After is over. Not an error of the call or of
+    its sample (a BaseException: nothing catches it as one); the interrupted step is redone on
+    resume."""
+
+
 class TooManyErrors(AutodiffError):
     """The share of samples whose calls failed in one phase of a step passed the run's limit
     (`max_error_share`). The run stops cleanly with this reason and can be resumed; the failed

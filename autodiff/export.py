@@ -41,6 +41,10 @@ def export_run(store: Store, run_id: str) -> dict:
                                      if step == s.step},
             "cut_off_by_phase": {p: f[f"cut_off_{p}"] for p in PHASES},
             "samples_errored": {split: f[f"samples_errored_{split}"] for split in SPLITS},
+            # the training mini-batch: batch = correct + failing + errored; failing = sent_backward + over_cap
+            "minibatch": {"batch": f["batch"], "correct": f["correct"], "failing": f["failed"],
+                          "sent_backward": f["sent_backward"], "over_cap": f["over_cap"],
+                          "errored": f["errored_batch"]},
             "failed_samples": list(s.failed_samples),
         })
     costs = store.proposal_costs(run_id)

@@ -108,9 +108,20 @@ def call_user_code(where: str, sample_id: str, on_failure: Callable[[str], objec
         raise UserCodeError(where, sample_id, exc, details, note) from exc
 
 
+# Node calls one sample's forward pass may make (LLM and function nodes, every loop turn): a loop
+# that never ends is stopped here, as an error of that sample, instead of calling (and paying) on.
+MAX_NODE_CALLS = 500
+
+
+class NodeCallLimit(RuntimeError):
+    """forward() called more nodes on one sample than `Task.max_node_calls` allows."""
+
+
 @dataclass
 class Runtime:
-    """Everything one sample's forward pass needs, set explicitly by whoever runs the pipeline."""
+    """Everything one sample's forward pass needs, set explicitly by whoever runs the pipeline.
+    `max_node_calls`: node calls the sample may make; the next one raises UserCodeError (the
+    sample is an error: a loop in forward() that does not end)."""
 
     llm: LLM
     sample_id: str
@@ -120,10 +131,23 @@ class Runtime:
     overrides: Mapping[str, str] = field(default_factory=dict)
     trace: Trace | None = None
     proposal_id: str | None = None  # the proposal whose value is being scored (validation)
+    max_node_calls: int = MAX_NODE_CALLS
     _counts: Counter = field(default_factory=Counter)
+    _calls: int = 0
 
     def value_of(self, parameter: Parameter) -> str:
         return self.overrides.get(parameter.name, parameter.value)
+
+    def admit(self, node: str) -> None:
+        """Count a call of `node` about to run; past `max_node_calls`, raise UserCodeError before
+        it runs (and before an LLM node sends its request)."""
+        self._calls += 1
+        if self._calls > self.max_node_calls:
+            limit = NodeCallLimit(
+                f"forward() called nodes {self.max_node_calls:,} times on this sample, the limit, and then "
+                f"{node!r} once more (not run): a loop that does not end? If the pipeline really needs more "
+                "calls, raise the limit: Task(..., max_node_calls=N)")
+            raise UserCodeError("forward()", self.sample_id, limit, describe_exception(limit))
 
     def record(self, **fields: Any) -> Invocation:
         node = fields["node"]
@@ -181,6 +205,7 @@ class FunctionNode:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Value:
         rt = current_runtime()
+        rt.admit(self.name)
         names = self._arg_names
         refs = [_input_ref(names[i] if i < len(names) else f"arg{i}", a) for i, a in enumerate(args)]
         refs += [_input_ref(k, v) for k, v in kwargs.items()]
@@ -275,6 +300,7 @@ class LLMNode:
 
     def __call__(self, **inputs: Any) -> Value:
         rt = current_runtime()
+        rt.admit(self.name)
         prompt = self.render(rt, inputs)
         ctx = CallContext(
             run_id=rt.run_id, step=rt.step, phase=rt.phase, node=self.name, sample_id=rt.sample_id,

@@ -109,10 +109,33 @@ def process_started_at(pid: int) -> float | None:
         return None
 
 
+# An interrupted trainer (Ctrl-C, SIGTERM) records its run as stopped once its own calls are over;
+# its process then still has to end (stores closed, the interpreter's exit: seconds, longer on a
+# busy machine). For this long after such a stop, another trainer on its machine waits for it.
+STOPPING_GRACE_S = 60.0
+
+
+def still_ending(run: Run, backend: str) -> bool:
+    """Whether `run` was stopped by an interrupt less than `STOPPING_GRACE_S` ago and the process
+    that trained it, on this machine and not this one, is still alive (see `liveness`)."""
+    if run.status != "stopped" or not (run.error or "").startswith("interrupted ("):
+        return False
+    if not run.updated_at or time.time() - run.updated_at > STOPPING_GRACE_S:
+        return False
+    if run.host != this_host() or run.pid == os.getpid():
+        return False
+    return liveness(run, backend) == "alive"
+
+
 def check(store, run: Run, *, force: bool = False) -> None:
     """Refuse (ConfigError) to train `run` here while another process holds it and may be
     alive: on this host a process that still runs; on another host (or one not recorded) any,
-    unless `force`. Takes nothing: see `take`, which also checks, atomically."""
+    unless `force`; and, on this host, a process an interrupt stopped it in that has not ended
+    yet (`still_ending`). Takes nothing: see `take`, which also checks, atomically."""
+    if still_ending(run, store.backend):
+        raise ConfigError(f"run {run.id} was just interrupted in process {run.pid} on this machine, which is still "
+                          "ending: resume it once that process has exited (a few seconds), so that no call of "
+                          "the two processes overlaps")
     held = holder(run)
     if held is None or held.is_me():
         return

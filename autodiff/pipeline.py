@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
-from autodiff.errors import BudgetExceeded, ConfigError, DataError, LLMError, LLMFatalError
+from autodiff.errors import BudgetExceeded, ConfigError, DataError, LLMError, LLMFatalError, LLMTransientError
 from autodiff.graph import (
-    FunctionNode, LLMNode, Loss, Runtime, UserCodeError, Value, activate, deactivate, failure_details, to_text,
+    MAX_NODE_CALLS, FunctionNode, LLMNode, Loss, Runtime, UserCodeError, Value, activate, deactivate, failure_details,
+    to_text,
 )
 from autodiff.llm.client import LLM, RetryPolicy
 from autodiff.llm.fake import FakeProvider
@@ -163,6 +164,9 @@ class Task:
     input_keys: tuple[str, ...] = ("question",)
     tau: float = 1.0
     metrics: dict[str, Callable[[Any, Any], float]] = field(default_factory=dict)
+    # Node calls one sample's forward pass may make; more is an error of that sample (a loop
+    # that does not end), not calls paid for ever (graph.MAX_NODE_CALLS).
+    max_node_calls: int = MAX_NODE_CALLS
 
     def __post_init__(self) -> None:
         if isinstance(self.input_keys, str):  # input_keys="question" means one key, not eight letters
@@ -192,7 +196,7 @@ def run_sample(
     BudgetExceeded propagate: they must stop the run."""
     trace = Trace(sample_id=sample["id"])
     rt = Runtime(llm=llm, sample_id=sample["id"], run_id=run_id, step=step, phase=phase,
-                 overrides=overrides or {}, trace=trace, proposal_id=proposal_id)
+                 overrides=overrides or {}, trace=trace, proposal_id=proposal_id, max_node_calls=task.max_node_calls)
     gold = to_text(task.gold(sample))
     prediction: Value | None = None
     token = activate(rt)
@@ -213,6 +217,15 @@ def run_sample(
         deactivate(token)
     errors = [i.error for i in trace.invocations if i.error]
     return trace, Evaluation(sample["id"], to_text(prediction.data), gold, score, "; ".join(errors) or None)
+
+
+def may_pass(evaluation: Evaluation) -> bool:
+    """Whether `evaluation` (as `run_sample` made it) errored on a fault that may go away when the
+    sample is asked again: a provider's rate limit, server error, time-out, dropped connection or
+    garbage body that outlasted the call's retries (LLMTransientError). Not an empty reply, a
+    prompt too long for the context window or an error of your code: asked again, they come back
+    the same (and are paid again)."""
+    return evaluation.errored and (evaluation.error or "").startswith(f"{LLMTransientError.__name__}:")
 
 
 def _forward(pipeline: Pipeline, sample: dict) -> Any:
@@ -349,7 +362,29 @@ def _sample_problems(task: Task, split: str, i: int, sample: Any, seen: dict[str
         if key not in sample:
             out.append(f"{where} has no {key!r} (one of input_keys): set input_keys= to the keys forward() "
                        f"reads (its keys: {keys})")
+    for path, text in _unencodable(sample):
+        out.append(f"{where}: {path} is not valid Unicode text ({text!r} holds a lone surrogate, as bytes that "
+                   "were not UTF-8 decode to with errors='surrogateescape'): read the file with its real encoding, "
+                   "or decode with errors='replace'")
     return out
+
+
+def _unencodable(value: Any, path: str = "") -> Iterator[tuple[str, str]]:
+    """(where, the text) for each string in `value` (a sample: dicts, lists and tuples followed)
+    that cannot be written as UTF-8, which the store, the response cache and every provider need;
+    where is a key path such as "'passages'[2]" ("key" for a dict key)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            yield path or "the value", value[:40]
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _unencodable(key, f"{path}{key!r} (key)")
+            yield from _unencodable(item, f"{path}{key!r}")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from _unencodable(item, f"{path}[{i}]")
 
 
 CHECK_REPLY = "ok"  # what every LLM node hears in check_connected's dry run
@@ -378,7 +413,8 @@ def check_connected(task: Task) -> None:
         return
     llm = LLM("fake:check", FakeProvider(CHECK_REPLY), retry=RetryPolicy(attempts=1, initial_wait=0, max_wait=0))
     trace = Trace(sample_id=sample["id"])
-    token = activate(Runtime(llm=llm, sample_id=sample["id"], phase="check", trace=trace))
+    token = activate(Runtime(llm=llm, sample_id=sample["id"], phase="check", trace=trace,
+                             max_node_calls=task.max_node_calls))
     try:
         output = _forward(task.pipeline, sample)
     except LLMFatalError:

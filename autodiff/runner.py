@@ -62,13 +62,38 @@ def task_for(config: RunConfig, task: Task | None = None) -> Task:
     return task if task is not None else load_task(config.task, config.task_args)
 
 
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_new_run_id(store: Store, run_id: str | None) -> None:
+    """Raise ConfigError unless `run_id` can name a new run of `store`: None (a new id is made
+    from the task's name and the time), or 1-128 letters, digits, '.', '_' and '-', starting with a
+    letter or digit (the id names files and appears in shell commands), not taken by a run of the
+    store. A new run under a taken id would write into that run: its steps, scores and calls mixed
+    with another task's or config's, under the old run's config."""
+    if run_id is None:
+        return
+    if not RUN_ID.fullmatch(run_id):
+        raise ConfigError(f"run id {run_id!r} is not usable: give 1-128 letters, digits, '.', '_' or '-', starting "
+                          "with a letter or digit, or none (a new id is made from the task's name and the time)")
+    try:
+        run = store.run(run_id)
+    except StoreError:
+        return
+    raise ConfigError(f"run id {run_id} is taken: this store already holds run {run_id} (task {run.task}, "
+                      f"{run.status}). To go on with that run: {resume_command(run_id, store)}. For a new run, give "
+                      "another run id, or none (a new id is made from the task's name and the time)")
+
+
 def train(
     store: Store, config: RunConfig, *, task: Task | None = None, run_id: str | None = None,
     cache_path: Path | None = None, providers: dict[str, Provider] | None = None,
     progress: Progress | None = None, retry: RetryPolicy | None = None, use_cache: bool = True,
 ) -> str:
     """Train a new run of `task` (or of the task `config.task` names) to the end, in this
-    process; returns the run id. See `Trainer.train` for how a run ends."""
+    process; returns the run id. Raises ConfigError for a `run_id` that cannot name a new run
+    (`check_new_run_id`), before anything is written. See `Trainer.train` for how a run ends."""
+    check_new_run_id(store, run_id)
     return train_here(prepare(task_for(config, task), config, store, run_id=run_id, cache_path=cache_path,
                               providers=providers, progress=progress, retry=retry, use_cache=use_cache))
 
@@ -100,7 +125,9 @@ def train_here(trainer: Trainer) -> str:
 def create(store: Store, config: RunConfig, *, task: Task | None = None, run_id: str | None = None,
            cache_path: Path | None = None, providers: dict[str, Provider] | None = None) -> str:
     """Check the task (data, names, a forward() connected to its parameters), models and keys,
-    and write the run to the store without starting it. Raises ConfigError or DataError."""
+    and write the run to the store without starting it. Raises ConfigError (a `run_id` that
+    cannot name a new run among them: `check_new_run_id`) or DataError."""
+    check_new_run_id(store, run_id)
     task = task_for(config, task)
     check_connected(task)
     return prepare(task, config, store, run_id=run_id, cache_path=cache_path, providers=providers).register()
@@ -159,6 +186,7 @@ def resume_background(store: Store, run_id: str, cache_path: Path | None = None,
         raise ConfigError(holders.refusal(run, holders.liveness(run, store.backend), store))
     if status in ("completed", "queued"):
         raise ConfigError(f"run {run_id} is {status}; only a stopped or failed run can be resumed")
+    holders.check(store, run)  # a process an interrupt just stopped it in may not have ended yet
     budgets = {k: v for k, v in (("budget_usd", budget_usd), ("budget_tokens", budget_tokens)) if v is not None}
     config = make_config(**run.config)
     config = set_budget(store, run_id, config, **budgets)

@@ -11,6 +11,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Callable, Sequence
 
 from autodiff import holders
@@ -29,7 +30,7 @@ from autodiff.llm.registry import check_model, make_provider, provider_of
 from autodiff.llm.types import CallContext, Provider
 from autodiff.optimizer import HistoryEntry, Optimizer, OptimizerInput
 from autodiff.parameter import Parameter
-from autodiff.pipeline import Task, check_connected, check_splits
+from autodiff.pipeline import Task, check_connected, check_splits, may_pass
 from autodiff.review import REVIEW_WAIT
 from autodiff.records import Evaluation, Gradient, LLMCall, Proposal, Trace
 from autodiff.scoring import mean_score, run_samples
@@ -101,7 +102,12 @@ def make_roles(
 
 
 def new_run_id(task: str) -> str:
-    safe = "".join(c if c.isalnum() else "-" for c in task.rsplit(":", 1)[-1])[:24]
+    """A new run id for task `task` (a name as RunConfig.task holds it): the task's own name
+    (a `file.py:factory` task by its file, a `module:factory` one by its module's last part),
+    the time and 4 random hex digits: "retrieve-answer-20261202-141503-9f2c"."""
+    where, _, _factory = task.rpartition(":")
+    name = (Path(where).stem if where.endswith(".py") else where.rsplit(".", 1)[-1]) if where else task
+    safe = "".join(c if c.isalnum() else "-" for c in name)[:24].strip("-") or "run"
     return f"{safe}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
@@ -120,7 +126,7 @@ class Trainer:
         self.tau = config.tau if config.tau is not None else task.tau
         self.optimizer = Optimizer(roles.optimizer, n_proposals=config.proposals, lenient=config.lenient_proposals,
                                    max_tokens=config.optimizer_max_tokens)
-        self.pool = ThreadPoolExecutor(max_workers=config.concurrency)
+        self.pool = ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix=f"autodiff-{self.run_id}")
         self.val = task.splits["val"][: config.val_limit]
         self.test = task.splits["test"][: config.test_limit]
         self.best_val: float | None = None  # mean over scored samples; None while none was scored
@@ -178,7 +184,13 @@ class Trainer:
             self.store.set_run_status(self.run_id, "failed", error=str(exc))
             raise
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM as the CLI raises it: a stop, not a failure
-            self.pool.shutdown(wait=False, cancel_futures=True)  # a queued call must not outlive the run
+            # Calls waiting (a Retry-After, a pause, a free slot) give up now; those queued never
+            # start. The run says stopped only once no call of this process is left: until then
+            # it is still held, so a resume elsewhere is refused rather than run beside them.
+            roles = (self.roles.forward, self.roles.backward, self.roles.optimizer)
+            for limiter in {id(llm.limiter): llm.limiter for llm in roles}.values():
+                limiter.cancel()
+            self.pool.shutdown(wait=True, cancel_futures=True)
             self.buffer.flush()
             self._interrupted(str(exc.args[0]) if exc.args else "Ctrl-C")
             raise
@@ -499,8 +511,10 @@ class Trainer:
         self, step: int, param: Parameter, proposal: Proposal, minibatch: list[dict], baseline: dict[str, float],
     ) -> tuple[bool, dict[str, float]]:
         """Two stages: the mini-batch, then validation (stopping early once the proposal cannot
-        win). Comparisons use only samples scored on both sides; a stage with too many errored
-        samples decides nothing: the proposal is marked "error" and the run stops (TooManyErrors)."""
+        win). A sample errored on either side counts at both extremes of its unknown score
+        (`judge`); a stage the errors could decide, or with too many of them, decides nothing: the
+        proposal is marked "error" and the run stops (TooManyErrors), to be resumed once the
+        cause is gone (the step is redone, its calls asked again)."""
         overrides = {param.name: proposal.value}
         review_all = self.config.review == "all"
         mb = self.evaluate(minibatch, overrides, phase="validate", step=step, proposal_id=proposal.id)
@@ -634,12 +648,26 @@ class Trainer:
 
     def evaluate(self, samples: Sequence[dict], overrides: dict[str, str], *, phase: str, step: int,
                  stop_when=None, proposal_id: str | None = None) -> list[Evaluation]:
-        """Score samples under `overrides` (see autodiff.scoring.run_samples); errored samples
-        come back with score None. `proposal_id` tags the calls with the proposal being scored."""
-        return [e for _, e in run_samples(self.task, samples, self.roles.forward, self.pool,
-                                          window=self.config.concurrency, run_id=self.run_id, step=step,
-                                          phase=phase, overrides=overrides, stop_when=stop_when,
-                                          proposal_id=proposal_id)]
+        """Score samples under `overrides` (see autodiff.scoring.run_samples). A sample that
+        errored on a fault that may pass (`may_pass`: a rate limit or server fault that outlasted
+        its call's retries) is asked once more after the others, so that a passing fault leaves no
+        hole in a comparison (`judge`), unless more than the allowed share of the samples errored
+        (an outage: the run stops, and a resume asks again). An errored sample comes back with
+        score None; every attempt's calls are recorded. `proposal_id` tags the calls with the
+        proposal being scored."""
+        def scored(batch: Sequence[dict], stop=None) -> list[Evaluation]:
+            return [e for _, e in run_samples(self.task, batch, self.roles.forward, self.pool,
+                                              window=self.config.concurrency, run_id=self.run_id, step=step,
+                                              phase=phase, overrides=overrides, stop_when=stop,
+                                              proposal_id=proposal_id)]
+
+        evals = scored(samples, stop_when)
+        by_id = {s["id"]: s for s in samples}
+        holes = [by_id[e.sample_id] for e in evals if may_pass(e)]
+        if not holes or sum(e.errored for e in evals) > self.config.max_error_share * len(evals):
+            return evals
+        again = {e.sample_id: e for e in scored(holes)}
+        return [again.get(e.sample_id, e) for e in evals]
 
     def _history(self, param: Parameter) -> list[HistoryEntry]:
         versions = self.store.parameter_versions(self.run_id, param.name)

@@ -46,6 +46,34 @@ def test_unknown_task_is_named(store: Store, tmp_path: Path, existing: dict) -> 
     _assert_untouched(store, existing)
 
 
+def test_a_task_file_that_does_not_import_is_one_error_naming_file_and_line(store: Store, tmp_path: Path,
+                                                                          existing: dict) -> None:
+    broken = tmp_path / "broken.py"
+    broken.write_text("import os\n\ndef load(:\n    pass\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=rf"task file {broken} failed to import: SyntaxError at {broken}:3:10: "):
+        _train(store, tmp_path, task=f"{broken}:load")
+    raising = tmp_path / "raising.py"
+    raising.write_text("X = {}\nY = X['missing']\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=rf"failed to import: KeyError: 'missing' \(at {raising}:2\)"):
+        _train(store, tmp_path, task=f"{raising}:load")
+    _assert_untouched(store, existing)
+
+
+def test_a_run_id_that_is_taken_or_unusable_is_refused_before_anything_is_written(store: Store, tmp_path: Path,
+                                                                                existing: dict) -> None:
+    """A new run under the id of a stored run would write its steps and calls into that run."""
+    with pytest.raises(ConfigError, match="run id kept is taken: this store already holds run kept "
+                                          r"\(task .*, completed\)\. To go on with that run: autodiff resume kept"):
+        runner.train(store, make_config(**TOY_DEFAULTS), run_id="kept", cache_path=tmp_path / "cache.sqlite",
+                     retry=FAST_RETRY)
+    with pytest.raises(ConfigError, match="run id kept is taken"):
+        runner.create(store, make_config(**TOY_DEFAULTS), run_id="kept", cache_path=tmp_path / "cache.sqlite")
+    for bad in ("", "a b/../c", "-x", ".hidden", "x" * 129, "tab\there"):
+        with pytest.raises(ConfigError, match="is not usable: give 1-128 letters"):
+            runner.train(store, make_config(**TOY_DEFAULTS), run_id=bad, cache_path=tmp_path / "cache.sqlite")
+    _assert_untouched(store, existing)
+
+
 def test_malformed_dataset_line_names_file_and_line(tmp_path: Path) -> None:
     path = tmp_path / "data.jsonl"
     path.write_text('{"question": "q1", "answer": "1"}\n\n{"question": "q2", "answer": \n', encoding="utf-8")

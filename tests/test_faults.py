@@ -4,7 +4,11 @@ a failure is never replayed from the cache. Toy task and scripted fake: see conf
 
 from __future__ import annotations
 
+import re
 import threading
+import time
+
+import pytest
 
 from autodiff import runner
 from autodiff.errors import LLMTransientError
@@ -95,6 +99,88 @@ def test_comparisons_use_only_samples_scored_on_both_sides(run_toy) -> None:
     assert p.val_score == 1.0 and abs(p.val_baseline - 5 / 9) < 1e-9
 
 
+def test_a_sample_a_passing_fault_spoiled_is_asked_again_before_the_proposal_is_judged(run_toy) -> None:
+    # The candidate's call on one validation sample outlasts its retries once; asked again after
+    # the others, it answers: the proposal is judged on all 10 samples, as without the fault.
+    failed = []
+
+    def forward(prompt: str):
+        if "digit by digit" in prompt and f"What is {_val_question(9)}?" in prompt \
+                and len(failed) < FAST_RETRY.attempts:  # every attempt of the first call
+            failed.append(prompt)
+            return LLMTransientError("HTTP 503: overloaded", kind="server")
+        return toy_forward(prompt)
+
+    run = run_toy(Script(forward=forward, proposals={"toy.instruction": [proposal(BETTER)]}))
+    p = run.proposals("toy.instruction")[0]
+    assert failed and p.fate == "accepted" and "on 10 samples scored on both sides" in p.reason
+    asked = [c for c in run.calls("validate") if c.sample_id == "val-09" and c.proposal_id == p.id]
+    assert [bool(c.error) for c in asked] == [True, False]  # both asks recorded, the failed one as an error
+
+
+def test_a_fault_that_could_flip_the_decision_decides_nothing(run_toy) -> None:
+    # The current value (LEVEL=1) is right on val-00..04. The candidate is right on every training
+    # sample (it passes the mini-batch), on val-01..05, and fails on val-00 with a fault that does
+    # not pass. Scored on the other 9 it looks better (5/9 against 4/9); with val-00 at 0 it ties
+    # (5/10 against 5/10). The fault could decide it: not judged, and the run stops, resumable.
+    candidate = INSTRUCTION + " CANDIDATE"
+
+    def forward(prompt: str):
+        if "CANDIDATE" not in prompt:
+            return toy_forward(prompt)
+        if "[split train]" in prompt or f"What is {_val_question(5)}?" in prompt:
+            a, b = map(int, re.search(r"What is (\d+) \+ (\d+)\?", prompt.rsplit("Question: ", 1)[-1]).groups())
+            return f"Answer: {a + b}"
+        if f"What is {_val_question(0)}?" in prompt:
+            return LLMTransientError("HTTP 503: overloaded", kind="server")
+        return toy_forward(prompt)
+
+    run = run_toy(Script(forward=forward, proposals={"toy.instruction": [proposal(candidate)]}), max_error_share=0.2)
+    p = run.proposals("toy.instruction")[0]
+    assert p.fate == "error" and "could decide it either way" in p.reason, (p.fate, p.reason)
+    assert run.record.status == "stopped" and run.values()["toy.instruction"] == INSTRUCTION
+    # Asked twice (the second ask after the other samples), then left undecided.
+    assert len([c for c in run.calls("validate") if c.sample_id == "val-00" and c.proposal_id == p.id]) == 2
+
+
+def test_judge_decides_only_what_the_errored_samples_cannot_change() -> None:
+    """The tester's case: 12 validation samples, the current value right on 5. The candidate
+    errs (a fault) on one the current value gets right, and is right on one more elsewhere.
+    Scored on the other 11 it looks better (5/11 against 4/11); with the errored sample at 0 it
+    ties (5/12 against 5/12). The fault could decide it: not judged."""
+    base = {f"s{i}": float(i < 5) for i in range(12)}
+    cand = [Evaluation("s0", "", "", None, "LLMTransientError: HTTP 503")]
+    cand += [Evaluation(f"s{i}", "", "", float(1 <= i < 6)) for i in range(1, 12)]
+    j = judge(cand, base, Rule(max_error_share=0.1), stage="validation")
+    assert not j.decided and not j.better and "could decide it either way" in j.reason
+    assert (j.paired, round(j.score, 3), round(j.baseline, 3)) == (11, 0.455, 0.364)
+    # Right on two more: better even with the errored sample at its worst: judged better.
+    cand[-2:] = [Evaluation("s10", "", "", 1.0), Evaluation("s11", "", "", 1.0)]
+    j = judge(cand, base, Rule(max_error_share=0.1), stage="validation")
+    assert j.decided and j.better and "whatever its 1 errored samples would have scored" in j.reason
+    # Worse even with it at its best: judged not better.
+    worse = [Evaluation("s0", "", "", None, "x")] + [Evaluation(f"s{i}", "", "", 0.0) for i in range(1, 12)]
+    j = judge(worse, base, Rule(max_error_share=0.1), stage="validation")
+    assert j.decided and not j.better
+    # An errored sample of the current value counts the same way.
+    j = judge([Evaluation(f"s{i}", "", "", float(i < 5)) for i in range(12)], base | {"s0": None},
+              Rule(max_error_share=0.1), stage="validation")
+    assert not j.decided and "could decide it either way" in j.reason
+
+
+def test_out_of_reach_counts_errored_samples_at_their_best() -> None:
+    base = {"a": 1.0, "b": 1.0, "c": 0.0}
+    rule = Rule(min_gain=0.0, max_error_share=0.5)
+    # a: the candidate ties; b: it errored, and could have been a win over... nothing: b's current
+    # value is right, so at best a tie; c still to come could win: not out of reach.
+    assert not out_of_reach([Evaluation("a", "", "", 1.0), Evaluation("b", "", "", None, "x")], ["c"], base, rule, 3)
+    # With c done and lost, nothing can raise the gain above 0: out of reach.
+    done = [Evaluation("a", "", "", 1.0), Evaluation("b", "", "", None, "x"), Evaluation("c", "", "", 0.0)]
+    assert out_of_reach(done, [], base, rule, 3)
+    # An errored sample whose current value is wrong could be a win: not out of reach.
+    assert not out_of_reach([Evaluation("a", "", "", 1.0), Evaluation("c", "", "", None, "x")], [], base, rule, 3)
+
+
 def test_errored_forward_samples_are_not_sent_backward(run_toy) -> None:
     flaky = "What is 14 + 25?"  # train-04, a sample the toy model gets wrong
 
@@ -158,3 +244,36 @@ def test_a_validation_with_no_sample_scored_is_no_score(run_toy) -> None:
                   run_id="unscored", max_error_share=1.0, steps=1)
     steps = run.store.steps("unscored")
     assert steps[0].val_score is None and steps[0].test_score is None  # never shown as 0
+
+
+def test_an_interrupt_ends_calls_waiting_out_a_retry_after_at_once(store, tmp_path) -> None:
+    """Ctrl-C (or SIGTERM) while calls wait out a server's 30 s Retry-After: they give up at once
+    (the process does not live on until the wait is over), and the run says stopped only once no
+    call of it is left, so a resume cannot start beside them."""
+    import os
+    import signal
+
+    from autodiff.config import make_config
+    from autodiff.llm.client import RetryPolicy
+    from autodiff.llm.fake import FakeProvider
+    from conftest import TOY_DEFAULTS
+
+    def forward(prompt: str):
+        if "Reply with the word OK" in prompt:
+            return "OK"  # the preflight probe passes; then every call is rate-limited
+        return LLMTransientError("HTTP 429: rate limited", kind="rate_limit", retry_after=30)
+
+    timer = threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGINT))  # Ctrl-C
+    timer.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            runner.train(store, make_config(**TOY_DEFAULTS), run_id="waiting", cache_path=tmp_path / "cache.sqlite",
+                         providers={"fake": FakeProvider(Script(forward=forward))},
+                         retry=RetryPolicy(budget_s=120, initial_wait=0, max_wait=0))
+    finally:
+        timer.cancel()
+    assert time.monotonic() - started < 10  # not the 30 s Retry-After
+    assert not [t for t in threading.enumerate() if t.name.startswith("autodiff-waiting")]  # no call left
+    run = store.run("waiting")
+    assert run.status == "stopped" and run.error.startswith("interrupted (")

@@ -56,6 +56,34 @@ def test_transient_errors_beyond_the_attempts_give_up() -> None:
     assert "gave up after 3 attempts" in call.error and call.response is None
 
 
+def test_a_retry_after_longer_than_any_wait_gives_up_at_once_and_says_what_was_asked() -> None:
+    """A server asking for a day (a daily quota) is not waited for, even with a retry budget that
+    would cover the longest wait a call makes; the error says what the server asked and suggests
+    no retry budget (none would help)."""
+    from autodiff.llm.sdk_errors import MAX_RETRY_AFTER
+    from autodiff.records import Run
+    from autodiff.recovery import resume_option
+
+    provider = FakeProvider([LLMTransientError("HTTP 429: quota", kind="rate_limit", retry_after=100_000), "never"])
+    llm = LLM("fake:m", provider, retry=RetryPolicy(budget_s=2 * MAX_RETRY_AFTER, initial_wait=0, max_wait=0))
+    started = time.monotonic()
+    with pytest.raises(LLMTransientError) as raised:
+        llm.complete("hi", CTX)
+    assert time.monotonic() - started < 5 and provider.calls == 1
+    said = str(raised.value)
+    assert "asked to wait 100000 s (27.8 h), longer than a call ever waits (600 s)" in said, said
+    assert "--retry-budget" not in said
+    run = Run(id="r", task="t", config={}, status="stopped", error=f"step 1: 1 of 1 calls failed: {said}",
+              created_at=0.0, updated_at=0.0, stop_requested=False, pid=None)
+    assert resume_option(run) is None  # no retry budget to suggest
+    # Another call of the endpoint meets the pause that 429 set: it says the same, not a capped wait.
+    other = LLM("fake:m", FakeProvider(["fine"]), limiter=llm.limiter,
+                retry=RetryPolicy(budget_s=300, initial_wait=0, max_wait=0))
+    with pytest.raises(LLMTransientError, match=r"asked to wait (99\d\d\d|100000) s \(27\.\d h\), longer than a call ever"):
+        other.complete("hi", CTX)
+    assert "--retry-budget" not in str(raised.value) and time.monotonic() - started < 5
+
+
 def test_fatal_error_is_not_retried() -> None:
     provider = FakeProvider([LLMFatalError("HTTP 401: bad key"), "never"])
     llm, calls = _llm(provider)

@@ -82,6 +82,33 @@ def test_a_second_trainer_is_refused_while_a_process_of_this_host_trains_the_run
     assert f"from process {sleeper.pid} on host {holders.this_host()}" in event.text and "gone" in event.text
 
 
+def test_a_run_just_interrupted_waits_for_its_process_to_end(store, stopped_run, tmp_path, monkeypatch):
+    """Ctrl-C or SIGTERM: the trainer records the run stopped once its calls are over, and its
+    process then still has to exit. A resume meanwhile (from a shell, the dashboard, a worker)
+    is refused, the run untouched; once that process is gone, or the stop is old, it goes on."""
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert store.hold_run(stopped_run, holders.this_host(), sleeper.pid)
+        store.set_run_status(stopped_run, "stopped", error="interrupted (SIGTERM) after step 1; resume goes on from "
+                                                          "step 2, redoing any part of it already done")
+        before = store.run(stopped_run)
+        for attempt in (lambda: _resume(store, stopped_run, tmp_path),
+                        lambda: runner.resume_background(store, stopped_run, tmp_path / "cache.sqlite")):
+            with pytest.raises(ConfigError, match=f"just interrupted in process {sleeper.pid} on this machine, which is "
+                                                  "still ending"):
+                attempt()
+        assert store.run(stopped_run) == before
+        later = time.time() + holders.STOPPING_GRACE_S + 1
+        monkeypatch.setattr(holders.time, "time", lambda: later)
+        assert not holders.still_ending(store.run(stopped_run), store.backend)  # an old stop: its process is not ours
+        monkeypatch.undo()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert not holders.still_ending(store.run(stopped_run), store.backend)
+    assert _resume(store, stopped_run, tmp_path) == stopped_run and store.run(stopped_run).status == "completed"
+
+
 def test_a_holder_on_another_host_is_refused_with_how_to_take_over(store, stopped_run, tmp_path, capsys):
     store.hold_run(stopped_run, ELSEWHERE, 4242)
     since = store.run(stopped_run).held_since

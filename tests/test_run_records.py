@@ -115,7 +115,7 @@ def test_the_export_keeps_its_keys_and_their_order(exported) -> None:
          "cost_by_phase",
          "cost_unknown_by_phase", "redone", "tokens", "cost_usd", "savings", "errors_by_phase",
          "error_kinds_by_phase", "cut_off_by_phase",
-         "samples_errored", "failed_samples"]] * len(doc["steps"])
+         "samples_errored", "minibatch", "failed_samples"]] * len(doc["steps"])
     run = store.run(run_id)
     assert (doc["run"]["id"], doc["run"]["task"], doc["run"]["config"], doc["run"]["status"],
             doc["run"]["created_at"]) == (run.id, run.task, run.config, run.status, run.created_at)

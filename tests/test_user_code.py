@@ -53,7 +53,7 @@ def fussy_match(prediction: str, gold: str) -> float:
     return exact_match(prediction, gold)
 
 
-def test_a_metric_raising_on_one_sample_marks_it_errored_and_the_run_completes(store, tmp_path) -> None:
+def test_a_metric_raising_on_one_sample_marks_it_errored_and_the_run_completes(store, tmp_path, capsys) -> None:
     base = toy_task()
     task = Task("toy", ToyAdder(), Loss(fussy_match, "fussy"), base.splits, tau=1.0)
     better = INSTRUCTION.replace("LEVEL=1", "LEVEL=3")
@@ -83,6 +83,18 @@ def test_a_metric_raising_on_one_sample_marks_it_errored_and_the_run_completes(s
     assert any(i.node == "solver" for i in invocations)  # what ran before it is visible too
     # ... and, being neither failed nor correct, it is never sent backward.
     assert "train-01" not in {g.sample_id for g in store.gradients(result.run_id)}
+    # The step's figures say so wherever they are shown: `autodiff show` and the export.
+    from autodiff.cli import main
+    from autodiff.export import export_run
+
+    [step1] = [s for s in export_run(store, result.run_id)["steps"] if s["step"] == 1]
+    batch = step1["minibatch"]
+    assert batch["errored"] == 1 and batch["batch"] == 8
+    assert batch["correct"] + batch["failing"] + batch["errored"] == 8
+    assert batch["failing"] == batch["sent_backward"] + batch["over_cap"]
+    assert main(["--store", store.spec, "show", result.run_id]) == 0
+    shown = capsys.readouterr().out
+    assert f"failed {batch['failing']}/8 (1 errored)" in shown, shown
 
 
 def test_a_function_node_raising_marks_the_sample_errored_naming_the_node(make_llm) -> None:
@@ -308,6 +320,34 @@ def test_ids_must_be_strings_and_unique_across_splits() -> None:
     with pytest.raises(DataError, match="split 'train', sample 1 \\(id 't0'\\): split 'train', sample 0"):
         make(splits(train=[dict(SAMPLE, id="t0"), dict(SAMPLE, id="t0", question="other")]))
     make(splits(val=[dict(SAMPLE, id="t1")]))  # the same sample in two splits is one sample
+
+
+def test_text_that_is_not_valid_unicode_is_a_data_error_naming_sample_and_key() -> None:
+    """Bytes that were not UTF-8, decoded with errors='surrogateescape', leave lone surrogates that
+    the store, the cache and every provider refuse mid-run; refused up front, by key path."""
+    with pytest.raises(DataError, match=r"split 'val', sample 0 \(id 'v0'\): 'question' is not valid Unicode"):
+        make(splits(val=[dict(SAMPLE, id="v0", question="caf\udce9?")]))
+    with pytest.raises(DataError, match=r"split 'train', sample 0 \(id 't\\udcff'\): 'id' is not valid"):
+        make(splits(train=[dict(SAMPLE, id="t\udcff")]))
+    with pytest.raises(DataError, match=r"'passages'\[1\] is not valid Unicode"):
+        make(splits(test=[dict(SAMPLE, id="x0", passages=["fine", "b\udc80d"])]))
+    make(splits(val=[dict(SAMPLE, id="v0", question="café? 日本 🎉")]))  # real Unicode is fine
+
+
+def test_a_loop_that_does_not_end_fails_its_sample_before_the_next_call_is_sent(make_llm) -> None:
+    class Forever(AnswerThenConvert):
+        def forward(self, sample: dict) -> Value:
+            while True:
+                self.answer(question=sample["question"])
+
+    fake = make_llm(lambda request: "8")
+    task = one_sample_task(Forever(), max_node_calls=7)
+    trace, evaluation = run_sample(task, SAMPLE, fake.llm)
+    assert evaluation.score is None and evaluation.errored
+    assert "forward() called nodes 7 times on this sample, the limit" in evaluation.error
+    assert "max_node_calls" in evaluation.error
+    assert len(trace.invocations) == 7 and len(fake.calls) == 7  # the 8th call never reached the model
+    check_connected(one_sample_task(Forever()))  # the dry run ends too (at the default limit), and cannot tell
 
 
 def test_splits_must_be_lists_of_dicts() -> None:

@@ -40,6 +40,7 @@ from autodiff.llm.budget import Budget
 from autodiff.llm.cache import ResponseCache, cache_key
 from autodiff.llm.limits import EndpointLimiter
 from autodiff.llm.pricing import NO_USAGE_SOURCE, SOURCE_LOCAL, Price, Pricing, count
+from autodiff.llm.sdk_errors import MAX_RETRY_AFTER
 from autodiff.llm.types import CallContext, Completion, Message, Provider, Request
 from autodiff.records import LLMCall
 
@@ -126,7 +127,7 @@ class _RetryBudget:
             return True
         spent = now - self.first_failure
         server_wait = max(_retry_after(state) or 0.0, self.pause_left())
-        if spent + server_wait > self.budget_s:
+        if spent + server_wait > self.budget_s or server_wait > MAX_RETRY_AFTER:
             self.asked = server_wait
             return True
         return spent + state.upcoming_sleep > self.budget_s
@@ -167,7 +168,7 @@ class _WaitForServer:
                                                 jitter=policy.initial_wait)
 
     def __call__(self, state: RetryCallState) -> float:
-        return max(_retry_after(state) or 0.0, self._backoff(state))
+        return max(min(_retry_after(state) or 0.0, MAX_RETRY_AFTER), self._backoff(state))
 
 
 class LLM:
@@ -303,7 +304,7 @@ class LLM:
                            ctx: CallContext) -> Completion:
         policy = self.retry
         budget = _RetryBudget(policy.budget_s, policy.attempts, self.limiter.pause_left)
-        retrying = Retrying(stop=budget, wait=_WaitForServer(policy),
+        retrying = Retrying(stop=budget, wait=_WaitForServer(policy), sleep=self.limiter.sleep,
                             retry=retry_if_exception_type(LLMTransientError), reraise=True)
         last: list[LLMTransientError] = []
         try:
@@ -336,6 +337,13 @@ class LLM:
         if budget.asked is None:
             return LLMTransientError(f"{self.spec}: {tried}: {exc}",
                                      kind=exc.kind, retry_after=exc.retry_after)
+        if budget.asked > MAX_RETRY_AFTER:  # no retry budget waits that long: say so, suggest none
+            hours = f" ({budget.asked / 3600:.1f} h)" if budget.asked >= 3600 else ""
+            return LLMTransientError(
+                f"{self.spec}: the server asked to wait {budget.asked:.0f} s{hours}, longer than a call ever waits "
+                f"({MAX_RETRY_AFTER:.0f} s): a limit that does not pass soon (a daily quota, a spending cap?); "
+                f"stopped asking after {count(attempts, 'attempt')}. Check the provider account's limits, and resume "
+                f"once it allows requests again: {exc}", kind=exc.kind, retry_after=exc.retry_after)
         enough = enough_retry_budget(spent + budget.asked)
         left = f" ({spent:.0f} s of it spent)" if spent >= 1 else ""
         return LLMTransientError(
@@ -350,7 +358,10 @@ class LLM:
         ends past `deadline` or, before any failure of this call, lasts over `longest` seconds
         (its whole retry budget: a pause another call's 429 set is given up on at once, not sat
         out and then tried)."""
-        slot = self.limiter.acquire(deadline, longest=longest if deadline is None else None)
+        # No wait here outlasts MAX_RETRY_AFTER either: a pause as long as a server asked for (a
+        # day, for a quota) is given up on at once, and the error says what was asked.
+        cap = MAX_RETRY_AFTER if deadline is not None or longest is None else min(longest, MAX_RETRY_AFTER)
+        slot = self.limiter.acquire(deadline, longest=cap)
         if slot is None:
             raise _PauseTooLong(self.limiter.pause_left())
         if attempts is not None:
@@ -364,7 +375,7 @@ class LLM:
                 usage[0] += exc.usage[0]
                 usage[1] += exc.usage[1]
             if isinstance(exc, LLMTransientError) and exc.kind in OVERLOAD_KINDS:
-                outcome, pause = "overload", exc.retry_after
+                outcome, pause = "overload", exc.retry_after  # as asked: callers give up on what they cannot wait
             if isinstance(exc, LLMReplyError) and getattr(exc, "finish_reason", None) == "length":
                 exc.args = (f"{exc}: {raise_tokens(self.role)}",)  # cut off before any text: say which limit
             raise

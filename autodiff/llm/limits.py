@@ -19,6 +19,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+from autodiff.errors import CallCancelled
+
 
 @dataclass(frozen=True)
 class Slot:
@@ -43,6 +45,21 @@ class EndpointLimiter:
         self._successes = 0
         self._last_cut = float("-inf")
         self._cond = threading.Condition()
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        """The run is interrupted: every call waiting here (for the endpoint's pause, a free
+        slot, or between its retries: `sleep`) raises CallCancelled now, and so does every call
+        that comes later. A request already sent is not cut short."""
+        with self._cond:
+            self._cancelled.set()
+            self._cond.notify_all()
+
+    def sleep(self, seconds: float) -> None:
+        """Wait `seconds` between a call's retries (tenacity's `sleep`); CallCancelled at once
+        when the run is interrupted meanwhile (`cancel`)."""
+        if self._cancelled.wait(seconds):
+            raise CallCancelled("the run was interrupted")
 
     def acquire(self, deadline: float | None = None, *, longest: float | None = None) -> Slot | None:
         """A slot, once the endpoint's pause has passed and one is free. With a `deadline`
@@ -52,6 +69,8 @@ class EndpointLimiter:
         queueing, never refused."""
         with self._cond:
             while True:
+                if self._cancelled.is_set():
+                    raise CallCancelled("the run was interrupted")
                 wait = self.paused_until - time.monotonic()
                 if deadline is not None and self.paused_until > deadline:
                     return None

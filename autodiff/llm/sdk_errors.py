@@ -6,7 +6,7 @@ How a failure is sorted:
 
 - time-out, connection error, unparseable body, 429, 408, 409, 5xx: `LLMTransientError`, with
   `kind` (timeout, connection, garbage, rate_limit, server) and `retry_after`, the seconds the
-  server asked for in `retry-after-ms` or `Retry-After` (capped at `MAX_RETRY_AFTER`);
+  server asked for in `retry-after-ms` or `Retry-After` (as asked; see `MAX_RETRY_AFTER`);
 - a prompt longer than the model's context window (OpenAI, vLLM, llama.cpp's server, LM Studio
   and Anthropic each say it their own way): `LLMContextWindowError`;
 - any other 4xx: `LLMFatalError`, naming the rejected option when the body says which;
@@ -49,7 +49,8 @@ TRANSIENT_STATUSES = (408, 409, 429)
 REMOTE_TIMEOUT = 600.0
 CONNECT_TIMEOUT = 10.0
 
-# A Retry-After longer than this is a server's mistake (or a date far away); wait no longer.
+# The longest Retry-After a call waits out. A server asking for more (a daily quota, a date far
+# away) is not waited for at all: the call gives up at once and says what the server asked.
 MAX_RETRY_AFTER = 600.0
 
 # How each server says that the prompt does not fit the context window (matched in lower case
@@ -198,7 +199,8 @@ def is_local(url: str) -> bool:
 
 def retry_after(headers: Any) -> float | None:
     """The wait in seconds that `retry-after-ms` (milliseconds) or `Retry-After` (seconds, or an
-    HTTP date) asks for; None when neither is there or readable. Capped at `MAX_RETRY_AFTER`."""
+    HTTP date) asks for, as asked (the client waits at most `MAX_RETRY_AFTER`); None when neither
+    is there or readable."""
     if headers is None:
         return None
     seconds = _number(headers.get("retry-after-ms"))
@@ -214,7 +216,7 @@ def retry_after(headers: Any) -> float | None:
                 return None
     if seconds is None:
         return None
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+    return max(seconds, 0.0)
 
 
 def rejected_option(body: object) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+import traceback
 from pathlib import Path
 from typing import Mapping
 
@@ -72,10 +73,22 @@ def _import(where: str):
             sys.path.append(folder)
         try:
             spec.loader.exec_module(module)
-        except ImportError as exc:
-            raise ConfigError(f"task file {path} failed to import: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - the user's file; its failure is named, not dumped
+            sys.modules.pop(spec.name, None)
+            raise ConfigError(f"task file {path} failed to import: {_where_it_failed(exc)}") from None
         return module
     try:
         return importlib.import_module(where)
-    except ImportError as exc:
-        raise ConfigError(f"cannot import task module {where!r}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - ditto, for a module
+        raise ConfigError(f"cannot import task module {where!r}: {_where_it_failed(exc)}") from None
+
+
+def _where_it_failed(exc: BaseException) -> str:
+    """An import's failure in one line: a syntax error with its file, line and column; any other
+    error with its type, message and the last line of the traceback that ran ("file.py:12")."""
+    if isinstance(exc, SyntaxError):
+        return f"{type(exc).__name__} at {exc.filename}:{exc.lineno}" + (f":{exc.offset}" if exc.offset else "") \
+            + f": {exc.msg}"
+    frames = traceback.extract_tb(exc.__traceback__)
+    at = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    return f"{type(exc).__name__}: {exc}{at}"
