@@ -155,10 +155,12 @@ def fault_calls(store: Store, run_id: str) -> list[CallSummary]:
 
 def error_kinds(store: Store, run_id: str) -> dict[tuple[int, str], dict[str, int]]:
     """(step, phase) -> {error kind: calls}, most frequent kind first (then by name), for the
-    (step, phase) pairs that had errors. Calls without a step count under step -1, as in
+    (step, phase) pairs that had errors, over the same calls as `step_figures`' `errors_{phase}`:
+    those of the attempts the store keeps (an attempt stopped part-way and redone on resume is the
+    step's `redone`, not here). Calls without a step count under step -1, as in
     `Store.call_totals`; an error recorded without a kind counts as "unknown"."""
     counts: dict[tuple[int, str], Counter] = defaultdict(Counter)
-    for c in fault_calls(store, run_id):
+    for c in store.fault_calls(run_id, kept_only=True):
         if c.error is not None:
             step = -1 if c.step is None else c.step
             counts[(step, c.phase)][c.error_kind or "unknown"] += 1

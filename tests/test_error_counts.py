@@ -283,3 +283,18 @@ def test_curves_page_says_a_clean_run_had_no_errors(runs) -> None:
     assert not [t for t in titles if "Errored" in t or "Cut-off" in t] and len(titles) == 7
     assert any("No LLM call errored in the completed steps; no reply was cut off at the token limit." in c.value
                for c in at.caption)
+
+
+def test_error_kinds_count_the_calls_the_phase_figures_count_after_a_step_is_redone(tmp_path: Path) -> None:
+    """A step stopped part-way and redone on resume: the first attempt's failed calls are its
+    `redone`, in no phase; the kinds by phase (show, export, Curves) leave them out as well."""
+    store = Store(tmp_path / "runs.sqlite")
+    run_id = write_run(store, "redone-run")
+    time.sleep(0.01)
+    store.start_step(run_id, 1, BATCH)  # the resume redoes step 1 from its start
+    [row] = [r for r in step_figures(store, run_id) if r["step"] == 1]
+    assert {p: row[f"errors_{p}"] for p in PHASES} == dict.fromkeys(PHASES, 0) and row["calls_redone"] > 0
+    assert not [key for key in error_kinds(store, run_id) if key[0] == 1]
+    assert error_kinds(store, run_id)[(0, "validate")] == {"rate_limit": 1, "timeout": 1}  # step 0 is kept
+    [step1] = [s for s in export_run(store, run_id)["steps"] if s["step"] == 1]
+    assert step1["error_kinds_by_phase"] == {} and step1["errors_by_phase"] == dict.fromkeys(PHASES, 0)

@@ -577,16 +577,20 @@ class Store:
         """Every call of a run without its text, in the order made: what accounting needs."""
         return self._call_summaries(run_id, "")
 
-    def fault_calls(self, run_id: str) -> list[CallSummary]:
+    def fault_calls(self, run_id: str, kept_only: bool = False) -> list[CallSummary]:
         """Calls of a run that errored or were cut off (the preflight probe's cut-off is by
-        design and left out), in the order made, without prompt or reply."""
+        design and left out), in the order made, without prompt or reply. `kept_only`: only the
+        calls of the attempts the store keeps (see `attempt_totals`): what a step's per-phase
+        figures count, without an attempt stopped part-way and redone on resume."""
         return self._call_summaries(
-            run_id, " AND (error IS NOT NULL OR (finish_reason = 'length' AND phase != 'preflight'))")
+            run_id, " AND (c.error IS NOT NULL OR (c.finish_reason = 'length' AND c.phase != 'preflight'))"
+            + (f" AND {_KEPT}" if kept_only else ""))
 
     def _call_summaries(self, run_id: str, where: str) -> list[CallSummary]:
-        columns = ", ".join(f.name for f in dataclasses.fields(CallSummary))
+        columns = ", ".join(f"c.{f.name}" for f in dataclasses.fields(CallSummary))
         with self.connect() as conn:
-            rows = conn.execute(f"SELECT {columns} FROM llm_calls WHERE run_id = ?{where} ORDER BY created_at",
+            rows = conn.execute(f"SELECT {columns} FROM llm_calls c LEFT JOIN steps s ON s.run_id = c.run_id"
+                                f" AND s.step = c.step WHERE c.run_id = ?{where} ORDER BY c.created_at",
                                 (run_id,)).fetchall()
         return [_record(CallSummary, r, cached=bool(r["cached"])) for r in rows]
 
