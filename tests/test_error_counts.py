@@ -290,7 +290,7 @@ def test_error_kinds_count_the_calls_the_phase_figures_count_after_a_step_is_red
     `redone`, in no phase; the kinds by phase (show, export, Curves) leave them out as well."""
     store = Store(tmp_path / "runs.sqlite")
     run_id = write_run(store, "redone-run")
-    time.sleep(0.01)
+    time.sleep(0.1)  # past the last call's time stamp (`call` spreads them over the next 50 ms)
     store.start_step(run_id, 1, BATCH)  # the resume redoes step 1 from its start
     [row] = [r for r in step_figures(store, run_id) if r["step"] == 1]
     assert {p: row[f"errors_{p}"] for p in PHASES} == dict.fromkeys(PHASES, 0) and row["calls_redone"] > 0
