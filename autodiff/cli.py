@@ -21,7 +21,7 @@ from autodiff.config import RESUME_OPTIONS
 from autodiff.errors import AutodiffError
 from autodiff.exposure import exposure_warning
 from autodiff.records import Run
-from autodiff.recovery import resume_command, resume_option
+from autodiff.recovery import budget_option, resume_command, resume_option
 from autodiff.runner import default_cache_path
 from autodiff.store.spec import is_url, mask_secrets, resolve_spec
 from autodiff.samples import SAMPLE_STORE  # the bundled sample runs: a new store starts as a copy
@@ -367,7 +367,7 @@ def _stopped_exit(store, run_id: str) -> int:
     if run.error:
         print(f"run {run_id} stopped: {run.error}", file=sys.stderr)
     command = resume_command(run_id, store)
-    if (run.error or "").startswith("budget"):  # the same budget would stop it again at once
+    if budget_option(run):  # the same budget would stop it again at once
         command += " " + _larger_budget(store, run)
     elif option := resume_option(run):  # its own retry settings stopped it: the same would again
         command += f" {option}"

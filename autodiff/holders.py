@@ -26,7 +26,7 @@ from typing import Literal
 
 from autodiff.errors import AutodiffError, ConfigError
 from autodiff.records import Run
-from autodiff.recovery import store_option
+from autodiff.recovery import resume_command, store_option
 
 Liveness = Literal["alive", "dead", "unknown"]
 # A process with the holder's pid that started this long after the run was taken is another one
@@ -155,7 +155,7 @@ def refusal(run: Run, state: Liveness, store=None) -> str:
                 "says stopped")
     return (f"run {run.id} is being trained by {held.describe()}, which cannot be checked from here: one run is "
             f"trained by one process at a time. Stop it there (autodiff stop {run.id}{where}); if that process is "
-            f"really gone (killed, its machine down), take the run over: autodiff resume {run.id}{where} --force "
+            f"really gone (killed, its machine down), take the run over: {resume_command(run.id, store, '--force')} "
             "(from Python: autodiff.resume(..., force=True))")
 
 
