@@ -114,7 +114,10 @@ for name, values in compare.final_prompts(store, chosen):
 st.subheader("Test samples whose outcome differs")
 differing = compare.differing_samples(store, chosen)
 if differing:
-    st.dataframe(differing, hide_index=True)
+    # A plain table, not a data grid: a grid's script loads on a browser tab's first grid (see html_table).
+    scores = [c for c in differing[0] if c.endswith(" score")]
+    st.html(html_table([{k: fmt_score(v) if k in scores else v for k, v in row.items()} for row in differing],
+                       numeric=scores, fold=[c for c in differing[0] if c not in scores]))
 elif not shared:
     st.caption("None to compare: the runs share no test samples.")
 else:

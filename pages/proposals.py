@@ -42,13 +42,19 @@ if not shown:
     st.stop()
 costs = store.proposal_costs(run_id)  # what each cost to make (its optimizer call) and to validate
 NO_COST = NO_PROPOSAL_COST
-st.dataframe([{"step": p.step, "parameter": p.parameter, "method": p.method, "fate": p.fate,
-               # a missing score reads "-" here as on the cards (fmt_score), not the grid's "None"
-               "mini-batch": fmt_score(p.minibatch_score), "its baseline": fmt_score(p.minibatch_baseline),
-               "validation": fmt_score(p.val_score), "best before": fmt_score(p.val_baseline),
-               "cost to make": format_usd(c["make_usd"], c["make_unknown"]),
-               "cost to validate": format_usd(c["validate_usd"], c["validate_unknown"]), "reason": p.reason}
-              for p in shown for c in [costs.get(p.id, NO_COST)]], hide_index=True)
+# The table of every proposal shown is drawn only when opened: a data grid's script (about 1.6 MB)
+# loads on a browser tab's first grid, and with it a first visit to this page took about 0.3 s longer
+# (bench/dashboard_load.py's large run, 803 proposals); the cards below say the same of each.
+table = st.expander(f"Table of the {count(len(shown), 'proposal')} shown (sortable)", key="props_table",
+                    on_change="rerun")
+if table.open:
+    table.dataframe([{"step": p.step, "parameter": p.parameter, "method": p.method, "fate": p.fate,
+                      # a missing score reads "-" here as on the cards (fmt_score), not the grid's "None"
+                      "mini-batch": fmt_score(p.minibatch_score), "its baseline": fmt_score(p.minibatch_baseline),
+                      "validation": fmt_score(p.val_score), "best before": fmt_score(p.val_baseline),
+                      "cost to make": format_usd(c["make_usd"], c["make_unknown"]),
+                      "cost to validate": format_usd(c["validate_usd"], c["validate_unknown"]), "reason": p.reason}
+                     for p in shown for c in [costs.get(p.id, NO_COST)]], hide_index=True)
 if unlinked := unlinked_costs(costs.get(p.id, NO_COST) for p in shown):
     st.caption(unlinked.strip())
 

@@ -13,7 +13,7 @@ from autodiff.errors import AutodiffError
 from autodiff.llm.pricing import format_usd
 from dashboard import textfold
 from dashboard.auth import reviewer
-from dashboard.common import ACTIVE, fmt_score, fmt_time, md, require_run
+from dashboard.common import ACTIVE, fmt_score, fmt_time, html_table, md, require_run
 
 store, run_id = require_run()
 run = store.run(run_id)
@@ -148,8 +148,9 @@ pending()
 decided = review.decisions(store, run_id)
 if decided:
     st.subheader("Decisions so far")
-    st.dataframe([{"step": p.step, "parameter": p.parameter, "decision": p.decision, "by": p.decision_by,
-                   "fate": p.fate, "value": p.decision_value or p.value} for p in decided], hide_index=True)
+    st.html(html_table([{"step": p.step, "parameter": p.parameter, "decision": p.decision, "by": p.decision_by,
+                         "fate": p.fate, "value": p.decision_value or p.value} for p in decided],
+                       numeric=("step",), fold=("value",)))
 
 # Who reads feedback written now: only a run that trains again has optimizer calls to come.
 READER = {

@@ -20,6 +20,7 @@ from autodiff import compare, runner
 from autodiff.llm.pricing import format_usd
 from autodiff.metrics import PHASES, run_summary, step_figures
 from autodiff.store import Store
+from dashboard.common import fmt_score
 from tests.fake_runs import fake_run, filled_store
 
 APP = "../app.py"
@@ -109,6 +110,14 @@ def wait_for(predicate, timeout: float = 30.0):
             return value
         time.sleep(0.05)
     raise AssertionError("timed out waiting")
+
+
+def html_tables_of(at: AppTest) -> list[list[dict]]:
+    """The rows of each plain HTML table the page drew (dashboard/common.html_table), in order; a
+    folded cell reads as its whole text (its preview, in <summary>, left out)."""
+    return [html_table_rows(re.sub(r"<summary>[^<]*</summary>", "", h.proto.body), table=n)
+            for h in at.get("html") if 'class="plain-table"' in h.proto.body
+            for n in range(h.proto.body.count("<table>"))]
 
 
 def html_table_rows(page: str, table: int = 0) -> list[dict]:
@@ -439,7 +448,8 @@ def test_review_buttons_unblock_a_waiting_trainer(tmp_path: Path) -> None:
     at.run()
     assert_clean(at)
     assert any("No proposals are waiting" in i.value for i in at.info)
-    assert list(at.dataframe[0].value["decision"]) == ["reject", "accept"]
+    [decisions] = [rows for rows in html_tables_of(at) if "decision" in rows[0]]
+    assert [row["decision"] for row in decisions] == ["reject", "accept"]
 
 
 def test_review_edit_then_accept(tmp_path: Path) -> None:
@@ -498,11 +508,12 @@ def test_compare_runs(filled) -> None:
     table = html_table_rows(next(h.proto.body for h in at.get("html") if "run time (s)" in h.proto.body))
     assert [row["cost"] for row in table] == [format_usd(run_summary(store, r)["cost_usd"]) for r in (ids[0], ids[2])]
     assert any("&lt;script&gt;" in h.value for h in at.get("html"))  # a final prompt diffed, escaped
-    differing = at.dataframe[-1].value
-    assert len(differing) == len(compare.differing_samples(store, [ids[0], ids[2]])) > 0
-    for _, row in differing.iterrows():
-        assert row[f"{ids[0]} score"] != row[f"{ids[2]} score"]
-        assert row[f"{ids[2]} prediction"]
+    differing = html_tables_of(at)[-1]
+    rows = compare.differing_samples(store, [ids[0], ids[2]])
+    assert [row["sample"] for row in differing] == [row["sample"] for row in rows] and rows
+    for row, stored in zip(differing, rows):
+        assert row[f"{ids[0]} score"] == fmt_score(stored[f"{ids[0]} score"]) != row[f"{ids[2]} score"]
+        assert row[f"{ids[2]} prediction"] == str(stored[f"{ids[2]} prediction"])
 
     at.multiselect(key="compare_runs").set_value([ids[0], ids[1], ids[2]]).run()
     assert_clean(at)
@@ -535,6 +546,8 @@ def test_proposals_page_shows_what_each_proposal_cost(filled) -> None:
     every = store.proposals(ids[0])
     costs = store.proposal_costs(ids[0])
     at = open_page(store.path, "pages/proposals.py", ids[0])
+    at.session_state["props_table"] = True  # as a click on its panel would
+    at.run()
     assert_clean(at)
     table = at.dataframe[0].value
     assert list(table["cost to make"]) == [format_usd(costs[p.id]["make_usd"]) for p in every]

@@ -53,6 +53,9 @@ def test_proposals_page_shows_every_proposal_and_what_became_of_it(runs) -> None
     at = open_page(store.path, "pages/proposals.py", ids[0])
     assert_clean(at)
     assert any(c.value == f"{len(every)} of {len(every)} proposals, in the order they were made." for c in at.caption)
+    assert not at.dataframe  # the table is drawn when opened
+    at.session_state["props_table"] = True  # as a click on its panel would
+    at.run()
     table = at.dataframe[0].value
     assert list(table["fate"]) == [p.fate for p in every]
     assert list(table["reason"]) == [p.reason for p in every] and all(table["reason"])
@@ -101,7 +104,10 @@ def test_proposals_page_filters_by_fate_and_parameter(runs) -> None:
     at.selectbox(key="props_param").select("counter.examples").run()
     both = [p for p in checked if p.parameter == "counter.examples"]
     assert len(cards(at)) == len(both) > 0 and all("counter\\.examples" in c for c in cards(at))
+    at.session_state["props_table"] = True  # the table, opened, holds the same proposals as the cards
+    at.run()
     assert len(at.dataframe[0].value) == len(both)
+    assert at.expander[0].label == f"Table of the {len(both)} proposal{'s' if len(both) > 1 else ''} shown (sortable)"
     at.selectbox(key="props_fate").select("All").run()
     assert "fate" not in at.query_params and at.query_params["parameter"] == "counter.examples"
     assert len(cards(at)) == sum(p.parameter == "counter.examples" for p in every)

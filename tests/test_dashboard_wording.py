@@ -139,6 +139,8 @@ def test_proposals_table_draws_a_missing_score_as_the_cards_do(tmp_path: Path) -
     unscored = [p for p in store.proposals(run_id) if p.val_score is None]
     assert unscored  # the scripted fake makes proposals that fail a check before validation
     at = open_at(store.path, "pages/proposals.py", run=run_id)
+    at.session_state["props_table"] = True  # as a click on its panel would
+    at.run()
     table = at.dataframe[0].value
     assert "None" not in table.astype(str).to_numpy().ravel().tolist()
     assert (table["validation"] == "-").sum() == len(unscored)

@@ -499,6 +499,8 @@ def test_a_proposal_made_by_an_unpriced_optimizer_costs_unknown_to_make(run_toy,
     assert all(p["cost"]["make_unknown"] == 1 and p["cost"]["validate_unknown"] == 0 for p in exported)
     for page in ("pages/proposals.py", "pages/prompts.py"):
         at = open_page(store.spec, page, run.run_id)
+        at.session_state["props_table"] = True  # the Proposals page's table, as a click on its panel would
+        at.run()
         assert_clean(at)
         texts = [m.value for m in at.markdown] + [str(d.value) for d in at.dataframe]
         assert not any("cost to make \\$0.0000" in t for t in texts), page
@@ -506,6 +508,8 @@ def test_a_proposal_made_by_an_unpriced_optimizer_costs_unknown_to_make(run_toy,
     assert {row["cost to make"] for row in made} == {"unknown"}
     assert all(row["cost to validate"].startswith("$") for row in made)  # validation stays priced
     at = open_page(store.spec, "pages/proposals.py", run.run_id)
+    at.session_state["props_table"] = True
+    at.run()
     assert set(at.dataframe[0].value["cost to make"]) == {"unknown"}
     assert any("cost to make unknown, to validate \\$" in m.value for m in at.markdown)
 
