@@ -15,7 +15,7 @@ from dashboard.common import (ALL, choose, count, fmt_score, md, page_url, requi
                               unlinked_costs)
 from dashboard.figures import funnel_sentence
 
-PER_PAGE = 20
+PER_PAGE = 10
 
 store, run_id = require_run()
 st.title("Proposals")

@@ -60,10 +60,13 @@ def test_proposals_page_shows_every_proposal_and_what_became_of_it(runs) -> None
     assert list(table["fate"]) == [p.fate for p in every]
     assert list(table["reason"]) == [p.reason for p in every] and all(table["reason"])
     assert {"accepted", "rejected_check", "failed_minibatch"} <= set(table["fate"])
-    assert len(cards(at)) == len(every)
+    listed = all_cards(at)
+    assert len(listed) == len(every) > PER_PAGE and all(c.startswith(head(p)) for c, p in zip(listed, every))
+    assert len(cards(at)) == PER_PAGE  # the first page of them
 
     # The accepted one: its scores at both stages, and its word diff against the value it replaced.
     accepted = next(p for p in every if p.fate == "accepted")
+    at.number_input(key="props_page").set_value(every.index(accepted) // PER_PAGE + 1).run()
     [card] = [c for c in cards(at) if "**accepted**" in c]
     assert (f"mini-batch {accepted.minibatch_score:.3f} vs {accepted.minibatch_baseline:.3f} · validation "
             f"{accepted.val_score:.3f} vs {accepted.val_baseline:.3f}") in card
@@ -75,8 +78,10 @@ def test_proposals_page_shows_every_proposal_and_what_became_of_it(runs) -> None
     assert before and "<del" in before[0]  # the initial value it would replace, removed words struck out
     # A proposal refused by a check: not scored, and says why.
     refused = next(p for p in every if p.fate == "rejected_check")
+    at.number_input(key="props_page").set_value(every.index(refused) // PER_PAGE + 1).run()
     assert any(m.value == f"Why: {md(refused.reason)}" for m in at.markdown)
     assert any("**rejected\\_check** · not scored" in c for c in cards(at))
+    at.number_input(key="props_page").set_value(every.index(accepted) // PER_PAGE + 1).run()
 
     # What its optimizer call read, and the call itself (loaded only when opened).
     assert f"Feedback its optimizer call read ({len(accepted.feedback_ids)})" in [e.label for e in at.expander]
@@ -91,6 +96,28 @@ def test_proposals_page_shows_every_proposal_and_what_became_of_it(runs) -> None
     assert any("\\<script\\>alert" in m.value for m in at.markdown)  # the feedback, escaped
 
 
+PER_PAGE = 10  # proposals per page (pages/proposals.py)
+
+
+def all_cards(at: AppTest) -> list[str]:
+    """The header line of every proposal the page lists, page by page through its page picker
+    (when it has one); the page is left on its first page."""
+    if not at.number_input:
+        return cards(at)
+    found = []
+    for page in range(1, int(at.number_input(key="props_page").max) + 1):
+        at.number_input(key="props_page").set_value(page).run()
+        assert len(cards(at)) == PER_PAGE or page == at.number_input(key="props_page").max
+        found += cards(at)
+    at.number_input(key="props_page").set_value(1).run()
+    return found
+
+
+def head(p) -> str:
+    """How the header line of proposal `p`'s card starts (its step, parameter, method and fate)."""
+    return f"**Step {p.step} · {md(p.parameter)}** · method {md(p.method)} · **{md(p.fate)}**"
+
+
 def test_proposals_page_filters_by_fate_and_parameter(runs) -> None:
     store, ids = runs
     every = store.proposals(ids[0])
@@ -99,18 +126,18 @@ def test_proposals_page_filters_by_fate_and_parameter(runs) -> None:
     at.selectbox(key="props_fate").select("rejected_check").run()
     assert_clean(at)
     checked = [p for p in every if p.fate == "rejected_check"]
-    assert len(cards(at)) == len(checked) > 0 and all("**rejected\\_check**" in c for c in cards(at))
+    assert len(all_cards(at)) == len(checked) > 0 and all("**rejected\\_check**" in c for c in cards(at))
     assert at.query_params["fate"] == "rejected_check"
     at.selectbox(key="props_param").select("counter.examples").run()
     both = [p for p in checked if p.parameter == "counter.examples"]
-    assert len(cards(at)) == len(both) > 0 and all("counter\\.examples" in c for c in cards(at))
+    assert len(all_cards(at)) == len(both) > 0 and all("counter\\.examples" in c for c in cards(at))
     at.session_state["props_table"] = True  # the table, opened, holds the same proposals as the cards
     at.run()
     assert len(at.dataframe[0].value) == len(both)
     assert at.expander[0].label == f"Table of the {len(both)} proposal{'s' if len(both) > 1 else ''} shown (sortable)"
     at.selectbox(key="props_fate").select("All").run()
     assert "fate" not in at.query_params and at.query_params["parameter"] == "counter.examples"
-    assert len(cards(at)) == sum(p.parameter == "counter.examples" for p in every)
+    assert len(all_cards(at)) == sum(p.parameter == "counter.examples" for p in every)
 
 
 def test_proposals_page_with_no_proposals_says_so(tmp_path: Path) -> None:
