@@ -47,6 +47,27 @@ def test_a_mistyped_url_is_one_clear_error_and_never_a_file(spec, meant, tmp_pat
     assert list(tmp_path.iterdir()) == []  # no folder, no SQLite file made from the URL
 
 
+@pytest.mark.parametrize("spec, meant", [
+    (f"host=127.0.0.1 port=55432 dbname=teamdb user=alice password={SECRET}", "postgresql://alice:***@127.0.0.1:55432/teamdb"),
+    (f"dbname=runs user=bob password='{SECRET} x'", "postgresql://bob:***@localhost/runs"),
+    ("host=db.example.org dbname=runs", "postgresql://db.example.org/runs"),
+])
+def test_a_key_value_connection_string_is_answered_with_its_url_and_never_a_file(spec, meant, tmp_path, monkeypatch,
+                                                                                  capsys) -> None:
+    """libpq's other form of a connection string used to become a SQLite file named after it,
+    password and all, and the run trained into it instead of the team's store."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(StoreError) as caught:
+        Store(spec)
+    assert "key=value connection string" in str(caught.value) and f"instead: {meant!r}" in str(caught.value)
+    assert SECRET not in str(caught.value)
+    for command in (["train", "object_counting", "--model", "fake:x", "--steps", "1"], ["runs"]):
+        assert cli.main(["--store", spec, *command]) == 2
+        said = capsys.readouterr()
+        assert "key=value connection string" in said.err and SECRET not in said.err + said.out
+    assert list(tmp_path.iterdir()) == []  # no SQLite file made from it
+
+
 @pytest.mark.parametrize("spec, meant", [("sqlite:///runs.sqlite", "runs.sqlite"),
                                          ("sqlite:////data/runs.sqlite", "/data/runs.sqlite"),
                                          ("file:///data/runs.sqlite", "/data/runs.sqlite")])
@@ -89,6 +110,7 @@ def test_masking_holds_for_any_malformed_url(text) -> None:
 
 
 @pytest.mark.parametrize("spec", ["runs.sqlite", "C:/work/runs.sqlite", "postgresql/runs.sqlite", "my-postgres.sqlite",
+                                  "runs=1.sqlite", "a=b c.sqlite", "x=y",
                                   "postgresql://alice:p%40ss@host:5432/db?sslmode=require", "postgres:///runs"])
 def test_valid_paths_and_urls_pass(spec) -> None:
     assert resolve_spec(spec) == spec

@@ -32,6 +32,13 @@ _KV_PASSWORD = re.compile(r"(?i)(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s'\"]+)
 _URL_LIKE = re.compile(r"(?i)^\s*(?:[a-z][a-z0-9+.\-]+:/|[a-z][\w.\-]*\+[\w.\-]+:|(?:postgres(?:ql)?|pgsql)(?::|//))")
 # The scheme part of a URL-like spec, however it was typed, to put the right one in its place.
 _ANY_SCHEME = re.compile(r"(?i)^\s*[a-z][\w+.\-]*(?::/{0,3}|/{1,3})")
+# libpq's key=value connection string ("host=db port=5432 dbname=runs user=me password=..."): one
+# or more key=value pairs of which one names a libpq keyword. A file may hold "=" in its name, but
+# not in this shape.
+_KV_KEYWORDS = ("host", "hostaddr", "port", "dbname", "user", "password", "passfile", "sslmode", "service",
+                "connect_timeout", "options", "application_name")
+_KV_LIKE = re.compile(r"(?i)^\s*(?:[a-z_]+\s*=\s*(?:'(?:[^'\\]|\\.)*'|[^\s']*)\s*)+$")
+_KV_KEY = re.compile(r"(?i)(?:^|\s)(%s)\s*=" % "|".join(_KV_KEYWORDS))
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _ENCODING_HINT = ("percent-encode special characters in the user name and password (@ as %40, / as %2F, : as %3A, "
                   "% as %25, # as %23, ? as %3F), or leave the password out of the URL and set PGPASSWORD "
@@ -91,6 +98,10 @@ def check_spec(spec: str | Path, source: str = "") -> str:
         return spec
     where = f" (from {source})" if source else ""
     stripped = spec.strip()
+    if _KV_LIKE.match(spec) and _KV_KEY.search(spec):
+        raise StoreError(f"the store {mask_secrets(stripped)!r}{where} is a key=value connection string; give a "
+                         f"PostgreSQL store as a URL instead: {_kv_as_url(stripped)!r} ({URL_FORM}; the password "
+                         "percent-encoded in the URL, or left out and set in PGPASSWORD or ~/.pgpass)")
     if not _URL_LIKE.match(spec):
         return spec
     shown = mask_url(stripped)
@@ -111,6 +122,16 @@ def check_spec(spec: str | Path, source: str = "") -> str:
     if problem:
         raise StoreError(f"cannot use the PostgreSQL store {shown}{where}: {problem}. The form is {URL_FORM}")
     return spec
+
+
+def _kv_as_url(spec: str) -> str:
+    """The postgresql:// URL a key=value connection string means, as far as its host, port, user
+    and database go, with any password shown as *** (for a message)."""
+    pairs = {k.lower(): v.strip("'") for k, v in re.findall(r"(?i)([a-z_]+)\s*=\s*('(?:[^'\\]|\\.)*'|[^\s']*)", spec)}
+    user = pairs.get("user", "")
+    auth = (user + (f":{MASK}" if "password" in pairs else "") + "@") if user or "password" in pairs else ""
+    port = f":{pairs['port']}" if pairs.get("port") else ""
+    return f"postgresql://{auth}{pairs.get('host') or pairs.get('hostaddr') or 'localhost'}{port}/{pairs.get('dbname', '')}"
 
 
 def _url_problem(url: str) -> str | None:
