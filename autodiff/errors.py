@@ -74,6 +74,20 @@ class CallCancelled(BaseException):
     resume."""
 
 
+class RunTakenOver(BaseException):
+    """A write of a trainer refused by the store because its run is no longer held by the process
+    that fenced it (`Store.fence`): another process took the run over while this one was paused
+    (a machine asleep, a stopped process, a network partition long enough for a worker's heartbeat
+    to go stale). Nothing of the write reaches the store; the trainer leaves the run to the new
+    holder. A BaseException, like CallCancelled: no handler of a sample's or a call's errors may
+    record it as one of theirs. `run_id` is the run, `now` who holds it now (or its state)."""
+
+    def __init__(self, run_id: str, now: str):
+        super().__init__(f"run {run_id} was taken over by another process ({now}): this process writes nothing "
+                         "more to it")
+        self.run_id, self.now = run_id, now
+
+
 class TooManyErrors(AutodiffError):
     """The share of samples whose calls failed in one phase of a step passed the run's limit
     (`max_error_share`). The run stops cleanly with this reason and can be resumed; the failed

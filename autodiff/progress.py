@@ -51,11 +51,24 @@ def progress_bar(total_steps: int, quiet: bool = False, also: Progress | None = 
         elif event == "stopped" and info.get("reason"):
             bar.write(f"stopped: {info['reason']}")
         elif event == "taken_over":
-            bar.write(f"another process took the run over before step {info['step']}: this one leaves it")
+            bar.write(taken_over_line(info))
         if event in ("completed", "stopped", "taken_over"):
             bar.close()
 
     return on
+
+
+def taken_over_line(info: dict) -> str:
+    """What a "taken_over" event says: the run was taken over by another process, at a step
+    boundary or, while this process was paused, during a step (`during`; then how many calls of
+    this process went unrecorded)."""
+    if not info.get("during"):
+        return f"another process took the run over before step {info['step']}: this one leaves it"
+    lost = info.get("unrecorded_calls") or 0
+    return (f"another process took the run over while this one was in step {info['step']} ({info.get('reason')}), "
+            "probably while this one was paused or cut off: this one stopped without writing anything more"
+            + (f"; {lost} LLM call{'s' if lost != 1 else ''} it made since its last write are not recorded"
+               if lost else ""))
 
 
 def announce_changes(progress: Progress | None) -> Progress:

@@ -18,7 +18,8 @@ from autodiff import holders
 from autodiff.backward import BackwardContext, backward, usable
 from autodiff.config import RunConfig
 from autodiff.estimate import Estimate, estimate
-from autodiff.errors import BudgetExceeded, ConfigError, LLMFatalError, LLMTransientError, StoreError, TooManyErrors
+from autodiff.errors import (BudgetExceeded, ConfigError, LLMFatalError, LLMTransientError, RunTakenOver, StoreError,
+                             TooManyErrors)
 from autodiff.judge import Rule, judge, out_of_reach
 from autodiff.metrics import projection
 from autodiff.llm.budget import Budget
@@ -56,6 +57,13 @@ class CallBuffer:
         with self._lock:
             calls, self._calls = self._calls, []
         self.store.add_calls(calls)
+
+    def drop(self) -> int:
+        """Forget the records not flushed yet (their run is no longer this process's to write);
+        returns how many there were."""
+        with self._lock:
+            calls, self._calls = self._calls, []
+        return len(calls)
 
 
 @dataclass
@@ -144,13 +152,37 @@ class Trainer:
         in the CLI), which is then raised again. An LLMFatalError or any other failure marks it
         failed and is raised. A run another live process holds is refused with a ConfigError
         before anything is touched (see autodiff.holders); one taken over by another process
-        meanwhile is left to it at the next step boundary."""
+        meanwhile is left to it at the next step boundary, and if this process was paused while
+        it happened (a machine asleep, a stopped process), at its first write after waking: every
+        write is fenced (`Store.fence`), so the step it was in is not stored twice."""
         try:
             self.register()
             holders.take(self.store, self.run_id)  # before any step is discarded or redone
+            self.store.fence(self.run_id)
         except BaseException:
             self.pool.shutdown(wait=False)
             raise
+        try:
+            return self._train_held()
+        except RunTakenOver as exc:
+            self._leave(exc)
+            return self.run_id
+        finally:
+            self.store.unfence(self.run_id)
+
+    def _leave(self, taken: RunTakenOver) -> None:
+        """Let go of a run another process took over while this one trained it: calls waiting
+        give up, none queued starts, nothing more is written, and the calls made since the last
+        write (really made, and paid for) are said, as they cannot be recorded."""
+        for limiter in {id(llm.limiter): llm.limiter
+                        for llm in (self.roles.forward, self.roles.backward, self.roles.optimizer)}.values():
+            limiter.cancel()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.progress("taken_over", {"step": self.current_step, "during": True, "reason": taken.now,
+                                     "unrecorded_calls": self.buffer.drop()})
+
+    def _train_held(self) -> str:
+        self.current_step = None
         try:
             start = self._begin()
             # One more check after the last step: a stop during it leaves it incomplete (for a
@@ -164,10 +196,13 @@ class Trainer:
                     self._stop(step)
                     return self.run_id
                 if step <= self.config.steps:
+                    self.current_step = step
                     self.run_step(step)
             self._final_test()
             self.store.set_run_status(self.run_id, "completed")
             self.progress("completed", {"best_val": self.best_val})
+        except RunTakenOver:
+            raise  # nothing of this process is to be written to the run any more: see `_leave`
         except TooManyErrors as exc:
             self.buffer.flush()
             self.store.set_run_status(self.run_id, "stopped", error=f"{exc}; fix the cause, then resume: failed samples are asked again")

@@ -32,6 +32,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -210,6 +211,21 @@ class Worker:
         asyncio.run(self._serve())
 
     async def _serve(self) -> None:
+        procrastinate = _procrastinate()
+        try:
+            await self._work()
+        except procrastinate.exceptions.ProcrastinateException as exc:  # the database went away under it
+            raise self._lost(f"{type(exc).__name__}: {exc.__cause__ or exc}") from None
+        if not self._shutting_down:  # procrastinate stopped on its own: its heartbeat or listener failed
+            raise self._lost("see the log above")
+        log.info("worker %s stopped", self.options.name)
+
+    def _lost(self, why: str) -> StoreError:
+        return StoreError(f"worker {self.options.name} stopped: it lost its connection to the queue's database "
+                          f"({self.store.db.mask(why)}); its runs go back on the queue once it is seen as dead. Start "
+                          "it again when the database answers")
+
+    async def _work(self) -> None:
         loop = asyncio.get_running_loop()
         async with self.app.open_async():
             work = asyncio.create_task(self.app.run_worker_async(
@@ -230,11 +246,6 @@ class Worker:
                 sweeper.cancel()
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(sig)
-        if not self._shutting_down:  # procrastinate stopped on its own: its heartbeat or listener failed
-            raise StoreError(f"worker {self.options.name} stopped: it lost its connection to the queue's database "
-                             "(see the log above); its runs go back on the queue once it is seen as dead. Start it "
-                             "again when the database answers")
-        log.info("worker %s stopped", self.options.name)
 
     def _shut_down(self, work: asyncio.Task) -> None:
         with self._lock:
@@ -300,11 +311,14 @@ class Worker:
         return status
 
     def _train(self, run_id: str) -> None:
+        from autodiff.progress import taken_over_line
         from autodiff.runner import default_cache_path, resume
 
         def progress(event: str, info: dict) -> None:
             if event == "step_done":
                 log.info("run %s: step %s done", run_id, info.get("step"))
+            elif event == "taken_over":
+                log.warning("run %s: %s", run_id, taken_over_line(info))
 
         try:
             # clear_stop=False: a stop asked for since the run was queued must still stop it.
@@ -338,8 +352,13 @@ class Worker:
         import psycopg
 
         requeued: list[str] = []
-        async with await psycopg.AsyncConnection.connect(self.url, autocommit=True) as conn:
-            (locked,) = await (await conn.execute("SELECT pg_try_advisory_lock(%s)", (_SWEEP_LOCK,))).fetchone()
+        async with await psycopg.AsyncConnection.connect(self.url) as conn:
+            # The lock is the transaction's, and the server ends a transaction left idle longer than
+            # the stall time: a worker paused in the middle of a sweep (SIGSTOP, a machine asleep)
+            # would otherwise hold the lock, with its connection, until it woke, and no other worker
+            # could ever hand its runs on.
+            await conn.execute(f"SET idle_in_transaction_session_timeout = {int(max(self.options.stalled_s, 1) * 1000)}")
+            (locked,) = await (await conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (_SWEEP_LOCK,))).fetchone()
             if not locked:
                 return requeued  # another worker is sweeping right now
             try:
@@ -347,13 +366,43 @@ class Worker:
                     queue=QUEUE, task_name=TASK, seconds_since_heartbeat=self.options.stalled_s)
                 for job in stalled:
                     run_id = job.task_kwargs["run_id"]
+                    if run_id in self._running:
+                        # This worker is training it: its own heartbeat is what went stale (a
+                        # database outage), not the worker. Procrastinate stops a worker whose
+                        # heartbeat fails; until then the run stays here.
+                        continue
                     # The run first, the job second: once the job is back, a worker may take it at once.
                     await asyncio.to_thread(self._mark_abandoned, run_id)
                     await self.app.job_manager.retry_job(job)
                     requeued.append(run_id)
                     log.info("run %s: its worker stopped answering; back on the queue", run_id)
+                requeued += await self.requeue_jobless(conn)
             finally:
-                await conn.execute("SELECT pg_advisory_unlock(%s)", (_SWEEP_LOCK,))
+                await conn.rollback()  # ends the transaction, and with it the lock
+        return requeued
+
+    async def requeue_jobless(self, conn) -> list[str]:
+        """Give a job back to the runs that say queued but have none on the queue, for longer than
+        `stalled_s` (a run's status and its job are written in two steps, and a database outage
+        between them, or a job that ended while the database was away, left a run waiting for a
+        worker that would never come); returns their ids. Called by `requeue_stalled`, under its lock."""
+        procrastinate = _procrastinate()
+        rows = await (await conn.execute(
+            "SELECT r.id FROM runs r WHERE r.status = %s AND r.updated_at < %s AND NOT EXISTS ("
+            "SELECT 1 FROM procrastinate_jobs j WHERE j.queue_name = %s AND j.args->>'run_id' = r.id "
+            "AND j.status IN ('todo', 'doing')) ORDER BY r.updated_at",
+            (QUEUED, time.time() - self.options.stalled_s, QUEUE))).fetchall()
+        requeued = []
+        for (run_id,) in rows:
+            try:
+                await self.app.configure_task(TASK, queue=QUEUE, lock=run_id, queueing_lock=run_id).defer_async(
+                    run_id=run_id)
+            except procrastinate.exceptions.AlreadyEnqueued:
+                continue  # queued by someone else meanwhile
+            self.store.add_run_event(run_id, "requeued", "it said queued but had no job on the queue (lost in a "
+                                                         "database outage?): queued again")
+            log.warning("run %s: it said queued but had no job on the queue; queued again", run_id)
+            requeued.append(run_id)
         return requeued
 
     def _mark_abandoned(self, run_id: str) -> None:

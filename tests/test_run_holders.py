@@ -269,3 +269,52 @@ def test_a_trainer_whose_run_was_taken_over_leaves_it_at_the_next_step_boundary(
     run = store.run(run_id)
     assert (run.status, run.host, run.pid) == ("running", ELSEWHERE, 4242)  # left to its new holder
     assert [s.step for s in store.steps(run_id)] == [0, 1] and events[-1] == "taken_over"
+
+
+def test_a_trainer_paused_while_its_run_was_taken_over_writes_nothing_more(store, tmp_path):
+    """The holder is paused mid-step (a machine asleep, a stopped worker) and another process
+    takes the run over meanwhile; when the first wakes, its next write is refused (`Store.fence`):
+    it used to finish its step on top of the new holder's, storing that step twice (twice the
+    calls, gradients and proposals, and proposals it could accept). Here the takeover happens
+    inside the step's first backward call, as another process would write it."""
+    from autodiff.llm.fake import FakeProvider
+    from tests.fake_runs import responder
+
+    taken: list[float] = []
+    events: list[tuple[str, dict]] = []
+
+    def paused_in_backward(request):
+        reply = responder(request)
+        if "<feedback>" in request.messages[0].content and not taken:
+            taken.append(time.time())
+            other = Store(store.spec)  # another process's view of the store: not fenced
+            assert other.hold_run(run_ids[0], ELSEWHERE, 4242)
+            other.close()
+        return reply
+
+    run_ids: list[str] = []
+    config = make_config(task="object_counting", forward_model="fake:forward", backward_model="fake:backward",
+                         optimizer_model="fake:optimizer", steps=2, batch_size=4, val_limit=6, test_limit=6,
+                         concurrency=1)
+    run_id = runner.create(store, config, cache_path=tmp_path / "cache.sqlite")
+    run_ids.append(run_id)
+    assert runner.resume(store, run_id, cache_path=tmp_path / "cache.sqlite",
+                         providers={"fake": FakeProvider(paused_in_backward)},
+                         progress=lambda event, info: events.append((event, info))) == run_id
+    assert taken
+    run = store.run(run_id)
+    assert (run.status, run.host, run.pid) == ("running", ELSEWHERE, 4242)  # left to its new holder
+    assert [(s.step, s.status) for s in store.steps(run_id)] == [(0, "completed"), (1, "running")]
+    assert not [g for g in store.gradients(run_id) if g.step >= 1]
+    assert not [p for p in store.proposals(run_id) if p.step >= 1]
+    assert all(v.step == 0 for v in store.parameter_versions(run_id))
+    assert all(c.created_at <= taken[0] for c in store.call_summaries(run_id))
+    event, info = events[-1]
+    assert event == "taken_over" and info["during"] and info["step"] == 1 and info["unrecorded_calls"] >= 1
+    assert "held by process 4242 on host " + ELSEWHERE in info["reason"]
+
+    # The new holder (here: this process, forced, as `autodiff resume --force` would) goes on from
+    # step 0, redoing step 1 whole: one attempt of it is stored.
+    _resume(store, run_id, tmp_path, force=True)
+    assert store.run(run_id).status == "completed"
+    assert [(s.step, s.status) for s in store.steps(run_id)] == [(0, "completed"), (1, "completed"), (2, "completed")]

@@ -195,6 +195,49 @@ def test_sigterm_hands_the_run_back_for_another_worker(pg_store, pool) -> None:
     assert takers(pg_store, run_id) == ["first", "second"]
 
 
+def test_a_paused_worker_whose_run_was_handed_on_writes_nothing_more(pg_store, pool) -> None:
+    """A worker paused mid-step (SIGSTOP: a machine asleep, a frozen VM) stops answering; another
+    worker takes its run and goes on. When the first wakes it must not finish its step on top of
+    the new holder's: a tester saw step 1 stored twice (twice the calls, gradients and proposals)
+    and step times out of order. Its first write is refused instead (`Store.fence`)."""
+    paused = pool.start("paused")
+    pool.wait_ready("paused")
+    run_id = queue(pg_store, steps=3, delay=0.4)
+    wait_for(lambda: any(s.step == 1 for s in pg_store.steps(run_id)), 60, lambda: pg_store.run(run_id))
+    paused.send_signal(signal.SIGSTOP)
+    try:
+        pool.start("heir")
+        wait_for(lambda: "heir" in takers(pg_store, run_id) and (pg_store.last_completed_step(run_id) or 0) >= 1, 90,
+                 lambda: (pg_store.run(run_id), pool.log("heir")))
+    finally:
+        paused.send_signal(signal.SIGCONT)
+    wait_for(lambda: pg_store.run(run_id).status == "completed", 90, lambda: (pg_store.run(run_id), pool.log("heir")))
+    wait_for(lambda: "took the run over while this one was in step" in pool.log("paused"), 30,
+             lambda: pool.log("paused"))
+    time.sleep(1.0)  # anything the paused worker still meant to write would be written by now
+    steps = pg_store.steps(run_id)
+    assert [s.status for s in steps] == ["completed"] * 4
+    assert all(a.finished_at <= b.started_at for a, b in zip(steps, steps[1:])), steps  # in order, none redone after
+    forward = Counter(c.step for c in pg_store.call_summaries(run_id) if c.phase == "forward")
+    assert forward[1] == forward[2] == forward[3], forward  # step 1's mini-batch forward calls once, like the others
+    proposals = Counter(p.step for p in pg_store.proposals(run_id))
+    assert proposals[1] == proposals[2] == proposals[3] > 0, proposals  # the same number each step
+
+
+def test_a_queued_run_without_a_job_is_queued_again(pg_store, pool) -> None:
+    """A run that says queued with no job on the queue (its job lost in a database outage) used
+    to wait for a worker forever; a worker's sweep gives it a job again."""
+    run_id = runner.create(pg_store, config(steps=1))
+    pg_store.set_run_status(run_id, "queued", error="waiting for a worker")  # and no job deferred
+    with pg_store.connect() as conn:
+        conn.execute("UPDATE runs SET updated_at = ? WHERE id = ?", (time.time() - 60, run_id))
+    assert workers.queued_jobs(pg_store) == {}
+    pool.start("w")
+    wait_for(lambda: pg_store.run(run_id).status == "completed", 60, lambda: (pg_store.run(run_id), pool.log("w")))
+    assert [e.kind for e in pg_store.run_events(run_id) if e.kind == "requeued"] == ["requeued"]
+    assert "had no job on the queue; queued again" in pool.log("w")
+
+
 def test_a_stop_asked_for_while_queued_stops_it_when_taken(pg_store, pool) -> None:
     run_id = queue(pg_store)
     pg_store.request_stop(run_id)

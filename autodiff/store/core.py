@@ -17,14 +17,17 @@ split) are the columns the store writes besides it, and come back filled. `CallS
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import inspect
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from autodiff.errors import StoreError
+from autodiff.errors import RunTakenOver, StoreError
 from autodiff.records import (CallSummary, Evaluation, Gradient, InputRef, Invocation, LLMCall, ParameterSpec,
                               ParameterVersion, Proposal, Run, RunEvent, Step, Trace)
 from autodiff.store.schema import MIGRATIONS
@@ -38,14 +41,43 @@ _STEP_COLUMNS = ("run_id", *(f.name for f in dataclasses.fields(Step)))
 
 def _writes(method: Callable[..., Any]) -> Callable[..., Any]:
     """A store call that writes (one transaction): the backend may run it again after a
-    conflict it resolved by aborting it (a PostgreSQL deadlock), so none reaches the caller."""
+    conflict it resolved by aborting it (a PostgreSQL deadlock), so none reaches the caller.
+    A write to a run this Store fences (`Store.fence`) happens only while the fencing process
+    still holds the run, checked in the write's own transaction (`Store.connect`)."""
+    names = list(inspect.signature(method).parameters)
+    takes_run_id = len(names) > 1 and names[1] == "run_id"
+
     @functools.wraps(method)
     def call(self: "Store", *args: Any, **kwargs: Any) -> Any:
         # A generator of rows is read once: kept as a list, so a second attempt writes them too.
         args = tuple(list(a) if isinstance(a, Iterator) else a for a in args)
         kwargs = {k: list(v) if isinstance(v, Iterator) else v for k, v in kwargs.items()}
-        return self.db.retrying(method, self, *args, **kwargs)
+        if not self._fences or method.__name__ in _UNFENCED:
+            return self.db.retrying(method, self, *args, **kwargs)
+        if takes_run_id:
+            runs = {args[0] if args else kwargs["run_id"]}
+        else:
+            runs = _RUNS_WRITTEN[method.__name__](self, *args, **kwargs)
+        held = {r: self._fences[r] for r in runs if r in self._fences}
+        if not held:
+            return self.db.retrying(method, self, *args, **kwargs)
+        self._pending.held = held
+        try:
+            return self.db.retrying(method, self, *args, **kwargs)
+        finally:
+            self._pending.held = None
     return call
+
+
+# Writes never fenced: registering a run, and taking one (`autodiff.holders.take` checks itself).
+_UNFENCED = ("create_run", "hold_run")
+# The runs a write touches, for the writes whose first argument is not a run id.
+_RUNS_WRITTEN: dict[str, Callable[..., set[str]]] = {
+    "add_calls": lambda store, calls: {c.run_id for c in calls},
+    "mark_feedback_consumed": lambda store, ids, step: store._runs_of("gradients", ids),
+    "update_proposal": lambda store, proposal_id, **fields: store._runs_of("proposals", [proposal_id]),
+    "decide": lambda store, proposal_id, *args, **kwargs: store._runs_of("proposals", [proposal_id]),
+}
 
 
 def _count(condition: str) -> str:
@@ -142,6 +174,8 @@ class Store:
 
     def __init__(self, spec: str | Path, *, create: bool = True):
         spec = check_spec(spec)
+        self._fences: dict[str, tuple[str | None, int | None, float | None]] = {}
+        self._pending = threading.local()  # the fence the write running in this thread checks
         if is_url(spec):
             from autodiff.store.postgres import PostgresBackend
 
@@ -175,8 +209,54 @@ class Store:
     def connect(self) -> Any:
         """A context manager: a connection in one transaction (committed when the block ends
         without error), with sqlite3's `execute(sql, params)`, `?` placeholders and rows read by
-        name or position. For the store's own methods and tests; nothing else holds SQL."""
-        return self.db.connect()
+        name or position. For the store's own methods and tests; nothing else holds SQL. Inside
+        a write to a fenced run (see `fence`), the transaction first checks the fence."""
+        held = getattr(self._pending, "held", None)
+        return self._fenced(held) if held else self.db.connect()
+
+    # --- fencing: one trainer writes a run ----------------------------------------------------
+
+    def fence(self, run_id: str) -> None:
+        """From now on, every write of this Store to run `run_id` (its steps, traces, gradients,
+        proposals, parameter versions, evaluations, calls, status, events) happens only while the
+        run is still held as it is now (status running, the same host, process and time taken;
+        see autodiff.holders), checked in the write's own transaction: on PostgreSQL the run's
+        row is read FOR SHARE, so a takeover waits for the write or the write sees the takeover;
+        on SQLite the write takes the database's write lock first. A write that finds the run
+        taken over raises RunTakenOver and writes nothing. The trainer fences the run it took:
+        a paused process (a machine asleep, a stopped worker) whose run another process took
+        meanwhile cannot add a second attempt of a step over the new holder's, or accept a
+        proposal, when it wakes. Call after taking the run; `unfence` ends it."""
+        run = self.run(run_id)
+        self._fences[run_id] = (run.host, run.pid, run.held_since)
+
+    def unfence(self, run_id: str) -> None:
+        """End `fence(run_id)`; nothing happens for a run not fenced."""
+        self._fences.pop(run_id, None)
+
+    def _runs_of(self, table: str, ids: Sequence[str]) -> set[str]:
+        """The runs the rows `ids` of `table` (proposals, gradients) belong to."""
+        if not ids:
+            return set()
+        with self.db.connect() as conn:
+            rows = conn.execute(f"SELECT DISTINCT run_id FROM {table} WHERE id IN ({', '.join('?' * len(ids))})",
+                                list(ids)).fetchall()
+        return {r[0] for r in rows}
+
+    @contextlib.contextmanager
+    def _fenced(self, held: dict[str, tuple[str | None, int | None, float | None]]) -> Iterator[Any]:
+        with self.db.connect() as conn:
+            self.db.lock_for_write(conn)
+            for run_id, (host, pid, since) in held.items():
+                row = conn.execute("SELECT status, host, pid, held_since FROM runs WHERE id = ?"
+                                   + self.db.share_lock, (run_id,)).fetchone()
+                if row is None:
+                    raise RunTakenOver(run_id, "it is gone from the store")
+                if (row["status"], row["host"], row["pid"], row["held_since"]) != ("running", host, pid, since):
+                    now = (f"now held by process {row['pid']} on host {row['host']}" if row["status"] == "running"
+                           else f"it is {row['status']} now")
+                    raise RunTakenOver(run_id, now)
+            yield conn
 
     def migrate(self, create: bool = True) -> None:
         """Apply the schema migrations this store has not had yet (see `schema.MIGRATIONS`); with

@@ -267,6 +267,13 @@ class PostgresBackend:
         """A FROM item whose `alias.value` walks the JSON array (text) in `column`."""
         return f"jsonb_array_elements_text(CAST({column} AS jsonb)) AS {alias}(value)"
 
+    # A fenced write reads its run's row FOR SHARE: a takeover (an UPDATE of that row) waits until
+    # the write commits, or the write, coming second, reads the new holder and writes nothing.
+    share_lock = " FOR SHARE"
+
+    def lock_for_write(self, conn: Any) -> None:
+        """Nothing to take beyond the row lock `share_lock` reads with."""
+
     def retrying(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run a store call (one transaction), again after a deadlock or serialization failure."""
         from psycopg import errors
