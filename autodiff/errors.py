@@ -111,5 +111,7 @@ class ParseError(AutodiffError):
 
 
 # What an LLM call's `error_kind` can say: rate_limit (429), timeout, server (5xx), connection,
-# garbage (an unparseable body), empty (no text), context_window, fatal (4xx that retrying cannot fix).
-ERROR_KINDS = ("rate_limit", "timeout", "server", "connection", "garbage", "empty", "context_window", "fatal")
+# garbage (an unparseable body), empty (no text), context_window, fatal (4xx that retrying cannot fix),
+# interrupted (Ctrl-C or SIGTERM before its reply: the run stopped, the call has no reply).
+ERROR_KINDS = ("rate_limit", "timeout", "server", "connection", "garbage", "empty", "context_window", "fatal",
+               "interrupted")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from autodiff.errors import LLMFatalError, LLMTransientError
+from autodiff.errors import CallCancelled, LLMFatalError, LLMTransientError
 from autodiff.llm.anthropic_provider import AnthropicProvider
 from autodiff.llm.cache import ResponseCache, cache_key
 from autodiff.llm.client import LLM, RetryPolicy
@@ -82,6 +82,41 @@ def test_a_retry_after_longer_than_any_wait_gives_up_at_once_and_says_what_was_a
     with pytest.raises(LLMTransientError, match=r"asked to wait (99\d\d\d|100000) s \(27\.\d h\), longer than a call ever"):
         other.complete("hi", CTX)
     assert "--retry-budget" not in str(raised.value) and time.monotonic() - started < 5
+
+
+def test_a_budget_spent_on_time_outs_is_not_called_a_wait_the_server_asked_for() -> None:
+    """Attempts that each time out use up the retry budget with no Retry-After sent: the error
+    used to say "the server asked to wait 0 s, more than the retry budget" and suggest a larger
+    budget, which cannot help; it now gives the time-out, and the resume advice a longer one."""
+    from autodiff.records import Run
+    from autodiff.recovery import resume_option
+
+    timed_out = LLMTransientError("request timed out (read limit 8s, connect 8s)", kind="timeout")
+    provider = FakeProvider([timed_out] * 50, latency=0.1)
+    llm = LLM("fake:m", provider, retry=RetryPolicy(budget_s=0.5, initial_wait=0.05, max_wait=0.05))
+    with pytest.raises(LLMTransientError) as raised:
+        llm.complete("hi", CTX)
+    said = str(raised.value)
+    assert provider.calls > 1 and "gave up after" in said and "timed out (read limit 8s" in said, said
+    assert "asked to wait" not in said and "--retry-budget" not in said, said
+    run = Run(id="r", task="t", config={"backward_timeout": 8.0}, status="stopped", error=f"step 1: 2 of 16 backward "
+              f"calls failed (more than 10%); first: backward call failed: {said}", created_at=0.0, updated_at=0.0,
+              stop_requested=False, pid=None)
+    assert resume_option(run) == "--backward-timeout 40"
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, CallCancelled])
+def test_a_call_cut_off_by_an_interrupt_is_recorded_as_having_no_reply(interrupt) -> None:
+    """Ctrl-C or SIGTERM while a call waits for its reply: it used to be recorded as a successful
+    reply with no text and unknown tokens (no error), so the run's token count said "+ unknown"."""
+    def cut_off(request):
+        raise interrupt()
+
+    llm, calls = _llm(FakeProvider(cut_off))
+    with pytest.raises(interrupt):
+        llm.complete("hi", CTX)
+    [call] = calls
+    assert call.response is None and call.error_kind == "interrupted" and "interrupted" in call.error
 
 
 def test_fatal_error_is_not_retried() -> None:

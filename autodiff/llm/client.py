@@ -127,10 +127,12 @@ class _RetryBudget:
             return True
         spent = now - self.first_failure
         server_wait = max(_retry_after(state) or 0.0, self.pause_left())
-        if spent + server_wait > self.budget_s or server_wait > MAX_RETRY_AFTER:
+        # What the server asked is named only when it is what does not fit: a budget spent on
+        # attempts that each timed out is not a Retry-After, and a larger budget would not help.
+        if server_wait > MAX_RETRY_AFTER or (server_wait and spent <= self.budget_s < spent + server_wait):
             self.asked = server_wait
             return True
-        return spent + state.upcoming_sleep > self.budget_s
+        return spent + max(state.upcoming_sleep, server_wait) > self.budget_s
 
     @property
     def deadline(self) -> float | None:
@@ -268,6 +270,10 @@ class LLM:
                     self.cache.put(key, completion)
         except LLMError as exc:
             error = exc
+            raise
+        except BaseException as exc:  # Ctrl-C, SIGTERM, a call given up on an interrupt (CallCancelled)
+            if completion is None:  # no reply: recorded as such, never as a reply with unknown tokens
+                error = LLMError(f"interrupted ({type(exc).__name__}) before its reply", kind="interrupted")
             raise
         finally:
             call = self._record(call_id, ctx, request, completion, cached, started, error, len(attempts), usage)
