@@ -471,15 +471,22 @@ def cmd_show(args) -> int:
         if r["errors"] or r["cut_off"]:
             faults.setdefault(r["step"], []).append(r)
 
-    def fault_text(step: int) -> str:
-        """'; errors: validate 3 (rate_limit 2, timeout 1); cut off: forward 1', or '' without faults."""
+    def fault_text(step: int, row: dict | None = None) -> str:
+        """'; errors: validate 3 (rate_limit 2, timeout 1), redone 2; cut off: forward 1', or ''
+        without faults. A step's figures (`row`, from step_figures, as the export and the
+        dashboard count them: its kept attempt by phase, then its redone attempts); without one
+        (calls outside any stored step), the calls' own totals by phase."""
         errors, cut = [], []
-        for r in faults.get(step, []):
-            if r["errors"]:
-                by_kind = ", ".join(f"{k} {n}" for k, n in kinds.get((step, r["phase"]), {}).items())
-                errors.append(f"{r['phase']} {r['errors']}" + (f" ({by_kind})" if by_kind else ""))
-            if r["cut_off"]:
-                cut.append(f"{r['phase']} {r['cut_off']}")
+        if row is not None:
+            parts = [(p, row[f"errors_{p}"], row[f"cut_off_{p}"]) for p in (*PHASES, "redone")]
+        else:
+            parts = [(r["phase"], r["errors"], r["cut_off"]) for r in faults.get(step, [])]
+        for phase, errored, cut_off in parts:
+            if errored:
+                by_kind = ", ".join(f"{k} {n}" for k, n in kinds.get((step, phase), {}).items())
+                errors.append(f"{phase} {errored}" + (f" ({by_kind})" if by_kind else ""))
+            if cut_off:
+                cut.append(f"{phase} {cut_off}")
         return (f"; errors: {', '.join(errors)}" if errors else "") + (f"; cut off: {', '.join(cut)}" if cut else "")
 
     def score(value: float | None, errored: int) -> str:
@@ -503,7 +510,7 @@ def cmd_show(args) -> int:
               f"test {score(row['test_score'], row['samples_errored_test'])} "
               f"failed {batch} tokens {format_tokens(row['tokens'], row['tokens_unknown'])}"
               f"{cost_text(row)} proposals "
-              f"{row['proposed']} accepted {row['accepted']}{fault_text(row['step'])}")
+              f"{row['proposed']} accepted {row['accepted']}{fault_text(row['step'], row)}")
     for step in sorted(set(faults) - {row["step"] for row in steps}):  # e.g. preflight before step 0 began
         print(f"{'outside a step' if step < 0 else f'step {step:>3} (no step record)'}: {fault_text(step)[2:]}")
     costs = store.proposal_costs(args.run_id)

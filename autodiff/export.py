@@ -32,7 +32,8 @@ def export_run(store: Store, run_id: str) -> dict:
             "cost_unknown_by_phase": {p: f[f"cost_unknown_{p}"] for p in PHASES},
             # the calls of attempts of this step that were stopped part-way and redone on resume
             "redone": {"calls": f["calls_redone"], "tokens": f["tokens_redone"], "cost_usd": f["cost_redone"],
-                       "cost_unknown": f["cost_unknown_redone"]},
+                       "cost_unknown": f["cost_unknown_redone"], "tokens_unknown": f["tokens_unknown_redone"],
+                       "errors": f["errors_redone"], "cut_off": f["cut_off_redone"]},
             "tokens": f["tokens"], "cost_usd": f["cost"],  # the step's totals, redone attempts included
             "savings": {"cache_usd": f["cache_saved_usd"], "backward_usd": f["backward_saved_usd"],
                         "backward_calls": f["backward_calls_saved"]},

@@ -298,3 +298,24 @@ def test_error_kinds_count_the_calls_the_phase_figures_count_after_a_step_is_red
     assert error_kinds(store, run_id)[(0, "validate")] == {"rate_limit": 1, "timeout": 1}  # step 0 is kept
     [step1] = [s for s in export_run(store, run_id)["steps"] if s["step"] == 1]
     assert step1["error_kinds_by_phase"] == {} and step1["errors_by_phase"] == dict.fromkeys(PHASES, 0)
+    # The redone attempt's faults are its own figures, so a step's errors sum to the run's; `show`
+    # says the same (it used to print the first attempt's errors under their phases).
+    doc = export_run(store, run_id)
+    assert step1["redone"]["errors"] == row["errors_redone"] > 0
+    assert step1["redone"]["cut_off"] == row["cut_off_redone"]
+    assert sum(sum(s["errors_by_phase"].values()) + s["redone"]["errors"] for s in doc["steps"]) == doc["run"]["errors"]
+    assert cli.main(["--store", str(store.path), "show", run_id]) == 0
+    [line] = [line for line in capsys_lines(store, run_id) if line.startswith("step   1:")]
+    assert line.endswith(f"; errors: redone {row['errors_redone']}" + (f"; cut off: redone {row['cut_off_redone']}"
+                                                                           if row["cut_off_redone"] else ""))
+
+
+def capsys_lines(store: Store, run_id: str) -> list[str]:
+    """The lines `autodiff show RUN` prints."""
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli.main(["--store", str(store.path), "show", run_id]) == 0
+    return out.getvalue().splitlines()
