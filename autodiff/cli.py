@@ -190,6 +190,12 @@ def main(argv: list[str] | None = None) -> int:
             store = args.opened_stores[-1]  # train and resume open one store: the run's
             print(f"interrupted ({exc.how}): run {exc.run_id} is stopped; continue with: "
                   f"{resume_command(exc.run_id, store)}", file=sys.stderr)
+            if exc.abandoned_calls:  # threads still wait for replies nobody will read: end now, not when they do
+                for opened in getattr(args, "opened_stores", ()):
+                    opened.close()
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(130)
         else:
             print("interrupted", file=sys.stderr)
         return 130

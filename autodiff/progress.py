@@ -26,7 +26,7 @@ def progress_bar(total_steps: int, quiet: bool = False, also: Progress | None = 
     """A progress callback drawing one bar of `total_steps` steps (on stderr in a terminal, a
     widget in a notebook), made on the first event so a bad input prints no empty bar. `also`
     receives every event too. Events: initial, step, backward, accepted, pending, step_done,
-    resumed, stopped, completed, taken_over; each with a dict of details."""
+    resumed, stopped, completed, taken_over, interrupting; each with a dict of details."""
     from tqdm.auto import tqdm
 
     bars: list = []
@@ -52,6 +52,9 @@ def progress_bar(total_steps: int, quiet: bool = False, also: Progress | None = 
             bar.write(f"stopped: {info['reason']}")
         elif event == "taken_over":
             bar.write(taken_over_line(info))
+        elif event == "interrupting":
+            bar.write(f"stopping ({info['how']}): waiting for the LLM calls already sent to end, so that their "
+                      "replies are recorded (press Ctrl-C again to stop without them)")
         if event in ("completed", "stopped", "taken_over"):
             bar.close()
 

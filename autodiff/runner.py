@@ -100,11 +100,13 @@ def train(
 
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C (or SIGTERM, which the CLI turns into one) ended a run this process trained; the run
-    is recorded as stopped, resumable. `run_id` names it, so the message can say what to resume."""
+    is recorded as stopped, resumable. `run_id` names it, so the message can say what to resume;
+    `abandoned_calls` is True when a second interrupt stopped the wait for calls still out (their
+    threads may still be waiting for a reply: the process need not wait for them to exit)."""
 
-    def __init__(self, run_id: str, how: str):
+    def __init__(self, run_id: str, how: str, abandoned_calls: bool = False):
         super().__init__(f"run {run_id} interrupted by {how}")
-        self.run_id, self.how = run_id, how
+        self.run_id, self.how, self.abandoned_calls = run_id, how, abandoned_calls
 
 
 def train_here(trainer: Trainer) -> str:
@@ -119,7 +121,8 @@ def train_here(trainer: Trainer) -> str:
             trainer.store.run(trainer.run_id)
         except StoreError:  # interrupted before the run was written: nothing to resume
             raise exc from None
-        raise Interrupted(trainer.run_id, str(exc.args[0]) if exc.args else "Ctrl-C") from exc
+        raise Interrupted(trainer.run_id, str(exc.args[0]) if exc.args else "Ctrl-C",
+                          abandoned_calls=getattr(trainer, "abandoned_calls", False)) from exc
 
 
 def create(store: Store, config: RunConfig, *, task: Task | None = None, run_id: str | None = None,

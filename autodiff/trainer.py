@@ -183,6 +183,7 @@ class Trainer:
 
     def _train_held(self) -> str:
         self.current_step = None
+        self.abandoned_calls = False  # a second interrupt left calls in flight: see the KeyboardInterrupt handler
         try:
             start = self._begin()
             # One more check after the last step: a stop during it leaves it incomplete (for a
@@ -225,9 +226,16 @@ class Trainer:
             roles = (self.roles.forward, self.roles.backward, self.roles.optimizer)
             for limiter in {id(llm.limiter): llm.limiter for llm in roles}.values():
                 limiter.cancel()
-            self.pool.shutdown(wait=True, cancel_futures=True)
+            how = str(exc.args[0]) if exc.args else "Ctrl-C"
+            self.progress("interrupting", {"how": how})
+            try:
+                self.pool.shutdown(wait=True, cancel_futures=True)
+            except KeyboardInterrupt:  # again, while calls already sent were still out: stop waiting for them
+                self.pool.shutdown(wait=False, cancel_futures=True)
+                self.abandoned_calls = True
+                how += " twice: the calls still out were not waited for, and are not recorded"
             self.buffer.flush()
-            self._interrupted(str(exc.args[0]) if exc.args else "Ctrl-C")
+            self._interrupted(how)
             raise
         except BaseException as exc:
             self.buffer.flush()

@@ -246,6 +246,48 @@ def test_a_validation_with_no_sample_scored_is_no_score(run_toy) -> None:
     assert steps[0].val_score is None and steps[0].test_score is None  # never shown as 0
 
 
+def test_a_second_interrupt_stops_the_wait_for_calls_still_out_and_still_records_the_stop(store, tmp_path) -> None:
+    """After Ctrl-C the trainer waits for the calls already sent (their replies are recorded),
+    and says so. A second Ctrl-C during that wait used to end the process with the run still
+    saying running and its finished calls unrecorded (while the terminal said stopped); now the
+    wait ends, what finished is recorded, and the run says stopped, interrupted twice."""
+    import os
+    import signal
+
+    from autodiff.config import make_config
+    from autodiff.llm.fake import FakeProvider
+    from conftest import TOY_DEFAULTS
+
+    release = threading.Event()
+
+    def forward(prompt: str):
+        if "Reply with the word OK" in prompt:
+            return "OK"
+        release.wait(30)  # a slow server: the reply is still out when both interrupts come
+        return "Answer: 1"
+
+    events: list[str] = []
+    timers = [threading.Timer(at, os.kill, (os.getpid(), signal.SIGINT)) for at in (1.5, 3.0)]
+    for timer in timers:
+        timer.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt) as raised:
+            runner.train(store, make_config(**TOY_DEFAULTS), run_id="twice", cache_path=tmp_path / "cache.sqlite",
+                         providers={"fake": FakeProvider(Script(forward=forward))},
+                         progress=lambda event, info: events.append(event))
+    finally:
+        for timer in timers:
+            timer.cancel()
+        release.set()
+    assert time.monotonic() - started < 10  # not the 30 s the calls would have taken
+    assert "interrupting" in events
+    assert getattr(raised.value, "abandoned_calls", False)
+    run = store.run("twice")
+    assert run.status == "stopped" and run.error.startswith("interrupted (Ctrl-C twice: the calls still out were "
+                                                           "not waited for"), run.error
+
+
 def test_an_interrupt_ends_calls_waiting_out_a_retry_after_at_once(store, tmp_path) -> None:
     """Ctrl-C (or SIGTERM) while calls wait out a server's 30 s Retry-After: they give up at once
     (the process does not live on until the wait is over), and the run says stopped only once no
