@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, Interrupted):
             store = args.opened_stores[-1]  # train and resume open one store: the run's
             print(f"interrupted ({exc.how}): run {exc.run_id} is stopped; continue with: "
-                  f"{resume_command(exc.run_id, store)}", file=sys.stderr)
+                  f"{resume_command(exc.run_id, store, cache=getattr(args, 'cache', None))}", file=sys.stderr)
             if exc.abandoned_calls:  # threads still wait for replies nobody will read: end now, not when they do
                 for opened in getattr(args, "opened_stores", ()):
                     opened.close()
@@ -248,7 +248,7 @@ def cmd_train(args) -> int:
         run_id = train(store, config, cache_path=args.cache or default_cache_path(), run_id=args.run_id,
                        progress=_progress_bar(config.steps, args.quiet))
     _print_summary(store, run_id)
-    return _stopped_exit(store, run_id)
+    return _stopped_exit(store, run_id, args.cache)
 
 
 @contextlib.contextmanager
@@ -360,7 +360,7 @@ def cmd_estimate(args) -> int:
     return 0
 
 
-def _stopped_exit(store, run_id: str) -> int:
+def _stopped_exit(store, run_id: str, cache: Path | None = None) -> int:
     """0 for a completed run; 3, with the reason and how to go on, for one that stopped itself."""
     from autodiff import holders
 
@@ -372,7 +372,7 @@ def _stopped_exit(store, run_id: str) -> int:
         return 3
     if run.error:
         print(f"run {run_id} stopped: {run.error}", file=sys.stderr)
-    command = resume_command(run_id, store)
+    command = resume_command(run_id, store, cache=cache)
     if budget_option(run):  # the same budget would stop it again at once
         command += " " + _larger_budget(store, run)
     elif option := resume_option(run):  # its own retry settings stopped it: the same would again
@@ -415,7 +415,7 @@ def cmd_resume(args) -> int:
                         budget_usd=args.budget_usd, budget_tokens=args.budget_tokens, force=args.force,
                         options={name: getattr(args, name) for name in RESUME_OPTIONS}, progress=progress)
     _print_summary(store, run_id)
-    return _stopped_exit(store, run_id)
+    return _stopped_exit(store, run_id, args.cache)
 
 
 def _print_summary(store, run_id: str) -> None:

@@ -103,12 +103,18 @@ def store_option(store) -> str:
     return f" --store {shlex.quote(store.display)}"
 
 
-def resume_command(run_id: str, store=None, option: str = "") -> str:
+def resume_command(run_id: str, store=None, option: str = "", cache: Path | str | None = None) -> str:
     """The shell command that resumes run `run_id` of `store` (a Store; None: the default store),
-    as a person types it: `autodiff resume RUN [--store STORE] [option]`. Built when shown, never
-    stored with the run, so it names the store the run is read from (a run copied to another store
-    included)."""
+    as a person types it: `autodiff resume RUN [--store STORE] [--cache CACHE] [option]`, with
+    `--cache` when `cache` (the response cache the run used, where known) is not the default one,
+    so that the resume answers the redone step's finished calls from it instead of asking them
+    again. Built when shown, never stored with the run, so it names the store the run is read from
+    (a run copied to another store included)."""
+    from autodiff.runner import default_cache_path
+
     where = store_option(store) if store is not None else ""
+    if cache is not None and Path(cache).resolve() != default_cache_path().resolve():
+        where += f" --cache {shlex.quote(str(cache))}"
     return f"autodiff resume {shlex.quote(run_id)}{where}" + (f" {option}" if option else "")
 
 

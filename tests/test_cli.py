@@ -245,7 +245,9 @@ def test_a_run_stopped_by_its_retry_budget_says_so_and_resumes_with_a_larger_one
         assert code == 3, err
         assert "the server asked to wait 3 s, more than the 1 s retry budget" in err
         assert "gave up after 1 attempt in" in err and "1 attempts" not in err
-        assert f"continue with: autodiff resume limited --store {store_path} --retry-budget 10" in err
+        # with the run's response cache (not the default one), so the resume answers the redone calls from it
+        assert (f"continue with: autodiff resume limited --store {store_path} --cache {tmp_path / 'cache.sqlite'} "
+                "--retry-budget 10") in err
         what = recovery(Store(store_path).run("limited"))
         assert what.option == "--retry-budget 10" and "autodiff resume limited --retry-budget 10" in what.advice
         assert "rate limits passed" not in what.advice
@@ -287,7 +289,8 @@ def test_an_interrupted_training_is_stopped_and_names_the_command_to_resume_it(h
     common = ["--store", str(store_path), "--cache", str(tmp_path / "cache.sqlite")]
     assert cli.main([*common, "train", TOY_TASK, "--model", "fake:cli", "--steps", "3", "--run-id", "cut"]) == 130
     err = capsys.readouterr().err
-    assert f"continue with: autodiff resume cut --store {store_path}" in err and "RUN_ID" not in err
+    assert f"continue with: autodiff resume cut --store {store_path} --cache {tmp_path / 'cache.sqlite'}" in err
+    assert "RUN_ID" not in err
     run = Store(store_path).run("cut")
     assert run.status == "stopped" and f"interrupted ({how}) after step 1" in run.error
     what = recovery(run)

@@ -598,7 +598,8 @@ def test_after_a_budget_stop_the_cli_says_how_to_go_on_with_a_larger_budget(tmp_
     err = capsys.readouterr().err
     assert code == 3
     hint = next(line for line in err.splitlines() if line.startswith("continue with: "))
-    assert hint.startswith(f"continue with: autodiff resume cli-budget --store {store_path} --budget-tokens ")
+    assert hint.startswith(f"continue with: autodiff resume cli-budget --store {store_path} --cache "
+                           f"{store_path.parent / 'cache.sqlite'} --budget-tokens ")
     larger = int(hint.rsplit(" ", 1)[1])
     assert larger > 5100
     # The stored reason names no command (a store copied elsewhere would carry a wrong --store);
