@@ -4,8 +4,9 @@ from pathlib import Path
 
 import streamlit as st
 
+from autodiff.errors import StoreError
 from dashboard.auth import require_sign_in
-from dashboard.common import sidebar
+from dashboard.common import sidebar, store_unreachable
 
 # A local file, not a material icon name: the browser would fetch that favicon from a font CDN.
 st.set_page_config(page_title="autodiff", page_icon=str(Path(__file__).parent / "dashboard" / "icon.png"),
@@ -38,5 +39,8 @@ require_sign_in()  # only when a team configured it: see dashboard/auth.py
 navigation = st.navigation(PAGES + ALIASES)
 if navigation in ALIASES:  # before the sidebar reads the address (and says what in it is wrong)
     navigation.run()
-sidebar()
-navigation.run()
+try:
+    sidebar()
+    navigation.run()
+except StoreError as exc:  # the database went away under the page (pages handle their own refusals)
+    store_unreachable(exc)

@@ -28,8 +28,20 @@ ALL = "All"  # the choice of a filter that keeps everything
 @st.cache_resource
 def get_store(spec: str) -> Store:
     """One Store object per store (SQLite path or PostgreSQL URL), shared across sessions; it
-    opens short-lived connections (SQLite) or borrows them from its pool (PostgreSQL)."""
-    return Store(spec)
+    opens short-lived connections (SQLite) or borrows them from its pool (PostgreSQL), waiting at
+    most `STORE_WAIT_S` for one while the database does not answer (then the page says so:
+    `store_unreachable`), not the trainer's minute."""
+    return Store(spec, wait_s=STORE_WAIT_S)
+
+
+STORE_WAIT_S = 5.0
+
+
+def store_unreachable(exc: StoreError) -> None:
+    """Say, in place of a page, that the store failed under it (a PostgreSQL server down or
+    restarting), masked, and what to do; for an error no page handled itself."""
+    st.error(f"**The run store did not answer.** {md(mask_secrets(str(exc)))}  \nNothing stored is lost: reload the "
+             "page once the database answers again.", icon=":material/error:")
 
 
 def store_path() -> str:

@@ -95,3 +95,41 @@ def test_review_decisions_cross_processes(store: Store, tmp_path: Path) -> None:
     for pid in decided:
         p = store.proposal(pid)
         assert p.decision == "reject" and p.decided_by == "Grace" and p.fate != "pending"
+
+
+def test_a_page_says_the_store_did_not_answer_when_its_database_goes_away(postgres, tmp_path: Path) -> None:
+    """A PostgreSQL server that stops answering after the dashboard opened its store: every page
+    used to stay blank, its running indicator spinning for the pool's whole minute and then an
+    exception. Now the page says, within the dashboard's wait, that the store did not answer,
+    with nothing stored lost, and shows again once the database does."""
+    from urllib.parse import urlsplit
+
+    import time
+
+    url = postgres.new_database()
+    name = urlsplit(url).path.lstrip("/")
+    store = Store(url)
+    run_id = fake_run(store, tmp_path / "cache.sqlite", steps=1)
+    store.close()
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.session_state["store_path"] = url
+    at.query_params["run"] = run_id
+    at.run()  # the Runs page, through the frame (app.py), as a browser opens it
+    assert_clean(at)
+    assert not at.error, [e.value for e in at.error]
+    try:  # the database goes away: open connections ended, no new one allowed
+        postgres.admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
+        postgres.admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+        started = time.monotonic()
+        at.run()
+        assert time.monotonic() - started < 30
+        assert not at.exception, [e.value for e in at.exception]
+        assert any("The run store did not answer" in e.value and "reload the page" in e.value for e in at.error), \
+            [e.value for e in at.error]
+    finally:
+        postgres.admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+    at.run()
+    assert_clean(at)
+    assert not at.error, [e.value for e in at.error]
+    assert any("Runs" in t.value for t in at.title)
+    postgres.drop(url)

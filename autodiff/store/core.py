@@ -170,16 +170,19 @@ class Store:
     holding the store's tables): a source to read from is never made. Raises StoreError when the
     database cannot be reached, for a spec that looks meant as a URL but is not a valid one
     (`spec.check_spec`), for a path that is a folder or not a SQLite store, and for a schema
-    update this database user may not make."""
+    update this database user may not make. `wait_s`: on PostgreSQL, how long a store call waits
+    for a connection while the server does not answer before it raises StoreError (default
+    `postgres.POOL_WAIT_S`, 60 s: a trainer rides out a short outage; the dashboard waits less, so
+    a page says the store is unreachable rather than stay blank)."""
 
-    def __init__(self, spec: str | Path, *, create: bool = True):
+    def __init__(self, spec: str | Path, *, create: bool = True, wait_s: float | None = None):
         spec = check_spec(spec)
         self._fences: dict[str, tuple[str | None, int | None, float | None]] = {}
         self._pending = threading.local()  # the fence the write running in this thread checks
         if is_url(spec):
             from autodiff.store.postgres import PostgresBackend
 
-            self.db: Any = PostgresBackend(str(spec))
+            self.db: Any = PostgresBackend(str(spec), wait_s=wait_s)
         else:
             from autodiff.store.sqlite import SQLiteBackend
 
@@ -222,7 +225,7 @@ class Store:
         run is still held as it is now (status running, the same host, process and time taken;
         see autodiff.holders), checked in the write's own transaction: on PostgreSQL the run's
         row is read FOR SHARE, so a takeover waits for the write or the write sees the takeover;
-        on SQLite the write takes the database's write lock first. A write that finds the run
+        on SQLite the write takes the database's write lock first (`begin_write`). A write that finds the run
         taken over raises RunTakenOver and writes nothing. The trainer fences the run it took:
         a paused process (a machine asleep, a stopped worker) whose run another process took
         meanwhile cannot add a second attempt of a step over the new holder's, or accept a
@@ -246,7 +249,7 @@ class Store:
     @contextlib.contextmanager
     def _fenced(self, held: dict[str, tuple[str | None, int | None, float | None]]) -> Iterator[Any]:
         with self.db.connect() as conn:
-            self.db.lock_for_write(conn)
+            self.db.begin_write(conn)
             for run_id, (host, pid, since) in held.items():
                 row = conn.execute("SELECT status, host, pid, held_since FROM runs WHERE id = ?"
                                    + self.db.share_lock, (run_id,)).fetchone()

@@ -138,7 +138,7 @@ class PostgresBackend:
     no_limit = "ALL"  # LIMIT ALL: no limit
     insertion_order = "ctid"
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, wait_s: float | None = None):
         try:  # installed with the project; a clear word if not
             import psycopg  # noqa: F401
             import psycopg_pool  # noqa: F401
@@ -152,6 +152,7 @@ class PostgresBackend:
             raw_password = None
         self._secrets = (raw_password, url_password(url))
         self.display = self.mask(url)
+        self.wait_s = POOL_WAIT_S if wait_s is None else wait_s
         self._pool: Any = None
 
     def mask(self, text: str) -> str:
@@ -174,7 +175,7 @@ class PostgresBackend:
         except psycopg.Error as exc:
             raise self._unreachable(exc) from None
         self._pool = ConnectionPool(
-            self.spec, min_size=1, max_size=POOL_SIZE, timeout=POOL_WAIT_S, open=True, configure=_configure,
+            self.spec, min_size=1, max_size=POOL_SIZE, timeout=self.wait_s, open=True, configure=_configure,
             check=ConnectionPool.check_connection, kwargs={"connect_timeout": CONNECT_TIMEOUT_S},
             name="autodiff-store")
 
@@ -270,9 +271,6 @@ class PostgresBackend:
     # A fenced write reads its run's row FOR SHARE: a takeover (an UPDATE of that row) waits until
     # the write commits, or the write, coming second, reads the new holder and writes nothing.
     share_lock = " FOR SHARE"
-
-    def lock_for_write(self, conn: Any) -> None:
-        """Nothing to take beyond the row lock `share_lock` reads with."""
 
     def retrying(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run a store call (one transaction), again after a deadlock or serialization failure."""

@@ -128,13 +128,7 @@ class SQLiteBackend:
         """A FROM item whose `alias.value` walks the JSON array (text) in `column`."""
         return f"json_each({column}) {alias}"
 
-    share_lock = ""  # a fenced write holds the whole database's write lock instead (`lock_for_write`)
-
-    def lock_for_write(self, conn: sqlite3.Connection) -> None:
-        """Take the database's write lock now (BEGIN IMMEDIATE), before a fenced write reads its
-        run: no other process can change the run between that read and the write."""
-        if not conn.in_transaction:
-            conn.execute("BEGIN IMMEDIATE")
+    share_lock = ""  # a fenced write holds the whole database's write lock instead (`begin_write`)
 
     def retrying(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """SQLite serialises writers itself (a 30 s busy timeout): nothing to retry."""
