@@ -177,8 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         if str(exc).startswith("invalid run configuration"):  # `make_config`'s: options by their flags
             from autodiff.config import RunConfig
 
-            said = "; ".join((f"--{name.replace('_', '-')}" if name in RunConfig.model_fields else name) + f": {text}"
-                             for name, text in exc.problems)
+            flags = {"prices": "--price PROVIDER:MODEL=USD[/USD]"}  # options whose flag is not the field's name
+            said = "; ".join((flags.get(name) or f"--{name.replace('_', '-')}" if name in RunConfig.model_fields
+                              else name) + f": {text}" for name, text in exc.problems)
             print(f"error: invalid options: {said}", file=sys.stderr)
         else:
             print(f"error: {exc}", file=sys.stderr)
@@ -232,6 +233,14 @@ def _config(args):
     options = {name: getattr(args, name) for name in RunConfig.model_fields
                if name not in _SPECIAL_OPTIONS and not name.endswith("_model")}
     models = resolve_models(args.model, args.forward_model, args.backward_model, args.optimizer_model)
+    if args.reasoning_effort is not None:
+        from autodiff.llm.models import takes_reasoning_effort
+
+        ignored = [spec for spec in dict.fromkeys(models.values()) if not takes_reasoning_effort(spec)]
+        if ignored:  # said, not refused: a run may mix a reasoning model with others
+            print(f"note: --reasoning-effort {args.reasoning_effort} is sent only to reasoning models (OpenAI's o-series "
+                  f"and GPT-5, Anthropic's with extended thinking); {', '.join(ignored)} "
+                  f"{'is' if len(ignored) == 1 else 'are'} asked without it", file=sys.stderr)
     return make_config(task=args.task, task_args=_task_args(args.task_arg), cache=args.cache_mode,
                        prices=_pairs(args.price, "--price", "PROVIDER:MODEL=USD[/USD]"),
                        **{f"{role}_model": spec for role, spec in models.items()}, **options)

@@ -326,3 +326,15 @@ def test_show_says_unknown_for_tokens_a_server_never_reported(tmp_path: Path, ca
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
     assert len(lines) == 2 and " tokens unknown " in lines[0], lines  # step 0: forward calls alone
     assert re.search(r" tokens [\d,]+ \+ unknown ", lines[1]), lines  # the fake backward and optimizer report theirs
+
+
+def test_a_reasoning_effort_a_model_is_not_sent_is_said(tmp_path: Path, capsys) -> None:
+    """--reasoning-effort with a model that is asked without it (another server's model behind the
+    OpenAI API, a local one) used to be stored and silently never sent."""
+    common = ["--store", str(tmp_path / "runs.sqlite"), "estimate", "object_counting", "--reasoning-effort", "high"]
+    assert cli.main([*common, "--model", "openai:llama3.1", "--optimizer-model", "openai:o3"]) == 0
+    err = capsys.readouterr().err
+    assert "note: --reasoning-effort high is sent only to reasoning models" in err
+    assert "openai:llama3.1 is asked without it" in err and "o3" not in err.split("reasoning models")[1].split(";")[1]
+    assert cli.main([*common, "--model", "openai:o3"]) == 0
+    assert "note:" not in capsys.readouterr().err

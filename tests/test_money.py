@@ -699,3 +699,13 @@ def test_replies_without_usage_make_the_token_count_unknown_not_smaller(tmp_path
     assert f'"tokens_unknown": {no_usage}' in capsys.readouterr().out
     main(["--store", str(store.path), "runs"])
     assert shown in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("price", ["openai:foo=abc", "openai:foo=1/2/3", "openai:foo=-1", "openai:foo="])
+def test_a_malformed_price_names_the_option_as_typed_and_its_form(price: str, tmp_path: Path, capsys) -> None:
+    """It used to say '--prices: could not convert string to float', a flag that does not exist."""
+    code = main(["--store", str(tmp_path / "runs.sqlite"), "estimate", "object_counting", "--model", "fake:x",
+                 "--price", price])
+    err = capsys.readouterr().err
+    assert code == 2 and "--price PROVIDER:MODEL=USD[/USD]: a price is USD per million tokens" in err, err
+    assert "--prices" not in err and "could not convert" not in err and "Traceback" not in err

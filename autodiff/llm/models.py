@@ -75,6 +75,15 @@ DEFAULT = {provider: Family(f"{provider}-default", provider, "")
            for provider in ("openai", "anthropic", "local", "fake")}
 
 
+def takes_reasoning_effort(spec: str) -> bool:
+    """Whether a request to model `spec` ("provider:model") carries the run's reasoning effort:
+    OpenAI's reasoning models (`reasoning_effort`) and Anthropic's models with extended thinking
+    do; any other model (another server's behind the OpenAI API, a local one) is asked without it."""
+    provider, _, model = spec.partition(":")
+    family = family_of(provider, model)
+    return family.reasoning_effort or family.thinking is not None
+
+
 def family_of(provider: str, model: str) -> Family:
     """The first family of `provider` whose pattern matches `model` (a dated or fine-tuned name
     such as "ft:gpt-5-mini:org::id" or "o3-2025-04-16" matches its base), else the provider's

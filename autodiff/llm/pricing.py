@@ -74,13 +74,18 @@ class UserPrice:
         """From a number (the same rate both ways), a pair [input, output], or "IN/OUT" text."""
         if isinstance(value, UserPrice):
             return value
-        if isinstance(value, str):
-            value = [float(v) for v in value.split("/")]
-        if isinstance(value, (int, float)):
-            value = [value, value]
-        numbers = [float(v) for v in value]
+        said = value
+        try:
+            if isinstance(value, str):
+                value = [float(v) for v in value.split("/")]
+            if isinstance(value, (int, float)):
+                value = [value, value]
+            numbers = [float(v) for v in value]
+        except (TypeError, ValueError):
+            numbers = []
         if len(numbers) not in (1, 2) or any(not math.isfinite(v) or v < 0 for v in numbers):
-            raise ValueError(f"a price is USD per million tokens, one number or input/output; got {value!r}")
+            raise ValueError(f"a price is USD per million tokens, one number or input/output (e.g. 2.5/10); "
+                             f"got {said!r}")
         return cls(numbers[0], numbers[-1])
 
 
