@@ -21,7 +21,7 @@ from autodiff.config import RESUME_OPTIONS
 from autodiff.errors import AutodiffError
 from autodiff.exposure import exposure_warning
 from autodiff.records import Run
-from autodiff.recovery import budget_option, resume_command, resume_option
+from autodiff.recovery import budget_option, resume_command, resume_option, store_option
 from autodiff.runner import default_cache_path
 from autodiff.store.spec import is_url, mask_secrets, resolve_spec
 from autodiff.samples import SAMPLE_STORE  # the bundled sample runs: a new store starts as a copy
@@ -189,8 +189,9 @@ def main(argv: list[str] | None = None) -> int:
 
         if isinstance(exc, Interrupted):
             store = args.opened_stores[-1]  # train and resume open one store: the run's
-            print(f"interrupted ({exc.how}): run {exc.run_id} is stopped; continue with: "
-                  f"{resume_command(exc.run_id, store, cache=getattr(args, 'cache', None))}", file=sys.stderr)
+            command = resume_command(exc.run_id, store, cache=getattr(args, "cache", None))
+            print(f"interrupted ({exc.how}): run {exc.run_id} is stopped; continue with: {command}"
+                  f"{_password_note(command)}", file=sys.stderr)
             if exc.abandoned_calls:  # threads still wait for replies nobody will read: end now, not when they do
                 for opened in getattr(args, "opened_stores", ()):
                     opened.close()
@@ -206,6 +207,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:  # a PostgreSQL store's pool is closed here, not left to the garbage collector's thread
         for store in getattr(args, "opened_stores", ()):
             store.close()
+
+
+def _password_note(command: str) -> str:
+    """For a printed command that names a store URL with its password masked: how to give it."""
+    from autodiff.store.spec import MASK
+
+    return (f" ({MASK} stands for the store's password: type it there, or leave it out of the URL and set "
+            "PGPASSWORD)") if f":{MASK}@" in command else ""
 
 
 def _store(args, create: bool = True):
@@ -285,8 +294,9 @@ def _queue(args, store, config) -> int:
         config = config.model_copy(update={"task": f"{Path(where).resolve()}:{factory}"})
     run_id = create(store, config, run_id=args.run_id, cache_path=args.cache or default_cache_path())
     queue_run(store, run_id)
-    print(f"run {run_id} queued: a worker trains it (autodiff worker); follow it with autodiff show {run_id} "
-          "or in the dashboard")
+    where = store_option(store)
+    print(f"run {run_id} queued: a worker trains it (autodiff worker{where}); follow it with "
+          f"autodiff show {run_id}{where} or in the dashboard" + _password_note(where))
     return 0
 
 
@@ -386,7 +396,7 @@ def _stopped_exit(store, run_id: str, cache: Path | None = None) -> int:
         command += " " + _larger_budget(store, run)
     elif option := resume_option(run):  # its own retry settings stopped it: the same would again
         command += f" {option}"
-    print(f"continue with: {command}", file=sys.stderr)
+    print(f"continue with: {command}{_password_note(command)}", file=sys.stderr)
     return 3
 
 

@@ -385,23 +385,37 @@ class Worker:
         """Give a job back to the runs that say queued but have none on the queue, for longer than
         `stalled_s` (a run's status and its job are written in two steps, and a database outage
         between them, or a job that ended while the database was away, left a run waiting for a
-        worker that would never come); returns their ids. Called by `requeue_stalled`, under its lock."""
+        worker that would never come), and to the runs this worker holds but no longer trains;
+        returns their ids. Called by `requeue_stalled`, under its lock."""
         procrastinate = _procrastinate()
-        rows = await (await conn.execute(
+        rows: list[tuple] = await (await conn.execute(
             "SELECT r.id FROM runs r WHERE r.status = %s AND r.updated_at < %s AND NOT EXISTS ("
             "SELECT 1 FROM procrastinate_jobs j WHERE j.queue_name = %s AND j.args->>'run_id' = r.id "
             "AND j.status IN ('todo', 'doing')) ORDER BY r.updated_at",
             (QUEUED, time.time() - self.options.stalled_s, QUEUE))).fetchall()
+        # Runs this worker holds (its host and process) but is not training: a trainer of it that
+        # ended without writing how (the database was away when it failed) left them running.
+        held = await (await conn.execute(
+            "SELECT id FROM runs WHERE status = 'running' AND host = %s AND pid = %s",
+            (socket.gethostname(), os.getpid()))).fetchall()
+        for (run_id,) in held:
+            if run_id in self._running:
+                continue
+            done = await asyncio.to_thread(lambda r=run_id: self.store.last_completed_step(r) or 0)
+            why = (f"its trainer in worker {self.options.name} ended after step {done} without saying how (the "
+                   "database was away?); waiting for a worker, which goes on from there")
+            await asyncio.to_thread(self.store.set_run_status, run_id, QUEUED, why)
+            rows.append((run_id, why))
         requeued = []
-        for (run_id,) in rows:
+        for run_id, *why in rows:
             try:
                 await self.app.configure_task(TASK, queue=QUEUE, lock=run_id, queueing_lock=run_id).defer_async(
                     run_id=run_id)
             except procrastinate.exceptions.AlreadyEnqueued:
                 continue  # queued by someone else meanwhile
-            self.store.add_run_event(run_id, "requeued", "it said queued but had no job on the queue (lost in a "
-                                                         "database outage?): queued again")
-            log.warning("run %s: it said queued but had no job on the queue; queued again", run_id)
+            said = why[0] if why else "it said queued but had no job on the queue (lost in a database outage?)"
+            await asyncio.to_thread(self.store.add_run_event, run_id, "requeued", f"{said}: queued again")
+            log.warning("run %s: %s: queued again", run_id, said)
             requeued.append(run_id)
         return requeued
 

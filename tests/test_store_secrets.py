@@ -87,6 +87,8 @@ def test_a_password_in_the_url_reaches_no_record_export_message_or_page(secret_u
         said[argv[0]] = said.get(argv[0], "") + out.out + out.err
         assert PASSWORD not in out.out + out.err
     assert "continue with: autodiff resume secret --store 'postgresql://postgres:***@" in said["resume"]
+    assert "(*** stands for the store's password: type it there, or leave it out of the URL and set PGPASSWORD)" \
+        in said["resume"]  # a command to paste says what its *** is
     assert "no run with id 'nope' in postgresql://postgres:***@" in said["show"]
     # the dashboard: the sidebar names the store, masked
     at = AppTest.from_file(APP, default_timeout=60)

@@ -235,7 +235,23 @@ def test_a_queued_run_without_a_job_is_queued_again(pg_store, pool) -> None:
     pool.start("w")
     wait_for(lambda: pg_store.run(run_id).status == "completed", 60, lambda: (pg_store.run(run_id), pool.log("w")))
     assert [e.kind for e in pg_store.run_events(run_id) if e.kind == "requeued"] == ["requeued"]
-    assert "had no job on the queue; queued again" in pool.log("w")
+    assert "had no job on the queue (lost in a database outage?): queued again" in pool.log("w")
+
+
+def test_a_run_a_worker_holds_but_no_longer_trains_is_queued_again(pg_store, pool) -> None:
+    """A trainer that failed while the database was away could not write how it ended: its run
+    said running, held by a live worker that was not training it, and no one would ever take it.
+    The worker's sweep finds such runs of its own and queues them again."""
+    import socket
+
+    worker = pool.start("w")
+    pool.wait_ready("w")
+    run_id = runner.create(pg_store, config(steps=1))
+    assert pg_store.hold_run(run_id, socket.gethostname(), worker.pid)  # as its trainer left it, with no job
+    wait_for(lambda: pg_store.run(run_id).status == "completed", 60, lambda: (pg_store.run(run_id), pool.log("w")))
+    [requeued] = [e.text for e in pg_store.run_events(run_id) if e.kind == "requeued"]
+    assert requeued.startswith("its trainer in worker w ended after step 0 without saying how") and \
+        requeued.endswith(": queued again"), requeued
 
 
 def test_a_stop_asked_for_while_queued_stops_it_when_taken(pg_store, pool) -> None:
@@ -295,6 +311,9 @@ def test_the_password_reaches_no_log_history_or_job(pg_store, tmp_path) -> None:
         [run_id] = [r.id for r in store.runs()]
         assert store.run(run_id).config["task"] == SLOW_TASK  # a relative task file, made absolute for workers
         assert secret not in result.stdout + result.stderr
+        # how to follow it names the store (masked), and says what its *** is
+        assert f"follow it with autodiff show {run_id} --store 'postgresql://{parts.username}:***@" in result.stdout
+        assert "*** stands for the store's password" in result.stdout
         with psycopg.connect(url) as conn:
             [(args,)] = conn.execute("SELECT args::text FROM procrastinate_jobs").fetchall()
         assert args == f'{{"run_id": "{run_id}"}}'
