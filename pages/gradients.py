@@ -10,7 +10,7 @@ from dashboard import textfold
 from dashboard.common import ALL, choose, count, fmt_score, fmt_time, md, page_url, require_run, reset_when, show_call
 from dashboard.graphview import gradient_origin
 
-PER_PAGE = 25
+PER_PAGE = 15
 
 store, run_id = require_run()
 st.title("Gradients")
