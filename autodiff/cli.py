@@ -340,7 +340,9 @@ def cmd_store(args) -> int:
         source.close()
         target.close()
     for run in copied:
-        print(f"run {run.run_id}{' (replaced)' if run.replaced else ''}: {source.display} -> {target.display}")
+        replaced = (f" (replaced a different run of that name there: {run.replaced_other})" if run.replaced_other
+                    else " (replaced)" if run.replaced else "")
+        print(f"run {run.run_id}{replaced}: {source.display} -> {target.display}")
         for t in run.tables:
             print(f"  {t.table:<19} rows {t.source_rows:>7} -> {t.copied_rows:<7} sha256 {t.source_hash[:16]} -> "
                   f"{t.copied_hash[:16]}  {'equal' if t.equal else 'DIFFERENT'}")

@@ -258,3 +258,22 @@ def test_one_store_written_two_ways_is_the_same_store(tmp_path: Path, monkeypatc
         postgres.drop(elsewhere)
     finally:
         postgres.drop(url)
+
+
+def test_replacing_a_different_run_of_the_same_name_says_what_it_was(tmp_path: Path, capsys) -> None:
+    """Two people's runs named alike: --replace used to overwrite another task's run with a bare
+    '(replaced)'; it now says what was replaced, so the mistake shows."""
+    from autodiff.config import make_config
+    from autodiff.llm.fake import FakeProvider
+    from autodiff.runner import train
+    from tests.fake_runs import responder
+
+    alice, bob = Store(tmp_path / "alice.sqlite"), Store(tmp_path / "bob.sqlite")
+    for store, task in ((alice, "object_counting"), (bob, "trec")):
+        train(store, make_config(task=task, forward_model="fake:x", backward_model="fake:x", optimizer_model="fake:x", steps=1, batch_size=2, val_limit=3, test_limit=3),
+              run_id="pg1", cache_path=tmp_path / "cache.sqlite", providers={"fake": FakeProvider(responder)})
+    assert cli.main(["store", "copy", str(bob.path), str(alice.path), "pg1", "--replace"]) == 0
+    out = capsys.readouterr().out
+    assert "run pg1 (replaced a different run of that name there: task object_counting, models " in out, out
+    assert cli.main(["store", "copy", str(bob.path), str(alice.path), "pg1", "--replace"]) == 0
+    assert "run pg1 (replaced):" in capsys.readouterr().out  # the same run again: nothing to warn about

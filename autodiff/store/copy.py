@@ -52,6 +52,16 @@ class RunCopy:
     run_id: str
     replaced: bool
     tables: tuple[TableCheck, ...]
+    # When the run replaced one of another task or other models (two people's runs of one name):
+    # what that one was, "task trec, models fake:x (every role), completed", else "".
+    replaced_other: str = ""
+
+
+def _what(run) -> str:
+    """A run's task, models and status, to tell two runs of one name apart."""
+    models = [run.config.get(f"{role}_model") for role in ("forward", "backward", "optimizer")]
+    said = models[0] + " (every role)" if len(set(models)) == 1 else ", ".join(map(str, models))
+    return f"task {run.task}, models {said}, {run.status}"
 
 
 def _canonical(value: Any) -> Any:
@@ -140,7 +150,10 @@ def copy_runs(source: Store, target: Store, run_ids: Sequence[str] | None = None
         bad = [c.table for c in checks if not c.equal]
         if bad:
             raise StoreError(f"run {run_id} differs after the copy to {target.display} in {', '.join(bad)}")
-        done.append(RunCopy(run_id, run_id in present, checks))
+        before, now = present.get(run_id), source.run(run_id)
+        other = (_what(before) if before is not None and (_what(before).rsplit(",", 1)[0] != _what(now).rsplit(",", 1)[0])
+                 else "")
+        done.append(RunCopy(run_id, run_id in present, checks, other))
     return done
 
 
