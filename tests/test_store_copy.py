@@ -270,7 +270,8 @@ def test_replacing_a_different_run_of_the_same_name_says_what_it_was(tmp_path: P
 
     alice, bob = Store(tmp_path / "alice.sqlite"), Store(tmp_path / "bob.sqlite")
     for store, task in ((alice, "object_counting"), (bob, "trec")):
-        train(store, make_config(task=task, forward_model="fake:x", backward_model="fake:x", optimizer_model="fake:x", steps=1, batch_size=2, val_limit=3, test_limit=3),
+        fakes = {f"{role}_model": "fake:x" for role in ("forward", "backward", "optimizer")}
+        train(store, make_config(task=task, **fakes, steps=1, batch_size=2, val_limit=3, test_limit=3),
               run_id="pg1", cache_path=tmp_path / "cache.sqlite", providers={"fake": FakeProvider(responder)})
     assert cli.main(["store", "copy", str(bob.path), str(alice.path), "pg1", "--replace"]) == 0
     out = capsys.readouterr().out
