@@ -6,6 +6,7 @@ migrated store and is told what right is missing otherwise."""
 from __future__ import annotations
 
 import os
+import re
 import traceback
 from pathlib import Path
 
@@ -51,6 +52,7 @@ def test_a_mistyped_url_is_one_clear_error_and_never_a_file(spec, meant, tmp_pat
     (f"host=127.0.0.1 port=55432 dbname=teamdb user=alice password={SECRET}", "postgresql://alice:***@127.0.0.1:55432/teamdb"),
     (f"dbname=runs user=bob password='{SECRET} x'", "postgresql://bob:***@localhost/runs"),
     ("host=db.example.org dbname=runs", "postgresql://db.example.org/runs"),
+    ("host=/tmp/pg port=55433 dbname=runs user=ad", "postgresql://ad@%2Ftmp%2Fpg:55433/runs"),  # a socket folder
 ])
 def test_a_key_value_connection_string_is_answered_with_its_url_and_never_a_file(spec, meant, tmp_path, monkeypatch,
                                                                                   capsys) -> None:
@@ -66,6 +68,22 @@ def test_a_key_value_connection_string_is_answered_with_its_url_and_never_a_file
         said = capsys.readouterr()
         assert "key=value connection string" in said.err and SECRET not in said.err + said.out
     assert list(tmp_path.iterdir()) == []  # no SQLite file made from it
+
+
+@pytest.mark.parametrize("spec, meant", [(f"ad:{SECRET}@localhost", "postgresql://ad:***@localhost"),
+                                         (f"ad:{SECRET}@127.0.0.1:55433/addb", "postgresql://ad:***@127.0.0.1:55433/addb")])
+def test_a_url_without_its_scheme_is_refused_and_never_a_file(spec, meant, tmp_path, monkeypatch, capsys) -> None:
+    """'user:password@host/db' used to become a SQLite file (or a folder and a file) named after
+    it, and the refusals that followed printed the password."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(StoreError, match=f"did you mean {re.escape(repr(meant))}") as caught:
+        Store(spec)
+    assert SECRET not in str(caught.value)
+    for command in (["train", "object_counting", "--model", "fake:x", "--steps", "1", "--queue"], ["runs"]):
+        assert cli.main(["--store", spec, *command]) == 2
+        said = capsys.readouterr()
+        assert "without its scheme" in said.err and SECRET not in said.err + said.out
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("spec, meant", [("sqlite:///runs.sqlite", "runs.sqlite"),

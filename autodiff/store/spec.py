@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 from typing import Iterable
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from autodiff.errors import StoreError
 
@@ -39,6 +39,9 @@ _KV_KEYWORDS = ("host", "hostaddr", "port", "dbname", "user", "password", "passf
                 "connect_timeout", "options", "application_name")
 _KV_LIKE = re.compile(r"(?i)^\s*(?:[a-z_]+\s*=\s*(?:'(?:[^'\\]|\\.)*'|[^\s']*)\s*)+$")
 _KV_KEY = re.compile(r"(?i)(?:^|\s)(%s)\s*=" % "|".join(_KV_KEYWORDS))
+# A URL's authority with a password and no scheme ("alice:secret@db.example.org:5432/runs"): never a
+# file name anyone means, and made one, it would carry the password.
+_BARE_AUTHORITY = re.compile(r"^[^/:@\s]+:[^/@\s]*@[^@\s]+$")
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _ENCODING_HINT = ("percent-encode special characters in the user name and password (@ as %40, / as %2F, : as %3A, "
                   "% as %25, # as %23, ? as %3F), or leave the password out of the URL and set PGPASSWORD "
@@ -103,6 +106,10 @@ def check_spec(spec: str | Path, source: str = "") -> str:
                          f"PostgreSQL store as a URL instead: {_kv_as_url(stripped)!r} ({URL_FORM}; the password "
                          "percent-encoded in the URL, or left out and set in PGPASSWORD or ~/.pgpass)")
     if not _URL_LIKE.match(spec):
+        if _BARE_AUTHORITY.match(stripped):  # user:password@host[:port]/db, the scheme left out
+            meant = mask_url("postgresql://" + stripped)
+            raise StoreError(f"the store {meant[len('postgresql://'):]!r}{where} looks like a PostgreSQL URL without "
+                             f"its scheme: did you mean {meant!r}? ({URL_FORM})")
         return spec
     shown = mask_url(stripped)
     if not stripped.startswith(URL_SCHEMES):
@@ -131,7 +138,9 @@ def _kv_as_url(spec: str) -> str:
     user = pairs.get("user", "")
     auth = (user + (f":{MASK}" if "password" in pairs else "") + "@") if user or "password" in pairs else ""
     port = f":{pairs['port']}" if pairs.get("port") else ""
-    return f"postgresql://{auth}{pairs.get('host') or pairs.get('hostaddr') or 'localhost'}{port}/{pairs.get('dbname', '')}"
+    host = pairs.get("host") or pairs.get("hostaddr") or "localhost"
+    host = quote(host, safe="") if host.startswith("/") else host  # a socket folder, percent-encoded in a URL
+    return f"postgresql://{auth}{host}{port}/{pairs.get('dbname', '')}"
 
 
 def _url_problem(url: str) -> str | None:
