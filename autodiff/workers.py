@@ -351,6 +351,7 @@ class Worker:
         (an advisory lock), so a job is never handed back twice."""
         import psycopg
 
+        procrastinate = _procrastinate()
         requeued: list[str] = []
         async with await psycopg.AsyncConnection.connect(self.url) as conn:
             # The lock is the transaction's, and the server ends a transaction left idle longer than
@@ -373,7 +374,16 @@ class Worker:
                         continue
                     # The run first, the job second: once the job is back, a worker may take it at once.
                     await asyncio.to_thread(self._mark_abandoned, run_id)
-                    await self.app.job_manager.retry_job(job)
+                    # A new job, not the stalled one again: its worker may only be paused, and when it
+                    # wakes procrastinate ends that job by its id (deleting it), which must not be the
+                    # job the next worker trains the run under.
+                    await self.app.job_manager.finish_job(job, status=procrastinate.jobs.Status.FAILED,
+                                                          delete_job=False)
+                    try:
+                        await self.app.configure_task(TASK, queue=QUEUE, lock=run_id,
+                                                      queueing_lock=run_id).defer_async(run_id=run_id)
+                    except procrastinate.exceptions.AlreadyEnqueued:
+                        pass  # queued again by someone else meanwhile
                     requeued.append(run_id)
                     log.info("run %s: its worker stopped answering; back on the queue", run_id)
                 requeued += await self.requeue_jobless(conn)

@@ -202,7 +202,7 @@ def test_a_paused_worker_whose_run_was_handed_on_writes_nothing_more(pg_store, p
     and step times out of order. Its first write is refused instead (`Store.fence`)."""
     paused = pool.start("paused")
     pool.wait_ready("paused")
-    run_id = queue(pg_store, steps=3, delay=0.4)
+    run_id = queue(pg_store, steps=6, delay=0.4)
     wait_for(lambda: any(s.step == 1 for s in pg_store.steps(run_id)), 60, lambda: pg_store.run(run_id))
     paused.send_signal(signal.SIGSTOP)
     try:
@@ -211,17 +211,22 @@ def test_a_paused_worker_whose_run_was_handed_on_writes_nothing_more(pg_store, p
                  lambda: (pg_store.run(run_id), pool.log("heir")))
     finally:
         paused.send_signal(signal.SIGCONT)
-    wait_for(lambda: pg_store.run(run_id).status == "completed", 90, lambda: (pg_store.run(run_id), pool.log("heir")))
     wait_for(lambda: "took the run over while this one was in step" in pool.log("paused"), 30,
              lambda: pool.log("paused"))
-    time.sleep(1.0)  # anything the paused worker still meant to write would be written by now
+    time.sleep(1.0)  # the paused worker's job has ended by now
+    if pg_store.run(run_id).status != "completed":
+        # The heir still trains under a job of its own: the paused worker, ending its job, used to
+        # delete that very job, so the run would have been lost if the heir died next.
+        assert workers.open_job(pg_store, run_id) is not None and workers.open_job(pg_store, run_id)[1] == "doing"
+    wait_for(lambda: pg_store.run(run_id).status == "completed", 90, lambda: (pg_store.run(run_id), pool.log("heir")))
+    assert "Traceback" not in pool.log("heir"), pool.log("heir")
     steps = pg_store.steps(run_id)
-    assert [s.status for s in steps] == ["completed"] * 4
+    assert [s.status for s in steps] == ["completed"] * 7
     assert all(a.finished_at <= b.started_at for a, b in zip(steps, steps[1:])), steps  # in order, none redone after
     forward = Counter(c.step for c in pg_store.call_summaries(run_id) if c.phase == "forward")
-    assert forward[1] == forward[2] == forward[3], forward  # step 1's mini-batch forward calls once, like the others
+    assert forward[1] == forward[2] == forward[3] == forward[6], forward  # step 1's mini-batch forward calls once, like the others
     proposals = Counter(p.step for p in pg_store.proposals(run_id))
-    assert proposals[1] == proposals[2] == proposals[3] > 0, proposals  # the same number each step
+    assert proposals[1] == proposals[2] == proposals[6] > 0, proposals  # the same number each step
 
 
 def test_a_queued_run_without_a_job_is_queued_again(pg_store, pool) -> None:
