@@ -74,6 +74,11 @@ class CallCancelled(BaseException):
     resume."""
 
 
+class StoreUnreachable(StoreError):
+    """A store that was open stopped answering: its PostgreSQL server is down or restarting, or
+    the network to it is cut. Nothing stored is lost; what was being written is not written."""
+
+
 class RunTakenOver(BaseException):
     """A write of a trainer refused by the store because its run is no longer held by the process
     that fenced it (`Store.fence`): another process took the run over while this one was paused

@@ -54,7 +54,7 @@ def progress_bar(total_steps: int, quiet: bool = False, also: Progress | None = 
             bar.write(taken_over_line(info))
         elif event == "interrupting":
             bar.write(f"stopping ({info['how']}): waiting for the LLM calls already sent to end, so that their "
-                      "replies are recorded (press Ctrl-C again to stop without them)")
+                      "replies are recorded (interrupt again, Ctrl-C or SIGTERM, to stop without them)")
         if event in ("completed", "stopped", "taken_over"):
             bar.close()
 

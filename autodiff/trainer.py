@@ -19,7 +19,7 @@ from autodiff.backward import BackwardContext, backward, usable
 from autodiff.config import RunConfig
 from autodiff.estimate import Estimate, estimate
 from autodiff.errors import (BudgetExceeded, ConfigError, LLMFatalError, LLMTransientError, RunTakenOver, StoreError,
-                             TooManyErrors)
+                             StoreUnreachable, TooManyErrors)
 from autodiff.judge import Rule, judge, out_of_reach
 from autodiff.metrics import projection
 from autodiff.llm.budget import Budget
@@ -237,6 +237,13 @@ class Trainer:
             self.buffer.flush()
             self._interrupted(how)
             raise
+        except StoreUnreachable as exc:  # the database went away mid-run: a stop to resume, not a failure
+            for limiter in {id(llm.limiter): llm.limiter
+                            for llm in (self.roles.forward, self.roles.backward, self.roles.optimizer)}.values():
+                limiter.cancel()
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self._record_outage(exc)
+            raise
         except BaseException as exc:
             self.buffer.flush()
             self.store.set_run_status(self.run_id, "failed", error=f"{type(exc).__name__}: {exc}")
@@ -244,6 +251,26 @@ class Trainer:
         finally:
             self.pool.shutdown(wait=False)
         return self.run_id
+
+    OUTAGE = "the run store did not answer"  # how a stop for a store outage starts (workers read it)
+
+    def _record_outage(self, exc: StoreUnreachable, tries: int = 3) -> None:
+        """Record the run as stopped by a store outage, resumable, once the store answers again
+        (each try waits as long as the store waits for a connection); if it never does in that
+        time, nothing is written: the run says running, held by this process, until a trainer or
+        the dashboard on this machine finds the process gone, or its worker queues it again. The
+        calls not written yet are written with it (they were made, and paid for)."""
+        for _ in range(tries):
+            try:
+                done = self.store.last_completed_step(self.run_id)
+                self.buffer.flush()
+                after = "before its first step" if done is None else f"after step {done}"
+                self.store.set_run_status(self.run_id, "stopped", error=(
+                    f"{self.OUTAGE} ({exc}) {after}; resume it once the database answers: nothing stored is lost, "
+                    "the unfinished step is redone"))
+                return
+            except StoreUnreachable:
+                continue
 
     def _interrupted(self, how: str) -> None:
         """Record the run as stopped by an interrupt (`how`: "Ctrl-C", "SIGTERM"), with where a

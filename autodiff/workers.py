@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from autodiff.errors import AutodiffError, ConfigError, StoreError
+from autodiff.trainer import Trainer
 
 QUEUE = "autodiff_runs"
 TASK = "autodiff.train_run"
@@ -294,7 +295,18 @@ class Worker:
             self._train(run_id)
         finally:
             self._running.discard(run_id)
-        status = self.store.run(run_id).status
+        ended = self.store.run(run_id)
+        status = ended.status
+        if status == "stopped" and (ended.error or "").startswith(Trainer.OUTAGE) and not ended.stop_requested:
+            # The database went away under the run (and came back): it goes on, as after a worker's death.
+            done = self.store.last_completed_step(run_id) or 0
+            why = (f"the store's database went away while worker {self.options.name} trained it, after step {done}; "
+                   "waiting for a worker, which goes on from there")
+            self.store.set_run_status(run_id, QUEUED, error=why)
+            self.store.add_run_event(run_id, "requeued", why)
+            _defer(self.app, run_id)  # runs after this job ends: the lock holds it back till then
+            log.info("run %s: %s", run_id, why)
+            return "handed back"
         if run_id in self._handing_back:
             self._handing_back.discard(run_id)
             if status == "stopped":

@@ -318,3 +318,36 @@ def test_a_trainer_paused_while_its_run_was_taken_over_writes_nothing_more(store
     _resume(store, run_id, tmp_path, force=True)
     assert store.run(run_id).status == "completed"
     assert [(s.step, s.status) for s in store.steps(run_id)] == [(0, "completed"), (1, "completed"), (2, "completed")]
+
+
+def test_a_store_that_stops_answering_mid_run_stops_it_resumably(store, tmp_path, monkeypatch):
+    """The store's database goes away mid-run (a PostgreSQL restart longer than the pool waits):
+    the run used to end `failed`, its reason telling to check the URL. It stops instead, saying
+    the store did not answer and after which step, and a resume goes on from there; a worker
+    queues such a run again by itself (autodiff.workers)."""
+    from autodiff.errors import StoreUnreachable
+    from autodiff.llm.fake import FakeProvider
+    from autodiff.trainer import Trainer
+    from tests.fake_runs import responder
+
+    real_start_step = Store.start_step
+    outage = []
+
+    def start_step(self, run_id, step, batch):
+        if step == 2 and not outage:
+            outage.append(step)
+            raise StoreUnreachable("the PostgreSQL store X did not answer (couldn't get a connection after 60.00 sec)")
+        return real_start_step(self, run_id, step, batch)
+
+    monkeypatch.setattr(Store, "start_step", start_step)
+    config = make_config(task="object_counting", forward_model="fake:forward", backward_model="fake:backward",
+                         optimizer_model="fake:optimizer", steps=3, batch_size=4, val_limit=6, test_limit=6)
+    run_id = runner.create(store, config, cache_path=tmp_path / "cache.sqlite")
+    with pytest.raises(StoreUnreachable):
+        runner.resume(store, run_id, cache_path=tmp_path / "cache.sqlite",
+                      providers={"fake": FakeProvider(responder)})
+    run = store.run(run_id)
+    assert run.status == "stopped" and run.error.startswith(Trainer.OUTAGE + " (the PostgreSQL store X did not answer")
+    assert "after step 1; resume it once the database answers" in run.error
+    _resume(store, run_id, tmp_path)
+    assert store.run(run_id).status == "completed" and store.last_completed_step(run_id) == 3

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 from urllib.parse import urlsplit
 
-from autodiff.errors import StoreError
+from autodiff.errors import StoreError, StoreUnreachable
 from autodiff.store.schema import due_migrations
 from autodiff.store.spec import mask_secrets, url_password
 
@@ -195,8 +195,10 @@ class PostgresBackend:
             raise StoreError(f"the PostgreSQL store {self.display} is not open")
         try:
             conn = self._pool.getconn()
-        except (PoolTimeout, psycopg.OperationalError) as exc:
-            raise self._unreachable(exc) from None
+        except (PoolTimeout, psycopg.OperationalError) as exc:  # it opened before: the server went away
+            reason = self.mask(str(exc).strip()) or type(exc).__name__
+            raise StoreUnreachable(f"the PostgreSQL store {self.display} did not answer ({reason}): its server is down "
+                                   "or restarting, or the network to it is cut") from None
         try:
             yield PgConnection(conn)
             conn.commit()
