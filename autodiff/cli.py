@@ -247,8 +247,8 @@ def _config(args):
 
         ignored = [spec for spec in dict.fromkeys(models.values()) if not takes_reasoning_effort(spec)]
         if ignored:  # said, not refused: a run may mix a reasoning model with others
-            print(f"note: --reasoning-effort {args.reasoning_effort} is sent only to reasoning models (OpenAI's o-series "
-                  f"and GPT-5, Anthropic's with extended thinking); {', '.join(ignored)} "
+            print(f"note: --reasoning-effort {args.reasoning_effort} is sent only to reasoning models (OpenAI's "
+                  f"o-series and GPT-5, Anthropic's with extended thinking); {', '.join(ignored)} "
                   f"{'is' if len(ignored) == 1 else 'are'} asked without it", file=sys.stderr)
     return make_config(task=args.task, task_args=_task_args(args.task_arg), cache=args.cache_mode,
                        prices=_pairs(args.price, "--price", "PROVIDER:MODEL=USD[/USD]"),

@@ -370,7 +370,8 @@ class Worker:
             # the stall time: a worker paused in the middle of a sweep (SIGSTOP, a machine asleep)
             # would otherwise hold the lock, with its connection, until it woke, and no other worker
             # could ever hand its runs on.
-            await conn.execute(f"SET idle_in_transaction_session_timeout = {int(max(self.options.stalled_s, 1) * 1000)}")
+            idle_ms = int(max(self.options.stalled_s, 1) * 1000)
+            await conn.execute(f"SET idle_in_transaction_session_timeout = {idle_ms}")
             (locked,) = await (await conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (_SWEEP_LOCK,))).fetchone()
             if not locked:
                 return requeued  # another worker is sweeping right now

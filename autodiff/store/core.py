@@ -61,11 +61,11 @@ def _writes(method: Callable[..., Any]) -> Callable[..., Any]:
         held = {r: self._fences[r] for r in runs if r in self._fences}
         if not held:
             return self.db.retrying(method, self, *args, **kwargs)
-        self._pending.held = held
+        outer, self._pending.held = getattr(self._pending, "held", None), held
         try:
             return self.db.retrying(method, self, *args, **kwargs)
         finally:
-            self._pending.held = None
+            self._pending.held = outer
     return call
 
 
@@ -225,8 +225,8 @@ class Store:
         run is still held as it is now (status running, the same host, process and time taken;
         see autodiff.holders), checked in the write's own transaction: on PostgreSQL the run's
         row is read FOR SHARE, so a takeover waits for the write or the write sees the takeover;
-        on SQLite the write takes the database's write lock first (`begin_write`). A write that finds the run
-        taken over raises RunTakenOver and writes nothing. The trainer fences the run it took:
+        on SQLite the write takes the database's write lock first (`begin_write`). A write that
+        finds the run taken over raises RunTakenOver and writes nothing. The trainer fences the run it took:
         a paused process (a machine asleep, a stopped worker) whose run another process took
         meanwhile cannot add a second attempt of a step over the new holder's, or accept a
         proposal, when it wakes. Call after taking the run; `unfence` ends it."""
