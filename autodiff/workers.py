@@ -299,28 +299,27 @@ class Worker:
         status = ended.status
         if status == "stopped" and (ended.error or "").startswith(Trainer.OUTAGE) and not ended.stop_requested:
             # The database went away under the run (and came back): it goes on, as after a worker's death.
-            done = self.store.last_completed_step(run_id) or 0
-            why = (f"the store's database went away while worker {self.options.name} trained it, after step {done}; "
-                   "waiting for a worker, which goes on from there")
-            self.store.set_run_status(run_id, QUEUED, error=why)
-            self.store.add_run_event(run_id, "requeued", why)
-            _defer(self.app, run_id)  # runs after this job ends: the lock holds it back till then
-            log.info("run %s: %s", run_id, why)
-            return "handed back"
+            return self._hand_back(run_id, f"the store's database went away while worker {self.options.name} "
+                                           "trained it, after step {done}; waiting for a worker, which goes on from "
+                                           "there")
         if run_id in self._handing_back:
             self._handing_back.discard(run_id)
             if status == "stopped":
-                done = self.store.last_completed_step(run_id) or 0
                 self.store.clear_stop(run_id)
-                why = (f"worker {self.options.name} shut down after step {done}; waiting for another worker, which "
-                       "goes on from there")
-                self.store.set_run_status(run_id, QUEUED, error=why)
-                self.store.add_run_event(run_id, "requeued", why)
-                _defer(self.app, run_id)  # runs after this job ends: the lock holds it back till then
-                log.info("run %s: stopped after step %d, back on the queue", run_id, done)
-                return "handed back"
+                return self._hand_back(run_id, f"worker {self.options.name} shut down after step {{done}}; waiting for "
+                                               "another worker, which goes on from there")
         log.info("run %s: %s", run_id, status)
         return status
+
+    def _hand_back(self, run_id: str, why: str) -> str:
+        """Put run `run_id` back on the queue, `why` (with "{done}", its last completed step)
+        said in its status and history."""
+        why = why.replace("{done}", str(self.store.last_completed_step(run_id) or 0))
+        self.store.set_run_status(run_id, QUEUED, error=why)
+        self.store.add_run_event(run_id, "requeued", why)
+        _defer(self.app, run_id)  # runs after this job ends: the lock holds it back till then
+        log.info("run %s: back on the queue: %s", run_id, why)
+        return "handed back"
 
     def _train(self, run_id: str) -> None:
         from autodiff.progress import taken_over_line
