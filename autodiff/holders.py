@@ -152,7 +152,8 @@ def refusal(run: Run, state: Liveness, store=None) -> str:
     if state == "alive":
         return (f"run {run.id} is being trained by {held.describe()}: one run is trained by one process at a time. "
                 f"Stop it first (autodiff stop {run.id}{where}, or Ctrl-C where it runs), then resume it once it "
-                "says stopped")
+                "says stopped. --force does not take a run from a process this machine sees alive (a process that "
+                "is stopped or paused still holds it: end it, or let it go on)")
     return (f"run {run.id} is being trained by {held.describe()}, which cannot be checked from here: one run is "
             f"trained by one process at a time. Stop it there (autodiff stop {run.id}{where}); if that process is "
             f"really gone (killed, its machine down), take the run over: {resume_command(run.id, store, '--force')} "

@@ -40,8 +40,9 @@ STORE_WAIT_S = 5.0
 def store_unreachable(exc: StoreError) -> None:
     """Say, in place of a page, that the store failed under it (a PostgreSQL server down or
     restarting), masked, and what to do; for an error no page handled itself."""
-    st.error(f"**The run store did not answer.** {md(mask_secrets(str(exc)))}  \nNothing stored is lost: reload the "
-             "page once the database answers again.", icon=":material/error:")
+    said = mask_secrets(str(exc)).rstrip(". ")
+    st.error(f"**The run store did not answer.** {md(said)}.  \nNothing stored is lost: reload the page once the "
+             "database answers again.", icon=":material/error:")
 
 
 def store_path() -> str:

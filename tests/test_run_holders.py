@@ -72,6 +72,7 @@ def test_a_second_trainer_is_refused_while_a_process_of_this_host_trains_the_run
             message = str(refused.value)
             assert f"process {sleeper.pid} on host {holders.this_host()} (this machine) since " in message
             assert f"autodiff stop {stopped_run}" in message
+            assert "--force does not take a run from a process this machine sees alive" in message
         assert store.run(stopped_run) == before and store.last_completed_step(stopped_run) == 1
     finally:
         sleeper.kill()

@@ -159,7 +159,7 @@ class PostgresBackend:
         return mask_secrets(text, self._secrets)
 
     def _unreachable(self, exc: BaseException) -> StoreError:
-        reason = self.mask(str(exc).strip()) or type(exc).__name__
+        reason = self.mask(str(exc).strip()).rstrip(".?!") or type(exc).__name__  # the sentence ends here
         return StoreError(f"cannot use the PostgreSQL store {self.display}: {reason}. Check the URL, that the "
                           "server runs and lets this user in; a password goes in the URL, PGPASSWORD or ~/.pgpass")
 
