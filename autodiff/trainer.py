@@ -174,12 +174,17 @@ class Trainer:
         """Let go of a run another process took over while this one trained it: calls waiting
         give up, none queued starts, nothing more is written, and the calls made since the last
         write (really made, and paid for) are said, as they cannot be recorded."""
-        for limiter in {id(llm.limiter): llm.limiter
-                        for llm in (self.roles.forward, self.roles.backward, self.roles.optimizer)}.values():
-            limiter.cancel()
+        self._cancel_waiting_calls()
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.progress("taken_over", {"step": self.current_step, "during": True, "reason": taken.now,
                                      "unrecorded_calls": self.buffer.drop()})
+
+    def _cancel_waiting_calls(self) -> None:
+        """Every call of this run waiting (a Retry-After, the endpoint's pause, a free slot) gives
+        up now, and none queued starts; requests already sent are not cut short."""
+        roles = (self.roles.forward, self.roles.backward, self.roles.optimizer)
+        for limiter in {id(llm.limiter): llm.limiter for llm in roles}.values():
+            limiter.cancel()
 
     def _train_held(self) -> str:
         self.current_step = None
@@ -223,9 +228,7 @@ class Trainer:
             # Calls waiting (a Retry-After, a pause, a free slot) give up now; those queued never
             # start. The run says stopped only once no call of this process is left: until then
             # it is still held, so a resume elsewhere is refused rather than run beside them.
-            roles = (self.roles.forward, self.roles.backward, self.roles.optimizer)
-            for limiter in {id(llm.limiter): llm.limiter for llm in roles}.values():
-                limiter.cancel()
+            self._cancel_waiting_calls()
             how = str(exc.args[0]) if exc.args else "Ctrl-C"
             self.progress("interrupting", {"how": how})
             try:
@@ -238,9 +241,7 @@ class Trainer:
             self._interrupted(how)
             raise
         except StoreUnreachable as exc:  # the database went away mid-run: a stop to resume, not a failure
-            for limiter in {id(llm.limiter): llm.limiter
-                            for llm in (self.roles.forward, self.roles.backward, self.roles.optimizer)}.values():
-                limiter.cancel()
+            self._cancel_waiting_calls()
             self.pool.shutdown(wait=True, cancel_futures=True)
             self._record_outage(exc)
             raise

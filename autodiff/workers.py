@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from autodiff.errors import AutodiffError, ConfigError, StoreError
+from autodiff.holders import this_host
 from autodiff.trainer import Trainer
 
 QUEUE = "autodiff_runs"
@@ -185,6 +186,15 @@ def queue_run(store, run_id: str, note: str = "waiting for a worker") -> None:
 
 def _defer(app, run_id: str) -> None:
     app.configure_task(TASK, queue=QUEUE, lock=run_id, queueing_lock=run_id).defer(run_id=run_id)
+
+
+async def _defer_async(app, run_id: str) -> bool:
+    """`_defer` from the worker's event loop; False when the run has a waiting job already."""
+    try:
+        await app.configure_task(TASK, queue=QUEUE, lock=run_id, queueing_lock=run_id).defer_async(run_id=run_id)
+    except _procrastinate().exceptions.AlreadyEnqueued:
+        return False
+    return True
 
 
 # --- the worker -----------------------------------------------------------------------------
@@ -391,11 +401,7 @@ class Worker:
                     # job the next worker trains the run under.
                     await self.app.job_manager.finish_job(job, status=procrastinate.jobs.Status.FAILED,
                                                           delete_job=False)
-                    try:
-                        await self.app.configure_task(TASK, queue=QUEUE, lock=run_id,
-                                                      queueing_lock=run_id).defer_async(run_id=run_id)
-                    except procrastinate.exceptions.AlreadyEnqueued:
-                        pass  # queued again by someone else meanwhile
+                    await _defer_async(self.app, run_id)  # False: queued again by someone else meanwhile
                     requeued.append(run_id)
                     log.info("run %s: its worker stopped answering; back on the queue", run_id)
                 requeued += await self.requeue_jobless(conn)
@@ -409,7 +415,6 @@ class Worker:
         between them, or a job that ended while the database was away, left a run waiting for a
         worker that would never come), and to the runs this worker holds but no longer trains;
         returns their ids. Called by `requeue_stalled`, under its lock."""
-        procrastinate = _procrastinate()
         rows: list[tuple] = await (await conn.execute(
             "SELECT r.id FROM runs r WHERE r.status = %s AND r.updated_at < %s AND NOT EXISTS ("
             "SELECT 1 FROM procrastinate_jobs j WHERE j.queue_name = %s AND j.args->>'run_id' = r.id "
@@ -419,7 +424,7 @@ class Worker:
         # ended without writing how (the database was away when it failed) left them running.
         held = await (await conn.execute(
             "SELECT id FROM runs WHERE status = 'running' AND host = %s AND pid = %s",
-            (socket.gethostname(), os.getpid()))).fetchall()
+            (this_host(), os.getpid()))).fetchall()
         for (run_id,) in held:
             if run_id in self._running:
                 continue
@@ -430,10 +435,7 @@ class Worker:
             rows.append((run_id, why))
         requeued = []
         for run_id, *why in rows:
-            try:
-                await self.app.configure_task(TASK, queue=QUEUE, lock=run_id, queueing_lock=run_id).defer_async(
-                    run_id=run_id)
-            except procrastinate.exceptions.AlreadyEnqueued:
+            if not await _defer_async(self.app, run_id):
                 continue  # queued by someone else meanwhile
             said = why[0] if why else "it said queued but had no job on the queue (lost in a database outage?)"
             await asyncio.to_thread(self.store.add_run_event, run_id, "requeued", f"{said}: queued again")
