@@ -17,7 +17,7 @@ browser's cache kept) opens each of the three, in an order that rotates between 
 the first loads meet the same machine. In the dashboard's tab it then
 clicks each page's sidebar link and times from the click until the page has finished rendering
 (title heading shown, script run over, running widget gone, no element left as a loading
-placeholder; on Graph also the pyvis iframe's canvas drawn, on Curves and Compare every plotly
+placeholder; on Graph also the SVG drawing in place, on Curves and Compare every plotly
 chart drawn). Tabs are opened a second apart (SETTLE).
 
 Printed: per page, the median and the max over the repetitions, in seconds, against the targets:

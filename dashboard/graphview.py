@@ -1,33 +1,32 @@
-"""The pipeline graph drawn for the dashboard: a layout whose text is readable at 100% zoom, colours
-for Streamlit's light and dark themes, the vis-network page (pyvis, nothing from a CDN) and the
-rows the Graph page's tables show. The model it draws is `autodiff.graphview.build_graph`.
+"""The pipeline graph drawn for the dashboard: a layout whose text is readable at 100% zoom, an SVG
+drawing of it in Streamlit's light and dark themes, and the rows the Graph page's tables show.
+The model it draws is `autodiff.graphview.build_graph`.
 
 Layout (`layout`): pipeline nodes top to bottom in the order they first ran, each node's
 parameters stacked on its left, edges that loop back or skip a node arcing on its right. Edge
-labels (the producer→consumer call indices of repeated nodes) are placed here, not by
-vis-network: each is a text item beside its edge whose box is kept clear of every node and every
-other label. The page shows the drawing at scale 1, so the font sizes below are the sizes on
-screen (an estimate of text width keeps the boxes apart; tests/test_browser.py measures the
-boxes vis-network really draws).
+labels (the producer→consumer call indices of repeated nodes) are text items beside their edges
+whose boxes are kept clear of every node and every other label. The page shows the drawing at
+scale 1, so the font sizes below are the sizes on screen (an estimate of text width keeps the
+boxes apart; tests/test_browser.py measures the boxes the browser really draws).
 
-Escaping (`render_html`): titles are HTML-escaped (they become HTML), labels are plain canvas
-text, and the node/edge JSON goes through Jinja's `tojson`, which writes <, >, & and ' as \\u
-escapes so a "</script>" in the data cannot end the script block.
-"""
+Drawing (`render_html`): SVG the browser draws itself, no library. The page used to hand the
+layout to vis-network in an iframe, whose start on every visit was most of the Graph page's time:
+on the store bench/dashboard_load.py builds, the page took 2.3 s that way against 0.4 s drawn as
+SVG (the two served side by side, median of 7 visits each). Escaping: text is XML-escaped into <text> and <title> elements, and the SVG travels as
+JSON with <, >, & and U+2028/9 written as \\u escapes, so a "</script>" in the data cannot end
+its block."""
 
 from __future__ import annotations
 
-import functools
+import hashlib
 import html
 import json
 import math
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterable, Sequence
 
 import networkx as nx
-from pyvis.network import Network
 
 from autodiff.errors import AutodiffError
 from autodiff.graphview import node_id
@@ -122,17 +121,18 @@ def node_label(d: dict) -> str:
 # --- layout --------------------------------------------------------------------------------------
 
 NODE_FONT, PARAM_FONT, EDGE_FONT = 16, 14, 14  # px on screen: the drawing is shown at scale 1
-# Text size estimates, checked against what vis-network draws (tests/test_browser.py measures it):
+# Text size estimates, checked against what the browser draws (tests/test_browser.py measures it):
 LINE = 1.25  # line height, in font sizes (plus LEADING px)
 LEADING = 2.5
-# Widths of characters in vis-network's font (Arial), in font sizes, with 10% to spare.
+# Widths of characters in the drawing's font (Arial, or a font with its metrics), in font sizes, with
+# 10% to spare.
 _NARROW, _BROAD, _SYMBOL = frozenset("il.,:;'|!·()[]ftjrI "), frozenset("mwMW@%"), frozenset("→✗…")
 SPARE = 1.1
-MARGIN = 10  # inside a box, around its text (vis-network's margin option)
-TEXT_MARGIN = 5  # vis-network's default margin around a text item
+MARGIN = 10  # inside a box, around its text
+TEXT_MARGIN = 5  # around an edge label's text
 ROW_GAP, PARAM_GAP, STACK_GAP = 64, 48, 10  # between node rows, parameters and their node, stacked parameters
 LOOP = 18  # radius of a node's loop onto itself
-DIAMOND = 14  # half size of the loss diamond (vis draws its label below the shape)
+DIAMOND = 14  # half size of the loss diamond (its label is drawn below the shape)
 PAD = 16  # around the drawing, in the frame
 CLEAR = 6  # the least gap between two boxes
 ROUNDNESS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -173,11 +173,12 @@ class EdgeLabel:
 
 @dataclass
 class Layout:
-    """Where everything goes, in vis-network coordinates (px at scale 1, y down)."""
+    """Where everything goes, in px at scale 1, y down."""
 
     boxes: dict[str, Box] = field(default_factory=dict)  # vertex -> its box (its centre is its place)
     labels: list[EdgeLabel] = field(default_factory=list)
-    smooth: dict[tuple[str, str], dict] = field(default_factory=dict)  # edge -> vis-network "smooth"
+    # edge -> its shape: {"enabled": False} straight, else an arc {"type": "curvedCW"/"curvedCCW", "roundness"}
+    smooth: dict[tuple[str, str], dict] = field(default_factory=dict)
     curves: dict[tuple[str, str], list[tuple[float, float]]] = field(default_factory=dict)  # sampled arcs
     routes: dict[tuple[str, str], list[tuple[float, float]]] = field(default_factory=dict)  # detour corners
 
@@ -278,7 +279,9 @@ def _blocked(out: Layout, box: Box) -> bool:
 
 
 def _via(a: Box, b: Box, roundness: float, clockwise: bool) -> tuple[float, float]:
-    """The control point vis-network 9.1 uses for a "curvedCW"/"curvedCCW" edge from a to b."""
+    """The control point of a quadratic Bézier arc from a to b bending clockwise or not, as
+    vis-network 9.1 places it for its "curvedCW"/"curvedCCW" edges (the shape this layout was
+    first drawn with)."""
     dx, dy = b.x - a.x, a.y - b.y
     length = math.hypot(dx, dy)
     turn = (0.5 * roundness if clockwise else -0.5 * roundness) + 0.5
@@ -342,255 +345,225 @@ def _detour(out: Layout, u: str, v: str, text: str) -> None:
         _place(out, (u, v), text, lambda _w: (x + CLEAR + w / 2, (start + end) / 2))
 
 
-# --- the page ------------------------------------------------------------------------------------
-
-class GraphRenderError(AutodiffError):
-    """The generated graph page would load something from outside or is malformed."""
-
+# --- the drawing -----------------------------------------------------------------------------------
 
 _TITLE_CHARS = 300
 _EXTERNAL_TAG = re.compile(
-    r"<(?:script|link)\b[^>]*?\b(?:src|href)\s*=\s*[\"']?\s*(?:https?:)?//[^>]*>(?:\s*</script>)?", re.I | re.S
-)
-_EMPTY_HEADING = re.compile(r"<center>\s*<h1>\s*</h1>\s*</center>", re.I)
-_DRAW = "network = new vis.Network(container, data, options);"
-VIS_VERSION = "vis-9.1.2"  # the vis-network pyvis 0.3.2 in-lines
-VIS_FILES = ("vis-network.min.js", "vis-network.css")
-_DATA = re.compile(r"new vis\.DataSet\((.*?)\);\n", re.S)
-# vis-network shows string titles as plain text; ours are escaped HTML, turned into elements here
-# so line breaks and bold survive while the data itself stays inert.
-_TITLES_AS_HTML = """
-                  [nodes, edges].forEach(function (set) {
-                    set.forEach(function (item) {
-                      if (typeof item.title === "string") {
-                        var el = document.createElement("div");
-                        el.innerHTML = item.title;
-                        set.update({id: item.id, title: el});
-                      }
-                    });
-                  });
-                  """
-# Shown at scale 1 around the drawing's centre (vis-network would zoom out to fit the frame, which
-# made the text 8 px); only a frame too narrow for the drawing scales it, and never below MIN_SCALE.
-MIN_SCALE = 0.86
-_VIEW = """
-                  (function (view) {
-                    function place() {
-                      var fit = (container.clientWidth - 2 * view.pad) / view.width;
-                      network.moveTo({position: {x: view.x, y: view.y},
-                                      scale: Math.max(view.min, Math.min(1, fit))});
-                    }
-                    place();
-                    network.once("afterDrawing", place);
-                    window.addEventListener("resize", place);
-                  })(VIEW);
-                  """
+    r"<(?:script|link|img|image|use)\b[^>]*?\b(?:src|href)\s*=\s*[\"']?\s*(?:https?:)?//[^>]*>(?:\s*</script>)?",
+    re.I | re.S)
 
 
 def external_resources(page: str) -> list[str]:
-    """Script or stylesheet tags in `page` that would load from another host."""
+    """Tags in `page` that would load something from another host (a script, stylesheet, image)."""
     return _EXTERNAL_TAG.findall(page)
 
 
-def vis_assets() -> dict[str, str]:
-    """vis-network's script and stylesheet as pyvis ships them (file name -> text): what static/
-    must hold for pages rendered with `assets`."""
-    import pyvis
-
-    lib = Path(pyvis.__file__).parent / "lib" / VIS_VERSION
-    return {name: (lib / name).read_text(encoding="utf-8") for name in VIS_FILES}
-
-
-@functools.cache
-def _templates(folder: str):
-    """One Jinja environment for pyvis's templates, so each is compiled once per process (pyvis
-    makes a new environment, and compiles its page template again, for every Network)."""
-    from jinja2 import Environment, FileSystemLoader
-
-    return Environment(loader=FileSystemLoader(folder))
-
-
-_SHAPES = {"llm": "box", "function": "ellipse", "loss": "diamond", "parameter": "box"}
-
-
-def render_html(
-    g: nx.DiGraph, selected: str | None = None, assets: str | None = None, theme: str | None = None,
-    where: Layout | None = None, background: str | None = None,
-) -> str:
-    """An HTML page drawing `g` with vis-network, with no network access, in the colours of
-    Streamlit's `theme` ("light" or "dark", see `palette`), laid out by `where` (default:
-    `layout(g)`; its `height` is the frame height that shows it all). `selected` is a node name
-    drawn with a heavy border.
-
-    Both palettes are in the page: shown in the Streamlit frame (st.iframe, same origin), the page
-    reads the app's background every second and redraws in the other palette when the person
-    switches theme in place, which `theme` (st.context.theme, sent with the last rerun) does not
-    follow until the next rerun (https://github.com/streamlit/streamlit/issues/11920). Edge labels
-    are haloed in the app's actual background.
-
-    vis-network (about 690 KB of script and styles) is in-lined, so the page stands alone; given
-    `assets`, the URL of a folder that serves `VIS_FILES` as pyvis ships them (the dashboard's
-    /app/static/), the page links them instead and the browser caches them across redraws.
-    Raises GraphRenderError when pyvis's template no longer has the shape this relies on."""
-    colours = palette(theme, background)
-    where = where or layout(g)
-    net = _network(g, where, colours, selected, inline=not assets)
-    other = palette("light" if colours.name == "dark" else "dark", background)
-    looks = {colours.name: _look(net), other.name: _look(_network(g, where, other, selected, inline=not assets))}
-    page = net.generate_html()
-    if _DRAW not in page:
-        raise GraphRenderError("the pyvis template changed: cannot find where the network is drawn")
-    data = _DATA.findall(page)
-    if len(data) != 2 or any(c in blob for blob in data for c in "<>&"):  # pyvis must keep using tojson
-        raise GraphRenderError("the graph data would be embedded in the page without escaping")
-    left, top, right, bottom = where.bounds()
-    view = json.dumps({"x": (left + right) / 2, "y": (top + bottom) / 2, "width": right - left, "pad": PAD,
-                       "min": MIN_SCALE})
-    follow = (_FOLLOW_THEME.replace("CURRENT", json.dumps(colours.name))
-              .replace("LOOKS", script_json(json.dumps(looks))))
-    page = page.replace(_DRAW, _TITLES_AS_HTML + _DRAW + _VIEW.replace("VIEW", view) + follow, 1)
-    page = _EMPTY_HEADING.sub("", _EXTERNAL_TAG.sub("", page))
-    if "</head>" not in page or "<html>" not in page:
-        raise GraphRenderError("the pyvis template changed: cannot style the graph page")
-    page = page.replace("</head>", _style(palette("light", background), palette("dark", background)) + "</head>", 1)
-    page = page.replace("<html>", f'<html class="theme-{colours.name}">', 1)
-    if assets:
-        page = _link_assets(page, assets.rstrip("/"))
-    leftover = external_resources(page)
-    if leftover:
-        raise GraphRenderError(f"graph page still loads from outside: {leftover[:2]}")
-    return page
-
-
-def _network(g: nx.DiGraph, where: Layout, colours: Palette, selected: str | None, *, inline: bool) -> Network:
-    """The pyvis network of `g` laid out by `where`, in `colours`. Every edge has an id, so a page
-    can recolour it (`_look`)."""
-    # Not inline: pyvis's "remote" template, whose CDN tags are stripped by `render_html` and ours
-    # linked; the 690 KB in-line copy is then never rendered (that took most of a render's time).
-    net = Network(height=f"{where.height}px", width="100%", directed=True, bgcolor="transparent",
-                  cdn_resources="in_line" if inline else "remote")
-    net.templateEnv = _templates(net.template_dir)
-    worst = max([d["failing"] for _v, d in g.nodes(data=True)] or [0])
-    for v, d in g.nodes(data=True):
-        box = where.boxes[v]
-        border = colours.border.get(d["kind"], colours.border["function"])
-        fill = heat(d["failing"], worst, colours)
-        is_selected = selected is not None and d["name"] == selected and d["kind"] != "parameter"
-        is_param = d["kind"] == "parameter"
-        # vis-network places a diamond by its centre and draws its label below it
-        y = box.y - box.h / 2 + DIAMOND if d["kind"] == "loss" else box.y
-        net.add_node(
-            v, label=node_label(d), title=_title(d), shape=_SHAPES.get(d["kind"], "ellipse"), x=box.x, y=y,
-            physics=False, size=DIAMOND, margin=MARGIN,
-            color={"background": fill, "border": colours.selected if is_selected else border,
-                   "highlight": {"background": fill, "border": colours.selected},
-                   "hover": {"background": fill, "border": colours.selected}},
-            borderWidth=4 if is_selected else 2,
-            font={"size": PARAM_FONT if is_param else NODE_FONT, "color": colours.text},
-            shapeProperties={"borderDashes": [4, 3]} if is_param else {},
-        )
-    titles = {}
-    edge_ids = iter(range(1_000_000))
-    for u, v, d in g.edges(data=True):
-        if d["kind"] == "parameter":
-            net.add_edge(u, v, id=f"edge:{next(edge_ids)}", color=colours.border["parameter"], dashes=True,
-                         arrows="to", title=esc("peer parameter of this node"), smooth={"enabled": False})
-            continue
-        back = u == v or where.boxes[v].y < where.boxes[u].y
-        titles[(u, v)] = title = _edge_title(u, v, g, d)
-        style = {"title": title, "width": 1 + min(d["samples"], 8) / 4, "color": colours.loop if back else colours.edge}
-        ends = [u]
-        for x, y in where.routes.get((u, v), []):  # a detour: straight segments through its corners
-            corner = f"corner:{len(net.get_nodes())}"
-            net.add_node(corner, label=" ", title=title, shape="dot", size=1, x=x, y=y, physics=False, chosen=False,
-                         color={"background": style["color"], "border": style["color"]}, borderWidth=0)
-            ends.append(corner)
-        for end in ends[1:]:
-            net.add_edge(ends[ends.index(end) - 1], end, id=f"edge:{next(edge_ids)}", smooth={"enabled": False},
-                         arrows={"to": {"enabled": False}}, **style)
-        net.add_edge(ends[-1], v, id=f"edge:{next(edge_ids)}", arrows="to", smooth=where.smooth[(u, v)], **style)
-    for i, lab in enumerate(where.labels):
-        net.add_node(f"label:{i}", label=lab.text, title=titles[lab.edge], shape="text", x=lab.box.x, y=lab.box.y,
-                     physics=False, chosen=False,
-                     font={"size": EDGE_FONT, "color": colours.text, "strokeWidth": 5,
-                           "strokeColor": colours.background})
-    net.set_options(json.dumps({
-        "physics": {"enabled": False},
-        "interaction": {"hover": True, "tooltipDelay": 120, "dragNodes": False, "zoomView": False},
-        "edges": {"selfReference": {"size": LOOP, "angle": 0, "renderBehindTheNode": True},
-                  "arrows": {"to": {"scaleFactor": 0.8}}},
-    }))
-    return net
-
-
-def _look(net: Network) -> dict:
-    """What differs between palettes: each node's colours and font, each edge's colour."""
-    return {"nodes": [{"id": n["id"], "color": n["color"], "font": n.get("font", {})} for n in net.nodes],
-            "edges": [{"id": e["id"], "color": e["color"]} for e in net.edges]}
-
-
-# Follows the theme the app is drawn in: reads the Streamlit page's background (the frame is the
-# same origin) and, when it turns from light to dark or back, recolours the nodes and edges from
-# the other palette and labels' halos in the background itself. Stops when the frame is removed.
-_FOLLOW_THEME = """
-                  (function (looks, current) {
-                    var halo = null;
-                    function read() {
-                      try {
-                        var app = window.parent.document.querySelector(".stApp");
-                        var bg = app && getComputedStyle(app).backgroundColor;
-                        var rgb = (bg || "").match(/[\\d.]+/g);
-                        if (!rgb || rgb.length < 3 || bg === "rgba(0, 0, 0, 0)") return null;
-                        var lum = (0.2126 * rgb[0] + 0.7152 * rgb[1] + 0.0722 * rgb[2]) / 255;
-                        return {name: lum < 0.5 ? "dark" : "light", bg: bg};
-                      } catch (e) { return null; }  // not inside the dashboard: keep the server's palette
-                    }
-                    function follow() {
-                      var seen = read();
-                      if (!seen || (seen.name === current && seen.bg === halo)) return;
-                      var look = looks[seen.name];
-                      nodes.update(look.nodes.map(function (n) {
-                        if (String(n.id).indexOf("label:") !== 0) return n;
-                        var font = Object.assign({}, n.font, {strokeColor: seen.bg});
-                        return {id: n.id, color: n.color, font: font};
-                      }));
-                      if (seen.name !== current) edges.update(look.edges);
-                      document.documentElement.className = "theme-" + seen.name;
-                      current = seen.name;
-                      halo = seen.bg;
-                    }
-                    follow();
-                    setInterval(follow, 1000);
-                  })(LOOKS, CURRENT);
-                  """
-
-
-def _style(light: Palette, dark: Palette) -> str:
-    """The frame transparent over the app's background, and tooltips in the theme's colours (the
-    <html> element's class names the theme: `render_html` sets it, the page follows the app's)."""
-    themed = "\n".join(f"""html.theme-{c.name} #mynetwork {{ border-color: {c.frame}; }}
-html.theme-{c.name} div.vis-tooltip {{ color: {c.text}; background: {c.tooltip}; border-color: {c.frame}; }}"""
-                       for c in (light, dark))
-    return f"""<style>
-html, body {{ margin: 0; padding: 0; background: transparent; }}
-.card {{ border: 0; }}
-#mynetwork {{ background: transparent; border: 1px solid {light.frame}; border-radius: 0.5rem;
-  box-sizing: border-box; }}
-div.vis-tooltip {{ font: 14px/1.45 "Source Sans Pro", sans-serif; color: {light.text};
-  background: {light.tooltip}; border: 1px solid {light.frame}; border-radius: 0.4rem;
-  padding: 0.4rem 0.6rem; max-width: 28rem; white-space: normal; box-shadow: none; }}
-div.vis-tooltip pre {{ white-space: pre-wrap; margin: 0.3rem 0 0; font-size: 13px; }}
-{themed}
-</style>
+# Follows the theme the app is drawn in: reads the page's background once a second and, when it
+# turns from light to dark or back, switches the drawing's class (every colour of both palettes is
+# in its style sheet); labels are haloed in the background itself. Streamlit's theme as the server
+# knows it (st.context.theme) changes only with the next rerun
+# (https://github.com/streamlit/streamlit/issues/11920). Stops when Streamlit removes the element.
+_FOLLOW_JS = """
+(() => {
+  const root = document.getElementById(%(root)s);
+  if (!root) return;
+  if (!root.querySelector("svg")) root.innerHTML = JSON.parse(root.nextElementSibling.textContent);
+  const follow = () => {
+    if (!root.isConnected) { clearInterval(timer); return; }
+    const app = document.querySelector(".stApp");
+    const bg = app ? getComputedStyle(app).backgroundColor : "";
+    const rgb = (bg || "").match(/[\\d.]+/g);
+    if (!rgb || rgb.length < 3 || bg === "rgba(0, 0, 0, 0)") return;
+    const dark = (0.2126 * rgb[0] + 0.7152 * rgb[1] + 0.0722 * rgb[2]) / 255 < 0.5;
+    root.classList.toggle("dark", dark);
+    root.classList.toggle("light", !dark);
+    root.style.setProperty("--halo", bg);
+  };
+  const timer = setInterval(follow, 1000);
+  follow();
+})();
 """
 
 
-def _link_assets(page: str, folder: str) -> str:
-    if "<head>" not in page or "vis-network" in page:
-        raise GraphRenderError("the pyvis template changed: cannot link vis-network from the dashboard")
-    links = (f'\n<link rel="stylesheet" href="{esc(folder)}/vis-network.css">'
-             f'\n<script src="{esc(folder)}/vis-network.min.js"></script>')
-    return page.replace("<head>", "<head>" + links, 1)
+def render_html(
+    g: nx.DiGraph, selected: str | None = None, theme: str | None = None, where: Layout | None = None,
+    background: str | None = None,
+) -> str:
+    """HTML for st.html (scripts allowed) that draws `g` as an SVG at scale 1, laid out by `where`
+    (default: `layout(g)`), in the colours of Streamlit's `theme` ("light" or "dark", see
+    `palette`), on the app's `background` when its theme sets one. `selected` is a node name
+    drawn with a heavy border. A frame narrower than the drawing scrolls it sideways rather than
+    shrinking its text (16 px nodes, 14 px parameters and edge labels).
+
+    Boxes are LLM nodes, ellipses function nodes, the diamond the loss, dashed boxes parameters;
+    each carries a <title> the browser shows on hover. Both palettes are in the style sheet and a
+    small script follows a theme switched in place (`_FOLLOW_JS`). Nothing is loaded from
+    anywhere.
+
+    Escaping: every text from the graph (names, values, inputs) is XML-escaped into <text> and
+    <title> elements, where it stays text; the drawing travels as a JSON string in a script block
+    that is never run (<, > and & written as \\u escapes); the one script that runs is this
+    module's own, with nothing from the graph in it."""
+    where = where or layout(g)
+    light, dark = palette("light", background), palette("dark", background)
+    current = palette(theme, background)
+    # The element's id names its arrow markers too: the same drawing gives the same id.
+    seen = repr((list(g.nodes(data=True)), list(g.edges(data=True)), where, selected, current.name, background))
+    root = "graph-" + hashlib.sha1(seen.encode()).hexdigest()[:16]
+    body = _svg(g, where, light, dark, selected, root)
+    script = _FOLLOW_JS % {"root": json.dumps(root)}
+    # Streamlit's HTML element keeps no SVG markup (its sanitiser's profile is HTML only): the
+    # script puts the drawing in place from a JSON string, never run as code.
+    return (f'{_style(root, light, dark)}<div id="{root}" class="graph-drawing {current.name}"></div>'
+            f'<script type="application/json">{script_json(json.dumps(body))}</script><script>{script}</script>')
+
+
+_STROKES = ("llm", "function", "loss", "parameter")
+
+
+def _style(root: str, light: Palette, dark: Palette) -> str:
+    """The drawing's style sheet: each palette's colours as custom properties under the class
+    that names it; every shape and text takes its colour from them."""
+    def variables(c: Palette) -> str:
+        kinds = "".join(f"--{k}: {c.border[k]};" for k in _STROKES)
+        return (f"--text: {c.text}; --edge: {c.edge}; --loop: {c.loop}; --selected: {c.selected}; "
+                f"--frame: {c.frame}; --bg: {c.background}; {kinds}")
+
+    r = f"#{root}"
+    return f"""<style>
+{r} {{ overflow-x: auto; border: 1px solid var(--frame); border-radius: 0.5rem; }}
+{r}.light {{ {variables(light)} }}
+{r}.dark {{ {variables(dark)} }}
+{r} svg {{ display: block; margin: 0 auto; }}
+{r} text {{ fill: var(--text); font-family: arial, sans-serif; text-anchor: middle; dominant-baseline: central; }}
+{r} .label text {{ stroke: var(--halo, var(--bg)); stroke-width: 5px; stroke-linejoin: round; paint-order: stroke; }}
+{r}.light .vertex {{ fill: var(--fill-light); }}
+{r}.dark .vertex {{ fill: var(--fill-dark); }}
+{r} .vertex {{ stroke-width: 2px; }}
+{"".join(f"{r} .k-{k} .vertex {{ stroke: var(--{k}); }}" for k in _STROKES)}
+{r} .k-parameter .vertex {{ stroke-dasharray: 4 3; }}
+{r} .selected .vertex {{ stroke: var(--selected); stroke-width: 4px; }}
+{r} .edge {{ fill: none; }}
+{r} .e-data {{ stroke: var(--edge); }} {r} .e-loop {{ stroke: var(--loop); }}
+{r} .e-parameter {{ stroke: var(--parameter); stroke-dasharray: 5 4; }}
+{r} .tip-data {{ fill: var(--edge); }} {r} .tip-loop {{ fill: var(--loop); }} {r} .tip-parameter {{ fill: var(--parameter); }}
+{r} .hit {{ fill: none; stroke: transparent; stroke-width: 10px; pointer-events: stroke; }}
+</style>"""
+
+
+def _svg(g: nx.DiGraph, where: Layout, light: Palette, dark: Palette, selected: str | None, root: str) -> str:
+    left, top, right, bottom = where.bounds()
+    width, height = where.width, where.height
+    marker = ('<marker id="{id}-{kind}" viewBox="0 0 10 10" refX="10" refY="5" markerUnits="userSpaceOnUse" '
+              'markerWidth="11" markerHeight="11" orient="auto"><path class="tip-{kind}" d="M0,0 L10,5 L0,10 z"/>'
+              '</marker>')
+    arrows = "".join(marker.format(id=root, kind=k) for k in ("data", "loop", "parameter"))
+    parts = [f'<svg class="graph" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'viewBox="{_n(left - PAD)} {_n(top - PAD)} {width} {height}" role="img" '
+             f'aria-label="The pipeline graph"><defs>{arrows}</defs>']
+    worst = max([d["failing"] for _v, d in g.nodes(data=True)] or [0])
+    edges, labels = [], []
+    titles: dict[tuple[str, str], str] = {}
+    for u, v, d in g.edges(data=True):
+        if d["kind"] == "parameter":
+            kind, title, width_px = "parameter", "peer parameter of this node", 1.5
+            points = [(where.boxes[u].x, where.boxes[u].y), (where.boxes[v].x, where.boxes[v].y)]
+        else:
+            back = u == v or where.boxes[v].y < where.boxes[u].y
+            kind, width_px = "loop" if back else "data", 1 + min(d["samples"], 8) / 4
+            titles[(u, v)] = title = _edge_title(u, v, g, d)
+            points = where.curves.get((u, v)) or [(where.boxes[u].x, where.boxes[u].y),
+                                                  (where.boxes[v].x, where.boxes[v].y)]
+        if u == v:
+            path = _self_loop(where.boxes[u])
+        else:
+            points = _clip(points, g.nodes[u]["kind"], where.boxes[u], from_end=False)
+            points = _clip(points, g.nodes[v]["kind"], where.boxes[v], from_end=True)
+            path = "M" + " L".join(f"{_n(x)},{_n(y)}" for x, y in points)
+        edges.append(f'<g><title>{esc(title)}</title><path class="edge e-{kind}" d="{path}" '
+                     f'style="stroke-width: {_n(width_px)}px" marker-end="url(#{root}-{kind})"/>'
+                     f'<path class="hit" d="{path}"/></g>')
+    for lab in where.labels:
+        labels.append(f'<g class="label"><title>{esc(titles.get(lab.edge, ""))}</title>'
+                      f'{_text(lab.text, lab.box.x, lab.box.y, EDGE_FONT)}</g>')
+    vertices = []
+    for v, d in g.nodes(data=True):
+        box = where.boxes[v]
+        is_param = d["kind"] == "parameter"
+        chosen = selected is not None and d["name"] == selected and not is_param
+        fills = f"--fill-light: {heat(d['failing'], worst, light)}; --fill-dark: {heat(d['failing'], worst, dark)}"
+        kind = d["kind"] if d["kind"] in _STROKES else "function"
+        label = node_label(d)
+        font = PARAM_FONT if is_param else NODE_FONT
+        if d["kind"] == "loss":  # the diamond on top, its label below it
+            cy = box.y - box.h / 2 + DIAMOND
+            shape = (f'<polygon class="vertex" points="{_n(box.x)},{_n(cy - DIAMOND)} {_n(box.x + DIAMOND)},{_n(cy)} '
+                     f'{_n(box.x)},{_n(cy + DIAMOND)} {_n(box.x - DIAMOND)},{_n(cy)}"/>')
+            lines = _text(label, box.x, cy + DIAMOND + 6 + text_size(label, font)[1] / 2, font)
+        elif d["kind"] == "function":
+            shape = f'<ellipse class="vertex" cx="{_n(box.x)}" cy="{_n(box.y)}" rx="{_n(box.w / 2)}" ry="{_n(box.h / 2)}"/>'
+            lines = _text(label, box.x, box.y, font)
+        else:
+            shape = (f'<rect class="vertex" x="{_n(box.x - box.w / 2)}" y="{_n(box.y - box.h / 2)}" '
+                     f'width="{_n(box.w)}" height="{_n(box.h)}" rx="{4 if is_param else 6}"/>')
+            lines = _text(label, box.x, box.y, font)
+        vertices.append(f'<g class="node k-{kind}{" selected" if chosen else ""}" data-id="{esc(v)}" style="{fills}">'
+                        f'<title>{esc(_title(d))}</title>{shape}{lines}</g>')
+    parts += edges + vertices + labels + ["</svg>"]
+    return "".join(parts)
+
+
+def _n(x: float) -> str:
+    """A coordinate as SVG text: at most one decimal."""
+    return f"{x:.1f}".rstrip("0").rstrip(".")
+
+
+def _text(text: str, x: float, y: float, font: int) -> str:
+    """`text`'s lines centred on (x, y), `font` px, spaced as `text_size` estimates them."""
+    lines = text.split("\n")
+    step = font * LINE + LEADING
+    first = y - step * (len(lines) - 1) / 2
+    spans = "".join(f'<tspan x="{_n(x)}" y="{_n(first + i * step)}">{esc(line)}</tspan>' for i, line in enumerate(lines))
+    return f'<text style="font-size: {font}px">{spans}</text>'
+
+
+def _inside(kind: str, box: Box, x: float, y: float) -> bool:
+    """Whether (x, y) is inside the shape a vertex of `kind` draws in `box`."""
+    if kind == "function":
+        return ((x - box.x) / (box.w / 2)) ** 2 + ((y - box.y) / (box.h / 2)) ** 2 <= 1
+    if kind == "loss":
+        cy = box.y - box.h / 2 + DIAMOND
+        return abs(x - box.x) + abs(y - cy) <= DIAMOND or box.contains(x, y) and y > cy
+    return box.contains(x, y)
+
+
+def _clip(points: list[tuple[float, float]], kind: str, box: Box, *, from_end: bool) -> list[tuple[float, float]]:
+    """`points` cut where they leave (from_end: enter) the shape of the vertex at that end, so that
+    an edge starts and ends on its vertices' outlines (an arrow's tip touching the shape)."""
+    pts = points[::-1] if from_end else list(points)
+    i = 0
+    while i + 1 < len(pts) and _inside(kind, box, *pts[i + 1]):
+        i += 1
+    if i + 1 >= len(pts):
+        return points
+    (x0, y0), (x1, y1) = pts[i], pts[i + 1]
+    if _inside(kind, box, x0, y0):  # bisect the segment for the outline
+        lo, hi = 0.0, 1.0
+        for _ in range(24):
+            mid = (lo + hi) / 2
+            if _inside(kind, box, x0 + (x1 - x0) * mid, y0 + (y1 - y0) * mid):
+                lo = mid
+            else:
+                hi = mid
+        pts = [(x0 + (x1 - x0) * hi, y0 + (y1 - y0) * hi), *pts[i + 1:]]
+    return pts[::-1] if from_end else pts
+
+
+def _self_loop(box: Box) -> str:
+    """A circle of radius LOOP on the right of `box`, leaving and re-entering its right side."""
+    gap = LOOP * 0.6
+    edge = box.x + box.w / 2
+    return f"M{_n(edge)},{_n(box.y - gap)} A{LOOP},{LOOP} 0 1 1 {_n(edge)},{_n(box.y + gap)}"
 
 
 def esc(text: object) -> str:
@@ -598,29 +571,27 @@ def esc(text: object) -> str:
 
 
 def _title(d: dict) -> str:
-    rows = [f"<b>{esc(d['name'])}</b> ({esc(d['kind'])})"]
+    """A vertex's hover text (plain text; the caller escapes it)."""
+    rows = [f"{d['name']} ({d['kind']})"]
     if d["kind"] == "parameter":
-        rows.append(f"parameter of {esc(d['node'])}{'' if d.get('trainable', True) else ', frozen'}")
+        rows.append(f"parameter of {d['node']}{'' if d.get('trainable', True) else ', frozen'}")
         if d.get("value") is not None:
-            value = d["value"] if len(d["value"]) <= _TITLE_CHARS else d["value"][:_TITLE_CHARS] + " …"
-            rows.append(f"<pre>{esc(value)}</pre>")
+            rows.append(d["value"] if len(d["value"]) <= _TITLE_CHARS else d["value"][:_TITLE_CHARS] + " …")
     else:
         rows.append(f"{d.get('invocations', 0)} calls over {d.get('samples', 0)} samples")
         if len(d.get("calls", [])) > 1:
-            rows.append(f"call indices: {esc(', '.join(map(str, d['calls'])))}")
+            rows.append(f"call indices: {', '.join(map(str, d['calls']))}")
     rows.append(f"failing samples whose feedback reached it: {d['failing']} ({d['feedback']} feedback messages)")
-    return "<br>".join(rows)
+    return "\n".join(rows)
 
 
 def _edge_title(u: str, v: str, g: nx.DiGraph, d: dict) -> str:
-    rows = [
-        f"{esc(g.nodes[u]['name'])} → {esc(g.nodes[v]['name'])}",
-        f"inputs: {esc(', '.join(d['inputs']))}",
-        f"{d['samples']} samples",
-    ]
+    """An edge's hover text (plain text; the caller escapes it)."""
+    rows = [f"{g.nodes[u]['name']} → {g.nodes[v]['name']}", f"inputs: {', '.join(d['inputs'])}",
+            f"{d['samples']} samples"]
     if edge_label(d):
-        rows.append(f"calls (producer→consumer): {esc(edge_label(d, limit=1000))}")
-    return "<br>".join(rows)
+        rows.append(f"calls (producer→consumer): {edge_label(d, limit=1000)}")
+    return "\n".join(rows)
 
 
 # --- the Graph page's tables ---------------------------------------------------------------------

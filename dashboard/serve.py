@@ -3,7 +3,7 @@
     python -m dashboard.serve run app.py [streamlit options]   (what `autodiff dashboard` runs)
 
 Streamlit imports a page's modules when a session first runs it, so the first visitor after a
-start waited for the engine, pandas, plotly, networkx and pyvis to load (over a second on a
+start waited for the engine, pandas, plotly and networkx to load (over a second on a
 2-core machine). Here they are imported before the server starts listening, in this one thread:
 imports racing in two threads can deadlock on a circular import, and the server answers only
 once a first visit is fast. The dashboard's own modules (dashboard.*) are left to the first
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def page_imports(root: Path = ROOT) -> list[str]:
     """Modules app.py, the pages and the dashboard's own modules import, in the order they first
-    appear (so what dashboard.graphview draws with, pyvis, is among them). For `from a import b`
+    appear (so what dashboard.graphview lays graphs out with, networkx, is among them). For `from a import b`
     both `a` and `a.b` are listed: `b` may be a submodule (`from dashboard import charts`)."""
     names: list[str] = []
     for path in [root / "app.py", *sorted((root / "pages").glob("*.py")), *sorted((root / "dashboard").glob("*.py"))]:

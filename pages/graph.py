@@ -4,7 +4,7 @@ import streamlit as st
 
 from autodiff import graphview as gv
 from dashboard import graphview as draw
-from dashboard.common import ACTIVE, choose, html_table, md, require_run, static_url
+from dashboard.common import ACTIVE, choose, html_table, md, require_run
 from dashboard.figures import batch_sentence, steps_of
 
 store, run_id = require_run()
@@ -38,11 +38,10 @@ node = choose(st, "Node", names, index=names.index(by_failing), key="graph_node"
               missing="is not a node of this step's graph",
               help="Clicks inside the drawing cannot reach the page: choose the node here.")
 
-# Drawn at scale 1 in a frame as tall as the drawing, in the colours of the app's theme; vis-network
-# comes from static/ (a copy of pyvis's own files), so redraws send only the graph.
-where = draw.layout(graph)
-st.iframe(draw.render_html(graph, selected=node, assets=static_url(), theme=st.context.theme.type, where=where,
-                           background=st.get_option("theme.backgroundColor")), height=where.height + 4)
+# Drawn at scale 1 as SVG in the page itself, in the colours of the app's theme (and following a
+# switch in place); a page narrower than the drawing scrolls it sideways.
+st.html(draw.render_html(graph, selected=node, theme=st.context.theme.type,
+                         background=st.get_option("theme.backgroundColor")), unsafe_allow_javascript=True)
 st.caption(
     "Top to bottom in the order the nodes ran. Boxes are LLM nodes, ellipses function nodes, the diamond "
     "the loss; dashed boxes on the left are each node's parameters. Redder means more failing samples whose "

@@ -86,11 +86,12 @@ def wait_rendered(page, title: str) -> None:
 
 
 def wait_graph_drawn(page) -> None:
-    """The pyvis page sits in an iframe; vis-network draws the graph into a canvas inside it."""
-    canvas = page.frame_locator('[data-testid="stMain"] iframe').first.locator(".vis-network canvas")
-    canvas.wait_for(state="visible")
-    if not canvas.evaluate("c => c.width > 0 && c.height > 0"):
-        raise AssertionError("the graph's canvas has no size")
+    """The Graph page draws the pipeline as SVG in the page itself (dashboard/graphview.py), put in
+    place by the element's script: wait until it is there with its text, at a size."""
+    page.wait_for_function("""() => {
+        const svg = document.querySelector('[data-testid="stMain"] svg.graph');
+        return !!svg && !!svg.querySelector("text") && svg.getBoundingClientRect().width > 0;
+    }""")
 
 
 def wait_charts_drawn(page, count: int) -> None:

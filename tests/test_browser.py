@@ -6,7 +6,7 @@ Checked on every page, in Streamlit's light and dark themes at 1024 and 1400 px 
 rendering with no exception or error box; no alert ever fires (the hostile text shows as text);
 nothing is requested from any host but the dashboard's own (such requests are aborted and
 recorded, and the graph must still draw); no script error and no console error from our own code.
-The graph is measured as vis-network draws it: its text at least 14 px on screen, no two labels or
+The graph is measured as the browser draws it: its text at least 14 px on screen, no two labels or
 nodes overlapping, all of it inside its frame, in the theme's colours. Also: a deep link with run,
 step and parameter in its query string opens that view inside the frame, even as the very first
 request a fresh server gets (the legacy pages mode workaround in dashboard/common.py), and again
@@ -164,28 +164,36 @@ def assert_theme(page, theme: str) -> None:
     assert (luminance < 0.5) == (theme == "dark"), (theme, rgb)
 
 
+def rgb(colour: str) -> str:
+    """A #rrggbb colour as the browser's computed style writes it."""
+    return "rgb({}, {}, {})".format(*(int(colour[i:i + 2], 16) for i in (1, 3, 5)))
+
+
 def assert_graph_readable(page, theme: str) -> dict:
-    """The graph as vis-network drew it: every node and edge label at least 14 px on screen, no
-    two of them overlapping, all inside the frame, its text in the theme's colour."""
-    frame = page.locator('[data-testid="stMain"] iframe').first.element_handle().content_frame()
-    drawn = frame.evaluate("""() => {
-        const scale = network.getScale();
-        const items = nodes.get().filter(n => !String(n.id).startsWith("corner:")).map(n => {
-            const b = network.getBoundingBox(n.id);
-            const a = network.canvasToDOM({x: b.left, y: b.top}), z = network.canvasToDOM({x: b.right, y: b.bottom});
-            return {id: n.id, px: n.font.size * scale, color: n.font.color, left: a.x, top: a.y, right: z.x, bottom: z.y};
+    """The graph as the browser drew it: every node and edge label at least 14 px on screen, no
+    two of them overlapping, all inside the drawing and the drawing inside its frame (no sideways
+    scrolling at these widths), its text in the theme's colour."""
+    drawn = page.evaluate("""() => {
+        const svg = document.querySelector('[data-testid="stMain"] svg.graph');
+        const frame = svg.parentElement, box = svg.getBoundingClientRect();
+        const items = [...svg.querySelectorAll("g.node, g.label")].map(g => {
+            const r = g.getBoundingClientRect(), text = g.querySelector("text"), style = getComputedStyle(text);
+            return {id: g.dataset.id || "label:" + text.textContent, px: parseFloat(style.fontSize),
+                    color: style.fill, halo: style.stroke, left: r.left - box.left, top: r.top - box.top,
+                    right: r.right - box.left, bottom: r.bottom - box.top};
         });
-        const frame = document.getElementById("mynetwork").getBoundingClientRect();
-        return {items: items, width: frame.width, height: frame.height, scale: scale};
+        return {items: items, width: box.width, height: box.height, scale: box.width / svg.width.baseVal.value,
+                scrolls: frame.scrollWidth > frame.clientWidth + 1, theme: frame.className};
     }""")
     items = drawn["items"]
     assert items and min(i["px"] for i in items) >= 14, drawn
+    assert not drawn["scrolls"], drawn
     for n, a in enumerate(items):
         assert a["left"] >= 0 and a["top"] >= 0 and a["right"] <= drawn["width"] and a["bottom"] <= drawn["height"], a
         for b in items[n + 1:]:
             apart = a["right"] <= b["left"] or b["right"] <= a["left"] or a["bottom"] <= b["top"] or b["bottom"] <= a["top"]
             assert apart, (a, b)
-    assert {i["color"] for i in items} == {palette(theme).text}
+    assert {i["color"] for i in items} == {rgb(palette(theme).text)}
     return drawn
 
 
@@ -267,7 +275,7 @@ def test_a_graph_with_loops_is_readable(multihop_dashboard, browser, theme: str,
         labels = [i for i in drawn["items"] if str(i["id"]).startswith("label:")]
         assert len(labels) >= 3  # call-index pairs of the repeated nodes, each in its own place
         assert_no_errors(page)
-        page.locator('[data-testid="stMain"] iframe').first.screenshot(
+        page.locator('[data-testid="stMain"] .graph-drawing').first.screenshot(
             path=SCREENSHOTS / f"graph-loops-{theme}-{width}.png")
         tab.assert_safe()
     finally:
@@ -286,18 +294,15 @@ def test_the_graph_follows_a_theme_switch_without_a_rerun(multihop_dashboard, br
         wait_graph_drawn(page)
         assert_graph_readable(page, "light")
         page.emulate_media(color_scheme="dark")
-        frame = page.locator('[data-testid="stMain"] iframe').first.element_handle().content_frame()
-        dark = palette("dark").text
-        frame.wait_for_function(
-            "text => nodes.get().every(n => String(n.id).startsWith('corner:') || n.font.color === text)",
-            arg=dark, timeout=5000)
+        page.wait_for_function(
+            "text => [...document.querySelectorAll('svg.graph text')].every(t => getComputedStyle(t).fill === text)",
+            arg=rgb(palette("dark").text), timeout=5000)
         assert_theme(page, "dark")
-        assert_graph_readable(page, "dark")
-        halos = frame.evaluate("() => nodes.get().filter(n => String(n.id).startsWith('label:'))"
-                               ".map(n => n.font.strokeColor)")
+        drawn = assert_graph_readable(page, "dark")
+        halos = {i["halo"] for i in drawn["items"] if i["id"].startswith("label:")}
         background = page.locator('[data-testid="stApp"]').evaluate("e => getComputedStyle(e).backgroundColor")
-        assert halos and set(halos) == {background}
-        assert frame.evaluate("() => document.documentElement.className") == "theme-dark"
+        assert halos == {background}
+        assert drawn["theme"].split() == ["graph-drawing", "dark"]
         assert_no_errors(page)
         tab.assert_safe()
     finally:

@@ -146,21 +146,33 @@ def test_repeated_calls_are_labelled_with_call_indices(multihop):
     passed = [x for x in store.gradients(run_id, 1) if x.target == "query_generator" and x.path]
     assert passed and "retrieve" in passed[0].path
     page = draw.render_html(g, selected="query_generator")
-    assert '"label": "0\\u21920, 1\\u21921"' in page and '"label": "0\\u21921"' in page
-    assert draw.external_resources(page) == []
-    # Linked instead of in-lined: the same page less vis-network's 690 KB, nothing from outside.
-    linked = draw.render_html(g, selected="query_generator", assets="/app/static/")
-    assert '<script src="/app/static/vis-network.min.js"></script>' in linked
-    assert '<link rel="stylesheet" href="/app/static/vis-network.css">' in linked
-    assert draw.external_resources(linked) == [] and len(linked) < len(page) - 600_000
-    assert linked.split("<body>")[1] == page.split("<body>")[1]
+    assert {"0→0, 1→1", "0→1"} <= set(drawn_texts(drawing(page)))  # edge labels, placed beside their edges
+    assert draw.external_resources(page) == [] and "src=" not in page and "href=" not in page
 
 
-def test_the_served_vis_network_is_pyvis_own_copy():
-    """The dashboard serves static/vis-network.*; they must be the files pyvis in-lines (pyproject
-    pins pyvis; copy them again from its lib/ folder when moving the pin)."""
-    for name, text in draw.vis_assets().items():
-        assert (ROOT / "static" / name).read_text(encoding="utf-8") == text, name
+def drawing(page: str) -> str:
+    """The SVG markup the Graph page's HTML (dashboard.graphview.render_html) puts in place: the
+    JSON string in its data block."""
+    found = re.search(r'<script type="application/json">(.*?)</script>', page, re.S)
+    assert found, "no drawing in the page"
+    return json.loads(found[1])
+
+
+def drawn_texts(svg: str) -> list[str]:
+    """Every line of text the drawing shows (node and edge labels), as a browser reads it."""
+    return [html.unescape(t) for t in re.findall(r"<tspan [^>]*>([^<]*)</tspan>", svg)]
+
+
+def drawn_nodes(svg: str) -> dict[str, dict]:
+    """Vertex id -> its classes and its fills in the two palettes."""
+    return {html.unescape(v): {"classes": c.split(), **dict(re.findall(r"--fill-(\w+): (#[0-9a-f]{6})", style))}
+            for c, v, style in re.findall(r'<g class="node ([^"]*)" data-id="([^"]*)" style="([^"]*)">', svg)}
+
+
+def graph_html(at: AppTest) -> str:
+    """The HTML of the drawing on a Graph page run by AppTest."""
+    [page] = [h.proto.body for h in at.get("html") if 'class="graph-drawing' in h.proto.body]
+    return page
 
 
 def agent_invocations(retrieve: str = "retrieve") -> list[Invocation]:
@@ -224,51 +236,67 @@ def test_the_layout_keeps_every_label_clear(counting, multihop):
 
 
 def test_the_drawing_is_shown_at_full_size_in_the_themes_colours(multihop):
-    """Fonts of at least 14 px, shown at scale 1 (never below MIN_SCALE: 12 px), in a frame as tall
-    as the drawing; every colour from the theme's palette."""
+    """Fonts of at least 14 px, drawn at scale 1 (the SVG's size is its view box's), as big as the
+    layout; every colour from the theme's palette, both palettes in the style sheet."""
     store, run_id = multihop
     g = gv.build_graph(store.invocations(run_id, 1), store.gradients(run_id, 1), store.parameters(run_id))
     where = draw.layout(g)
-    pages = {theme: draw.render_html(g, selected="query_generator", theme=theme, where=where)
-             for theme in ("light", "dark")}
-    for theme, page in pages.items():
-        colours = draw.palette(theme)
-        nodes = json.loads(re.search(r"nodes = new vis\.DataSet\((\[.*?\])\);\n", page)[1])
-        edges = json.loads(re.search(r"edges = new vis\.DataSet\((\[.*?\])\);\n", page)[1])
-        assert min(n["font"]["size"] for n in nodes) >= 14
-        assert min(n["font"]["size"] for n in nodes) * draw.MIN_SCALE >= 12
-        assert {n["font"]["color"] for n in nodes} == {colours.text}
-        assert {n["font"]["strokeColor"] for n in nodes if n["shape"] == "text"} == {colours.background}
-        assert {e["color"] for e in edges} <= {colours.edge, colours.loop, colours.border["parameter"]}
-        fills = {n["color"]["background"] for n in nodes if n["shape"] != "text"}
-        assert draw.heat(0, 1, colours) in fills or draw.heat(1, 1, colours) in fills
-        assert [n["color"]["border"] for n in nodes if n["id"] == "node:query_generator"] == [colours.selected]
-        assert f"height: {where.height}px" in page
-        assert '"scale": 1' not in page and '"min": 0.86' in page
+    for theme in ("light", "dark"):
+        page = draw.render_html(g, selected="query_generator", theme=theme, where=where)
+        svg = drawing(page)
+        assert f'class="graph-drawing {theme}"' in page
+        assert min(int(px) for px in re.findall(r"font-size: (\d+)px", svg)) >= 14
+        size = re.search(r'<svg [^>]*width="(\d+)" height="(\d+)" viewBox="\S+ \S+ (\d+) (\d+)"', svg)
+        assert size and size[1] == size[3] == str(where.width) and size[2] == size[4] == str(where.height)
+        nodes = drawn_nodes(svg)
+        assert set(nodes) == set(g.nodes)
+        assert [v for v, n in nodes.items() if "selected" in n["classes"]] == ["node:query_generator"]
+        for name in ("light", "dark"):
+            colours = draw.palette(name)
+            rule = re.search(rf"\.{name} \{{ ([^}}]*) \}}", page)[1]
+            assert f"--text: {colours.text};" in rule and f"--bg: {colours.background};" in rule
+            assert f"--edge: {colours.edge};" in rule and f"--loop: {colours.loop};" in rule
+            worst = max(d["failing"] for _v, d in g.nodes(data=True))
+            assert {v: n[name] for v, n in nodes.items()} == {
+                v: draw.heat(d["failing"], worst, colours) for v, d in g.nodes(data=True)}
     assert draw.palette("dark").text != draw.palette("light").text
     assert draw.palette(None) == draw.LIGHT  # before the browser has told the theme
     assert draw.palette("dark", "#202020").background == "#202020"  # a theme's own background
     assert draw.palette("dark", "red; }").background == draw.DARK.background  # not a colour: ignored
 
 
-def test_the_drawing_holds_both_themes_looks_escaped(multihop):
-    """The page carries the other theme's colours, so it can follow a switch in place; the node
-    names inside them are escaped for the script block."""
+def test_every_edge_is_drawn_from_outline_to_outline(multihop):
+    """Each edge starts on its source's outline and its arrow's tip touches its target's (a
+    straight edge between two rows: the bottom of one box, the top of the next), and a loop arcs
+    back in the loop colour."""
+    store, run_id = multihop
+    g = gv.build_graph(store.invocations(run_id, 1), store.gradients(run_id, 1), store.parameters(run_id))
+    where = draw.layout(g)
+    svg = drawing(draw.render_html(g, where=where))
+    paths = re.findall(r'<path class="edge e-(\w+)" d="([^"]*)"', svg)
+    assert len(paths) == g.number_of_edges()
+    points = {kind_d: [tuple(map(float, p.split(","))) for p in re.findall(r"-?[\d.]+,-?[\d.]+", kind_d[1])]
+              for kind_d in paths}
+    a, b = where.boxes["node:retrieve"], where.boxes["node:dedupe"]  # ellipses, one row after the other
+    straight = [p for (kind, _d), p in points.items() if kind == "data" and len(p) == 2 and
+                abs(p[0][1] - (a.y + a.h / 2)) < 0.2 and abs(p[1][1] - (b.y - b.h / 2)) < 0.2]
+    assert straight, "no edge from the bottom of retrieve's ellipse to the top of dedupe's"
+    assert any(kind == "loop" for kind, _d in paths)  # retrieve -> query_generator, back up
+    assert sum(kind == "parameter" for kind, _d in paths) == sum(1 for _u, _v, d in g.edges(data=True)
+                                                                 if d["kind"] == "parameter")
+
+
+def test_the_drawing_holds_both_themes_escaped(multihop):
+    """The page carries both palettes, so it can follow a switch in place (its script toggles the
+    class); the drawing travels as JSON in a block that is never run, escaped for it."""
     store, run_id = multihop
     g = gv.build_graph(store.invocations(run_id, 1), store.gradients(run_id, 1), store.parameters(run_id))
     page = draw.render_html(g, theme="light")
-    assert '<html class="theme-light">' in page
-    blob = re.search(r"\}\)\((\{\"light\": .*?\}), \"light\"\);", page)[1]
-    assert not set(blob) & set("<>&\u2028\u2029")
-    looks = json.loads(blob)
+    block = re.search(r'<script type="application/json">(.*?)</script>', page, re.S)[1]
+    assert not set(block) & set("<>&\u2028\u2029")
+    assert page.count("<script") == 2 and 'classList.toggle("dark", dark)' in page
     for theme in ("light", "dark"):
-        colours = draw.palette(theme)
-        assert {n["font"]["color"] for n in looks[theme]["nodes"]} == {colours.text}
-        assert {e["color"] if isinstance(e["color"], str) else e["color"]["color"]
-                for e in looks[theme]["edges"]} <= {colours.edge, colours.loop, colours.border["parameter"]}
-    drawn = json.loads(re.search(r"edges = new vis\.DataSet\((\[.*?\])\);\n", page)[1])
-    assert sorted(e["id"] for e in drawn) == sorted(e["id"] for e in looks["dark"]["edges"])
-    assert "html.theme-dark div.vis-tooltip" in page
+        assert f"--text: {draw.palette(theme).text};" in page
 
 
 def test_node_text_meets_wcag_contrast_on_every_fill():
@@ -424,8 +452,8 @@ def test_a_run_that_has_not_started_says_so(page, note, tmp_path, monkeypatch):
 def test_graph_page_shows_the_chosen_node(multihop, monkeypatch):
     store, run_id = multihop
     at = open_page("graph.py", store, monkeypatch, run_id)
-    [frame] = [e for e in at.main.children.values() if e.type == "iframe"]
-    assert "new vis.Network" in frame.proto.srcdoc and draw.external_resources(frame.proto.srcdoc) == []
+    page = graph_html(at)
+    assert "node:query_generator" in drawn_nodes(drawing(page)) and draw.external_resources(page) == []
     at.selectbox(key="graph_node").select("query_generator").run()
     assert not at.exception
     params, calls, grads = tables(at)

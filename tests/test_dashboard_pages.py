@@ -74,16 +74,23 @@ def assert_clean(at: AppTest) -> None:
 
 
 def charts_data_removed(node) -> str:
-    """An element's text; for the one kind allowed to run its scripts (dashboard/charts.py), with its
-    two JSON data blocks and its own drawing code taken out, after checking that these are all the
-    scripts it has and that no store text sits in the code."""
+    """An element's text; for the kinds allowed to run their scripts (dashboard/charts.py, the
+    graph of dashboard/graphview.py), with their JSON data blocks and their own code taken out,
+    after checking that these are all the scripts they have and that no store text sits in the code."""
     from dashboard import charts
+    from dashboard import graphview
 
     if getattr(node, "type", None) != "html" or not node.proto.unsafe_allow_javascript:
         return node.value
     if node.value == charts.preload_html():  # the other element allowed scripts: exactly charts' own
         return ""
     blocks = re.findall(r"<script([^>]*)>(.*?)</script>", node.value, re.S)
+    if 'class="graph-drawing' in node.value:
+        root = re.search(r'<div id="(graph-[0-9a-f]+)"', node.value).group(1)
+        assert [attrs.strip() for attrs, _ in blocks] == ['type="application/json"', ""]
+        assert not set(blocks[0][1]) & set("<>&")  # JSON with < written as \u003c: no tag ends a block
+        assert blocks[1][1] == graphview._FOLLOW_JS % {"root": json.dumps(root)}
+        return re.sub(r"<script[^>]*>.*?</script>", "", node.value, flags=re.S)
     assert [attrs.strip() for attrs, _ in blocks] == ['type="application/json" class="figures"',
                                                       'type="application/json" class="template"', ""]
     assert "<" not in blocks[0][1] + blocks[1][1]  # JSON with < written as \\u003c: no tag ends a block

@@ -1,6 +1,6 @@
 """Untrusted text (from an LLM or a dataset) stays inert everywhere the Graph, Gradients, Prompts,
-Proposals and Review pages put it: the pyvis HTML (HTML text, HTML titles, JSON inside a <script> block) and
-markdown. The graph page also loads nothing from outside."""
+Proposals and Review pages put it: the graph's SVG (text and titles, carried as JSON inside a <script> block),
+HTML tables and markdown. The graph page also loads nothing from outside."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import html
 import json
 import re
 import time
+import xml.etree.ElementTree as ET
 from dataclasses import replace
 from pathlib import Path
 
@@ -86,44 +87,41 @@ def hostile_store(tmp_path: Path) -> tuple[Store, str]:
     return store, run
 
 
-# --- the pyvis page --------------------------------------------------------------------------
+# --- the graph drawing -----------------------------------------------------------------------
 
-def graph_json(page: str, what: str) -> list[dict]:
-    found = re.search(rf"{what} = new vis\.DataSet\((\[.*?\])\);\n", page)
-    assert found, f"no {what} data in the page"
-    return json.loads(found[1])
+SVG_TAGS = {"svg", "defs", "marker", "path", "g", "title", "rect", "ellipse", "polygon", "text", "tspan"}
 
 
 def test_graph_html_escapes_every_context(tmp_path):
+    from tests.test_dashboard_graph import drawing, drawn_texts
+
     store, run = hostile_store(tmp_path)
     g = gv.build_graph(store.invocations(run, 1), store.gradients(run, 1), store.parameters(run))
     page = draw.render_html(g, selected="counter")
-    # nothing hostile appears raw: not in the JSON, not in titles, not as markup
+    # nothing hostile appears raw in the page: not in the JSON block, not as markup
     for marker in HOSTILE_MARKERS:
         assert marker not in page
-    # a "</script>" in the data does not end the block: the page has exactly as many script
-    # closers as a graph with harmless text
-    plain = draw.render_html(gv.build_graph(
-        [replace(i, inputs=tuple(replace(r, text="x") for r in i.inputs),
-                 parameters=tuple((n, "x") for n, _v in i.parameters)) for i in store.invocations(run, 1)], [], []))
-    assert page.count("</script>") == plain.count("</script>")
-    nodes = graph_json(page, "nodes")
-    titles = " ".join(n["title"] for n in nodes)
-    assert "&lt;script&gt;alert" in titles and "&lt;img src=x" in titles  # HTML-escaped, shown as text
-    assert "&lt;/script&gt;&lt;script&gt;alert(&#x27;closed&#x27;)" in titles
-    assert "<pre" in titles  # our own markup in titles stays markup
-    labels = [n["label"] for n in nodes if n.get("shape") == "text"]  # edge labels, placed beside their edges
-    assert "0→1" in labels and "0→0" in labels
+    # a "</script>" in the data does not end the block: the page's script closers are its own two
+    assert page.count("</script>") == 2
+    # the drawing the script puts in place is well-formed SVG of our own elements only; the hostile
+    # text sits in <title> (hover text) as characters
+    svg = drawing(page)
+    tree = ET.fromstring(svg)
+    assert {el.tag.split("}")[-1] for el in tree.iter()} <= SVG_TAGS
+    assert not [a for el in tree.iter() for a in el.attrib if a.lower().startswith("on")]
+    titles = " ".join(el.text or "" for el in tree.iter() if el.tag.endswith("title"))
+    assert "<script>alert" in titles and "<img src=x" in titles  # shown as text on hover
+    assert "</script><script>alert('closed')" in titles
+    assert "0→1" in drawn_texts(svg) and "0→0" in drawn_texts(svg)  # edge labels
 
 
 def test_graph_html_loads_nothing_from_outside(tmp_path):
     store, run = hostile_store(tmp_path)
     page = draw.render_html(gv.build_graph(store.invocations(run, 1)))
     assert draw.external_resources(page) == []
-    assert not re.search(r"<(?:script|link)\b[^>]*(?:src|href)\s*=\s*[\"']?\s*(?:https?:)?//", page, re.I)
-    assert "bootstrap" not in page.lower() and "cdnjs" not in page and "jsdelivr" not in page
-    assert "new vis.Network" in page and len(page) > 100_000  # vis-network is in-line
-    assert "<h1>" not in page
+    assert not re.search(r"<(?:script|link|img)\b[^>]*(?:src|href)\s*=", page, re.I)
+    assert "cdnjs" not in page and "jsdelivr" not in page and "@import" not in page and "url(http" not in page
+    assert len(page) < 100_000  # the drawing alone: no library in-lined
 
 
 def test_external_resources_finds_cdn_tags():
@@ -168,12 +166,14 @@ def test_word_diff_ignores_a_change_of_whitespace_after_a_word():
 # --- pages -----------------------------------------------------------------------------------
 
 def texts(at: AppTest) -> list[str]:
+    from tests.test_dashboard_graph import drawing
+
     """Every string the page hands to markdown or HTML rendering, and the graph's HTML."""
     out = [e.value for kind in ("markdown", "caption", "info", "warning", "error", "title", "subheader")
            for e in getattr(at, kind)]
     out += [e.label for e in at.expander]
     out += [e.value for e in at.get("html")]
-    out += [e.proto.srcdoc for e in at.main.children.values() if e.type == "iframe"]
+    out += [drawing(e.value) for e in at.get("html") if 'class="graph-drawing' in e.value]  # the SVG itself
     return out
 
 
@@ -281,19 +281,6 @@ def test_the_raw_check_itself():
     assert unescaped(HOSTILE) == ["<script>alert", "<img src=x"]
     assert unescaped(r'\<script\>alert("x")\</script\>\<img src=x onerror=alert\(1\)\>') == []
     assert unescaped("&lt;img src=x&gt;") == []
-
-
-def test_unescaped_graph_data_is_refused(tmp_path, monkeypatch):
-    """If pyvis ever embedded its JSON without escaping, rendering stops instead of emitting it."""
-    import jinja2.filters
-    import markupsafe
-
-    store, run = hostile_store(tmp_path)
-    g = gv.build_graph(store.invocations(run, 1))
-    monkeypatch.setattr(jinja2.filters, "htmlsafe_json_dumps",
-                        lambda obj, dumps=None, **kw: markupsafe.Markup(json.dumps(obj, **kw)))
-    with pytest.raises(draw.GraphRenderError, match="without escaping"):
-        draw.render_html(g)
 
 
 def test_markdown_escaping_keeps_entities_as_written():

@@ -84,6 +84,7 @@ def test_dashboard_graph_page_shows_the_example_like_a_built_in(monkeypatch, sto
 
     from autodiff import graphview as gv
     from dashboard.graphview import external_resources
+    from tests.test_dashboard_graph import drawing, drawn_nodes, graph_html
     monkeypatch.chdir(ROOT)
     script = Script(forward=forward_as(lambda q: "Chelsea"))
     run_id = runner.train(store, make_config(task=EXAMPLE, forward_model="fake:x", backward_model="fake:x", optimizer_model="fake:x", steps=1, batch_size=2, val_limit=2, test_limit=2), cache_path=tmp_path / "c.sqlite", providers={"fake": FakeProvider(script)}, retry=FAST_RETRY)
@@ -95,5 +96,5 @@ def test_dashboard_graph_page_shows_the_example_like_a_built_in(monkeypatch, sto
     at.session_state["run_id"] = run_id
     at.run()
     assert not at.exception
-    [frame] = [e for e in at.main.children.values() if e.type == "iframe"]
-    assert '"node:clip"' in frame.proto.srcdoc and external_resources(frame.proto.srcdoc) == []
+    page = graph_html(at)
+    assert "node:clip" in drawn_nodes(drawing(page)) and external_resources(page) == []

@@ -23,6 +23,7 @@ from autodiff.store import Store
 from dashboard.common import fmt_score
 from tests.fake_runs import FAKE_PRICES, responder
 from tests.test_dashboard_pages import assert_clean, chart_figures, html_table_rows, values, walk
+from tests.test_dashboard_graph import drawing
 
 STEPS = 3
 
@@ -206,8 +207,9 @@ def test_failing_samples_and_backward_calls_agree_between_curves_and_graph(runs)
             assert curves_backward == {"made (failing samples sent)": made, "saved (correct samples)": saved,
                                        "not made (failing samples over the cap)": not_made}
             # The drawing's loss node counts the same failing samples.
-            frame = next(e.proto.srcdoc for e in walk(at.main) if e.type == "iframe")
-            assert re.findall(r"failed (\d+)/\d+", frame) == [str(failing)]
+            svg = drawing(next(e.proto.body for e in walk(at.main) if e.type == "html"
+                               and 'class="graph-drawing' in e.proto.body))
+            assert re.findall(r"failed (\d+)/\d+", svg) == [str(failing)]
             # From the records: the calls of the kept attempt; saved counts correct samples only, and
             # failing samples over the cap are their own figure, not a saving.
             assert made == kept_backward_calls(store, run_id, step)[0] > 0
