@@ -5,6 +5,7 @@ from pathlib import Path
 import streamlit as st
 
 from autodiff.errors import StoreError
+from dashboard import charts
 from dashboard.auth import require_sign_in
 from dashboard.common import sidebar, store_unreachable
 
@@ -41,6 +42,7 @@ if navigation in ALIASES:  # before the sidebar reads the address (and says what
     navigation.run()
 try:
     sidebar()
+    charts.preload(idle=True)  # so that a first visit to Curves or Compare finds plotly.js started
     navigation.run()
 except StoreError as exc:  # the database went away under the page (pages handle their own refusals)
     store_unreachable(exc)

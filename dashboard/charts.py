@@ -307,21 +307,42 @@ const loadPlotly = (src) => {
 """.strip()  # no line of spaces in the element: Streamlit trims those, and tests compare the code
 
 
-def preload() -> None:
-    """Start loading plotly.js in this browser tab now, while the server builds the page's figures;
-    `draw` then waits for the same load. For the top of a page that draws charts, so that on a
-    tab's first visit the bundle's fetch and start (~0.2 s) begin before the page's figures are
-    built and sent: on the benchmark run's Curves page (`bench/dashboard_load.py`'s store, 5 new
-    tabs) the request went out 0.11-0.17 s after the click, against 0.15-0.25 s when the charts'
-    own script asked for it. Nothing happens in a tab that has plotly.js already. Drawn in the
-    sidebar, where it takes no room."""
-    st.sidebar.html(preload_html(), unsafe_allow_javascript=True)
+def preload(idle: bool = False) -> None:
+    """Start loading plotly.js in this browser tab, so that a page's charts need not wait for it;
+    `draw` waits for the same load. Nothing happens in a tab that has plotly.js already. Drawn in
+    the sidebar, where it takes no room.
+
+    At once (the top of a page that draws charts): the bundle's fetch and start (~0.2 s) begin
+    while the server builds the figures. On the benchmark run's Curves page
+    (`bench/dashboard_load.py`'s store, 5 new tabs) the request went out 0.11-0.17 s after the
+    click, against 0.15-0.25 s when the charts' own script asked for it.
+
+    `idle` (every page, from app.py): once the page has finished drawing and the browser is idle
+    (`IDLE_JS`), so that a tab's first visit to Curves or Compare finds plotly.js started
+    (measured on the benchmark's Curves page: ~0.35 s of a first visit's time was the bundle's
+    start) without the load competing with the page the tab opened on."""
+    st.sidebar.html(preload_html(idle=idle), unsafe_allow_javascript=True)
 
 
-def preload_html(bundle: str | None = None) -> str:
+# Waits for Streamlit's script run to end (the app marks it in the DOM), then for an idle moment
+# of the browser, and loads plotly.js; gives up waiting after 20 s and loads it anyway.
+IDLE_JS = """
+  let tries = 0;
+  const wait = setInterval(() => {
+    const done = document.querySelector('[data-testid="stApp"][data-test-script-state="notRunning"]');
+    if (!done && ++tries < 80) return;
+    clearInterval(wait);
+    const load = () => loadPlotly(%s).catch(() => {});
+    if (window.requestIdleCallback) requestIdleCallback(load, {timeout: 3000}); else setTimeout(load, 500);
+  }, 250);
+""".strip("\n")
+
+
+def preload_html(bundle: str | None = None, idle: bool = False) -> str:
     """The element `preload` draws: one script, with nothing in it but the bundle's address."""
-    return "<script>(() => {%s  loadPlotly(%s).catch(() => {});\n})();</script>" % (
-        LOADER_JS, json.dumps(bundle or bundle_url()))
+    address = json.dumps(bundle or bundle_url())
+    start = IDLE_JS % address if idle else f"  loadPlotly({address}).catch(() => {{}});"
+    return "<script>(() => {%s\n  if (window.Plotly) return;\n%s\n})();</script>" % (LOADER_JS, start)
 
 
 def page_html(rows: Sequence[Row], *, height: int = HEIGHT, bundle: str | None = None, theme: str = "light") -> str:

@@ -222,6 +222,25 @@ def test_every_page_by_its_sidebar_link(dashboard: str, tab: Tab) -> None:
     tab.assert_safe()
 
 
+def test_plotly_loads_once_the_first_page_is_drawn(dashboard: str, tab: Tab) -> None:
+    """A tab opened on the Runs page starts plotly.js (from the dashboard's own static/) once the
+    page is drawn and the browser is idle, so a first visit to Curves finds it there; the page
+    itself is drawn without it."""
+    page = tab.page
+    bundle = []
+    page.on("request", lambda r: bundle.append(r.url) if "plotly" in r.url else None)
+    page.goto(dashboard)
+    wait_rendered(page, "Runs")
+    page.wait_for_function("() => !!window.Plotly", timeout=RENDER_TIMEOUT_MS)
+    assert len(bundle) == 1 and urlparse(bundle[0]).path == "/app/static/plotly-basic.min.js", bundle
+    nav_link(page, "Curves").click()
+    wait_rendered(page, "Curves")
+    wait_charts_drawn(page, CHARTS["Curves"])
+    assert len(bundle) == 1  # the same load served the charts
+    assert_no_errors(page)
+    tab.assert_safe()
+
+
 @pytest.mark.parametrize("width", WIDTHS)
 @pytest.mark.parametrize("theme", THEMES)
 def test_every_page_in_each_theme_and_width(dashboard: str, browser, theme: str, width: int) -> None:

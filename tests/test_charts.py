@@ -128,10 +128,13 @@ def test_preload_loads_only_the_local_bundle(monkeypatch) -> None:
     drawn = []
     monkeypatch.setattr(charts.st.sidebar, "html", lambda body, **kw: drawn.append((body, kw)))
     charts.preload()
-    [(body, kw)] = drawn
-    assert kw == {"unsafe_allow_javascript": True} and body == charts.preload_html()
-    assert re.findall(r"https?://", body) == [] and json.dumps(charts.bundle_url()) in body
-    assert "loadPlotly" in body and body.count("<script>") == 1
+    charts.preload(idle=True)
+    [(body, kw), (idle, idle_kw)] = drawn
+    assert kw == idle_kw == {"unsafe_allow_javascript": True} and body == charts.preload_html()
+    assert idle == charts.preload_html(idle=True) and "requestIdleCallback" in idle and "requestIdle" not in body
+    for script in (body, idle):
+        assert re.findall(r"https?://", script) == [] and json.dumps(charts.bundle_url()) in script
+        assert "loadPlotly" in script and script.count("<script>") == 1
     # the charts' own script waits for the same load: one <script src> per tab
     page = charts.page_html([charts.figure("t", [go.Bar(x=[1], y=[1])], y="n")])
     assert "window.autodiffPlotly" in page and "loadPlotly(" in page

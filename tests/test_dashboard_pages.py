@@ -82,7 +82,7 @@ def charts_data_removed(node) -> str:
 
     if getattr(node, "type", None) != "html" or not node.proto.unsafe_allow_javascript:
         return node.value
-    if node.value == charts.preload_html():  # the other element allowed scripts: exactly charts' own
+    if node.value in (charts.preload_html(), charts.preload_html(idle=True)):  # exactly charts' own
         return ""
     blocks = re.findall(r"<script([^>]*)>(.*?)</script>", node.value, re.S)
     if 'class="graph-drawing' in node.value:
